@@ -1,0 +1,992 @@
+"""Pure-Python twin of the native delta engine (`kasagi_relay._native`, see `_native.pyi`).
+
+Both implementations must give the same results; the tests hold them together. The exact
+rules, where RFC 6902 / RFC 7396 or the stub leave room:
+
+JSON in and out
+- Input is `bytes` (strict UTF-8, no BOM) or `str` (no lone surrogates); anything else is
+  `TypeError`. Output is compact UTF-8 JSON (`,` and `:` separators, non-ASCII unescaped,
+  control characters as `\\b \\f \\n \\r \\t` or `\\u00xx`), as serde_json writes it.
+- Floats are written as serde_json (ryu) writes them: shortest round-trip digits, fixed
+  notation for 1e-5 <= |x| < 1e16 (`0.00001`, `1e16`, `1.5e-7`, `100.0`, `-0.0`).
+- Numbers as serde_json parses them: integers in [-2**63, 2**64-1] stay integers, others
+  become floats; `-0` is the float `-0.0`; a literal beyond the double range (`1e400`) and
+  NaN/Infinity are errors. An escaped lone surrogate (`"\\ud800"`) is an error.
+- Depth: a scalar has depth 0, a container 1 + the deepest child. Every input document
+  (state, the whole delta document, MessagePack) may nest at most MAX_DEPTH = 128 levels;
+  deeper input (even 100,000 levels) is a DeltaError. An operation that would make the
+  state deeper than MAX_DEPTH fails.
+- Object key order is kept (insertion order; removal keeps the order of the rest).
+
+Deltas
+- `{"patch": [...]}` or `{"merge": ...}`, exactly one of them, other keys ignored.
+- Ops are canonicalised on output: `{"op", "from"?, "path", "value"?}`; unknown members
+  are dropped (RFC 6902 4: they are ignored).
+- JSON Pointer: "" or starting with "/"; `~` must be followed by `0` or `1`. An array
+  index is `0` or digits without a leading zero, below the length (or equal to it for
+  add); `-` means "after the last element" for add, move and copy targets only.
+- Removing the root ("" path of remove, or moving "" anywhere but "") is an error;
+  replace "" and add "" replace the whole document.
+- `test` compares JSON values: numbers numerically and exactly (1 == 1.0,
+  2**53+1 != 2.0**53), booleans never equal numbers, objects regardless of key order.
+- A failing patch changes nothing. Errors are `DeltaError`, named like
+  `op 2 (remove /a/b): path not found`.
+
+merge(ds)
+- Patches concatenate, then collapse (see `_collapse`): test ops dropped; a replace or
+  object-member add is dropped when a later write overwrites its path (or an ancestor)
+  and nothing in between reads, writes below or shifts it; an add followed by a replace
+  of the same path becomes one add; an add followed by a remove of it is kept.
+- Merge patches compose into one merge patch, per key of the later one: null -> null;
+  object over object -> compose; object over a non-object or a deleted key -> DeltaError
+  ("cannot be merged into one delta"); other values replace.
+- A merge patch whose value is not an object sets the whole document, so it is the same as
+  `replace ""`: it composes with anything; a merge object after it folds into one
+  `{"patch": [{"op": "replace", "path": "", ...}]}`. Other mixes of the two kinds are a
+  DeltaError. Empty input: `{"patch": []}`.
+- Equivalence is of JSON values: object key order may differ from the sequential result.
+
+RoomState.apply_batch returns merge(the deltas that applied) when that exists, else a patch
+of concrete operations (merge patches turned into add/remove/replace against the state they
+applied to), collapsed like merge().
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, TypeAlias
+
+import msgpack  # type: ignore[import-untyped]
+
+__all__ = [
+    "IMPLEMENTATION",
+    "MAX_DEPTH",
+    "DeltaError",
+    "RoomState",
+    "apply",
+    "compact",
+    "diff",
+    "json_to_msgpack",
+    "merge",
+    "msgpack_to_json",
+    "validate",
+]
+
+IMPLEMENTATION: Final = "python"
+MAX_DEPTH: Final = 128
+
+Json: TypeAlias = Any
+Tokens: TypeAlias = tuple[str, ...]
+
+
+class DeltaError(ValueError):
+    """Bad input: malformed JSON or delta, or a patch that cannot apply."""
+
+
+class _Fail(Exception):
+    """An operation failed; the caller adds the op index and path."""
+
+
+# --------------------------------------------------------------------------- JSON in/out
+
+_I64_MIN: Final = -(2**63)
+_U64_MAX: Final = 2**64 - 1
+
+# The C decoder is fast but knows nothing of serde_json's number rules; these catch every
+# literal that may need them (long digit runs, 3-digit exponents, `-0`) so that the slow
+# decoder with hooks runs only then. False positives (inside strings) only cost time.
+_NEEDS_HOOKS = re.compile(r"\d{19}|[eE]\+?0*[1-9]\d\d|-0(?![.eE\d])")
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parse_int(s: str) -> int | float:
+    if s == "-0":
+        return -0.0
+    if len(s) > 21:
+        return _parse_float(s)
+    v = int(s)
+    if _I64_MIN <= v <= _U64_MAX:
+        return v
+    return _parse_float(s)
+
+
+def _parse_float(s: str) -> float:
+    v = float(s)
+    if v in (float("inf"), float("-inf")):
+        raise DeltaError(f"number out of range: {s[:40]}")
+    return v
+
+
+def _parse_constant(s: str) -> Json:
+    raise DeltaError(f"invalid JSON: {s} is not a JSON value")
+
+
+_DEC_FAST: Final = json.JSONDecoder(parse_constant=_parse_constant)
+_DEC_SLOW: Final = json.JSONDecoder(
+    parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+)
+
+
+def _text(doc: bytes | str, what: str) -> str:
+    if isinstance(doc, str):
+        if not doc.isascii():
+            try:
+                doc.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DeltaError(f"{what}: not valid Unicode (lone surrogate)") from None
+        return doc
+    if isinstance(doc, bytes | bytearray | memoryview):
+        try:
+            return bytes(doc).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DeltaError(f"{what}: not valid UTF-8 ({exc.reason} at {exc.start})") from None
+    raise TypeError(f"{what}: expected bytes or str, not {type(doc).__name__}")
+
+
+def _depth(v: Json, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of v, or some value > limit as soon as it passes the limit."""
+    if type(v) is not dict and type(v) is not list:
+        return 0
+    level: list[Json] = [v]
+    d = 0
+    while level:
+        d += 1
+        if d > limit:
+            return d
+        nxt: list[Json] = []
+        for c in level:
+            for x in c.values() if type(c) is dict else c:
+                if type(x) is dict or type(x) is list:
+                    nxt.append(x)
+        level = nxt
+    return d
+
+
+def _loads(doc: bytes | str, what: str) -> Json:
+    text = _text(doc, what)
+    try:
+        dec = _DEC_SLOW if _NEEDS_HOOKS.search(text) else _DEC_FAST
+        v = dec.decode(text)
+    except DeltaError as exc:
+        raise DeltaError(f"{what}: {exc}") from None
+    except RecursionError:
+        raise DeltaError(f"{what}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, and int() of > 4300 digits
+        raise DeltaError(f"{what}: invalid JSON: {exc}") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(v) > MAX_DEPTH:
+        raise DeltaError(f"{what}: nested deeper than {MAX_DEPTH} levels")
+    if "\\u" in text and _MAYBE_SURROGATE.search(text):
+        try:
+            _ENC.encode(v).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DeltaError(f"{what}: invalid JSON: lone surrogate in \\u escape") from None
+    return v
+
+
+_ENC: Final = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False
+)
+_PY_EXPONENT = re.compile(r"\de[+-]\d")
+_STRING_OR_EXP_FLOAT = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?e[+-]\d+')
+
+
+def _ryu(f: float) -> str:
+    """float -> text as Rust's ryu (serde_json) writes it; Python's repr has the same
+    shortest digits but another exponent style and switch-over point."""
+    r = repr(f)
+    if f == 0.0:
+        return r
+    sign = ""
+    if r[0] == "-":
+        sign, r = "-", r[1:]
+    mant, _, exp = r.partition("e")
+    ip, _, fp = mant.partition(".")
+    digits = (ip + fp).lstrip("0")
+    stripped = digits.rstrip("0")
+    k = (int(exp) if exp else 0) - len(fp) + (len(digits) - len(stripped))
+    d = stripped
+    n = len(d)
+    kk = n + k
+    if k >= 0 and kk <= 16:
+        out = d + "0" * k + ".0"
+    elif 0 < kk <= 16:
+        out = d[:kk] + "." + d[kk:]
+    elif -5 < kk <= 0:
+        out = "0." + "0" * (-kk) + d
+    elif n == 1:
+        out = f"{d}e{kk - 1}"
+    else:
+        out = f"{d[0]}.{d[1:]}e{kk - 1}"
+    return sign + out
+
+
+def _fix_float(m: re.Match[str]) -> str:
+    s = m.group(0)
+    return s if s[0] == '"' else _ryu(float(s))
+
+
+def _dumps(v: Json) -> bytes:
+    s = _ENC.encode(v)
+    if _PY_EXPONENT.search(s):
+        s = _STRING_OR_EXP_FLOAT.sub(_fix_float, s)
+    return s.encode("utf-8")
+
+
+def _clone(v: Json) -> Json:
+    t = type(v)
+    if t is dict:
+        return {k: _clone(x) for k, x in v.items()}
+    if t is list:
+        return [_clone(x) for x in v]
+    return v
+
+
+def _json_eq(a: Json, b: Json) -> bool:
+    """RFC 6902 4.6 equality: numbers by value, booleans apart from numbers."""
+    ta, tb = type(a), type(b)
+    if ta is bool or tb is bool:
+        return ta is tb and a == b
+    if ta is int or ta is float:
+        return (tb is int or tb is float) and a == b
+    if ta is not tb:
+        return False
+    if ta is list:
+        return len(a) == len(b) and all(_json_eq(x, y) for x, y in zip(a, b, strict=True))
+    if ta is dict:
+        return len(a) == len(b) and all(k in b and _json_eq(x, b[k]) for k, x in a.items())
+    return bool(a == b)
+
+
+def _same(a: Json, b: Json) -> bool:
+    """Same JSON value and same number types (1 and 1.0 differ), as serde_json's ==."""
+    ta = type(a)
+    if ta is not type(b):
+        return False
+    if ta is dict:
+        return a.keys() == b.keys() and all(_same(x, b[k]) for k, x in a.items())
+    if ta is list:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+# --------------------------------------------------------------------------- pointers
+
+
+def _parse_pointer(p: str) -> Tokens:
+    if p == "":
+        return ()
+    if p[0] != "/":
+        raise _Fail("invalid JSON Pointer: must be empty or start with '/'")
+    toks = p[1:].split("/")
+    if "~" in p:
+        for t in toks:
+            if re.search(r"~(?![01])", t):
+                raise _Fail("invalid JSON Pointer: '~' must be followed by '0' or '1'")
+        toks = [t.replace("~1", "/").replace("~0", "~") for t in toks]
+    return tuple(toks)
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1") if ("~" in key or "/" in key) else key
+
+
+_INDEX = re.compile(r"0|[1-9][0-9]*")
+
+
+def _index_like(t: str) -> bool:
+    return t == "-" or _INDEX.fullmatch(t) is not None
+
+
+def _index(t: str, n: int, for_add: bool) -> int:
+    if t == "-":
+        if for_add:
+            return n
+        raise _Fail("'-' (after the last element) does not exist here")
+    if _INDEX.fullmatch(t) is None:
+        raise _Fail(f"invalid array index {t!r}")
+    if len(t) > 19 or int(t) > n or (int(t) == n and not for_add):
+        raise _Fail(f"array index {t} out of range")
+    return int(t)
+
+
+# --------------------------------------------------------------------------- operations
+
+_OPS: Final = frozenset(("add", "remove", "replace", "move", "copy", "test"))
+
+
+class _Op:
+    __slots__ = ("frm", "ftoks", "idx", "op", "path", "ptoks", "value")
+
+    def __init__(
+        self,
+        idx: int,
+        op: str,
+        path: str,
+        ptoks: Tokens,
+        value: Json = None,
+        frm: str | None = None,
+        ftoks: Tokens = (),
+    ) -> None:
+        self.idx = idx
+        self.op = op
+        self.path = path
+        self.ptoks = ptoks
+        self.value = value
+        self.frm = frm
+        self.ftoks = ftoks
+
+    def label(self) -> str:
+        return f"op {self.idx} ({self.op} {self.path})"
+
+    def as_json(self) -> dict[str, Json]:
+        d: dict[str, Json] = {"op": self.op}
+        if self.frm is not None:
+            d["from"] = self.frm
+        d["path"] = self.path
+        if self.op in ("add", "replace", "test"):
+            d["value"] = self.value
+        return d
+
+
+def _parse_ops(patch: Json) -> list[_Op]:
+    if type(patch) is not list:
+        raise DeltaError('"patch" must be an array of operations')
+    ops: list[_Op] = []
+    for i, o in enumerate(patch):
+        if type(o) is not dict:
+            raise DeltaError(f"op {i}: not an object")
+        name = o.get("op")
+        if type(name) is not str:
+            raise DeltaError(f'op {i}: missing or non-string "op"')
+        if name not in _OPS:
+            raise DeltaError(f"op {i} ({name}): unknown operation")
+        path = o.get("path")
+        if type(path) is not str:
+            raise DeltaError(f'op {i} ({name}): missing or non-string "path"')
+        label = f"op {i} ({name} {path})"
+        try:
+            ptoks = _parse_pointer(path)
+        except _Fail as exc:
+            raise DeltaError(f"{label}: {exc}") from None
+        op = _Op(i, name, path, ptoks)
+        if name in ("add", "replace", "test"):
+            if "value" not in o:
+                raise DeltaError(f'{label}: missing "value"')
+            op.value = o["value"]
+        elif name in ("move", "copy"):
+            frm = o.get("from")
+            if type(frm) is not str:
+                raise DeltaError(f'{label}: missing or non-string "from"')
+            try:
+                op.ftoks = _parse_pointer(frm)
+            except _Fail as exc:
+                raise DeltaError(f'{label}: "from": {exc}') from None
+            op.frm = frm
+        ops.append(op)
+    return ops
+
+
+def _parse_delta(d: bytes | str, what: str = "delta") -> tuple[str, Json]:
+    """(kind, body): ("patch", list[_Op]) or ("merge", value)."""
+    doc = _loads(d, what)
+    if type(doc) is not dict:
+        raise DeltaError(f'{what}: must be an object with "patch" or "merge"')
+    has_p, has_m = "patch" in doc, "merge" in doc
+    if has_p == has_m:
+        raise DeltaError(f'{what}: must have exactly one of "patch" and "merge"')
+    if has_m:
+        return "merge", doc["merge"]
+    try:
+        return "patch", _parse_ops(doc["patch"])
+    except DeltaError as exc:
+        if what == "delta":
+            raise
+        raise DeltaError(f"{what}: {exc}") from None
+
+
+class _Doc:
+    """The document being patched, boxed so that a root replacement can be undone."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: Json) -> None:
+        self.root = root
+
+
+# Undo log entries: (kind, container, key, old). Replayed in reverse on failure.
+_U_ROOT, _U_DEL_KEY, _U_SET_KEY, _U_PUT_KEY_BACK, _U_DEL_ITEM, _U_INS_ITEM, _U_SET_ITEM = range(7)
+Undo: TypeAlias = list[tuple[int, Any, Any, Any]]
+
+
+def _rollback(doc: _Doc, log: Undo) -> None:
+    for kind, c, k, old in reversed(log):
+        if kind == _U_ROOT:
+            doc.root = old
+        elif kind == _U_DEL_KEY:
+            del c[k]
+        elif kind in (_U_SET_KEY, _U_SET_ITEM):
+            c[k] = old
+        elif kind == _U_PUT_KEY_BACK:
+            pos, v = old
+            if pos == len(c):
+                c[k] = v
+            else:  # restore the key at its old position, not at the end
+                items = list(c.items())
+                items.insert(pos, (k, v))
+                c.clear()
+                c.update(items)
+        elif kind == _U_DEL_ITEM:
+            del c[k]
+        else:
+            c.insert(k, old)
+    log.clear()
+
+
+def _get(root: Json, toks: Iterable[str]) -> Json:
+    cur = root
+    for t in toks:
+        tc = type(cur)
+        if tc is dict:
+            try:
+                cur = cur[t]
+            except KeyError:
+                raise _Fail("path not found") from None
+        elif tc is list:
+            cur = cur[_index(t, len(cur), False)]
+        else:
+            raise _Fail("path not found")
+    return cur
+
+
+def _check_room(toks: Tokens, v: Json) -> None:
+    if (type(v) is dict or type(v) is list) and len(toks) + _depth(v) > MAX_DEPTH:
+        raise _Fail(f"the result would nest deeper than {MAX_DEPTH} levels")
+
+
+def _add(doc: _Doc, toks: Tokens, v: Json, log: Undo | None) -> None:
+    _check_room(toks, v)
+    if not toks:
+        if log is not None:
+            log.append((_U_ROOT, None, None, doc.root))
+        doc.root = v
+        return
+    parent = _get(doc.root, toks[:-1])
+    last = toks[-1]
+    tp = type(parent)
+    if tp is dict:
+        if last in parent:
+            if log is not None:
+                log.append((_U_SET_KEY, parent, last, parent[last]))
+        elif log is not None:
+            log.append((_U_DEL_KEY, parent, last, None))
+        parent[last] = v
+    elif tp is list:
+        i = _index(last, len(parent), True)
+        parent.insert(i, v)
+        if log is not None:
+            log.append((_U_DEL_ITEM, parent, i, None))
+    else:
+        raise _Fail("path not found (parent is not an object or array)")
+
+
+def _remove(doc: _Doc, toks: Tokens, log: Undo | None) -> Json:
+    if not toks:
+        raise _Fail("cannot remove the whole document")
+    parent = _get(doc.root, toks[:-1])
+    last = toks[-1]
+    tp = type(parent)
+    if tp is dict:
+        if last not in parent:
+            raise _Fail("path not found")
+        if log is not None:
+            pos = len(parent) - 1 if next(reversed(parent)) == last else list(parent).index(last)
+            v = parent.pop(last)
+            log.append((_U_PUT_KEY_BACK, parent, last, (pos, v)))
+            return v
+        return parent.pop(last)
+    if tp is list:
+        i = _index(last, len(parent), False)
+        v = parent.pop(i)
+        if log is not None:
+            log.append((_U_INS_ITEM, parent, i, v))
+        return v
+    raise _Fail("path not found")
+
+
+def _replace(doc: _Doc, toks: Tokens, v: Json, log: Undo | None) -> None:
+    _check_room(toks, v)
+    if not toks:
+        if log is not None:
+            log.append((_U_ROOT, None, None, doc.root))
+        doc.root = v
+        return
+    parent = _get(doc.root, toks[:-1])
+    last = toks[-1]
+    tp = type(parent)
+    if tp is dict:
+        if last not in parent:
+            raise _Fail("path not found")
+        if log is not None:
+            log.append((_U_SET_KEY, parent, last, parent[last]))
+        parent[last] = v
+    elif tp is list:
+        i = _index(last, len(parent), False)
+        if log is not None:
+            log.append((_U_SET_ITEM, parent, i, parent[i]))
+        parent[i] = v
+    else:
+        raise _Fail("path not found")
+
+
+def _apply_op(doc: _Doc, op: _Op, log: Undo | None) -> None:
+    name = op.op
+    if name == "add":
+        _add(doc, op.ptoks, _clone(op.value), log)
+    elif name == "replace":
+        _replace(doc, op.ptoks, _clone(op.value), log)
+    elif name == "remove":
+        _remove(doc, op.ptoks, log)
+    elif name == "test":
+        if not _json_eq(_get(doc.root, op.ptoks), op.value):
+            raise _Fail("test failed: the value differs")
+    elif name == "copy":
+        _add(doc, op.ptoks, _clone(_get(doc.root, op.ftoks)), log)
+    else:  # move
+        f, p = op.ftoks, op.ptoks
+        if f == p:
+            _get(doc.root, f)
+            return
+        if len(p) > len(f) and p[: len(f)] == f:
+            raise _Fail(f"cannot move {op.frm!r} into its own child")
+        # A failing add leaves the value removed: callers roll back or discard the doc.
+        v = _remove(doc, f, log)
+        _add(doc, p, v, log)
+
+
+def _apply_ops(doc: _Doc, ops: Sequence[_Op], log: Undo | None) -> None:
+    """All ops or (with a log, after rollback by the caller) none; raises DeltaError."""
+    for op in ops:
+        try:
+            _apply_op(doc, op, log)
+        except _Fail as exc:
+            raise DeltaError(f"{op.label()}: {exc}") from None
+
+
+def _merge_apply(target: Json, patch: Json) -> Json:
+    """RFC 7396 MergePatch, in place on target; never shares containers with patch."""
+    if type(patch) is not dict:
+        return _clone(patch)
+    if type(target) is not dict:
+        target = {}
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        else:
+            target[k] = _merge_apply(target.get(k), v)
+    return target
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _compose(a: dict[str, Json], b: dict[str, Json], path: str) -> dict[str, Json]:
+    """One merge patch with the effect of a then b (both objects)."""
+    r = dict(a)
+    for k, bv in b.items():
+        if type(bv) is dict and k in a:
+            av = a[k]
+            if type(av) is not dict:
+                raise DeltaError(
+                    f"cannot be merged into one delta: {path}/{_escape(k)} is set to a "
+                    "non-object or deleted, then merged into"
+                )
+            r[k] = _compose(av, bv, f"{path}/{_escape(k)}")
+        else:
+            r[k] = bv
+    return r
+
+
+def _root_replace(v: Json) -> _Op:
+    return _Op(0, "replace", "", (), v)
+
+
+def _fold(items: Sequence[tuple[str, Json]]) -> tuple[str, Json]:
+    """Fold parsed deltas left to right into ("merge", value) or ("patch", list[_Op])."""
+    acc: tuple[str, Json] = ("patch", [])
+    first = True
+    for kind, body in items:
+        if first:
+            acc = (kind, list(body) if kind == "patch" else body)
+            first = False
+            continue
+        akind, abody = acc
+        if kind == "merge":
+            if type(body) is not dict:
+                acc = (
+                    ("merge", body)
+                    if akind == "merge"
+                    else ("patch", [*abody, _root_replace(body)])
+                )
+            elif akind == "merge" and type(abody) is dict:
+                acc = ("merge", _compose(abody, body, ""))
+            elif akind == "merge":  # the state is exactly abody now
+                acc = ("patch", [_root_replace(_merge_apply(_clone(abody), body))])
+            else:
+                raise DeltaError(
+                    "cannot be merged into one delta: a JSON Merge Patch object after a JSON Patch"
+                )
+        elif akind == "patch":
+            acc = ("patch", [*abody, *body])
+        elif type(abody) is not dict:
+            acc = ("patch", [_root_replace(abody), *body])
+        else:
+            raise DeltaError(
+                "cannot be merged into one delta: a JSON Patch after a JSON Merge Patch object"
+            )
+    return acc
+
+
+def _locations(op: _Op) -> list[tuple[Tokens, bool]]:
+    """(pointer, may shift array indices of its siblings) for every place op touches."""
+    p = op.ptoks
+    p_shift = op.op in ("add", "remove", "move", "copy") and bool(p) and _index_like(p[-1])
+    locs = [(p, p_shift)]
+    if op.op in ("move", "copy"):
+        f = op.ftoks
+        locs.append((f, op.op == "move" and bool(f) and _index_like(f[-1])))
+    return locs
+
+
+def _kills(e: _Op, w: _Op) -> bool:
+    """Does w overwrite everything e wrote (given nothing in between relates to e's path)?"""
+    if w.op not in ("add", "replace", "remove"):
+        return False
+    p, q = e.ptoks, w.ptoks
+    if len(q) > len(p) or p[: len(q)] != q:
+        return False
+    object_add = w.op == "add" and (not q or not _index_like(q[-1]))
+    if len(q) < len(p):
+        return w.op != "add" or object_add
+    if w.op == "replace":
+        return True
+    if w.op == "add":
+        return object_add
+    return e.op == "replace"  # remove after add: the path may not have existed before
+
+
+def _collapse(ops: Sequence[_Op]) -> list[_Op]:
+    """Drop test ops and writes that a later write overwrites.
+
+    An op E = `replace p` or an object-member `add p` (last token not an array index or
+    `-`, or p the root) is dropped when the first later op that relates to p is a write W
+    that overwrites p: replace/remove of p or an ancestor, or an add of p or an ancestor
+    whose last token is not an index (an index add inserts, it does not overwrite). A
+    later op relates to p when one of its pointers (path or from) is p, an ancestor or a
+    descendant of p, or it inserts into / removes from an array that is an ancestor of p
+    (which may shift p). Exceptions keep it exact on every state where the ops all apply:
+    `add p` then `remove p` is kept (p may not have existed before); `add p` then
+    `replace p` becomes one `add p` with the later value.
+    """
+    work = [
+        _Op(o.idx, o.op, o.path, o.ptoks, o.value, o.frm, o.ftoks) for o in ops if o.op != "test"
+    ]
+    n = len(work)
+    kept = [True] * n
+    # Index of the earliest kept later op at a pointer / strictly below it / shifting its
+    # children. Walking backwards, the op seen last is the earliest.
+    at: dict[Tokens, int] = {}
+    below: dict[Tokens, int] = {}
+    shifts: dict[Tokens, int] = {}
+    for e in range(n - 1, -1, -1):
+        o = work[e]
+        p = o.ptoks
+        if o.op == "replace" or (o.op == "add" and (not p or not _index_like(p[-1]))):
+            m = n
+            for table, key in ((at, p), (below, p)):
+                m = min(m, table.get(key, n))
+            for i in range(len(p)):
+                anc = p[:i]
+                m = min(m, at.get(anc, n), shifts.get(anc, n))
+            if m < n and _kills(o, work[m]):
+                kept[e] = False
+                w = work[m]
+                if o.op == "add" and p and w.op == "replace" and w.ptoks == p:
+                    w.op = "add"
+                continue
+        for toks, shifting in _locations(o):
+            at[toks] = e
+            for i in range(len(toks)):
+                below[toks[:i]] = e
+            if shifting:
+                shifts[toks[:-1]] = e
+    return [o for o, k in zip(work, kept, strict=True) if k]
+
+
+def _delta_bytes(acc: tuple[str, Json]) -> bytes:
+    kind, body = acc
+    if kind == "merge":
+        return _dumps({"merge": body})
+    return _dumps({"patch": [o.as_json() for o in _collapse(body)]})
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def _diff(a: Json, b: Json, path: str, out: list[dict[str, Json]]) -> None:
+    ta, tb = type(a), type(b)
+    if ta is dict and tb is dict:
+        for k in a:
+            if k not in b:
+                out.append({"op": "remove", "path": f"{path}/{_escape(k)}"})
+        for k, bv in b.items():
+            if k in a:
+                _diff(a[k], bv, f"{path}/{_escape(k)}", out)
+            else:
+                out.append({"op": "add", "path": f"{path}/{_escape(k)}", "value": bv})
+    elif ta is list and tb is list:
+        _diff_list(a, b, path, out)
+    elif not _same(a, b):
+        out.append({"op": "replace", "path": path, "value": b})
+
+
+def _diff_list(a: list[Json], b: list[Json], path: str, out: list[dict[str, Json]]) -> None:
+    """Index-wise after trimming the common head and tail, so that one insertion or
+    removal anywhere is one op."""
+    na, nb = len(a), len(b)
+    m = min(na, nb)
+    head = 0
+    while head < m and _same(a[head], b[head]):
+        head += 1
+    tail = 0
+    while tail < m - head and _same(a[na - 1 - tail], b[nb - 1 - tail]):
+        tail += 1
+    ca, cb = na - head - tail, nb - head - tail
+    common = min(ca, cb)
+    for i in range(head, head + common):
+        _diff(a[i], b[i], f"{path}/{i}", out)
+    for i in range(head + ca - 1, head + common - 1, -1):
+        out.append({"op": "remove", "path": f"{path}/{i}"})
+    for i in range(head + common, head + cb):
+        out.append({"op": "add", "path": f"{path}/{i}", "value": b[i]})
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def validate(d: bytes | str) -> tuple[str, bytes]:
+    """Check that `d` is a well-formed delta; return (kind, compact JSON body)."""
+    kind, body = _parse_delta(d)
+    if kind == "merge":
+        return kind, _dumps(body)
+    return kind, _dumps([o.as_json() for o in body])
+
+
+def apply(state: bytes | str, d: bytes | str) -> bytes:
+    """Apply one delta to a state; a failing RFC 6902 patch raises DeltaError."""
+    kind, body = _parse_delta(d)
+    root = _loads(state, "state")
+    if kind == "merge":
+        return _dumps(_merge_apply(root, body))
+    doc = _Doc(root)
+    _apply_ops(doc, body, None)  # the parsed state is ours: no undo needed on failure
+    return _dumps(doc.root)
+
+
+def merge(ds: Sequence[bytes | str]) -> bytes:
+    """One delta equivalent to `ds` in order on every state where they all apply."""
+    items = [_parse_delta(d, f"delta {i}") for i, d in enumerate(ds)]
+    if not items:
+        return b'{"patch":[]}'
+    return _delta_bytes(_fold(items))
+
+
+def diff(a: bytes | str, b: bytes | str) -> bytes:
+    """A {"patch": [...]} delta taking a to b."""
+    va, vb = _loads(a, "a"), _loads(b, "b")
+    out: list[dict[str, Json]] = []
+    _diff(va, vb, "", out)
+    return _dumps({"patch": out})
+
+
+def _apply_in_place(doc: _Doc, kind: str, body: Json, log: Undo) -> bool:
+    if kind == "merge":
+        doc.root = _merge_apply(doc.root, body)
+        return True
+    try:
+        _apply_ops(doc, body, log)
+    except DeltaError:
+        _rollback(doc, log)
+        return False
+    log.clear()
+    return True
+
+
+def compact(state: bytes | str, ds: Sequence[bytes | str]) -> bytes:
+    """Apply `ds` in order; a delta that is malformed or fails at its position is a no-op."""
+    doc = _Doc(_loads(state, "state"))
+    log: Undo = []
+    for d in ds:
+        try:
+            kind, body = _parse_delta(d)
+        except DeltaError:
+            continue
+        _apply_in_place(doc, kind, body, log)
+    return _dumps(doc.root)
+
+
+def json_to_msgpack(doc: bytes | str) -> bytes:
+    """Re-encode a JSON document as MessagePack."""
+    return bytes(msgpack.packb(_loads(doc, "document"), use_bin_type=True))
+
+
+def _check_from_msgpack(v: Json) -> None:
+    level: list[Json] = [v]
+    d = 0
+    while level:
+        nxt: list[Json] = []
+        for x in level:
+            t = type(x)
+            if t is dict or t is list:
+                if d + 1 > MAX_DEPTH:
+                    raise DeltaError(f"MessagePack: nested deeper than {MAX_DEPTH} levels")
+                if t is dict:
+                    for k in x:
+                        if type(k) is not str:
+                            raise DeltaError("MessagePack: map keys must be strings")
+                    nxt.extend(x.values())
+                else:
+                    nxt.extend(x)
+            elif t is float:
+                if x != x or x in (float("inf"), float("-inf")):
+                    raise DeltaError("MessagePack: NaN and infinities have no JSON form")
+            elif t not in (str, int, bool, type(None)):
+                raise DeltaError(f"MessagePack: {t.__name__} has no JSON form")
+        level = nxt
+        d += 1
+
+
+def msgpack_to_json(data: bytes) -> bytes:
+    """Re-encode a MessagePack document as JSON (maps must have string keys)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"expected bytes, not {type(data).__name__}")
+    try:
+        v = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many types for bad input
+        raise DeltaError(f"MessagePack: invalid data: {exc}") from None
+    _check_from_msgpack(v)
+    try:
+        return _dumps(v)
+    except UnicodeEncodeError:  # pragma: no cover - msgpack rejects bad UTF-8 already
+        raise DeltaError("MessagePack: invalid UTF-8 in a string") from None
+
+
+def _merge_to_ops(target: Json, patch: Json, path: str, out: list[_Op]) -> None:
+    """Concrete JSON Patch ops doing what merge patch `patch` does to `target`."""
+    if type(patch) is not dict:
+        out.append(_Op(0, "replace", path, _parse_pointer(path), _clone(patch)))
+        return
+    if type(target) is not dict:
+        v = _merge_apply(None, patch)
+        out.append(_Op(0, "add" if path else "replace", path, _parse_pointer(path), v))
+        return
+    for k, v in patch.items():
+        p = f"{path}/{_escape(k)}"
+        if v is None:
+            if k in target:
+                out.append(_Op(0, "remove", p, _parse_pointer(p)))
+        elif type(v) is dict and type(target.get(k)) is dict:
+            _merge_to_ops(target[k], v, p, out)
+        else:
+            out.append(_Op(0, "add", p, _parse_pointer(p), _merge_apply(None, v)))
+
+
+class RoomState:
+    """One room's state, parsed once and patched in place; encodings cached."""
+
+    __slots__ = ("_doc", "_json", "_log", "_msgpack", "_seq")
+
+    def __init__(self, state: bytes | str = b"{}", seq: int = 0) -> None:
+        if type(seq) is not int or seq < 0:
+            raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
+        self._doc = _Doc(_loads(state, "state"))
+        self._seq = seq
+        self._json: bytes | None = None
+        self._msgpack: bytes | None = None
+        self._log: Undo = []
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def __repr__(self) -> str:
+        return f"<RoomState seq={self._seq}>"
+
+    def _advance(self, seq: int) -> None:
+        if type(seq) is not int or seq <= self._seq:
+            raise ValueError(f"seq {seq!r} is not after the room's seq {self._seq}")
+
+    def check(self, d: bytes | str) -> None:
+        """DeltaError when d is malformed or would fail now; changes nothing."""
+        kind, body = _parse_delta(d)
+        if kind == "merge":
+            return
+        try:
+            _apply_ops(self._doc, body, self._log)
+        finally:
+            _rollback(self._doc, self._log)
+
+    def apply(self, d: bytes | str, seq: int) -> bool:
+        """Apply d as delta number seq; False (a no-op, seq advances) when it fails."""
+        self._advance(seq)
+        self._seq = seq
+        try:
+            kind, body = _parse_delta(d)
+        except DeltaError:
+            return False
+        if not _apply_in_place(self._doc, kind, body, self._log):
+            return False
+        self._json = self._msgpack = None
+        return True
+
+    def apply_batch(self, ds: Sequence[bytes | str], seq: int) -> bytes:
+        """Apply deltas self.seq+1 .. seq; one delta from the previous state to the new."""
+        if type(seq) is not int or seq < self._seq or len(ds) != seq - self._seq:
+            raise ValueError(f"{len(ds)} deltas cannot take seq {self._seq} to {seq!r}")
+        applied: list[tuple[str, Json]] = []
+        concrete: list[_Op] = []
+        for d in ds:
+            try:
+                kind, body = _parse_delta(d)
+            except DeltaError:
+                continue
+            if kind == "merge":
+                _merge_to_ops(self._doc.root, body, "", concrete)
+                self._doc.root = _merge_apply(self._doc.root, body)
+            elif _apply_in_place(self._doc, kind, body, self._log):
+                concrete.extend(body)
+            else:
+                continue
+            applied.append((kind, body))
+        self._seq = seq
+        if not applied:
+            return b'{"patch":[]}'
+        self._json = self._msgpack = None
+        try:
+            return _delta_bytes(_fold(applied))
+        except DeltaError:
+            return _delta_bytes(("patch", concrete))
+
+    def to_json(self) -> bytes:
+        if self._json is None:
+            self._json = _dumps(self._doc.root)
+        return self._json
+
+    def to_msgpack(self) -> bytes:
+        if self._msgpack is None:
+            self._msgpack = bytes(msgpack.packb(self._doc.root, use_bin_type=True))
+        return self._msgpack
+
+    def json_size(self) -> int:
+        return len(self.to_json())
