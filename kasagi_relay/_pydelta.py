@@ -6,9 +6,10 @@ rules, where RFC 6902 / RFC 7396 or the stub leave room:
 JSON in and out
 - Input is `bytes` (strict UTF-8, no BOM) or `str` (no lone surrogates); anything else is
   `TypeError`. Output is compact UTF-8 JSON (`,` and `:` separators, non-ASCII unescaped,
-  control characters as `\\b \\f \\n \\r \\t` or `\\u00xx`), as serde_json writes it.
-- Floats are written as serde_json (ryu) writes them: shortest round-trip digits, fixed
-  notation for 1e-5 <= |x| < 1e16 (`0.00001`, `1e16`, `1.5e-7`, `100.0`, `-0.0`).
+  control characters as `\\b \\f \\n \\r \\t` or `\\u00xx`): `json.dumps` with
+  `separators=(",", ":")` and `ensure_ascii=False`.
+- Floats are written as Python's `repr` writes them (the native engine formats them the
+  same way): shortest round-trip digits, `1e+16`, `1.5e-07`, `100.0`, `-0.0`.
 - Numbers as serde_json parses them: integers in [-2**63, 2**64-1] stay integers, others
   become floats; `-0` is the float `-0.0`; a literal beyond the double range (`1e400`) and
   NaN/Infinity are errors. An escaped lone surrogate (`"\\ud800"`) is an error.
@@ -54,6 +55,7 @@ applied to), collapsed like merge().
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, TypeAlias
@@ -188,50 +190,10 @@ def _loads(doc: bytes | str, what: str) -> Json:
 _ENC: Final = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False
 )
-_PY_EXPONENT = re.compile(r"\de[+-]\d")
-_STRING_OR_EXP_FLOAT = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?e[+-]\d+')
-
-
-def _ryu(f: float) -> str:
-    """float -> text as Rust's ryu (serde_json) writes it; Python's repr has the same
-    shortest digits but another exponent style and switch-over point."""
-    r = repr(f)
-    if f == 0.0:
-        return r
-    sign = ""
-    if r[0] == "-":
-        sign, r = "-", r[1:]
-    mant, _, exp = r.partition("e")
-    ip, _, fp = mant.partition(".")
-    digits = (ip + fp).lstrip("0")
-    stripped = digits.rstrip("0")
-    k = (int(exp) if exp else 0) - len(fp) + (len(digits) - len(stripped))
-    d = stripped
-    n = len(d)
-    kk = n + k
-    if k >= 0 and kk <= 16:
-        out = d + "0" * k + ".0"
-    elif 0 < kk <= 16:
-        out = d[:kk] + "." + d[kk:]
-    elif -5 < kk <= 0:
-        out = "0." + "0" * (-kk) + d
-    elif n == 1:
-        out = f"{d}e{kk - 1}"
-    else:
-        out = f"{d[0]}.{d[1:]}e{kk - 1}"
-    return sign + out
-
-
-def _fix_float(m: re.Match[str]) -> str:
-    s = m.group(0)
-    return s if s[0] == '"' else _ryu(float(s))
 
 
 def _dumps(v: Json) -> bytes:
-    s = _ENC.encode(v)
-    if _PY_EXPONENT.search(s):
-        s = _STRING_OR_EXP_FLOAT.sub(_fix_float, s)
-    return s.encode("utf-8")
+    return _ENC.encode(v).encode("utf-8")
 
 
 def _clone(v: Json) -> Json:
@@ -260,10 +222,12 @@ def _json_eq(a: Json, b: Json) -> bool:
 
 
 def _same(a: Json, b: Json) -> bool:
-    """Same JSON value and same number types (1 and 1.0 differ), as serde_json's ==."""
+    """Same JSON value that serialises the same: 1 and 1.0 differ, and 0.0 and -0.0."""
     ta = type(a)
     if ta is not type(b):
         return False
+    if ta is float:
+        return bool(a == b) and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
     if ta is dict:
         return a.keys() == b.keys() and all(_same(x, b[k]) for k, x in a.items())
     if ta is list:
