@@ -21,8 +21,9 @@ JSON in and out
 
 Deltas
 - `{"patch": [...]}` or `{"merge": ...}`, exactly one of them, other keys ignored.
-- Ops are canonicalised on output: `{"op", "from"?, "path", "value"?}`; unknown members
-  are dropped (RFC 6902 4: they are ignored).
+- Ops that the engine writes (merge, diff, apply_batch) are canonical:
+  `{"op", "from"?, "path", "value"?}`, unknown members dropped (RFC 6902 4 ignores them);
+  validate() returns the body as sent, only compacted.
 - JSON Pointer: "" or starting with "/"; `~` must be followed by `0` or `1`. An array
   index is `0` or digits without a leading zero, below the length (or equal to it for
   add); `-` means "after the last element" for add, move and copy targets only.
@@ -354,7 +355,10 @@ def _parse_ops(patch: Json) -> list[_Op]:
 
 def _parse_delta(d: bytes | str, what: str = "delta") -> tuple[str, Json]:
     """(kind, body): ("patch", list[_Op]) or ("merge", value)."""
-    doc = _loads(d, what)
+    return _parse_delta_doc(_loads(d, what), what)
+
+
+def _parse_delta_doc(doc: Json, what: str) -> tuple[str, Json]:
     if type(doc) is not dict:
         raise DeltaError(f'{what}: must be an object with "patch" or "merge"')
     has_p, has_m = "patch" in doc, "merge" in doc
@@ -741,10 +745,10 @@ def _diff_list(a: list[Json], b: list[Json], path: str, out: list[dict[str, Json
 
 def validate(d: bytes | str) -> tuple[str, bytes]:
     """Check that `d` is a well-formed delta; return (kind, compact JSON body)."""
-    kind, body = _parse_delta(d)
-    if kind == "merge":
-        return kind, _dumps(body)
-    return kind, _dumps([o.as_json() for o in body])
+    doc = _loads(d, "delta")
+    kind, _ = _parse_delta_doc(doc, "delta")
+    # The body as sent (compacted, unknown op members kept), like the native engine.
+    return kind, _dumps(doc[kind])
 
 
 def apply(state: bytes | str, d: bytes | str) -> bytes:

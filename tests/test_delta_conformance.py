@@ -91,5 +91,7 @@ def test_rfc7396_appendix_a(engines: ModuleType, original: Any, patch: Any, resu
 
 def test_rfc7396_key_order_is_kept(engines: ModuleType) -> None:
     # Byte-exact: existing keys keep their place, new ones are appended in patch order.
-    out = engines.apply(b'{"z":1,"a":{"y":1,"b":2},"m":3}', b'{"merge":{"a":{"b":null,"c":4},"q":5}}')
+    out = engines.apply(
+        b'{"z":1,"a":{"y":1,"b":2},"m":3}', b'{"merge":{"a":{"b":null,"c":4},"q":5}}'
+    )
     assert out == b'{"z":1,"a":{"y":1,"c":4},"m":3,"q":5}'
