@@ -1,0 +1,963 @@
+//! Deltas: parsing (`{"patch": [...]}` / `{"merge": ...}`), RFC 6901 JSON Pointers, RFC 6902
+//! JSON Patch application (atomic, in place, with an undo log) and RFC 7396 merge patches.
+//!
+//! Why not `json_patch::patch`: the crate is used as a test oracle (see the tests), but its
+//! apply is not the one we ship, because with serde_json's `preserve_order` (which we need so
+//! that objects keep their key order like Python dicts, and both engines produce the same
+//! bytes) it removes keys with `swap_remove` (moving the last key into the hole) and its undo
+//! on failure re-appends removed keys at the end, so a failed patch is not byte-for-byte a
+//! no-op. It also compares `test` values with serde's `==` (`1` != `1.0`, against RFC 6902
+//! section 4.6 which compares numbers by value), has no hook for our nesting limit, and
+//! reports every failure as "path is invalid". The algorithm below is RFC 6902 as written:
+//! - pointers: "" is the root, otherwise "/"-separated tokens with `~0` -> `~`, `~1` -> `/`;
+//!   any other `~` escape, or a non-empty pointer without a leading "/", is an error;
+//! - array indices: "0" or digits without a leading zero; "-" only as the last token of an
+//!   `add` (or `move`/`copy` target) path; out of range is an error (add allows == len);
+//! - add: object member insert-or-replace (a replaced member keeps its position), array
+//!   insert, root replaces the whole document;
+//! - remove: target must exist; removing the root is an error;
+//! - replace: target must exist (root allowed);
+//! - move: `from` must exist, `path` must not be a proper descendant of `from`; from == path
+//!   is a no-op; otherwise remove then add;
+//! - copy: `from` must exist; add of a copy;
+//! - test: numeric equality for numbers (`1` == `1.0`), see [`crate::json::rfc_eq`];
+//! - the document never nests deeper than MAX_DEPTH: an add/replace/move/copy that would
+//!   make it deeper fails;
+//! - atomic: a failing patch leaves the document exactly as it was (key order included).
+
+use crate::error::{DeltaError, Result};
+use crate::json::{self, MAX_DEPTH};
+use serde_json::{Map, Value};
+
+/// A parsed RFC 6901 JSON Pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pointer {
+    pub raw: String,
+    pub tokens: Vec<String>,
+}
+
+impl Pointer {
+    pub fn parse(raw: &str) -> std::result::Result<Pointer, String> {
+        if raw.is_empty() {
+            return Ok(Pointer {
+                raw: String::new(),
+                tokens: Vec::new(),
+            });
+        }
+        let Some(rest) = raw.strip_prefix('/') else {
+            return Err("invalid JSON Pointer (must be empty or start with '/')".into());
+        };
+        let mut tokens = Vec::new();
+        for part in rest.split('/') {
+            if !part.contains('~') {
+                tokens.push(part.to_owned());
+                continue;
+            }
+            let mut tok = String::with_capacity(part.len());
+            let mut chars = part.chars();
+            while let Some(c) = chars.next() {
+                if c == '~' {
+                    match chars.next() {
+                        Some('0') => tok.push('~'),
+                        Some('1') => tok.push('/'),
+                        _ => {
+                            return Err(
+                                "invalid JSON Pointer ('~' must be followed by '0' or '1')".into()
+                            )
+                        }
+                    }
+                } else {
+                    tok.push(c);
+                }
+            }
+            tokens.push(tok);
+        }
+        Ok(Pointer {
+            raw: raw.to_owned(),
+            tokens,
+        })
+    }
+
+    pub fn from_tokens(tokens: Vec<String>) -> Pointer {
+        let mut raw = String::new();
+        for t in &tokens {
+            raw.push('/');
+            push_escaped(&mut raw, t);
+        }
+        Pointer { raw, tokens }
+    }
+
+    /// This pointer extended by one token.
+    pub fn child(&self, token: &str) -> Pointer {
+        let mut raw = String::with_capacity(self.raw.len() + token.len() + 1);
+        raw.push_str(&self.raw);
+        raw.push('/');
+        push_escaped(&mut raw, token);
+        let mut tokens = Vec::with_capacity(self.tokens.len() + 1);
+        tokens.extend(self.tokens.iter().cloned());
+        tokens.push(token.to_owned());
+        Pointer { raw, tokens }
+    }
+
+    pub fn root() -> Pointer {
+        Pointer {
+            raw: String::new(),
+            tokens: Vec::new(),
+        }
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+fn push_escaped(out: &mut String, token: &str) {
+    for c in token.chars() {
+        match c {
+            '~' => out.push_str("~0"),
+            '/' => out.push_str("~1"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// One RFC 6902 operation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Add { path: Pointer, value: Value },
+    Remove { path: Pointer },
+    Replace { path: Pointer, value: Value },
+    Move { from: Pointer, path: Pointer },
+    Copy { from: Pointer, path: Pointer },
+    Test { path: Pointer, value: Value },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Add { .. } => "add",
+            Op::Remove { .. } => "remove",
+            Op::Replace { .. } => "replace",
+            Op::Move { .. } => "move",
+            Op::Copy { .. } => "copy",
+            Op::Test { .. } => "test",
+        }
+    }
+
+    pub fn path(&self) -> &Pointer {
+        match self {
+            Op::Add { path, .. }
+            | Op::Remove { path }
+            | Op::Replace { path, .. }
+            | Op::Move { path, .. }
+            | Op::Copy { path, .. }
+            | Op::Test { path, .. } => path,
+        }
+    }
+
+    /// The canonical JSON form: `{"op","path","value"}`, `{"op","from","path"}` or
+    /// `{"op","path"}`, members in that order.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("op".into(), Value::String(self.name().into()));
+        match self {
+            Op::Add { path, value } | Op::Replace { path, value } | Op::Test { path, value } => {
+                m.insert("path".into(), Value::String(path.raw.clone()));
+                m.insert("value".into(), value.clone());
+            }
+            Op::Remove { path } => {
+                m.insert("path".into(), Value::String(path.raw.clone()));
+            }
+            Op::Move { from, path } | Op::Copy { from, path } => {
+                m.insert("from".into(), Value::String(from.raw.clone()));
+                m.insert("path".into(), Value::String(path.raw.clone()));
+            }
+        }
+        Value::Object(m)
+    }
+
+    /// Write the canonical JSON form into `out` (same bytes as `to_value` serialised).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"op\":\"");
+        out.extend_from_slice(self.name().as_bytes());
+        out.push(b'"');
+        let write_str = |out: &mut Vec<u8>, s: &str| json::write_to(out, &Value::String(s.into()));
+        match self {
+            Op::Add { path, value } | Op::Replace { path, value } | Op::Test { path, value } => {
+                out.extend_from_slice(b",\"path\":");
+                write_str(out, &path.raw);
+                out.extend_from_slice(b",\"value\":");
+                json::write_to(out, value);
+            }
+            Op::Remove { path } => {
+                out.extend_from_slice(b",\"path\":");
+                write_str(out, &path.raw);
+            }
+            Op::Move { from, path } | Op::Copy { from, path } => {
+                out.extend_from_slice(b",\"from\":");
+                write_str(out, &from.raw);
+                out.extend_from_slice(b",\"path\":");
+                write_str(out, &path.raw);
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+/// Serialise `{"patch":[...]}` with canonical ops.
+pub fn patch_delta_json(ops: &[Op]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 48 * ops.len());
+    out.extend_from_slice(b"{\"patch\":[");
+    for (i, op) in ops.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        op.write_json(&mut out);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Serialise `{"merge":...}`.
+pub fn merge_delta_json(body: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"{\"merge\":");
+    json::write_to(&mut out, body);
+    out.push(b'}');
+    out
+}
+
+/// A parsed delta.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    Patch(Vec<Op>),
+    Merge(Value),
+}
+
+impl Delta {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Delta::Patch(_) => "patch",
+            Delta::Merge(_) => "merge",
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            Delta::Patch(ops) => patch_delta_json(ops),
+            Delta::Merge(v) => merge_delta_json(v),
+        }
+    }
+}
+
+/// Take the body out of a delta document: ("patch" | "merge", body).
+fn split_delta(doc: Value) -> Result<(&'static str, Value)> {
+    let Value::Object(mut m) = doc else {
+        return Err(DeltaError::new(
+            "a delta must be a JSON object with \"patch\" or \"merge\"",
+        ));
+    };
+    match (m.shift_remove("patch"), m.shift_remove("merge")) {
+        (Some(p), None) => Ok(("patch", p)),
+        (None, Some(b)) => Ok(("merge", b)),
+        (Some(_), Some(_)) => Err(DeltaError::new(
+            "a delta must have exactly one of \"patch\" and \"merge\", not both",
+        )),
+        (None, None) => Err(DeltaError::new(
+            "a delta must have a \"patch\" (RFC 6902) or \"merge\" (RFC 7396) member",
+        )),
+    }
+}
+
+/// Parse a delta from JSON bytes.
+pub fn parse_delta(input: &[u8]) -> Result<Delta> {
+    delta_from_value(json::parse(input)?)
+}
+
+pub fn delta_from_value(doc: Value) -> Result<Delta> {
+    match split_delta(doc)? {
+        ("patch", body) => Ok(Delta::Patch(parse_ops(body)?)),
+        (_, body) => Ok(Delta::Merge(body)),
+    }
+}
+
+/// `validate`: (kind, compact JSON of the body).
+pub fn validate(input: &[u8]) -> Result<(&'static str, Vec<u8>)> {
+    let (kind, body) = split_delta(json::parse(input)?)?;
+    let bytes = json::to_vec(&body);
+    if kind == "patch" {
+        parse_ops(body)?;
+    }
+    Ok((kind, bytes))
+}
+
+/// Parse an RFC 6902 patch document (a JSON array of operation objects).
+pub fn parse_ops(body: Value) -> Result<Vec<Op>> {
+    let Value::Array(items) = body else {
+        return Err(DeltaError::new(
+            "\"patch\" must be a JSON array of operations",
+        ));
+    };
+    let mut ops = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        ops.push(parse_op(i, item)?);
+    }
+    Ok(ops)
+}
+
+fn parse_op(i: usize, item: Value) -> Result<Op> {
+    let Value::Object(mut m) = item else {
+        return Err(DeltaError::new(format!("op {i}: not a JSON object")));
+    };
+    let name = match m.get("op") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(DeltaError::new(format!("op {i}: \"op\" must be a string"))),
+        None => return Err(DeltaError::new(format!("op {i}: missing \"op\""))),
+    };
+    if !matches!(
+        name.as_str(),
+        "add" | "remove" | "replace" | "move" | "copy" | "test"
+    ) {
+        return Err(DeltaError::new(format!("op {i}: unknown op {name:?}")));
+    }
+    let path_raw = match m.get("path") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(DeltaError::new(format!(
+                "op {i} ({name}): \"path\" must be a string"
+            )))
+        }
+        None => return Err(DeltaError::new(format!("op {i} ({name}): missing \"path\""))),
+    };
+    let path = Pointer::parse(&path_raw)
+        .map_err(|e| DeltaError::new(format!("op {i} ({name} {path_raw}): {e}")))?;
+    let ctx = |msg: &str| DeltaError::new(format!("op {i} ({name} {path_raw}): {msg}"));
+    let from = |m: &Map<String, Value>| -> Result<Pointer> {
+        match m.get("from") {
+            Some(Value::String(s)) => {
+                Pointer::parse(s).map_err(|e| ctx(&format!("\"from\" {s}: {e}")))
+            }
+            Some(_) => Err(ctx("\"from\" must be a string")),
+            None => Err(ctx("missing \"from\"")),
+        }
+    };
+    let value = |m: &mut Map<String, Value>| -> Result<Value> {
+        m.shift_remove("value").ok_or_else(|| ctx("missing \"value\""))
+    };
+    Ok(match name.as_str() {
+        "add" => Op::Add {
+            value: value(&mut m)?,
+            path,
+        },
+        "remove" => Op::Remove { path },
+        "replace" => Op::Replace {
+            value: value(&mut m)?,
+            path,
+        },
+        "move" => Op::Move {
+            from: from(&m)?,
+            path,
+        },
+        "copy" => Op::Copy {
+            from: from(&m)?,
+            path,
+        },
+        _ => Op::Test {
+            value: value(&mut m)?,
+            path,
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Application
+
+/// One step of the undo log: enough to put the document back exactly as it was.
+#[derive(Debug)]
+pub enum Undo {
+    /// Put `old` back at `tokens` (replace, add over an existing member, add at the root).
+    Restore { tokens: Vec<String>, old: Value },
+    /// Remove the member `key` that an add appended to the object at `parent`.
+    ObjRemove { parent: Vec<String>, key: String },
+    /// Re-insert a removed member at its old position.
+    ObjInsert {
+        parent: Vec<String>,
+        index: usize,
+        key: String,
+        value: Value,
+    },
+    /// Remove the element an add inserted.
+    ArrRemove { parent: Vec<String>, index: usize },
+    /// Re-insert a removed element.
+    ArrInsert {
+        parent: Vec<String>,
+        index: usize,
+        value: Value,
+    },
+}
+
+const NOT_FOUND: &str = "path not found";
+const OUT_OF_RANGE: &str = "array index out of range";
+
+/// Parse an array index token. `allow_end`: "-" and `len` itself are allowed (add target).
+fn array_index(tok: &str, len: usize, allow_end: bool) -> std::result::Result<usize, String> {
+    if tok == "-" {
+        return if allow_end {
+            Ok(len)
+        } else {
+            Err("'-' (the end of an array) is only allowed as the target of an add".into())
+        };
+    }
+    let b = tok.as_bytes();
+    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) || (b.len() > 1 && b[0] == b'0') {
+        return Err(format!("invalid array index {tok:?}"));
+    }
+    let idx: usize = tok.parse().map_err(|_| OUT_OF_RANGE.to_string())?;
+    if idx > len || (idx == len && !allow_end) {
+        return Err(OUT_OF_RANGE.into());
+    }
+    Ok(idx)
+}
+
+pub fn get<'a>(doc: &'a Value, tokens: &[String]) -> std::result::Result<&'a Value, String> {
+    let mut cur = doc;
+    for t in tokens {
+        cur = match cur {
+            Value::Object(m) => m.get(t.as_str()).ok_or(NOT_FOUND)?,
+            Value::Array(a) => &a[array_index(t, a.len(), false)?],
+            _ => return Err(NOT_FOUND.into()),
+        };
+    }
+    Ok(cur)
+}
+
+pub fn get_mut<'a>(
+    doc: &'a mut Value,
+    tokens: &[String],
+) -> std::result::Result<&'a mut Value, String> {
+    let mut cur = doc;
+    for t in tokens {
+        cur = match cur {
+            Value::Object(m) => m.get_mut(t.as_str()).ok_or(NOT_FOUND)?,
+            Value::Array(a) => {
+                let i = array_index(t, a.len(), false)?;
+                &mut a[i]
+            }
+            _ => return Err(NOT_FOUND.into()),
+        };
+    }
+    Ok(cur)
+}
+
+struct Recorder<'a>(Option<&'a mut Vec<Undo>>);
+
+impl Recorder<'_> {
+    fn on(&self) -> bool {
+        self.0.is_some()
+    }
+    fn push(&mut self, u: Undo) {
+        if let Some(log) = self.0.as_mut() {
+            log.push(u);
+        }
+    }
+}
+
+fn check_depth(at: usize, value: &Value) -> std::result::Result<(), String> {
+    if at + json::depth(value) > MAX_DEPTH {
+        Err(format!("the document would nest deeper than {MAX_DEPTH} levels"))
+    } else {
+        Ok(())
+    }
+}
+
+fn add_at(
+    doc: &mut Value,
+    tokens: &[String],
+    value: Value,
+    rec: &mut Recorder<'_>,
+) -> std::result::Result<(), String> {
+    let Some((last, parent_tokens)) = tokens.split_last() else {
+        let old = std::mem::replace(doc, value);
+        rec.push(Undo::Restore {
+            tokens: Vec::new(),
+            old,
+        });
+        return Ok(());
+    };
+    match get_mut(doc, parent_tokens)? {
+        Value::Object(m) => {
+            if let Some(slot) = m.get_mut(last.as_str()) {
+                let old = std::mem::replace(slot, value);
+                rec.push(Undo::Restore {
+                    tokens: tokens.to_vec(),
+                    old,
+                });
+            } else {
+                m.insert(last.clone(), value);
+                rec.push(Undo::ObjRemove {
+                    parent: parent_tokens.to_vec(),
+                    key: last.clone(),
+                });
+            }
+        }
+        Value::Array(a) => {
+            let i = array_index(last, a.len(), true)?;
+            a.insert(i, value);
+            rec.push(Undo::ArrRemove {
+                parent: parent_tokens.to_vec(),
+                index: i,
+            });
+        }
+        _ => return Err(NOT_FOUND.into()),
+    }
+    Ok(())
+}
+
+/// Where a removed value was, to put it back.
+struct Removed {
+    value: Value,
+    index: usize,
+    from_object: bool,
+}
+
+impl Removed {
+    fn undo(tokens: &[String], index: usize, from_object: bool, value: Value) -> Undo {
+        let (last, parent) = tokens.split_last().map_or((String::new(), Vec::new()), |(l, p)| (l.clone(), p.to_vec()));
+        if from_object {
+            Undo::ObjInsert {
+                parent,
+                index,
+                key: last,
+                value,
+            }
+        } else {
+            Undo::ArrInsert {
+                parent,
+                index,
+                value,
+            }
+        }
+    }
+}
+
+/// Remove the value at `tokens`; `want_index`: also find an object member's position (O(n),
+/// needed only to undo).
+fn remove_at(
+    doc: &mut Value,
+    tokens: &[String],
+    want_index: bool,
+) -> std::result::Result<Removed, String> {
+    let Some((last, parent_tokens)) = tokens.split_last() else {
+        return Err("cannot remove the document root".into());
+    };
+    match get_mut(doc, parent_tokens)? {
+        Value::Object(m) => {
+            let index = if want_index {
+                m.keys().position(|k| k == last).ok_or(NOT_FOUND)?
+            } else {
+                0
+            };
+            let value = m.shift_remove(last.as_str()).ok_or(NOT_FOUND)?;
+            Ok(Removed {
+                value,
+                index,
+                from_object: true,
+            })
+        }
+        Value::Array(a) => {
+            let index = array_index(last, a.len(), false)?;
+            Ok(Removed {
+                value: a.remove(index),
+                index,
+                from_object: false,
+            })
+        }
+        _ => Err(NOT_FOUND.into()),
+    }
+}
+
+fn apply_one(doc: &mut Value, op: &Op, rec: &mut Recorder<'_>) -> std::result::Result<(), String> {
+    match op {
+        Op::Add { path, value } => {
+            check_depth(path.tokens.len(), value)?;
+            add_at(doc, &path.tokens, value.clone(), rec)
+        }
+        Op::Remove { path } => {
+            let r = remove_at(doc, &path.tokens, rec.on())?;
+            if rec.on() {
+                rec.push(Removed::undo(&path.tokens, r.index, r.from_object, r.value));
+            }
+            Ok(())
+        }
+        Op::Replace { path, value } => {
+            check_depth(path.tokens.len(), value)?;
+            let slot = get_mut(doc, &path.tokens)?;
+            let old = std::mem::replace(slot, value.clone());
+            rec.push(Undo::Restore {
+                tokens: path.tokens.clone(),
+                old,
+            });
+            Ok(())
+        }
+        Op::Move { from, path } => {
+            let src = get(doc, &from.tokens).map_err(|e| format!("\"from\" {}: {e}", from.raw))?;
+            if from.tokens == path.tokens {
+                return Ok(());
+            }
+            if path.tokens.starts_with(&from.tokens) {
+                return Err("cannot move a value into one of its own children".into());
+            }
+            if path.tokens.len() > from.tokens.len() {
+                check_depth(path.tokens.len(), src)?;
+            }
+            let r = remove_at(doc, &from.tokens, rec.on())
+                .map_err(|e| format!("\"from\" {}: {e}", from.raw))?;
+            if rec.on() {
+                let u = Removed::undo(&from.tokens, r.index, r.from_object, r.value.clone());
+                rec.push(u);
+            }
+            add_at(doc, &path.tokens, r.value, rec)
+        }
+        Op::Copy { from, path } => {
+            let src = get(doc, &from.tokens).map_err(|e| format!("\"from\" {}: {e}", from.raw))?;
+            if path.tokens.len() > from.tokens.len() {
+                check_depth(path.tokens.len(), src)?;
+            }
+            let v = src.clone();
+            add_at(doc, &path.tokens, v, rec)
+        }
+        Op::Test { path, value } => {
+            if json::rfc_eq(get(doc, &path.tokens)?, value) {
+                Ok(())
+            } else {
+                Err("test failed (value differs)".into())
+            }
+        }
+    }
+}
+
+fn op_error(i: usize, op: &Op, reason: String) -> DeltaError {
+    DeltaError::new(format!("op {i} ({} {}): {reason}", op.name(), op.path().raw))
+}
+
+/// Apply `ops` in order; on failure the document is left half-patched (use when it is a
+/// throw-away copy), or exactly restored when `undo` is given via [`apply_patch_atomic`].
+pub fn apply_ops(doc: &mut Value, ops: &[Op], undo: Option<&mut Vec<Undo>>) -> Result<()> {
+    let mut rec = Recorder(undo);
+    for (i, op) in ops.iter().enumerate() {
+        apply_one(doc, op, &mut rec).map_err(|r| op_error(i, op, r))?;
+    }
+    Ok(())
+}
+
+/// Apply `ops` atomically in place: on error the document is exactly as before.
+pub fn apply_patch_atomic(doc: &mut Value, ops: &[Op]) -> Result<()> {
+    if let [op] = ops {
+        // A single operation either fails before changing anything or succeeds; except a
+        // move whose add half fails after its remove half, which needs the log.
+        if !matches!(op, Op::Move { .. }) {
+            return apply_ops(doc, ops, None);
+        }
+    }
+    let mut log = Vec::new();
+    let r = apply_ops(doc, ops, Some(&mut log));
+    if r.is_err() {
+        rollback(doc, log);
+    }
+    r
+}
+
+/// Undo the steps of `log` (most recent first).
+pub fn rollback(doc: &mut Value, log: Vec<Undo>) {
+    for u in log.into_iter().rev() {
+        match u {
+            Undo::Restore { tokens, old } => {
+                if let Ok(slot) = get_mut(doc, &tokens) {
+                    *slot = old;
+                }
+            }
+            Undo::ObjRemove { parent, key } => {
+                if let Ok(Value::Object(m)) = get_mut(doc, &parent) {
+                    m.shift_remove(key.as_str());
+                }
+            }
+            Undo::ObjInsert {
+                parent,
+                index,
+                key,
+                value,
+            } => {
+                if let Ok(Value::Object(m)) = get_mut(doc, &parent) {
+                    let index = index.min(m.len());
+                    m.shift_insert(index, key, value);
+                }
+            }
+            Undo::ArrRemove { parent, index } => {
+                if let Ok(Value::Array(a)) = get_mut(doc, &parent) {
+                    if index < a.len() {
+                        a.remove(index);
+                    }
+                }
+            }
+            Undo::ArrInsert {
+                parent,
+                index,
+                value,
+            } => {
+                if let Ok(Value::Array(a)) = get_mut(doc, &parent) {
+                    let index = index.min(a.len());
+                    a.insert(index, value);
+                }
+            }
+        }
+    }
+}
+
+/// RFC 7396 MergePatch(target, patch), in place. Removed members keep the order of the rest;
+/// new members are appended in the patch's order. Cannot fail, and cannot make the document
+/// deeper than max(depth(doc), depth(patch)).
+pub fn merge_apply(doc: &mut Value, patch: &Value) {
+    let Value::Object(pm) = patch else {
+        *doc = patch.clone();
+        return;
+    };
+    if !doc.is_object() {
+        *doc = Value::Object(Map::new());
+    }
+    if let Value::Object(m) = doc {
+        for (k, v) in pm {
+            if v.is_null() {
+                m.shift_remove(k.as_str());
+            } else if v.is_object() {
+                merge_apply(m.entry(k.as_str()).or_insert(Value::Null), v);
+            } else {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Apply a delta atomically in place.
+pub fn apply_delta(doc: &mut Value, d: &Delta) -> Result<()> {
+    match d {
+        Delta::Patch(ops) => apply_patch_atomic(doc, ops),
+        Delta::Merge(p) => {
+            merge_apply(doc, p);
+            Ok(())
+        }
+    }
+}
+
+/// `apply(state, d)`: parse both, apply, serialise.
+pub fn apply_bytes(state: &[u8], d: &[u8]) -> Result<Vec<u8>> {
+    let delta = parse_delta(d)?;
+    let mut doc = json::parse(state)?;
+    match &delta {
+        // A failure discards `doc`, so no undo log is needed.
+        Delta::Patch(ops) => apply_ops(&mut doc, ops, None)?,
+        Delta::Merge(p) => merge_apply(&mut doc, p),
+    }
+    Ok(json::to_vec(&doc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ops(v: Value) -> Vec<Op> {
+        parse_ops(v).unwrap()
+    }
+
+    fn run(doc: Value, patch: Value) -> Result<Value> {
+        let mut d = doc;
+        apply_patch_atomic(&mut d, &ops(patch))?;
+        Ok(d)
+    }
+
+    #[test]
+    fn pointers() {
+        assert_eq!(Pointer::parse("").unwrap().tokens, Vec::<String>::new());
+        assert_eq!(Pointer::parse("/").unwrap().tokens, vec![""]);
+        assert_eq!(Pointer::parse("/a~1b/c~0d/~01").unwrap().tokens, vec!["a/b", "c~d", "~1"]);
+        assert!(Pointer::parse("a/b").is_err());
+        assert!(Pointer::parse("/~2").is_err());
+        assert!(Pointer::parse("/a~").is_err());
+        let p = Pointer::from_tokens(vec!["a/b".into(), "~".into()]);
+        assert_eq!(p.raw, "/a~1b/~0");
+        assert_eq!(Pointer::parse(&p.raw).unwrap(), p);
+        assert_eq!(Pointer::root().child("x/y").raw, "/x~1y");
+    }
+
+    #[test]
+    fn array_indices() {
+        let doc = json!({"a": [1, 2, 3]});
+        assert!(run(doc.clone(), json!([{"op": "remove", "path": "/a/01"}])).is_err());
+        assert!(run(doc.clone(), json!([{"op": "remove", "path": "/a/3"}])).is_err());
+        assert!(run(doc.clone(), json!([{"op": "remove", "path": "/a/-"}])).is_err());
+        assert!(run(doc.clone(), json!([{"op": "replace", "path": "/a/-", "value": 1}])).is_err());
+        assert!(run(doc.clone(), json!([{"op": "add", "path": "/a/-/x", "value": 1}])).is_err());
+        assert!(run(doc.clone(), json!([{"op": "add", "path": "/a/+1", "value": 1}])).is_err());
+        assert!(run(doc.clone(), json!([{"op": "add", "path": "/a/4", "value": 1}])).is_err());
+        assert_eq!(
+            run(doc.clone(), json!([{"op": "add", "path": "/a/3", "value": 4}])).unwrap(),
+            json!({"a": [1, 2, 3, 4]})
+        );
+        assert_eq!(
+            run(doc.clone(), json!([{"op": "add", "path": "/a/-", "value": 4}])).unwrap(),
+            json!({"a": [1, 2, 3, 4]})
+        );
+        assert_eq!(
+            run(doc.clone(), json!([{"op": "move", "from": "/a/0", "path": "/a/-"}])).unwrap(),
+            json!({"a": [2, 3, 1]})
+        );
+        assert!(run(doc.clone(), json!([{"op": "move", "from": "/a/-", "path": "/a/0"}])).is_err());
+        // "-" on an object is just a member name
+        assert_eq!(
+            run(json!({}), json!([{"op": "add", "path": "/-", "value": 1}])).unwrap(),
+            json!({"-": 1})
+        );
+    }
+
+    #[test]
+    fn messages_name_op_and_path() {
+        let e = run(json!({"a": {}}), json!([
+            {"op": "add", "path": "/x", "value": 1},
+            {"op": "test", "path": "/x", "value": 1},
+            {"op": "remove", "path": "/a/b"}
+        ]))
+        .unwrap_err();
+        assert_eq!(e.message(), "op 2 (remove /a/b): path not found");
+        let e = parse_ops(json!([{"op": "add", "path": "a/b", "value": 1}])).unwrap_err();
+        assert!(e.message().starts_with("op 0 (add a/b): invalid JSON Pointer"), "{e}");
+        let e = parse_ops(json!([{"op": "add", "path": "/a"}])).unwrap_err();
+        assert_eq!(e.message(), "op 0 (add /a): missing \"value\"");
+        let e = parse_ops(json!([{"op": "frob", "path": "/a"}])).unwrap_err();
+        assert_eq!(e.message(), "op 0: unknown op \"frob\"");
+        assert!(parse_ops(json!({"op": "add"})).is_err());
+        assert!(parse_ops(json!([1])).is_err());
+        assert!(parse_ops(json!([{"op": "move", "path": "/a"}])).is_err());
+        // null is a value
+        assert!(parse_ops(json!([{"op": "add", "path": "/a", "value": null}])).is_ok());
+    }
+
+    #[test]
+    fn atomic_and_order_preserving() {
+        let doc = json!({"a": 1, "b": {"c": [1, 2, {"d": 3}]}, "e": 5, "f": [0]});
+        let before = json::to_vec(&doc);
+        let patch = json!([
+            {"op": "remove", "path": "/a"},
+            {"op": "add", "path": "/b/c/1", "value": "x"},
+            {"op": "remove", "path": "/b/c/0"},
+            {"op": "replace", "path": "/e", "value": [1]},
+            {"op": "add", "path": "/z", "value": 1},
+            {"op": "add", "path": "/e", "value": 7},
+            {"op": "move", "from": "/b", "path": "/y"},
+            {"op": "copy", "from": "/y", "path": "/f/0"},
+            {"op": "add", "path": "", "value": {"whole": true}},
+            {"op": "add", "path": "/q", "value": 1},
+            {"op": "test", "path": "/q", "value": 2}
+        ]);
+        let mut d = doc.clone();
+        assert!(apply_patch_atomic(&mut d, &ops(patch)).is_err());
+        assert_eq!(json::to_vec(&d), before);
+        // key order is kept on remove
+        let d = run(doc.clone(), json!([{"op": "remove", "path": "/b"}])).unwrap();
+        assert_eq!(json::to_vec(&d), br#"{"a":1,"e":5,"f":[0]}"#);
+        // moving onto itself changes nothing, not even the order
+        let d = run(doc.clone(), json!([{"op": "move", "from": "/a", "path": "/a"}])).unwrap();
+        assert_eq!(json::to_vec(&d), before);
+        assert!(run(doc.clone(), json!([{"op": "move", "from": "/b", "path": "/b/x"}])).is_err());
+        assert!(run(doc.clone(), json!([{"op": "remove", "path": ""}])).is_err());
+        assert_eq!(run(doc.clone(), json!([{"op": "replace", "path": "", "value": 3}])).unwrap(), json!(3));
+        // failing single move restores the source
+        let mut d = json!({"a": 1, "b": 2});
+        let m = ops(json!([{"op": "move", "from": "/a", "path": "/nope/x"}]));
+        assert!(apply_patch_atomic(&mut d, &m).is_err());
+        assert_eq!(json::to_vec(&d), br#"{"a":1,"b":2}"#);
+    }
+
+    #[test]
+    fn depth_guard() {
+        let deep = json::parse(("[".repeat(120) + &"]".repeat(120)).as_bytes()).unwrap();
+        let mut doc = json!({});
+        let p = |path: &str| {
+            vec![Op::Add {
+                path: Pointer::parse(path).unwrap(),
+                value: deep.clone(),
+            }]
+        };
+        assert!(apply_patch_atomic(&mut doc, &p("/a")).is_ok());
+        let e = apply_patch_atomic(&mut doc, &p("/a/0/0/0/0/0/0/0/0/0")).unwrap_err();
+        assert!(e.message().contains("deeper"), "{e}");
+        // copy/move deeper than the limit fail, shallower succeed
+        let mut doc = json!({});
+        doc["a"] = deep.clone();
+        let c = |to: &str| ops(json!([{"op": "copy", "from": "/a", "path": to}]));
+        let m = |to: &str| ops(json!([{"op": "move", "from": "/a", "path": to}]));
+        assert!(apply_patch_atomic(&mut doc, &c("/a/0/0/0/0/0/0/0/0")).is_err());
+        assert!(apply_patch_atomic(&mut doc, &c("/b")).is_ok());
+        assert!(apply_patch_atomic(&mut doc, &m("/b/0/0/0/0/0/0/0/0")).is_err());
+        assert!(apply_patch_atomic(&mut doc, &c("/a/0")).is_ok());
+        assert_eq!(json::depth(&doc), 122);
+    }
+
+    #[test]
+    fn test_op_equality() {
+        assert!(run(json!({"a": 1}), json!([{"op": "test", "path": "/a", "value": 1.0}])).is_ok());
+        assert!(run(json!({"a": true}), json!([{"op": "test", "path": "/a", "value": 1}])).is_err());
+        assert!(run(json!({"a": {"x":1,"y":2}}), json!([{"op": "test", "path": "/a", "value": {"y":2,"x":1}}])).is_ok());
+    }
+
+    #[test]
+    fn merge_patch_rfc7396_appendix_a() {
+        let cases = [
+            (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
+            (json!({"a":"b"}), json!({"a":null}), json!({})),
+            (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
+            (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
+            (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
+            (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
+            (json!(["a","b"]), json!(["c","d"]), json!(["c","d"])),
+            (json!({"a":"b"}), json!(["c"]), json!(["c"])),
+            (json!({"a":"foo"}), json!(null), json!(null)),
+            (json!({"a":"foo"}), json!("bar"), json!("bar")),
+            (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
+            (json!([1,2]), json!({"a":"b","c":null}), json!({"a":"b"})),
+            (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
+        ];
+        for (doc, patch, want) in cases {
+            let mut d = doc.clone();
+            merge_apply(&mut d, &patch);
+            assert_eq!(d, want, "{doc} + {patch}");
+        }
+        let mut d = json!({"a":1,"b":2,"c":3});
+        merge_apply(&mut d, &json!({"a":null,"d":4}));
+        assert_eq!(json::to_vec(&d), br#"{"b":2,"c":3,"d":4}"#);
+    }
+
+    #[test]
+    fn deltas() {
+        assert!(matches!(parse_delta(br#"{"patch":[],"seq":3}"#).unwrap(), Delta::Patch(v) if v.is_empty()));
+        assert!(matches!(parse_delta(br#"{"merge":5}"#).unwrap(), Delta::Merge(_)));
+        assert!(parse_delta(br#"{"merge":5,"patch":[]}"#).is_err());
+        assert!(parse_delta(br#"{"seq":1}"#).is_err());
+        assert!(parse_delta(br#"[]"#).is_err());
+        assert!(parse_delta(br#"{"patch":{}}"#).is_err());
+        assert_eq!(validate(br#"{"patch":[{"op":"remove","path":"/a","x":1}]}"#).unwrap(),
+            ("patch", br#"[{"op":"remove","path":"/a","x":1}]"#.to_vec()));
+        assert_eq!(validate(br#"{"merge": {"a" : null}}"#).unwrap(), ("merge", br#"{"a":null}"#.to_vec()));
+        assert_eq!(apply_bytes(b"{}", br#"{"merge":{"a":{"b":null,"c":1}}}"#).unwrap(), br#"{"a":{"c":1}}"#);
+        let e = apply_bytes(b"{}", br#"{"patch":[{"op":"remove","path":"/a"}]}"#).unwrap_err();
+        assert_eq!(e.message(), "op 0 (remove /a): path not found");
+        let ops = vec![
+            Op::Move { from: Pointer::parse("/a").unwrap(), path: Pointer::parse("/b").unwrap() },
+            Op::Remove { path: Pointer::parse("/c~1d").unwrap() },
+        ];
+        let j = patch_delta_json(&ops);
+        assert_eq!(j, br#"{"patch":[{"op":"move","from":"/a","path":"/b"},{"op":"remove","path":"/c~1d"}]}"#);
+        assert_eq!(json::to_vec(&json!({"patch": ops.iter().map(Op::to_value).collect::<Vec<_>>()})), j);
+    }
+}

@@ -1,0 +1,259 @@
+//! JSON in and out: parsing with a nesting limit, serialisation that matches Python's
+//! `json.dumps(v, separators=(",", ":"), ensure_ascii=False)` byte for byte, and the two
+//! equalities the engine uses.
+//!
+//! Rules (the pure-Python twin mirrors them):
+//! - Input is UTF-8 JSON (serde_json's grammar: no NaN/Infinity, no lone surrogates, no BOM).
+//! - Containers nest at most [`MAX_DEPTH`] levels: depth(scalar) = 0, depth(container) =
+//!   1 + max depth of its children (an empty container has depth 1). Deeper input is an error,
+//!   found by a byte scan before the (then bounded) recursive parse, so 100,000 levels cost a
+//!   linear scan and never a deep recursion.
+//! - Numbers: integers that fit i64/u64 stay integers; other integers become f64 (serde_json);
+//!   `-0` is the float `-0.0` (serde_json); a number that overflows f64 is an error.
+//! - Output: compact, keys in document (insertion) order, floats formatted like Python's
+//!   `repr(float)` (`1e+16`, `1e-05`, `0.0001`, `1.5`).
+
+use crate::error::{DeltaError, Result};
+use serde::Deserialize;
+use serde_json::ser::{CompactFormatter, Formatter};
+use serde_json::Value;
+use std::io;
+
+/// Maximum nesting of containers in any document the engine accepts or produces.
+pub const MAX_DEPTH: usize = 128;
+
+/// Parse one JSON document from UTF-8 bytes.
+pub fn parse(input: &[u8]) -> Result<Value> {
+    check_nesting(input)?;
+    let mut de = serde_json::Deserializer::from_slice(input);
+    // Safe: check_nesting bounded the nesting to MAX_DEPTH, so recursion is bounded too.
+    de.disable_recursion_limit();
+    let value = Value::deserialize(&mut de).map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
+    de.end()
+        .map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// Reject input whose brackets (outside strings) nest deeper than [`MAX_DEPTH`].
+/// Malformed input that passes is left to the parser to reject.
+pub fn check_nesting(input: &[u8]) -> Result<()> {
+    let mut depth = 0usize;
+    let mut i = 0usize;
+    let n = input.len();
+    while i < n {
+        match input[i] {
+            b'"' => {
+                // Skip the string body, honouring backslash escapes.
+                i += 1;
+                while i < n {
+                    match input[i] {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(too_deep());
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+pub fn too_deep() -> DeltaError {
+    DeltaError::new(format!("document nests deeper than {MAX_DEPTH} levels"))
+}
+
+/// Nesting depth of a value: 0 for a scalar, 1 + the deepest child for a container.
+pub fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Formatter matching Python's `json.dumps(..., separators=(",", ":"), ensure_ascii=False)`.
+/// serde_json already escapes strings like Python does (`\"`, `\\`, `\n`, `\r`, `\t`, `\b`,
+/// `\f`, other control characters as `\u00XX` in lower-case hex); only floats differ.
+struct PyFormatter;
+
+impl Formatter for PyFormatter {
+    fn write_f64<W: ?Sized + io::Write>(&mut self, w: &mut W, value: f64) -> io::Result<()> {
+        write_py_float(w, value)
+    }
+}
+
+/// Write `value` like Python's `repr(float)`: positional notation for 1e-4 <= |v| < 1e16
+/// (and zero), otherwise scientific with a signed, at-least-two-digit exponent.
+fn write_py_float<W: ?Sized + io::Write>(w: &mut W, value: f64) -> io::Result<()> {
+    let a = value.abs();
+    if a == 0.0 || (1e-4..1e16).contains(&a) || !value.is_finite() {
+        // serde_json's shortest round-trip formatting is positional in this range, with the
+        // same digits and a trailing `.0` for integral values, exactly like Python.
+        return CompactFormatter.write_f64(w, value);
+    }
+    let s = format!("{value:e}"); // shortest round-trip digits, e.g. "1e16", "-2.5e-7"
+    let (mantissa, exp) = s.split_once('e').unwrap_or((s.as_str(), "0"));
+    let (sign, digits) = match exp.strip_prefix('-') {
+        Some(d) => ('-', d),
+        None => ('+', exp),
+    };
+    if digits.len() < 2 {
+        write!(w, "{mantissa}e{sign}0{digits}")
+    } else {
+        write!(w, "{mantissa}e{sign}{digits}")
+    }
+}
+
+/// Serialise compactly (see the module doc for the exact format).
+pub fn to_vec(v: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    write_to(&mut out, v);
+    out
+}
+
+/// Append the serialisation of `v` to `out`.
+pub fn write_to(out: &mut Vec<u8>, v: &Value) {
+    let mut ser = serde_json::Serializer::with_formatter(out, PyFormatter);
+    // Serialising a Value into a Vec cannot fail: keys are strings, numbers are finite.
+    let _ = serde::Serialize::serialize(v, &mut ser);
+}
+
+/// Structural equality that also distinguishes integers from floats (`1` != `1.0`); used
+/// where "unchanged" must mean "serialises the same" (diff, prefix/suffix matching).
+pub fn strict_eq(a: &Value, b: &Value) -> bool {
+    a == b
+}
+
+/// RFC 6902 `test` equality: numbers compare by numeric value (`1` == `1.0`), objects are
+/// unordered, arrays ordered, everything else by type and value.
+pub fn rfc_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => num_eq(x, y),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| rfc_eq(p, q))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| rfc_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn as_int(n: &serde_json::Number) -> Option<i128> {
+    n.as_i64()
+        .map(i128::from)
+        .or_else(|| n.as_u64().map(i128::from))
+}
+
+fn num_eq(x: &serde_json::Number, y: &serde_json::Number) -> bool {
+    match (as_int(x), as_int(y)) {
+        (Some(i), Some(j)) => i == j,
+        (Some(i), None) => int_float_eq(i, y.as_f64().unwrap_or(f64::NAN)),
+        (None, Some(j)) => int_float_eq(j, x.as_f64().unwrap_or(f64::NAN)),
+        (None, None) => x.as_f64() == y.as_f64(),
+    }
+}
+
+/// Exact comparison of an integer with a float (as Python does).
+fn int_float_eq(i: i128, f: f64) -> bool {
+    f.is_finite() && f.trunc() == f && f.abs() < 1.7e38 && (f as i128) == i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn nested(n: usize) -> String {
+        "[".repeat(n) + &"]".repeat(n)
+    }
+
+    #[test]
+    fn depth_limit_is_exact() {
+        assert!(parse(nested(MAX_DEPTH).as_bytes()).is_ok());
+        assert_eq!(depth(&parse(nested(MAX_DEPTH).as_bytes()).unwrap()), MAX_DEPTH);
+        assert!(parse(nested(MAX_DEPTH + 1).as_bytes()).is_err());
+        let deep = nested(100_000);
+        let e = parse(deep.as_bytes()).unwrap_err();
+        assert!(e.message().contains("deeper"), "{e}");
+        let deep_obj = "{\"a\":".repeat(100_000);
+        assert!(parse(deep_obj.as_bytes()).is_err());
+        // brackets inside strings do not count
+        let s = format!("[\"{}\\\"{}\"]", "[".repeat(500), "{".repeat(500));
+        assert!(parse(s.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse(b"1e400").is_err(), true);
+        assert_eq!(parse(b"-1e400").is_err(), true);
+        assert_eq!(to_vec(&parse(b"1e-400").unwrap()), b"0.0");
+        assert_eq!(to_vec(&parse(b"18446744073709551615").unwrap()), b"18446744073709551615");
+        assert_eq!(to_vec(&parse(b"18446744073709551616").unwrap()), b"1.8446744073709552e+19");
+        assert_eq!(to_vec(&parse(b"-9223372036854775809").unwrap()), b"-9.223372036854776e+18");
+        assert_eq!(to_vec(&parse(b"-0").unwrap()), b"-0.0");
+        assert_eq!(to_vec(&parse(b"1E2").unwrap()), b"100.0");
+        let big = "1".repeat(5000);
+        assert!(parse(big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn python_float_repr() {
+        let cases: &[(f64, &str)] = &[
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (1.0, "1.0"),
+            (1.5, "1.5"),
+            (0.1, "0.1"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.2345e100, "1.2345e+100"),
+            (5e-324, "5e-324"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+            (123456789.125, "123456789.125"),
+            (-2.5e-5, "-2.5e-05"),
+        ];
+        for (f, s) in cases {
+            assert_eq!(String::from_utf8(to_vec(&json!(f))).unwrap(), *s, "{f}");
+        }
+    }
+
+    #[test]
+    fn strings_and_errors() {
+        assert_eq!(to_vec(&parse("\"\\u001f\\u00e9\\n\\\"\"".as_bytes()).unwrap()), "\"\\u001fé\\n\\\"\"".as_bytes());
+        assert!(parse(b"\"\xff\"").is_err());
+        assert!(parse(b"\"\\ud800\"").is_err());
+        assert!(parse(b"NaN").is_err());
+        assert!(parse(b"[1,]").is_err());
+        assert!(parse(b"{} x").is_err());
+        assert!(parse(b"\xef\xbb\xbf{}").is_err());
+        assert!(parse(b"").is_err());
+        assert!(parse(b" {\"b\":1,\"a\":2} ").is_ok());
+        assert_eq!(to_vec(&parse(b"{\"b\":1,\"a\":2,\"b\":3}").unwrap()), b"{\"b\":3,\"a\":2}");
+    }
+
+    #[test]
+    fn equalities() {
+        assert!(rfc_eq(&json!(1), &json!(1.0)));
+        assert!(!strict_eq(&json!(1), &json!(1.0)));
+        assert!(rfc_eq(&json!({"a": [1, 2.0]}), &json!({"a": [1.0, 2]})));
+        assert!(!rfc_eq(&json!(true), &json!(1)));
+        assert!(!rfc_eq(&json!([1, 2]), &json!([2, 1])));
+        assert!(rfc_eq(&json!(9007199254740992u64), &json!(9007199254740992.0)));
+        assert!(!rfc_eq(&json!(9007199254740993u64), &json!(9007199254740992.0)));
+        assert!(rfc_eq(&json!({"a":1,"b":2}), &json!({"b":2,"a":1})));
+    }
+}

@@ -1,0 +1,24 @@
+//! kasagi-relay's native delta engine.
+//!
+//! The algorithms live in plain Rust modules with no PyO3 in them (`cargo test` exercises
+//! them without Python); `python` is the one thin binding module, compiled when the optional
+//! `pyo3` dependency is enabled (maturin does that, see Cargo.toml).
+//!
+//! Semantics shared with the pure-Python twin (`kasagi_relay/_pydelta.py`) are written down
+//! in the module docs: [`json`] (parsing, output format, equality), [`apply`] (RFC 6902 /
+//! RFC 7396), [`merge`] (collapsing and composing deltas), [`diff`], [`compact`], [`room`].
+
+pub mod apply;
+pub mod codec;
+pub mod compact;
+pub mod diff;
+pub mod error;
+pub mod json;
+pub mod merge;
+pub mod room;
+
+#[cfg(feature = "pyo3")]
+mod python;
+
+pub use error::{DeltaError, Result};
+pub use json::MAX_DEPTH;
