@@ -1,1 +1,52 @@
+//! `compact(state, ds)`: apply deltas in order; a delta that is malformed or fails at its
+//! position is a no-op (PROTOCOL.md). The state is parsed once and patched in place; each
+//! patch is atomic through the undo log, so a failure costs nothing like a state copy.
 
+use crate::apply::{self, Delta};
+use crate::error::Result;
+use crate::json;
+use serde_json::Value;
+
+/// Apply one delta in place, atomically; false when it failed (the state is unchanged).
+pub fn apply_or_skip(doc: &mut Value, d: &[u8]) -> bool {
+    match apply::parse_delta(d) {
+        Ok(delta) => apply::apply_delta(doc, &delta).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Apply already parsed deltas in order, skipping failures; the number that applied.
+pub fn compact_value(doc: &mut Value, ds: &[Delta]) -> usize {
+    ds.iter().filter(|d| apply::apply_delta(doc, d).is_ok()).count()
+}
+
+pub fn compact_bytes<B: AsRef<[u8]>>(state: &[u8], ds: &[B]) -> Result<Vec<u8>> {
+    let mut doc = json::parse(state).map_err(|e| e.context("state"))?;
+    for d in ds {
+        apply_or_skip(&mut doc, d.as_ref());
+    }
+    Ok(json::to_vec(&doc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_no_ops() {
+        let ds: Vec<&[u8]> = vec![
+            br#"{"patch":[{"op":"add","path":"/a","value":1}]}"#,
+            br#"{"patch":[{"op":"add","path":"/b","value":1},{"op":"remove","path":"/zz"}]}"#,
+            b"not json",
+            br#"{"merge":{"c":{"d":1}}}"#,
+            br#"{"patch":[{"op":"test","path":"/a","value":2}]}"#,
+            br#"{"patch":[{"op":"replace","path":"/a","value":2}],"seq":9}"#,
+            br#"{"nothing":1}"#,
+        ];
+        assert_eq!(compact_bytes(br#"{"z":0}"#, &ds).unwrap(), br#"{"z":0,"a":2,"c":{"d":1}}"#);
+        assert!(compact_bytes(b"[", &ds).is_err());
+        let parsed: Vec<Delta> = ds.iter().filter_map(|d| apply::parse_delta(d).ok()).collect();
+        let mut doc = json::parse(br#"{"z":0}"#).unwrap();
+        assert_eq!(compact_value(&mut doc, &parsed), 3);
+    }
+}

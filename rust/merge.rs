@@ -1,1 +1,429 @@
+//! Merging deltas: one delta with the effect of several, for every state on which they all
+//! apply. The rules are those of the pure-Python twin (`_pydelta._fold`, `_compose`,
+//! `_collapse`, `_merge_to_ops`), kept identical so that both engines give the same bytes.
+//!
+//! Folding, left to right (acc starts as the first delta):
+//! - merge non-object M after a merge -> merge M; after a patch -> patch + `replace "" M`;
+//! - merge object after a merge object -> composed merge (see [`compose`]);
+//! - merge object after a merge non-object A -> the state is known exactly:
+//!   patch [`replace "" MergePatch(A, M)`];
+//! - merge object after a patch -> DeltaError ("cannot be merged into one delta");
+//! - patch after a patch -> concatenation; after a merge non-object A ->
+//!   [`replace "" A`, ...patch]; after a merge object -> DeltaError.
+//!
+//! A resulting patch is then collapsed ([`collapse`]).
 
+use crate::apply::{self, Delta, Op, Pointer};
+use crate::error::{DeltaError, Result};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+fn root_replace(value: Value) -> Op {
+    Op::Replace {
+        path: Pointer::root(),
+        value,
+    }
+}
+
+/// Compose two merge patch objects: for each key of `b`: an object over an object key of
+/// `a` composes recursively; an object over a key that `a` sets to a non-object or deletes
+/// (null) is an error; anything else (including null) replaces `a`'s member (keeping its
+/// position) or is appended.
+pub fn compose(a: &Map<String, Value>, b: &Map<String, Value>, path: &str) -> Result<Map<String, Value>> {
+    let mut r = a.clone();
+    for (k, bv) in b {
+        if let (Value::Object(bm), Some(av)) = (bv, a.get(k.as_str())) {
+            let sub = Pointer::root().child(k).raw;
+            let Value::Object(am) = av else {
+                return Err(DeltaError::new(format!(
+                    "cannot be merged into one delta: {path}{sub} is set to a non-object or \
+                     deleted, then merged into"
+                )));
+            };
+            let c = compose(am, bm, &format!("{path}{sub}"))?;
+            r.insert(k.clone(), Value::Object(c));
+        } else {
+            r.insert(k.clone(), bv.clone());
+        }
+    }
+    Ok(r)
+}
+
+/// Fold parsed deltas into one (see the module doc). Empty input: an empty patch.
+pub fn fold(items: Vec<Delta>) -> Result<Delta> {
+    let mut it = items.into_iter();
+    let Some(mut acc) = it.next() else {
+        return Ok(Delta::Patch(Vec::new()));
+    };
+    for item in it {
+        acc = match (acc, item) {
+            (Delta::Merge(_), Delta::Merge(b)) if !b.is_object() => Delta::Merge(b),
+            (Delta::Patch(mut a), Delta::Merge(b)) if !b.is_object() => {
+                a.push(root_replace(b));
+                Delta::Patch(a)
+            }
+            (Delta::Merge(Value::Object(a)), Delta::Merge(Value::Object(b))) => {
+                Delta::Merge(Value::Object(compose(&a, &b, "")?))
+            }
+            (Delta::Merge(mut a), Delta::Merge(b)) => {
+                // a is not an object: the state is exactly `a`, then b applies to it.
+                apply::merge_apply(&mut a, &b);
+                Delta::Patch(vec![root_replace(a)])
+            }
+            (Delta::Patch(_), Delta::Merge(_)) => {
+                return Err(DeltaError::new(
+                    "cannot be merged into one delta: a JSON Merge Patch object after a JSON Patch",
+                ))
+            }
+            (Delta::Patch(mut a), Delta::Patch(b)) => {
+                a.extend(b);
+                Delta::Patch(a)
+            }
+            (Delta::Merge(a), Delta::Patch(b)) if !a.is_object() => {
+                let mut ops = Vec::with_capacity(b.len() + 1);
+                ops.push(root_replace(a));
+                ops.extend(b);
+                Delta::Patch(ops)
+            }
+            (Delta::Merge(_), Delta::Patch(_)) => {
+                return Err(DeltaError::new(
+                    "cannot be merged into one delta: a JSON Patch after a JSON Merge Patch object",
+                ))
+            }
+        };
+    }
+    Ok(acc)
+}
+
+/// `merge(ds)`: parse, fold, collapse, serialise.
+pub fn merge_bytes<B: AsRef<[u8]>>(ds: &[B]) -> Result<Vec<u8>> {
+    let mut items = Vec::with_capacity(ds.len());
+    for (i, d) in ds.iter().enumerate() {
+        items.push(apply::parse_delta(d.as_ref()).map_err(|e| e.context(format_args!("delta {i}")))?);
+    }
+    Ok(delta_bytes(fold(items)?))
+}
+
+/// Serialise a folded delta, collapsing a patch first.
+pub fn delta_bytes(d: Delta) -> Vec<u8> {
+    match d {
+        Delta::Merge(v) => apply::merge_delta_json(&v),
+        Delta::Patch(ops) => apply::patch_delta_json(&collapse(ops)),
+    }
+}
+
+/// `0`, digits without a leading zero, or `-`: a token that addresses an array position.
+pub fn index_like(t: &str) -> bool {
+    let b = t.as_bytes();
+    t == "-"
+        || (!b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b[0] != b'0'))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Add,
+    Remove,
+    Replace,
+    Other,
+}
+
+fn kind(op: &Op) -> Kind {
+    match op {
+        Op::Add { .. } => Kind::Add,
+        Op::Remove { .. } => Kind::Remove,
+        Op::Replace { .. } => Kind::Replace,
+        _ => Kind::Other,
+    }
+}
+
+/// Does a write `w` (kind `wk`, pointer `q`) overwrite everything written at `p` by an op of
+/// kind `ek`, given that nothing in between relates to `p`?
+fn kills(ek: Kind, p: &[String], wk: Kind, q: &[String]) -> bool {
+    if !matches!(wk, Kind::Add | Kind::Replace | Kind::Remove) {
+        return false;
+    }
+    if q.len() > p.len() || p[..q.len()] != *q {
+        return false;
+    }
+    let object_add = wk == Kind::Add && q.last().is_none_or(|t| !index_like(t));
+    if q.len() < p.len() {
+        return wk != Kind::Add || object_add;
+    }
+    match wk {
+        Kind::Replace => true,
+        Kind::Add => object_add,
+        // remove after add: the path may not have existed before
+        _ => ek == Kind::Replace,
+    }
+}
+
+type Table<'a> = HashMap<&'a [String], usize>;
+
+/// Record that kept op `e` touches `toks` (and, when `shifting`, may shift its siblings).
+fn register<'a>(
+    at: &mut Table<'a>,
+    below: &mut Table<'a>,
+    shifts: &mut Table<'a>,
+    toks: &'a [String],
+    shifting: bool,
+    e: usize,
+) {
+    at.insert(toks, e);
+    for i in 0..toks.len() {
+        below.insert(&toks[..i], e);
+    }
+    if shifting {
+        shifts.insert(&toks[..toks.len() - 1], e);
+    }
+}
+
+/// Drop `test` ops and writes that a later write overwrites.
+///
+/// An op E = `replace p`, or an `add p` whose last token is not index-like (or p the
+/// root), is dropped when the first later kept op that relates to p is a write W that
+/// overwrites p: replace/remove of p or an ancestor, or an add of p or an ancestor whose last
+/// token is not index-like. A later op relates to p when one of its pointers (path, or from
+/// of move/copy) is p, an ancestor or a descendant of p, or it may shift array positions
+/// under an ancestor of p (add/remove/move/copy path, or move from, whose last token is
+/// index-like and whose parent is a proper ancestor of p). Exceptions that keep it exact on
+/// every state where the ops all apply: `add p` then `remove p` is kept (p may not have
+/// existed before); `add p` then `replace p` becomes one `add p` with the later value.
+/// Object key order of the result may differ from the sequential result.
+pub fn collapse(ops: Vec<Op>) -> Vec<Op> {
+    let work: Vec<Op> = ops
+        .into_iter()
+        .filter(|o| !matches!(o, Op::Test { .. }))
+        .collect();
+    let n = work.len();
+    let mut kept = vec![true; n];
+    let mut kinds: Vec<Kind> = work.iter().map(kind).collect();
+    {
+        // Earliest kept later op at a pointer / strictly below it / shifting its children.
+        let mut at: Table = HashMap::new();
+        let mut below: Table = HashMap::new();
+        let mut shifts: Table = HashMap::new();
+        for e in (0..n).rev() {
+            let o = &work[e];
+            let p: &[String] = &o.path().tokens;
+            let ek = kinds[e];
+            let candidate = ek == Kind::Replace
+                || (ek == Kind::Add && p.last().is_none_or(|t| !index_like(t)));
+            if candidate {
+                let get = |t: &Table, k: &[String]| t.get(k).copied().unwrap_or(n);
+                let mut m = get(&at, p).min(get(&below, p));
+                for i in 0..p.len() {
+                    let anc = &p[..i];
+                    m = m.min(get(&at, anc)).min(get(&shifts, anc));
+                }
+                if m < n && kills(ek, p, kinds[m], &work[m].path().tokens) {
+                    kept[e] = false;
+                    if ek == Kind::Add
+                        && !p.is_empty()
+                        && kinds[m] == Kind::Replace
+                        && work[m].path().tokens == p
+                    {
+                        kinds[m] = Kind::Add;
+                    }
+                    continue;
+                }
+            }
+            let shifting_kind = matches!(
+                o,
+                Op::Add { .. } | Op::Remove { .. } | Op::Move { .. } | Op::Copy { .. }
+            );
+            register(&mut at, &mut below, &mut shifts, p, shifting_kind && p.last().is_some_and(|t| index_like(t)), e);
+            match o {
+                Op::Move { from, .. } => {
+                    let f: &[String] = &from.tokens;
+                    register(&mut at, &mut below, &mut shifts, f, f.last().is_some_and(|t| index_like(t)), e);
+                }
+                Op::Copy { from, .. } => {
+                    register(&mut at, &mut below, &mut shifts, &from.tokens, false, e)
+                }
+                _ => {}
+            }
+        }
+    }
+    work.into_iter()
+        .zip(kept)
+        .zip(kinds)
+        .filter(|((_, k), _)| *k)
+        .map(|((op, _), kd)| match op {
+            Op::Replace { path, value } if kd == Kind::Add => Op::Add { path, value },
+            op => op,
+        })
+        .collect()
+}
+
+/// Concrete JSON Patch ops doing to `target` (at `path`) what merge patch `patch` does;
+/// appended to `out`.
+pub fn merge_to_ops(target: &Value, patch: &Value, path: &Pointer, out: &mut Vec<Op>) {
+    let Value::Object(pm) = patch else {
+        out.push(Op::Replace {
+            path: path.clone(),
+            value: patch.clone(),
+        });
+        return;
+    };
+    let Value::Object(tm) = target else {
+        let mut v = Value::Null;
+        apply::merge_apply(&mut v, patch);
+        out.push(if path.is_root() {
+            Op::Replace {
+                path: path.clone(),
+                value: v,
+            }
+        } else {
+            Op::Add {
+                path: path.clone(),
+                value: v,
+            }
+        });
+        return;
+    };
+    for (k, v) in pm {
+        let p = path.child(k);
+        match (v, tm.get(k.as_str())) {
+            (Value::Null, Some(_)) => out.push(Op::Remove { path: p }),
+            (Value::Null, None) => {}
+            (Value::Object(_), Some(t @ Value::Object(_))) => merge_to_ops(t, v, &p, out),
+            _ => {
+                let mut value = Value::Null;
+                apply::merge_apply(&mut value, v);
+                out.push(Op::Add { path: p, value });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{apply_delta, parse_delta};
+    use crate::json;
+    use serde_json::json;
+
+    fn m(ds: &[Value]) -> Result<Value> {
+        let bytes: Vec<Vec<u8>> = ds.iter().map(json::to_vec).collect();
+        Ok(serde_json::from_slice(&merge_bytes(&bytes)?).unwrap())
+    }
+
+    fn p(ops: Value) -> Value {
+        json!({ "patch": ops })
+    }
+
+    #[test]
+    fn empty_and_single() {
+        assert_eq!(m(&[]).unwrap(), json!({"patch": []}));
+        assert_eq!(m(&[json!({"merge": 3})]).unwrap(), json!({"merge": 3}));
+        assert_eq!(
+            m(&[p(json!([{"op":"test","path":"/a","value":1}]))]).unwrap(),
+            json!({"patch": []})
+        );
+    }
+
+    #[test]
+    fn last_write_wins() {
+        let r = m(&[
+            p(json!([{"op":"replace","path":"/a","value":1}])),
+            p(json!([{"op":"replace","path":"/b","value":1}])),
+            p(json!([{"op":"replace","path":"/a","value":2}])),
+        ])
+        .unwrap();
+        assert_eq!(r, p(json!([{"op":"replace","path":"/b","value":1},{"op":"replace","path":"/a","value":2}])));
+        // add then replace -> one add
+        let r = m(&[
+            p(json!([{"op":"add","path":"/a","value":1}])),
+            p(json!([{"op":"replace","path":"/a","value":2}])),
+        ])
+        .unwrap();
+        assert_eq!(r, p(json!([{"op":"add","path":"/a","value":2}])));
+        // add then remove -> kept
+        let r = m(&[
+            p(json!([{"op":"add","path":"/a","value":1}])),
+            p(json!([{"op":"remove","path":"/a"}])),
+        ])
+        .unwrap();
+        assert_eq!(r, p(json!([{"op":"add","path":"/a","value":1},{"op":"remove","path":"/a"}])));
+        // replace then remove -> remove
+        let r = m(&[
+            p(json!([{"op":"replace","path":"/a","value":1}])),
+            p(json!([{"op":"remove","path":"/a"}])),
+        ])
+        .unwrap();
+        assert_eq!(r, p(json!([{"op":"remove","path":"/a"}])));
+        // a descendant write in between is a barrier
+        let r = m(&[p(json!([
+            {"op":"replace","path":"/a","value":{"b":1}},
+            {"op":"remove","path":"/a/b"},
+            {"op":"replace","path":"/a","value":5}
+        ]))])
+        .unwrap();
+        assert_eq!(r["patch"].as_array().unwrap().len(), 3);
+        // an array shift under an ancestor is a barrier
+        let r = m(&[p(json!([
+            {"op":"replace","path":"/l/1","value":1},
+            {"op":"remove","path":"/l/0"},
+            {"op":"replace","path":"/l/1","value":2}
+        ]))])
+        .unwrap();
+        assert_eq!(r["patch"].as_array().unwrap().len(), 3);
+        // ancestor overwrite kills descendants
+        let r = m(&[p(json!([
+            {"op":"replace","path":"/a/x","value":1},
+            {"op":"add","path":"/a/y","value":1},
+            {"op":"replace","path":"/a","value":{}}
+        ]))])
+        .unwrap();
+        assert_eq!(r, p(json!([{"op":"replace","path":"/a","value":{}}])));
+    }
+
+    #[test]
+    fn compose_rules() {
+        assert_eq!(
+            m(&[json!({"merge":{"a":1,"b":{"c":1}}}), json!({"merge":{"b":{"d":2},"a":null,"e":3}})]).unwrap(),
+            json!({"merge":{"a":null,"b":{"c":1,"d":2},"e":3}})
+        );
+        assert!(m(&[json!({"merge":{"a":1}}), json!({"merge":{"a":{"b":1}}})]).unwrap_err().message().contains("cannot be merged into one delta"));
+        assert!(m(&[json!({"merge":{"a":null}}), json!({"merge":{"a":{"b":1}}})]).is_err());
+        assert_eq!(m(&[json!({"merge":{"a":1}}), json!({"merge":[1]})]).unwrap(), json!({"merge":[1]}));
+        assert_eq!(
+            m(&[json!({"merge":[1]}), json!({"merge":{"a":{"b":null,"c":1}}})]).unwrap(),
+            p(json!([{"op":"replace","path":"","value":{"a":{"c":1}}}]))
+        );
+        assert!(m(&[p(json!([])), json!({"merge":{"a":1}})]).is_err());
+        assert!(m(&[json!({"merge":{"a":1}}), p(json!([]))]).is_err());
+        assert_eq!(
+            m(&[json!({"merge":5}), p(json!([{"op":"replace","path":"","value":{"x":1}},{"op":"add","path":"/y","value":2}]))]).unwrap(),
+            p(json!([{"op":"replace","path":"","value":{"x":1}},{"op":"add","path":"/y","value":2}]))
+        );
+        let e = m(&[json!({"merge":{}}), json!("x")]).unwrap_err();
+        assert!(e.message().starts_with("delta 1: a delta must be"), "{e}");
+    }
+
+    #[test]
+    fn merge_to_ops_matches_merge_apply() {
+        let states = [json!({"a":1,"b":{"c":2,"d":[1]},"e":null}), json!([1]), json!({"b":3})];
+        let patches = [
+            json!({"a":null,"b":{"c":null,"x":{"y":null,"z":1}},"e":{"f":1},"n":null}),
+            json!(7),
+            json!({"b":{"q":1}}),
+        ];
+        for s in &states {
+            for pt in &patches {
+                let mut ops = Vec::new();
+                merge_to_ops(s, pt, &Pointer::root(), &mut ops);
+                let mut a = s.clone();
+                apply_delta(&mut a, &Delta::Patch(ops)).unwrap();
+                let mut b = s.clone();
+                apply::merge_apply(&mut b, pt);
+                assert_eq!(a, b, "{s} {pt}");
+            }
+        }
+        let mut ops = Vec::new();
+        merge_to_ops(&json!({"a~b":1}), &json!({"a~b":null,"c/d":1}), &Pointer::root(), &mut ops);
+        assert_eq!(json::to_vec(&Value::Array(ops.iter().map(Op::to_value).collect())),
+            br#"[{"op":"remove","path":"/a~0b"},{"op":"add","path":"/c~1d","value":1}]"#);
+        let _ = parse_delta(b"{\"merge\":1}").unwrap();
+    }
+}

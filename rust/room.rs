@@ -1,1 +1,212 @@
+//! One room's state held natively (the core of the Python `RoomState`): parsed once,
+//! patched in place in time proportional to the delta, never copied whole to check or roll
+//! back a delta (the undo log of [`crate::apply`] restores it exactly). The binding caches
+//! the encoded snapshots; `version` tells it when they are stale.
 
+use crate::apply::{self, Delta, Op, Pointer};
+use crate::error::{DeltaError, Result};
+use crate::json;
+use crate::merge;
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+pub struct Room {
+    doc: Value,
+    seq: u64,
+    version: u64,
+}
+
+/// Misuse of the room API (a seq that does not fit): `ValueError` in Python.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqError(pub String);
+
+impl Room {
+    pub fn new(state: &[u8], seq: u64) -> Result<Room> {
+        Ok(Room {
+            doc: json::parse(state).map_err(|e| e.context("state"))?,
+            seq,
+            version: 0,
+        })
+    }
+
+    pub fn from_value(doc: Value, seq: u64) -> Room {
+        Room {
+            doc,
+            seq,
+            version: 0,
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Changes whenever the state may have changed.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn value(&self) -> &Value {
+        &self.doc
+    }
+
+    /// Err when `d` is malformed or would fail now. Changes nothing (a patch is applied with
+    /// the undo log, then rolled back).
+    pub fn check(&mut self, d: &[u8]) -> Result<()> {
+        match apply::parse_delta(d)? {
+            Delta::Merge(_) => Ok(()),
+            Delta::Patch(ops) => {
+                let mut log = Vec::new();
+                let r = apply::apply_ops(&mut self.doc, &ops, Some(&mut log));
+                apply::rollback(&mut self.doc, log);
+                r
+            }
+        }
+    }
+
+    fn advance(&mut self, seq: u64) -> std::result::Result<(), SeqError> {
+        if seq <= self.seq {
+            return Err(SeqError(format!(
+                "seq {seq} is not after the room's seq {}",
+                self.seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// Apply `d` as delta number `seq`; Ok(false) when it was malformed or failed (a no-op;
+    /// the seq advances all the same).
+    pub fn apply(&mut self, d: &[u8], seq: u64) -> std::result::Result<bool, SeqError> {
+        self.advance(seq)?;
+        self.seq = seq;
+        let Ok(delta) = apply::parse_delta(d) else {
+            return Ok(false);
+        };
+        if apply::apply_delta(&mut self.doc, &delta).is_err() {
+            return Ok(false);
+        }
+        self.version += 1;
+        Ok(true)
+    }
+
+    /// Apply the deltas self.seq+1 ..= seq (failures are no-ops) and return one delta taking
+    /// the previous state to the new one: the fold of the deltas that applied (as `merge`),
+    /// or when that does not exist, the collapsed concrete ops (merge patches turned into
+    /// add/remove/replace against the state they applied to).
+    pub fn apply_batch<B: AsRef<[u8]>>(
+        &mut self,
+        ds: &[B],
+        seq: u64,
+    ) -> std::result::Result<Vec<u8>, SeqError> {
+        if seq < self.seq || (ds.len() as u64) != seq - self.seq {
+            return Err(SeqError(format!(
+                "{} deltas cannot take seq {} to {seq}",
+                ds.len(),
+                self.seq
+            )));
+        }
+        let mut applied: Vec<Delta> = Vec::new();
+        let mut concrete: Vec<Op> = Vec::new();
+        for d in ds {
+            let Ok(delta) = apply::parse_delta(d.as_ref()) else {
+                continue;
+            };
+            match &delta {
+                Delta::Merge(p) => {
+                    merge::merge_to_ops(&self.doc, p, &Pointer::root(), &mut concrete);
+                    apply::merge_apply(&mut self.doc, p);
+                }
+                Delta::Patch(ops) => {
+                    if apply::apply_patch_atomic(&mut self.doc, ops).is_err() {
+                        continue;
+                    }
+                    concrete.extend(ops.iter().cloned());
+                }
+            }
+            applied.push(delta);
+        }
+        self.seq = seq;
+        if applied.is_empty() {
+            return Ok(b"{\"patch\":[]}".to_vec());
+        }
+        self.version += 1;
+        Ok(match merge::fold(applied) {
+            Ok(d) => merge::delta_bytes(d),
+            Err(_) => merge::delta_bytes(Delta::Patch(concrete)),
+        })
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        json::to_vec(&self.doc)
+    }
+
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        crate::codec::to_msgpack(&self.doc)
+    }
+}
+
+impl From<SeqError> for DeltaError {
+    fn from(e: SeqError) -> Self {
+        DeltaError::new(e.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(s: &str) -> Room {
+        Room::new(s.as_bytes(), 0).unwrap()
+    }
+
+    #[test]
+    fn apply_and_seq() {
+        let mut r = room(r#"{"a":1}"#);
+        assert_eq!(r.apply(br#"{"patch":[{"op":"replace","path":"/a","value":2}]}"#, 1), Ok(true));
+        assert_eq!(r.apply(br#"{"patch":[{"op":"remove","path":"/zz"}]}"#, 2), Ok(false));
+        assert_eq!(r.apply(b"junk", 3), Ok(false));
+        assert!(r.apply(b"{}", 3).is_err());
+        assert_eq!(r.seq(), 3);
+        assert_eq!(r.to_json(), br#"{"a":2}"#);
+        assert_eq!(r.version(), 1);
+    }
+
+    #[test]
+    fn check_changes_nothing() {
+        let mut r = room(r#"{"a":1,"b":[1,2],"c":{"d":1}}"#);
+        let before = r.to_json();
+        r.check(br#"{"patch":[{"op":"remove","path":"/a"},{"op":"add","path":"/b/0","value":0},{"op":"move","from":"/c","path":"/e"}]}"#).unwrap();
+        assert_eq!(r.to_json(), before);
+        assert!(r.check(br#"{"patch":[{"op":"remove","path":"/a"},{"op":"remove","path":"/a"}]}"#).is_err());
+        assert_eq!(r.to_json(), before);
+        assert!(r.check(b"{").is_err());
+        r.check(br#"{"merge":{"a":null}}"#).unwrap();
+        assert_eq!(r.to_json(), before);
+        assert_eq!(r.version(), 0);
+    }
+
+    #[test]
+    fn batch() {
+        let mut r = room(r#"{"a":1,"b":{"x":1}}"#);
+        let out = r
+            .apply_batch(
+                &[
+                    br#"{"merge":{"a":null}}"#.as_slice(),
+                    br#"{"patch":[{"op":"add","path":"/c","value":1}]}"#,
+                    br#"{"patch":[{"op":"remove","path":"/nope"}]}"#,
+                    br#"{"merge":{"b":{"x":null,"y":2},"zz":null}}"#,
+                ],
+                4,
+            )
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"patch":[{"op":"remove","path":"/a"},{"op":"add","path":"/c","value":1},{"op":"remove","path":"/b/x"},{"op":"add","path":"/b/y","value":2}]}"#
+        );
+        assert_eq!(r.to_json(), br#"{"b":{"y":2},"c":1}"#);
+        let out = r.apply_batch(&[br#"{"merge":{"q":1}}"#.as_slice(), br#"{"merge":{"q":null}}"#], 6).unwrap();
+        assert_eq!(out, br#"{"merge":{"q":null}}"#);
+        assert!(r.apply_batch(&[b"{}".as_slice()], 8).is_err());
+        assert_eq!(r.apply_batch::<&[u8]>(&[], 6).unwrap(), br#"{"patch":[]}"#);
+    }
+}
