@@ -327,7 +327,11 @@ fn parse_op(i: usize, item: Value) -> Result<Op> {
                 "op {i} ({name}): \"path\" must be a string"
             )))
         }
-        None => return Err(DeltaError::new(format!("op {i} ({name}): missing \"path\""))),
+        None => {
+            return Err(DeltaError::new(format!(
+                "op {i} ({name}): missing \"path\""
+            )))
+        }
     };
     let path = Pointer::parse(&path_raw)
         .map_err(|e| DeltaError::new(format!("op {i} ({name} {path_raw}): {e}")))?;
@@ -342,7 +346,8 @@ fn parse_op(i: usize, item: Value) -> Result<Op> {
         }
     };
     let value = |m: &mut Map<String, Value>| -> Result<Value> {
-        m.shift_remove("value").ok_or_else(|| ctx("missing \"value\""))
+        m.shift_remove("value")
+            .ok_or_else(|| ctx("missing \"value\""))
     };
     Ok(match name.as_str() {
         "add" => Op::Add {
@@ -464,7 +469,9 @@ impl Recorder<'_> {
 
 fn check_depth(at: usize, value: &Value) -> std::result::Result<(), String> {
     if at + json::depth(value) > MAX_DEPTH {
-        Err(format!("the document would nest deeper than {MAX_DEPTH} levels"))
+        Err(format!(
+            "the document would nest deeper than {MAX_DEPTH} levels"
+        ))
     } else {
         Ok(())
     }
@@ -522,7 +529,11 @@ struct Removed {
 
 impl Removed {
     fn undo(tokens: &[String], index: usize, from_object: bool, value: Value) -> Undo {
-        let (last, parent) = tokens.split_last().map_or((String::new(), Vec::new()), |(l, p)| (l.clone(), p.to_vec()));
+        let (last, parent) = tokens
+            .split_last()
+            .map_or((String::new(), Vec::new()), |(l, p)| {
+                (l.clone(), p.to_vec())
+            });
         if from_object {
             Undo::ObjInsert {
                 parent,
@@ -637,7 +648,11 @@ fn apply_one(doc: &mut Value, op: &Op, rec: &mut Recorder<'_>) -> std::result::R
 }
 
 fn op_error(i: usize, op: &Op, reason: String) -> DeltaError {
-    DeltaError::new(format!("op {i} ({} {}): {reason}", op.name(), op.path().raw))
+    DeltaError::new(format!(
+        "op {i} ({} {}): {reason}",
+        op.name(),
+        op.path().raw
+    ))
 }
 
 /// Apply `ops` in order; on failure the document is left half-patched (use when it is a
@@ -779,7 +794,10 @@ mod tests {
     fn pointers() {
         assert_eq!(Pointer::parse("").unwrap().tokens, Vec::<String>::new());
         assert_eq!(Pointer::parse("/").unwrap().tokens, vec![""]);
-        assert_eq!(Pointer::parse("/a~1b/c~0d/~01").unwrap().tokens, vec!["a/b", "c~d", "~1"]);
+        assert_eq!(
+            Pointer::parse("/a~1b/c~0d/~01").unwrap().tokens,
+            vec!["a/b", "c~d", "~1"]
+        );
         assert!(Pointer::parse("a/b").is_err());
         assert!(Pointer::parse("/~2").is_err());
         assert!(Pointer::parse("/a~").is_err());
@@ -795,23 +813,55 @@ mod tests {
         assert!(run(doc.clone(), json!([{"op": "remove", "path": "/a/01"}])).is_err());
         assert!(run(doc.clone(), json!([{"op": "remove", "path": "/a/3"}])).is_err());
         assert!(run(doc.clone(), json!([{"op": "remove", "path": "/a/-"}])).is_err());
-        assert!(run(doc.clone(), json!([{"op": "replace", "path": "/a/-", "value": 1}])).is_err());
-        assert!(run(doc.clone(), json!([{"op": "add", "path": "/a/-/x", "value": 1}])).is_err());
-        assert!(run(doc.clone(), json!([{"op": "add", "path": "/a/+1", "value": 1}])).is_err());
-        assert!(run(doc.clone(), json!([{"op": "add", "path": "/a/4", "value": 1}])).is_err());
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "replace", "path": "/a/-", "value": 1}])
+        )
+        .is_err());
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "add", "path": "/a/-/x", "value": 1}])
+        )
+        .is_err());
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "add", "path": "/a/+1", "value": 1}])
+        )
+        .is_err());
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "add", "path": "/a/4", "value": 1}])
+        )
+        .is_err());
         assert_eq!(
-            run(doc.clone(), json!([{"op": "add", "path": "/a/3", "value": 4}])).unwrap(),
+            run(
+                doc.clone(),
+                json!([{"op": "add", "path": "/a/3", "value": 4}])
+            )
+            .unwrap(),
             json!({"a": [1, 2, 3, 4]})
         );
         assert_eq!(
-            run(doc.clone(), json!([{"op": "add", "path": "/a/-", "value": 4}])).unwrap(),
+            run(
+                doc.clone(),
+                json!([{"op": "add", "path": "/a/-", "value": 4}])
+            )
+            .unwrap(),
             json!({"a": [1, 2, 3, 4]})
         );
         assert_eq!(
-            run(doc.clone(), json!([{"op": "move", "from": "/a/0", "path": "/a/-"}])).unwrap(),
+            run(
+                doc.clone(),
+                json!([{"op": "move", "from": "/a/0", "path": "/a/-"}])
+            )
+            .unwrap(),
             json!({"a": [2, 3, 1]})
         );
-        assert!(run(doc.clone(), json!([{"op": "move", "from": "/a/-", "path": "/a/0"}])).is_err());
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "move", "from": "/a/-", "path": "/a/0"}])
+        )
+        .is_err());
         // "-" on an object is just a member name
         assert_eq!(
             run(json!({}), json!([{"op": "add", "path": "/-", "value": 1}])).unwrap(),
@@ -821,15 +871,22 @@ mod tests {
 
     #[test]
     fn messages_name_op_and_path() {
-        let e = run(json!({"a": {}}), json!([
-            {"op": "add", "path": "/x", "value": 1},
-            {"op": "test", "path": "/x", "value": 1},
-            {"op": "remove", "path": "/a/b"}
-        ]))
+        let e = run(
+            json!({"a": {}}),
+            json!([
+                {"op": "add", "path": "/x", "value": 1},
+                {"op": "test", "path": "/x", "value": 1},
+                {"op": "remove", "path": "/a/b"}
+            ]),
+        )
         .unwrap_err();
         assert_eq!(e.message(), "op 2 (remove /a/b): path not found");
         let e = parse_ops(json!([{"op": "add", "path": "a/b", "value": 1}])).unwrap_err();
-        assert!(e.message().starts_with("op 0 (add a/b): invalid JSON Pointer"), "{e}");
+        assert!(
+            e.message()
+                .starts_with("op 0 (add a/b): invalid JSON Pointer"),
+            "{e}"
+        );
         let e = parse_ops(json!([{"op": "add", "path": "/a"}])).unwrap_err();
         assert_eq!(e.message(), "op 0 (add /a): missing \"value\"");
         let e = parse_ops(json!([{"op": "frob", "path": "/a"}])).unwrap_err();
@@ -865,11 +922,26 @@ mod tests {
         let d = run(doc.clone(), json!([{"op": "remove", "path": "/b"}])).unwrap();
         assert_eq!(json::to_vec(&d), br#"{"a":1,"e":5,"f":[0]}"#);
         // moving onto itself changes nothing, not even the order
-        let d = run(doc.clone(), json!([{"op": "move", "from": "/a", "path": "/a"}])).unwrap();
+        let d = run(
+            doc.clone(),
+            json!([{"op": "move", "from": "/a", "path": "/a"}]),
+        )
+        .unwrap();
         assert_eq!(json::to_vec(&d), before);
-        assert!(run(doc.clone(), json!([{"op": "move", "from": "/b", "path": "/b/x"}])).is_err());
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "move", "from": "/b", "path": "/b/x"}])
+        )
+        .is_err());
         assert!(run(doc.clone(), json!([{"op": "remove", "path": ""}])).is_err());
-        assert_eq!(run(doc.clone(), json!([{"op": "replace", "path": "", "value": 3}])).unwrap(), json!(3));
+        assert_eq!(
+            run(
+                doc.clone(),
+                json!([{"op": "replace", "path": "", "value": 3}])
+            )
+            .unwrap(),
+            json!(3)
+        );
         // failing single move restores the source
         let mut d = json!({"a": 1, "b": 2});
         let m = ops(json!([{"op": "move", "from": "/a", "path": "/nope/x"}]));
@@ -904,9 +976,21 @@ mod tests {
 
     #[test]
     fn test_op_equality() {
-        assert!(run(json!({"a": 1}), json!([{"op": "test", "path": "/a", "value": 1.0}])).is_ok());
-        assert!(run(json!({"a": true}), json!([{"op": "test", "path": "/a", "value": 1}])).is_err());
-        assert!(run(json!({"a": {"x":1,"y":2}}), json!([{"op": "test", "path": "/a", "value": {"y":2,"x":1}}])).is_ok());
+        assert!(run(
+            json!({"a": 1}),
+            json!([{"op": "test", "path": "/a", "value": 1.0}])
+        )
+        .is_ok());
+        assert!(run(
+            json!({"a": true}),
+            json!([{"op": "test", "path": "/a", "value": 1}])
+        )
+        .is_err());
+        assert!(run(
+            json!({"a": {"x":1,"y":2}}),
+            json!([{"op": "test", "path": "/a", "value": {"y":2,"x":1}}])
+        )
+        .is_ok());
     }
 
     #[test]
@@ -915,18 +999,30 @@ mod tests {
             (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
             (json!({"a":"b"}), json!({"a":null}), json!({})),
-            (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
+            (
+                json!({"a":"b","b":"c"}),
+                json!({"a":null}),
+                json!({"b":"c"}),
+            ),
             (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
-            (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
+            (
+                json!({"a":{"b":"c"}}),
+                json!({"a":{"b":"d","c":null}}),
+                json!({"a":{"b":"d"}}),
+            ),
             (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
-            (json!(["a","b"]), json!(["c","d"]), json!(["c","d"])),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
             (json!({"a":"b"}), json!(["c"]), json!(["c"])),
             (json!({"a":"foo"}), json!(null), json!(null)),
             (json!({"a":"foo"}), json!("bar"), json!("bar")),
             (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
-            (json!([1,2]), json!({"a":"b","c":null}), json!({"a":"b"})),
-            (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
+            (json!([1, 2]), json!({"a":"b","c":null}), json!({"a":"b"})),
+            (
+                json!({}),
+                json!({"a":{"bb":{"ccc":null}}}),
+                json!({"a":{"bb":{}}}),
+            ),
         ];
         for (doc, patch, want) in cases {
             let mut d = doc.clone();
@@ -940,24 +1036,48 @@ mod tests {
 
     #[test]
     fn deltas() {
-        assert!(matches!(parse_delta(br#"{"patch":[],"seq":3}"#).unwrap(), Delta::Patch(v) if v.is_empty()));
-        assert!(matches!(parse_delta(br#"{"merge":5}"#).unwrap(), Delta::Merge(_)));
+        assert!(
+            matches!(parse_delta(br#"{"patch":[],"seq":3}"#).unwrap(), Delta::Patch(v) if v.is_empty())
+        );
+        assert!(matches!(
+            parse_delta(br#"{"merge":5}"#).unwrap(),
+            Delta::Merge(_)
+        ));
         assert!(parse_delta(br#"{"merge":5,"patch":[]}"#).is_err());
         assert!(parse_delta(br#"{"seq":1}"#).is_err());
         assert!(parse_delta(br#"[]"#).is_err());
         assert!(parse_delta(br#"{"patch":{}}"#).is_err());
-        assert_eq!(validate(br#"{"patch":[{"op":"remove","path":"/a","x":1}]}"#).unwrap(),
-            ("patch", br#"[{"op":"remove","path":"/a","x":1}]"#.to_vec()));
-        assert_eq!(validate(br#"{"merge": {"a" : null}}"#).unwrap(), ("merge", br#"{"a":null}"#.to_vec()));
-        assert_eq!(apply_bytes(b"{}", br#"{"merge":{"a":{"b":null,"c":1}}}"#).unwrap(), br#"{"a":{"c":1}}"#);
+        assert_eq!(
+            validate(br#"{"patch":[{"op":"remove","path":"/a","x":1}]}"#).unwrap(),
+            ("patch", br#"[{"op":"remove","path":"/a","x":1}]"#.to_vec())
+        );
+        assert_eq!(
+            validate(br#"{"merge": {"a" : null}}"#).unwrap(),
+            ("merge", br#"{"a":null}"#.to_vec())
+        );
+        assert_eq!(
+            apply_bytes(b"{}", br#"{"merge":{"a":{"b":null,"c":1}}}"#).unwrap(),
+            br#"{"a":{"c":1}}"#
+        );
         let e = apply_bytes(b"{}", br#"{"patch":[{"op":"remove","path":"/a"}]}"#).unwrap_err();
         assert_eq!(e.message(), "op 0 (remove /a): path not found");
         let ops = vec![
-            Op::Move { from: Pointer::parse("/a").unwrap(), path: Pointer::parse("/b").unwrap() },
-            Op::Remove { path: Pointer::parse("/c~1d").unwrap() },
+            Op::Move {
+                from: Pointer::parse("/a").unwrap(),
+                path: Pointer::parse("/b").unwrap(),
+            },
+            Op::Remove {
+                path: Pointer::parse("/c~1d").unwrap(),
+            },
         ];
         let j = patch_delta_json(&ops);
-        assert_eq!(j, br#"{"patch":[{"op":"move","from":"/a","path":"/b"},{"op":"remove","path":"/c~1d"}]}"#);
-        assert_eq!(json::to_vec(&json!({"patch": ops.iter().map(Op::to_value).collect::<Vec<_>>()})), j);
+        assert_eq!(
+            j,
+            br#"{"patch":[{"op":"move","from":"/a","path":"/b"},{"op":"remove","path":"/c~1d"}]}"#
+        );
+        assert_eq!(
+            json::to_vec(&json!({"patch": ops.iter().map(Op::to_value).collect::<Vec<_>>()})),
+            j
+        );
     }
 }

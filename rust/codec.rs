@@ -55,7 +55,9 @@ fn write_value(out: &mut Vec<u8>, v: &Value) {
 }
 
 pub fn json_to_msgpack(doc: &[u8]) -> Result<Vec<u8>> {
-    Ok(to_msgpack(&json::parse(doc).map_err(|e| e.context("document"))?))
+    Ok(to_msgpack(
+        &json::parse(doc).map_err(|e| e.context("document"))?,
+    ))
 }
 
 pub fn msgpack_to_json(data: &[u8]) -> Result<Vec<u8>> {
@@ -225,8 +227,15 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        rt(r#"{"b":1,"a":[null,true,false,-1,-33,-129,-32769,-2147483649,127,128,256,65536,4294967296,18446744073709551615,1.5,-0.0,1e+100,"x"]}"#);
-        rt(&format!("[\"{}\",\"{}\",\"{}\"]", "s".repeat(31), "s".repeat(300), "s".repeat(70000)));
+        rt(
+            r#"{"b":1,"a":[null,true,false,-1,-33,-129,-32769,-2147483649,127,128,256,65536,4294967296,18446744073709551615,1.5,-0.0,1e+100,"x"]}"#,
+        );
+        rt(&format!(
+            "[\"{}\",\"{}\",\"{}\"]",
+            "s".repeat(31),
+            "s".repeat(300),
+            "s".repeat(70000)
+        ));
         let big: Vec<String> = (0..70000).map(|i| i.to_string()).collect();
         rt(&format!("[{}]", big.join(",")));
         rt(&("[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH)));

@@ -17,7 +17,9 @@ pub fn apply_or_skip(doc: &mut Value, d: &[u8]) -> bool {
 
 /// Apply already parsed deltas in order, skipping failures; the number that applied.
 pub fn compact_value(doc: &mut Value, ds: &[Delta]) -> usize {
-    ds.iter().filter(|d| apply::apply_delta(doc, d).is_ok()).count()
+    ds.iter()
+        .filter(|d| apply::apply_delta(doc, d).is_ok())
+        .count()
 }
 
 pub fn compact_bytes<B: AsRef<[u8]>>(state: &[u8], ds: &[B]) -> Result<Vec<u8>> {
@@ -43,9 +45,15 @@ mod tests {
             br#"{"patch":[{"op":"replace","path":"/a","value":2}],"seq":9}"#,
             br#"{"nothing":1}"#,
         ];
-        assert_eq!(compact_bytes(br#"{"z":0}"#, &ds).unwrap(), br#"{"z":0,"a":2,"c":{"d":1}}"#);
+        assert_eq!(
+            compact_bytes(br#"{"z":0}"#, &ds).unwrap(),
+            br#"{"z":0,"a":2,"c":{"d":1}}"#
+        );
         assert!(compact_bytes(b"[", &ds).is_err());
-        let parsed: Vec<Delta> = ds.iter().filter_map(|d| apply::parse_delta(d).ok()).collect();
+        let parsed: Vec<Delta> = ds
+            .iter()
+            .filter_map(|d| apply::parse_delta(d).ok())
+            .collect();
         let mut doc = json::parse(br#"{"z":0}"#).unwrap();
         assert_eq!(compact_value(&mut doc, &parsed), 3);
     }

@@ -125,7 +125,10 @@ mod tests {
     #[test]
     fn small_changes_give_small_diffs() {
         assert!(check(json!({"a": 1}), json!({"a": 1})).is_empty());
-        assert_eq!(check(json!({"a": 1, "b": 2}), json!({"a": 1, "b": 3})).len(), 1);
+        assert_eq!(
+            check(json!({"a": 1, "b": 2}), json!({"a": 1, "b": 3})).len(),
+            1
+        );
         let big: Vec<Value> = (0..100).map(|i| json!({"id": i})).collect();
         let mut b2 = big.clone();
         b2.insert(50, json!("new"));
@@ -133,7 +136,12 @@ mod tests {
         let mut b3 = big.clone();
         b3.remove(10);
         let ops = check(Value::Array(big.clone()), Value::Array(b3));
-        assert_eq!(ops, vec![Op::Remove { path: Pointer::parse("/10").unwrap() }]);
+        assert_eq!(
+            ops,
+            vec![Op::Remove {
+                path: Pointer::parse("/10").unwrap()
+            }]
+        );
         check(json!([1, 2, 3]), json!([]));
         check(json!([]), json!([1, 2, 3]));
         check(json!([1, 2, 3, 4]), json!([1, 9, 8, 7, 6, 4]));

@@ -28,7 +28,8 @@ pub fn parse(input: &[u8]) -> Result<Value> {
     let mut de = serde_json::Deserializer::from_slice(input);
     // Safe: check_nesting bounded the nesting to MAX_DEPTH, so recursion is bounded too.
     de.disable_recursion_limit();
-    let value = Value::deserialize(&mut de).map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
+    let value =
+        Value::deserialize(&mut de).map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
     de.end()
         .map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
     Ok(value)
@@ -143,7 +144,8 @@ pub fn rfc_eq(a: &Value, b: &Value) -> bool {
         }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
-                && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| rfc_eq(v, w)))
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| rfc_eq(v, w)))
         }
         _ => a == b,
     }
@@ -181,7 +183,10 @@ mod tests {
     #[test]
     fn depth_limit_is_exact() {
         assert!(parse(nested(MAX_DEPTH).as_bytes()).is_ok());
-        assert_eq!(depth(&parse(nested(MAX_DEPTH).as_bytes()).unwrap()), MAX_DEPTH);
+        assert_eq!(
+            depth(&parse(nested(MAX_DEPTH).as_bytes()).unwrap()),
+            MAX_DEPTH
+        );
         assert!(parse(nested(MAX_DEPTH + 1).as_bytes()).is_err());
         let deep = nested(100_000);
         let e = parse(deep.as_bytes()).unwrap_err();
@@ -195,12 +200,21 @@ mod tests {
 
     #[test]
     fn numbers() {
-        assert_eq!(parse(b"1e400").is_err(), true);
-        assert_eq!(parse(b"-1e400").is_err(), true);
+        assert!(parse(b"1e400").is_err());
+        assert!(parse(b"-1e400").is_err());
         assert_eq!(to_vec(&parse(b"1e-400").unwrap()), b"0.0");
-        assert_eq!(to_vec(&parse(b"18446744073709551615").unwrap()), b"18446744073709551615");
-        assert_eq!(to_vec(&parse(b"18446744073709551616").unwrap()), b"1.8446744073709552e+19");
-        assert_eq!(to_vec(&parse(b"-9223372036854775809").unwrap()), b"-9.223372036854776e+18");
+        assert_eq!(
+            to_vec(&parse(b"18446744073709551615").unwrap()),
+            b"18446744073709551615"
+        );
+        assert_eq!(
+            to_vec(&parse(b"18446744073709551616").unwrap()),
+            b"1.8446744073709552e+19"
+        );
+        assert_eq!(
+            to_vec(&parse(b"-9223372036854775809").unwrap()),
+            b"-9.223372036854776e+18"
+        );
         assert_eq!(to_vec(&parse(b"-0").unwrap()), b"-0.0");
         assert_eq!(to_vec(&parse(b"1E2").unwrap()), b"100.0");
         let big = "1".repeat(5000);
@@ -233,7 +247,10 @@ mod tests {
 
     #[test]
     fn strings_and_errors() {
-        assert_eq!(to_vec(&parse("\"\\u001f\\u00e9\\n\\\"\"".as_bytes()).unwrap()), "\"\\u001fé\\n\\\"\"".as_bytes());
+        assert_eq!(
+            to_vec(&parse("\"\\u001f\\u00e9\\n\\\"\"".as_bytes()).unwrap()),
+            "\"\\u001fé\\n\\\"\"".as_bytes()
+        );
         assert!(parse(b"\"\xff\"").is_err());
         assert!(parse(b"\"\\ud800\"").is_err());
         assert!(parse(b"NaN").is_err());
@@ -242,7 +259,10 @@ mod tests {
         assert!(parse(b"\xef\xbb\xbf{}").is_err());
         assert!(parse(b"").is_err());
         assert!(parse(b" {\"b\":1,\"a\":2} ").is_ok());
-        assert_eq!(to_vec(&parse(b"{\"b\":1,\"a\":2,\"b\":3}").unwrap()), b"{\"b\":3,\"a\":2}");
+        assert_eq!(
+            to_vec(&parse(b"{\"b\":1,\"a\":2,\"b\":3}").unwrap()),
+            b"{\"b\":3,\"a\":2}"
+        );
     }
 
     #[test]
@@ -252,8 +272,14 @@ mod tests {
         assert!(rfc_eq(&json!({"a": [1, 2.0]}), &json!({"a": [1.0, 2]})));
         assert!(!rfc_eq(&json!(true), &json!(1)));
         assert!(!rfc_eq(&json!([1, 2]), &json!([2, 1])));
-        assert!(rfc_eq(&json!(9007199254740992u64), &json!(9007199254740992.0)));
-        assert!(!rfc_eq(&json!(9007199254740993u64), &json!(9007199254740992.0)));
+        assert!(rfc_eq(
+            &json!(9007199254740992u64),
+            &json!(9007199254740992.0)
+        ));
+        assert!(!rfc_eq(
+            &json!(9007199254740993u64),
+            &json!(9007199254740992.0)
+        ));
         assert!(rfc_eq(&json!({"a":1,"b":2}), &json!({"b":2,"a":1})));
     }
 }

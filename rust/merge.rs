@@ -29,7 +29,11 @@ fn root_replace(value: Value) -> Op {
 /// `a` composes recursively; an object over a key that `a` sets to a non-object or deletes
 /// (null) is an error; anything else (including null) replaces `a`'s member (keeping its
 /// position) or is appended.
-pub fn compose(a: &Map<String, Value>, b: &Map<String, Value>, path: &str) -> Result<Map<String, Value>> {
+pub fn compose(
+    a: &Map<String, Value>,
+    b: &Map<String, Value>,
+    path: &str,
+) -> Result<Map<String, Value>> {
     let mut r = a.clone();
     for (k, bv) in b {
         if let (Value::Object(bm), Some(av)) = (bv, a.get(k.as_str())) {
@@ -56,41 +60,38 @@ pub fn fold(items: Vec<Delta>) -> Result<Delta> {
         return Ok(Delta::Patch(Vec::new()));
     };
     for item in it {
-        acc = match (acc, item) {
-            (Delta::Merge(_), Delta::Merge(b)) if !b.is_object() => Delta::Merge(b),
-            (Delta::Patch(mut a), Delta::Merge(b)) if !b.is_object() => {
-                a.push(root_replace(b));
-                Delta::Patch(a)
-            }
-            (Delta::Merge(Value::Object(a)), Delta::Merge(Value::Object(b))) => {
-                Delta::Merge(Value::Object(compose(&a, &b, "")?))
-            }
-            (Delta::Merge(mut a), Delta::Merge(b)) => {
-                // a is not an object: the state is exactly `a`, then b applies to it.
-                apply::merge_apply(&mut a, &b);
-                Delta::Patch(vec![root_replace(a)])
-            }
-            (Delta::Patch(_), Delta::Merge(_)) => {
-                return Err(DeltaError::new(
+        acc =
+            match (acc, item) {
+                (Delta::Merge(_), Delta::Merge(b)) if !b.is_object() => Delta::Merge(b),
+                (Delta::Patch(mut a), Delta::Merge(b)) if !b.is_object() => {
+                    a.push(root_replace(b));
+                    Delta::Patch(a)
+                }
+                (Delta::Merge(Value::Object(a)), Delta::Merge(Value::Object(b))) => {
+                    Delta::Merge(Value::Object(compose(&a, &b, "")?))
+                }
+                (Delta::Merge(mut a), Delta::Merge(b)) => {
+                    // a is not an object: the state is exactly `a`, then b applies to it.
+                    apply::merge_apply(&mut a, &b);
+                    Delta::Patch(vec![root_replace(a)])
+                }
+                (Delta::Patch(_), Delta::Merge(_)) => return Err(DeltaError::new(
                     "cannot be merged into one delta: a JSON Merge Patch object after a JSON Patch",
-                ))
-            }
-            (Delta::Patch(mut a), Delta::Patch(b)) => {
-                a.extend(b);
-                Delta::Patch(a)
-            }
-            (Delta::Merge(a), Delta::Patch(b)) if !a.is_object() => {
-                let mut ops = Vec::with_capacity(b.len() + 1);
-                ops.push(root_replace(a));
-                ops.extend(b);
-                Delta::Patch(ops)
-            }
-            (Delta::Merge(_), Delta::Patch(_)) => {
-                return Err(DeltaError::new(
+                )),
+                (Delta::Patch(mut a), Delta::Patch(b)) => {
+                    a.extend(b);
+                    Delta::Patch(a)
+                }
+                (Delta::Merge(a), Delta::Patch(b)) if !a.is_object() => {
+                    let mut ops = Vec::with_capacity(b.len() + 1);
+                    ops.push(root_replace(a));
+                    ops.extend(b);
+                    Delta::Patch(ops)
+                }
+                (Delta::Merge(_), Delta::Patch(_)) => return Err(DeltaError::new(
                     "cannot be merged into one delta: a JSON Patch after a JSON Merge Patch object",
-                ))
-            }
-        };
+                )),
+            };
     }
     Ok(acc)
 }
@@ -99,7 +100,9 @@ pub fn fold(items: Vec<Delta>) -> Result<Delta> {
 pub fn merge_bytes<B: AsRef<[u8]>>(ds: &[B]) -> Result<Vec<u8>> {
     let mut items = Vec::with_capacity(ds.len());
     for (i, d) in ds.iter().enumerate() {
-        items.push(apply::parse_delta(d.as_ref()).map_err(|e| e.context(format_args!("delta {i}")))?);
+        items.push(
+            apply::parse_delta(d.as_ref()).map_err(|e| e.context(format_args!("delta {i}")))?,
+        );
     }
     Ok(delta_bytes(fold(items)?))
 }
@@ -206,8 +209,8 @@ pub fn collapse(ops: Vec<Op>) -> Vec<Op> {
             let o = &work[e];
             let p: &[String] = &o.path().tokens;
             let ek = kinds[e];
-            let candidate = ek == Kind::Replace
-                || (ek == Kind::Add && p.last().is_none_or(|t| !index_like(t)));
+            let candidate =
+                ek == Kind::Replace || (ek == Kind::Add && p.last().is_none_or(|t| !index_like(t)));
             if candidate {
                 let get = |t: &Table, k: &[String]| t.get(k).copied().unwrap_or(n);
                 let mut m = get(&at, p).min(get(&below, p));
@@ -231,11 +234,25 @@ pub fn collapse(ops: Vec<Op>) -> Vec<Op> {
                 o,
                 Op::Add { .. } | Op::Remove { .. } | Op::Move { .. } | Op::Copy { .. }
             );
-            register(&mut at, &mut below, &mut shifts, p, shifting_kind && p.last().is_some_and(|t| index_like(t)), e);
+            register(
+                &mut at,
+                &mut below,
+                &mut shifts,
+                p,
+                shifting_kind && p.last().is_some_and(|t| index_like(t)),
+                e,
+            );
             match o {
                 Op::Move { from, .. } => {
                     let f: &[String] = &from.tokens;
-                    register(&mut at, &mut below, &mut shifts, f, f.last().is_some_and(|t| index_like(t)), e);
+                    register(
+                        &mut at,
+                        &mut below,
+                        &mut shifts,
+                        f,
+                        f.last().is_some_and(|t| index_like(t)),
+                        e,
+                    );
                 }
                 Op::Copy { from, .. } => {
                     register(&mut at, &mut below, &mut shifts, &from.tokens, false, e)
@@ -330,7 +347,12 @@ mod tests {
             p(json!([{"op":"replace","path":"/a","value":2}])),
         ])
         .unwrap();
-        assert_eq!(r, p(json!([{"op":"replace","path":"/b","value":1},{"op":"replace","path":"/a","value":2}])));
+        assert_eq!(
+            r,
+            p(
+                json!([{"op":"replace","path":"/b","value":1},{"op":"replace","path":"/a","value":2}])
+            )
+        );
         // add then replace -> one add
         let r = m(&[
             p(json!([{"op":"add","path":"/a","value":1}])),
@@ -344,7 +366,10 @@ mod tests {
             p(json!([{"op":"remove","path":"/a"}])),
         ])
         .unwrap();
-        assert_eq!(r, p(json!([{"op":"add","path":"/a","value":1},{"op":"remove","path":"/a"}])));
+        assert_eq!(
+            r,
+            p(json!([{"op":"add","path":"/a","value":1},{"op":"remove","path":"/a"}]))
+        );
         // replace then remove -> remove
         let r = m(&[
             p(json!([{"op":"replace","path":"/a","value":1}])),
@@ -381,14 +406,30 @@ mod tests {
     #[test]
     fn compose_rules() {
         assert_eq!(
-            m(&[json!({"merge":{"a":1,"b":{"c":1}}}), json!({"merge":{"b":{"d":2},"a":null,"e":3}})]).unwrap(),
+            m(&[
+                json!({"merge":{"a":1,"b":{"c":1}}}),
+                json!({"merge":{"b":{"d":2},"a":null,"e":3}})
+            ])
+            .unwrap(),
             json!({"merge":{"a":null,"b":{"c":1,"d":2},"e":3}})
         );
-        assert!(m(&[json!({"merge":{"a":1}}), json!({"merge":{"a":{"b":1}}})]).unwrap_err().message().contains("cannot be merged into one delta"));
+        assert!(
+            m(&[json!({"merge":{"a":1}}), json!({"merge":{"a":{"b":1}}})])
+                .unwrap_err()
+                .message()
+                .contains("cannot be merged into one delta")
+        );
         assert!(m(&[json!({"merge":{"a":null}}), json!({"merge":{"a":{"b":1}}})]).is_err());
-        assert_eq!(m(&[json!({"merge":{"a":1}}), json!({"merge":[1]})]).unwrap(), json!({"merge":[1]}));
         assert_eq!(
-            m(&[json!({"merge":[1]}), json!({"merge":{"a":{"b":null,"c":1}}})]).unwrap(),
+            m(&[json!({"merge":{"a":1}}), json!({"merge":[1]})]).unwrap(),
+            json!({"merge":[1]})
+        );
+        assert_eq!(
+            m(&[
+                json!({"merge":[1]}),
+                json!({"merge":{"a":{"b":null,"c":1}}})
+            ])
+            .unwrap(),
             p(json!([{"op":"replace","path":"","value":{"a":{"c":1}}}]))
         );
         assert!(m(&[p(json!([])), json!({"merge":{"a":1}})]).is_err());
@@ -403,7 +444,11 @@ mod tests {
 
     #[test]
     fn merge_to_ops_matches_merge_apply() {
-        let states = [json!({"a":1,"b":{"c":2,"d":[1]},"e":null}), json!([1]), json!({"b":3})];
+        let states = [
+            json!({"a":1,"b":{"c":2,"d":[1]},"e":null}),
+            json!([1]),
+            json!({"b":3}),
+        ];
         let patches = [
             json!({"a":null,"b":{"c":null,"x":{"y":null,"z":1}},"e":{"f":1},"n":null}),
             json!(7),
@@ -421,9 +466,16 @@ mod tests {
             }
         }
         let mut ops = Vec::new();
-        merge_to_ops(&json!({"a~b":1}), &json!({"a~b":null,"c/d":1}), &Pointer::root(), &mut ops);
-        assert_eq!(json::to_vec(&Value::Array(ops.iter().map(Op::to_value).collect())),
-            br#"[{"op":"remove","path":"/a~0b"},{"op":"add","path":"/c~1d","value":1}]"#);
+        merge_to_ops(
+            &json!({"a~b":1}),
+            &json!({"a~b":null,"c/d":1}),
+            &Pointer::root(),
+            &mut ops,
+        );
+        assert_eq!(
+            json::to_vec(&Value::Array(ops.iter().map(Op::to_value).collect())),
+            br#"[{"op":"remove","path":"/a~0b"},{"op":"add","path":"/c~1d","value":1}]"#
+        );
         let _ = parse_delta(b"{\"merge\":1}").unwrap();
     }
 }

@@ -162,8 +162,14 @@ mod tests {
     #[test]
     fn apply_and_seq() {
         let mut r = room(r#"{"a":1}"#);
-        assert_eq!(r.apply(br#"{"patch":[{"op":"replace","path":"/a","value":2}]}"#, 1), Ok(true));
-        assert_eq!(r.apply(br#"{"patch":[{"op":"remove","path":"/zz"}]}"#, 2), Ok(false));
+        assert_eq!(
+            r.apply(br#"{"patch":[{"op":"replace","path":"/a","value":2}]}"#, 1),
+            Ok(true)
+        );
+        assert_eq!(
+            r.apply(br#"{"patch":[{"op":"remove","path":"/zz"}]}"#, 2),
+            Ok(false)
+        );
         assert_eq!(r.apply(b"junk", 3), Ok(false));
         assert!(r.apply(b"{}", 3).is_err());
         assert_eq!(r.seq(), 3);
@@ -177,7 +183,9 @@ mod tests {
         let before = r.to_json();
         r.check(br#"{"patch":[{"op":"remove","path":"/a"},{"op":"add","path":"/b/0","value":0},{"op":"move","from":"/c","path":"/e"}]}"#).unwrap();
         assert_eq!(r.to_json(), before);
-        assert!(r.check(br#"{"patch":[{"op":"remove","path":"/a"},{"op":"remove","path":"/a"}]}"#).is_err());
+        assert!(r
+            .check(br#"{"patch":[{"op":"remove","path":"/a"},{"op":"remove","path":"/a"}]}"#)
+            .is_err());
         assert_eq!(r.to_json(), before);
         assert!(r.check(b"{").is_err());
         r.check(br#"{"merge":{"a":null}}"#).unwrap();
@@ -204,7 +212,15 @@ mod tests {
             r#"{"patch":[{"op":"remove","path":"/a"},{"op":"add","path":"/c","value":1},{"op":"remove","path":"/b/x"},{"op":"add","path":"/b/y","value":2}]}"#
         );
         assert_eq!(r.to_json(), br#"{"b":{"y":2},"c":1}"#);
-        let out = r.apply_batch(&[br#"{"merge":{"q":1}}"#.as_slice(), br#"{"merge":{"q":null}}"#], 6).unwrap();
+        let out = r
+            .apply_batch(
+                &[
+                    br#"{"merge":{"q":1}}"#.as_slice(),
+                    br#"{"merge":{"q":null}}"#,
+                ],
+                6,
+            )
+            .unwrap();
         assert_eq!(out, br#"{"merge":{"q":null}}"#);
         assert!(r.apply_batch(&[b"{}".as_slice()], 8).is_err());
         assert_eq!(r.apply_batch::<&[u8]>(&[], 6).unwrap(), br#"{"patch":[]}"#);

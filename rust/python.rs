@@ -1,0 +1,349 @@
+//! The Python binding `kasagi_relay._native` (API: `kasagi_relay/_native.pyi`).
+//!
+//! Thin on purpose: convert arguments, release the GIL (`Python::detach`) around the work,
+//! map errors. Arguments are borrowed, not copied: a `bytes` argument's buffer or a `str`'s
+//! UTF-8 form is handed to the engine as a slice, kept alive by the owned references held
+//! here while the GIL is released.
+//!
+//! Errors: `DeltaError(ValueError)` for bad input, `TypeError` for an argument that is not
+//! bytes/str, `ValueError` for a `seq` that does not fit (RoomState). A `str` that cannot be
+//! UTF-8 encoded (lone surrogate) is a `DeltaError`, and a malformed delta where failures are
+//! no-ops (compact, RoomState.apply/apply_batch), like the pure twin.
+
+use crate::apply;
+use crate::codec;
+use crate::compact;
+use crate::diff;
+use crate::error::DeltaError as CoreError;
+use crate::merge;
+use crate::room::Room;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyString};
+use std::borrow::Cow;
+use std::sync::{Mutex, MutexGuard};
+
+create_exception!(
+    kasagi_relay._native,
+    DeltaError,
+    PyValueError,
+    "Bad input: malformed JSON or delta, or a delta that cannot apply."
+);
+
+fn to_py(e: CoreError) -> PyErr {
+    DeltaError::new_err(e.message().to_owned())
+}
+
+/// An argument as UTF-8 bytes. Err(None) means "not valid Unicode" (a str with a lone
+/// surrogate); Err(Some(e)) is a TypeError.
+fn arg_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> Result<Cow<'a, [u8]>, Option<PyErr>> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Cow::Borrowed(b.as_bytes()));
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return s
+            .to_str()
+            .map(|s| Cow::Borrowed(s.as_bytes()))
+            .map_err(|_| None);
+    }
+    if let Ok(b) = obj.cast::<PyByteArray>() {
+        return Ok(Cow::Owned(b.to_vec()));
+    }
+    if obj.is_instance_of::<PyMemoryView>() {
+        let py = obj.py();
+        let b = py.get_type::<PyBytes>().call1((obj,)).map_err(Some)?;
+        let b = b.cast_into::<PyBytes>().map_err(|e| Some(e.into()))?;
+        return Ok(Cow::Owned(b.as_bytes().to_vec()));
+    }
+    let tname = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into());
+    Err(Some(PyTypeError::new_err(format!(
+        "expected bytes or str, not {tname}"
+    ))))
+}
+
+/// An argument that must be valid: a lone surrogate is a DeltaError.
+fn input<'a>(obj: &'a Bound<'_, PyAny>, what: &str) -> PyResult<Cow<'a, [u8]>> {
+    arg_bytes(obj).map_err(|e| match e {
+        Some(e) => e,
+        None => DeltaError::new_err(format!("{what}: not valid Unicode (lone surrogate)")),
+    })
+}
+
+/// A delta where malformed ones are no-ops: invalid Unicode becomes empty (malformed) input.
+fn lenient<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
+    match arg_bytes(obj) {
+        Ok(c) => Ok(c),
+        Err(None) => Ok(Cow::Borrowed(b"")),
+        Err(Some(e)) => Err(e),
+    }
+}
+
+/// The items of a sequence argument, held (owned references) for the duration of a call.
+fn items<'py>(ds: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if ds.is_instance_of::<PyString>() || ds.is_instance_of::<PyBytes>() {
+        return Err(PyTypeError::new_err(
+            "expected a sequence of deltas, not a single str/bytes",
+        ));
+    }
+    ds.try_iter()?.collect()
+}
+
+#[pyfunction(name = "validate")]
+fn py_validate<'py>(
+    py: Python<'py>,
+    d: &Bound<'py, PyAny>,
+) -> PyResult<(String, Bound<'py, PyBytes>)> {
+    let d = input(d, "delta")?;
+    let (kind, body) = py.detach(|| apply::validate(&d)).map_err(to_py)?;
+    Ok((kind.to_owned(), PyBytes::new(py, &body)))
+}
+
+#[pyfunction(name = "apply")]
+fn py_apply<'py>(
+    py: Python<'py>,
+    state: &Bound<'py, PyAny>,
+    d: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let d = input(d, "delta")?;
+    let state = input(state, "state")?;
+    let out = py
+        .detach(|| apply::apply_bytes(&state, &d))
+        .map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+#[pyfunction(name = "merge")]
+fn py_merge<'py>(py: Python<'py>, ds: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let held = items(ds)?;
+    let mut inputs = Vec::with_capacity(held.len());
+    for (i, d) in held.iter().enumerate() {
+        inputs.push(input(d, &format!("delta {i}"))?);
+    }
+    let out = py.detach(|| merge::merge_bytes(&inputs)).map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+#[pyfunction(name = "diff")]
+fn py_diff<'py>(
+    py: Python<'py>,
+    a: &Bound<'py, PyAny>,
+    b: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let a = input(a, "a")?;
+    let b = input(b, "b")?;
+    let out = py.detach(|| diff::diff_bytes(&a, &b)).map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+#[pyfunction(name = "compact")]
+fn py_compact<'py>(
+    py: Python<'py>,
+    state: &Bound<'py, PyAny>,
+    ds: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let state = input(state, "state")?;
+    let held = items(ds)?;
+    let inputs = held.iter().map(lenient).collect::<PyResult<Vec<_>>>()?;
+    let out = py
+        .detach(|| compact::compact_bytes(&state, &inputs))
+        .map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+#[pyfunction(name = "json_to_msgpack")]
+fn py_json_to_msgpack<'py>(
+    py: Python<'py>,
+    doc: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let doc = input(doc, "document")?;
+    let out = py.detach(|| codec::json_to_msgpack(&doc)).map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+#[pyfunction(name = "msgpack_to_json")]
+fn py_msgpack_to_json<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    if data.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err("expected bytes, not str"));
+    }
+    let data = input(data, "data")?;
+    let out = py.detach(|| codec::msgpack_to_json(&data)).map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// A `seq` argument: an int (not a bool) >= 0.
+fn seq_arg(seq: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if !seq.is_exact_instance_of::<PyInt>() {
+        return Err(PyValueError::new_err(format!(
+            "seq must be a non-negative integer, not {}",
+            seq.repr().map(|r| r.to_string()).unwrap_or_default()
+        )));
+    }
+    seq.extract::<u64>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "seq must be a non-negative integer below 2**64, not {seq}"
+        ))
+    })
+}
+
+struct Inner {
+    room: Room,
+    json: Option<(u64, Py<PyBytes>)>,
+    msgpack: Option<(u64, Py<PyBytes>)>,
+}
+
+/// One room's state held natively; see `_native.pyi`.
+///
+/// Thread-safe: the state sits behind a mutex that is only taken either with the GIL
+/// released (the engine's work) or, briefly, with it held (the snapshot caches), and never
+/// across a GIL re-acquisition, so threads cannot deadlock on it.
+#[pyclass(frozen, module = "kasagi_relay._native")]
+struct RoomState {
+    inner: Mutex<Inner>,
+}
+
+impl RoomState {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // No code path panics while holding the lock; recover the data if one ever did.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn snapshot<'py>(&self, py: Python<'py>, msgpack: bool) -> Bound<'py, PyBytes> {
+        {
+            let g = self.lock();
+            let cache = if msgpack { &g.msgpack } else { &g.json };
+            if let Some((ver, b)) = cache {
+                if *ver == g.room.version() {
+                    return b.bind(py).clone();
+                }
+            }
+        }
+        let (ver, bytes) = py.detach(|| {
+            let g = self.lock();
+            let bytes = if msgpack {
+                g.room.to_msgpack()
+            } else {
+                g.room.to_json()
+            };
+            (g.room.version(), bytes)
+        });
+        let b = PyBytes::new(py, &bytes);
+        let mut g = self.lock();
+        if g.room.version() == ver {
+            let entry = Some((ver, b.clone().unbind()));
+            let old = if msgpack {
+                std::mem::replace(&mut g.msgpack, entry)
+            } else {
+                std::mem::replace(&mut g.json, entry)
+            };
+            drop(g);
+            drop(old);
+        }
+        b
+    }
+}
+
+#[pymethods]
+impl RoomState {
+    #[new]
+    #[pyo3(signature = (state = None, seq = None))]
+    fn new(
+        py: Python<'_>,
+        state: Option<&Bound<'_, PyAny>>,
+        seq: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let seq = match seq {
+            Some(s) => seq_arg(s)?,
+            None => 0,
+        };
+        let state: Cow<'_, [u8]> = match state {
+            Some(s) => input(s, "state")?,
+            None => Cow::Borrowed(b"{}"),
+        };
+        let room = py.detach(|| Room::new(&state, seq)).map_err(to_py)?;
+        Ok(RoomState {
+            inner: Mutex::new(Inner {
+                room,
+                json: None,
+                msgpack: None,
+            }),
+        })
+    }
+
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.lock().room.seq()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<RoomState seq={}>", self.lock().room.seq())
+    }
+
+    fn check(&self, py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<()> {
+        let d = input(d, "delta")?;
+        py.detach(|| self.lock().room.check(&d)).map_err(to_py)
+    }
+
+    fn apply(
+        &self,
+        py: Python<'_>,
+        d: &Bound<'_, PyAny>,
+        seq: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let seq = seq_arg(seq)?;
+        let d = lenient(d)?;
+        py.detach(|| self.lock().room.apply(&d, seq))
+            .map_err(|e| PyValueError::new_err(e.0))
+    }
+
+    fn apply_batch<'py>(
+        &self,
+        py: Python<'py>,
+        ds: &Bound<'py, PyAny>,
+        seq: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let seq = seq_arg(seq)?;
+        let held = items(ds)?;
+        let inputs = held.iter().map(lenient).collect::<PyResult<Vec<_>>>()?;
+        let out = py
+            .detach(|| self.lock().room.apply_batch(&inputs, seq))
+            .map_err(|e| PyValueError::new_err(e.0))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    fn to_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        self.snapshot(py, false)
+    }
+
+    fn to_msgpack<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        self.snapshot(py, true)
+    }
+
+    fn json_size(&self, py: Python<'_>) -> usize {
+        self.snapshot(py, false).as_bytes().len()
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("IMPLEMENTATION", "native")?;
+    m.add("MAX_DEPTH", crate::json::MAX_DEPTH)?;
+    m.add("DeltaError", py.get_type::<DeltaError>())?;
+    m.add_class::<RoomState>()?;
+    m.add_function(wrap_pyfunction!(py_validate, m)?)?;
+    m.add_function(wrap_pyfunction!(py_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(py_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(py_diff, m)?)?;
+    m.add_function(wrap_pyfunction!(py_compact, m)?)?;
+    m.add_function(wrap_pyfunction!(py_json_to_msgpack, m)?)?;
+    m.add_function(wrap_pyfunction!(py_msgpack_to_json, m)?)?;
+    Ok(())
+}
