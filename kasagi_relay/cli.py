@@ -1,0 +1,358 @@
+"""`kasagi-relay`: the command line. Every flag can also come from a KASAGI_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
+
+from kasagi_relay._version import __version__
+from kasagi_relay.backends.base import Backend
+from kasagi_relay.config import Config, ConfigError
+
+__all__ = ["build_parser", "main", "parse_config"]
+
+logger = logging.getLogger("kasagi_relay")
+
+T = TypeVar("T")
+_D = Config()
+
+_SIZE = re.compile(r"(?i)\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*")
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size(text: str) -> int:
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64KiB, 1MiB)")
+    value = int(m.group(1)) * _UNITS[m.group(2)[:1].lower()]
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _seconds(text)
+    return value
+
+
+def _sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"not host:port: {item!r}")
+        out.append((host.strip("[]"), int(port)))
+    if not out:
+        raise argparse.ArgumentTypeError("expected host:port,host:port,...")
+    return tuple(out)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every other error of the relay; --help has the details.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="kasagi-relay",
+        description=(
+            "Real-time state-sync relay: WebSocket rooms at ws://HOST:PORT/ws, "
+            "GET /healthz and /metrics on the same port. With no arguments it serves "
+            "ws://127.0.0.1:8765/ws on the embedded in-memory backend (one process, "
+            "nothing persisted). Every flag can also be set by the environment variable "
+            "shown in brackets; a flag wins over its variable."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def env(name: str, default: object) -> object:
+        # argparse runs string defaults through the flag's type, so bad variables are
+        # reported exactly like bad flags.
+        return os.environ.get(name, default)
+
+    add = p.add_argument
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add("--host", default=env("KASAGI_HOST", _D.host), help="address to listen on [KASAGI_HOST]")
+    add(
+        "--port",
+        type=_int_range(0, 65535),
+        default=env("KASAGI_PORT", _D.port),
+        help="TCP port (0: any free port) [KASAGI_PORT]",
+    )
+    add(
+        "--redis",
+        metavar="URL",
+        default=env("KASAGI_REDIS", None),
+        help="use one Redis server, e.g. redis://localhost:6379/0 [KASAGI_REDIS]",
+    )
+    add(
+        "--sentinels",
+        metavar="HOST:PORT,...",
+        type=_sentinels,
+        default=env("KASAGI_SENTINELS", None),
+        help="use Redis through these Sentinels (production) [KASAGI_SENTINELS]",
+    )
+    add(
+        "--master",
+        metavar="NAME",
+        default=env("KASAGI_MASTER", _D.master),
+        help="the Sentinel master name [KASAGI_MASTER]",
+    )
+    add(
+        "--redis-password",
+        metavar="PASSWORD",
+        default=env("KASAGI_REDIS_PASSWORD", None),
+        help="password for Redis (prefer the variable: flags show in ps) [KASAGI_REDIS_PASSWORD]",
+    )
+    add(
+        "--sentinel-password",
+        metavar="PASSWORD",
+        default=env("KASAGI_SENTINEL_PASSWORD", None),
+        help="password for the Sentinels [KASAGI_SENTINEL_PASSWORD]",
+    )
+    add(
+        "--ack",
+        choices=("leader", "replica", "all"),
+        default=env("KASAGI_ACK", None),
+        help=(
+            "when a delta is acknowledged: leader = once the master stored it; replica = "
+            "once a replica has it too (WAIT 1); all = once every replica has it. "
+            "Default: replica with --sentinels, leader otherwise [KASAGI_ACK]"
+        ),
+    )
+    add(
+        "--tick-ms",
+        metavar="MS",
+        type=_int_range(0, 60_000),
+        default=env("KASAGI_TICK_MS", _D.tick_ms),
+        help=(
+            "send at most one frame per room every MS milliseconds, merging the deltas "
+            "of the tick; 0 = as soon as possible (deltas that queue meanwhile are still "
+            "merged) [KASAGI_TICK_MS]"
+        ),
+    )
+    add(
+        "--history",
+        metavar="N",
+        type=_int_range(1),
+        default=env("KASAGI_HISTORY", _D.history),
+        help="deltas kept per room so that reconnecting clients resume [KASAGI_HISTORY]",
+    )
+    add(
+        "--history-age",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_HISTORY_AGE", _D.history_age_s),
+        help="and no older than this (the --history count still applies) [KASAGI_HISTORY_AGE]",
+    )
+    add(
+        "--compaction-interval",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_COMPACTION_INTERVAL", _D.compaction_interval_s),
+        help="how often rooms are compacted into snapshots; 0 = never [KASAGI_COMPACTION_INTERVAL]",
+    )
+    add(
+        "--max-message-bytes",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_MAX_MESSAGE_BYTES", _D.max_message_bytes),
+        help="largest incoming message; a bigger frame closes the connection with 1009 "
+        "[KASAGI_MAX_MESSAGE_BYTES]",
+    )
+    add(
+        "--max-state-bytes",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_MAX_STATE_BYTES", _D.max_state_bytes),
+        help="a delta is refused with too_large when the room's state JSON plus the delta "
+        "would pass this [KASAGI_MAX_STATE_BYTES]",
+    )
+    add(
+        "--send-queue-bytes",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_SEND_QUEUE_BYTES", _D.send_queue_bytes),
+        help="a member whose unsent data passes this is closed with 1013 (too slow) "
+        "[KASAGI_SEND_QUEUE_BYTES]",
+    )
+    add(
+        "--rate-limit",
+        metavar="PER_S",
+        type=_positive_float,
+        default=env("KASAGI_RATE_LIMIT", _D.rate_limit),
+        help="messages per second per connection, sustained; past it requests get "
+        "rate_limited; 0 = no limit [KASAGI_RATE_LIMIT]",
+    )
+    add(
+        "--rate-burst",
+        metavar="N",
+        type=_int_range(1),
+        default=env("KASAGI_RATE_BURST", _D.rate_burst),
+        help="messages a connection may send at once before the rate applies [KASAGI_RATE_BURST]",
+    )
+    add(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        type=str.lower,
+        default=env("KASAGI_LOG_LEVEL", _D.log_level),
+        help="[KASAGI_LOG_LEVEL]",
+    )
+    add(
+        "--log-format",
+        choices=("text", "json"),
+        default=env("KASAGI_LOG_FORMAT", _D.log_format),
+        help="json: one JSON object per line [KASAGI_LOG_FORMAT]",
+    )
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.redis and a.sentinels:
+        parser.error("--redis and --sentinels are exclusive")
+    return Config(
+        host=a.host,
+        port=a.port,
+        redis=a.redis or None,
+        sentinels=a.sentinels or (),
+        master=a.master,
+        redis_password=a.redis_password,
+        sentinel_password=a.sentinel_password,
+        ack=a.ack,
+        tick_ms=a.tick_ms,
+        history=a.history,
+        history_age_s=a.history_age,
+        compaction_interval_s=a.compaction_interval,
+        max_message_bytes=a.max_message_bytes,
+        max_state_bytes=a.max_state_bytes,
+        send_queue_bytes=a.send_queue_bytes,
+        rate_limit=a.rate_limit,
+        rate_burst=a.rate_burst,
+        log_level=a.log_level,
+        log_format=a.log_format,
+    )
+
+
+class _JsonFormatter(logging.Formatter):
+    converter = staticmethod(time.gmtime)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        formatter: logging.Formatter = _JsonFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+    # websockets logs every refused handshake at info; that is the client's problem.
+    logging.getLogger("websockets").setLevel(
+        max(logging.WARNING, root.level) if root.level > logging.DEBUG else logging.DEBUG
+    )
+
+
+async def serve(config: Config, backend: Backend) -> int:
+    from kasagi_relay.server import Relay  # imports the engine: after the flags are good
+
+    relay = Relay(config, backend)
+    try:
+        await relay.start()
+    except OSError as exc:
+        await relay.stop()
+        reason = exc.strerror or exc
+        print(
+            f"kasagi-relay: error: cannot listen on {config.host}:{config.port}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
+    from kasagi_relay import delta
+
+    ack = f", ack {config.ack_level}" if config.backend_name != "memory" else ""
+    logger.info(
+        "kasagi-relay %s serving %s (%s backend%s, tick %d ms, %s engine)",
+        __version__,
+        relay.url,
+        config.backend_name,
+        ack,
+        config.tick_ms,
+        delta.IMPLEMENTATION,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await relay.stop()
+    logger.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging(config)
+    try:
+        from kasagi_relay.backends.factory import build_backend
+
+        backend = build_backend(config)  # fail fast, before binding the port
+    except ConfigError as exc:
+        print(f"kasagi-relay: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"kasagi-relay: error: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    return uvloop.run(serve(config, backend))

@@ -1,0 +1,127 @@
+"""Background compaction: fold each room's history into a snapshot, then trim the history.
+
+Per room, under a short backend lock (one relay at a time): read the snapshot and the ops
+after it, `delta.compact` them in a worker thread (the native engine releases the GIL),
+write the snapshot only if it is newer, then trim the history to the configured count and
+age so that resumes keep working for recent members.
+
+The backend keeps no timestamps per op, so age is tracked here: each pass notes the room's
+last seq with the time; ops older than `history_age_s` are those up to the newest mark older
+than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from kasagi_relay import delta
+from kasagi_relay.backends.base import Backend, Snapshot
+from kasagi_relay.metrics import Metrics
+
+__all__ = ["Compactor", "compact_room"]
+
+logger = logging.getLogger("kasagi_relay.compaction")
+
+LOCK_TTL_MS = 10_000
+
+
+async def compact_room(
+    backend: Backend, room: str, *, history: int, keep_from: int = 0
+) -> Snapshot | None:
+    """One compaction of `room`; the new snapshot, or None (nothing new, or locked)."""
+    token = await backend.acquire_lock(room, LOCK_TTL_MS)
+    if token is None:
+        return None
+    try:
+        snap = await backend.read_snapshot(room)
+        base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
+        ops = await backend.read_ops(room, base_seq)
+        if not ops:  # None: trimmed past our snapshot (someone newer wrote one)
+            await backend.trim(room, keep_from, history)
+            return None
+        data = await asyncio.to_thread(delta.compact, data, [op.delta for op in ops])
+        new = Snapshot(ops[-1].seq, data, snap.tick if snap is not None else 0)
+        written = await backend.write_snapshot(room, new)
+        await backend.trim(room, keep_from, history)
+        return new if written else None
+    finally:
+        await backend.release_lock(room, token)
+
+
+class Compactor:
+    def __init__(
+        self,
+        backend: Backend,
+        rooms: Callable[[], Iterable[tuple[str, int]]],
+        metrics: Metrics,
+        *,
+        interval_s: float,
+        history: int,
+        history_age_s: float,
+    ) -> None:
+        """`rooms()` gives (name, last seq seen) of the rooms this relay holds."""
+        self.backend = backend
+        self.rooms = rooms
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.history = history
+        self.history_age_s = history_age_s
+        self._marks: dict[str, deque[tuple[float, int]]] = {}
+        self._compacted: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None and self.interval_s > 0:
+            self._task = asyncio.create_task(self._run(), name="kasagi-compaction")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.run_once()
+
+    def _keep_from(self, room: str, seq: int, now: float) -> int:
+        marks = self._marks.setdefault(room, deque())
+        if not marks or marks[-1][1] != seq:
+            marks.append((now, seq))
+        keep_from = 0
+        while marks and now - marks[0][0] > self.history_age_s:
+            keep_from = marks.popleft()[1] + 1
+        return keep_from
+
+    async def run_once(self) -> int:
+        """Compact every room with new ops; returns how many snapshots were written."""
+        written = 0
+        now = time.monotonic()
+        live = set()
+        for room, seq in list(self.rooms()):
+            live.add(room)
+            keep_from = self._keep_from(room, seq, now)
+            if self._compacted.get(room) == seq:
+                continue
+            try:
+                snap = await compact_room(
+                    self.backend, room, history=self.history, keep_from=keep_from
+                )
+            except Exception as exc:
+                self.metrics.backend_errors.inc()
+                logger.warning("room %s: compaction failed: %s", room, exc)
+                continue
+            self._compacted[room] = seq
+            if snap is not None:
+                written += 1
+        for gone in set(self._marks) - live:
+            self._marks.pop(gone, None)
+            self._compacted.pop(gone, None)
+        return written

@@ -1,0 +1,75 @@
+"""The relay's settings: one dataclass, filled by the CLI (flags and KASAGI_* variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from kasagi_relay.backends.base import AckLevel
+
+__all__ = ["Config", "ConfigError"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(slots=True)
+class Config:
+    """Every knob of a relay. The defaults are the production defaults documented in --help."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+    # Backend selection: memory unless a Redis URL or Sentinels are given.
+    redis: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = "kasagi-master"
+    redis_password: str | None = None
+    sentinel_password: str | None = None
+    # None means "the default for the backend": replica with Sentinels, leader otherwise.
+    ack: AckLevel | None = None
+
+    # Fan-out: 0 sends as soon as possible (merging what queued meanwhile).
+    tick_ms: int = 0
+
+    # History kept for resumes, by count and by age.
+    history: int = 1000
+    history_age_s: float = 600.0
+    compaction_interval_s: float = 5.0
+
+    # Limits.
+    max_message_bytes: int = 1 * MiB
+    max_state_bytes: int = 8 * MiB
+    send_queue_bytes: int = 1 * MiB
+    rate_limit: float = 200.0  # messages per second per connection, sustained
+    rate_burst: int = 400  # messages a connection may send at once
+
+    # Connection housekeeping.
+    ping_interval_s: float | None = 20.0
+    close_timeout_s: float = 5.0
+    room_idle_s: float = 60.0
+    shutdown_timeout_s: float = 10.0
+
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def ack_level(self) -> AckLevel:
+        if self.ack is not None:
+            return self.ack
+        return "replica" if self.sentinels else "leader"
+
+    @property
+    def backend_name(self) -> str:
+        if self.sentinels:
+            return "sentinel"
+        if self.redis:
+            return "redis"
+        return "memory"
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; the CLI prints it as one line and exits with status 2."""

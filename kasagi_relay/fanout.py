@@ -1,0 +1,129 @@
+"""Fan-out: write one pre-built WebSocket frame to many connections.
+
+A frame is encoded once per subprotocol and the same bytes go to every member. Rather than
+`websockets.broadcast`, which serializes the frame again for every connection, the complete
+frame (header + payload) is built once and handed to each connection's transport.
+
+Why this is sound with websockets 17 (`asyncio/connection.py`, `protocol.py`):
+- Server frames are unmasked and, with `compression=None`, no extension is negotiated, so
+  `Frame(...).serialize(mask=False, extensions=[])` is the same bytes for every connection
+  (`frame()` below builds exactly those bytes; a test holds them equal).
+- websockets writes to the transport synchronously on the loop thread, whole frames at a
+  time (`send_data()` after each protocol call), and never keeps unsent frames across an
+  await. We also write whole frames synchronously on the same thread, so frames never
+  interleave. We never send fragmented messages, so no continuation is ever pending.
+- We write only while `protocol.state is OPEN`: once a close frame is sent, nothing follows.
+Our writes bypass websockets' flow control (`drain`); instead each member has a byte limit
+on its transport's write buffer and is dropped with 1013 past it.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
+
+from kasagi_relay.protocol import JSON, Codec, DeltaFrame
+
+__all__ = ["CLOSE_TOO_SLOW", "Member", "broadcast", "frame"]
+
+logger = logging.getLogger("kasagi_relay.fanout")
+
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+CLOSE_TOO_SLOW: Final = 1013
+OPEN: Final = State.OPEN
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """A complete, unmasked, final WebSocket frame (RFC 6455 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+class Member:
+    """The writing side of one client connection."""
+
+    __slots__ = (
+        "_allowance",
+        "_on_slow",
+        "codec",
+        "conn",
+        "dropped",
+        "limit",
+        "opcode",
+        "protocol",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        conn: ServerConnection,
+        codec: Codec,
+        limit: int,
+        on_slow: Callable[[Member], None],
+    ) -> None:
+        self.conn = conn
+        self.protocol = conn.protocol
+        self.transport = conn.transport
+        self.codec: Codec = codec
+        self.opcode = OP_TEXT if codec == JSON else OP_BINARY
+        self.limit = limit
+        # A frame larger than the limit (a full state on join) must still go out: the
+        # allowance grows for it and shrinks back once the buffer drains below the limit.
+        self._allowance = limit
+        self._on_slow = on_slow
+        self.dropped = False
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def is_open(self) -> bool:
+        return not self.dropped and self.protocol.state is OPEN
+
+    def write(self, data: bytes) -> bool:
+        """Write one complete frame; False (and the member is being dropped) when it cannot."""
+        if self.dropped or self.protocol.state is not OPEN:
+            return False
+        buffered = self.transport.get_write_buffer_size()
+        if buffered <= self.limit:
+            self._allowance = self.limit
+        elif buffered + len(data) > self._allowance:
+            self.dropped = True
+            self._on_slow(self)
+            return False
+        self.transport.write(data)
+        return True
+
+    def send(self, payload: bytes, *, big: bool = False) -> bool:
+        """Frame and write one payload of this member's subprotocol. `big` lets a payload
+        over the queue limit through once (a full state)."""
+        data = frame(self.opcode, payload)
+        if big:
+            self._allowance = max(self._allowance, self.buffered() + len(data) + self.limit)
+        return self.write(data)
+
+
+def broadcast(members: Iterable[Member], message: DeltaFrame) -> tuple[int, int]:
+    """Write `message` to every member, encoding it at most once per subprotocol.
+
+    Returns (frames written, bytes written)."""
+    frames: dict[Codec, bytes] = {}
+    count = 0
+    total = 0
+    for member in members:
+        data = frames.get(member.codec)
+        if data is None:
+            data = frames[member.codec] = frame(member.opcode, message.payload(member.codec))
+        if member.write(data):
+            count += 1
+            total += len(data)
+    return count, total

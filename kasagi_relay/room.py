@@ -1,0 +1,342 @@
+"""One room on this relay: its cached state, its members, ordering and batching of deltas.
+
+Invariants:
+- `state.seq` is the last seq broadcast to members; `queue` holds the in-order ops
+  state.seq+1 .. last_seq not broadcast yet; `held` holds ops that arrived out of order.
+- A member added at `state.seq` receives every later frame: the next one starts at
+  state.seq + 1. Joins are served from the state, so they never wait for the stream.
+- Ops come from the backend in publish order, but duplicates and gaps are possible: seq <=
+  last_seq is dropped; a gap starts a backfill from the backend's history; history that no
+  longer reaches back starts a reset from snapshot + ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from kasagi_relay import delta
+from kasagi_relay.backends.base import Backend, Op
+from kasagi_relay.fanout import Member, broadcast
+from kasagi_relay.metrics import Metrics
+from kasagi_relay.protocol import DeltaFrame, delta_doc, encode_joined, split_delta_doc
+
+__all__ = ["Room", "load_state"]
+
+logger = logging.getLogger("kasagi_relay.room")
+
+# Recent ops kept in memory per room so most resumes need no backend read.
+RECENT_OPS = 256
+_EMPTY_PATCH = b'{"patch":[]}'
+
+
+async def load_state(backend: Backend, room: str) -> delta.RoomState:
+    """The room's state from its snapshot and the ops after it (the engine works in a
+    worker thread: natively it releases the GIL)."""
+    for _ in range(5):
+        snap = await backend.read_snapshot(room)
+        base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
+        ops = await backend.read_ops(room, base_seq)
+        if ops is not None:
+            break
+        # History was trimmed past our snapshot meanwhile: a newer snapshot exists.
+    else:
+        raise RuntimeError(f"room {room}: history keeps moving past the snapshot")
+    if ops:
+        data = await asyncio.to_thread(delta.compact, data, [op.delta for op in ops])
+        base_seq = ops[-1].seq
+    return await asyncio.to_thread(delta.RoomState, data, base_seq)
+
+
+class Room:
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        metrics: Metrics,
+        *,
+        tick_s: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.metrics = metrics
+        self.tick_s = tick_s
+        self.state: delta.RoomState | None = None
+        self.last_seq = 0
+        self.queue: list[Op] = []
+        self.held: dict[int, Op] = {}
+        self.recent: deque[Op] = deque(maxlen=RECENT_OPS)
+        self.members: dict[Member, None] = {}
+        self.last_active = time.monotonic()
+        self._loading: asyncio.Task[None] | None = None
+        self._backfill: asyncio.Task[None] | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._last_flush = 0.0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        seq = None if self.state is None else self.state.seq
+        return f"<Room {self.name} seq={seq} last={self.last_seq} members={len(self.members)}>"
+
+    # ------------------------------------------------------------------ loading
+
+    @property
+    def loaded(self) -> bool:
+        return self.state is not None
+
+    async def ensure_loaded(self) -> delta.RoomState:
+        """The cached state, loaded on first use; raises when the backend fails."""
+        if self.state is not None:
+            return self.state
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.create_task(self._load())
+        await asyncio.shield(self._loading)
+        assert self.state is not None
+        return self.state
+
+    async def _load(self) -> None:
+        # Subscribe first: whatever is published while we read is held, not lost.
+        await self.backend.subscribe(self.name)
+        state = await load_state(self.backend, self.name)
+        if self._closed:
+            return
+        self.queue = []
+        self.recent.clear()
+        self.state = state
+        self.last_seq = state.seq
+        if self.members:
+            # A reload under members (after a failure): they may have missed anything.
+            self.metrics.resets.inc()
+            self._fanout(DeltaFrame.reset(self.name, state), 0)
+        self._drain_held()
+
+    # ------------------------------------------------------------------ ordering
+
+    def on_op(self, op: Op) -> None:
+        """An op from the backend (listener callback; never raises)."""
+        self.metrics.ops_in.inc()
+        if op.seq <= self.last_seq:
+            return
+        if self.state is None or self._backfill is not None:
+            self.held[op.seq] = op
+            return
+        if op.seq == self.last_seq + 1:
+            self._enqueue(op)
+        else:
+            self.held[op.seq] = op
+            self.start_backfill()
+
+    def _enqueue(self, op: Op) -> None:
+        self.queue.append(op)
+        self.last_seq = op.seq
+        self._schedule_flush()
+
+    def _drain_held(self) -> bool:
+        """Move held ops that now follow last_seq into the queue; True when none is left."""
+        held = self.held
+        for seq in [s for s in held if s <= self.last_seq]:
+            del held[seq]
+        while held:
+            op = held.pop(self.last_seq + 1, None)
+            if op is None:
+                return False
+            self._enqueue(op)
+        return True
+
+    def start_backfill(self) -> None:
+        """Catch up from the backend's history (a gap, or the backend asked for a resync)."""
+        if self._closed or self.state is None:
+            return
+        if self._backfill is None:
+            self._backfill = asyncio.create_task(self._run_backfill())
+
+    async def _run_backfill(self) -> None:
+        delay = 0.05
+        try:
+            while not self._closed:
+                try:
+                    ops = await self.backend.read_ops(self.name, self.last_seq)
+                    if ops is None:
+                        await self._reset()
+                    else:
+                        for op in ops:
+                            if op.seq == self.last_seq + 1:
+                                self._enqueue(op)
+                except Exception as exc:
+                    self.metrics.backend_errors.inc()
+                    logger.warning("room %s: backfill failed: %s", self.name, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if self._drain_held():
+                    return
+                # Held ops beyond what history had: published after our read; read again.
+                await asyncio.sleep(0)
+        finally:
+            self._backfill = None
+
+    async def _reset(self) -> None:
+        """History no longer reaches our last seq: reload and send members a `reset`."""
+        state = await load_state(self.backend, self.name)
+        if self._closed:
+            return
+        self._cancel_flush()
+        self.queue = []
+        self.recent.clear()
+        self.state = state
+        self.last_seq = state.seq
+        self.metrics.resets.inc()
+        self._fanout(DeltaFrame.reset(self.name, state), 0)
+
+    # ------------------------------------------------------------------ fan-out
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.tick_s > 0:
+            # At most one frame per tick: the first delta after a quiet tick goes at once.
+            at = max(loop.time(), self._last_flush + self.tick_s)
+            self._flush_handle = loop.call_at(at, self.flush)
+        else:
+            # Everything that arrives before the loop comes back here is merged.
+            self._flush_handle = loop.call_soon(self.flush)
+
+    def _cancel_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
+    def flush(self) -> None:
+        """Apply the queued ops to the state and broadcast them as one frame."""
+        self._flush_handle = None
+        ops, self.queue = self.queue, []
+        state = self.state
+        if not ops or state is None:
+            return
+        self._last_flush = asyncio.get_running_loop().time()
+        try:
+            frame = self._apply(state, ops)
+        except Exception:
+            # Never lose the ordering: reload the state and reset the members instead.
+            logger.exception("room %s: cannot apply seq %d..%d", self.name, ops[0].seq, ops[-1].seq)
+            self.state = None
+            self._loading = asyncio.get_running_loop().create_task(self._load())
+            self._loading.add_done_callback(self._loaded)
+            return
+        self.recent.extend(ops)
+        self.metrics.deltas_per_frame.observe(len(ops))
+        self._fanout(frame, len(ops))
+
+    def _loaded(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.backend_errors.inc()
+            logger.error("room %s: reload failed: %s", self.name, task.exception())
+
+    def _apply(self, state: delta.RoomState, ops: list[Op]) -> DeltaFrame:
+        first, last = ops[0].seq, ops[-1].seq
+        if len(ops) == 1:
+            op = ops[0]
+            try:
+                kind, body = split_delta_doc(op.delta)
+                doc = delta_doc(kind, body)
+            except delta.DeltaError:
+                doc = _EMPTY_PATCH  # a malformed op in history is a no-op for everyone
+            state.apply(doc, last)
+        else:
+            doc = state.apply_batch([op.delta for op in ops], last)
+        return DeltaFrame(self.name, first, last, doc)
+
+    def _fanout(self, frame: DeltaFrame, n_ops: int) -> None:
+        if not self.members:
+            return
+        count, total = broadcast(list(self.members), frame)
+        m = self.metrics
+        m.broadcasts.inc()
+        m.frames_out.inc(count)
+        m.bytes_out.inc(total)
+
+    # ------------------------------------------------------------------ members
+
+    async def join(self, member: Member, since: int | None, rid: int | str | None) -> None:
+        """Send `joined` (full state, or resumed + the missed deltas) and add the member."""
+        state = await self.ensure_loaded()
+        self.last_active = time.monotonic()
+        missed: list[Op] | None = None
+        if since is not None and since <= state.seq:
+            missed = await self._missed(since)
+        if self.state is None:  # lost while we waited (a failed apply): serve after reload
+            missed = None
+        state = await self.ensure_loaded()
+        # From here to the end nothing awaits: the member sees exactly the stream after.
+        if missed is not None and (missed[-1].seq if missed else since) == state.seq:
+            assert since is not None
+            member.send(encode_joined(member.codec, self.name, since, rid, None))
+            for op in missed:
+                try:
+                    kind, body = split_delta_doc(op.delta)
+                    doc = delta_doc(kind, body)
+                except delta.DeltaError:
+                    doc = _EMPTY_PATCH
+                payload = DeltaFrame(self.name, op.seq, op.seq, doc).payload(member.codec)
+                member.send(payload)
+        else:
+            payload = encode_joined(member.codec, self.name, state.seq, rid, state)
+            member.send(payload, big=True)
+        self.members[member] = None
+
+    async def _missed(self, since: int) -> list[Op] | None:
+        """The ops since+1 .. state.seq, or None when history cannot serve them. The last op
+        returned is the state's seq at the moment this returns (no await after)."""
+        out: list[Op] = []
+        after = since
+        for _ in range(10):
+            state = self.state
+            if state is None:
+                return None
+            target = state.seq
+            recent = self.recent
+            if after >= target:
+                return out
+            if recent and recent[0].seq <= after + 1:
+                out.extend(op for op in recent if after < op.seq <= target)
+                return out
+            ops = await self.backend.read_ops(self.name, after, target - after)
+            if ops is None:
+                return None
+            for op in ops:
+                if op.seq != after + 1:
+                    return None
+                out.append(op)
+                after = op.seq
+            if not ops:
+                return None
+        return None
+
+    def leave(self, member: Member) -> None:
+        self.members.pop(member, None)
+        self.last_active = time.monotonic()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def idle(self, now: float, idle_s: float) -> bool:
+        return (
+            not self.members
+            and not self.queue
+            and self._backfill is None
+            and (self._loading is None or self._loading.done())
+            and now - self.last_active >= idle_s
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        self._cancel_flush()
+        for task in (self._backfill, self._loading):
+            if task is not None and not task.done():
+                task.cancel()
+        try:
+            await self.backend.unsubscribe(self.name)
+        except Exception as exc:
+            logger.debug("room %s: unsubscribe failed: %s", self.name, exc)
