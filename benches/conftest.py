@@ -220,7 +220,7 @@ def ratio_table(benchmarks: list[Any]) -> list[str]:
         f"Engine benchmarks ({_cpu_model()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}); median times of one run.",
         "",
-        "| workload | native | pure | jsonpatch (time / native) | pure / native | target | result |",
+        "| workload | native | pure | jsonpatch (÷ native) | pure / native | target | result |",
         "|---|---|---|---|---|---|---|",
     ]
     for group, label, target in RATIO_ROWS:
