@@ -353,6 +353,28 @@ def _parse_ops(patch: Json) -> list[_Op]:
     return ops
 
 
+_TEXT_TYPES: Final = (bytes, bytearray, memoryview, str)
+
+
+def _deltas(ds: Sequence[bytes | str]) -> list[bytes | str]:
+    """The items of a sequence of deltas, type-checked before any work starts."""
+    if isinstance(ds, str | bytes):
+        raise TypeError("expected a sequence of deltas, not a single str/bytes")
+    items = list(ds)
+    for d in items:
+        if not isinstance(d, _TEXT_TYPES):
+            raise TypeError(f"expected bytes or str, not {type(d).__name__}")
+    return items
+
+
+def _seq_arg(seq: int) -> int:
+    if type(seq) is not int or seq < 0:
+        raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
+    if seq > _U64_MAX:
+        raise ValueError(f"seq must be a non-negative integer below 2**64, not {seq}")
+    return seq
+
+
 def _parse_delta(d: bytes | str, what: str = "delta") -> tuple[str, Json]:
     """(kind, body): ("patch", list[_Op]) or ("merge", value)."""
     return _parse_delta_doc(_loads(d, what), what)
@@ -764,7 +786,7 @@ def apply(state: bytes | str, d: bytes | str) -> bytes:
 
 def merge(ds: Sequence[bytes | str]) -> bytes:
     """One delta equivalent to `ds` in order on every state where they all apply."""
-    items = [_parse_delta(d, f"delta {i}") for i, d in enumerate(ds)]
+    items = [_parse_delta(d, f"delta {i}") for i, d in enumerate(_deltas(ds))]
     if not items:
         return b'{"patch":[]}'
     return _delta_bytes(_fold(items))
@@ -793,9 +815,10 @@ def _apply_in_place(doc: _Doc, kind: str, body: Json, log: Undo) -> bool:
 
 def compact(state: bytes | str, ds: Sequence[bytes | str]) -> bytes:
     """Apply `ds` in order; a delta that is malformed or fails at its position is a no-op."""
+    todo = _deltas(ds)
     doc = _Doc(_loads(state, "state"))
     log: Undo = []
-    for d in ds:
+    for d in todo:
         try:
             kind, body = _parse_delta(d)
         except DeltaError:
@@ -876,10 +899,8 @@ class RoomState:
     __slots__ = ("_doc", "_json", "_log", "_msgpack", "_seq")
 
     def __init__(self, state: bytes | str = b"{}", seq: int = 0) -> None:
-        if type(seq) is not int or seq < 0:
-            raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
+        self._seq = _seq_arg(seq)
         self._doc = _Doc(_loads(state, "state"))
-        self._seq = seq
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
         self._log: Undo = []
@@ -890,10 +911,6 @@ class RoomState:
 
     def __repr__(self) -> str:
         return f"<RoomState seq={self._seq}>"
-
-    def _advance(self, seq: int) -> None:
-        if type(seq) is not int or seq <= self._seq:
-            raise ValueError(f"seq {seq!r} is not after the room's seq {self._seq}")
 
     def check(self, d: bytes | str) -> None:
         """DeltaError when d is malformed or would fail now; changes nothing."""
@@ -907,7 +924,11 @@ class RoomState:
 
     def apply(self, d: bytes | str, seq: int) -> bool:
         """Apply d as delta number seq; False (a no-op, seq advances) when it fails."""
-        self._advance(seq)
+        _seq_arg(seq)
+        if not isinstance(d, _TEXT_TYPES):
+            raise TypeError(f"expected bytes or str, not {type(d).__name__}")
+        if seq <= self._seq:
+            raise ValueError(f"seq {seq} is not after the room's seq {self._seq}")
         self._seq = seq
         try:
             kind, body = _parse_delta(d)
@@ -920,11 +941,13 @@ class RoomState:
 
     def apply_batch(self, ds: Sequence[bytes | str], seq: int) -> bytes:
         """Apply deltas self.seq+1 .. seq; one delta from the previous state to the new."""
-        if type(seq) is not int or seq < self._seq or len(ds) != seq - self._seq:
-            raise ValueError(f"{len(ds)} deltas cannot take seq {self._seq} to {seq!r}")
+        _seq_arg(seq)
+        todo = _deltas(ds)
+        if seq < self._seq or len(todo) != seq - self._seq:
+            raise ValueError(f"{len(todo)} deltas cannot take seq {self._seq} to {seq}")
         applied: list[tuple[str, Json]] = []
         concrete: list[_Op] = []
-        for d in ds:
+        for d in todo:
             try:
                 kind, body = _parse_delta(d)
             except DeltaError:

@@ -321,3 +321,30 @@ def test_wrong_argument_types_are_type_errors(engines: ModuleType) -> None:
 def test_bad_msgpack(engines: ModuleType, data: bytes) -> None:
     with pytest.raises(engines.DeltaError):
         engines.msgpack_to_json(data)
+
+
+def test_argument_checks_come_before_any_change(engines: ModuleType) -> None:
+    ok = b'{"merge":{"a":1}}'
+    with pytest.raises(TypeError):
+        engines.merge(ok)  # one delta where a sequence of them is expected
+    with pytest.raises(TypeError):
+        engines.merge([ok, 5])
+    with pytest.raises(TypeError):
+        engines.compact(b"{}", [ok, None])
+    assert engines.merge((ok, ok)) == b'{"merge":{"a":1}}'  # any sequence
+    for bad_seq in (-1, True, 1.0, 2**64, "1"):
+        with pytest.raises(ValueError):
+            engines.RoomState(b"{}", bad_seq)
+    room = engines.RoomState(b"{}", 2**64 - 3)
+    with pytest.raises(TypeError):
+        room.apply(5, 2**64 - 2)
+    with pytest.raises(TypeError):
+        room.apply_batch([ok, 5], 2**64 - 1)
+    assert room.seq == 2**64 - 3
+    assert room.to_json() == b"{}"
+    assert room.apply(b"not json", 2**64 - 2) is False
+    assert room.to_json() == b"{}"
+    assert room.apply(ok, 2**64 - 1) is True
+    with pytest.raises(ValueError):
+        room.apply(ok, 2**64)
+    assert room.seq == 2**64 - 1
