@@ -75,6 +75,11 @@ class Room:
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = 0.0
         self._closed = False
+        # The state with the queued ops applied too, built only when a check needs it.
+        self._head: delta.RoomState | None = None
+        # Highest seq this relay acknowledged in this room, and checks waiting to see it.
+        self.acked_seq = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def __repr__(self) -> str:
         seq = None if self.state is None else self.state.seq
@@ -103,6 +108,7 @@ class Room:
         if self._closed:
             return
         self.queue = []
+        self._head = None
         self.recent.clear()
         self.state = state
         self.last_seq = state.seq
@@ -132,6 +138,56 @@ class Room:
         self.queue.append(op)
         self.last_seq = op.seq
         self._schedule_flush()
+        if self._waiters:
+            still = []
+            for target, fut in self._waiters:
+                if target <= op.seq:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((target, fut))
+            self._waiters = still
+
+    # ------------------------------------------------------------------ checks
+
+    def head(self) -> delta.RoomState:
+        """The state after every op received so far, broadcast or still queued."""
+        state = self.state
+        assert state is not None
+        if not self.queue:
+            return state
+        head = self._head
+        if head is None or head.seq < state.seq:
+            # One copy per batch at most, and only when a check needs the queued ops.
+            head = self._head = delta.RoomState(state.to_json(), state.seq)
+        for op in self.queue:
+            if op.seq > head.seq:
+                head.apply(op.delta, op.seq)
+        return head
+
+    async def check(self, doc: bytes, wait_s: float = 1.0) -> None:
+        """DeltaError when `doc` cannot apply to the room's latest state. A delta that
+        depends on one this relay just acknowledged waits (briefly) for it to arrive."""
+        await self.ensure_loaded()
+        try:
+            self.head().check(doc)
+            return
+        except delta.DeltaError:
+            if self.last_seq >= self.acked_seq:
+                raise
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((self.acked_seq, fut))
+        try:
+            async with asyncio.timeout(wait_s):
+                await fut
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters = [(t, f) for t, f in self._waiters if f is not fut]
+        self.head().check(doc)
+
+    def note_acked(self, seq: int) -> None:
+        self.acked_seq = max(self.acked_seq, seq)
 
     def _drain_held(self) -> bool:
         """Move held ops that now follow last_seq into the queue; True when none is left."""
@@ -184,6 +240,7 @@ class Room:
             return
         self._cancel_flush()
         self.queue = []
+        self._head = None
         self.recent.clear()
         self.state = state
         self.last_seq = state.seq
@@ -212,6 +269,7 @@ class Room:
     def flush(self) -> None:
         """Apply the queued ops to the state and broadcast them as one frame."""
         self._flush_handle = None
+        self._head = None
         ops, self.queue = self.queue, []
         state = self.state
         if not ops or state is None:

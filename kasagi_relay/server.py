@@ -382,9 +382,8 @@ class Relay:
         room = self._room(req.room)
         state = await room.ensure_loaded()
         room.last_active = time.monotonic()
-        doc = req.doc
         try:
-            state.check(doc)
+            await room.check(req.doc)
         except delta.DeltaError as exc:
             seq = self._known_key(req.room, req.key)
             if seq is None:
@@ -401,6 +400,7 @@ class Relay:
             self._inflight -= 1
             if not self._inflight:
                 self._inflight_done.set()
+        room.note_acked(seq)
         self.metrics.deltas_in.inc()
         if req.key is not None:
             self._remember_key(req.room, req.key, seq)
