@@ -804,8 +804,11 @@ def _apply_in_place(doc: _Doc, kind: str, body: Json, log: Undo) -> bool:
     if kind == "merge":
         doc.root = _merge_apply(doc.root, body)
         return True
+    # One op other than move fails before it changes anything: no undo log needed (which
+    # saves finding a removed member's position, O(size of its object)).
+    use_log = log if len(body) > 1 or (body and body[0].op == "move") else None
     try:
-        _apply_ops(doc, body, log)
+        _apply_ops(doc, body, use_log)
     except DeltaError:
         _rollback(doc, log)
         return False
