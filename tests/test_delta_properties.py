@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -13,8 +14,9 @@ from hypothesis import strategies as st
 
 from kasagi_relay import _pydelta as pure_engine
 
+# KASAGI_HYPOTHESIS_EXAMPLES=5000 for a longer hunt than the suite's default.
 SETTINGS = settings(
-    max_examples=200,
+    max_examples=int(os.environ.get("KASAGI_HYPOTHESIS_EXAMPLES", "200")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
