@@ -320,6 +320,9 @@ def test_room_state_from_a_snapshot(engines: ModuleType) -> None:
 
 def test_room_state_caches_follow_changes(engines: ModuleType) -> None:
     room = engines.RoomState(b'{"n":0}')
+    # Cached: asking again without a change hands out the same encoded snapshot.
+    assert room.to_json() is room.to_json()
+    assert room.to_msgpack() is room.to_msgpack()
     for i in range(1, 20):
         assert room.to_json() == f'{{"n":{i - 1}}}'.encode()
         assert msgpack.unpackb(room.to_msgpack()) == {"n": i - 1}
