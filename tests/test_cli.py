@@ -1,0 +1,123 @@
+"""The `kasagi-relay` command line, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from relay_helpers import REPO, connect_client, relay_env, relay_process
+
+from kasagi_relay.cli import parse_config
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kasagi_relay", *args],
+        env=relay_env(env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_help_explains_every_flag() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for flag, env in [
+        ("--host", "KASAGI_HOST"),
+        ("--port", "KASAGI_PORT"),
+        ("--redis", "KASAGI_REDIS"),
+        ("--sentinels", "KASAGI_SENTINELS"),
+        ("--master", "KASAGI_MASTER"),
+        ("--redis-password", "KASAGI_REDIS_PASSWORD"),
+        ("--sentinel-password", "KASAGI_SENTINEL_PASSWORD"),
+        ("--ack", "KASAGI_ACK"),
+        ("--tick-ms", "KASAGI_TICK_MS"),
+        ("--history", "KASAGI_HISTORY"),
+        ("--max-message-bytes", "KASAGI_MAX_MESSAGE_BYTES"),
+        ("--max-state-bytes", "KASAGI_MAX_STATE_BYTES"),
+        ("--send-queue-bytes", "KASAGI_SEND_QUEUE_BYTES"),
+        ("--log-level", "KASAGI_LOG_LEVEL"),
+        ("--log-format", "KASAGI_LOG_FORMAT"),
+    ]:
+        assert flag in text and env in text, flag
+    assert "ws://127.0.0.1:8765/ws" in text
+    assert "default: kasagi-master" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--bogus"], None, "unrecognized arguments: --bogus"),
+        (["--port", "http"], None, "--port"),
+        (["--port", "70000"], None, "between 0 and 65535"),
+        (["--ack", "some"], None, "--ack"),
+        (["--tick-ms", "-5"], None, "--tick-ms"),
+        (["--max-state-bytes", "lots"], None, "not a size"),
+        (["--sentinels", "nohostport"], None, "host:port"),
+        (["--log-format", "xml"], None, "--log-format"),
+        ([], {"KASAGI_TICK_MS": "soon"}, "--tick-ms"),
+        (["--redis", "redis://x", "--sentinels", "a:1"], None, "exclusive"),
+    ],
+)
+def test_bad_flag_or_value_is_one_line_and_exit_2(
+    args: list[str], env: dict[str, str] | None, needle: str
+) -> None:
+    r = run(*args, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("kasagi-relay: error:") and needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--redis", "redis://127.0.0.1:6379/0"], None),
+        (["--sentinels", "127.0.0.1:26379,127.0.0.1:26380"], None),
+        ([], {"KASAGI_REDIS": "redis://127.0.0.1:6379"}),
+    ],
+)
+def test_redis_backends_say_not_available_yet(args: list[str], env: dict[str, str] | None) -> None:
+    r = run(*args, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not available yet" in lines[0], r.stderr
+
+
+def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("KASAGI_PORT", "KASAGI_HOST", "KASAGI_ACK", "KASAGI_SENTINELS", "KASAGI_TICK_MS"):
+        monkeypatch.delenv(name, raising=False)
+    c = parse_config([])
+    assert (c.host, c.port, c.backend_name, c.ack_level) == ("127.0.0.1", 8765, "memory", "leader")
+    monkeypatch.setenv("KASAGI_TICK_MS", "25")
+    monkeypatch.setenv("KASAGI_SEND_QUEUE_BYTES", "256KiB")
+    c = parse_config([])
+    assert (c.tick_ms, c.send_queue_bytes) == (25, 256 * 1024)
+    assert parse_config(["--tick-ms", "5"]).tick_ms == 5  # the flag wins
+    c = parse_config(["--sentinels", "a:1,b:2"])
+    assert c.sentinels == (("a", 1), ("b", 2)) and c.ack_level == "replica"
+    assert parse_config(["--sentinels", "a:1", "--ack", "all"]).ack_level == "all"
+
+
+async def test_no_arguments_serves_memory_and_says_so_in_one_line() -> None:
+    # No flags at all; the port comes from the environment only so parallel runs of the
+    # suite cannot collide on 8765 (the default itself is checked above).
+    async with relay_process(port="", env={"KASAGI_PORT": "0"}) as proc:
+        lines = [line for line in proc.stderr_lines if "serving" in line]
+        assert len(lines) == 1
+        assert "ws://127.0.0.1:" in lines[0] and "memory backend" in lines[0]
+        async with connect_client(proc.url) as c:
+            assert (await c.join("lobby"))["state"] == {}
+        assert await proc.terminate() == 0
+
+
+async def test_json_logs() -> None:
+    import json
+
+    async with relay_process("--log-format", "json") as proc:
+        entry = json.loads(proc.stderr_lines[0])
+        assert entry["level"] == "info" and "serving ws://" in entry["msg"]
