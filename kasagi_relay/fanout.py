@@ -94,22 +94,23 @@ class Member:
         if self.dropped or self.protocol.state is not OPEN:
             return False
         buffered = self.transport.get_write_buffer_size()
+        size = len(data)
         if buffered <= self.limit:
             self._allowance = self.limit
-        elif buffered + len(data) > self._allowance:
+        elif buffered + size > self._allowance:
             self.dropped = True
             self._on_slow(self)
             return False
+        if size > self.limit:
+            # A frame bigger than the limit (a full state) goes out whole; the member is
+            # given the time to read it before the limit applies again.
+            self._allowance = max(self._allowance, buffered + size + self.limit)
         self.transport.write(data)
         return True
 
-    def send(self, payload: bytes, *, big: bool = False) -> bool:
-        """Frame and write one payload of this member's subprotocol. `big` lets a payload
-        over the queue limit through once (a full state)."""
-        data = frame(self.opcode, payload)
-        if big:
-            self._allowance = max(self._allowance, self.buffered() + len(data) + self.limit)
-        return self.write(data)
+    def send(self, payload: bytes) -> bool:
+        """Frame and write one payload of this member's subprotocol."""
+        return self.write(frame(self.opcode, payload))
 
 
 def broadcast(members: Iterable[Member], message: DeltaFrame) -> tuple[int, int]:

@@ -77,6 +77,8 @@ class Room:
         self._closed = False
         # The state with the queued ops applied too, built only when a check needs it.
         self._head: delta.RoomState | None = None
+        self._head_used = False
+        self._approx_size: int | None = None
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -109,6 +111,7 @@ class Room:
             return
         self.queue = []
         self._head = None
+        self._approx_size = None
         self.recent.clear()
         self.state = state
         self.last_seq = state.seq
@@ -137,6 +140,8 @@ class Room:
     def _enqueue(self, op: Op) -> None:
         self.queue.append(op)
         self.last_seq = op.seq
+        if self._approx_size is not None:
+            self._approx_size += len(op.delta)
         self._schedule_flush()
         if self._waiters:
             still = []
@@ -156,14 +161,42 @@ class Room:
         assert state is not None
         if not self.queue:
             return state
+        self._head_used = True
         head = self._head
         if head is None or head.seq < state.seq:
-            # One copy per batch at most, and only when a check needs the queued ops.
+            # A second copy of the state, made only when checks need the queued ops, then
+            # kept up to date op by op while they keep needing it (see flush).
             head = self._head = delta.RoomState(state.to_json(), state.seq)
         for op in self.queue:
             if op.seq > head.seq:
                 head.apply(op.delta, op.seq)
         return head
+
+    def _advance_head(self, ops: list[Op]) -> None:
+        head = self._head
+        if head is None:
+            return
+        if not self._head_used:
+            self._head = None  # nobody needed it during the last batch: free it
+            return
+        self._head_used = False
+        try:
+            for op in ops:
+                if op.seq > head.seq:
+                    head.apply(op.delta, op.seq)
+        except Exception:
+            self._head = None
+
+    def state_too_large(self, extra: int, limit: int) -> bool:
+        """Would the state pass `limit` bytes of JSON with `extra` more? Estimated from the
+        last exact size plus the size of every op since; exact only near the limit, so a
+        delta does not cost a serialization of the whole state."""
+        if self._approx_size is None:
+            self._approx_size = self.head().json_size()
+        if self._approx_size + extra <= limit:
+            return False
+        self._approx_size = self.head().json_size()
+        return self._approx_size + extra > limit
 
     async def check(self, doc: bytes, wait_s: float = 1.0) -> None:
         """DeltaError when `doc` cannot apply to the room's latest state. A delta that
@@ -241,6 +274,7 @@ class Room:
         self._cancel_flush()
         self.queue = []
         self._head = None
+        self._approx_size = None
         self.recent.clear()
         self.state = state
         self.last_seq = state.seq
@@ -269,11 +303,11 @@ class Room:
     def flush(self) -> None:
         """Apply the queued ops to the state and broadcast them as one frame."""
         self._flush_handle = None
-        self._head = None
         ops, self.queue = self.queue, []
         state = self.state
         if not ops or state is None:
             return
+        self._advance_head(ops)
         self._last_flush = asyncio.get_running_loop().time()
         try:
             frame = self._apply(state, ops)
@@ -320,8 +354,8 @@ class Room:
 
     async def join(self, member: Member, since: int | None, rid: int | str | None) -> None:
         """Send `joined` (full state, or resumed + the missed deltas) and add the member."""
+        self.last_active = time.monotonic()  # before any await: not idle, not evicted
         state = await self.ensure_loaded()
-        self.last_active = time.monotonic()
         missed: list[Op] | None = None
         if since is not None and since <= state.seq:
             missed = await self._missed(since)
@@ -342,7 +376,7 @@ class Room:
                 member.send(payload)
         else:
             payload = encode_joined(member.codec, self.name, state.seq, rid, state)
-            member.send(payload, big=True)
+            member.send(payload)
         self.members[member] = None
 
     async def _missed(self, since: int) -> list[Op] | None:

@@ -289,9 +289,7 @@ class Relay:
         client.rooms.clear()
 
     async def _handler(self, conn: ServerConnection) -> None:
-        codec: Codec = JSON if conn.subprotocol is None else protocol.MSGPACK
-        if conn.subprotocol is not None and conn.subprotocol != protocol.MSGPACK:
-            codec = JSON
+        codec: Codec = protocol.MSGPACK if conn.subprotocol == protocol.MSGPACK else JSON
         client = Client(conn, codec, self.config, self)
         self.clients.add(client)
         self.metrics.connections.inc()
@@ -380,8 +378,8 @@ class Relay:
 
     async def _delta(self, client: Client, req: protocol.Delta, received: float) -> None:
         room = self._room(req.room)
-        state = await room.ensure_loaded()
-        room.last_active = time.monotonic()
+        room.last_active = time.monotonic()  # before any await: not idle, not evicted
+        await room.ensure_loaded()
         try:
             await room.check(req.doc)
         except delta.DeltaError as exc:
@@ -391,7 +389,7 @@ class Relay:
             self._ack(client, req, seq, received)
             return
         limit = self.config.max_state_bytes
-        if state.json_size() + len(req.body) > limit:
+        if room.state_too_large(len(req.body), limit):
             raise BadRequest("too_large", f"the room's state would pass {limit} bytes")
         self._inflight += 1
         try:

@@ -95,3 +95,19 @@ async def test_stalled_member_is_dropped_with_1013_others_keep_receiving() -> No
         assert frames[-1][0] == 0x8
         assert struct.unpack("!H", frames[-1][1][:2])[0] == 1013
         assert all(op == 0x1 for op, _ in frames[:-1])
+
+
+async def test_a_state_bigger_than_the_send_queue_still_reaches_a_joiner() -> None:
+    async with (
+        start_relay(send_queue_bytes=16 * 1024) as relay,
+        connect_client(relay.url) as writer,
+    ):
+        for i in range(8):
+            await writer.delta("r", merge={f"k{i}": "v" * 30_000})
+        async with connect_client(relay.url) as joiner:
+            joined = await joiner.join("r")
+            assert len(joined["state"]) == 8
+            await writer.delta("r", merge={"next": 1})
+            f = await joiner.expect("delta")
+            assert f["seq"] == 9
+        assert relay.metrics.dropped_members._value.get() == 0
