@@ -243,6 +243,7 @@ class Room:
 
     async def _run_backfill(self) -> None:
         delay = 0.05
+        passes = 0
         try:
             while not self._closed:
                 try:
@@ -261,8 +262,10 @@ class Room:
                     continue
                 if self._drain_held():
                     return
-                # Held ops beyond what history had: published after our read; read again.
-                await asyncio.sleep(0)
+                # Held ops beyond what history had: published after our read; read again,
+                # backing off in case the history never catches up with them.
+                passes += 1
+                await asyncio.sleep(min(0.005 * passes, 1.0))
         finally:
             self._backfill = None
 
@@ -344,7 +347,17 @@ class Room:
     def _fanout(self, frame: DeltaFrame, n_ops: int) -> None:
         if not self.members:
             return
-        count, total = broadcast(list(self.members), frame)
+        try:
+            count, total = broadcast(list(self.members), frame)
+        except Exception:
+            # Members may have missed this frame: a reset puts them back on the stream.
+            logger.exception(
+                "room %s: broadcast of %d..%d failed", self.name, frame.first, frame.seq
+            )
+            if n_ops == 0 or self.state is None:
+                return
+            count, total = broadcast(list(self.members), DeltaFrame.reset(self.name, self.state))
+            self.metrics.resets.inc()
         m = self.metrics
         m.broadcasts.inc()
         m.frames_out.inc(count)

@@ -13,6 +13,9 @@ from relay_helpers import JSON, MSGPACK, Client, connect_client, start_relay
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from kasagi_relay.backends.base import BackendUnavailable
+from kasagi_relay.backends.memory import MemoryBackend
+
 
 def add(path: str, value: Any) -> list[dict[str, Any]]:
     return [{"op": "add", "path": path, "value": value}]
@@ -311,3 +314,105 @@ async def test_leave_stops_the_stream() -> None:
         assert f["seq"] == 2
         payload = json.dumps(f)
         assert "kasagi" not in payload
+
+
+class FlakyBackend(MemoryBackend):
+    """The memory backend with an off switch: writes fail as a lost Redis would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def publish(self, room: str, kind: Any, body: bytes, key: str | None = None) -> int:
+        if self.down:
+            raise BackendUnavailable("backend unreachable")
+        return await super().publish(room, kind, body, key)
+
+    async def health(self) -> dict[str, object]:
+        return {"ok": not self.down, "backend": "flaky"}
+
+
+async def test_backend_down_unavailable_and_healthz_503() -> None:
+    backend = FlakyBackend()
+    async with (
+        start_relay(backend=backend) as relay,
+        connect_client(relay.url) as a,
+        connect_client(relay.url) as b,
+    ):
+        base = f"http://127.0.0.1:{relay.port}"
+        await b.join("r")
+        await a.delta("r", add("/a", 1), key="k1")
+        backend.down = True
+        status, _, body = await asyncio.to_thread(http_get, base + "/healthz")
+        assert status == 503 and json.loads(body) == {"ok": False, "backend": "flaky"}
+        await a.send({"t": "delta", "room": "r", "id": 1, "merge": {"x": 1}, "key": "k2"})
+        err = await a.expect("error")
+        assert (err["code"], err["id"], err["room"]) == ("unavailable", 1, "r")
+        # Joins are served from the cached state meanwhile.
+        async with connect_client(relay.url) as c:
+            assert (await c.join("r"))["state"] == {"a": 1}
+        backend.down = False
+        assert (await asyncio.to_thread(http_get, base + "/healthz"))[0] == 200
+        ack = await a.delta("r", merge={"x": 1}, key="k2", id=2)  # the retry
+        assert ack is not None and ack["seq"] == 2
+        frames = await collect(b, "r", 2)
+        assert [f["seq"] for f in frames] == [1, 2]
+        assert b"kasagi_backend_errors_total 1.0" in relay.metrics.render()
+
+
+class LossyBackend(MemoryBackend):
+    """Stores every delta but can fail to deliver some, as a broken subscription would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mute = False
+
+    async def publish(self, room: str, kind: Any, body: bytes, key: str | None = None) -> int:
+        listener = self._listener
+        if self.mute:
+            self._listener = None
+        try:
+            return await super().publish(room, kind, body, key)
+        finally:
+            self._listener = listener
+
+
+async def test_gap_is_backfilled_and_lost_history_is_a_reset() -> None:
+    backend = LossyBackend()
+    async with (
+        start_relay(backend=backend, compaction_interval_s=0) as relay,
+        connect_client(relay.url) as w,
+        connect_client(relay.url) as m,
+    ):
+        await m.join("r")
+        await w.delta("r", add("/a", 1))
+        backend.mute = True
+        await w.delta("r", add("/b", 2))
+        backend.mute = False
+        await w.delta("r", add("/c", 3))  # seq 3 reveals the gap: 2 is read from history
+        frames = await collect(m, "r", 3)
+        assert_gapless(frames, 0)
+        backend.mute = True
+        for i in range(5):
+            await w.delta("r", add(f"/d{i}", i))
+        from kasagi_relay.compaction import compact_room
+
+        await compact_room(backend, "r", history=1)  # history now starts at seq 8
+        backend.mute = False
+        await w.delta("r", add("/e", 5))  # seq 9: the gap 4..8 cannot be backfilled
+        reset = await m.expect("reset")
+        assert reset["seq"] == 9
+        assert reset["state"] == {
+            "a": 1,
+            "b": 2,
+            "c": 3,
+            "d0": 0,
+            "d1": 1,
+            "d2": 2,
+            "d3": 3,
+            "d4": 4,
+            "e": 5,
+        }
+        await w.delta("r", add("/f", 6))
+        f = await m.expect("delta")
+        assert (f["from"], f["seq"]) == (10, 10)
