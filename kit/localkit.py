@@ -1,0 +1,1185 @@
+#!/usr/bin/env python3
+"""The deployment kit without Docker: the compose topology as local processes.
+
+Runs the OS's ``redis-server`` (Sentinels with ``--sentinel``) from the kit's own config files
+(redis/*.conf, sentinel/*.conf), rendered into a state directory with the ports and paths
+substituted, plus one ``kasagi-relay --sentinels ...``. Every process it starts gets a PID
+file there; ``down`` stops exactly those PIDs (after checking each one is still ours), never
+anything by name.
+
+Standard library only, so it runs with any python3 >= 3.9. The relay check of
+``failover-test`` needs the ``websockets`` package (the project's .venv has it).
+
+The Makefile calls it; by hand::
+
+    python3 kit/localkit.py up --state-dir .kit --ports 7379,7380,7381 \
+        --sentinel-ports 27379,27380,27381 --relay-port 8765 --down-after-ms 1000
+    python3 kit/localkit.py status --state-dir .kit
+    python3 kit/localkit.py failover-test --state-dir .kit
+    python3 kit/localkit.py down --state-dir .kit
+
+Only ``up`` takes the topology options; the later commands read them back from
+``<state-dir>/kit.json``. ``status``, ``sentinel-status`` and ``failover-test`` also work
+against the docker-compose deployment with ``--docker`` (containers publish the same ports
+as they listen on, so the host reaches each node at 127.0.0.1 and the node's port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+LOCALHOST = "127.0.0.1"
+
+# Names and defaults: the same as docker-compose.yml and the config files (the test
+# tests/test_deploy_kit.py checks that the three agree).
+MASTER = "kasagi-redis-master"
+REPLICAS = ("kasagi-redis-replica-1", "kasagi-redis-replica-2")
+SENTINELS = ("kasagi-sentinel-1", "kasagi-sentinel-2", "kasagi-sentinel-3")
+RELAY = "kasagi-relay"
+DEFAULT_PORTS = (6379, 6380, 6381)
+DEFAULT_SENTINEL_PORTS = (26379, 26380, 26381)
+DEFAULT_RELAY_PORT = 8765
+DEFAULT_DOWN_AFTER_MS = 5000
+
+MASTER_CONF = "redis/redis-master.conf"
+REPLICA_CONF = "redis/redis-replica.conf"
+SENTINEL_CONFS = tuple(f"sentinel/sentinel-{i}.conf" for i in (1, 2, 3))
+
+
+class KitError(Exception):
+    """A failure with a message meant for the person at the terminal."""
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny RESP2 client (enough for PING, INFO, SET, WAIT, SENTINEL ...)
+# --------------------------------------------------------------------------------------------
+
+
+class RespError(Exception):
+    pass
+
+
+class Resp:
+    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Resp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, *args: object) -> Any:
+        out = [f"*{len(args)}\r\n".encode()]
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        self.sock.sendall(b"".join(out))
+        return self._read()
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n + 2:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n + 2 :]
+        return data
+
+    def _read(self) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RespError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self._exact(n).decode(errors="replace")
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise RespError(f"unexpected reply {line[:40]!r}")
+
+
+def call(port: int, *args: object, timeout: float = 1.0) -> Any:
+    with Resp(LOCALHOST, port, timeout) as r:
+        return r.call(*args)
+
+
+def info(port: int, section: str = "replication") -> dict[str, str]:
+    text = call(port, "INFO", section)
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line and not line.startswith("#"):
+            k, v = line.split(":", 1)
+            out[k] = v
+    return out
+
+
+def pairs(flat: list[Any]) -> dict[str, Any]:
+    return dict(zip(flat[::2], flat[1::2]))
+
+
+def port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection((LOCALHOST, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    ports: tuple[int, int, int] = DEFAULT_PORTS  # master, replica-1, replica-2
+    sentinel_ports: tuple[int, int, int] = DEFAULT_SENTINEL_PORTS
+    relay_port: int = DEFAULT_RELAY_PORT
+    down_after_ms: int = DEFAULT_DOWN_AFTER_MS
+    failover_timeout_ms: int | None = None  # None: as the sentinel configs say
+    relay: list[str] = field(default_factory=list)  # the relay command; empty: no relay
+    relay_args: list[str] = field(default_factory=list)
+    redis_server: str = "redis-server"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Settings:
+        s = cls(**data)
+        s.ports = tuple(s.ports)  # type: ignore[assignment]
+        s.sentinel_ports = tuple(s.sentinel_ports)  # type: ignore[assignment]
+        return s
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str  # "redis" | "sentinel" | "relay"
+    port: int
+    template: str | None  # config file in the repo, None for the relay
+    master_port: int | None = None  # replicas: the port of the master they start under
+
+
+class Kit:
+    def __init__(self, state_dir: Path, docker: bool = False) -> None:
+        self.state = state_dir.resolve()
+        self.docker = docker
+        self.settings = Settings()
+
+    # ---- topology ----
+
+    def redis_nodes(self) -> list[Node]:
+        p = self.settings.ports
+        return [
+            Node(MASTER, "redis", p[0], MASTER_CONF),
+            Node(REPLICAS[0], "redis", p[1], REPLICA_CONF, p[0]),
+            Node(REPLICAS[1], "redis", p[2], REPLICA_CONF, p[0]),
+        ]
+
+    def sentinel_nodes(self) -> list[Node]:
+        return [
+            Node(name, "sentinel", port, conf, self.settings.ports[0])
+            for name, port, conf in zip(SENTINELS, self.settings.sentinel_ports, SENTINEL_CONFS)
+        ]
+
+    def relay_node(self) -> Node:
+        return Node(RELAY, "relay", self.settings.relay_port, None)
+
+    def name_of_port(self, port: int) -> str:
+        for n in [*self.redis_nodes(), *self.sentinel_nodes()]:
+            if n.port == port:
+                return n.name
+        return f"?:{port}"
+
+    def master_name_and_quorum(self) -> tuple[str, int]:
+        for line in (REPO / SENTINEL_CONFS[0]).read_text().splitlines():
+            w = line.split()
+            if w[:2] == ["sentinel", "monitor"]:
+                return w[2], int(w[5])
+        raise KitError(f"{SENTINEL_CONFS[0]}: no `sentinel monitor` line")
+
+    # ---- state files ----
+
+    @property
+    def kit_json(self) -> Path:
+        return self.state / "kit.json"
+
+    def load(self) -> None:
+        if self.docker:
+            return
+        if not self.kit_json.exists():
+            raise KitError(f"no kit state in {self.state}: run `make up` first")
+        self.settings = Settings.from_json(json.loads(self.kit_json.read_text()))
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.state / f"{name}.log"
+
+    def node_dir(self, name: str) -> Path:
+        return self.state / name
+
+    def conf_file(self, node: Node) -> Path:
+        return self.node_dir(node.name) / ("sentinel.conf" if node.kind == "sentinel" else "redis.conf")
+
+    def read_pid(self, name: str) -> int | None:
+        try:
+            return int(self.pid_file(name).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def ours(self, pid: int, node: Node) -> bool:
+        """The PID is alive, not a zombie, and still the process we started (not reused)."""
+        proc = Path(f"/proc/{pid}")
+        if proc.exists():
+            try:
+                stat = (proc / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return False
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                return False
+            # Every process of ours runs with its working directory inside the state dir.
+            return cwd == str(self.state) or cwd.startswith(str(self.state) + os.sep)
+        try:  # no /proc (macOS): ask ps
+            out = subprocess.run(
+                ["ps", "-o", "stat=,command=", "-p", str(pid)], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            return False
+        return bool(out) and not out.startswith("Z") and str(node.port) in out
+
+    def running_pid(self, node: Node) -> int | None:
+        pid = self.read_pid(node.name)
+        return pid if pid is not None and self.ours(pid, node) else None
+
+    # ---- docker mode ----
+
+    def container_running(self, name: str) -> bool:
+        out = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Running}}", name], capture_output=True, text=True
+        )
+        return out.stdout.strip() == "true"
+
+    def alive_label(self, node: Node) -> tuple[bool, str]:
+        if self.docker:
+            ok = self.container_running(node.name)
+            return ok, "container up" if ok else "container DOWN"
+        pid = self.running_pid(node)
+        return (pid is not None), (f"pid {pid}" if pid else "NOT RUNNING")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering the config files for local mode
+# --------------------------------------------------------------------------------------------
+
+
+def directive_key(line: str) -> str | None:
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return None
+    w = s.split()
+    return " ".join(w[:2]).lower() if w[0].lower() == "sentinel" else w[0].lower()
+
+
+def render(template: str, subs: dict[str, str], source: str) -> str:
+    """Replace each directive named in subs (it must occur exactly once) by the given line."""
+    seen: dict[str, int] = dict.fromkeys(subs, 0)
+    out = []
+    for line in template.splitlines():
+        key = directive_key(line)
+        if key in subs:
+            seen[key] += 1
+            out.append(subs[key])
+        else:
+            out.append(line)
+    bad = {k: n for k, n in seen.items() if n != 1}
+    if bad:
+        raise KitError(
+            f"{source}: expected each of these directives exactly once, found {bad}; "
+            "the kit substitutes them for local mode"
+        )
+    return "\n".join(out) + "\n"
+
+
+def render_node(node: Node, data_dir: Path, s: Settings) -> str:
+    assert node.template is not None
+    text = (REPO / node.template).read_text()
+    header = (
+        f"# Rendered by kit/localkit.py from {node.template} for local mode "
+        f"({node.name}): bind/port/dir/announce/replicaof/monitor substituted.\n"
+    )
+    if node.kind == "redis":
+        subs = {
+            "bind": f"bind {LOCALHOST}",
+            "port": f"port {node.port}",
+            "dir": f"dir {data_dir}",
+            "replica-announce-ip": f"replica-announce-ip {LOCALHOST}",
+            "replica-announce-port": f"replica-announce-port {node.port}",
+        }
+        if node.master_port is not None:
+            subs["replicaof"] = f"replicaof {LOCALHOST} {node.master_port}"
+        return header + render(text, subs, node.template)
+    monitor = next(
+        line.split() for line in text.splitlines() if directive_key(line) == "sentinel monitor"
+    )
+    name, quorum = monitor[2], monitor[5]
+    subs = {
+        "bind": f"bind {LOCALHOST}",
+        "port": f"port {node.port}",
+        "dir": f"dir {data_dir}",
+        "sentinel announce-hostnames": "sentinel announce-hostnames no",
+        "sentinel announce-ip": f"sentinel announce-ip {LOCALHOST}",
+        "sentinel announce-port": f"sentinel announce-port {node.port}",
+        "sentinel monitor": f"sentinel monitor {name} {LOCALHOST} {node.master_port} {quorum}",
+        "sentinel down-after-milliseconds": (
+            f"sentinel down-after-milliseconds {name} {s.down_after_ms}"
+        ),
+    }
+    if s.failover_timeout_ms is not None:
+        subs["sentinel failover-timeout"] = f"sentinel failover-timeout {name} {s.failover_timeout_ms}"
+    return header + render(text, subs, node.template)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+def log_tail(path: Path, n: int = 8) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    | " + line for line in lines[-n:])
+
+
+def wait_for(pred: Any, timeout: float, interval: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if pred():
+                return True
+        except (OSError, RespError, ConnectionError, ValueError):
+            pass
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)
+
+
+def spawn(kit: Kit, node: Node, argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    log = open(kit.log_file(node.name), "ab")  # noqa: SIM115 (the child keeps it)
+    log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} kit starts: {shlex.join(argv)}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C on make does not reach it; `down` stops it
+        close_fds=True,
+    )
+    log.close()
+    kit.pid_file(node.name).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def start_redis(kit: Kit, node: Node) -> str:
+    pid = kit.running_pid(node)
+    if pid:
+        return f"already running (pid {pid})"
+    if port_answers(node.port):
+        raise KitError(
+            f"{node.name}: port {node.port} is taken by a process that is not ours "
+            f"(another Redis?). Pick free ports, e.g. `make up REDIS_PORT=7379 "
+            f"REPLICA_1_PORT=7380 REPLICA_2_PORT=7381 SENTINEL_1_PORT=27379 "
+            f"SENTINEL_2_PORT=27380 SENTINEL_3_PORT=27381` (then the same variables for "
+            f"every later target is not needed: they are kept in {kit.kit_json})"
+        )
+    conf = kit.conf_file(node)
+    argv = [kit.settings.redis_server, str(conf)]
+    if node.kind == "sentinel":
+        argv.append("--sentinel")
+    proc = spawn(kit, node, argv, conf.parent)
+    if not wait_for(lambda: call(node.port, "PING") == "PONG", 10):
+        code = proc.poll()
+        raise KitError(
+            f"{node.name} did not answer PING on {node.port} within 10 s"
+            f" ({'exited ' + str(code) if code is not None else 'still starting'}); "
+            f"log {kit.log_file(node.name)}:\n{log_tail(kit.log_file(node.name))}"
+        )
+    return f"started (pid {proc.pid})"
+
+
+def healthz(port: int, timeout: float = 2.0) -> tuple[int | None, str]:
+    url = f"http://{LOCALHOST}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read(400).decode(errors="replace").strip()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(400).decode(errors="replace").strip()
+    except (OSError, ValueError) as e:
+        return None, str(e)
+
+
+def start_relay(kit: Kit) -> tuple[bool, str]:
+    s = kit.settings
+    node = kit.relay_node()
+    if not s.relay:
+        return True, "skipped (RELAY is empty)"
+    pid = kit.running_pid(node)
+    if pid:
+        return True, f"already running (pid {pid})"
+    exe = s.relay[0]
+    if shutil.which(exe) is None and not Path(exe).exists():
+        return False, (
+            f"{exe} not found: install the package into .venv first "
+            "(`./scripts/test.sh` or `.venv/bin/pip install -e .`), or set RELAY=<command>"
+        )
+    if port_answers(s.relay_port):
+        return False, f"port {s.relay_port} is taken by a process that is not ours: set RELAY_PORT"
+    master_name, _ = kit.master_name_and_quorum()
+    sentinels = ",".join(f"{LOCALHOST}:{p}" for p in s.sentinel_ports)
+    argv = [
+        *s.relay,
+        "--host", LOCALHOST,
+        "--port", str(s.relay_port),
+        "--sentinels", sentinels,
+        "--master", master_name,
+        *s.relay_args,
+    ]  # fmt: skip
+    cwd = kit.node_dir(RELAY)
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = spawn(kit, node, argv, cwd)
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        code = proc.poll()
+        if code is not None:
+            kit.pid_file(RELAY).unlink(missing_ok=True)
+            return False, (
+                f"exited with status {code} at start: {shlex.join(argv)}\n"
+                f"  log {kit.log_file(RELAY)}:\n{log_tail(kit.log_file(RELAY))}"
+            )
+        status, body = healthz(s.relay_port, timeout=1.0)
+        if status == 200:
+            return True, f"started (pid {proc.pid}), /healthz 200 {body}"
+        time.sleep(0.2)
+    return False, (
+        f"running (pid {proc.pid}) but /healthz is not 200 after 20 s "
+        f"(last: {status} {body}); log {kit.log_file(RELAY)}:\n{log_tail(kit.log_file(RELAY))}"
+    )
+
+
+def stop_pid(kit: Kit, node: Node, timeout: float = 15.0) -> str:
+    pid = kit.read_pid(node.name)
+    if pid is None:
+        return ""
+    pf = kit.pid_file(node.name)
+    if not kit.ours(pid, node):
+        pf.unlink(missing_ok=True)
+        return f"{node.name}: pid {pid} already gone (PID file removed)"
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pf.unlink(missing_ok=True)
+        return f"{node.name}: pid {pid} already gone"
+    if not wait_for(lambda: not kit.ours(pid, node), timeout, 0.05):
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not kit.ours(pid, node), 5, 0.05)
+        pf.unlink(missing_ok=True)
+        return f"{node.name}: pid {pid} did not stop on SIGTERM in {timeout:.0f} s: SIGKILLed"
+    pf.unlink(missing_ok=True)
+    return f"{node.name}: stopped pid {pid}"
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_up(kit: Kit, wanted: Settings) -> int:
+    kit.state.mkdir(parents=True, exist_ok=True)
+    if kit.kit_json.exists():
+        old = Settings.from_json(json.loads(kit.kit_json.read_text()))
+        topo = ("ports", "sentinel_ports", "down_after_ms", "failover_timeout_ms")
+        diff = {k: (getattr(old, k), getattr(wanted, k)) for k in topo if getattr(old, k) != getattr(wanted, k)}
+        if diff:
+            raise KitError(
+                f"{kit.state} holds a deployment made with other settings {diff} "
+                "(kept, because Sentinel rewrote its configs): `make down clean` first, or "
+                "run with the same variables"
+            )
+    kit.settings = wanted
+    kit.kit_json.write_text(json.dumps(asdict(wanted), indent=2) + "\n")
+    rendered = []
+    for node in [*kit.redis_nodes(), *kit.sentinel_nodes()]:
+        conf = kit.conf_file(node)
+        data = kit.node_dir(node.name) / "data" if node.kind == "redis" else kit.node_dir(node.name)
+        data.mkdir(parents=True, exist_ok=True)
+        if not conf.exists():  # first up; later ups keep what Redis/Sentinel rewrote
+            conf.write_text(render_node(node, data, wanted))
+            rendered.append(node.name)
+    if rendered:
+        print(f"configs rendered into {kit.state} for: {', '.join(rendered)}")
+    else:
+        print(f"configs reused from {kit.state} (as rewritten by Redis/Sentinel)")
+
+    for node in kit.redis_nodes():
+        print(f"  {node.name:<24} {LOCALHOST}:{node.port:<6} {start_redis(kit, node)}")
+    # Replicas in sync before the Sentinels look at them.
+    for node in kit.redis_nodes():
+        inf = info(node.port)
+        if inf.get("role") == "slave" and not wait_for(
+            lambda n=node: info(n.port).get("master_link_status") == "up", 30
+        ):
+            raise KitError(f"{node.name}: replication link not up after 30 s:\n{log_tail(kit.log_file(node.name))}")
+    for node in kit.sentinel_nodes():
+        print(f"  {node.name:<24} {LOCALHOST}:{node.port:<6} {start_redis(kit, node)}")
+    name, _ = kit.master_name_and_quorum()
+    t = time.monotonic()
+    ok = wait_for(lambda: sentinel_problems(kit, name) == [], 40, 0.25)
+    if not ok:
+        raise KitError(
+            "Sentinels did not converge in 40 s: " + "; ".join(sentinel_problems(kit, name))
+        )
+    print(f"  sentinels agree on {name}, see 2 replicas and each other ({time.monotonic() - t:.1f} s)")
+
+    ok, msg = start_relay(kit)
+    relay = kit.relay_node()
+    print(f"  {RELAY:<24} {LOCALHOST}:{relay.port:<6} {msg}")
+    sentinels = ",".join(f"{LOCALHOST}:{p}" for p in wanted.sentinel_ports)
+    print(f"Sentinels: {sentinels} (master name {name}); state, logs, PID files: {kit.state}")
+    if not ok:
+        print(
+            "FAILED: Redis and the Sentinels are up, the relay is NOT. `make status` shows the "
+            "cluster; `make up RELAY=` brings it up without a relay; `make down` stops it."
+        )
+        return 1
+    if wanted.relay:
+        print(f"Relay: ws://{LOCALHOST}:{wanted.relay_port}/ws  health http://{LOCALHOST}:{wanted.relay_port}/healthz")
+    return 0
+
+
+def sentinel_view(port: int, name: str) -> dict[str, Any]:
+    with Resp(LOCALHOST, port) as r:
+        addr = r.call("SENTINEL", "get-master-addr-by-name", name)
+        m = pairs(r.call("SENTINEL", "master", name))
+        reps = [pairs(x) for x in r.call("SENTINEL", "replicas", name)]
+        try:
+            ck = r.call("SENTINEL", "ckquorum", name)
+        except RespError as e:
+            ck = f"ERR {e}"
+    return {"addr": addr, "master": m, "replicas": reps, "ckquorum": ck}
+
+
+def sentinel_problems(kit: Kit, name: str) -> list[str]:
+    problems = []
+    addrs = set()
+    for node in kit.sentinel_nodes():
+        try:
+            v = sentinel_view(node.port, name)
+        except (OSError, RespError, ConnectionError) as e:
+            problems.append(f"{node.name}: {e}")
+            continue
+        addrs.add(int(v["addr"][1]))
+        ok_reps = [r for r in v["replicas"] if r.get("flags") == "slave" and r.get("master-link-status") == "ok"]
+        if v["master"].get("flags") != "master":
+            problems.append(f"{node.name}: master flags {v['master'].get('flags')}")
+        if len(ok_reps) != 2:
+            problems.append(f"{node.name}: {len(ok_reps)} healthy replicas")
+        if int(v["master"].get("num-other-sentinels", 0)) != 2:
+            problems.append(f"{node.name}: sees {v['master'].get('num-other-sentinels')} other sentinels")
+        if not str(v["ckquorum"]).startswith("OK"):
+            problems.append(f"{node.name}: ckquorum {v['ckquorum']}")
+    if len(addrs) > 1:
+        problems.append(f"sentinels disagree on the master port: {sorted(addrs)}")
+    return problems
+
+
+def cmd_status(kit: Kit) -> int:
+    kit.load()
+    name, quorum = kit.master_name_and_quorum()
+    problems: list[str] = []
+    masters: list[Node] = []
+    replicas_ok = 0
+    offsets: dict[str, int] = {}
+    for node in kit.redis_nodes():
+        alive, label = kit.alive_label(node)
+        head = f"redis     {node.name:<24} {LOCALHOST}:{node.port:<6} {label:<14}"
+        if not alive:
+            print(f"{head} -")
+            problems.append(f"{node.name} is not running")
+            continue
+        try:
+            inf = info(node.port)
+        except (OSError, RespError, ConnectionError) as e:
+            print(f"{head} no answer: {e}")
+            problems.append(f"{node.name} does not answer")
+            continue
+        if inf.get("role") == "master":
+            masters.append(node)
+            offsets["master"] = int(inf.get("master_repl_offset", 0))
+            print(
+                f"{head} role=master connected_slaves={inf.get('connected_slaves')} "
+                f"offset={inf.get('master_repl_offset')}"
+            )
+            for k in sorted(k for k in inf if k.startswith("slave") and k[5:].isdigit()):
+                print(f"{'':>20}  -> {inf[k]}")
+            if inf.get("connected_slaves") != "2":
+                problems.append(f"{node.name} has {inf.get('connected_slaves')} connected replicas")
+        else:
+            link = inf.get("master_link_status")
+            off = int(inf.get("slave_repl_offset", 0))
+            offsets[node.name] = off
+            print(
+                f"{head} role=replica of {inf.get('master_host')}:{inf.get('master_port')} "
+                f"link={link} offset={off} last_io={inf.get('master_last_io_seconds_ago')}s"
+            )
+            if link == "up":
+                replicas_ok += 1
+            else:
+                problems.append(f"{node.name}: master_link_status={link}")
+    if len(masters) != 1:
+        problems.append(f"{len(masters)} masters: {[m.name for m in masters]}")
+    if "master" in offsets:
+        lags = [f"{n}={offsets['master'] - o}" for n, o in offsets.items() if n != "master"]
+        if lags:
+            print(f"{'':>20}  replication lag (bytes behind master): {', '.join(lags)}")
+    sentinels_ok = 0
+    for node in kit.sentinel_nodes():
+        alive, label = kit.alive_label(node)
+        head = f"sentinel  {node.name:<24} {LOCALHOST}:{node.port:<6} {label:<14}"
+        if not alive:
+            print(f"{head} -")
+            problems.append(f"{node.name} is not running")
+            continue
+        try:
+            v = sentinel_view(node.port, name)
+        except (OSError, RespError, ConnectionError) as e:
+            print(f"{head} no answer: {e}")
+            problems.append(f"{node.name} does not answer")
+            continue
+        m = v["master"]
+        healthy = [r for r in v["replicas"] if r.get("flags") == "slave"]
+        print(
+            f"{head} {name} at {v['addr'][0]}:{v['addr'][1]} flags={m.get('flags')} "
+            f"replicas={len(healthy)}/{m.get('num-slaves')} "
+            f"other-sentinels={m.get('num-other-sentinels')} quorum={m.get('quorum')} "
+            f"ckquorum={'OK' if str(v['ckquorum']).startswith('OK') else v['ckquorum']}"
+        )
+        mine = [x for x in masters if x.port == int(v["addr"][1])]
+        if (
+            m.get("flags") == "master"
+            and len(healthy) == 2
+            and m.get("num-other-sentinels") == "2"
+            and str(v["ckquorum"]).startswith("OK")
+            and mine
+        ):
+            sentinels_ok += 1
+        else:
+            problems.append(f"{node.name}: view not healthy")
+        if int(m.get("quorum", 0)) != quorum:
+            problems.append(f"{node.name}: quorum {m.get('quorum')} != {quorum} in the config")
+    relay_line = relay_status(kit)
+    print(relay_line[1])
+    if relay_line[0] is False:
+        problems.append("relay not healthy")
+    if problems:
+        print("UNHEALTHY: " + "; ".join(problems))
+        return 1
+    m = masters[0]
+    relay_word = {True: "relay healthy", None: "no relay (RELAY empty)"}[relay_line[0]]
+    print(
+        f"OK: 1 master ({m.name} {LOCALHOST}:{m.port}), {replicas_ok} replicas linked, "
+        f"{sentinels_ok} sentinels agree (quorum {quorum}), {relay_word}"
+    )
+    return 0
+
+
+def relay_status(kit: Kit) -> tuple[bool | None, str]:
+    s = kit.settings
+    node = kit.relay_node()
+    head = f"relay     {RELAY:<24} {LOCALHOST}:{node.port:<6}"
+    if not kit.docker and not s.relay:
+        return None, f"{head} {'-':<14} not started (RELAY was empty at `make up`)"
+    alive, label = kit.alive_label(node)
+    if not alive:
+        return False, f"{head} {label:<14} (see {kit.log_file(RELAY) if not kit.docker else 'docker logs ' + RELAY})"
+    code, body = healthz(node.port)
+    return code == 200, f"{head} {label:<14} /healthz {code} {body}"
+
+
+def cmd_sentinel_status(kit: Kit) -> int:
+    kit.load()
+    name, _ = kit.master_name_and_quorum()
+    port = kit.settings.sentinel_ports[0]
+    print(f"(asking {SENTINELS[0]} at {LOCALHOST}:{port})")
+    with Resp(LOCALHOST, port) as r:
+        for title, args in (
+            (f"SENTINEL master {name}", ("SENTINEL", "master", name)),
+            (f"SENTINEL replicas {name}", ("SENTINEL", "replicas", name)),
+            (f"SENTINEL sentinels {name}", ("SENTINEL", "sentinels", name)),
+        ):
+            print(f"== {title}")
+            reply = r.call(*args)
+            groups = [reply] if title.startswith("SENTINEL master") else reply
+            for g in groups:
+                d = pairs(g)
+                keys = ("name", "ip", "port", "flags", "role-reported", "master-link-status",
+                        "slave-repl-offset", "num-slaves", "num-other-sentinels", "quorum",
+                        "down-after-milliseconds", "failover-timeout", "parallel-syncs",
+                        "config-epoch", "last-ok-ping-reply")  # fmt: skip
+                print("  " + "  ".join(f"{k}={d[k]}" for k in keys if k in d))
+        print(f"== SENTINEL ckquorum {name}\n  {r.call('SENTINEL', 'ckquorum', name)}")
+    return 0
+
+
+def cmd_down(kit: Kit) -> int:
+    if not kit.kit_json.exists() and not any(kit.state.glob("*.pid")):
+        print(f"nothing to stop: no kit state in {kit.state}")
+        return 0
+    kit.load()
+    stopped = []
+    order = [kit.relay_node(), *kit.sentinel_nodes(), *reversed(kit.redis_nodes())]
+    for node in order:
+        msg = stop_pid(kit, node)
+        if msg:
+            stopped.append(msg)
+            print("  " + msg)
+    left = [n.name for n in order if kit.read_pid(n.name) is not None]
+    if left:
+        print(f"FAILED: still running: {left}")
+        return 1
+    print(f"down: {len(stopped)} process(es) of ours stopped; data kept in {kit.state}")
+    return 0
+
+
+def cmd_clean(kit: Kit) -> int:
+    if not kit.state.exists():
+        print(f"clean: {kit.state} does not exist")
+        return 0
+    if not kit.kit_json.exists():
+        raise KitError(f"{kit.state} has no kit.json: not removing a directory the kit did not make")
+    rc = cmd_down(kit)
+    if rc:
+        return rc
+    shutil.rmtree(kit.state)
+    print(f"clean: removed {kit.state} (configs, data, logs)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# failover-test
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """Watches Sentinel and writes to the master it names, every 50 ms, from t0 on."""
+
+    kit: Kit
+    name: str
+    old_port: int
+    t0: float = 0.0
+    t_switch: float | None = None
+    t_write: float | None = None
+    new_port: int | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def current_master(self) -> int | None:
+        for node in self.kit.sentinel_nodes():
+            try:
+                addr = call(node.port, "SENTINEL", "get-master-addr-by-name", self.name, timeout=0.5)
+                return int(addr[1])
+            except (OSError, RespError, ConnectionError, TypeError):
+                continue
+        return None
+
+    def run(self, deadline: float) -> None:
+        n = 0
+        while time.monotonic() < deadline and not self.done.is_set():
+            port = self.current_master()
+            now = time.monotonic()
+            if port is not None and port != self.old_port and self.t_switch is None:
+                self.t_switch, self.new_port = now - self.t0, port
+            if port is not None and port != self.old_port:
+                n += 1
+                try:
+                    call(port, "SET", "kasagi:kit:probe", n, timeout=0.5)
+                    self.t_write = time.monotonic() - self.t0
+                    self.new_port = port
+                    return
+                except RespError as e:
+                    k = str(e).split()[0]
+                    self.errors[k] = self.errors.get(k, 0) + 1
+                except (OSError, ConnectionError) as e:
+                    k = type(e).__name__
+                    self.errors[k] = self.errors.get(k, 0) + 1
+            time.sleep(0.05)
+
+
+async def relay_failover(
+    url: str, kill: Any, t0_box: list[float], deadline_s: float, log: list[str]
+) -> dict[str, Any]:
+    """A member joined before the kill must see a delta sent (and acked) after it."""
+    import asyncio
+
+    try:
+        from websockets.asyncio.client import connect
+    except ImportError as e:  # pragma: no cover
+        raise KitError(
+            f"the relay check needs the websockets package ({e}); run the kit with .venv/bin/python"
+        ) from e
+
+    room = f"kit-failover-{uuid.uuid4().hex[:8]}"
+    res: dict[str, Any] = {"room": room}
+
+    async def recv(ws: Any, timeout: float) -> dict[str, Any]:
+        return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+    async def until(ws: Any, pred: Any, timeout: float) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while True:
+            msg = await recv(ws, max(0.01, end - time.monotonic()))
+            if pred(msg):
+                return msg
+
+    async with connect(url, subprotocols=["kasagi.v1.json"], open_timeout=5) as member:  # type: ignore[arg-type]
+        await member.send(json.dumps({"t": "join", "room": room, "id": 1}))
+        joined = await until(member, lambda m: m.get("t") in ("joined", "error"), 10)
+        if joined["t"] != "joined":
+            raise KitError(f"relay: join refused: {joined}")
+        last = int(joined["seq"])
+        stream: list[dict[str, Any]] = []
+
+        async def member_sees(seq: int, timeout: float) -> dict[str, Any]:
+            nonlocal last
+            end = time.monotonic() + timeout
+            while True:
+                m = await recv(member, max(0.01, end - time.monotonic()))
+                if m.get("t") == "delta" and m.get("room") == room:
+                    stream.append(m)
+                    if int(m["from"]) != last + 1:
+                        raise KitError(f"relay: gap in the member's stream: after {last} came {m}")
+                    last = int(m["seq"])
+                    if last >= seq:
+                        return m
+                elif m.get("t") == "reset":
+                    stream.append(m)
+                    res["reset"] = True
+                    last = int(m["seq"])
+                    if last >= seq:
+                        return m
+
+        async def send_until_ack(patch: list[Any], key: str) -> tuple[int, int]:
+            retries = 0
+            end = time.monotonic() + deadline_s
+            ws = None
+            try:
+                while time.monotonic() < end:
+                    try:
+                        if ws is None:
+                            ws = await connect(url, subprotocols=["kasagi.v1.json"], open_timeout=5)  # type: ignore[arg-type]
+                        await ws.send(json.dumps({"t": "delta", "room": room, "id": key, "key": key, "patch": patch}))
+                        reply = await until(ws, lambda m: m.get("id") == key, 10)
+                    except (TimeoutError, OSError, Exception) as e:  # noqa: BLE001
+                        if isinstance(e, KitError):
+                            raise
+                        retries += 1
+                        log.append(f"send: {type(e).__name__}: {e}; retrying with the same key")
+                        if ws is not None:
+                            await ws.close()
+                            ws = None
+                        await asyncio.sleep(0.2)
+                        continue
+                    if reply["t"] == "ack":
+                        return int(reply["seq"]), retries
+                    if reply.get("code") == "unavailable":
+                        retries += 1
+                        await asyncio.sleep(0.2)
+                        continue
+                    raise KitError(f"relay: delta refused: {reply}")
+            finally:
+                if ws is not None:
+                    await ws.close()
+            raise KitError(f"relay: no ack for key {key} within {deadline_s:.0f} s ({retries} retries)")
+
+        seq1, _ = await send_until_ack([{"op": "add", "path": "/before", "value": 1}], f"{room}-1")
+        await member_sees(seq1, 10)
+        res["seq_before"] = seq1
+
+        kill()
+        t0 = t0_box[0]
+        seq2, retries = await send_until_ack([{"op": "add", "path": "/after", "value": 2}], f"{room}-2")
+        res["ack_s"] = time.monotonic() - t0
+        res["seq_after"], res["retries"] = seq2, retries
+        seen = await member_sees(seq2, 15)
+        res["member_s"] = time.monotonic() - t0
+        res["member_frame"] = {k: seen.get(k) for k in ("t", "from", "seq")}
+        res["gapless"] = not res.get("reset")
+    return res
+
+
+def cmd_failover_test(kit: Kit) -> int:
+    kit.load()
+    name, _ = kit.master_name_and_quorum()
+    problems = sentinel_problems(kit, name)
+    if problems:
+        raise KitError("the cluster is not healthy before the test (`make status`): " + "; ".join(problems))
+    old_port = int(call(kit.settings.sentinel_ports[0], "SENTINEL", "get-master-addr-by-name", name)[1])
+    old = next(n for n in kit.redis_nodes() if n.port == old_port)
+    relay_expected = kit.docker or bool(kit.settings.relay)
+    relay_ok, relay_line = relay_status(kit)
+    failures: list[str] = []
+    if relay_expected and not relay_ok:
+        failures.append("relay not healthy before the test: " + relay_line.split(None, 3)[-1])
+
+    # A marker every replica has (WAIT 2) must survive the failover.
+    marker = uuid.uuid4().hex
+    with Resp(LOCALHOST, old_port) as r:
+        r.call("SET", "kasagi:kit:marker", marker)
+        acked = r.call("WAIT", 2, 2000)
+    down_after = int(pairs(call(kit.settings.sentinel_ports[0], "SENTINEL", "master", name))["down-after-milliseconds"])
+    deadline_s = max(30.0, down_after / 1000 * 3 + 20)
+
+    probe = Probe(kit, name, old_port)
+    t0_box = [0.0]
+    old_pid = None if kit.docker else kit.running_pid(old)
+
+    def kill() -> None:
+        t0_box[0] = probe.t0 = time.monotonic()
+        if kit.docker:
+            subprocess.run(["docker", "kill", old.name], check=True, capture_output=True)
+        else:
+            assert old_pid is not None
+            os.kill(old_pid, signal.SIGKILL)
+        th = threading.Thread(target=probe.run, args=(probe.t0 + deadline_s,), daemon=True)
+        th.start()
+        probe_thread[0] = th
+
+    probe_thread: list[threading.Thread | None] = [None]
+    who = f"{old.name} ({'container' if kit.docker else 'pid ' + str(old_pid)}, {LOCALHOST}:{old_port})"
+    print(f"failover-test: master {name} is {who}; marker written, WAIT 2 -> {acked} replicas")
+    print(f"  down-after-milliseconds {down_after}; killing the master with SIGKILL")
+
+    relay_res: dict[str, Any] | None = None
+    relay_log: list[str] = []
+    if relay_expected and relay_ok:
+        import asyncio
+
+        url = f"ws://{LOCALHOST}:{kit.settings.relay_port}/ws"
+        try:
+            relay_res = asyncio.run(relay_failover(url, kill, t0_box, deadline_s, relay_log))
+        except (KitError, OSError, TimeoutError, Exception) as e:  # noqa: BLE001
+            failures.append(f"relay: {type(e).__name__}: {e}")
+            if probe_thread[0] is None:  # failed before the kill: still test Redis
+                kill()
+    else:
+        kill()
+    th = probe_thread[0]
+    assert th is not None
+    th.join(deadline_s + 5)
+    probe.done.set()
+
+    if probe.t_write is None:
+        failures.append(f"no writable new master within {deadline_s:.0f} s (errors {probe.errors})")
+    else:
+        new = kit.name_of_port(probe.new_port or 0)
+        print(f"  +{probe.t_switch:6.2f} s  sentinels name the new master: {new} {LOCALHOST}:{probe.new_port}")
+        errs = ", ".join(f"{k} x{v}" for k, v in probe.errors.items()) or "none"
+        print(f"  +{probe.t_write:6.2f} s  first write accepted by the new master (refused before: {errs})")
+        got = call(probe.new_port, "GET", "kasagi:kit:marker")
+        if got == marker:
+            print("             the marker written before the kill is on the new master")
+        else:
+            failures.append(f"marker lost: {got!r} != {marker!r}")
+    if relay_res is not None:
+        print(
+            f"  +{relay_res['ack_s']:6.2f} s  relay acked a delta sent right after the kill: room "
+            f"{relay_res['room']} seq {relay_res['seq_after']} (before the kill: seq "
+            f"{relay_res['seq_before']}; {relay_res['retries']} retries)"
+        )
+        frame = relay_res["member_frame"]
+        print(
+            f"  +{relay_res['member_s']:6.2f} s  a member joined before the kill received it: "
+            f"{frame['t']} from {frame['from']} seq {frame['seq']}"
+            + ("" if relay_res["gapless"] else " (a reset, not a gapless stream)")
+        )
+        if not relay_res["gapless"]:
+            failures.append("member got a reset instead of the delta stream")
+    for line in relay_log[-5:]:
+        print(f"             relay client: {line}")
+    if not relay_expected:
+        print("             relay: not started (RELAY was empty at `make up`), not tested")
+
+    # Bring the killed node back; Sentinel turns it into a replica of the new master.
+    if probe.t_write is not None:
+        t = time.monotonic()
+        if kit.docker:
+            subprocess.run(["docker", "start", old.name], check=True, capture_output=True)
+            how = "container started"
+        else:
+            start_redis(kit, old)
+            how = f"restarted as pid {kit.read_pid(old.name)}"
+        rejoined = wait_for(
+            lambda: info(old.port).get("role") == "slave"
+            and info(old.port).get("master_link_status") == "up"
+            and int(info(old.port).get("master_port", 0)) == probe.new_port,
+            60,
+            0.2,
+        )
+        dt = time.monotonic() - t
+        if rejoined:
+            print(f"  {old.name} {how}; Sentinel made it a replica of the new master in {dt:.1f} s")
+        else:
+            failures.append(f"{old.name} did not rejoin as a replica within 60 s")
+        if not wait_for(lambda: sentinel_problems(kit, name) == [], 30, 0.25):
+            failures.append("sentinels not healthy after the test: " + "; ".join(sentinel_problems(kit, name)))
+    result = {
+        "down_after_ms": down_after,
+        "switch_s": probe.t_switch,
+        "write_pause_s": probe.t_write,
+        "relay_ack_s": relay_res["ack_s"] if relay_res else None,
+    }
+    print("RESULT " + json.dumps(result))
+    if failures:
+        print("FAILED: " + "; ".join(failures))
+        return 1
+    relay_word = f", relay pause {relay_res['ack_s']:.2f} s" if relay_res else ""
+    print(f"PASS: failover in {probe.t_write:.2f} s (kill -> first accepted write){relay_word}")
+    return 0
+
+
+def cmd_measure(kit: Kit, runs: int) -> int:
+    """Runs failover-test N times and prints the median pauses (docs/deployment.md)."""
+    results = []
+    for i in range(runs):
+        print(f"==== run {i + 1}/{runs}")
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = cmd_failover_test(kit)
+        out = buf.getvalue()
+        print(out, end="")
+        if rc:
+            return rc
+        results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+    for key in ("switch_s", "write_pause_s", "relay_ack_s"):
+        vals = [r[key] for r in results if r[key] is not None]
+        if vals:
+            print(
+                f"{key}: median {statistics.median(vals):.2f} s, min {min(vals):.2f}, "
+                f"max {max(vals):.2f} over {len(vals)} runs: {', '.join(f'{v:.2f}' for v in vals)}"
+            )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def ports(text: str, n: int) -> tuple[int, ...]:
+    vals = tuple(int(x) for x in text.split(","))
+    if len(vals) != n or not all(0 < v < 65536 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected {n} ports separated by commas: {text!r}")
+    return vals
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="localkit", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=(
+        "up", "status", "sentinel-status", "failover-test", "down", "clean", "measure", "render",
+    ))  # fmt: skip
+    p.add_argument("--state-dir", default=os.environ.get("KIT_STATE_DIR", str(REPO / ".kit")))
+    p.add_argument("--docker", action="store_true", help="status/failover-test on docker compose")
+    p.add_argument("--ports", type=lambda t: ports(t, 3), default=DEFAULT_PORTS,
+                   help="master,replica-1,replica-2")  # fmt: skip
+    p.add_argument("--sentinel-ports", type=lambda t: ports(t, 3), default=DEFAULT_SENTINEL_PORTS)
+    p.add_argument("--relay-port", type=int, default=DEFAULT_RELAY_PORT)
+    p.add_argument("--relay", default="", help="relay command (empty: no relay)")
+    p.add_argument("--relay-args", default="", help="extra relay flags")
+    p.add_argument("--down-after-ms", type=int, default=DEFAULT_DOWN_AFTER_MS)
+    p.add_argument("--failover-timeout-ms", type=int, default=None)
+    p.add_argument("--redis-server", default="redis-server")
+    p.add_argument("--runs", type=int, default=5, help="measure: failover-tests to run")
+    a = p.parse_args(argv)
+    kit = Kit(Path(a.state_dir), docker=a.docker)
+    wanted = Settings(
+        ports=a.ports,
+        sentinel_ports=a.sentinel_ports,
+        relay_port=a.relay_port,
+        down_after_ms=a.down_after_ms,
+        failover_timeout_ms=a.failover_timeout_ms or None,
+        relay=shlex.split(a.relay),
+        relay_args=shlex.split(a.relay_args),
+        redis_server=a.redis_server,
+    )
+    try:
+        if a.command == "up":
+            if shutil.which(wanted.redis_server) is None:
+                raise KitError(f"{wanted.redis_server} not found: install Redis (apt-get install redis-server)")
+            return cmd_up(kit, wanted)
+        if a.command == "render":  # print the rendered configs (debugging, tests)
+            kit.settings = wanted
+            for node in [*kit.redis_nodes(), *kit.sentinel_nodes()]:
+                print(f"### {node.name}\n{render_node(node, kit.node_dir(node.name) / 'data', wanted)}")
+            return 0
+        if a.docker:
+            kit.settings = wanted
+        return {
+            "status": cmd_status,
+            "sentinel-status": cmd_sentinel_status,
+            "failover-test": cmd_failover_test,
+            "down": cmd_down,
+            "clean": cmd_clean,
+            "measure": lambda k: cmd_measure(k, a.runs),
+        }[a.command](kit)
+    except KitError as e:
+        print(f"ERROR: {e}")
+        return 1
+    except (OSError, RespError, ConnectionError) as e:
+        print(f"ERROR: {type(e).__name__}: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
