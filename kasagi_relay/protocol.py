@@ -37,6 +37,7 @@ __all__ = [
     "encode_joined",
     "encode_left",
     "parse",
+    "peek_id",
     "split_delta_doc",
 ]
 
@@ -117,30 +118,36 @@ def parse(data: str | bytes, codec: Codec) -> Request:
     Text frames are JSON whatever the subprotocol (handy when debugging a MessagePack client
     by hand); binary frames are MessagePack on `kasagi.v1.msgpack` and UTF-8 JSON on
     `kasagi.v1.json`."""
+    obj = _decode(data, codec)
+    return _parse_object(obj, data, is_json=isinstance(data, str) or codec == JSON)
+
+
+def peek_id(data: str | bytes, codec: Codec) -> RequestId | None:
+    """The request's `id` if it has a valid one, else None (for replies that do not parse
+    the request otherwise, such as rate_limited)."""
+    try:
+        return _request_id(_decode(data, codec))
+    except (BadRequest, AttributeError):
+        return None
+
+
+def _decode(data: str | bytes, codec: Codec) -> object:
     if isinstance(data, str) or codec == JSON:
-        return _parse_json(data)
-    return _parse_msgpack(data)
-
-
-def _parse_json(data: str | bytes) -> Request:
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise BadRequest("bad_message", "message nested too deeply") from None
+        except (ValueError, TypeError):
+            raise BadRequest("bad_message", "message is not valid JSON") from None
     try:
-        obj = json.loads(data)
-    except RecursionError:
-        raise BadRequest("bad_message", "message nested too deeply") from None
-    except (ValueError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BadRequest("bad_message", "message is not valid JSON") from None
-    return _parse_object(obj, data, is_json=True)
-
-
-def _parse_msgpack(data: bytes) -> Request:
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception:  # msgpack raises a handful of unrelated types for bad input
         raise BadRequest("bad_message", "message is not valid MessagePack") from None
-    return _parse_object(obj, data, is_json=False)
 
 
-def _request_id(obj: dict[object, object]) -> RequestId | None:
+def _request_id(obj: object) -> RequestId | None:
+    if not isinstance(obj, dict):
+        return None
     rid = obj.get("id")
     if rid is None:
         return None
@@ -232,7 +239,9 @@ def split_delta_doc(doc: bytes) -> tuple[DeltaKind, bytes]:
 
 
 def _json_payload(fields: dict[str, object]) -> bytes:
-    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+    # ASCII-only: a client's id or an engine message may hold a lone surrogate, which has
+    # no UTF-8 form; escaped, it is still valid JSON.
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def _payload(codec: Codec, fields: dict[str, object]) -> bytes:

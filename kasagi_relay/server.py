@@ -9,6 +9,7 @@ every failure becomes an `error` reply, and other connections never notice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import json
 import logging
@@ -295,7 +296,13 @@ class Relay:
         self.metrics.connections.inc()
         try:
             async for message in conn:
-                await self._message(client, message)
+                try:
+                    await self._message(client, message)
+                except Exception:
+                    # A bug on one request must not end the connection, nor touch others.
+                    logger.exception("connection %s: request failed", conn.remote_address)
+                    with contextlib.suppress(Exception):
+                        self._error(client, BadRequest("internal", "internal error"))
         except ConnectionClosed:
             pass
         except Exception:
@@ -312,7 +319,8 @@ class Relay:
     async def _message(self, client: Client, message: str | bytes) -> None:
         received = time.perf_counter()
         if not client.allow():
-            self._error(client, BadRequest("rate_limited", "too many messages, slow down"))
+            rid = protocol.peek_id(message, client.codec)
+            self._error(client, BadRequest("rate_limited", "too many messages, slow down", rid))
             return
         try:
             request = protocol.parse(message, client.codec)

@@ -78,6 +78,11 @@ async def test_unknown_or_missing_t(message: dict[str, Any]) -> None:
         await expect_error(bad, other, json.dumps(message), "bad_message", id=1)
 
 
+async def test_ids_that_have_no_utf8_form_are_echoed_escaped() -> None:
+    async with setup() as (_, bad, other):
+        await expect_error(bad, other, '{"t":"fly","id":"\\ud800"}', "bad_message", id="\ud800")
+
+
 @pytest.mark.parametrize("t", ["join", "leave", "delta"])
 async def test_missing_room(t: str) -> None:
     async with setup() as (_, bad, other):
@@ -200,6 +205,7 @@ async def test_flood_is_rate_limited_and_others_are_not() -> None:
         replies = [await bad.recv_until(lambda m: m["t"] in ("ack", "error")) for _ in range(100)]
         codes = [r[0].get("code", "ack") for r in replies]
         assert codes.count("rate_limited") >= 70
+        assert [r[0]["id"] for r in replies] == list(range(100))  # each reply says which
         acked = codes.count("ack")
         assert acked >= 1
         # The other connection has its own allowance, untouched by the flood.
