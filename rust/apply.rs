@@ -78,6 +78,21 @@ impl Pointer {
         })
     }
 
+    /// Like `parse`, keeping `raw` without copying it.
+    pub fn parse_owned(raw: String) -> std::result::Result<Pointer, String> {
+        if raw.contains('~') {
+            return Pointer::parse(&raw);
+        }
+        if raw.is_empty() {
+            return Ok(Pointer::root());
+        }
+        let Some(rest) = raw.strip_prefix('/') else {
+            return Err("invalid JSON Pointer (must be empty or start with '/')".into());
+        };
+        let tokens = rest.split('/').map(str::to_owned).collect();
+        Ok(Pointer { raw, tokens })
+    }
+
     pub fn from_tokens(tokens: Vec<String>) -> Pointer {
         let mut raw = String::new();
         for t in &tokens {
@@ -253,25 +268,50 @@ impl Delta {
 /// Take the body out of a delta document: ("patch" | "merge", body).
 fn split_delta(doc: Value) -> Result<(&'static str, Value)> {
     let Value::Object(mut m) = doc else {
-        return Err(DeltaError::new(
-            "a delta must be a JSON object with \"patch\" or \"merge\"",
-        ));
+        return Err(not_a_delta());
     };
     match (m.shift_remove("patch"), m.shift_remove("merge")) {
         (Some(p), None) => Ok(("patch", p)),
         (None, Some(b)) => Ok(("merge", b)),
-        (Some(_), Some(_)) => Err(DeltaError::new(
-            "a delta must have exactly one of \"patch\" and \"merge\", not both",
-        )),
-        (None, None) => Err(DeltaError::new(
-            "a delta must have a \"patch\" (RFC 6902) or \"merge\" (RFC 7396) member",
-        )),
+        (Some(_), Some(_)) => Err(both_kinds()),
+        (None, None) => Err(no_kind()),
     }
 }
 
 /// Parse a delta from JSON bytes.
 pub fn parse_delta(input: &[u8]) -> Result<Delta> {
-    delta_from_value(json::parse(input)?)
+    json::check_nesting(input)?;
+    let raw = de::read(input).map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
+    match raw {
+        None => Err(not_a_delta()),
+        Some((Some(_), Some(_))) => Err(both_kinds()),
+        Some((None, None)) => Err(no_kind()),
+        Some((None, Some(body))) => Ok(Delta::Merge(body)),
+        Some((Some(de::PatchBody(None)), None)) => Err(not_an_array()),
+        Some((Some(de::PatchBody(Some(raw_ops))), None)) => {
+            let mut ops = Vec::with_capacity(raw_ops.len());
+            for (i, r) in raw_ops.into_iter().enumerate() {
+                ops.push(op_from_raw(i, r)?);
+            }
+            Ok(Delta::Patch(ops))
+        }
+    }
+}
+
+fn not_a_delta() -> DeltaError {
+    DeltaError::new("a delta must be a JSON object with \"patch\" or \"merge\"")
+}
+
+fn both_kinds() -> DeltaError {
+    DeltaError::new("a delta must have exactly one of \"patch\" and \"merge\", not both")
+}
+
+fn no_kind() -> DeltaError {
+    DeltaError::new("a delta must have a \"patch\" (RFC 6902) or \"merge\" (RFC 7396) member")
+}
+
+fn not_an_array() -> DeltaError {
+    DeltaError::new("\"patch\" must be a JSON array of operations")
 }
 
 pub fn delta_from_value(doc: Value) -> Result<Delta> {
@@ -294,9 +334,7 @@ pub fn validate(input: &[u8]) -> Result<(&'static str, Vec<u8>)> {
 /// Parse an RFC 6902 patch document (a JSON array of operation objects).
 pub fn parse_ops(body: Value) -> Result<Vec<Op>> {
     let Value::Array(items) = body else {
-        return Err(DeltaError::new(
-            "\"patch\" must be a JSON array of operations",
-        ));
+        return Err(not_an_array());
     };
     let mut ops = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
@@ -307,12 +345,60 @@ pub fn parse_ops(body: Value) -> Result<Vec<Op>> {
 
 fn parse_op(i: usize, item: Value) -> Result<Op> {
     let Value::Object(mut m) = item else {
+        return op_from_raw(i, RawOp::NotObject);
+    };
+    let field = |v: Option<Value>| match v {
+        None => Field::Missing,
+        Some(Value::String(s)) => Field::Str(s),
+        Some(_) => Field::Other,
+    };
+    op_from_raw(
+        i,
+        RawOp::Object {
+            op: field(m.shift_remove("op")),
+            path: field(m.shift_remove("path")),
+            from: field(m.shift_remove("from")),
+            value: m.shift_remove("value"),
+        },
+    )
+}
+
+/// A member of an operation object as read: absent, a string, or something else.
+#[derive(Debug, Default)]
+enum Field {
+    #[default]
+    Missing,
+    Str(String),
+    Other,
+}
+
+/// An operation as read, before validation.
+#[derive(Debug)]
+enum RawOp {
+    NotObject,
+    Object {
+        op: Field,
+        path: Field,
+        from: Field,
+        value: Option<Value>,
+    },
+}
+
+/// Validate one operation (the single source of the parse-time error messages).
+fn op_from_raw(i: usize, raw: RawOp) -> Result<Op> {
+    let RawOp::Object {
+        op,
+        path,
+        from,
+        value,
+    } = raw
+    else {
         return Err(DeltaError::new(format!("op {i}: not a JSON object")));
     };
-    let name = match m.get("op") {
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(DeltaError::new(format!("op {i}: \"op\" must be a string"))),
-        None => return Err(DeltaError::new(format!("op {i}: missing \"op\""))),
+    let name = match op {
+        Field::Str(s) => s,
+        Field::Other => return Err(DeltaError::new(format!("op {i}: \"op\" must be a string"))),
+        Field::Missing => return Err(DeltaError::new(format!("op {i}: missing \"op\""))),
     };
     if !matches!(
         name.as_str(),
@@ -320,58 +406,275 @@ fn parse_op(i: usize, item: Value) -> Result<Op> {
     ) {
         return Err(DeltaError::new(format!("op {i}: unknown op {name:?}")));
     }
-    let path_raw = match m.get("path") {
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => {
+    let path_raw = match path {
+        Field::Str(s) => s,
+        Field::Other => {
             return Err(DeltaError::new(format!(
                 "op {i} ({name}): \"path\" must be a string"
             )))
         }
-        None => {
+        Field::Missing => {
             return Err(DeltaError::new(format!(
                 "op {i} ({name}): missing \"path\""
             )))
         }
     };
-    let path = Pointer::parse(&path_raw)
-        .map_err(|e| DeltaError::new(format!("op {i} ({name} {path_raw}): {e}")))?;
     let ctx = |msg: &str| DeltaError::new(format!("op {i} ({name} {path_raw}): {msg}"));
-    let from = |m: &Map<String, Value>| -> Result<Pointer> {
-        match m.get("from") {
-            Some(Value::String(s)) => {
-                Pointer::parse(s).map_err(|e| ctx(&format!("\"from\" {s}: {e}")))
+    let path = Pointer::parse_owned(path_raw.clone()).map_err(|e| ctx(&e))?;
+    let from = || -> Result<Pointer> {
+        match from {
+            Field::Str(s) => {
+                Pointer::parse_owned(s.clone()).map_err(|e| ctx(&format!("\"from\" {s}: {e}")))
             }
-            Some(_) => Err(ctx("\"from\" must be a string")),
-            None => Err(ctx("missing \"from\"")),
+            Field::Other => Err(ctx("\"from\" must be a string")),
+            Field::Missing => Err(ctx("missing \"from\"")),
         }
     };
-    let value = |m: &mut Map<String, Value>| -> Result<Value> {
-        m.shift_remove("value")
-            .ok_or_else(|| ctx("missing \"value\""))
-    };
+    let value = || value.ok_or_else(|| ctx("missing \"value\""));
     Ok(match name.as_str() {
         "add" => Op::Add {
-            value: value(&mut m)?,
+            value: value()?,
             path,
         },
         "remove" => Op::Remove { path },
         "replace" => Op::Replace {
-            value: value(&mut m)?,
+            value: value()?,
             path,
         },
         "move" => Op::Move {
-            from: from(&m)?,
+            from: from()?,
             path,
         },
         "copy" => Op::Copy {
-            from: from(&m)?,
+            from: from()?,
             path,
         },
         _ => Op::Test {
-            value: value(&mut m)?,
+            value: value()?,
             path,
         },
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Fast delta parsing: straight from the bytes into operations, without building a JSON
+// object per operation first. Same results and errors as parse -> delta_from_value: JSON
+// syntax errors first, then the checks of `split_delta` and `op_from_raw`; duplicate members
+// keep the last one (as a parsed object would).
+
+mod de {
+    use super::{Field, RawOp};
+    use serde::de::{
+        self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+    use serde_json::Value;
+    use std::fmt;
+
+    fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+    fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    /// Visitor methods for the scalars, all mapped to one "not what we look for" value.
+    macro_rules! scalars_are {
+        ($t:ty, $v:expr) => {
+            fn visit_bool<E>(self, _: bool) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_unit<E>(self) -> Result<$t, E> {
+                Ok($v)
+            }
+        };
+    }
+
+    /// Any JSON value, keeping only "is it a string, and which".
+    struct FieldV;
+    impl<'de> Visitor<'de> for FieldV {
+        type Value = Field;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        scalars_are!(Field, Field::Other);
+        fn visit_str<E>(self, v: &str) -> Result<Field, E> {
+            Ok(Field::Str(v.to_owned()))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Field, E> {
+            Ok(Field::Str(v))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Field, A::Error> {
+            drain_seq(seq).map(|_| Field::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field, A::Error> {
+            drain_map(map).map(|_| Field::Other)
+        }
+    }
+    impl<'de> de::Deserialize<'de> for Field {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Field, D::Error> {
+            d.deserialize_any(FieldV)
+        }
+    }
+
+    enum Key {
+        Op,
+        Path,
+        From,
+        Value,
+        Patch,
+        Merge,
+        Other,
+    }
+    struct KeyV;
+    impl Visitor<'_> for KeyV {
+        type Value = Key;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a member name")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+            Ok(match v {
+                "op" => Key::Op,
+                "path" => Key::Path,
+                "from" => Key::From,
+                "value" => Key::Value,
+                "patch" => Key::Patch,
+                "merge" => Key::Merge,
+                _ => Key::Other,
+            })
+        }
+    }
+    impl<'de> de::Deserialize<'de> for Key {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+            d.deserialize_str(KeyV)
+        }
+    }
+
+    struct RawOpV;
+    impl<'de> Visitor<'de> for RawOpV {
+        type Value = RawOp;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an operation")
+        }
+        scalars_are!(RawOp, RawOp::NotObject);
+        fn visit_str<E>(self, _: &str) -> Result<RawOp, E> {
+            Ok(RawOp::NotObject)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawOp, A::Error> {
+            drain_seq(seq).map(|_| RawOp::NotObject)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawOp, A::Error> {
+            let (mut op, mut path, mut from, mut value) =
+                (Field::Missing, Field::Missing, Field::Missing, None);
+            while let Some(k) = map.next_key::<Key>()? {
+                match k {
+                    Key::Op => op = map.next_value()?,
+                    Key::Path => path = map.next_value()?,
+                    Key::From => from = map.next_value()?,
+                    Key::Value => value = Some(map.next_value::<Value>()?),
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(RawOp::Object {
+                op,
+                path,
+                from,
+                value,
+            })
+        }
+    }
+    impl<'de> de::Deserialize<'de> for RawOp {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawOp, D::Error> {
+            d.deserialize_any(RawOpV)
+        }
+    }
+
+    /// The "patch" member: Some(ops) for an array, None for anything else.
+    pub struct PatchBody(pub Option<Vec<RawOp>>);
+    struct PatchBodyV;
+    impl<'de> Visitor<'de> for PatchBodyV {
+        type Value = PatchBody;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a patch")
+        }
+        scalars_are!(PatchBody, PatchBody(None));
+        fn visit_str<E>(self, _: &str) -> Result<PatchBody, E> {
+            Ok(PatchBody(None))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PatchBody, A::Error> {
+            drain_map(map).map(|_| PatchBody(None))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PatchBody, A::Error> {
+            let mut ops = Vec::with_capacity(seq.size_hint().unwrap_or(2));
+            while let Some(op) = seq.next_element::<RawOp>()? {
+                ops.push(op);
+            }
+            Ok(PatchBody(Some(ops)))
+        }
+    }
+    impl<'de> de::Deserialize<'de> for PatchBody {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PatchBody, D::Error> {
+            d.deserialize_any(PatchBodyV)
+        }
+    }
+
+    /// A delta document as read: None when it is not an object, else its last "patch" and
+    /// last "merge" members.
+    pub type RawDelta = Option<(Option<PatchBody>, Option<Value>)>;
+    struct RawDeltaV;
+    impl<'de> Visitor<'de> for RawDeltaV {
+        type Value = RawDelta;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a delta")
+        }
+        scalars_are!(RawDelta, None);
+        fn visit_str<E>(self, _: &str) -> Result<RawDelta, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawDelta, A::Error> {
+            drain_seq(seq).map(|_| None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawDelta, A::Error> {
+            let (mut patch, mut merge) = (None, None);
+            while let Some(k) = map.next_key::<Key>()? {
+                match k {
+                    Key::Patch => patch = Some(map.next_value::<PatchBody>()?),
+                    Key::Merge => merge = Some(map.next_value::<Value>()?),
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Some((patch, merge)))
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for RawDeltaV {
+        type Value = RawDelta;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RawDelta, D::Error> {
+            d.deserialize_any(RawDeltaV)
+        }
+    }
+
+    pub fn read(input: &[u8]) -> Result<RawDelta, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(input);
+        // Bounded by the caller's nesting check.
+        de.disable_recursion_limit();
+        let v = RawDeltaV.deserialize(&mut de)?;
+        de.end()?;
+        Ok(v)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1032,6 +1335,51 @@ mod tests {
         let mut d = json!({"a":1,"b":2,"c":3});
         merge_apply(&mut d, &json!({"a":null,"d":4}));
         assert_eq!(json::to_vec(&d), br#"{"b":2,"c":3,"d":4}"#);
+    }
+
+    #[test]
+    fn fast_delta_parser_agrees_with_the_value_path() {
+        let inputs: &[&[u8]] = &[
+            br#"{"patch":[]}"#,
+            br#"{"patch":[{"op":"add","path":"/a","value":{"x":[1,{"y":null}]}}],"seq":1}"#,
+            br#"{"seq":{"patch":1},"merge":{"a":null}}"#,
+            br#"{"patch":[1],"patch":[]}"#,
+            br#"{"patch":[],"patch":[1]}"#,
+            br#"{"p\u0061tch":[{"\u006fp":"remove","path":"/a~1b"}]}"#,
+            br#"{"patch":[{"op":"remove","path":"/a","op":"test"}]}"#,
+            br#"{"patch":[{"op":"test","path":"/a"}]}"#,
+            br#"{"patch":[{"op":"test","path":"/a","value":null}]}"#,
+            br#"{"patch":[{"op":1,"path":"/a"}]}"#,
+            br#"{"patch":[{"path":"/a"}]}"#,
+            br#"{"patch":[{"op":"frob","path":"/a"}]}"#,
+            br#"{"patch":[{"op":"add","path":["/a"],"value":1}]}"#,
+            br#"{"patch":[{"op":"add","value":1}]}"#,
+            br#"{"patch":[{"op":"move","path":"/a","from":{"x":1}}]}"#,
+            br#"{"patch":[{"op":"copy","path":"/a"}]}"#,
+            br#"{"patch":[{"op":"copy","path":"/a","from":"x"}]}"#,
+            br#"{"patch":[{"op":"copy","path":"a","from":"/x"}]}"#,
+            br#"{"patch":[{"op":"add","path":"/~2","value":1}]}"#,
+            br#"{"patch":[[1],"x",null,true,2.5]}"#,
+            br#"{"patch":{"op":"add"}}"#,
+            br#"{"patch":"x"}"#,
+            br#"{"patch":[],"merge":1}"#,
+            br#"{"merge":[1,2]}"#,
+            br#"{}"#,
+            br#"[]"#,
+            br#"[{"patch":[]}]"#,
+            br#""patch""#,
+            br#"null"#,
+            br#"{"patch":[]} x"#,
+            br#"{"patch":[{"op":"add","path":"/a","value":1e400}]}"#,
+            br#"{"patch":[{"op":"add","path":"/a","value":"\ud800"}]}"#,
+            b"{\"patch\":[{\"op\":\"add\",\"path\":\"/\xff\",\"value\":1}]}",
+            br#"{"merge":{"a":1},"merge":{"b":2}}"#,
+        ];
+        for input in inputs {
+            let fast = parse_delta(input);
+            let slow = json::parse(input).and_then(delta_from_value);
+            assert_eq!(fast, slow, "{}", String::from_utf8_lossy(input));
+        }
     }
 
     #[test]

@@ -25,32 +25,32 @@ fn root_replace(value: Value) -> Op {
     }
 }
 
-/// Compose two merge patch objects: for each key of `b`: an object over an object key of
-/// `a` composes recursively; an object over a key that `a` sets to a non-object or deletes
-/// (null) is an error; anything else (including null) replaces `a`'s member (keeping its
-/// position) or is appended.
-pub fn compose(
-    a: &Map<String, Value>,
-    b: &Map<String, Value>,
-    path: &str,
-) -> Result<Map<String, Value>> {
-    let mut r = a.clone();
+/// Compose two merge patch objects into `a` (in place, so folding n patches costs the size
+/// of the patches, not n times the accumulated one): for each key of `b`: an object over an
+/// object key of `a` composes recursively; an object over a key that `a` sets to a
+/// non-object or deletes (null) is an error; anything else (including null) replaces `a`'s
+/// member (keeping its position) or is appended. On error `a` is partly composed (callers
+/// discard it).
+pub fn compose(a: &mut Map<String, Value>, b: Map<String, Value>, path: &str) -> Result<()> {
     for (k, bv) in b {
-        if let (Value::Object(bm), Some(av)) = (bv, a.get(k.as_str())) {
-            let sub = Pointer::root().child(k).raw;
-            let Value::Object(am) = av else {
-                return Err(DeltaError::new(format!(
-                    "cannot be merged into one delta: {path}{sub} is set to a non-object or \
-                     deleted, then merged into"
-                )));
-            };
-            let c = compose(am, bm, &format!("{path}{sub}"))?;
-            r.insert(k.clone(), Value::Object(c));
-        } else {
-            r.insert(k.clone(), bv.clone());
+        match (bv, a.get_mut(k.as_str())) {
+            (Value::Object(bm), Some(av)) => {
+                let sub = format!("{path}{}", Pointer::root().child(&k).raw);
+                let Value::Object(am) = av else {
+                    return Err(DeltaError::new(format!(
+                        "cannot be merged into one delta: {sub} is set to a non-object or \
+                         deleted, then merged into"
+                    )));
+                };
+                compose(am, bm, &sub)?;
+            }
+            (bv, Some(slot)) => *slot = bv,
+            (bv, None) => {
+                a.insert(k, bv);
+            }
         }
     }
-    Ok(r)
+    Ok(())
 }
 
 /// Fold parsed deltas into one (see the module doc). Empty input: an empty patch.
@@ -67,8 +67,9 @@ pub fn fold(items: Vec<Delta>) -> Result<Delta> {
                     a.push(root_replace(b));
                     Delta::Patch(a)
                 }
-                (Delta::Merge(Value::Object(a)), Delta::Merge(Value::Object(b))) => {
-                    Delta::Merge(Value::Object(compose(&a, &b, "")?))
+                (Delta::Merge(Value::Object(mut a)), Delta::Merge(Value::Object(b))) => {
+                    compose(&mut a, b, "")?;
+                    Delta::Merge(Value::Object(a))
                 }
                 (Delta::Merge(mut a), Delta::Merge(b)) => {
                     // a is not an object: the state is exactly `a`, then b applies to it.

@@ -282,6 +282,7 @@ fn merge_and_apply_batch_are_equivalent_to_sequential_application() {
         let mut every_one_applied = true;
         for _ in 0..r.below(6) + 1 {
             let d = delta(&mut r, &s);
+            assert_eq!(apply::parse_delta(&d.to_json()).as_ref(), Ok(&d));
             every_one_applied &= apply_delta(&mut s, &d).is_ok();
             ds.push(d.to_json());
         }
