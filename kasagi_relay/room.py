@@ -100,7 +100,8 @@ class Room:
         if self._loading is None or self._loading.done():
             self._loading = asyncio.create_task(self._load())
         await asyncio.shield(self._loading)
-        assert self.state is not None
+        if self.state is None:
+            raise RuntimeError(f"room {self.name} was closed while loading")
         return self.state
 
     async def _load(self) -> None:
@@ -120,6 +121,7 @@ class Room:
             self.metrics.resets.inc()
             self._fanout(DeltaFrame.reset(self.name, state), 0)
         self._drain_held()
+        self._wake()
 
     # ------------------------------------------------------------------ ordering
 
@@ -144,14 +146,18 @@ class Room:
             self._approx_size += len(op.delta)
         self._schedule_flush()
         if self._waiters:
-            still = []
-            for target, fut in self._waiters:
-                if target <= op.seq:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    still.append((target, fut))
-            self._waiters = still
+            self._wake()
+
+    def _wake(self) -> None:
+        """Release the checks waiting for a seq this room has now reached."""
+        still = []
+        for target, fut in self._waiters:
+            if target <= self.last_seq:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._waiters = still
 
     # ------------------------------------------------------------------ checks
 
@@ -283,6 +289,7 @@ class Room:
         self.last_seq = state.seq
         self.metrics.resets.inc()
         self._fanout(DeltaFrame.reset(self.name, state), 0)
+        self._wake()
 
     # ------------------------------------------------------------------ fan-out
 
