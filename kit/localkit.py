@@ -857,9 +857,10 @@ class Probe:
 
 
 async def relay_failover(
-    url: str, kill: Any, t0_box: list[float], deadline_s: float, log: list[str]
+    url: str, kill: Any, t0_box: list[float], deadline_s: float, log: list[str], probe: Probe
 ) -> dict[str, Any]:
-    """A member joined before the kill must see a delta sent (and acked) after it."""
+    """A member joined before the kill sees a delta sent (and acked) right after the kill,
+    and one sent once Sentinel's new master takes writes: no gap, no duplicate."""
     import asyncio
 
     try:
@@ -954,6 +955,15 @@ async def relay_failover(
         seen = await member_sees(seq2, 15)
         res["member_s"] = time.monotonic() - t0
         res["member_frame"] = {k: seen.get(k) for k in ("t", "from", "seq")}
+        # Once the new master takes writes, a delta must flow without retries.
+        end = time.monotonic() + deadline_s
+        while probe.t_write is None and time.monotonic() < end and not probe.done.is_set():
+            await asyncio.sleep(0.05)
+        t = time.monotonic()
+        seq3, retries3 = await send_until_ack([{"op": "add", "path": "/steady", "value": 3}], f"{room}-3")
+        res["steady_ack_ms"] = (time.monotonic() - t) * 1000
+        seen3 = await member_sees(seq3, 10)
+        res["steady"] = {"seq": seq3, "retries": retries3, "frame": {k: seen3.get(k) for k in ("t", "from", "seq")}}
         res["gapless"] = not res.get("reset")
     return res
 
@@ -1007,7 +1017,7 @@ def cmd_failover_test(kit: Kit) -> int:
 
         url = f"ws://{LOCALHOST}:{kit.settings.relay_port}/ws"
         try:
-            relay_res = asyncio.run(relay_failover(url, kill, t0_box, deadline_s, relay_log))
+            relay_res = asyncio.run(relay_failover(url, kill, t0_box, deadline_s, relay_log, probe))
         except (KitError, OSError, TimeoutError, Exception) as e:  # noqa: BLE001
             failures.append(f"relay: {type(e).__name__}: {e}")
             if probe_thread[0] is None:  # failed before the kill: still test Redis
@@ -1042,6 +1052,12 @@ def cmd_failover_test(kit: Kit) -> int:
             f"  +{relay_res['member_s']:6.2f} s  a member joined before the kill received it: "
             f"{frame['t']} from {frame['from']} seq {frame['seq']}"
             + ("" if relay_res["gapless"] else " (a reset, not a gapless stream)")
+        )
+        st = relay_res["steady"]
+        print(
+            f"             after the failover: delta acked in {relay_res['steady_ack_ms']:.0f} ms "
+            f"(seq {st['seq']}, {st['retries']} retries), member got {st['frame']['t']} "
+            f"from {st['frame']['from']} seq {st['frame']['seq']}"
         )
         if not relay_res["gapless"]:
             failures.append("member got a reset instead of the delta stream")
@@ -1125,9 +1141,12 @@ def ports(text: str, n: int) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `make status | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     p = argparse.ArgumentParser(prog="localkit", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=(
-        "up", "status", "sentinel-status", "failover-test", "down", "clean", "measure", "render",
+        "up", "status", "sentinel-status", "cli-sentinel", "failover-test", "down", "clean",
+        "measure", "render",
     ))  # fmt: skip
     p.add_argument("--state-dir", default=os.environ.get("KIT_STATE_DIR", str(REPO / ".kit")))
     p.add_argument("--docker", action="store_true", help="status/failover-test on docker compose")
@@ -1140,6 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-after-ms", type=int, default=DEFAULT_DOWN_AFTER_MS)
     p.add_argument("--failover-timeout-ms", type=int, default=None)
     p.add_argument("--redis-server", default="redis-server")
+    p.add_argument("--redis-cli", default="redis-cli")
     p.add_argument("--runs", type=int, default=5, help="measure: failover-tests to run")
     a = p.parse_args(argv)
     kit = Kit(Path(a.state_dir), docker=a.docker)
@@ -1165,6 +1185,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.docker:
             kit.settings = wanted
+        if a.command == "cli-sentinel":
+            kit.load()
+            port = kit.settings.sentinel_ports[0]
+            print(f"{a.redis_cli} -p {port}   ({SENTINELS[0]}; try: SENTINEL master {kit.master_name_and_quorum()[0]})")
+            sys.stdout.flush()
+            os.execvp(a.redis_cli, [a.redis_cli, "-p", str(port)])
         return {
             "status": cmd_status,
             "sentinel-status": cmd_sentinel_status,
