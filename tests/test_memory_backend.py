@@ -109,3 +109,27 @@ async def test_locks() -> None:
     assert again is not None
     await asyncio.sleep(0.07)  # expired
     assert await b.acquire_lock("r", 50) is not None
+
+
+async def test_compactor_trims_history_by_age() -> None:
+    from kasagi_relay.compaction import Compactor
+    from kasagi_relay.metrics import Metrics
+
+    b = MemoryBackend()
+    seqs = {"r": 0}
+    compactor = Compactor(
+        b, lambda: seqs.items(), Metrics(), interval_s=0, history=1000, history_age_s=0.1
+    )
+    for i in range(5):
+        seqs["r"] = await b.publish("r", "patch", add(i))
+    assert await compactor.run_once() == 1  # snapshot at 5, nothing old enough to trim
+    assert len(await b.read_ops("r", 0) or []) == 5
+    await asyncio.sleep(0.15)
+    for i in range(5, 8):
+        seqs["r"] = await b.publish("r", "patch", add(i))
+    assert await compactor.run_once() == 1
+    # Ops 1..5 are older than the age limit: gone; 6..8 stay for resumes.
+    assert await b.read_ops("r", 4) is None
+    assert [op.seq for op in await b.read_ops("r", 5) or []] == [6, 7, 8]
+    snap = await b.read_snapshot("r")
+    assert snap is not None and snap.seq == 8
