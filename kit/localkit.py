@@ -7,7 +7,7 @@ substituted, plus one ``kasagi-relay --sentinels ...``. Every process it starts 
 file there; ``down`` stops exactly those PIDs (after checking each one is still ours), never
 anything by name.
 
-Standard library only, so it runs with any python3 >= 3.9. The relay check of
+Standard library only, so it runs with any python3 >= 3.10. The relay check of
 ``failover-test`` needs the ``websockets`` package (the project's .venv has it).
 
 The Makefile calls it; by hand::
@@ -151,7 +151,7 @@ def info(port: int, section: str = "replication") -> dict[str, str]:
 
 
 def pairs(flat: list[Any]) -> dict[str, Any]:
-    return dict(zip(flat[::2], flat[1::2]))
+    return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
 def port_answers(port: int) -> bool:
@@ -214,7 +214,9 @@ class Kit:
     def sentinel_nodes(self) -> list[Node]:
         return [
             Node(name, "sentinel", port, conf, self.settings.ports[0])
-            for name, port, conf in zip(SENTINELS, self.settings.sentinel_ports, SENTINEL_CONFS)
+            for name, port, conf in zip(
+                SENTINELS, self.settings.sentinel_ports, SENTINEL_CONFS, strict=True
+            )
         ]
 
     def relay_node(self) -> Node:
@@ -256,7 +258,9 @@ class Kit:
         return self.state / name
 
     def conf_file(self, node: Node) -> Path:
-        return self.node_dir(node.name) / ("sentinel.conf" if node.kind == "sentinel" else "redis.conf")
+        return self.node_dir(node.name) / (
+            "sentinel.conf" if node.kind == "sentinel" else "redis.conf"
+        )
 
     def read_pid(self, name: str) -> int | None:
         try:
@@ -373,7 +377,9 @@ def render_node(node: Node, data_dir: Path, s: Settings) -> str:
         ),
     }
     if s.failover_timeout_ms is not None:
-        subs["sentinel failover-timeout"] = f"sentinel failover-timeout {name} {s.failover_timeout_ms}"
+        subs["sentinel failover-timeout"] = (
+            f"sentinel failover-timeout {name} {s.failover_timeout_ms}"
+        )
     return header + render(text, subs, node.template)
 
 
@@ -405,7 +411,9 @@ def wait_for(pred: Any, timeout: float, interval: float = 0.1) -> bool:
 
 def spawn(kit: Kit, node: Node, argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     log = open(kit.log_file(node.name), "ab")  # noqa: SIM115 (the child keeps it)
-    log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} kit starts: {shlex.join(argv)}\n".encode())
+    log.write(
+        f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} kit starts: {shlex.join(argv)}\n".encode()
+    )
     log.flush()
     proc = subprocess.Popen(
         argv,
@@ -539,7 +547,11 @@ def cmd_up(kit: Kit, wanted: Settings) -> int:
     if kit.kit_json.exists():
         old = Settings.from_json(json.loads(kit.kit_json.read_text()))
         topo = ("ports", "sentinel_ports", "down_after_ms", "failover_timeout_ms")
-        diff = {k: (getattr(old, k), getattr(wanted, k)) for k in topo if getattr(old, k) != getattr(wanted, k)}
+        diff = {
+            k: (getattr(old, k), getattr(wanted, k))
+            for k in topo
+            if getattr(old, k) != getattr(wanted, k)
+        }
         if diff:
             raise KitError(
                 f"{kit.state} holds a deployment made with other settings {diff} "
@@ -569,7 +581,10 @@ def cmd_up(kit: Kit, wanted: Settings) -> int:
         if inf.get("role") == "slave" and not wait_for(
             lambda n=node: info(n.port).get("master_link_status") == "up", 30
         ):
-            raise KitError(f"{node.name}: replication link not up after 30 s:\n{log_tail(kit.log_file(node.name))}")
+            raise KitError(
+                f"{node.name}: replication link not up after 30 s:\n"
+                + log_tail(kit.log_file(node.name))
+            )
     for node in kit.sentinel_nodes():
         print(f"  {node.name:<24} {LOCALHOST}:{node.port:<6} {start_redis(kit, node)}")
     name, _ = kit.master_name_and_quorum()
@@ -579,7 +594,9 @@ def cmd_up(kit: Kit, wanted: Settings) -> int:
         raise KitError(
             "Sentinels did not converge in 40 s: " + "; ".join(sentinel_problems(kit, name))
         )
-    print(f"  sentinels agree on {name}, see 2 replicas and each other ({time.monotonic() - t:.1f} s)")
+    print(
+        f"  sentinels agree on {name}, see 2 replicas and each other ({time.monotonic() - t:.1f} s)"
+    )
 
     ok, msg = start_relay(kit)
     relay = kit.relay_node()
@@ -593,7 +610,9 @@ def cmd_up(kit: Kit, wanted: Settings) -> int:
         )
         return 1
     if wanted.relay:
-        print(f"Relay: ws://{LOCALHOST}:{wanted.relay_port}/ws  health http://{LOCALHOST}:{wanted.relay_port}/healthz")
+        print(
+            f"Relay: ws://{LOCALHOST}:{wanted.relay_port}/ws  health http://{LOCALHOST}:{wanted.relay_port}/healthz"
+        )
     return 0
 
 
@@ -619,13 +638,19 @@ def sentinel_problems(kit: Kit, name: str) -> list[str]:
             problems.append(f"{node.name}: {e}")
             continue
         addrs.add(int(v["addr"][1]))
-        ok_reps = [r for r in v["replicas"] if r.get("flags") == "slave" and r.get("master-link-status") == "ok"]
+        ok_reps = [
+            r
+            for r in v["replicas"]
+            if r.get("flags") == "slave" and r.get("master-link-status") == "ok"
+        ]
         if v["master"].get("flags") != "master":
             problems.append(f"{node.name}: master flags {v['master'].get('flags')}")
         if len(ok_reps) != 2:
             problems.append(f"{node.name}: {len(ok_reps)} healthy replicas")
         if int(v["master"].get("num-other-sentinels", 0)) != 2:
-            problems.append(f"{node.name}: sees {v['master'].get('num-other-sentinels')} other sentinels")
+            problems.append(
+                f"{node.name}: sees {v['master'].get('num-other-sentinels')} other sentinels"
+            )
         if not str(v["ckquorum"]).startswith("OK"):
             problems.append(f"{node.name}: ckquorum {v['ckquorum']}")
     if len(addrs) > 1:
@@ -740,8 +765,12 @@ def relay_status(kit: Kit) -> tuple[bool | None, str]:
     if not kit.docker and not s.relay:
         return None, f"{head} {'-':<14} not started (RELAY was empty at `make up`)"
     alive, label = kit.alive_label(node)
+    where = f"docker logs {RELAY}" if kit.docker else str(kit.log_file(RELAY))
     if not alive:
-        return False, f"{head} {label:<14} (see {kit.log_file(RELAY) if not kit.docker else 'docker logs ' + RELAY})"
+        return (
+            False,
+            f"{head} {label:<14} (see {where})",
+        )
     code, body = healthz(node.port)
     return code == 200, f"{head} {label:<14} /healthz {code} {body}"
 
@@ -796,7 +825,9 @@ def cmd_clean(kit: Kit) -> int:
         print(f"clean: {kit.state} does not exist")
         return 0
     if not kit.kit_json.exists():
-        raise KitError(f"{kit.state} has no kit.json: not removing a directory the kit did not make")
+        raise KitError(
+            f"{kit.state} has no kit.json: not removing a directory the kit did not make"
+        )
     rc = cmd_down(kit)
     if rc:
         return rc
@@ -827,7 +858,9 @@ class Probe:
     def current_master(self) -> int | None:
         for node in self.kit.sentinel_nodes():
             try:
-                addr = call(node.port, "SENTINEL", "get-master-addr-by-name", self.name, timeout=0.5)
+                addr = call(
+                    node.port, "SENTINEL", "get-master-addr-by-name", self.name, timeout=0.5
+                )
                 return int(addr[1])
             except (OSError, RespError, ConnectionError, TypeError):
                 continue
@@ -873,11 +906,11 @@ async def relay_failover(
     room = f"kit-failover-{uuid.uuid4().hex[:8]}"
     res: dict[str, Any] = {"room": room}
 
-    async def recv(ws: Any, timeout: float) -> dict[str, Any]:
-        return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    async def recv(ws: Any, wait_s: float) -> dict[str, Any]:
+        return json.loads(await asyncio.wait_for(ws.recv(), wait_s))
 
-    async def until(ws: Any, pred: Any, timeout: float) -> dict[str, Any]:
-        end = time.monotonic() + timeout
+    async def until(ws: Any, pred: Any, wait_s: float) -> dict[str, Any]:
+        end = time.monotonic() + wait_s
         while True:
             msg = await recv(ws, max(0.01, end - time.monotonic()))
             if pred(msg):
@@ -891,9 +924,9 @@ async def relay_failover(
         last = int(joined["seq"])
         stream: list[dict[str, Any]] = []
 
-        async def member_sees(seq: int, timeout: float) -> dict[str, Any]:
+        async def member_sees(seq: int, wait_s: float) -> dict[str, Any]:
             nonlocal last
-            end = time.monotonic() + timeout
+            end = time.monotonic() + wait_s
             while True:
                 m = await recv(member, max(0.01, end - time.monotonic()))
                 if m.get("t") == "delta" and m.get("room") == room:
@@ -919,9 +952,13 @@ async def relay_failover(
                     try:
                         if ws is None:
                             ws = await connect(url, subprotocols=["kasagi.v1.json"], open_timeout=5)  # type: ignore[arg-type]
-                        await ws.send(json.dumps({"t": "delta", "room": room, "id": key, "key": key, "patch": patch}))
+                        await ws.send(
+                            json.dumps(
+                                {"t": "delta", "room": room, "id": key, "key": key, "patch": patch}
+                            )
+                        )
                         reply = await until(ws, lambda m: m.get("id") == key, 10)
-                    except (TimeoutError, OSError, Exception) as e:  # noqa: BLE001
+                    except (TimeoutError, OSError, Exception) as e:
                         if isinstance(e, KitError):
                             raise
                         retries += 1
@@ -941,7 +978,9 @@ async def relay_failover(
             finally:
                 if ws is not None:
                     await ws.close()
-            raise KitError(f"relay: no ack for key {key} within {deadline_s:.0f} s ({retries} retries)")
+            raise KitError(
+                f"relay: no ack for key {key} within {deadline_s:.0f} s ({retries} retries)"
+            )
 
         seq1, _ = await send_until_ack([{"op": "add", "path": "/before", "value": 1}], f"{room}-1")
         await member_sees(seq1, 10)
@@ -949,7 +988,9 @@ async def relay_failover(
 
         kill()
         t0 = t0_box[0]
-        seq2, retries = await send_until_ack([{"op": "add", "path": "/after", "value": 2}], f"{room}-2")
+        seq2, retries = await send_until_ack(
+            [{"op": "add", "path": "/after", "value": 2}], f"{room}-2"
+        )
         res["ack_s"] = time.monotonic() - t0
         res["seq_after"], res["retries"] = seq2, retries
         seen = await member_sees(seq2, 15)
@@ -957,13 +998,19 @@ async def relay_failover(
         res["member_frame"] = {k: seen.get(k) for k in ("t", "from", "seq")}
         # Once the new master takes writes, a delta must flow without retries.
         end = time.monotonic() + deadline_s
-        while probe.t_write is None and time.monotonic() < end and not probe.done.is_set():
+        while probe.t_write is None and time.monotonic() < end and not probe.done.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         t = time.monotonic()
-        seq3, retries3 = await send_until_ack([{"op": "add", "path": "/steady", "value": 3}], f"{room}-3")
+        seq3, retries3 = await send_until_ack(
+            [{"op": "add", "path": "/steady", "value": 3}], f"{room}-3"
+        )
         res["steady_ack_ms"] = (time.monotonic() - t) * 1000
         seen3 = await member_sees(seq3, 10)
-        res["steady"] = {"seq": seq3, "retries": retries3, "frame": {k: seen3.get(k) for k in ("t", "from", "seq")}}
+        res["steady"] = {
+            "seq": seq3,
+            "retries": retries3,
+            "frame": {k: seen3.get(k) for k in ("t", "from", "seq")},
+        }
         res["gapless"] = not res.get("reset")
     return res
 
@@ -973,8 +1020,12 @@ def cmd_failover_test(kit: Kit) -> int:
     name, _ = kit.master_name_and_quorum()
     problems = sentinel_problems(kit, name)
     if problems:
-        raise KitError("the cluster is not healthy before the test (`make status`): " + "; ".join(problems))
-    old_port = int(call(kit.settings.sentinel_ports[0], "SENTINEL", "get-master-addr-by-name", name)[1])
+        raise KitError(
+            "the cluster is not healthy before the test (`make status`): " + "; ".join(problems)
+        )
+    old_port = int(
+        call(kit.settings.sentinel_ports[0], "SENTINEL", "get-master-addr-by-name", name)[1]
+    )
     old = next(n for n in kit.redis_nodes() if n.port == old_port)
     relay_expected = kit.docker or bool(kit.settings.relay)
     relay_ok, relay_line = relay_status(kit)
@@ -987,7 +1038,11 @@ def cmd_failover_test(kit: Kit) -> int:
     with Resp(LOCALHOST, old_port) as r:
         r.call("SET", "kasagi:kit:marker", marker)
         acked = r.call("WAIT", 2, 2000)
-    down_after = int(pairs(call(kit.settings.sentinel_ports[0], "SENTINEL", "master", name))["down-after-milliseconds"])
+    down_after = int(
+        pairs(call(kit.settings.sentinel_ports[0], "SENTINEL", "master", name))[
+            "down-after-milliseconds"
+        ]
+    )
     deadline_s = max(30.0, down_after / 1000 * 3 + 20)
 
     probe = Probe(kit, name, old_port)
@@ -1006,7 +1061,8 @@ def cmd_failover_test(kit: Kit) -> int:
         probe_thread[0] = th
 
     probe_thread: list[threading.Thread | None] = [None]
-    who = f"{old.name} ({'container' if kit.docker else 'pid ' + str(old_pid)}, {LOCALHOST}:{old_port})"
+    how = "container" if kit.docker else f"pid {old_pid}"
+    who = f"{old.name} ({how}, {LOCALHOST}:{old_port})"
     print(f"failover-test: master {name} is {who}; marker written, WAIT 2 -> {acked} replicas")
     print(f"  down-after-milliseconds {down_after}; killing the master with SIGKILL")
 
@@ -1018,7 +1074,7 @@ def cmd_failover_test(kit: Kit) -> int:
         url = f"ws://{LOCALHOST}:{kit.settings.relay_port}/ws"
         try:
             relay_res = asyncio.run(relay_failover(url, kill, t0_box, deadline_s, relay_log, probe))
-        except (KitError, OSError, TimeoutError, Exception) as e:  # noqa: BLE001
+        except (KitError, OSError, TimeoutError, Exception) as e:
             failures.append(f"relay: {type(e).__name__}: {e}")
             if probe_thread[0] is None:  # failed before the kill: still test Redis
                 kill()
@@ -1033,9 +1089,15 @@ def cmd_failover_test(kit: Kit) -> int:
         failures.append(f"no writable new master within {deadline_s:.0f} s (errors {probe.errors})")
     else:
         new = kit.name_of_port(probe.new_port or 0)
-        print(f"  +{probe.t_switch:6.2f} s  sentinels name the new master: {new} {LOCALHOST}:{probe.new_port}")
+        print(
+            f"  +{probe.t_switch:6.2f} s  sentinels name the new master: "
+            f"{new} {LOCALHOST}:{probe.new_port}"
+        )
         errs = ", ".join(f"{k} x{v}" for k, v in probe.errors.items()) or "none"
-        print(f"  +{probe.t_write:6.2f} s  first write accepted by the new master (refused before: {errs})")
+        print(
+            f"  +{probe.t_write:6.2f} s  first write accepted by the new master "
+            f"(refused before: {errs})"
+        )
         got = call(probe.new_port, "GET", "kasagi:kit:marker")
         if got == marker:
             print("             the marker written before the kill is on the new master")
@@ -1076,9 +1138,11 @@ def cmd_failover_test(kit: Kit) -> int:
             start_redis(kit, old)
             how = f"restarted as pid {kit.read_pid(old.name)}"
         rejoined = wait_for(
-            lambda: info(old.port).get("role") == "slave"
-            and info(old.port).get("master_link_status") == "up"
-            and int(info(old.port).get("master_port", 0)) == probe.new_port,
+            lambda: (
+                info(old.port).get("role") == "slave"
+                and info(old.port).get("master_link_status") == "up"
+                and int(info(old.port).get("master_port", 0)) == probe.new_port
+            ),
             60,
             0.2,
         )
@@ -1088,7 +1152,9 @@ def cmd_failover_test(kit: Kit) -> int:
         else:
             failures.append(f"{old.name} did not rejoin as a replica within 60 s")
         if not wait_for(lambda: sentinel_problems(kit, name) == [], 30, 0.25):
-            failures.append("sentinels not healthy after the test: " + "; ".join(sentinel_problems(kit, name)))
+            failures.append(
+                "sentinels not healthy after the test: " + "; ".join(sentinel_problems(kit, name))
+            )
     result = {
         "down_after_ms": down_after,
         "switch_s": probe.t_switch,
@@ -1176,19 +1242,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "up":
             if shutil.which(wanted.redis_server) is None:
-                raise KitError(f"{wanted.redis_server} not found: install Redis (apt-get install redis-server)")
+                raise KitError(
+                    f"{wanted.redis_server} not found: install Redis (apt-get install redis-server)"
+                )
             return cmd_up(kit, wanted)
         if a.command == "render":  # print the rendered configs (debugging, tests)
             kit.settings = wanted
             for node in [*kit.redis_nodes(), *kit.sentinel_nodes()]:
-                print(f"### {node.name}\n{render_node(node, kit.node_dir(node.name) / 'data', wanted)}")
+                print(
+                    f"### {node.name}\n"
+                    + render_node(node, kit.node_dir(node.name) / "data", wanted)
+                )
             return 0
         if a.docker:
             kit.settings = wanted
         if a.command == "cli-sentinel":
             kit.load()
             port = kit.settings.sentinel_ports[0]
-            print(f"{a.redis_cli} -p {port}   ({SENTINELS[0]}; try: SENTINEL master {kit.master_name_and_quorum()[0]})")
+            print(
+                f"{a.redis_cli} -p {port}   ({SENTINELS[0]}; "
+                f"try: SENTINEL master {kit.master_name_and_quorum()[0]})"
+            )
             sys.stdout.flush()
             os.execvp(a.redis_cli, [a.redis_cli, "-p", str(port)])
         return {

@@ -135,7 +135,9 @@ def test_compose_redis_nodes_match_configs(compose: dict[str, Any]) -> None:
         assert int(flags.get("port", one(conf, "port")[0])) == port, container
         announce = flags.get("replica-announce-ip", one(conf, "replica-announce-ip")[0])
         assert announce == container
-        assert int(flags.get("replica-announce-port", one(conf, "replica-announce-port")[0])) == port
+        assert (
+            int(flags.get("replica-announce-port", one(conf, "replica-announce-port")[0])) == port
+        )
         assert f"-p {port} ping" in s["healthcheck"]["test"][-1]
         if container == MASTER:
             assert conf_path.name == "redis-master.conf"
@@ -199,17 +201,17 @@ def test_compose_sentinels_match_configs(compose: dict[str, Any]) -> None:
     assert make["REPLICA_2_PORT"] == str(REDIS_PORTS[REPLICAS[1]])
     assert make["DOWN_AFTER_MS"] == "5000"
     # The no-Docker kit's own defaults and names.
-    assert localkit.DEFAULT_PORTS == tuple(REDIS_PORTS.values())
-    assert localkit.DEFAULT_SENTINEL_PORTS == tuple(SENTINEL_PORTS.values())
+    assert tuple(REDIS_PORTS.values()) == localkit.DEFAULT_PORTS
+    assert tuple(SENTINEL_PORTS.values()) == localkit.DEFAULT_SENTINEL_PORTS
     assert (localkit.MASTER, *localkit.REPLICAS) == (MASTER, *REPLICAS)
-    assert localkit.SENTINELS == tuple(SENTINELS)
+    assert tuple(SENTINELS) == localkit.SENTINELS
 
 
 def test_compose_relay_service(compose: dict[str, Any]) -> None:
-    name, s = by_container(compose)["kasagi-relay"]
+    _, s = by_container(compose)["kasagi-relay"]
     assert s["build"]["dockerfile"] == "Dockerfile"
     args = s["command"]
-    flags = dict(zip(args[::2], args[1::2]))
+    flags = dict(zip(args[::2], args[1::2], strict=True))
     assert flags["--host"] == "0.0.0.0"
     assert flags["--master"] == MASTER_NAME
     relay_port = int(flags["--port"])
@@ -251,7 +253,9 @@ def test_local_mode_renders_same_files_with_ports_substituted(tmp_path: Path) ->
         assert one(conf, "dir") == [str(tmp_path / node.name)]
         # No container hostname is left; everything else is the file as written.
         for d in conf:
-            assert not any(w.startswith("kasagi-redis") or w.startswith("kasagi-sentinel") for w in d), d
+            assert not any(
+                w.startswith("kasagi-redis") or w.startswith("kasagi-sentinel") for w in d
+            ), d
         source = directives(REPO / node.template)
         assert len(conf) == len(source)
         if node.kind == "sentinel":
