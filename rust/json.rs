@@ -14,25 +14,126 @@
 //!   `repr(float)` (`1e+16`, `1e-05`, `0.0001`, `1.5`).
 
 use crate::error::{DeltaError, Result};
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::ser::{CompactFormatter, Formatter};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::io;
 
 /// Maximum nesting of containers in any document the engine accepts or produces.
 pub const MAX_DEPTH: usize = 128;
 
 /// Parse one JSON document from UTF-8 bytes.
+///
+/// A seeded visitor builds the `Value` (instead of `Value::deserialize`): it counts the
+/// nesting as it goes (so no separate scan, and the recursion is bounded), and it sizes each
+/// object's map once from a reused per-level buffer instead of growing (and rehashing) it.
 pub fn parse(input: &[u8]) -> Result<Value> {
-    check_nesting(input)?;
     let mut de = serde_json::Deserializer::from_slice(input);
-    // Safe: check_nesting bounded the nesting to MAX_DEPTH, so recursion is bounded too.
+    // Bounded by ValueSeed's own depth count.
     de.disable_recursion_limit();
-    let value =
-        Value::deserialize(&mut de).map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
-    de.end()
-        .map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
-    Ok(value)
+    let mut scratch = Scratch::default();
+    let seed = ValueSeed {
+        depth: 0,
+        scratch: &mut scratch,
+    };
+    let r = seed.deserialize(&mut de).and_then(|v| de.end().map(|_| v));
+    match r {
+        Ok(v) => Ok(v),
+        Err(_) if scratch.too_deep => Err(too_deep()),
+        Err(e) => Err(DeltaError::new(format!("invalid JSON: {e}"))),
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    /// One entry buffer per nesting level, reused by every object at that level.
+    maps: Vec<Vec<(String, Value)>>,
+    too_deep: bool,
+}
+
+struct ValueSeed<'s> {
+    /// Containers around the value being read.
+    depth: usize,
+    scratch: &'s mut Scratch,
+}
+
+impl ValueSeed<'_> {
+    fn enter<E: serde::de::Error>(&mut self) -> std::result::Result<(), E> {
+        if self.depth >= MAX_DEPTH {
+            self.scratch.too_deep = true;
+            return Err(E::custom("too deep"));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> std::result::Result<Value, A::Error> {
+        self.enter()?;
+        let mut v = Vec::new();
+        while let Some(x) = seq.next_element_seed(ValueSeed {
+            depth: self.depth + 1,
+            scratch: &mut *self.scratch,
+        })? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> std::result::Result<Value, A::Error> {
+        self.enter()?;
+        let d = self.depth;
+        if self.scratch.maps.len() <= d {
+            self.scratch.maps.resize_with(d + 1, Vec::new);
+        }
+        let mut buf = std::mem::take(&mut self.scratch.maps[d]);
+        while let Some(k) = map.next_key::<String>()? {
+            let v = map.next_value_seed(ValueSeed {
+                depth: d + 1,
+                scratch: &mut *self.scratch,
+            })?;
+            buf.push((k, v));
+        }
+        let mut m = Map::with_capacity(buf.len());
+        for (k, v) in buf.drain(..) {
+            // A repeated key keeps its first position and its last value, as serde_json.
+            m.insert(k, v);
+        }
+        self.scratch.maps[d] = buf;
+        Ok(Value::Object(m))
+    }
 }
 
 /// Reject input whose brackets (outside strings) nest deeper than [`MAX_DEPTH`].
