@@ -36,35 +36,51 @@ pub fn same(a: &Value, b: &Value) -> bool {
 
 pub fn diff(a: &Value, b: &Value) -> Vec<Op> {
     let mut out = Vec::new();
-    diff_at(a, b, &Pointer::root(), &mut out);
+    diff_at(a, b, &mut Vec::new(), &mut out);
     out
 }
 
-fn diff_at(a: &Value, b: &Value, path: &Pointer, out: &mut Vec<Op>) {
+/// The pointer of the current position (built only when an op is emitted).
+fn here(tokens: &[String]) -> Pointer {
+    Pointer::from_tokens(tokens.to_vec())
+}
+
+fn child(tokens: &[String], last: &str) -> Pointer {
+    let mut t = Vec::with_capacity(tokens.len() + 1);
+    t.extend_from_slice(tokens);
+    t.push(last.to_owned());
+    Pointer::from_tokens(t)
+}
+
+fn diff_at(a: &Value, b: &Value, tokens: &mut Vec<String>, out: &mut Vec<Op>) {
     match (a, b) {
         (Value::Object(am), Value::Object(bm)) => {
             for k in am.keys() {
                 if !bm.contains_key(k.as_str()) {
                     out.push(Op::Remove {
-                        path: path.child(k),
+                        path: child(tokens, k),
                     });
                 }
             }
             for (k, bv) in bm {
                 match am.get(k.as_str()) {
-                    Some(av) => diff_at(av, bv, &path.child(k), out),
+                    Some(av) => {
+                        tokens.push(k.clone());
+                        diff_at(av, bv, tokens, out);
+                        tokens.pop();
+                    }
                     None => out.push(Op::Add {
-                        path: path.child(k),
+                        path: child(tokens, k),
                         value: bv.clone(),
                     }),
                 }
             }
         }
-        (Value::Array(al), Value::Array(bl)) => diff_list(al, bl, path, out),
+        (Value::Array(al), Value::Array(bl)) => diff_list(al, bl, tokens, out),
         _ => {
             if !same(a, b) {
                 out.push(Op::Replace {
-                    path: path.clone(),
+                    path: here(tokens),
                     value: b.clone(),
                 });
             }
@@ -72,7 +88,7 @@ fn diff_at(a: &Value, b: &Value, path: &Pointer, out: &mut Vec<Op>) {
     }
 }
 
-fn diff_list(a: &[Value], b: &[Value], path: &Pointer, out: &mut Vec<Op>) {
+fn diff_list(a: &[Value], b: &[Value], tokens: &mut Vec<String>, out: &mut Vec<Op>) {
     let (na, nb) = (a.len(), b.len());
     let m = na.min(nb);
     let mut head = 0;
@@ -86,16 +102,18 @@ fn diff_list(a: &[Value], b: &[Value], path: &Pointer, out: &mut Vec<Op>) {
     let (ca, cb) = (na - head - tail, nb - head - tail);
     let common = ca.min(cb);
     for i in head..head + common {
-        diff_at(&a[i], &b[i], &path.child(&i.to_string()), out);
+        tokens.push(i.to_string());
+        diff_at(&a[i], &b[i], tokens, out);
+        tokens.pop();
     }
     for i in (head + common..head + ca).rev() {
         out.push(Op::Remove {
-            path: path.child(&i.to_string()),
+            path: child(tokens, &i.to_string()),
         });
     }
     for (i, v) in b.iter().enumerate().take(head + cb).skip(head + common) {
         out.push(Op::Add {
-            path: path.child(&i.to_string()),
+            path: child(tokens, &i.to_string()),
             value: v.clone(),
         });
     }
