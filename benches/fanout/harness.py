@@ -1,0 +1,1257 @@
+"""Fan-out load harness: N members in one room, an open-loop publisher, three servers.
+
+What it measures, per server (kasagi-relay, and two references on the same clients in the
+same run: `floor_server.py`, the least a Python server can do per member, and
+`plain_relay.py`, the idiomatic `websockets.broadcast` relay):
+
+- N members over real TCP sockets to the server, all joined (PROTOCOL.md `join`) to one
+  room. They live in 1-2 client processes (`--clients`, uvloop, a raw WebSocket client that
+  parses only the frame header and the numbers it needs), apart from the server, which runs
+  as its own subprocess. With 2 CPUs the server is pinned to CPU 0 and the clients and the
+  publisher to CPU 1 (`--no-pin` to let the kernel place them), so the server has one core
+  to itself and client work never hides server cost; the table prints both CPU loads.
+- An open-loop publisher: one more connection (not a member) sending
+  `{"t":"delta","room":R,"merge":{"ts":<scheduled ns>,"n":<i>}}` on a fixed schedule
+  (a thread sleeping to each scheduled instant; a late send is never rescheduled).
+- Latency of every delta at every member = receipt time of the frame covering it minus the
+  delta's *scheduled* time (CLOCK_MONOTONIC, shared by all processes), so a server that
+  falls behind is charged for it (no coordinated omission). A frame `from` A `seq` B may
+  cover several deltas (the relay merges what queued during the previous broadcast); its
+  `ts` is delta B's, and delta j's scheduled time is ts - (B - j) * period. Each covered
+  delta counts as one delivery. Histograms at 1 µs up to 100 ms, 100 µs beyond.
+- Correctness on every member: the first `from` after `joined` is the joined seq + 1 and
+  every later `from` is the previous `seq` + 1 (gaps and duplicates are errors), every
+  frame's `seq - n` stays constant (the frame carries the delta it claims), and every
+  member receives the last delta of each step. Errors, resets and closes are counted.
+- RSS per idle connection: VmRSS of the server (/proc/PID/status) with N joined, idle
+  members, minus VmRSS before they connected (after one probe join, so the room exists and
+  lazy imports are done), divided by N. Kernel socket buffers are not in RSS.
+
+Capacity: the highest publish rate (deltas/s) that a step of `--duration` seconds sustains:
+every member gets every delta within `--drain` s after the step, no error, no member lost,
+and p99 latency <= `--p99-bound-ms` (default 100 ms; a server that cannot keep up builds a
+backlog that grows through the step, so its p99 passes any fixed bound quickly). Found by a
+ramp: from `--start-rate` (default 10,000/N) doubling until a step fails (or `--max-rate`),
+then `--refine` bisection steps (geometric) between the last pass and the first failure.
+Saturation throughput: the most member-frames/s (and deliveries/s) any ramp step delivered
+inside its window (frames received between the first scheduled send and the end of the
+schedule, divided by its length); the failing step is overloaded, so this is what the server
+can push. Latency is then measured at half of the capacity, in a step twice as long.
+
+Targets (issue 3): relay frames/s >= 0.8x floor and >= 1.5x plain; relay p99 <= tick + 5 ms at
+half capacity; relay RSS <= 16 KiB per idle connection.
+
+Usage (from the repository root, with the project's virtualenv)::
+
+    .venv/bin/python -m benches.fanout.harness --members 5000
+    .venv/bin/python -m benches.fanout.harness --members 200 --duration 1.5 --servers floor,relay
+    .venv/bin/python -m benches.fanout.harness --members 5000 --rates 10,20,40   # fixed rates
+    .venv/bin/python -m benches.fanout.harness --members 1000 --relay-arg=--tick-ms=10
+
+Prints progress on stderr and the markdown tables on stdout (`--json PATH` also writes all
+numbers). The relay runs as `python -m kasagi_relay --rate-limit 0 ...` (the publisher
+sends faster than the default per-connection limit); `--relay-arg` adds flags.
+`pytest benches/test_fanout.py` runs a reduced configuration and asserts the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # websockets' C helper for masking client frames
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - pure-Python fallback
+    from websockets.utils import apply_mask
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+ROOM = "bench"
+SUBPROTOCOL = "kasagi.v1.json"
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+SERVERS = ("floor", "relay", "plain")
+monotonic_ns = time.monotonic_ns
+
+# Latency histogram: 1 µs buckets below FINE_US, then COARSE_US-wide buckets.
+FINE_US = 100_000
+COARSE_US = 100
+
+# The frames all three servers send for the publisher's deltas (compact JSON, this key
+# order). Anything else takes the json.loads path, which is correct but slower.
+DELTA_RE = re.compile(
+    rb'\{"t":"delta","room":"[^"]*","from":(\d+),"seq":(\d+),"merge":\{"ts":(\d+),"n":(\d+)\}\}'
+)
+
+
+def log(message: str) -> None:
+    print(f"[fanout {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> int:
+    """Soft fd limit up to the hard one: 5,000 sockets do not fit in the usual 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A complete, final, masked frame (client to server, RFC 6455 5.2-5.3)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
+    return head + mask + apply_mask(payload, mask)
+
+
+def handshake_request(host: str, port: int) -> tuple[bytes, bytes]:
+    """(request bytes, the Sec-WebSocket-Accept value the server must answer)."""
+    key = base64.b64encode(os.urandom(16))
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+    ).encode()
+    return request, accept
+
+
+def check_handshake(head: bytes, accept: bytes) -> str | None:
+    """None when `head` (the response up to the blank line) accepts our upgrade."""
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 101"):
+        return lines[0].decode("latin-1", "replace")
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-accept":
+            return None if value.strip() == accept else "bad Sec-WebSocket-Accept"
+    return "no Sec-WebSocket-Accept"
+
+
+def split_url(url: str) -> tuple[str, int]:
+    m = re.fullmatch(r"ws://\[?([^\]/]+?)\]?:(\d+)/ws", url)
+    if m is None:
+        raise ValueError(f"not a ws://host:port/ws URL: {url}")
+    return m.group(1), int(m.group(2))
+
+
+# --------------------------------------------------------------------------- histograms
+
+
+def percentiles_ms(counts: dict[int, int], qs: Sequence[float]) -> list[float | None]:
+    """Percentiles (ms) of a {µs bucket: count} histogram."""
+    total = sum(counts.values())
+    if not total:
+        return [None for _ in qs]
+    keys = sorted(counts)
+    out: list[float | None] = []
+    for q in qs:
+        rank = math.ceil(q * total)
+        acc = 0
+        for k in keys:
+            acc += counts[k]
+            if acc >= rank:
+                out.append(k / 1000)
+                break
+    return out
+
+
+def merge_counts(parts: Sequence[dict[int, int]]) -> dict[int, int]:
+    out: Counter[int] = Counter()
+    for p in parts:
+        out.update(p)
+    return dict(out)
+
+
+# --------------------------------------------------------------------------- client side
+
+
+class ClientError(Exception):
+    pass
+
+
+class Member(asyncio.Protocol):
+    """One member: handshake, join, then every frame is checked and timed.
+
+    `data_received` is the harness's hot path (one call per member per frame at most): the
+    frame header is parsed inline, delta frames by one anchored regex match."""
+
+    __slots__ = (
+        "accept",
+        "buf",
+        "closing",
+        "joined",
+        "last",
+        "offset",
+        "request",
+        "state",
+        "transport",
+        "w",
+    )
+
+    def __init__(self, w: Worker, joined: asyncio.Future[None]) -> None:
+        self.w = w
+        self.joined = joined
+        self.request, self.accept = handshake_request(w.host, w.port)
+        self.buf = b""
+        self.state = 0  # 0: handshake, 1: joining, 2: member, 3: gone
+        self.last = 0
+        self.offset: int | None = None  # seq - n, constant for one publisher
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        w = self.w
+        if self.state == 2 and not self.closing:
+            w.lost += 1
+        self.state = 3
+        if not self.joined.done():
+            self.joined.set_exception(ClientError(f"connection lost: {exc}"))
+        w.gone(self)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(client_frame(0x8, (1000).to_bytes(2, "big")))
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        if self.state == 0:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = data
+                return
+            problem = check_handshake(data[:end], self.accept)
+            if problem is not None:
+                self.joined.set_exception(ClientError(f"handshake refused: {problem}"))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            data = data[end + 4 :]
+            self.state = 1
+            assert self.transport is not None
+            self.transport.write(
+                client_frame(0x1, b'{"t":"join","room":"%s"}' % self.w.room.encode())
+            )
+        now = monotonic_ns()
+        pos, n = 0, len(data)
+        match = DELTA_RE.match
+        while n - pos >= 2:
+            length = data[pos + 1] & 0x7F
+            if length < 126:
+                start = pos + 2
+            elif length == 126:
+                if n - pos < 4:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                start = pos + 4
+            else:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            stop = start + length
+            if stop > n:
+                break
+            if data[pos] == 0x81:  # final text frame
+                m = match(data, start, stop)
+                if m is not None:
+                    self.delta(int(m[1]), int(m[2]), int(m[3]), int(m[4]), now)
+                else:
+                    self.message(data[start:stop], now)
+            else:
+                self.control(data[pos] & 0x0F, data[start:stop])
+            pos = stop
+        if pos < n:
+            self.buf = data[pos:]
+
+    def delta(self, first: int, seq: int, ts: int, n: int, now: int) -> None:
+        w = self.w
+        if first != self.last + 1:
+            if first <= self.last:
+                w.dups += 1
+            else:
+                w.gaps += 1
+        self.last = seq
+        offset = seq - n
+        if offset != self.offset:
+            if self.offset is not None:
+                w.mismatches += 1
+            self.offset = offset
+        k = seq - first + 1
+        w.frames += 1
+        w.deliveries += k
+        if now <= w.t_end:
+            w.frames_in += 1
+            w.deliveries_in += k
+        lat = now - ts
+        fine = w.fine
+        if k == 1:
+            us = lat // 1000
+            if 0 <= us < FINE_US:
+                fine[us] += 1
+            else:
+                w.slow_bucket(us)
+            return
+        period = w.period
+        for j in range(k):
+            us = (lat + j * period) // 1000
+            if 0 <= us < FINE_US:
+                fine[us] += 1
+            else:
+                w.slow_bucket(us)
+
+    def message(self, payload: bytes, now: int) -> None:
+        """Every text message that is not a publisher delta in the usual shape."""
+        w = self.w
+        try:
+            msg = json.loads(payload)
+            t = msg["t"]
+        except (ValueError, KeyError, TypeError):
+            w.unexpected["unparsable"] += 1
+            return
+        if t == "delta":
+            w.slow_path += 1
+            try:
+                body = msg["merge"]
+                self.delta(int(msg["from"]), int(msg["seq"]), int(body["ts"]), int(body["n"]), now)
+            except (KeyError, TypeError, ValueError):
+                w.unexpected["delta without from/seq/merge.ts/merge.n"] += 1
+        elif t == "joined" and self.state == 1:
+            self.last = int(msg["seq"])
+            self.state = 2
+            if not self.joined.done():
+                self.joined.set_result(None)
+        elif t == "reset":
+            w.resets += 1
+            self.last = int(msg["seq"])
+        elif t == "error":
+            w.unexpected["error " + str(msg.get("code"))] += 1
+            if self.state == 1 and not self.joined.done():
+                self.joined.set_exception(ClientError(f"join refused: {msg}"))
+        else:
+            w.unexpected[f"message t={t}"] += 1
+
+    def control(self, opcode: int, payload: bytes) -> None:
+        assert self.transport is not None
+        if opcode == 0x9:  # ping: the relay and websockets ping every 20 s
+            self.transport.write(client_frame(0xA, payload))
+        elif opcode == 0x8:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            if not self.closing:
+                self.w.unexpected[f"closed by server {code}"] += 1
+                self.closing = True
+                if not self.transport.is_closing():
+                    self.transport.write(client_frame(0x8, payload[:2]))
+            self.transport.close()
+        elif opcode != 0xA:
+            self.w.unexpected[f"opcode {opcode}"] += 1
+
+
+class Worker:
+    """One client process: a share of the members, driven by commands over a pipe."""
+
+    def __init__(self, conn: mpc.Connection) -> None:
+        self.conn = conn
+        self.host = ""
+        self.port = 0
+        self.room = ROOM
+        self.members: set[Member] = set()
+        self.reset_step(0, 1 << 62, 1)
+
+    def reset_step(self, t_start: int, t_end: int, period: int) -> None:
+        self.t_start, self.t_end, self.period = t_start, t_end, period
+        self.fine = [0] * FINE_US
+        self.coarse: Counter[int] = Counter()
+        self.frames = self.deliveries = self.frames_in = self.deliveries_in = 0
+        self.gaps = self.dups = self.mismatches = self.resets = self.lost = self.slow_path = 0
+        self.unexpected: Counter[str] = Counter()
+
+    def slow_bucket(self, us: int) -> None:
+        self.coarse[max(0, us) // COARSE_US * COARSE_US] += 1
+
+    def gone(self, member: Member) -> None:
+        self.members.discard(member)
+
+    def histogram(self) -> dict[int, int]:
+        out = {us: c for us, c in enumerate(self.fine) if c}
+        for us, c in self.coarse.items():
+            out[us] = out.get(us, 0) + c
+        return out
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        commands: asyncio.Queue[tuple[str, tuple[Any, ...]]] = asyncio.Queue()
+        loop.add_reader(self.conn.fileno(), lambda: commands.put_nowait(self.conn.recv()))
+        while True:
+            name, args = await commands.get()
+            if name == "exit":
+                await self.cmd_close()
+                self.conn.send({})
+                return
+            try:
+                reply = await getattr(self, "cmd_" + name)(*args)
+            except Exception as exc:
+                reply = {"exception": f"{type(exc).__name__}: {exc}"}
+            self.conn.send(reply)
+
+    async def _connect_one(self, sem: asyncio.Semaphore) -> str | None:
+        loop = asyncio.get_running_loop()
+        async with sem:
+            problem = "?"
+            for _ in range(3):
+                joined: asyncio.Future[None] = loop.create_future()
+                transport = None
+                try:
+                    async with asyncio.timeout(30):
+                        transport, member = await loop.create_connection(
+                            lambda: Member(self, joined),  # noqa: B023 - awaited right here
+                            self.host,
+                            self.port,
+                        )
+                        await joined
+                    self.members.add(member)
+                    return None
+                except (OSError, TimeoutError, ClientError) as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                    if transport is not None:
+                        transport.abort()
+                    await asyncio.sleep(0.2)
+            return problem
+
+    async def cmd_connect(
+        self, host: str, port: int, room: str, count: int, concurrency: int
+    ) -> dict[str, Any]:
+        """Connect and join members until `count` are joined."""
+        self.host, self.port, self.room = host, port, room
+        started = time.perf_counter()
+        sem = asyncio.Semaphore(concurrency)
+        missing = count - len(self.members)
+        problems = await asyncio.gather(*(self._connect_one(sem) for _ in range(missing)))
+        failed = [p for p in problems if p is not None]
+        return {
+            "members": len(self.members),
+            "failed": len(failed),
+            "problems": dict(Counter(failed).most_common(3)),
+            "seconds": time.perf_counter() - started,
+        }
+
+    async def cmd_start(self, t_start: int, t_end: int, period: int) -> dict[str, Any]:
+        self.reset_step(t_start, t_end, period)
+        return {}
+
+    async def cmd_finish(self, final_n: int, drain_s: float) -> dict[str, Any]:
+        """Wait (up to drain_s) until every member has delta `final_n`, then report."""
+        deadline = time.monotonic() + drain_s
+        while True:
+            behind = [m for m in self.members if m.offset is None or m.last - m.offset < final_n]
+            if not behind or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        return {
+            "members": len(self.members),
+            "incomplete": len(behind),
+            "frames": self.frames,
+            "deliveries": self.deliveries,
+            "frames_in": self.frames_in,
+            "deliveries_in": self.deliveries_in,
+            "gaps": self.gaps,
+            "dups": self.dups,
+            "mismatches": self.mismatches,
+            "resets": self.resets,
+            "lost": self.lost,
+            "slow_path": self.slow_path,
+            "unexpected": dict(self.unexpected),
+            "hist": self.histogram(),
+        }
+
+    async def cmd_quiet(self, quiet_s: float, max_s: float) -> dict[str, Any]:
+        """Wait until no frame arrived for quiet_s (an overloaded server drains)."""
+        deadline = time.monotonic() + max_s
+        seen = -1
+        while time.monotonic() < deadline and seen != self.frames:
+            seen = self.frames
+            await asyncio.sleep(quiet_s)
+        return {"frames": self.frames}
+
+    async def cmd_close(self) -> dict[str, Any]:
+        members = list(self.members)
+        for m in members:
+            m.close()
+        deadline = time.monotonic() + 10
+        while self.members and time.monotonic() < deadline:  # noqa: ASYNC110 - polling is fine here
+            await asyncio.sleep(0.05)
+        for m in list(self.members):
+            if m.transport is not None:
+                m.transport.abort()
+        self.members.clear()
+        return {"closed": len(members)}
+
+
+def worker_main(conn: mpc.Connection, cpus: list[int] | None) -> None:
+    import uvloop
+
+    raise_nofile()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    uvloop.run(Worker(conn).run())
+
+
+class Clients:
+    """The client processes (multiprocessing, spawn) and their command pipes."""
+
+    def __init__(self, procs: int, cpus: list[int] | None) -> None:
+        ctx = mp.get_context("spawn")
+        self.pipes: list[mpc.Connection] = []
+        self.procs: list[Any] = []
+        for i in range(procs):
+            ours, theirs = ctx.Pipe()
+            p = ctx.Process(
+                target=worker_main, args=(theirs, cpus), name=f"fanout-clients-{i}", daemon=True
+            )
+            p.start()
+            theirs.close()
+            self.pipes.append(ours)
+            self.procs.append(p)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def call(self, name: str, args: Sequence[tuple[Any, ...]] | tuple[Any, ...] = ()) -> list[Any]:
+        """Run one command on every worker (per-worker args when given a list of tuples)."""
+        per = list(args) if isinstance(args, list) else [tuple(args)] * len(self.pipes)
+        for pipe, a in zip(self.pipes, per, strict=True):
+            pipe.send((name, a))
+        replies = [pipe.recv() for pipe in self.pipes]
+        for r in replies:
+            if isinstance(r, dict) and "exception" in r:
+                raise RuntimeError(f"client worker failed in {name}: {r['exception']}")
+        return replies
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, EOFError):
+                pipe.send(("exit", ()))
+                pipe.recv()
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+
+# --------------------------------------------------------------------------- publisher
+
+
+class Publisher:
+    """The open-loop publisher: a blocking socket, a thread reading its replies."""
+
+    def __init__(self, host: str, port: int, room: str) -> None:
+        self.room = room.encode()
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request, accept = handshake_request(host, port)
+        self.sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ClientError("publisher: connection closed during the handshake")
+            data += chunk
+        head, _, self.pending = data.partition(b"\r\n\r\n")
+        problem = check_handshake(head, accept)
+        if problem is not None:
+            raise ClientError(f"publisher: handshake refused: {problem}")
+        self.sock.settimeout(None)
+        self.n = 0
+        self.acks = 0
+        self.replies: Counter[str] = Counter()
+        self.joined = threading.Event()
+        self.lock = threading.Lock()  # pongs from the reader vs deltas from run()
+        self.reader = threading.Thread(target=self._read, name="fanout-publisher", daemon=True)
+        self.reader.start()
+
+    def _send(self, data: bytes) -> None:
+        with self.lock:
+            self.sock.sendall(data)
+
+    def _read(self) -> None:
+        buf = self.pending
+        while True:
+            pos, n = 0, len(buf)
+            while n - pos >= 2:
+                length, start = buf[pos + 1] & 0x7F, pos + 2
+                if length == 126:
+                    length, start = int.from_bytes(buf[pos + 2 : pos + 4], "big"), pos + 4
+                elif length == 127:
+                    length, start = int.from_bytes(buf[pos + 2 : pos + 10], "big"), pos + 10
+                if start + length > n:
+                    break
+                opcode, payload = buf[pos] & 0x0F, buf[start : start + length]
+                pos = start + length
+                if opcode == 0x9:
+                    self._send(client_frame(0xA, payload))
+                elif opcode == 0x1:
+                    if payload.startswith(b'{"t":"ack"'):
+                        self.acks += 1
+                    else:
+                        t = json.loads(payload).get("t", "?")
+                        if t == "error":
+                            t += " " + str(json.loads(payload).get("code"))
+                        self.replies[t] += 1
+                        if t == "joined":
+                            self.joined.set()
+                elif opcode == 0x8:
+                    self.replies["closed"] += 1
+                    return
+            buf = buf[pos:]
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+
+    def probe_join(self) -> None:
+        """Join and leave once: the room exists and lazy code paths ran (RSS baseline)."""
+        self._send(client_frame(0x1, b'{"t":"join","room":"%s"}' % self.room))
+        if not self.joined.wait(10):
+            raise ClientError(f"publisher: no joined reply ({dict(self.replies)})")
+        self._send(client_frame(0x1, b'{"t":"leave","room":"%s"}' % self.room))
+        time.sleep(0.2)
+
+    def run(self, t0: int, period: int, count: int) -> list[int]:
+        """Send `count` deltas at t0 + i * period; returns how late each send started (ns)."""
+        lateness: list[int] = []
+        head = b'{"t":"delta","room":"%s","merge":{"ts":' % self.room
+        for i in range(count):
+            sched = t0 + i * period
+            delay = sched - monotonic_ns()
+            if delay > 0:
+                time.sleep(delay / 1e9)
+            self.n += 1
+            late = monotonic_ns() - sched
+            self._send(client_frame(0x1, head + b'%d,"n":%d}}' % (sched, self.n)))
+            lateness.append(late)
+        return lateness
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._send(client_frame(0x8, (1000).to_bytes(2, "big")))
+        self.reader.join(2)
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    argv: list[str]
+
+
+def server_specs(relay_args: Sequence[str]) -> dict[str, ServerSpec]:
+    py = sys.executable
+    # The publisher sends faster than the relay's default per-connection rate limit.
+    relay = [py, "-m", "kasagi_relay", "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"]
+    return {
+        "floor": ServerSpec("floor", [py, str(HERE / "floor_server.py"), "--port", "0"]),
+        "relay": ServerSpec("relay", [*relay, *relay_args]),
+        "plain": ServerSpec("plain", [py, str(HERE / "plain_relay.py"), "--port", "0"]),
+    }
+
+
+_SERVING = re.compile(r"serving (ws://\S+)")
+
+
+class ServerProcess:
+    """The server under test as its own process, optionally pinned to some CPUs."""
+
+    def __init__(self, spec: ServerSpec, cpus: list[int] | None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KASAGI_")}
+        if "KASAGI_PURE_PYTHON" in os.environ:  # benchmark the pure-Python engine on request
+            env["KASAGI_PURE_PYTHON"] = os.environ["KASAGI_PURE_PYTHON"]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        self.spec = spec
+        self.proc = subprocess.Popen(
+            spec.argv,
+            cwd=str(REPO),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=pin,
+        )
+        self.stderr: deque[str] = deque(maxlen=200)
+        assert self.proc.stderr is not None
+        self.url = ""
+        deadline = time.monotonic() + 30
+        while not self.url:
+            line = self.proc.stderr.readline().decode(errors="replace").rstrip("\n")
+            if (not line and self.proc.poll() is not None) or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{spec.name} did not start: {list(self.stderr)}")
+            self.stderr.append(line)
+            m = _SERVING.search(line)
+            if m:
+                self.url = m.group(1).rstrip('",')
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.stderr.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of whole processes (all threads), from /proc/PID/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Config:
+    members: int = 1000
+    clients: int = 2
+    duration: float = 3.0
+    rates: list[float] | None = None  # fixed rates instead of the ramp
+    start_rate: float | None = None
+    max_rate: float | None = None
+    refine: int = 2
+    p99_bound_ms: float = 100.0
+    drain: float = 5.0
+    servers: list[str] = field(default_factory=lambda: list(SERVERS))
+    relay_args: list[str] = field(default_factory=list)
+    tick_ms: int = 0
+    pin: bool = True
+    concurrency: int = 64
+
+    def resolved_start(self) -> float:
+        return self.start_rate or max(1.0, round(10_000 / self.members, 1))
+
+    def resolved_max(self) -> float:
+        # A bound on deliveries/s the clients are asked to count (about 1M/s: beyond, the
+        # clients' own accounting, not the server, would set the pace).
+        return self.max_rate or max(2.0, 1_000_000 / self.members)
+
+
+@dataclass
+class Step:
+    rate: float
+    duration: float
+    deltas: int
+    frames_per_s: float
+    deliveries_per_s: float
+    deltas_per_frame: float
+    p50_ms: float | None
+    p99_ms: float | None
+    p999_ms: float | None
+    max_ms: float | None
+    server_cpu: float
+    clients_cpu: float
+    publisher_late_p99_ms: float
+    incomplete: int
+    errors: dict[str, int]
+    ok: bool
+    kind: str = "ramp"
+
+    @property
+    def error_total(self) -> int:
+        return sum(self.errors.values())
+
+
+@dataclass
+class ServerResult:
+    name: str
+    members: int
+    url: str = ""
+    rss_before_kib: int = 0
+    rss_idle_kib: int = 0
+    connect_seconds: float = 0.0
+    steps: list[Step] = field(default_factory=list)
+    capacity: float | None = None
+    half: Step | None = None
+    failure: str | None = None
+
+    @property
+    def rss_per_conn_kib(self) -> float:
+        return (self.rss_idle_kib - self.rss_before_kib) / max(1, self.members)
+
+    @property
+    def peak(self) -> Step | None:
+        good = [s for s in self.steps if s.kind == "ramp"]
+        return max(good, key=lambda s: s.frames_per_s) if good else None
+
+    @property
+    def frames_per_s(self) -> float:
+        return max((s.frames_per_s for s in self.steps if s.kind == "ramp"), default=0.0)
+
+    @property
+    def deliveries_per_s(self) -> float:
+        return max((s.deliveries_per_s for s in self.steps if s.kind == "ramp"), default=0.0)
+
+
+class Bench:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        ncpu = os.cpu_count() or 1
+        self.server_cpus: list[int] | None = None
+        self.client_cpus: list[int] | None = None
+        if cfg.pin and ncpu >= 2:
+            # The server gets CPU 0 to itself; clients and publisher share the rest.
+            self.server_cpus = [0]
+            self.client_cpus = list(range(1, ncpu))
+
+    def run(self) -> dict[str, ServerResult]:
+        cfg = self.cfg
+        raise_nofile()
+        if self.client_cpus:
+            os.sched_setaffinity(0, self.client_cpus)  # the publisher, with the clients
+        specs = server_specs([*cfg.relay_args, *(["--tick-ms", str(cfg.tick_ms)])])
+        results: dict[str, ServerResult] = {}
+        clients = Clients(cfg.clients, self.client_cpus)
+        try:
+            for name in cfg.servers:
+                results[name] = self.bench_server(specs[name], clients)
+        finally:
+            clients.close()
+        return results
+
+    def bench_server(self, spec: ServerSpec, clients: Clients) -> ServerResult:
+        cfg = self.cfg
+        res = ServerResult(spec.name, cfg.members)
+        log(f"{spec.name}: starting {' '.join(spec.argv[1:])}")
+        server = ServerProcess(spec, self.server_cpus)
+        res.url = server.url
+        host, port = split_url(server.url)
+        pub: Publisher | None = None
+        try:
+            pub = Publisher(host, port, ROOM)
+            pub.probe_join()
+            time.sleep(0.3)
+            res.rss_before_kib = rss_kib(server.pid)
+            shares = [
+                cfg.members // cfg.clients + (1 if i < cfg.members % cfg.clients else 0)
+                for i in range(cfg.clients)
+            ]
+            replies = clients.call(
+                "connect", [(host, port, ROOM, k, cfg.concurrency) for k in shares]
+            )
+            joined = sum(r["members"] for r in replies)
+            res.connect_seconds = max(r["seconds"] for r in replies)
+            if joined != cfg.members:
+                problems = [r["problems"] for r in replies]
+                raise RuntimeError(f"only {joined}/{cfg.members} members joined: {problems}")
+            time.sleep(1.0)  # let the server settle before reading its RSS
+            res.rss_idle_kib = rss_kib(server.pid)
+            log(
+                f"{spec.name}: {joined} members joined in {res.connect_seconds:.1f} s; "
+                f"RSS {res.rss_before_kib} -> {res.rss_idle_kib} KiB "
+                f"({res.rss_per_conn_kib:.2f} KiB/conn)"
+            )
+            run = self._stepper(server, clients, pub, res)
+            run(min(cfg.resolved_start(), 50.0), 0.5, "warmup")
+            if cfg.rates:
+                for rate in cfg.rates:
+                    run(rate, cfg.duration, "ramp")
+                passed = [s.rate for s in res.steps if s.kind == "ramp" and s.ok]
+                res.capacity = max(passed) if passed else None
+            else:
+                res.capacity = self._ramp(run)
+            if res.capacity:
+                res.half = run(res.capacity / 2, cfg.duration * 2, "half")
+        except Exception as exc:
+            res.failure = f"{type(exc).__name__}: {exc}"
+            log(f"{spec.name}: FAILED: {res.failure}; server log tail: {list(server.stderr)[-5:]}")
+        finally:
+            with contextlib.suppress(Exception):
+                clients.call("close")
+            if pub is not None:
+                pub.close()
+            server.stop()
+        return res
+
+    def _ramp(self, run: Callable[[float, float, str], Step]) -> float | None:
+        cfg = self.cfg
+        rate, top = cfg.resolved_start(), cfg.resolved_max()
+        lo: float | None = None
+        hi: float | None = None
+        while True:
+            step = run(rate, cfg.duration, "ramp")
+            if step.ok:
+                lo = rate
+                if rate >= top:
+                    break
+                rate = min(rate * 2, top)
+            else:
+                hi = rate
+                if lo is not None or rate <= 0.5:
+                    break
+                rate /= 2  # even the start failed: search downwards
+        for _ in range(cfg.refine):
+            if lo is None or hi is None or hi / lo < 1.1:
+                break
+            mid = round(math.sqrt(lo * hi), 1)
+            if run(mid, cfg.duration, "ramp").ok:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _stepper(
+        self, server: ServerProcess, clients: Clients, pub: Publisher, res: ServerResult
+    ) -> Callable[[float, float, str], Step]:
+        cfg = self.cfg
+
+        def run(rate: float, duration: float, kind: str) -> Step:
+            count = max(3, round(rate * duration))
+            period = round(1e9 / rate)
+            t0 = monotonic_ns() + 150_000_000  # time for the workers to arm
+            t_end = t0 + count * period
+            clients.call("start", (t0, t_end, period))
+            cpu_pids = clients.pids
+            s0, c0, w0 = cpu_seconds([server.pid]), cpu_seconds(cpu_pids), time.monotonic()
+            lateness = pub.run(t0, period, count)
+            s1, c1, w1 = cpu_seconds([server.pid]), cpu_seconds(cpu_pids), time.monotonic()
+            replies = clients.call("finish", (pub.n, cfg.drain))
+            hist = merge_counts([r["hist"] for r in replies])
+            p50, p99, p999, pmax = percentiles_ms(hist, (0.5, 0.99, 0.999, 1.0))
+            window = (t_end - t0) / 1e9
+            frames_in = sum(r["frames_in"] for r in replies)
+            deliveries_in = sum(r["deliveries_in"] for r in replies)
+            frames = sum(r["frames"] for r in replies)
+            deliveries = sum(r["deliveries"] for r in replies)
+            errors: Counter[str] = Counter()
+            for r in replies:
+                for key in ("gaps", "dups", "mismatches", "lost"):
+                    errors[key] += r[key]
+                errors.update(r["unexpected"])
+            errors.update({f"publisher {k}": v for k, v in pub.replies.items() if k != "joined"})
+            pub.replies.clear()
+            if server.proc.poll() is not None:
+                errors["server exited"] += 1
+            incomplete = sum(r["incomplete"] for r in replies)
+            members = sum(r["members"] for r in replies)
+            if members != cfg.members:
+                errors["members missing"] += cfg.members - members
+            expected = count * cfg.members
+            if deliveries < expected and not incomplete:
+                errors["deliveries short"] += expected - deliveries
+            errors = Counter({k: v for k, v in errors.items() if v})
+            late = sorted(lateness)
+            step = Step(
+                rate=rate,
+                duration=duration,
+                deltas=count,
+                frames_per_s=frames_in / window,
+                deliveries_per_s=deliveries_in / window,
+                deltas_per_frame=deliveries / frames if frames else 0.0,
+                p50_ms=p50,
+                p99_ms=p99,
+                p999_ms=p999,
+                max_ms=pmax,
+                server_cpu=(s1 - s0) / (w1 - w0),
+                clients_cpu=(c1 - c0) / (w1 - w0),
+                publisher_late_p99_ms=late[min(len(late) - 1, int(0.99 * len(late)))] / 1e6,
+                incomplete=incomplete,
+                errors=dict(errors),
+                ok=not errors and not incomplete and p99 is not None and p99 <= cfg.p99_bound_ms,
+                kind=kind,
+            )
+            res.steps.append(step)
+            log(
+                f"{res.name} {kind} {rate:g}/s x {duration:g}s: {step.frames_per_s:,.0f} frames/s "
+                f"{step.deliveries_per_s:,.0f} deliveries/s ({step.deltas_per_frame:.2f}/frame) "
+                f"p50/p99/p99.9 {_ms(p50)}/{_ms(p99)}/{_ms(p999)} ms, "
+                f"CPU server {step.server_cpu:.0%} clients {step.clients_cpu:.0%}, "
+                f"pub late p99 {step.publisher_late_p99_ms:.2f} ms, incomplete {incomplete}, "
+                f"errors {dict(errors) or 0} -> {'ok' if step.ok else 'FAIL'}"
+            )
+            if not step.ok:
+                # Let an overloaded server drain, and replace members it dropped.
+                clients.call("quiet", (0.5, 60.0))
+                shares = [
+                    cfg.members // cfg.clients + (1 if i < cfg.members % cfg.clients else 0)
+                    for i in range(cfg.clients)
+                ]
+                host, port = split_url(server.url)
+                clients.call("connect", [(host, port, ROOM, k, cfg.concurrency) for k in shares])
+            return step
+
+        return run
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+@dataclass
+class Target:
+    what: str
+    value: float | None
+    target: str
+    ok: bool
+
+
+def targets(results: dict[str, ServerResult], tick_ms: int) -> list[Target]:
+    out: list[Target] = []
+    relay, floor, plain = (results.get(k) for k in ("relay", "floor", "plain"))
+    if relay is None:
+        return out
+    if floor is not None and floor.frames_per_s:
+        r = relay.frames_per_s / floor.frames_per_s
+        out.append(Target("relay frames/s vs floor", r, ">= 0.8x", r >= 0.8))
+    if plain is not None and plain.frames_per_s:
+        r = relay.frames_per_s / plain.frames_per_s
+        out.append(Target("relay frames/s vs plain", r, ">= 1.5x", r >= 1.5))
+    p99 = relay.half.p99_ms if relay.half is not None else None
+    out.append(
+        Target(
+            "relay p99 at half capacity (ms)",
+            p99,
+            f"<= {tick_ms + 5} ms",
+            p99 is not None and p99 <= tick_ms + 5 and not relay.half.error_total,  # type: ignore[union-attr]
+        )
+    )
+    rss = relay.rss_per_conn_kib
+    out.append(Target("relay RSS per idle connection (KiB)", rss, "<= 16 KiB", rss <= 16))
+    return out
+
+
+def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = None) -> str:
+    pinned = (
+        f"server pinned to CPU {bench.server_cpus}, clients + publisher to CPU {bench.client_cpus}"
+        if bench is not None and bench.server_cpus
+        else "no CPU pinning"
+    )
+    floor, plain = results.get("floor"), results.get("plain")
+    lines = [
+        f"Fan-out, one room, {cfg.members} members in {cfg.clients} client process(es), "
+        f"open-loop publisher; {_machine()}; {pinned}. All processes share this machine's "
+        "cores: absolute numbers are a 2-core box's, ratios are the point.",
+        f"Capacity = highest rate whose {cfg.duration:g} s step delivered every delta to every "
+        f"member (no gap/error) with p99 <= {cfg.p99_bound_ms:g} ms; frames/s and deliveries/s "
+        "= the most any ramp step delivered in its window (saturation); latency at half "
+        f"capacity (a {cfg.duration * 2:g} s step); relay tick {cfg.tick_ms} ms.",
+        "",
+        "| server | members | capacity (deltas/s) | frames/s | deliveries/s | "
+        "rate for latency | p50 ms | p99 ms | p99.9 ms | RSS/conn KiB | "
+        "frames/s vs floor | frames/s vs plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if r.failure and not r.steps:
+            lines.append(f"| {name} | {r.members} | failed: {r.failure} |" + " |" * 9)
+            continue
+        h = r.half
+        vs_floor = (
+            f"{r.frames_per_s / floor.frames_per_s:.2f}x"
+            if floor is not None and floor.frames_per_s
+            else "-"
+        )
+        vs_plain = (
+            f"{r.frames_per_s / plain.frames_per_s:.2f}x"
+            if plain is not None and plain.frames_per_s
+            else "-"
+        )
+        cap = f"{r.capacity:g}" if r.capacity else "-"
+        if r.capacity and r.capacity >= cfg.resolved_max() and not cfg.rates:
+            cap = f">= {cap} (max tested)"
+        lines.append(
+            f"| {name} | {r.members} | {cap} | {r.frames_per_s:,.0f} | "
+            f"{r.deliveries_per_s:,.0f} | {f'{h.rate:g}/s' if h else '-'} | "
+            f"{_ms(h.p50_ms if h else None)} | {_ms(h.p99_ms if h else None)} | "
+            f"{_ms(h.p999_ms if h else None)} | {r.rss_per_conn_kib:.2f} | {vs_floor} | "
+            f"{vs_plain} |"
+        )
+    checks = targets(results, cfg.tick_ms)
+    if checks:
+        lines += ["", "| target | measured | wanted | result |", "|---|---|---|---|"]
+        for t in checks:
+            v = "-" if t.value is None else f"{t.value:.2f}"
+            lines.append(f"| {t.what} | {v} | {t.target} | {'PASS' if t.ok else 'FAIL'} |")
+    lines += [
+        "",
+        "Steps (frames/s and deliveries/s inside the step's window; CPU = share of one core "
+        "during the step; pub late = how late the publisher started its sends, p99):",
+        "",
+        "| server | kind | rate/s | frames/s | deliveries/s | deltas/frame | p50 ms | p99 ms | "
+        "p99.9 ms | max ms | server CPU | clients CPU | pub late ms | errors | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        for s in r.steps:
+            errs = ", ".join(f"{k} {v}" for k, v in s.errors.items())
+            if s.incomplete:
+                errs = (errs + ", " if errs else "") + f"{s.incomplete} members behind"
+            lines.append(
+                f"| {name} | {s.kind} | {s.rate:g} | {s.frames_per_s:,.0f} | "
+                f"{s.deliveries_per_s:,.0f} | {s.deltas_per_frame:.2f} | {_ms(s.p50_ms)} | "
+                f"{_ms(s.p99_ms)} | {_ms(s.p999_ms)} | {_ms(s.max_ms)} | "
+                f"{s.server_cpu:.0%} | {s.clients_cpu:.0%} | {s.publisher_late_p99_ms:.2f} | "
+                f"{errs or '-'} | {'yes' if s.ok else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
+def to_json(results: dict[str, ServerResult], cfg: Config) -> dict[str, Any]:
+    return {
+        "config": asdict(cfg),
+        "machine": _machine(),
+        "servers": {
+            name: {
+                **asdict(r),
+                "rss_per_conn_kib": r.rss_per_conn_kib,
+                "frames_per_s": r.frames_per_s,
+                "deliveries_per_s": r.deliveries_per_s,
+            }
+            for name, r in results.items()
+        },
+        "targets": [asdict(t) for t in targets(results, cfg.tick_ms)],
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
+    p = argparse.ArgumentParser(
+        prog="python -m benches.fanout.harness",
+        description="Fan-out load harness for kasagi-relay against a floor and a plain "
+        "websockets relay (see the module docstring for what is measured and how).",
+    )
+    p.add_argument("--members", type=int, default=1000, help="members in the room")
+    p.add_argument("--clients", type=int, default=2, help="client processes (1-2 fit 2 CPUs)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per ramp step")
+    p.add_argument("--rates", help="comma-separated fixed rates (deltas/s) instead of a ramp")
+    p.add_argument("--start-rate", type=float, help="first ramp rate (default 10000/members)")
+    p.add_argument("--max-rate", type=float, help="ramp ceiling (default 1e6/members)")
+    p.add_argument("--refine", type=int, default=2, help="bisection steps after the ramp")
+    p.add_argument("--p99-bound-ms", type=float, default=100.0, help="capacity latency bound")
+    p.add_argument("--drain", type=float, default=5.0, help="seconds allowed to finish a step")
+    p.add_argument("--servers", default=",".join(SERVERS), help="which servers, in order")
+    p.add_argument("--tick-ms", type=int, default=0, help="the relay's --tick-ms")
+    p.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        help="extra relay flag (repeat), e.g. --relay-arg=--send-queue-bytes=4MiB",
+    )
+    p.add_argument("--no-pin", action="store_true", help="no CPU affinity")
+    p.add_argument("--concurrency", type=int, default=64, help="connects in flight per client")
+    p.add_argument("--json", metavar="PATH", help="also write every number here")
+    a = p.parse_args(argv)
+    servers = [s.strip() for s in a.servers.split(",") if s.strip()]
+    for s in servers:
+        if s not in SERVERS:
+            p.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
+    cfg = Config(
+        members=a.members,
+        clients=a.clients,
+        duration=a.duration,
+        rates=[float(r) for r in a.rates.split(",")] if a.rates else None,
+        start_rate=a.start_rate,
+        max_rate=a.max_rate,
+        refine=a.refine,
+        p99_bound_ms=a.p99_bound_ms,
+        drain=a.drain,
+        servers=servers,
+        relay_args=a.relay_arg,
+        tick_ms=a.tick_ms,
+        pin=not a.no_pin,
+        concurrency=a.concurrency,
+    )
+    return cfg, a.json
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, json_path = parse_args(argv)
+    bench = Bench(cfg)
+    results = bench.run()
+    print(report(results, cfg, bench))
+    if json_path:
+        Path(json_path).write_text(json.dumps(to_json(results, cfg), indent=2) + "\n")
+    return 0 if all(r.failure is None for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
