@@ -6,12 +6,14 @@
 //! - Input is UTF-8 JSON (serde_json's grammar: no NaN/Infinity, no lone surrogates, no BOM).
 //! - Containers nest at most [`MAX_DEPTH`] levels: depth(scalar) = 0, depth(container) =
 //!   1 + max depth of its children (an empty container has depth 1). Deeper input is an error,
-//!   found by a byte scan before the (then bounded) recursive parse, so 100,000 levels cost a
-//!   linear scan and never a deep recursion.
+//!   found while parsing (documents) or by a byte scan first (deltas, [`check_nesting`]),
+//!   so 100,000 levels never cause a deep recursion (nor a deep drop).
 //! - Numbers: integers that fit i64/u64 stay integers; other integers become f64 (serde_json);
 //!   `-0` is the float `-0.0` (serde_json); a number that overflows f64 is an error.
 //! - Output: compact, keys in document (insertion) order, floats formatted like Python's
 //!   `repr(float)` (`1e+16`, `1e-05`, `0.0001`, `1.5`).
+//! - Equalities: [`rfc_eq`] for RFC 6902 `test` (numbers by value); `diff::same` where
+//!   "unchanged" must mean "serialises the same".
 
 use crate::error::{DeltaError, Result};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -229,12 +231,6 @@ pub fn write_to(out: &mut Vec<u8>, v: &Value) {
     let _ = serde::Serialize::serialize(v, &mut ser);
 }
 
-/// Structural equality that also distinguishes integers from floats (`1` != `1.0`); used
-/// where "unchanged" must mean "serialises the same" (diff, prefix/suffix matching).
-pub fn strict_eq(a: &Value, b: &Value) -> bool {
-    a == b
-}
-
 /// RFC 6902 `test` equality: numbers compare by numeric value (`1` == `1.0`), objects are
 /// unordered, arrays ordered, everything else by type and value.
 pub fn rfc_eq(a: &Value, b: &Value) -> bool {
@@ -369,7 +365,6 @@ mod tests {
     #[test]
     fn equalities() {
         assert!(rfc_eq(&json!(1), &json!(1.0)));
-        assert!(!strict_eq(&json!(1), &json!(1.0)));
         assert!(rfc_eq(&json!({"a": [1, 2.0]}), &json!({"a": [1.0, 2]})));
         assert!(!rfc_eq(&json!(true), &json!(1)));
         assert!(!rfc_eq(&json!([1, 2]), &json!([2, 1])));
