@@ -1,0 +1,259 @@
+"""The `redis` backend against a real redis-server: the Function library, the key schema of
+PROTOCOL.md, idempotency, ack levels (WAIT), history and snapshots, locks, subscriptions
+and their recovery when the server goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis_topology import Topology, poll, redis_server, running_topology  # noqa: F401
+
+from kasagi_relay.backends.base import BackendUnavailable, Op, Snapshot
+from kasagi_relay.backends.redis import FUNCTION_VERSION, RedisBackend
+
+pytestmark = pytest.mark.timeout(60)
+
+PATCH = b'[{"op":"add","path":"/a","value":1}]'
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ops: dict[str, list[Op]] = {}
+        self.resyncs: list[frozenset[str] | None] = []
+
+    def on_op(self, room: str, op: Op) -> None:
+        self.ops.setdefault(room, []).append(op)
+
+    def on_resync(self, rooms: frozenset[str] | None) -> None:
+        self.resyncs.append(rooms)
+
+
+async def until(pred: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.02)
+
+
+def url(topo: Topology) -> str:
+    return f"redis://127.0.0.1:{topo.servers[0].port}/0"
+
+
+@pytest.fixture
+async def backend(redis_server: Topology) -> AsyncIterator[RedisBackend]:  # noqa: F811
+    b = RedisBackend(url(redis_server), op_timeout_s=3.0)
+    b.set_listener(Recorder())
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def raw(topo: Topology) -> aioredis.Redis:
+    return aioredis.Redis(port=topo.servers[0].port, password=topo.password)
+
+
+async def test_publish_key_schema(backend: RedisBackend, redis_server: Topology) -> None:  # noqa: F811
+    r = await raw(redis_server)
+    sub = r.pubsub()
+    await sub.subscribe("room:{lobby}:channel")
+    assert (await sub.get_message(timeout=1))["type"] == "subscribe"  # type: ignore[index]
+    assert await backend.publish("lobby", "patch", PATCH) == 1
+    assert await backend.publish("lobby", "merge", b'{"b":2}') == 2
+    assert await r.get("room:{lobby}:seq") == b"2"
+    entries = await r.xrange("room:{lobby}:ops")
+    assert entries == [
+        (b"1-0", {b"k": b"patch", b"d": PATCH}),
+        (b"2-0", {b"k": b"merge", b"d": b'{"b":2}'}),
+    ]
+    msgs = []
+    while len(msgs) < 2:
+        m = await sub.get_message(timeout=1)
+        if m and m["type"] == "message":
+            msgs.append(json.loads(m["data"]))
+    assert msgs == [{"seq": 1, "patch": json.loads(PATCH)}, {"seq": 2, "merge": {"b": 2}}]
+    assert (await r.fcall_ro("kasagi_version", 0)).decode() == FUNCTION_VERSION  # type: ignore[no-untyped-call]
+    await sub.aclose()  # type: ignore[no-untyped-call]
+    await r.aclose()
+
+
+async def test_idempotency_key(backend: RedisBackend, redis_server: Topology) -> None:  # noqa: F811
+    a = await backend.publish("r", "patch", PATCH, key="k1")
+    b = await backend.publish("r", "patch", PATCH, key="k1")
+    c = await backend.publish("r", "patch", PATCH, key="k2")
+    assert (a, b, c) == (1, 1, 2)
+    assert await backend.last_seq("r") == 2
+    r = await raw(redis_server)
+    assert len(await r.xrange("room:{r}:ops")) == 2
+    ttl = await r.pttl("room:{r}:keys")
+    assert 0 < ttl <= 300_000  # PROTOCOL.md: keys kept 5 minutes
+    await r.aclose()
+    # Keys are per room.
+    assert await backend.publish("other", "patch", PATCH, key="k1") == 1
+
+
+async def test_listener_gets_channel_ops(backend: RedisBackend) -> None:
+    rec = backend._listener
+    assert isinstance(rec, Recorder)
+    await backend.subscribe("room1")
+    for i in range(20):
+        await backend.publish("room1", "merge", f'{{"n":{i}}}'.encode())
+    await backend.publish("room2", "merge", b'{"x":1}')  # not subscribed
+    await until(lambda: len(rec.ops.get("room1", [])) == 20)
+    ops = rec.ops["room1"]
+    assert [op.seq for op in ops] == list(range(1, 21))
+    assert json.loads(ops[3].delta) == {"seq": 4, "merge": {"n": 3}}
+    await backend.unsubscribe("room1")
+    await backend.publish("room1", "merge", b'{"late":1}')
+    await asyncio.sleep(0.3)
+    assert len(rec.ops["room1"]) == 20 and "room2" not in rec.ops
+
+
+async def test_read_ops_and_trim(backend: RedisBackend) -> None:
+    for i in range(10):
+        await backend.publish("h", "merge", f'{{"i":{i}}}'.encode())
+    ops = await backend.read_ops("h", 0)
+    assert ops is not None and [op.seq for op in ops] == list(range(1, 11))
+    assert json.loads(ops[0].delta) == {"merge": {"i": 0}}
+    assert [op.seq for op in await backend.read_ops("h", 4, limit=3) or []] == [5, 6, 7]
+    assert await backend.read_ops("h", 10) == []
+    assert await backend.read_ops("h", 11) is None  # ahead of the store: history lost
+    assert await backend.read_ops("empty", 0) == []
+    # Trim never passes the snapshot.
+    await backend.trim("h", keep_from=8, max_len=100)
+    assert [op.seq for op in await backend.read_ops("h", 0) or []] == list(range(1, 11))
+    assert await backend.write_snapshot("h", Snapshot(6, b'{"i":5}'))
+    await backend.trim("h", keep_from=8, max_len=100)
+    assert await backend.read_ops("h", 0) is None  # 1..6 gone: must reset from the snapshot
+    assert [op.seq for op in await backend.read_ops("h", 6) or []] == [7, 8, 9, 10]
+    await backend.write_snapshot("h", Snapshot(10, b'{"i":9}'))
+    await backend.trim("h", keep_from=0, max_len=2)
+    assert await backend.read_ops("h", 7) is None
+    assert [op.seq for op in await backend.read_ops("h", 8) or []] == [9, 10]
+
+
+async def test_snapshot_only_if_newer(backend: RedisBackend) -> None:
+    assert await backend.read_snapshot("s") is None
+    for _ in range(5):
+        await backend.publish("s", "merge", b'{"a":1}')
+    assert await backend.write_snapshot("s", Snapshot(3, b'{"v":3}', tick=7))
+    assert not await backend.write_snapshot("s", Snapshot(3, b'{"v":"again"}'))
+    assert not await backend.write_snapshot("s", Snapshot(2, b'{"v":2}'))
+    assert await backend.read_snapshot("s") == Snapshot(3, b'{"v":3}', 7)
+    with pytest.raises(ValueError, match="past the room seq"):
+        await backend.write_snapshot("s", Snapshot(9, b"{}"))
+
+
+async def test_locks(backend: RedisBackend) -> None:
+    t1 = await backend.acquire_lock("l", 5_000)
+    assert t1 is not None
+    assert await backend.acquire_lock("l", 5_000) is None
+    await backend.release_lock("l", "not-the-token")
+    assert await backend.acquire_lock("l", 5_000) is None
+    await backend.release_lock("l", t1)
+    t2 = await backend.acquire_lock("l", 100)
+    assert t2 is not None
+    await asyncio.sleep(0.2)  # expired
+    assert await backend.acquire_lock("l", 100) is not None
+
+
+async def test_function_reloaded_when_missing(
+    backend: RedisBackend, redis_server: Topology
+) -> None:  # noqa: F811
+    r = await raw(redis_server)
+    await r.execute_command("FUNCTION", "FLUSH")  # type: ignore[no-untyped-call]
+    assert await backend.publish("f", "patch", PATCH) == 1
+    assert await backend.write_snapshot("f", Snapshot(1, b"{}"))
+    await r.aclose()
+
+
+async def test_ack_replica_wait_and_idempotent_retry(tmp_path: Path) -> None:
+    """WAIT 1 with no replica fails (the first attempt commits anyway); the retry with the
+    same key returns the same seq, and once a replica exists its WAIT covers the first
+    attempt even on a fresh connection (the function writes on a duplicate)."""
+    with running_topology(tmp_path / "r", sentinels=False) as topo:
+        b = RedisBackend(url(topo), ack="replica", wait_timeout_ms=200, op_timeout_s=3.0)
+        await b.start()
+        try:
+            with pytest.raises(BackendUnavailable, match="0 of 1"):
+                await b.publish("w", "merge", b'{"x":1}', key="once")
+            with pytest.raises(BackendUnavailable):
+                await b.publish("w", "merge", b'{"x":1}', key="once")
+            replica = topo.add_server("replica", topo.servers[0].addr)
+            poll(lambda: topo.info(replica).get("master_link_status") == "up", 10, "replica")
+            assert await b.publish("w", "merge", b'{"x":1}', key="once") == 1
+            assert await b.publish("w", "merge", b'{"x":2}', key="twice") == 2
+            r = aioredis.Redis(port=replica.port)
+            assert len(await r.xrange("room:{w}:ops")) == 2
+            await r.aclose()
+            b.ack = "all"
+            assert await b.publish("w", "merge", b'{"x":3}') == 3
+        finally:
+            await b.close()
+
+
+async def test_password(tmp_path: Path) -> None:
+    with running_topology(tmp_path / "p", sentinels=False, password="s3cret") as topo:
+        ok = RedisBackend(url(topo), password="s3cret")
+        await ok.start()
+        assert await ok.publish("p", "patch", PATCH) == 1
+        assert (await ok.health())["ok"]
+        await ok.close()
+        bad = RedisBackend(url(topo), password="wrong")
+        with pytest.raises(Exception, match="(?i)password|auth"):
+            await bad.start()
+        await bad.close()
+
+
+async def test_restart_resubscribes_and_resyncs(tmp_path: Path) -> None:
+    with running_topology(tmp_path / "k", sentinels=False) as topo:
+        rec = Recorder()
+        b = RedisBackend(url(topo), op_timeout_s=5.0, probe_interval_s=0.2, probe_timeout_s=0.5)
+        b.set_listener(rec)
+        await b.start()
+        try:
+            await b.subscribe("x")
+            assert await b.publish("x", "merge", b'{"a":1}') == 1
+            await until(lambda: len(rec.ops.get("x", [])) == 1)
+            assert (await b.health())["ok"]
+            node = topo.servers[0]
+            topo.signal(node, signal.SIGKILL)
+            assert not (await b.health())["ok"]
+            topo.restart(node)
+            await until(lambda: rec.resyncs, 10, "a resync")
+            await until(lambda: b._sub_ready.is_set())
+            assert (await b.health())["ok"]
+            # A fresh (empty) server: the function is loaded again, the room starts over.
+            assert await b.publish("x", "merge", b'{"a":2}') == 1
+            await until(lambda: len(rec.ops["x"]) == 2)
+        finally:
+            await b.close()
+
+
+async def test_frozen_server_detected(tmp_path: Path) -> None:
+    """SIGSTOP: no error, no EOF; the probe notices and health turns false."""
+    with running_topology(tmp_path / "z", sentinels=False) as topo:
+        rec = Recorder()
+        b = RedisBackend(url(topo), op_timeout_s=2.0, probe_interval_s=0.2, probe_timeout_s=0.5)
+        b.set_listener(rec)
+        await b.start()
+        node = topo.servers[0]
+        try:
+            await b.subscribe("x")
+            topo.signal(node, signal.SIGSTOP)
+            await until(lambda: not b._sub_ready.is_set(), 3, "the probe to fire")
+            assert not (await b.health())["ok"]
+            with pytest.raises(BackendUnavailable):
+                await b.publish("x", "merge", b'{"a":1}')
+            topo.signal(node, signal.SIGCONT)
+            await until(lambda: b._sub_ready.is_set(), 5)
+            assert rec.resyncs
+            assert await b.publish("x", "merge", b'{"a":1}', key="k") >= 1
+        finally:
+            await b.close()
