@@ -8,8 +8,24 @@ Both have the API documented in `_native.pyi`.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-if os.environ.get("KASAGI_PURE_PYTHON", "") not in ("", "0"):
+if TYPE_CHECKING:
+    # Type-check against the stub, the one contract both implementations follow.
+    from kasagi_relay._native import (
+        IMPLEMENTATION,
+        MAX_DEPTH,
+        DeltaError,
+        RoomState,
+        apply,
+        compact,
+        diff,
+        json_to_msgpack,
+        merge,
+        msgpack_to_json,
+        validate,
+    )
+elif os.environ.get("KASAGI_PURE_PYTHON", "") not in ("", "0"):
     from kasagi_relay._pydelta import (
         IMPLEMENTATION,
         MAX_DEPTH,
