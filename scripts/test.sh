@@ -34,4 +34,5 @@ echo "== ruff / mypy"
 
 echo "== pytest"
 $PY -c 'import kasagi_relay.delta as d; assert d.IMPLEMENTATION == "native", d.IMPLEMENTATION'
-$PY -m pytest tests "$@"
+# The native engine must be there: a missing build is a failure, not a skip.
+KASAGI_REQUIRE_NATIVE=1 $PY -m pytest tests "$@"
