@@ -1150,7 +1150,24 @@ def cmd_failover_test(kit: Kit) -> int:
         if rejoined:
             print(f"  {old.name} {how}; Sentinel made it a replica of the new master in {dt:.1f} s")
         else:
-            failures.append(f"{old.name} did not rejoin as a replica within 60 s")
+            try:
+                inf = info(old.port)
+                seen = inf.get("role"), inf.get("master_port"), inf.get("master_link_status")
+            except (OSError, RespError, ConnectionError) as e:
+                seen = (f"no answer: {e}",)
+            views = []
+            for sn in kit.sentinel_nodes():
+                try:
+                    reps = [pairs(x) for x in call(sn.port, "SENTINEL", "replicas", name)]
+                    views.append(
+                        f"{sn.name}: " + ",".join(f"{r.get('port')}={r.get('flags')}" for r in reps)
+                    )
+                except (OSError, RespError, ConnectionError) as e:
+                    views.append(f"{sn.name}: {e}")
+            failures.append(
+                f"{old.name} did not rejoin as a replica within 60 s (it reports {seen}; "
+                f"sentinels' replicas: {'; '.join(views)}; see the logs in {kit.state})"
+            )
         if not wait_for(lambda: sentinel_problems(kit, name) == [], 30, 0.25):
             failures.append(
                 "sentinels not healthy after the test: " + "; ".join(sentinel_problems(kit, name))
