@@ -11,7 +11,20 @@ __all__ = ["build_backend"]
 
 def build_backend(config: Config) -> Backend:
     if config.sentinels:
-        raise ConfigError("the sentinel backend is not available yet (--sentinels)")
+        from kasagi_relay.backends.sentinel import SentinelBackend
+
+        return SentinelBackend(
+            config.sentinels,
+            config.master,
+            password=config.redis_password,
+            sentinel_password=config.sentinel_password,
+            ack=config.ack_level,
+        )
     if config.redis:
-        raise ConfigError("the redis backend is not available yet (--redis)")
+        from kasagi_relay.backends.redis import RedisBackend
+
+        try:
+            return RedisBackend(config.redis, password=config.redis_password, ack=config.ack_level)
+        except ValueError as exc:  # a URL redis-py cannot parse
+            raise ConfigError(f"--redis: {exc}") from None
     return MemoryBackend()

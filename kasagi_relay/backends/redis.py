@@ -590,6 +590,8 @@ class RedisBase(Backend):
             # Every channel confirmed before anyone reads history: nothing falls between.
             async with asyncio.timeout(self.probe_timeout_s + self.socket_timeout_s):
                 while not all(c in self._confirmed for c in channels):
+                    if self._doubt_event.is_set():
+                        raise _Doubt(self._doubt_reason)
                     self._handle(await ps.get_message(timeout=0.1))
             self._sub_ready.set()
             self.subscriptions += 1

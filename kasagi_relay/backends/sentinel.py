@@ -1,0 +1,179 @@
+"""The `sentinel` backend: the master found and followed through Redis Sentinel.
+
+Everything that talks to the master is RedisBase's (redis.py); this module only answers
+"where is the master now?" and notices when the answer changes:
+
+- Resolution asks every Sentinel at once (`SENTINEL MASTER <name>`) and trusts the answer
+  with the highest config-epoch (the epoch of the failover that produced it), so one
+  Sentinel that has not heard of a failover yet cannot send us back to the old master.
+- A watch per Sentinel subscribes to `+switch-master` (the fast path), and a poll
+  re-resolves every `poll_interval_s` and whenever a command failed in a way that suggests
+  the master moved (READONLY, connection errors): pub/sub from Sentinels is best-effort,
+  and a Sentinel can be down or partitioned.
+- When the answer differs from the master in use, the subscription is declared in doubt:
+  the supervisor reconnects to the new master (checking its ROLE and its function
+  library), re-subscribes every room and tells the relay to backfill from `ops`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from kasagi_relay.backends.base import AckLevel, BackendUnavailable
+from kasagi_relay.backends.redis import Addr, RedisBase, _command
+
+__all__ = ["SentinelBackend"]
+
+logger = logging.getLogger("kasagi_relay.backends.sentinel")
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _pairs(reply: Any) -> dict[str, str]:
+    """A Sentinel reply as a dict (redis-py may or may not have parsed the flat list)."""
+    if isinstance(reply, dict):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    return {_text(k): _text(v) for k, v in zip(reply[::2], reply[1::2], strict=False)}
+
+
+class SentinelBackend(RedisBase):
+    name = "sentinel"
+
+    def __init__(
+        self,
+        sentinels: Sequence[Addr],
+        master: str = "kasagi-master",
+        *,
+        sentinel_password: str | None = None,
+        ack: AckLevel = "replica",
+        poll_interval_s: float = 1.0,
+        sentinel_timeout_s: float = 0.5,
+        **options: Any,
+    ) -> None:
+        if not sentinels:
+            raise ValueError("at least one Sentinel address is needed")
+        super().__init__(ack=ack, **options)
+        self.sentinels = [(str(h), int(p)) for h, p in sentinels]
+        self.master_name = master
+        self.sentinel_password = sentinel_password
+        self.poll_interval_s = poll_interval_s
+        self.sentinel_timeout_s = sentinel_timeout_s
+        self._sentinel_clients: dict[Addr, Redis] = {}
+        self._look_now = asyncio.Event()
+        self._last_answers: dict[str, object] = {}
+
+    def _sentinel(self, addr: Addr) -> Redis:
+        client = self._sentinel_clients.get(addr)
+        if client is None:
+            client = self._sentinel_clients[addr] = Redis(
+                host=addr[0],
+                port=addr[1],
+                password=self.sentinel_password,
+                socket_timeout=self.sentinel_timeout_s,
+                socket_connect_timeout=self.sentinel_timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+        return client
+
+    async def _ask(self, addr: Addr) -> tuple[int, Addr] | None:
+        try:
+            reply = await _command(self._sentinel(addr), "SENTINEL", "MASTER", self.master_name)
+        except Exception as exc:
+            logger.debug("Sentinel %s:%d: %s", *addr, exc)
+            return None
+        fields = _pairs(reply)
+        try:
+            return int(fields.get("config-epoch", "0")), (fields["ip"], int(fields["port"]))
+        except (KeyError, ValueError):
+            return None
+
+    async def _resolve(self) -> Addr:
+        answers = [a for a in await asyncio.gather(*map(self._ask, self.sentinels)) if a]
+        self._last_answers = {"sentinels_answering": len(answers)}
+        if not answers:
+            raise BackendUnavailable(
+                f"no Sentinel of {len(self.sentinels)} knows master {self.master_name!r}"
+            )
+        top = max(epoch for epoch, _ in answers)
+        votes = Counter(addr for epoch, addr in answers if epoch == top)
+        return votes.most_common(1)[0][0]
+
+    def _check_master(self) -> None:
+        self._look_now.set()
+
+    def _health_details(self) -> dict[str, object]:
+        return {"master_name": self.master_name, **self._last_answers}
+
+    async def _start_watch(self) -> None:
+        self._spawn(self._poll(), "kasagi-sentinel-poll")
+        for addr in self.sentinels:
+            self._spawn(self._watch(addr), f"kasagi-sentinel-watch-{addr[0]}:{addr[1]}")
+
+    async def _poll(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval_s):
+                    await self._look_now.wait()
+            self._look_now.clear()
+            try:
+                addr = await self._resolve()
+            except BackendUnavailable as exc:
+                logger.warning("%s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if addr != self._addr:
+                logger.warning(
+                    "Sentinels name %s:%d as %s (was %s)", *addr, self.master_name, self._addr
+                )
+                self._doubt(f"the Sentinels moved the master to {addr[0]}:{addr[1]}")
+            # At most ~10 resolutions a second however many commands fail meanwhile.
+            await asyncio.sleep(0.1)
+
+    async def _watch(self, addr: Addr) -> None:
+        """`+switch-master` from one Sentinel: a nudge to re-resolve at once."""
+        delay = 0.1
+        while True:
+            ps = self._sentinel(addr).pubsub()
+            try:
+                await ps.subscribe("+switch-master")
+                delay = 0.1
+                while True:
+                    # A long read timeout is fine: the poll covers a silent Sentinel.
+                    message = await ps.get_message(timeout=self.poll_interval_s * 5)
+                    if message is None:
+                        async with asyncio.timeout(self.sentinel_timeout_s * 2):
+                            await ps.ping()
+                        continue
+                    if message.get("type") in ("message", b"message"):
+                        data = _text(message["data"]).split()
+                        if data and data[0] == self.master_name:
+                            logger.info("Sentinel %s:%d: +switch-master %s", *addr, data)
+                            self._look_now.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("Sentinel %s:%d watch: %s", *addr, exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await ps.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def close(self) -> None:
+        await super().close()
+        clients, self._sentinel_clients = self._sentinel_clients, {}
+        for client in clients.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
