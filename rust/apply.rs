@@ -280,8 +280,17 @@ fn split_delta(doc: Value) -> Result<(&'static str, Value)> {
 
 /// Parse a delta from JSON bytes.
 pub fn parse_delta(input: &[u8]) -> Result<Delta> {
-    json::check_nesting(input)?;
-    let raw = de::read(input).map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
+    // serde_json's own recursion limit (it refuses 128 nested containers; skipped parts are
+    // read without recursion) keeps the common case to one pass; only a delta that hits it
+    // gets the exact MAX_DEPTH check and, when it is within, a parse without that limit.
+    let raw = match de::read(input, false) {
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            json::check_nesting(input)?;
+            de::read(input, true)
+        }
+        r => r,
+    };
+    let raw = raw.map_err(|e| DeltaError::new(format!("invalid JSON: {e}")))?;
     match raw {
         None => Err(not_a_delta()),
         Some((Some(_), Some(_))) => Err(both_kinds()),
@@ -464,20 +473,9 @@ fn op_from_raw(i: usize, raw: RawOp) -> Result<Op> {
 
 mod de {
     use super::{Field, RawOp};
-    use serde::de::{
-        self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
-    };
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
     use serde_json::Value;
     use std::fmt;
-
-    fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(())
-    }
-    fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(())
-    }
 
     /// Visitor methods for the scalars, all mapped to one "not what we look for" value.
     macro_rules! scalars_are {
@@ -498,6 +496,42 @@ mod de {
                 Ok($v)
             }
         };
+    }
+
+    fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(())
+    }
+    fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(())
+    }
+
+    /// A value read and dropped. Unlike serde's `IgnoredAny` (which serde_json skips without
+    /// counting nesting), it goes through `deserialize_any`, so serde_json's recursion limit
+    /// sees skipped parts too and the nesting rule covers the whole delta document.
+    struct Skip;
+    struct SkipV;
+    impl<'de> Visitor<'de> for SkipV {
+        type Value = Skip;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        scalars_are!(Skip, Skip);
+        fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+            Ok(Skip)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
+            drain_seq(seq).map(|_| Skip)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
+            drain_map(map).map(|_| Skip)
+        }
+    }
+    impl<'de> de::Deserialize<'de> for Skip {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Skip, D::Error> {
+            d.deserialize_any(SkipV)
+        }
     }
 
     /// Any JSON value, keeping only "is it a string, and which".
@@ -583,7 +617,7 @@ mod de {
                     Key::From => from = map.next_value()?,
                     Key::Value => value = Some(map.next_value::<Value>()?),
                     _ => {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Skip>()?;
                     }
                 }
             }
@@ -653,7 +687,7 @@ mod de {
                     Key::Patch => patch = Some(map.next_value::<PatchBody>()?),
                     Key::Merge => merge = Some(map.next_value::<Value>()?),
                     _ => {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Skip>()?;
                     }
                 }
             }
@@ -667,10 +701,13 @@ mod de {
         }
     }
 
-    pub fn read(input: &[u8]) -> Result<RawDelta, serde_json::Error> {
+    /// `unbounded`: lift serde_json's recursion limit (127 nested containers; only after the
+    /// caller checked the nesting itself).
+    pub fn read(input: &[u8], unbounded: bool) -> Result<RawDelta, serde_json::Error> {
         let mut de = serde_json::Deserializer::from_slice(input);
-        // Bounded by the caller's nesting check.
-        de.disable_recursion_limit();
+        if unbounded {
+            de.disable_recursion_limit();
+        }
         let v = RawDeltaV.deserialize(&mut de)?;
         de.end()?;
         Ok(v)
@@ -1380,6 +1417,36 @@ mod tests {
             let slow = json::parse(input).and_then(delta_from_value);
             assert_eq!(fast, slow, "{}", String::from_utf8_lossy(input));
         }
+    }
+
+    #[test]
+    fn delta_nesting_limit_is_exact() {
+        let wrap = |n: usize| {
+            // {"merge": [[...]]} nests n + 1 levels
+            format!("{{\"merge\":{}{}}}", "[".repeat(n), "]".repeat(n))
+        };
+        assert!(parse_delta(wrap(MAX_DEPTH - 1).as_bytes()).is_ok());
+        let e = parse_delta(wrap(MAX_DEPTH).as_bytes()).unwrap_err();
+        assert!(e.message().contains("deeper"), "{e}");
+        assert!(parse_delta(wrap(100_000).as_bytes()).is_err());
+        let v = format!(
+            "{{\"patch\":[{{\"op\":\"add\",\"path\":\"/a\",\"value\":{}{}}}]}}",
+            "[".repeat(125),
+            "]".repeat(125)
+        );
+        assert!(parse_delta(v.as_bytes()).is_ok());
+        let ignored = format!(
+            "{{\"merge\":1,\"x\":{}{}}}",
+            "[".repeat(127),
+            "]".repeat(127)
+        );
+        assert!(parse_delta(ignored.as_bytes()).is_ok());
+        let ignored = format!(
+            "{{\"merge\":1,\"x\":{}{}}}",
+            "[".repeat(128),
+            "]".repeat(128)
+        );
+        assert!(parse_delta(ignored.as_bytes()).is_err());
     }
 
     #[test]

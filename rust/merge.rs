@@ -17,6 +17,7 @@ use crate::apply::{self, Delta, Op, Pointer};
 use crate::error::{DeltaError, Result};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 fn root_replace(value: Value) -> Op {
     Op::Replace {
@@ -161,7 +162,30 @@ fn kills(ek: Kind, p: &[String], wk: Kind, q: &[String]) -> bool {
     }
 }
 
-type Table<'a> = HashMap<&'a [String], usize>;
+/// FxHash (rustc's hasher): much cheaper than SipHash for these short keys; no untrusted
+/// collision concern matters here (a table lives for one collapse call).
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+}
+
+type Table<'a> = HashMap<&'a [String], usize, BuildHasherDefault<FxHasher>>;
 
 /// Record that kept op `e` touches `toks` (and, when `shifting`, may shift its siblings).
 fn register<'a>(
@@ -203,9 +227,9 @@ pub fn collapse(ops: Vec<Op>) -> Vec<Op> {
     let mut kinds: Vec<Kind> = work.iter().map(kind).collect();
     {
         // Earliest kept later op at a pointer / strictly below it / shifting its children.
-        let mut at: Table = HashMap::new();
-        let mut below: Table = HashMap::new();
-        let mut shifts: Table = HashMap::new();
+        let mut at: Table = Table::default();
+        let mut below: Table = Table::default();
+        let mut shifts: Table = Table::default();
         for e in (0..n).rev() {
             let o = &work[e];
             let p: &[String] = &o.path().tokens;
