@@ -26,7 +26,7 @@ import resource
 import signal
 import struct
 import sys
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -78,8 +78,8 @@ class Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only compatible.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for room in self.rooms:
