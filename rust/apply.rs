@@ -79,15 +79,17 @@ impl Pointer {
     }
 
     /// Like `parse`, keeping `raw` without copying it.
-    pub fn parse_owned(raw: String) -> std::result::Result<Pointer, String> {
+    /// On error, the input comes back with the message.
+    pub fn parse_owned(raw: String) -> std::result::Result<Pointer, (String, String)> {
         if raw.contains('~') {
-            return Pointer::parse(&raw);
+            return Pointer::parse(&raw).map_err(|e| (raw, e));
         }
         if raw.is_empty() {
             return Ok(Pointer::root());
         }
         let Some(rest) = raw.strip_prefix('/') else {
-            return Err("invalid JSON Pointer (must be empty or start with '/')".into());
+            let e = "invalid JSON Pointer (must be empty or start with '/')".to_owned();
+            return Err((raw, e));
         };
         let tokens = rest.split('/').map(str::to_owned).collect();
         Ok(Pointer { raw, tokens })
@@ -428,12 +430,13 @@ fn op_from_raw(i: usize, raw: RawOp) -> Result<Op> {
             )))
         }
     };
-    let ctx = |msg: &str| DeltaError::new(format!("op {i} ({name} {path_raw}): {msg}"));
-    let path = Pointer::parse_owned(path_raw.clone()).map_err(|e| ctx(&e))?;
+    let path = Pointer::parse_owned(path_raw)
+        .map_err(|(raw, e)| DeltaError::new(format!("op {i} ({name} {raw}): {e}")))?;
+    let ctx = |msg: &str| DeltaError::new(format!("op {i} ({name} {}): {msg}", path.raw));
     let from = || -> Result<Pointer> {
         match from {
             Field::Str(s) => {
-                Pointer::parse_owned(s.clone()).map_err(|e| ctx(&format!("\"from\" {s}: {e}")))
+                Pointer::parse_owned(s).map_err(|(s, e)| ctx(&format!("\"from\" {s}: {e}")))
             }
             Field::Other => Err(ctx("\"from\" must be a string")),
             Field::Missing => Err(ctx("missing \"from\"")),
