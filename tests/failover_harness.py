@@ -225,6 +225,12 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
+def lost_keys(acked: dict[str, int], ops: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """Acknowledged keys whose delta the history does not hold."""
+    present = {k for _, doc in ops for k in doc.get("merge", {})}
+    return [k for k in acked if k not in present]
+
+
 async def read_history(topo: Topology) -> tuple[int, list[tuple[int, dict[str, Any]]]]:
     host, port = topo.master_addr()
     r = aioredis.Redis(host=host, port=port, password=topo.password)
@@ -367,6 +373,7 @@ __all__ = [
     "Writer",
     "fresh_join_state",
     "health",
+    "lost_keys",
     "read_history",
     "relay_args",
     "relay_process",
