@@ -27,16 +27,23 @@ same run: `floor_server.py`, the least a Python server can do per member, and
   members, minus VmRSS before they connected (after one probe join, so the room exists and
   lazy imports are done), divided by N. Kernel socket buffers are not in RSS.
 
-Capacity: the highest publish rate (deltas/s) that a step of `--duration` seconds sustains:
-every member gets every delta within `--drain` s after the step, no error, no member lost,
-and p99 latency <= `--p99-bound-ms` (default 100 ms; a server that cannot keep up builds a
-backlog that grows through the step, so its p99 passes any fixed bound quickly). Found by a
-ramp: from `--start-rate` (default 10,000/N) doubling until a step fails (or `--max-rate`),
-then `--refine` bisection steps (geometric) between the last pass and the first failure.
-Saturation throughput: the most member-frames/s (and deliveries/s) any ramp step delivered
-inside its window (frames received between the first scheduled send and the end of the
-schedule, divided by its length); the failing step is overloaded, so this is what the server
-can push. Latency is then measured at half of the capacity, in a step twice as long.
+Capacity: the highest publish rate (deltas/s) that a step of `--duration` seconds sustains
+without falling behind: every member gets every delta within `--drain` s after the step, no
+error, no member lost, p99 latency <= `--p99-bound-ms` (default 100 ms; a server that cannot
+keep up builds a backlog that grows through the step, so its p99 passes any fixed bound
+quickly), AND at most 1.05 deltas per frame on average. The last condition matters for the
+relay only: it merges the deltas that arrive while its previous broadcast is in flight, so
+past its fan-out capacity it stays on time by sending fewer, merged frames (measured too, see
+below); merging means the fan-out did not keep up one frame per delta. Found by a ramp: from
+`--start-rate` (default 10,000/N) doubling until a step fails (or `--max-rate`), then
+`--refine` bisection steps (geometric) between the last pass and the first failure.
+Then an overload step at `--overload` (2) x capacity, for every server: the floor and the
+plain relay fall behind (their backlog drains afterwards), the relay merges.
+Saturation throughput: the most member-frames/s (and deliveries/s) any ramp or overload step
+delivered inside its window (frames received between the first scheduled send and the end of
+the schedule, divided by its length). Also frames/CPU-s: member-frames per CPU-second of the
+server in that step, its efficiency whoever set the pace (on 2 cores the clients may).
+Latency is measured at half of the capacity, in a step twice as long.
 
 Targets (issue 3): relay frames/s >= 0.8x floor and >= 1.5x plain; relay p99 <= tick + 5 ms at
 half capacity; relay RSS <= 16 KiB per idle connection.
@@ -49,8 +56,11 @@ Usage (from the repository root, with the project's virtualenv)::
     .venv/bin/python -m benches.fanout.harness --members 1000 --relay-arg=--tick-ms=10
 
 Prints progress on stderr and the markdown tables on stdout (`--json PATH` also writes all
-numbers). The relay runs as `python -m kasagi_relay --rate-limit 0 ...` (the publisher
-sends faster than the default per-connection limit); `--relay-arg` adds flags.
+numbers). `--profile DIR` samples each server with py-spy (found on PATH or in $PY_SPY; run
+non-blocking, on the clients' CPU) during its overload step, writes the collapsed stacks to
+DIR/<server>.txt and prints each server's top functions.
+The relay runs as `python -m kasagi_relay --rate-limit 0 ...` (the publisher sends faster
+than the default per-connection limit); `--relay-arg` adds flags.
 `pytest benches/test_fanout.py` runs a reduced configuration and asserts the targets.
 """
 
@@ -69,6 +79,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -414,10 +425,10 @@ class Worker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        commands: asyncio.Queue[tuple[str, tuple[Any, ...]]] = asyncio.Queue()
-        loop.add_reader(self.conn.fileno(), lambda: commands.put_nowait(self.conn.recv()))
         while True:
-            name, args = await commands.get()
+            # A thread waits on the pipe: loop.add_reader would make its fd non-blocking,
+            # and a large reply (a histogram) would then fail with EAGAIN.
+            name, args = await loop.run_in_executor(None, self.conn.recv)
             if name == "exit":
                 await self.cmd_close()
                 self.conn.send({})
@@ -783,6 +794,55 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+# --------------------------------------------------------------------------- profiles
+
+
+def start_profiler(
+    pid: int, seconds: float, out: Path, cpus: list[int] | None
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on `pid` for `seconds`, collapsed stacks to `out` (None when not installed)."""
+    exe = os.environ.get("PY_SPY") or shutil.which("py-spy")
+    if not exe:
+        log("--profile: py-spy not found (pip install py-spy, or set PY_SPY)")
+        return None
+
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "record", "--pid", str(pid), "--duration", str(max(1, math.ceil(seconds)))]
+    argv += ["--rate", "200", "--nonblocking", "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin
+    )
+
+
+def summarize_profile(path: Path, top: int = 12) -> list[str]:
+    """The functions with the most samples, by self time and inclusive, from collapsed stacks
+    (`frame;frame;... count` per line, as py-spy --format raw writes them)."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r" \((?:[^()]*/)?([^()/]+)\)$", r" (\1)", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return ["(no samples)"]
+    out = [f"{total} samples; self time:"]
+    out += [f"  {n / total:6.1%}  {f}" for f, n in own.most_common(top)]
+    out.append("inclusive:")
+    out += [f"  {n / total:6.1%}  {f}" for f, n in incl.most_common(top + 8)]
+    return out
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -796,12 +856,17 @@ class Config:
     max_rate: float | None = None
     refine: int = 2
     p99_bound_ms: float = 100.0
+    # deltas/frame above which a server is behind: a saturated relay merges about rate/capacity
+    # deltas per frame, so 1.05 is ~5% overload, near what the p99 bound allows the others.
+    merge_limit: float = 1.05
+    overload: float = 2.0  # the overload step's rate, x capacity (0: none)
     drain: float = 5.0
     servers: list[str] = field(default_factory=lambda: list(SERVERS))
     relay_args: list[str] = field(default_factory=list)
     tick_ms: int = 0
     pin: bool = True
     concurrency: int = 64
+    profile: str | None = None  # directory for py-spy profiles of the overload step
 
     def resolved_start(self) -> float:
         return self.start_rate or max(1.0, round(10_000 / self.members, 1))
@@ -834,9 +899,22 @@ class Step:
     ok: bool
     kind: str = "ramp"
 
+    merge_limit: float = 1.05
+
     @property
     def error_total(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def keeps_up(self) -> bool:
+        """Sustained, one frame per delta: under the server's capacity."""
+        return self.ok and self.deltas_per_frame <= self.merge_limit
+
+    @property
+    def verdict(self) -> str:
+        if not self.ok:
+            return "behind"
+        return "ok" if self.keeps_up else "merging"
 
 
 @dataclass
@@ -851,23 +929,30 @@ class ServerResult:
     capacity: float | None = None
     half: Step | None = None
     failure: str | None = None
+    profile: list[str] = field(default_factory=list)
 
     @property
     def rss_per_conn_kib(self) -> float:
         return (self.rss_idle_kib - self.rss_before_kib) / max(1, self.members)
 
+    overloaded: Step | None = None
+
+    def _loaded(self) -> list[Step]:
+        return [s for s in self.steps if s.kind in ("ramp", "overload")]
+
     @property
     def peak(self) -> Step | None:
-        good = [s for s in self.steps if s.kind == "ramp"]
-        return max(good, key=lambda s: s.frames_per_s) if good else None
+        """The step that delivered the most member-frames/s (saturation)."""
+        loaded = self._loaded()
+        return max(loaded, key=lambda s: s.frames_per_s) if loaded else None
 
     @property
     def frames_per_s(self) -> float:
-        return max((s.frames_per_s for s in self.steps if s.kind == "ramp"), default=0.0)
+        return max((s.frames_per_s for s in self._loaded()), default=0.0)
 
     @property
     def deliveries_per_s(self) -> float:
-        return max((s.deliveries_per_s for s in self.steps if s.kind == "ramp"), default=0.0)
+        return max((s.deliveries_per_s for s in self._loaded()), default=0.0)
 
     @property
     def frames_per_cpu_s(self) -> float:
@@ -940,10 +1025,12 @@ class Bench:
             if cfg.rates:
                 for rate in cfg.rates:
                     run(rate, cfg.duration, "ramp")
-                passed = [s.rate for s in res.steps if s.kind == "ramp" and s.ok]
+                passed = [s.rate for s in res.steps if s.kind == "ramp" and s.keeps_up]
                 res.capacity = max(passed) if passed else None
             else:
                 res.capacity = self._ramp(run)
+                if res.capacity and cfg.overload > 1 and res.capacity < cfg.resolved_max():
+                    res.overloaded = run(res.capacity * cfg.overload, cfg.duration, "overload")
             if res.capacity:
                 res.half = run(res.capacity / 2, cfg.duration * 2, "half")
         except Exception as exc:
@@ -964,7 +1051,7 @@ class Bench:
         hi: float | None = None
         while True:
             step = run(rate, cfg.duration, "ramp")
-            if step.ok:
+            if step.keeps_up:
                 lo = rate
                 if rate >= top:
                     break
@@ -978,7 +1065,7 @@ class Bench:
             if lo is None or hi is None or hi / lo < 1.1:
                 break
             mid = round(math.sqrt(lo * hi), 1)
-            if run(mid, cfg.duration, "ramp").ok:
+            if run(mid, cfg.duration, "ramp").keeps_up:
                 lo = mid
             else:
                 hi = mid
@@ -995,6 +1082,12 @@ class Bench:
             t0 = monotonic_ns() + 150_000_000  # time for the workers to arm
             t_end = t0 + count * period
             clients.call("start", (t0, t_end, period))
+            profiler = None
+            if kind == "overload" and cfg.profile:
+                profile_path = Path(cfg.profile) / f"{res.name}.txt"
+                profiler = start_profiler(
+                    server.pid, (t_end - monotonic_ns()) / 1e9, profile_path, self.client_cpus
+                )
             ours = [os.getpid(), *clients.pids]
             s0, c0, m0 = cpu_seconds([server.pid]), cpu_seconds(ours), machine_busy_seconds()
             w0 = time.monotonic()
@@ -1002,6 +1095,13 @@ class Bench:
             s1, c1, m1 = cpu_seconds([server.pid]), cpu_seconds(ours), machine_busy_seconds()
             w1 = time.monotonic()
             replies = clients.call("finish", (pub.n, cfg.drain))
+            if profiler is not None:
+                try:
+                    profiler.wait(30)
+                    res.profile = summarize_profile(profile_path)
+                except (subprocess.TimeoutExpired, OSError) as exc:
+                    profiler.kill()
+                    res.profile = [f"profile failed: {exc}"]
             hist = merge_counts([r["hist"] for r in replies])
             p50, p99, p999, pmax = percentiles_ms(hist, (0.5, 0.99, 0.999, 1.0))
             window = (t_end - t0) / 1e9
@@ -1047,6 +1147,7 @@ class Bench:
                 errors=dict(errors),
                 ok=not errors and not incomplete and p99 is not None and p99 <= cfg.p99_bound_ms,
                 kind=kind,
+                merge_limit=cfg.merge_limit,
             )
             res.steps.append(step)
             log(
@@ -1056,7 +1157,7 @@ class Bench:
                 f"CPU server {step.server_cpu:.0%} clients {step.clients_cpu:.0%} "
                 f"other {step.other_cpu:.0%}, "
                 f"pub late p99 {step.publisher_late_p99_ms:.2f} ms, incomplete {incomplete}, "
-                f"errors {dict(errors) or 0} -> {'ok' if step.ok else 'FAIL'}"
+                f"errors {dict(errors) or 0} -> {step.verdict}"
             )
             if not step.ok:
                 # Let an overloaded server drain, and replace members it dropped.
@@ -1134,16 +1235,20 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
         f"open-loop publisher; {_machine()}; {pinned}. On 2 cores the clients cost about as "
         "much CPU per frame as a server: absolute numbers are this box's, ratios are the point.",
         f"Capacity = highest rate whose {cfg.duration:g} s step delivered every delta to every "
-        f"member (no gap, no error) with p99 <= {cfg.p99_bound_ms:g} ms. frames/s and "
-        "deliveries/s = the most any ramp step delivered inside its window (saturation); "
-        "frames/CPU-s = member-frames per CPU-second of the server in that step (its efficiency, "
-        "whoever set the pace). Latency at half capacity, in a "
+        f"member (no gap, no error) with p99 <= {cfg.p99_bound_ms:g} ms and at most "
+        f"{cfg.merge_limit:g} deltas per frame (one frame per delta: not behind). frames/s and "
+        "deliveries/s = the most any ramp or overload step delivered inside its window "
+        "(saturation); server CPU and frames/CPU-s (member-frames per CPU-second of the "
+        "server: its efficiency, whoever set the pace) in that step. "
+        f"At {cfg.overload:g}x capacity: behind = fell behind (backlog, or members dropped), "
+        "merging = on time by merging deltas into fewer frames. Latency at half capacity, in a "
         f"{cfg.duration * 2:g} s step. Relay tick {cfg.tick_ms} ms.",
         "",
         "| server | members | capacity (deltas/s) | frames/s | deliveries/s | server CPU | "
-        "frames/CPU-s | latency at | p50 ms | p99 ms | p99.9 ms | RSS/conn KiB | "
-        "frames/s vs floor | vs plain | frames/CPU-s vs floor | vs plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"frames/CPU-s | at {cfg.overload:g}x capacity | latency at | p50 ms | p99 ms | "
+        "p99.9 ms | RSS/conn KiB | frames/s vs floor | vs plain | frames/CPU-s vs floor | "
+        "vs plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(a: float, ref: ServerResult | None, attr: str) -> str:
@@ -1153,16 +1258,22 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
     notes: list[str] = []
     for name, r in results.items():
         if r.failure and not r.steps:
-            lines.append(f"| {name} | {r.members} | failed: {r.failure} |" + " |" * 13)
+            lines.append(f"| {name} | {r.members} | failed: {r.failure} |" + " |" * 14)
             continue
-        h, peak = r.half, r.peak
+        h, peak, over = r.half, r.peak, r.overloaded
+        over_txt = "-"
+        if over is not None:
+            over_txt = (
+                f"{over.verdict}: {over.deliveries_per_s:,.0f} deliveries/s, "
+                f"{over.deltas_per_frame:.1f}/frame, p99 {_ms(over.p99_ms)} ms"
+            )
         cap = f"{r.capacity:g}" if r.capacity else "-"
         if r.capacity and r.capacity >= cfg.resolved_max() and not cfg.rates:
             cap = f">= {cap} (max tested)"
         lines.append(
             f"| {name} | {r.members} | {cap} | {r.frames_per_s:,.0f} | "
             f"{r.deliveries_per_s:,.0f} | {f'{peak.server_cpu:.0%}' if peak else '-'} | "
-            f"{r.frames_per_cpu_s:,.0f} | {f'{h.rate:g}/s' if h else '-'} | "
+            f"{r.frames_per_cpu_s:,.0f} | {over_txt} | {f'{h.rate:g}/s' if h else '-'} | "
             f"{_ms(h.p50_ms if h else None)} | {_ms(h.p99_ms if h else None)} | "
             f"{_ms(h.p999_ms if h else None)} | {r.rss_per_conn_kib:.2f} | "
             f"{ratio(r.frames_per_s, floor, 'frames_per_s')} | "
@@ -1195,7 +1306,7 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
         "",
         "| server | kind | rate/s | frames/s | deliveries/s | deltas/frame | p50 ms | p99 ms | "
         "p99.9 ms | max ms | server CPU | frames/CPU-s | clients CPU | other CPU | "
-        "pub late ms | errors | ok |",
+        "pub late ms | errors | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -1209,8 +1320,12 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
                 f"{_ms(st.p99_ms)} | {_ms(st.p999_ms)} | {_ms(st.max_ms)} | "
                 f"{st.server_cpu:.0%} | {st.frames_per_server_cpu_s:,.0f} | "
                 f"{st.clients_cpu:.0%} | {st.other_cpu:.0%} | {st.publisher_late_p99_ms:.2f} | "
-                f"{errs or '-'} | {'yes' if st.ok else 'no'} |"
+                f"{errs or '-'} | {st.verdict} |"
             )
+    for name, r in results.items():
+        if r.profile:
+            lines += ["", f"py-spy profile of {name} during its overload step:", "```"]
+            lines += [*r.profile, "```"]
     return "\n".join(lines)
 
 
@@ -1246,6 +1361,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
     p.add_argument("--max-rate", type=float, help="ramp ceiling (default 1e6/members)")
     p.add_argument("--refine", type=int, default=2, help="bisection steps after the ramp")
     p.add_argument("--p99-bound-ms", type=float, default=100.0, help="capacity latency bound")
+    p.add_argument(
+        "--merge-limit", type=float, default=1.05, help="deltas/frame above which a step is behind"
+    )
+    p.add_argument(
+        "--overload", type=float, default=2.0, help="overload step, x capacity (0: none)"
+    )
     p.add_argument("--drain", type=float, default=5.0, help="seconds allowed to finish a step")
     p.add_argument("--servers", default=",".join(SERVERS), help="which servers, in order")
     p.add_argument("--tick-ms", type=int, default=0, help="the relay's --tick-ms")
@@ -1258,6 +1379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
     p.add_argument("--no-pin", action="store_true", help="no CPU affinity")
     p.add_argument("--concurrency", type=int, default=64, help="connects in flight per client")
     p.add_argument("--json", metavar="PATH", help="also write every number here")
+    p.add_argument("--profile", metavar="DIR", help="py-spy each server in its overload step")
     a = p.parse_args(argv)
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     for s in servers:
@@ -1272,12 +1394,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
         max_rate=a.max_rate,
         refine=a.refine,
         p99_bound_ms=a.p99_bound_ms,
+        merge_limit=a.merge_limit,
+        overload=a.overload,
         drain=a.drain,
         servers=servers,
         relay_args=a.relay_arg,
         tick_ms=a.tick_ms,
         pin=not a.no_pin,
         concurrency=a.concurrency,
+        profile=a.profile,
     )
     return cfg, a.json
 
