@@ -75,7 +75,8 @@ class Writer:
     idx: int
     interval: float = 0.03
     acked: dict[str, int] = field(default_factory=dict)
-    ack_times: list[tuple[float, int]] = field(default_factory=list)
+    # (acked at, seq, first sent at) per acknowledged delta
+    ack_times: list[tuple[float, int, float]] = field(default_factory=list)
     unavailable: int = 0
     reconnects: int = 0
     given_up: list[str] = field(default_factory=list)
@@ -105,6 +106,7 @@ class Writer:
 
     async def send_one(self, key: str, value: int, deadline: float) -> int | None:
         rid = 0
+        sent_at = time.monotonic()
         while time.monotonic() < deadline:
             rid += 1
             client = await self._connect()
@@ -124,7 +126,7 @@ class Writer:
             if reply["t"] == "ack":
                 seq = int(reply["seq"])
                 self.acked[key] = seq
-                self.ack_times.append((time.monotonic(), seq))
+                self.ack_times.append((time.monotonic(), seq, sent_at))
                 return seq
             if reply.get("code") == "unavailable":
                 self.unavailable += 1
@@ -278,7 +280,7 @@ class Stream:
 
     async def wait_acks_after(self, t: float, n: int, timeout: float) -> None:
         async with asyncio.timeout(timeout):
-            while sum(1 for w in self.writers for at, _ in w.ack_times if at > t) < n:
+            while sum(1 for w in self.writers for at, _, _ in w.ack_times if at > t) < n:
                 await asyncio.sleep(0.05)
 
     async def finish(self, topo: Topology, *, settle: float = 15.0) -> Outcome:
@@ -313,8 +315,10 @@ class Stream:
             for m in self.members
             if m.seq != last or json.loads(m.state) != expect
         ]
+        # The pause: from the fault to the ack of the first delta SENT after it (a delta in
+        # flight at the fault may have been acked by the old master just before).
         first_after = [
-            at for w in self.writers for at, _ in w.ack_times if at > self.fault_at
+            at for w in self.writers for at, _, sent in w.ack_times if sent >= self.fault_at
         ]
         pause = (min(first_after) - self.fault_at) if first_after else None
         return Outcome(

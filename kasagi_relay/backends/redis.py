@@ -177,6 +177,7 @@ class RedisBase(Backend):
         self._confirm_pulse = asyncio.Event()
         self._doubt_event = asyncio.Event()
         self._doubt_reason = ""
+        self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._probe_channel = f"kasagi:probe:{secrets.token_hex(8)}"
@@ -280,6 +281,7 @@ class RedisBase(Backend):
         old = self._pool
         if self._addr is not None and addr != self._addr:
             self.switches += 1
+            self._wake()
             logger.warning("%s backend: master is now %s:%d", self.name, *addr)
         self._addr, self._pool, self._client = addr, pool, client
         if old is not None and old is not pool:
@@ -324,8 +326,8 @@ class RedisBase(Backend):
             self._check_master()
             if loop.time() + delay > deadline:
                 raise BackendUnavailable(f"{what}: no master answered ({last})") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            await self._nap(delay)
+            delay = min(delay * 2, 0.25)
 
     async def _reload_library(self) -> None:
         with contextlib.suppress(_NotSent, *_NETWORK_ERRORS, ResponseError):
@@ -424,8 +426,8 @@ class RedisBase(Backend):
             self._check_master()
             if loop.time() + delay > deadline:
                 raise BackendUnavailable(f"no writable master ({last})") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            await self._nap(delay)
+            delay = min(delay * 2, 0.25)
 
     # ------------------------------------------------------------------ history, snapshots
 
@@ -549,6 +551,20 @@ class RedisBase(Backend):
         if not self._doubt_event.is_set():
             self._doubt_reason = reason
             self._doubt_event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """End every backoff nap now: the master moved (or may have)."""
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    async def _nap(self, delay: float) -> None:
+        """A backoff sleep that a master change cuts short: retries hit the new master at
+        once instead of up to one backoff step later."""
+        wakeup = self._wakeup
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await wakeup.wait()
 
     def _pulse(self) -> None:
         self._confirm_pulse.set()
@@ -572,8 +588,8 @@ class RedisBase(Backend):
             if self._closing:
                 return
             # Back off while nothing works; a subscription that was up retries at once.
-            delay = 0.02 if self.subscriptions != ready_before else min(delay * 2, 0.5)
-            await asyncio.sleep(delay)
+            delay = 0.02 if self.subscriptions != ready_before else min(delay * 2, 0.25)
+            await self._nap(delay)
 
     async def _run_subscription(self) -> None:
         _, client = self._current()
