@@ -1290,6 +1290,17 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
             )
         if r.failure:
             notes.append(f"- {name}: run aborted: {r.failure}")
+    if floor is not None and floor.frames_per_cpu_s:
+        # The floor writes one pre-built frame per member: N writes are the least CPU one
+        # broadcast can take, and the last member cannot get a frame sooner than that.
+        spread = cfg.members / floor.frames_per_cpu_s * 1000
+        fits = int(5e-3 * floor.frames_per_cpu_s)
+        notes.append(
+            f"- one broadcast to {cfg.members} members costs even the floor about {spread:.1f} ms "
+            f"of CPU ({floor.frames_per_cpu_s:,.0f} member-frames per CPU-second), so the last "
+            f"member's latency is at least that; a p99 within 5 ms needs at most ~{fits:,} "
+            "members per room on this CPU, whatever the server."
+        )
     if notes:
         lines += ["", *notes]
     checks = targets(results, cfg.tick_ms)
