@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from failover_harness import Stream, relay_args, wait_healthy  # noqa: E402
-from redis_topology import running_topology  # noqa: E402
-from relay_helpers import relay_process  # noqa: E402
+from failover_harness import Stream, relay_args, wait_healthy
+from redis_topology import running_topology
+from relay_helpers import relay_process
 
 
 def cpu_model() -> str:
@@ -42,6 +42,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def redis_version() -> str:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 async def one_run(root: Path, ack: str) -> dict[str, float | int | None]:
@@ -84,9 +89,7 @@ async def main_async(runs: int, ack: str) -> dict[str, object]:
     summary: dict[str, object] = {
         "machine": cpu_model(),
         "cores": len(__import__("os").sched_getaffinity(0)),
-        "redis": subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip(),
+        "redis": await asyncio.to_thread(redis_version),
         "ack": ack,
         "runs": results,
         "pause_median_s": round(statistics.median(pauses), 3) if pauses else None,

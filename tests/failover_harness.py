@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,16 +58,23 @@ def health(url: str) -> dict[str, Any]:
         return {"ok": False, "error": repr(exc)}
 
 
-async def wait_healthy(urls: list[str], master: tuple[str, int] | None, timeout: float) -> float:
+async def wait_healthy(urls: list[str], master: tuple[str, int] | None, within: float) -> float:
     """Until every relay's /healthz is ok (on `master` when given); returns the wait."""
     t0 = time.monotonic()
     want = None if master is None else f"{master[0]}:{master[1]}"
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             states = [await asyncio.to_thread(health, u) for u in urls]
             if all(s.get("ok") and (want is None or s.get("master") == want) for s in states):
                 return time.monotonic() - t0
             await asyncio.sleep(0.1)
+
+
+def _reply_to(rid: int) -> Callable[[dict[str, Any]], bool]:
+    def match(m: dict[str, Any]) -> bool:
+        return m.get("id") == rid and m.get("t") in ("ack", "error")
+
+    return match
 
 
 @dataclass
@@ -114,10 +123,7 @@ class Writer:
                 await client.send(
                     {"t": "delta", "room": ROOM, "merge": {key: value}, "key": key, "id": rid}
                 )
-                reply, _ = await client.recv_until(
-                    lambda m, rid=rid: m.get("id") == rid and m.get("t") in ("ack", "error"),
-                    within=20,
-                )
+                reply, _ = await client.recv_until(_reply_to(rid), within=20)
             except (ConnectionClosed, OSError):
                 self.reconnects += 1
                 self.idx += 1
@@ -166,10 +172,9 @@ class Member:
         if m["from"] != self.seq + 1:
             self.violations.append(f"from {m['from']} after seq {self.seq}")
         doc = {"patch": m["patch"]} if "patch" in m else {"merge": m["merge"]}
-        try:
+        # PROTOCOL.md: a delta that fails at its position is a no-op.
+        with contextlib.suppress(_pydelta.DeltaError):
             self.state = _pydelta.apply(self.state, json.dumps(doc).encode())
-        except _pydelta.DeltaError:
-            pass  # PROTOCOL.md: a delta that fails at its position is a no-op
         self.seq = m["seq"]
         self.frame_times.append(time.monotonic())
 
@@ -208,7 +213,7 @@ class Member:
 
     def max_gap(self, start: float, end: float) -> float:
         times = [start, *(t for t in self.frame_times if start <= t <= end), end]
-        return max(b - a for a, b in zip(times, times[1:], strict=False))
+        return max(b - a for a, b in itertools.pairwise(times))
 
 
 @dataclass
@@ -238,7 +243,7 @@ async def read_history(topo: Topology) -> tuple[int, list[tuple[int, dict[str, A
     r = aioredis.Redis(host=host, port=port, password=topo.password)
     try:
         last = int(await r.get(f"room:{{{ROOM}}}:seq") or 0)
-        entries = await r.xrange(f"room:{{{ROOM}}}:ops")
+        entries: list[Any] = await r.xrange(f"room:{{{ROOM}}}:ops")  # type: ignore[assignment]
         snap = await r.hgetall(f"room:{{{ROOM}}}:snapshot")
     finally:
         await r.aclose()
@@ -278,9 +283,9 @@ class Stream:
     def acked_count(self) -> int:
         return sum(len(w.acked) for w in self.writers)
 
-    async def wait_acks_after(self, t: float, n: int, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while sum(1 for w in self.writers for at, _, _ in w.ack_times if at > t) < n:
+    async def wait_acks_after(self, t: float, n: int, within: float) -> None:
+        async with asyncio.timeout(within):
+            while sum(1 for w in self.writers for at, _, _ in w.ack_times if at > t) < n:  # noqa: ASYNC110 (polls other tasks' records)
                 await asyncio.sleep(0.05)
 
     async def finish(self, topo: Topology, *, settle: float = 15.0) -> Outcome:
@@ -291,7 +296,7 @@ class Stream:
         # Members catch up to the end of the history (or time out and show divergence).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(settle):
-                while any(m.seq < last for m in self.members):
+                while any(m.seq < last for m in self.members):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         end = time.monotonic()
         self.stop_members.set()
@@ -301,7 +306,9 @@ class Stream:
         for seq, doc in ops:
             for k in doc.get("merge", {}):
                 where.setdefault(k, []).append(seq)
-        lost, dup, wrong = [], [], []
+        lost: list[str] = []
+        dup: list[str] = []
+        wrong: list[str] = []
         for w in self.writers:
             for key, seq in w.acked.items():
                 seqs = where.get(key, [])
@@ -351,14 +358,14 @@ async def fresh_join_state(url: str) -> tuple[int, Any]:
         return int(j["seq"]), j["state"]
 
 
-async def snapshot_agrees(topo: Topology, timeout: float = 10.0) -> tuple[int, Any, Any]:
+async def snapshot_agrees(topo: Topology, within: float = 10.0) -> tuple[int, Any, Any]:
     """Wait for compaction to cover the whole history; (seq, snapshot state, history state)."""
     last, ops = await read_history(topo)
     expect = state_of(ops)
     host, port = topo.master_addr()
     r = aioredis.Redis(host=host, port=port, password=topo.password)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 snap = await r.hgetall(f"room:{{{ROOM}}}:snapshot")
                 if snap and int(snap[b"seq"]) == last:

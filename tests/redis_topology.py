@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
 import redis
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -187,6 +188,16 @@ class Topology:
         self._spawn(node)
         poll(lambda: self.client(node).ping(), 10, f"{node.name} to answer", self.logs())
 
+    def _wait_answers(self, node: Node, timeout: float) -> None:
+        def ping() -> bool:
+            c = self.client(node)
+            try:
+                return bool(c.ping())
+            finally:
+                c.close()
+
+        poll(ping, timeout, f"{node.name} to answer", self.logs())
+
     def signal(self, node: Node, sig: int) -> None:
         """Send `sig` to the node's PID (SIGSTOP/SIGCONT are tracked for the teardown)."""
         assert node.proc is not None
@@ -234,7 +245,7 @@ class Topology:
     def _query(self, node: Node, *args: Any) -> Any:
         c = self.client(node)
         try:
-            return c.execute_command(*args)
+            return c.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
             c.close()
 
@@ -323,7 +334,7 @@ class Topology:
         quorum (or just the single server answering)."""
         for n in self.servers:
             if n.alive() and not n.stopped:
-                poll(lambda n=n: self.client(n).ping(), timeout, f"{n.name} to answer", self.logs())
+                self._wait_answers(n, timeout)
         if not self.sentinels:
             return
         master = self.master() if self._sentinels_answer() else self.servers[0]

@@ -112,7 +112,7 @@ async def test_interop(topo: Topology, ioredis: Path, tmp_path: Path) -> None:
         async with connect_client(relay.url) as writer:
             ack = await writer.delta(ROOM, merge={"ws": 2}, key="ws-2")
             assert ack is not None and ack["seq"] == 2
-        seen = []
+        seen: list[object] = []
         async with asyncio.timeout(5):
             while len(seen) < 2:
                 m = await sub.get_message(timeout=1)
@@ -124,7 +124,7 @@ async def test_interop(topo: Topology, ioredis: Path, tmp_path: Path) -> None:
 
         # Compaction writes the snapshot that ioredis reads below.
         async with asyncio.timeout(10):
-            while (await plain.hget(f"room:{{{ROOM}}}:snapshot", "seq")) != b"2":
+            while (await plain.hget(f"room:{{{ROOM}}}:snapshot", "seq")) != b"2":  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
 
         # 3. ioredis through the Sentinels: FCALL twice with one key, then the snapshot.

@@ -16,7 +16,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,9 +43,9 @@ RESULTS: dict[str, Outcome] = {}
 
 
 @pytest.fixture
-def topo(tmp_path: Path) -> AsyncIterator[Topology]:
+def topo(tmp_path: Path) -> Iterator[Topology]:
     with running_topology(tmp_path / "topology") as t:
-        yield t  # type: ignore[misc]
+        yield t
 
 
 @contextlib.asynccontextmanager
@@ -143,7 +143,7 @@ async def test_backend_follows_failover_with_passwords(tmp_path: Path) -> None:
             new = t.wait_master_change(old)
             assert b._addr == new
             async with asyncio.timeout(5):
-                while not (await b.health())["ok"]:
+                while not (await b.health())["ok"]:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)
             assert rec.resyncs >= 1 and b.switches == 1
         finally:
@@ -211,7 +211,6 @@ async def test_sigstop_master_ack_leader_control(topo: Topology) -> None:
 
 async def test_sentinel_failover_command(topo: Topology) -> None:
     async with two_relays(topo, "replica") as relays:
-
         old = topo.master_addr()
 
         async def fault() -> None:
@@ -279,6 +278,16 @@ async def test_relay_sigkill_members_resume(topo: Topology) -> None:
 def test_zz_summary() -> None:
     """Prints what every scenario measured (run with -s to see it)."""
     for name, out in RESULTS.items():
-        print(json.dumps({"scenario": name, "pause_s": out.pause_s, "lost": len(out.lost),
-                          "acked": out.acked, "unavailable": out.unavailable,
-                          "max_gap_s": round(out.max_gap_s, 2), "notes": out.notes}))
+        print(
+            json.dumps(
+                {
+                    "scenario": name,
+                    "pause_s": out.pause_s,
+                    "lost": len(out.lost),
+                    "acked": out.acked,
+                    "unavailable": out.unavailable,
+                    "max_gap_s": round(out.max_gap_s, 2),
+                    "notes": out.notes,
+                }
+            )
+        )

@@ -127,6 +127,10 @@ class _NotSent(Exception):
     """The connection failed before the command was written: it certainly did not run."""
 
 
+class _Fenced(Exception):
+    """A write's reply came back after a failover began: its WAIT proves nothing."""
+
+
 class _Doubt(Exception):
     """The subscription may have missed messages (or the master moved)."""
 
@@ -178,6 +182,10 @@ class RedisBase(Backend):
         self._doubt_event = asyncio.Event()
         self._doubt_reason = ""
         self._wakeup = asyncio.Event()
+        # Set while a failover is under way (subclass): writes wait, in-flight replies
+        # are not trusted.
+        self._fenced_since: float | None = None
+        self._fence_gen = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._probe_channel = f"kasagi:probe:{secrets.token_hex(8)}"
@@ -281,7 +289,7 @@ class RedisBase(Backend):
         old = self._pool
         if self._addr is not None and addr != self._addr:
             self.switches += 1
-            self._wake()
+            self._unfence()
             logger.warning("%s backend: master is now %s:%d", self.name, *addr)
         self._addr, self._pool, self._client = addr, pool, client
         if old is not None and old is not pool:
@@ -388,12 +396,19 @@ class RedisBase(Backend):
         delay = 0.02
         while True:
             try:
+                if self._fenced_since is not None:
+                    raise _NotSent("the master is being replaced (failover in progress)")
                 pool, client = self._current()
                 needed = await self._needed_replicas(client)
                 commands: list[Sequence[Any]] = [fcall]
                 if needed:
                     commands.append(("WAIT", needed, self.wait_timeout_ms))
+                fence_gen = self._fence_gen
                 replies = await self._roundtrip(pool, commands)
+                if fence_gen != self._fence_gen:
+                    # A failover started while this write was in flight: the replica that
+                    # confirmed it may not be the one being promoted. Not acknowledged.
+                    raise _Fenced("a failover started during the write")
                 result = replies[0]
                 if isinstance(result, ResponseError):
                     raise result
@@ -414,7 +429,7 @@ class RedisBase(Backend):
                 last: BaseException = exc
             except _NotSent as exc:
                 last = exc
-            except _NETWORK_ERRORS as exc:
+            except (_Fenced, *_NETWORK_ERRORS) as exc:
                 # Sent, outcome unknown: only an idempotency key makes a retry safe.
                 if key is None:
                     self._check_master()
@@ -553,6 +568,22 @@ class RedisBase(Backend):
             self._doubt_event.set()
         self._wake()
 
+    def _fence(self, reason: str) -> None:
+        """Stop trusting the current master: a failover began. Writes wait for the new
+        master; replies to writes in flight are not acknowledged (retried with their key).
+        WAIT 1 alone cannot protect against a coordinated failover: the old master keeps
+        taking writes after a replica is chosen, and its OTHER replica confirms them."""
+        if self._fenced_since is None:
+            logger.warning("%s backend: fenced (%s)", self.name, reason)
+            self._fenced_since = asyncio.get_running_loop().time()
+        self._fence_gen += 1
+
+    def _unfence(self) -> None:
+        if self._fenced_since is not None:
+            logger.info("%s backend: unfenced", self.name)
+            self._fenced_since = None
+        self._wake()
+
     def _wake(self) -> None:
         """End every backoff nap now: the master moved (or may have)."""
         self._wakeup.set()
@@ -681,6 +712,7 @@ class RedisBase(Backend):
             "subscribed": self._sub_ready.is_set(),
             "rooms": len(self._rooms),
             "switches": self.switches,
+            "fenced": self._fenced_since is not None,
             **self._health_details(),
         }
         try:

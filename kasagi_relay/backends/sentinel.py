@@ -47,6 +47,18 @@ def _pairs(reply: Any) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in zip(reply[::2], reply[1::2], strict=False)}
 
 
+# Sentinel events watched: +try-failover comes from the Sentinel that leads a failover
+# (automatic or SENTINEL FAILOVER) a few timer ticks (>= ~200 ms) BEFORE it promotes a
+# replica, early enough to fence the old master; +switch-master ends it.
+_EVENTS = (
+    "+switch-master",
+    "+try-failover",
+    "-failover-abort-not-elected",
+    "-failover-abort-no-good-slave",
+    "-failover-abort-slave-timeout",
+)
+
+
 class SentinelBackend(RedisBase):
     name = "sentinel"
 
@@ -59,6 +71,7 @@ class SentinelBackend(RedisBase):
         ack: AckLevel = "replica",
         poll_interval_s: float = 1.0,
         sentinel_timeout_s: float = 0.5,
+        fence_max_s: float = 10.0,
         **options: Any,
     ) -> None:
         if not sentinels:
@@ -69,6 +82,7 @@ class SentinelBackend(RedisBase):
         self.sentinel_password = sentinel_password
         self.poll_interval_s = poll_interval_s
         self.sentinel_timeout_s = sentinel_timeout_s
+        self.fence_max_s = fence_max_s
         self._sentinel_clients: dict[Addr, Redis] = {}
         self._look_now = asyncio.Event()
         self._last_answers: dict[str, object] = {}
@@ -132,6 +146,12 @@ class SentinelBackend(RedisBase):
                 logger.warning("%s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            fenced = self._fenced_since
+            now = asyncio.get_running_loop().time()
+            if addr == self._addr and fenced is not None and now - fenced > self.fence_max_s:
+                # A failover that never happened (aborted, events missed): same master.
+                logger.warning("no failover after %.0fs: trusting %s:%d again", now - fenced, *addr)
+                self._unfence()
             if addr != self._addr:
                 logger.warning(
                     "Sentinels name %s:%d as %s (was %s)", *addr, self.master_name, self._addr
@@ -146,7 +166,7 @@ class SentinelBackend(RedisBase):
         while True:
             ps = self._sentinel(addr).pubsub()
             try:
-                await ps.subscribe("+switch-master")
+                await ps.subscribe(*_EVENTS)
                 delay = 0.1
                 while True:
                     # A long read timeout is fine: the poll covers a silent Sentinel.
@@ -156,10 +176,7 @@ class SentinelBackend(RedisBase):
                             await ps.ping()
                         continue
                     if message.get("type") in ("message", b"message"):
-                        data = _text(message["data"]).split()
-                        if data and data[0] == self.master_name:
-                            logger.info("Sentinel %s:%d: +switch-master %s", *addr, data)
-                            self._look_now.set()
+                        self._event(addr, _text(message["channel"]), _text(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -170,6 +187,21 @@ class SentinelBackend(RedisBase):
                         await ps.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def _event(self, addr: Addr, event: str, data: str) -> None:
+        words = data.split()
+        if event == "+switch-master":
+            ours = bool(words) and words[0] == self.master_name
+        else:  # "master <name> <ip> <port>"
+            ours = len(words) >= 2 and words[0] == "master" and words[1] == self.master_name
+        if not ours:
+            return
+        logger.info("Sentinel %s:%d: %s %s", *addr, event, data)
+        if event == "+try-failover":
+            self._fence(f"Sentinel {addr[0]}:{addr[1]} started a failover")
+        elif event.startswith("-failover-abort"):
+            self._unfence()
+        self._look_now.set()
 
     async def close(self) -> None:
         await super().close()
