@@ -24,6 +24,7 @@ from failover_harness import (
     Outcome,
     Stream,
     fresh_join_state,
+    health,
     lost_keys,
     read_history,
     relay_args,
@@ -31,10 +32,11 @@ from failover_harness import (
     wait_healthy,
 )
 from redis_topology import Topology, running_topology
-from relay_helpers import RelayProcess, relay_process
+from relay_helpers import RelayProcess, relay_process, start_relay
 
 from kasagi_relay.backends.base import Op
 from kasagi_relay.backends.sentinel import SentinelBackend
+from kasagi_relay.config import Config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -154,16 +156,31 @@ async def test_backend_follows_failover_with_passwords(tmp_path: Path) -> None:
 
 
 async def test_sigkill_master(topo: Topology) -> None:
+    """Also: /healthz turns 503 while no master is reachable and back to 200 after."""
     async with two_relays(topo, "replica") as relays:
         old = topo.master_addr()
+        seen: list[bool] = []
+        done = asyncio.Event()
+
+        async def watch_health() -> None:
+            while not done.is_set():
+                seen.append(bool((await asyncio.to_thread(health, relays[0].url)).get("ok")))
+                await asyncio.sleep(0.1)
 
         async def fault() -> None:
             topo.signal(topo.node_at(old), signal.SIGKILL)
+            watcher = asyncio.create_task(watch_health())
+            await asyncio.to_thread(topo.wait_master_change, old, 20.0)
+            await wait_healthy([r.url for r in relays], None, 10)
+            done.set()
+            await watcher
 
         out = await run_stream(topo, relays, fault)
         report("sigkill-master", out)
         assert_safe(out)
         await agree(topo, relays, out)
+        assert False in seen, "/healthz never reported the outage"
+        assert seen[-1] or health(relays[0].url)["ok"], "/healthz did not recover"
 
 
 async def split_brain(topo: Topology, ack: str) -> Outcome:
@@ -221,6 +238,37 @@ async def test_sentinel_failover_command(topo: Topology) -> None:
         report("sentinel-failover", out)
         assert_safe(out)
         await agree(topo, relays, out)
+
+
+async def test_sentinel_failover_unfenced_control(topo: Topology) -> None:
+    """The control for the fence: the same SENTINEL FAILOVER with relays whose backend
+    ignores +try-failover. WAIT 1 is then satisfied by the replica that is NOT promoted
+    while the old master still takes writes, so acknowledged deltas may be lost. Reported,
+    not asserted (it depends on timing)."""
+    config = Config(
+        sentinels=tuple(topo.sentinel_addrs), ack="replica", history=100_000,
+        compaction_interval_s=1.0, rate_limit=0,
+    )  # fmt: skip
+    old = topo.master_addr()
+    backends = [SentinelBackend(topo.sentinel_addrs, fence=False) for _ in range(2)]
+    async with (
+        start_relay(config, backend=backends[0]) as a,
+        start_relay(config, backend=backends[1]) as b,
+    ):
+        stream = Stream([a.url, b.url])
+        try:
+            await stream.start()
+            await asyncio.sleep(1.0)
+            stream.fault_at = time.monotonic()
+            topo.failover()
+            await asyncio.to_thread(topo.wait_master_change, old, 20.0)
+            await stream.wait_acks_after(time.monotonic(), 40, 30)
+            out = await stream.finish(topo)
+        finally:
+            await stream.cancel()
+    out.notes.append(f"unfenced: lost {len(out.lost)} acknowledged delta(s)")
+    report("sentinel-failover-unfenced", out)
+    assert out.acked > 20
 
 
 async def test_replicas_stalled_wait_times_out(topo: Topology) -> None:

@@ -72,6 +72,7 @@ class SentinelBackend(RedisBase):
         poll_interval_s: float = 1.0,
         sentinel_timeout_s: float = 0.5,
         fence_max_s: float = 10.0,
+        fence: bool = True,
         **options: Any,
     ) -> None:
         if not sentinels:
@@ -83,6 +84,8 @@ class SentinelBackend(RedisBase):
         self.poll_interval_s = poll_interval_s
         self.sentinel_timeout_s = sentinel_timeout_s
         self.fence_max_s = fence_max_s
+        # Off only to show what it protects against (tests): never in production.
+        self.fence_enabled = fence
         self._sentinel_clients: dict[Addr, Redis] = {}
         self._look_now = asyncio.Event()
         self._last_answers: dict[str, object] = {}
@@ -197,7 +200,7 @@ class SentinelBackend(RedisBase):
         if not ours:
             return
         logger.info("Sentinel %s:%d: %s %s", *addr, event, data)
-        if event == "+try-failover":
+        if event == "+try-failover" and self.fence_enabled:
             self._fence(f"Sentinel {addr[0]}:{addr[1]} started a failover")
         elif event.startswith("-failover-abort"):
             self._unfence()
