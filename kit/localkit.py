@@ -1137,18 +1137,28 @@ def cmd_failover_test(kit: Kit) -> int:
         else:
             start_redis(kit, old)
             how = f"restarted as pid {kit.read_pid(old.name)}"
-        rejoined = wait_for(
-            lambda: (
-                info(old.port).get("role") == "slave"
-                and info(old.port).get("master_link_status") == "up"
-                and int(info(old.port).get("master_port", 0)) == probe.new_port
-            ),
-            60,
-            0.2,
-        )
+
+        def rejoined() -> bool:
+            # A replica of the master the Sentinels name now: usually probe.new_port, but a
+            # second failover (a stall longer than down-after on a busy machine) can move it.
+            inf = info(old.port)
+            return (
+                inf.get("role") == "slave"
+                and inf.get("master_link_status") == "up"
+                and int(inf.get("master_port", 0)) == probe.current_master()
+            )
+
+        ok = wait_for(rejoined, 60, 0.2)
         dt = time.monotonic() - t
-        if rejoined:
-            print(f"  {old.name} {how}; Sentinel made it a replica of the new master in {dt:.1f} s")
+        now = probe.current_master()
+        if now is not None and now != probe.new_port:
+            print(
+                f"  NOTE: the Sentinels moved the master again after the failover, to "
+                f"{kit.name_of_port(now)} {LOCALHOST}:{now} (a second failover: see the "
+                f"+switch-master lines in the Sentinel logs)"
+            )
+        if ok:
+            print(f"  {old.name} {how}; Sentinel made it a replica of the master in {dt:.1f} s")
         else:
             try:
                 inf = info(old.port)
