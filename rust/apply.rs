@@ -720,25 +720,26 @@ mod de {
 // ---------------------------------------------------------------------------------------
 // Application
 
-/// One step of the undo log: enough to put the document back exactly as it was.
+/// One step of the undo log: enough to put the document back exactly as it was. Pointers
+/// borrow from the operations being applied (no copies on the hot path).
 #[derive(Debug)]
-pub enum Undo {
+pub enum Undo<'a> {
     /// Put `old` back at `tokens` (replace, add over an existing member, add at the root).
-    Restore { tokens: Vec<String>, old: Value },
+    Restore { tokens: &'a [String], old: Value },
     /// Remove the member `key` that an add appended to the object at `parent`.
-    ObjRemove { parent: Vec<String>, key: String },
+    ObjRemove { parent: &'a [String], key: &'a str },
     /// Re-insert a removed member at its old position.
     ObjInsert {
-        parent: Vec<String>,
+        parent: &'a [String],
         index: usize,
-        key: String,
+        key: &'a str,
         value: Value,
     },
     /// Remove the element an add inserted.
-    ArrRemove { parent: Vec<String>, index: usize },
+    ArrRemove { parent: &'a [String], index: usize },
     /// Re-insert a removed element.
     ArrInsert {
-        parent: Vec<String>,
+        parent: &'a [String],
         index: usize,
         value: Value,
     },
@@ -797,13 +798,13 @@ pub fn get_mut<'a>(
     Ok(cur)
 }
 
-struct Recorder<'a>(Option<&'a mut Vec<Undo>>);
+struct Recorder<'l, 'a>(Option<&'l mut Vec<Undo<'a>>>);
 
-impl Recorder<'_> {
+impl<'a> Recorder<'_, 'a> {
     fn on(&self) -> bool {
         self.0.is_some()
     }
-    fn push(&mut self, u: Undo) {
+    fn push(&mut self, u: Undo<'a>) {
         if let Some(log) = self.0.as_mut() {
             log.push(u);
         }
@@ -820,33 +821,27 @@ fn check_depth(at: usize, value: &Value) -> std::result::Result<(), String> {
     }
 }
 
-fn add_at(
+fn add_at<'a>(
     doc: &mut Value,
-    tokens: &[String],
+    tokens: &'a [String],
     value: Value,
-    rec: &mut Recorder<'_>,
+    rec: &mut Recorder<'_, 'a>,
 ) -> std::result::Result<(), String> {
     let Some((last, parent_tokens)) = tokens.split_last() else {
         let old = std::mem::replace(doc, value);
-        rec.push(Undo::Restore {
-            tokens: Vec::new(),
-            old,
-        });
+        rec.push(Undo::Restore { tokens, old });
         return Ok(());
     };
     match get_mut(doc, parent_tokens)? {
         Value::Object(m) => {
             if let Some(slot) = m.get_mut(last.as_str()) {
                 let old = std::mem::replace(slot, value);
-                rec.push(Undo::Restore {
-                    tokens: tokens.to_vec(),
-                    old,
-                });
+                rec.push(Undo::Restore { tokens, old });
             } else {
                 m.insert(last.clone(), value);
                 rec.push(Undo::ObjRemove {
-                    parent: parent_tokens.to_vec(),
-                    key: last.clone(),
+                    parent: parent_tokens,
+                    key: last,
                 });
             }
         }
@@ -854,7 +849,7 @@ fn add_at(
             let i = array_index(last, a.len(), true)?;
             a.insert(i, value);
             rec.push(Undo::ArrRemove {
-                parent: parent_tokens.to_vec(),
+                parent: parent_tokens,
                 index: i,
             });
         }
@@ -871,12 +866,10 @@ struct Removed {
 }
 
 impl Removed {
-    fn undo(tokens: &[String], index: usize, from_object: bool, value: Value) -> Undo {
-        let (last, parent) = tokens
+    fn undo(tokens: &[String], index: usize, from_object: bool, value: Value) -> Undo<'_> {
+        let (last, parent): (&str, &[String]) = tokens
             .split_last()
-            .map_or((String::new(), Vec::new()), |(l, p)| {
-                (l.clone(), p.to_vec())
-            });
+            .map_or(("", &[]), |(l, p)| (l.as_str(), p));
         if from_object {
             Undo::ObjInsert {
                 parent,
@@ -930,7 +923,11 @@ fn remove_at(
     }
 }
 
-fn apply_one(doc: &mut Value, op: &Op, rec: &mut Recorder<'_>) -> std::result::Result<(), String> {
+fn apply_one<'a>(
+    doc: &mut Value,
+    op: &'a Op,
+    rec: &mut Recorder<'_, 'a>,
+) -> std::result::Result<(), String> {
     match op {
         Op::Add { path, value } => {
             check_depth(path.tokens.len(), value)?;
@@ -948,7 +945,7 @@ fn apply_one(doc: &mut Value, op: &Op, rec: &mut Recorder<'_>) -> std::result::R
             let slot = get_mut(doc, &path.tokens)?;
             let old = std::mem::replace(slot, value.clone());
             rec.push(Undo::Restore {
-                tokens: path.tokens.clone(),
+                tokens: &path.tokens,
                 old,
             });
             Ok(())
@@ -1000,7 +997,11 @@ fn op_error(i: usize, op: &Op, reason: String) -> DeltaError {
 
 /// Apply `ops` in order; on failure the document is left half-patched (use when it is a
 /// throw-away copy), or exactly restored when `undo` is given via [`apply_patch_atomic`].
-pub fn apply_ops(doc: &mut Value, ops: &[Op], undo: Option<&mut Vec<Undo>>) -> Result<()> {
+pub fn apply_ops<'a>(
+    doc: &mut Value,
+    ops: &'a [Op],
+    undo: Option<&mut Vec<Undo<'a>>>,
+) -> Result<()> {
     let mut rec = Recorder(undo);
     for (i, op) in ops.iter().enumerate() {
         apply_one(doc, op, &mut rec).map_err(|r| op_error(i, op, r))?;
@@ -1026,17 +1027,17 @@ pub fn apply_patch_atomic(doc: &mut Value, ops: &[Op]) -> Result<()> {
 }
 
 /// Undo the steps of `log` (most recent first).
-pub fn rollback(doc: &mut Value, log: Vec<Undo>) {
+pub fn rollback(doc: &mut Value, log: Vec<Undo<'_>>) {
     for u in log.into_iter().rev() {
         match u {
             Undo::Restore { tokens, old } => {
-                if let Ok(slot) = get_mut(doc, &tokens) {
+                if let Ok(slot) = get_mut(doc, tokens) {
                     *slot = old;
                 }
             }
             Undo::ObjRemove { parent, key } => {
-                if let Ok(Value::Object(m)) = get_mut(doc, &parent) {
-                    m.shift_remove(key.as_str());
+                if let Ok(Value::Object(m)) = get_mut(doc, parent) {
+                    m.shift_remove(key);
                 }
             }
             Undo::ObjInsert {
@@ -1045,13 +1046,13 @@ pub fn rollback(doc: &mut Value, log: Vec<Undo>) {
                 key,
                 value,
             } => {
-                if let Ok(Value::Object(m)) = get_mut(doc, &parent) {
+                if let Ok(Value::Object(m)) = get_mut(doc, parent) {
                     let index = index.min(m.len());
-                    m.shift_insert(index, key, value);
+                    m.shift_insert(index, key.to_owned(), value);
                 }
             }
             Undo::ArrRemove { parent, index } => {
-                if let Ok(Value::Array(a)) = get_mut(doc, &parent) {
+                if let Ok(Value::Array(a)) = get_mut(doc, parent) {
                     if index < a.len() {
                         a.remove(index);
                     }
@@ -1062,7 +1063,7 @@ pub fn rollback(doc: &mut Value, log: Vec<Undo>) {
                 index,
                 value,
             } => {
-                if let Ok(Value::Array(a)) = get_mut(doc, &parent) {
+                if let Ok(Value::Array(a)) = get_mut(doc, parent) {
                     let index = index.min(a.len());
                     a.insert(index, value);
                 }
