@@ -889,6 +889,7 @@ class Config:
     pin: bool = True
     concurrency: int = 64
     profile: str | None = None  # directory for py-spy profiles of the overload step
+    wait_quiet: float = 30.0  # seconds a step may wait for the rest of the machine to idle
 
     def resolved_start(self) -> float:
         return self.start_rate or max(1.0, round(10_000 / self.members, 1))
@@ -1093,12 +1094,33 @@ class Bench:
                 hi = mid
         return lo
 
+    @staticmethod
+    def _wait_quiet(ours: list[int], limit: float, threshold: float = 0.25) -> None:
+        """Wait (at most `limit` s) until the rest of the machine uses under `threshold` of
+        one core: other people's builds and tests on a shared box distort every number."""
+        deadline = time.monotonic() + limit
+        waited = False
+        while True:
+            m0, o0, w0 = machine_busy_seconds(), cpu_seconds(ours), time.monotonic()
+            time.sleep(0.5)
+            m1, o1, w1 = machine_busy_seconds(), cpu_seconds(ours), time.monotonic()
+            other = max(0.0, (m1 - m0) - (o1 - o0)) / (w1 - w0)
+            if other < threshold or time.monotonic() > deadline:
+                if waited:
+                    log(f"other load now {other:.0%} of a core; going on")
+                return
+            if not waited:
+                log(f"other processes use {other:.0%} of a core: waiting up to {limit:g} s")
+                waited = True
+
     def _stepper(
         self, server: ServerProcess, clients: Clients, pub: Publisher, res: ServerResult
     ) -> Callable[[float, float, str], Step]:
         cfg = self.cfg
 
         def run(rate: float, duration: float, kind: str) -> Step:
+            if cfg.wait_quiet > 0:
+                self._wait_quiet([server.pid, os.getpid(), *clients.pids], cfg.wait_quiet)
             count = max(3, round(rate * duration))
             period = round(1e9 / rate)
             t0 = monotonic_ns() + 150_000_000  # time for the workers to arm
@@ -1413,6 +1435,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
     p.add_argument("--concurrency", type=int, default=64, help="connects in flight per client")
     p.add_argument("--json", metavar="PATH", help="also write every number here")
     p.add_argument("--profile", metavar="DIR", help="py-spy each server in its overload step")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="before each step, wait up to S s for other processes to idle (0: never)",
+    )
     a = p.parse_args(argv)
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     for s in servers:
@@ -1436,6 +1465,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
         pin=not a.no_pin,
         concurrency=a.concurrency,
         profile=a.profile,
+        wait_quiet=a.wait_quiet,
     )
     return cfg, a.json
 
