@@ -12,7 +12,10 @@ same run: `floor_server.py`, the least a Python server can do per member, and
   to itself and client work never hides server cost; the table prints both CPU loads.
 - An open-loop publisher: one more connection (not a member) sending
   `{"t":"delta","room":R,"merge":{"ts":<scheduled ns>,"n":<i>}}` on a fixed schedule
-  (a thread sleeping to each scheduled instant; a late send is never rescheduled).
+  (a SCHED_FIFO thread sleeping to each scheduled instant; a late send is never
+  rescheduled, and the lateness is reported).
+- A shared machine: before each step the harness waits (up to `--wait-quiet` s) for other
+  processes to idle, and reports the CPU they took during each step ("other CPU").
 - Latency of every delta at every member = receipt time of the frame covering it minus the
   delta's *scheduled* time (CLOCK_MONOTONIC, shared by all processes), so a server that
   falls behind is charged for it (no coordinated omission). A frame `from` A `seq` B may
