@@ -119,6 +119,12 @@ DELTA_RE = re.compile(
 )
 
 
+# Every member receives the same bytes for one delta: the parse of a frame (header included)
+# is cached by its bytes, so only the first of N members pays for the regex.
+_PARSED: dict[bytes, tuple[int, int, int, int]] = {}
+_PARSED_MAX = 4096
+
+
 def log(message: str) -> None:
     print(f"[fanout {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -263,6 +269,12 @@ class Member(asyncio.Protocol):
         if self.buf:
             data = self.buf + data
             self.buf = b""
+        else:
+            # The common case: exactly one delta frame, parsed already for another member.
+            hit = _PARSED.get(data)
+            if hit is not None:
+                self.delta(hit[0], hit[1], hit[2], hit[3], monotonic_ns())
+                return
         if self.state == 0:
             end = data.find(b"\r\n\r\n")
             if end < 0:
@@ -303,7 +315,11 @@ class Member(asyncio.Protocol):
             if data[pos] == 0x81:  # final text frame
                 m = match(data, start, stop)
                 if m is not None:
-                    self.delta(int(m[1]), int(m[2]), int(m[3]), int(m[4]), now)
+                    parsed = (int(m[1]), int(m[2]), int(m[3]), int(m[4]))
+                    if len(_PARSED) >= _PARSED_MAX:
+                        _PARSED.clear()
+                    _PARSED[data[pos:stop] if pos or stop < n else data] = parsed
+                    self.delta(parsed[0], parsed[1], parsed[2], parsed[3], now)
                 else:
                     self.message(data[start:stop], now)
             else:
