@@ -187,6 +187,7 @@ class RedisBase(Backend):
         self._fenced_since: float | None = None
         self._fence_gen = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._cleanup: set[asyncio.Future[None]] = set()
         self._closing = False
         self._probe_channel = f"kasagi:probe:{secrets.token_hex(8)}"
         self._replicas_cache: tuple[float, int] = (0.0, 0)
@@ -248,6 +249,18 @@ class RedisBase(Backend):
                 async with asyncio.timeout(self.op_timeout_s):
                     await self._sub_ready.wait()
 
+    def _background(self, aw: Awaitable[Any]) -> None:
+        """Clean-up that nobody waits for (bounded, errors ignored)."""
+
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    await aw
+
+        task = asyncio.ensure_future(run())
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
+
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
         self._tasks[-1].set_name(name)
@@ -262,6 +275,10 @@ class RedisBase(Backend):
                 await task
         self._rooms.clear()
         await self._drop_pool()
+        if self._cleanup:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.gather(*self._cleanup, return_exceptions=True)
 
     async def _drop_pool(self) -> None:
         pool, self._pool, self._client = self._pool, None, None
@@ -293,8 +310,8 @@ class RedisBase(Backend):
             logger.warning("%s backend: master is now %s:%d", self.name, *addr)
         self._addr, self._pool, self._client = addr, pool, client
         if old is not None and old is not pool:
-            with contextlib.suppress(Exception):
-                await old.disconnect()
+            # In the background: closing sockets to a frozen server can take a while.
+            self._background(old.disconnect())
 
     async def _ensure_library(self, client: Redis, *, force: bool = False) -> None:
         """Load kasagi.lua unless this server already runs our version."""
@@ -321,6 +338,10 @@ class RedisBase(Backend):
         delay = 0.02
         while True:
             try:
+                if self._fenced_since is not None:
+                    # Reads too: the old master may still serve writes that the failover
+                    # is about to discard.
+                    raise _NotSent("the master is being replaced (failover in progress)")
                 _, client = self._current()
                 return await fn(client)
             except ResponseError as exc:
@@ -378,8 +399,9 @@ class RedisBase(Backend):
             return replies
         except BaseException:
             # Unknown state (timeout, cancel): never hand this connection to anyone else.
+            # nowait: closing a socket to a frozen server must not wait for its FIN.
             with contextlib.suppress(Exception):
-                await conn.disconnect()
+                await conn.disconnect(nowait=True)
             raise
         finally:
             await pool.release(conn)
@@ -632,14 +654,18 @@ class RedisBase(Backend):
             channels = [self._probe_channel.encode()] + [
                 channel_key(r).encode() for r in sorted(self._rooms)
             ]
-            await ps.subscribe(*channels)
             loop = asyncio.get_running_loop()
-            # Every channel confirmed before anyone reads history: nothing falls between.
-            async with asyncio.timeout(self.probe_timeout_s + self.socket_timeout_s):
+
+            async def setup() -> None:
+                await ps.subscribe(*channels)
+                # Every channel confirmed before anyone reads history: nothing falls between.
                 while not all(c in self._confirmed for c in channels):
-                    if self._doubt_event.is_set():
-                        raise _Doubt(self._doubt_reason)
                     self._handle(await ps.get_message(timeout=0.1))
+
+            # Connecting to a frozen server blocks in the handshake until the socket
+            # timeout: let a doubt (the Sentinels named another master) cut it short.
+            async with asyncio.timeout(self.probe_timeout_s + self.socket_timeout_s):
+                await self._or_doubt(setup())
             self._sub_ready.set()
             self.subscriptions += 1
             self._pulse()
@@ -667,9 +693,24 @@ class RedisBase(Backend):
         finally:
             self._sub_ready.clear()
             self._pubsub = None
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await ps.aclose()  # type: ignore[no-untyped-call]
+            self._background(ps.aclose())  # type: ignore[no-untyped-call]
+
+    async def _or_doubt(self, aw: Awaitable[None]) -> None:
+        """Await `aw`, unless a doubt comes first (then cancel it and raise _Doubt)."""
+        task = asyncio.ensure_future(aw)
+        doubt = asyncio.ensure_future(self._doubt_event.wait())
+        try:
+            await asyncio.wait({task, doubt}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()
+                return
+            raise _Doubt(self._doubt_reason)
+        finally:
+            for t in (task, doubt):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(BaseException):
+                        await t
 
     def _handle(self, message: dict[str, Any] | None) -> None:
         if message is None:
@@ -720,7 +761,7 @@ class RedisBase(Backend):
             async with asyncio.timeout(1.0):
                 role = await _command(client, "ROLE")
             is_master = bool(role) and role[0] in (b"master", "master")
-            out["ok"] = is_master and self._sub_ready.is_set()
+            out["ok"] = is_master and self._sub_ready.is_set() and self._fenced_since is None
             if not is_master:
                 out["error"] = "the server is not a master"
                 self._check_master()

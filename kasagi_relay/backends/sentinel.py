@@ -88,6 +88,7 @@ class SentinelBackend(RedisBase):
         self.fence_enabled = fence
         self._sentinel_clients: dict[Addr, Redis] = {}
         self._look_now = asyncio.Event()
+        self._announced: Addr | None = None
         self._last_answers: dict[str, object] = {}
 
     def _sentinel(self, addr: Addr) -> Redis:
@@ -156,9 +157,11 @@ class SentinelBackend(RedisBase):
                 logger.warning("no failover after %.0fs: trusting %s:%d again", now - fenced, *addr)
                 self._unfence()
             if addr != self._addr:
-                logger.warning(
-                    "Sentinels name %s:%d as %s (was %s)", *addr, self.master_name, self._addr
-                )
+                if addr != self._announced:
+                    self._announced = addr
+                    logger.warning(
+                        "Sentinels name %s:%d as %s (was %s)", *addr, self.master_name, self._addr
+                    )
                 self._doubt(f"the Sentinels moved the master to {addr[0]}:{addr[1]}")
             # At most ~10 resolutions a second however many commands fail meanwhile.
             await asyncio.sleep(0.1)
