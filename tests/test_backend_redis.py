@@ -259,3 +259,30 @@ async def test_frozen_server_detected(tmp_path: Path) -> None:
             assert await b.publish("x", "merge", b'{"a":1}', key="k") >= 1
         finally:
             await b.close()
+
+
+async def test_lost_delta_detected_after_resubscribe(tmp_path: Path) -> None:
+    """A delta delivered on the channel but not stored (a master that died between PUBLISH
+    and replication), whose seq the store then reuses: after the next re-subscription,
+    read_ops makes the relay reset instead of keeping the phantom."""
+    with running_topology(tmp_path / "d", sentinels=False) as topo:
+        rec = Recorder()
+        b = RedisBackend(url(topo), probe_interval_s=0.2, probe_timeout_s=0.5)
+        b.set_listener(rec)
+        await b.start()
+        r = await raw(topo)
+        try:
+            await b.subscribe("x")
+            assert await b.publish("x", "merge", b'{"a":1}') == 1
+            await r.publish("room:{x}:channel", b'{"seq":2,"merge":{"phantom":1}}')
+            assert await b.publish("x", "merge", b'{"b":2}') == 2  # seq 2 reused
+            await until(lambda: len(rec.ops.get("x", [])) == 3)
+            assert await b.read_ops("x", 2) == []  # nothing to see before the resync
+            await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+            await until(lambda: rec.resyncs, 5, "a resync")
+            assert await b.read_ops("x", 2) is None  # the holder of the phantom resets
+            assert [op.seq for op in await b.read_ops("x", 1) or []] == [2]  # once
+            assert [op.seq for op in await b.read_ops("x", 0) or []] == [1, 2]
+        finally:
+            await r.aclose()
+            await b.close()

@@ -32,6 +32,7 @@ import json
 import logging
 import re
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -85,6 +86,7 @@ _CHANNEL = re.compile(rb"room:\{(.+)\}:channel")
 _MSG_SEQ = re.compile(rb'\{"seq":(\d+),')
 # Errors the server sends for a command it did NOT run: safe to retry as is.
 _REFUSED = ("READONLY", "NOREPLICAS", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+_RECENT = 64  # delivered deltas remembered per room to detect a lossy failover
 _NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -175,6 +177,9 @@ class RedisBase(Backend):
         self._pool: ConnectionPool | None = None
         self._client: Redis | None = None
         self._rooms: set[str] = set()
+        # Last deltas delivered per room, and the first seq found lost after a failover.
+        self._recent: dict[str, deque[tuple[int, bytes]]] = {}
+        self._diverged: dict[str, int] = {}
         self._pubsub: PubSub | None = None
         self._sub_ready = asyncio.Event()
         self._confirmed: set[bytes] = set()
@@ -480,6 +485,11 @@ class RedisBase(Backend):
 
         entries, last_raw = await self._retrying("read_ops", read)
         last = int(last_raw or 0)
+        bad = self._diverged.get(room)
+        if bad is not None and after >= bad:
+            # The caller holds a delta this master stores differently or not at all.
+            del self._diverged[room]
+            return None
         if after > last:
             # The caller holds deltas this master never had (lost in a failover):
             # it must start over from what is stored.
@@ -577,6 +587,7 @@ class RedisBase(Backend):
 
     async def unsubscribe(self, room: str) -> None:
         self._rooms.discard(room)
+        self._recent.pop(room, None)
         channel = channel_key(room).encode()
         self._confirmed.discard(channel)
         ps = self._pubsub
@@ -670,6 +681,8 @@ class RedisBase(Backend):
             self.subscriptions += 1
             self._pulse()
             if self._rooms and self._listener is not None:
+                with contextlib.suppress(Exception):
+                    await self._check_history()
                 # Anything published while we were not subscribed is in `ops` only.
                 self.resyncs += 1
                 self._listener.on_resync(None)
@@ -694,6 +707,41 @@ class RedisBase(Backend):
             self._sub_ready.clear()
             self._pubsub = None
             self._background(ps.aclose())  # type: ignore[no-untyped-call]
+
+    async def _check_history(self) -> None:
+        """After a re-subscription: did this master lose deltas we already delivered?
+
+        A delta is published to subscribers before it reaches any replica; if the master
+        dies in between, relays hold it while the new master reuses its seq for another
+        delta (or has not reached it yet). Compare the last deltas delivered with what is
+        stored; the first mismatch makes read_ops return None once for a caller at or past
+        it, so the relay resets that room from what is stored instead of diverging."""
+        rooms = [(r, list(q)) for r, q in self._recent.items() if q and r in self._rooms]
+        if not rooms:
+            return
+        _, client = self._current()
+        pipe = client.pipeline(transaction=False)
+        for room, recent in rooms:
+            k = room_keys(room)
+            pipe.xrange(k["ops"], min=f"{recent[0][0]}-0", max=f"{recent[-1][0]}-0")
+            pipe.get(k["seq"])
+        replies = await pipe.execute()
+        for i, (room, recent) in enumerate(rooms):
+            entries, last_raw = replies[2 * i], replies[2 * i + 1]
+            last = int(last_raw or 0)
+            stored = {}
+            for entry_id, fields in entries:
+                seq = int(entry_id.split(b"-", 1)[0])
+                kind, d = fields.get(b"k", b""), fields.get(b"d", b"")
+                stored[seq] = b'{"seq":%d,"%s":%s}' % (seq, kind, d)
+            for seq, data in recent:
+                have = stored.get(seq)
+                # Missing below `last` is trimming, not loss; only beyond it is loss.
+                if (have is not None and have != data) or (have is None and seq > last):
+                    logger.warning("room %s: seq %d was lost in the failover: reset", room, seq)
+                    self._diverged[room] = seq
+                    self._recent.pop(room, None)
+                    break
 
     async def _or_doubt(self, aw: Awaitable[None]) -> None:
         """Await `aw`, unless a doubt comes first (then cancel it and raise _Doubt)."""
@@ -737,6 +785,10 @@ class RedisBase(Backend):
             # Not from kasagi_publish: unordered, so skip it; the next op's gap backfills.
             logger.warning("room %s: channel message without a seq ignored", room)
             return
+        recent = self._recent.get(room)
+        if recent is None:
+            recent = self._recent[room] = deque(maxlen=_RECENT)
+        recent.append((seq, bytes(data)))
         try:
             self._listener.on_op(room, Op(seq, bytes(data)))
         except Exception:
