@@ -1364,6 +1364,16 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
             f"member's latency is at least that; a p99 within 5 ms needs at most ~{fits:,} "
             "members per room on this CPU, whatever the server."
         )
+    if floor is not None and plain is not None and floor.frames_per_s and plain.frames_per_s:
+        # A relay that writes one frame per member per delta cannot beat the floor, so the
+        # two frames/s targets only fit together when the floor is >= 1.5x the plain relay.
+        fp = floor.frames_per_s / plain.frames_per_s
+        fpc = _ratio(floor.frames_per_cpu_s, plain.frames_per_cpu_s) or 0.0
+        notes.append(
+            f"- the floor itself delivers {fp:.2f}x the plain relay's frames/s ({fpc:.2f}x per "
+            f"server CPU-second): >= 1.5x plain asks the relay for >= {1.5 / fp:.2f}x the floor "
+            "(a relay writing every frame to every member cannot pass the floor)."
+        )
     if notes:
         lines += ["", *notes]
     checks = targets(results, cfg.tick_ms)
