@@ -46,6 +46,7 @@ def test_fanout_targets(benchmark: Any, capsys: pytest.CaptureFixture[str]) -> N
     for name, r in results.items():
         benchmark.extra_info[name] = {
             "capacity": r.capacity,
+            "kept_up": r.kept_up,
             "frames_per_s": round(r.frames_per_s),
             "deliveries_per_s": round(r.deliveries_per_s),
             "frames_per_cpu_s": round(r.frames_per_cpu_s),
@@ -55,7 +56,7 @@ def test_fanout_targets(benchmark: Any, capsys: pytest.CaptureFixture[str]) -> N
 
     for name, r in results.items():
         assert r.failure is None, f"{name}: {r.failure}"
-        assert r.capacity, f"{name}: no rate sustained"
+        assert r.kept_up, f"{name}: not even the first rate kept up"
         for step in r.steps:
             bad = {k: step.errors[k] for k in ORDER_ERRORS if step.errors.get(k)}
             assert not bad, f"{name} at {step.rate:g}/s: {bad}"

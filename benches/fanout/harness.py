@@ -30,23 +30,25 @@ same run: `floor_server.py`, the least a Python server can do per member, and
   members, minus VmRSS before they connected (after one probe join, so the room exists and
   lazy imports are done), divided by N. Kernel socket buffers are not in RSS.
 
-Capacity: the highest publish rate (deltas/s) that a step of `--duration` seconds sustains
-without falling behind: every member gets every delta within `--drain` s after the step, no
-error, no member lost, p99 latency <= `--p99-bound-ms` (default 100 ms; a server that cannot
-keep up builds a backlog that grows through the step, so its p99 passes any fixed bound
-quickly), AND at most 1.05 deltas per frame on average. The last condition matters for the
-relay only: it merges the deltas that arrive while its previous broadcast is in flight, so
-past its fan-out capacity it stays on time by sending fewer, merged frames (measured too, see
-below); merging means the fan-out did not keep up one frame per delta. Found by a ramp: from
-`--start-rate` (default 10,000/N) doubling until a step fails (or `--max-rate`), then
-`--refine` bisection steps (geometric) between the last pass and the first failure.
-Then an overload step at `--overload` (2) x capacity, for every server: the floor and the
-plain relay fall behind (their backlog drains afterwards), the relay merges.
-Saturation throughput: the most member-frames/s (and deliveries/s) any ramp or overload step
-delivered inside its window (frames received between the first scheduled send and the end of
-the schedule, divided by its length). Also frames/CPU-s: member-frames per CPU-second of the
-server in that step, its efficiency whoever set the pace (on 2 cores the clients may).
-Latency is measured at half of the capacity, in a step twice as long.
+A ramp finds where each server stops keeping up: from `--start-rate` (default 10,000/N)
+deltas/s, doubling while a step of `--duration` s "keeps up" (every member gets every delta
+within `--drain` s after the step, no error, no member lost, p99 <= `--p99-bound-ms`, default
+100 ms, and at most `--merge-limit` 1.05 deltas per frame), then `--refine` bisection steps
+between the last step kept up and the first not, then an overload step at `--overload` (2) x
+that rate. Past its limit the floor and the plain relay fall behind (a backlog, drained after
+the step); the relay merges the deltas that arrive while its previous broadcast is in flight
+into one frame and stays on time. It merges some deltas well before it is saturated too, so
+the merge limit only ends its ramp, it does not define its capacity:
+
+- frames/s (saturation): the most member-frames/s any ramp or overload step delivered inside
+  its window (frames received between the first scheduled send and the end of the schedule,
+  divided by its length); deliveries/s likewise (deltas covered, higher with merging).
+- capacity (deltas/s) = saturation frames/s / N: the delta rate the server can fan out one
+  frame per delta. The same definition for all three servers, independent of merging and of
+  the latency bound. Latency is measured at half of it, in a step twice as long.
+- kept up: the highest ramp rate that kept up, as defined above.
+- frames/CPU-s: member-frames per CPU-second of the server over the steps where it used at
+  least half its core: its efficiency, whoever set the pace (on 2 cores the clients may).
 
 Targets (issue 3): relay frames/s >= 0.8x floor and >= 1.5x plain; relay p99 <= tick + 5 ms at
 half capacity; relay RSS <= 16 KiB per idle connection.
@@ -968,7 +970,7 @@ class ServerResult:
     rss_idle_kib: int = 0
     connect_seconds: float = 0.0
     steps: list[Step] = field(default_factory=list)
-    capacity: float | None = None
+    kept_up: float | None = None  # highest ramp rate kept up (one frame per delta, on time)
     half: Step | None = None
     failure: str | None = None
     profile: list[str] = field(default_factory=list)
@@ -991,6 +993,11 @@ class ServerResult:
     @property
     def frames_per_s(self) -> float:
         return max((s.frames_per_s for s in self._loaded()), default=0.0)
+
+    @property
+    def capacity(self) -> float | None:
+        """Deltas/s the server fans out one frame each: saturation frames/s over members."""
+        return self.frames_per_s / self.members if self.frames_per_s else None
 
     @property
     def deliveries_per_s(self) -> float:
@@ -1074,13 +1081,13 @@ class Bench:
                 for rate in cfg.rates:
                     run(rate, cfg.duration, "ramp")
                 passed = [s.rate for s in res.steps if s.kind == "ramp" and s.keeps_up]
-                res.capacity = max(passed) if passed else None
+                res.kept_up = max(passed) if passed else None
             else:
-                res.capacity = self._ramp(run)
-                if res.capacity and cfg.overload > 1 and res.capacity < cfg.resolved_max():
-                    res.overloaded = run(res.capacity * cfg.overload, cfg.duration, "overload")
+                res.kept_up = self._ramp(run)
+                if res.kept_up and cfg.overload > 1 and res.kept_up < cfg.resolved_max():
+                    res.overloaded = run(res.kept_up * cfg.overload, cfg.duration, "overload")
             if res.capacity:
-                res.half = run(res.capacity / 2, cfg.duration * 2, "half")
+                res.half = run(round(res.capacity / 2, 1), cfg.duration * 2, "half")
         except Exception as exc:
             res.failure = f"{type(exc).__name__}: {exc}"
             log(f"{spec.name}: FAILED: {res.failure}; server log tail: {list(server.stderr)[-5:]}")
@@ -1303,22 +1310,23 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
         f"Fan-out: one room, {cfg.members} members in {cfg.clients} client process(es), one "
         f"open-loop publisher; {_machine()}; {pinned}. On 2 cores the clients cost about as "
         "much CPU per frame as a server: absolute numbers are this box's, ratios are the point.",
-        f"Capacity = highest rate whose {cfg.duration:g} s step delivered every delta to every "
-        f"member (no gap, no error) with p99 <= {cfg.p99_bound_ms:g} ms and at most "
-        f"{cfg.merge_limit:g} deltas per frame (one frame per delta: not behind). frames/s and "
-        "deliveries/s = the most any ramp or overload step delivered inside its window "
-        "(saturation), server CPU = in that step; frames/CPU-s = member-frames per CPU-second "
-        "of the server over the steps where it used >= 50% of its core (its efficiency, "
-        "whoever set the pace). "
-        f"At {cfg.overload:g}x capacity: behind = fell behind (backlog, or members dropped), "
-        "merging = on time by merging deltas into fewer frames. Latency at half capacity, in a "
-        f"{cfg.duration * 2:g} s step. Relay tick {cfg.tick_ms} ms.",
+        "frames/s and deliveries/s = the most any ramp or overload step delivered inside its "
+        "window (saturation; server CPU = in that step); capacity = frames/s / members, the "
+        "delta rate fanned out one frame each; latency at half of it, in a "
+        f"{cfg.duration * 2:g} s step. kept up = highest ramp rate ({cfg.duration:g} s steps) "
+        "with every delta at every member, no error, p99 <= "
+        f"{cfg.p99_bound_ms:g} ms and <= {cfg.merge_limit:g} deltas/frame; at "
+        f"{cfg.overload:g}x that rate: behind = backlog or members dropped, merging = on time "
+        "with merged frames. frames/CPU-s = member-frames per CPU-second of the server over "
+        "the steps where it used >= 50% of its core (its efficiency, whoever set the pace). "
+        f"Relay tick {cfg.tick_ms} ms.",
         "",
-        "| server | members | capacity (deltas/s) | frames/s | deliveries/s | server CPU | "
-        f"frames/CPU-s | at {cfg.overload:g}x capacity | latency at | p50 ms | p99 ms | "
+        "| server | members | frames/s | deliveries/s | server CPU | frames/CPU-s | "
+        "capacity (deltas/s) | kept up (deltas/s) | "
+        f"at {cfg.overload:g}x kept up | latency at | p50 ms | p99 ms | "
         "p99.9 ms | RSS/conn KiB | frames/s vs floor | vs plain | frames/CPU-s vs floor | "
         "vs plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(a: float, ref: ServerResult | None, attr: str) -> str:
@@ -1328,7 +1336,7 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
     notes: list[str] = []
     for name, r in results.items():
         if r.failure and not r.steps:
-            lines.append(f"| {name} | {r.members} | failed: {r.failure} |" + " |" * 14)
+            lines.append(f"| {name} | {r.members} | failed: {r.failure} |" + " |" * 15)
             continue
         h, peak, over = r.half, r.peak, r.overloaded
         over_txt = "-"
@@ -1337,13 +1345,16 @@ def report(results: dict[str, ServerResult], cfg: Config, bench: Bench | None = 
                 f"{over.verdict}: {over.deliveries_per_s:,.0f} deliveries/s, "
                 f"{over.deltas_per_frame:.1f}/frame, p99 {_ms(over.p99_ms)} ms"
             )
-        cap = f"{r.capacity:g}" if r.capacity else "-"
-        if r.capacity and r.capacity >= cfg.resolved_max() and not cfg.rates:
-            cap = f">= {cap} (max tested)"
+        cap = f"{r.capacity:.1f}" if r.capacity else "-"
+        kept = f"{r.kept_up:g}" if r.kept_up else "-"
+        if r.kept_up and r.kept_up >= cfg.resolved_max() and not cfg.rates:
+            kept = f">= {kept} (max tested)"
+            cap = f">= {cap}"
         lines.append(
-            f"| {name} | {r.members} | {cap} | {r.frames_per_s:,.0f} | "
+            f"| {name} | {r.members} | {r.frames_per_s:,.0f} | "
             f"{r.deliveries_per_s:,.0f} | {f'{peak.server_cpu:.0%}' if peak else '-'} | "
-            f"{r.frames_per_cpu_s:,.0f} | {over_txt} | {f'{h.rate:g}/s' if h else '-'} | "
+            f"{r.frames_per_cpu_s:,.0f} | {cap} | {kept} | {over_txt} | "
+            f"{f'{h.rate:g}/s' if h else '-'} | "
             f"{_ms(h.p50_ms if h else None)} | {_ms(h.p99_ms if h else None)} | "
             f"{_ms(h.p999_ms if h else None)} | {r.rss_per_conn_kib:.2f} | "
             f"{ratio(r.frames_per_s, floor, 'frames_per_s')} | "
@@ -1431,6 +1442,7 @@ def to_json(results: dict[str, ServerResult], cfg: Config) -> dict[str, Any]:
                 "frames_per_s": r.frames_per_s,
                 "deliveries_per_s": r.deliveries_per_s,
                 "frames_per_cpu_s": r.frames_per_cpu_s,
+                "capacity": r.capacity,
             }
             for name, r in results.items()
         },
