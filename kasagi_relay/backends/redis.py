@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -207,7 +207,7 @@ class RedisBase(Backend):
         raise NotImplementedError
 
     def _make_pool(self, addr: Addr) -> ConnectionPool:
-        return ConnectionPool(
+        return BlockingConnectionPool(
             host=addr[0],
             port=addr[1],
             password=self.password,
@@ -222,7 +222,10 @@ class RedisBase(Backend):
             # No hidden retries: a retried FCALL without a key could publish twice, and
             # every retry here must go to the master the subclass names now.
             "retry": Retry(NoBackoff(), 0),
-            "max_connections": 64,
+            # Every publish holds a connection through its WAIT: past this many in
+            # flight, publishes queue for a connection (bounded by the op timeout).
+            "max_connections": 128,
+            "timeout": self.op_timeout_s,
         }
 
     def _check_master(self) -> None:
@@ -844,4 +847,4 @@ class RedisBackend(RedisBase):
             extra["password"] = self.password
         if self.username is not None:
             extra["username"] = self.username
-        return ConnectionPool.from_url(self.url, **self._pool_options(), **extra)
+        return BlockingConnectionPool.from_url(self.url, **self._pool_options(), **extra)
