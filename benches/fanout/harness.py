@@ -741,10 +741,10 @@ class ServerSpec:
     argv: list[str]
 
 
-def server_specs(relay_args: Sequence[str]) -> dict[str, ServerSpec]:
+def server_specs(relay_args: Sequence[str], module: str = "kasagi_relay") -> dict[str, ServerSpec]:
     py = sys.executable
     # The publisher sends faster than the relay's default per-connection rate limit.
-    relay = [py, "-m", "kasagi_relay", "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"]
+    relay = [py, "-m", module, "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"]
     return {
         "floor": ServerSpec("floor", [py, str(HERE / "floor_server.py"), "--port", "0"]),
         "relay": ServerSpec("relay", [*relay, *relay_args]),
@@ -911,6 +911,7 @@ class Config:
     concurrency: int = 64
     profile: str | None = None  # directory for py-spy profiles of the overload step
     wait_quiet: float = 30.0  # seconds a step may wait for the rest of the machine to idle
+    relay_module: str = "kasagi_relay"  # `python -m` this as the relay (a patched variant)
 
     def resolved_start(self) -> float:
         return self.start_rate or max(1.0, round(10_000 / self.members, 1))
@@ -1033,7 +1034,7 @@ class Bench:
         raise_nofile()
         if self.client_cpus:
             os.sched_setaffinity(0, self.client_cpus)  # the publisher, with the clients
-        specs = server_specs([*cfg.relay_args, *(["--tick-ms", str(cfg.tick_ms)])])
+        specs = server_specs([*cfg.relay_args, "--tick-ms", str(cfg.tick_ms)], cfg.relay_module)
         results: dict[str, ServerResult] = {}
         clients = Clients(cfg.clients, self.client_cpus)
         try:
@@ -1494,6 +1495,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None, s
         help="extra relay flag (repeat), e.g. --relay-arg=--send-queue-bytes=4MiB",
     )
     p.add_argument("--no-pin", action="store_true", help="no CPU affinity")
+    p.add_argument(
+        "--relay-module",
+        default="kasagi_relay",
+        help="run the relay as `python -m MODULE` (a variant on PYTHONPATH, to try a change)",
+    )
     p.add_argument("--concurrency", type=int, default=64, help="connects in flight per client")
     p.add_argument("--json", metavar="PATH", help="also write every number here")
     p.add_argument("--from-json", metavar="PATH", help="print the tables of a saved run, no run")
@@ -1529,6 +1535,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None, s
         concurrency=a.concurrency,
         profile=a.profile,
         wait_quiet=a.wait_quiet,
+        relay_module=a.relay_module,
     )
     return cfg, a.json, a.from_json
 
