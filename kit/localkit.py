@@ -1233,6 +1233,13 @@ def ports(text: str, n: int) -> tuple[int, ...]:
     return vals
 
 
+def absolute_exe(argv: list[str]) -> list[str]:
+    """A relative path (.venv/bin/kasagi-relay) is relative to here, not to the child's cwd."""
+    if argv and os.sep in argv[0] and not os.path.isabs(argv[0]):
+        return [os.path.abspath(argv[0]), *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `make status | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -1262,9 +1269,9 @@ def main(argv: list[str] | None = None) -> int:
         relay_port=a.relay_port,
         down_after_ms=a.down_after_ms,
         failover_timeout_ms=a.failover_timeout_ms or None,
-        relay=shlex.split(a.relay),
+        relay=absolute_exe(shlex.split(a.relay)),
         relay_args=shlex.split(a.relay_args),
-        redis_server=a.redis_server,
+        redis_server=absolute_exe([a.redis_server])[0],
     )
     try:
         if a.command == "up":
