@@ -58,14 +58,19 @@ Usage (from the repository root, with the project's virtualenv)::
     .venv/bin/python -m benches.fanout.harness --members 5000
     .venv/bin/python -m benches.fanout.harness --members 200 --duration 1.5 --servers floor,relay
     .venv/bin/python -m benches.fanout.harness --members 5000 --rates 10,20,40   # fixed rates
-    .venv/bin/python -m benches.fanout.harness --members 1000 --relay-arg=--tick-ms=10
+    .venv/bin/python -m benches.fanout.harness --members 1000 --tick-ms 10  # relay's tick
+    .venv/bin/python -m benches.fanout.harness --members 5000 --json run.json
+    .venv/bin/python -m benches.fanout.harness --from-json run.json  # tables again, no run
 
 Prints progress on stderr and the markdown tables on stdout (`--json PATH` also writes all
 numbers). `--profile DIR` samples each server with py-spy (found on PATH or in $PY_SPY; run
 non-blocking, on the clients' CPU) during its overload step, writes the collapsed stacks to
 DIR/<server>.txt and prints each server's top functions.
-The relay runs as `python -m kasagi_relay --rate-limit 0 ...` (the publisher sends faster
-than the default per-connection limit); `--relay-arg` adds flags.
+The relay runs as `python -m kasagi_relay --rate-limit 0 --tick-ms T` (the publisher sends
+faster than the default per-connection limit); `--relay-arg` adds flags (e.g.
+`--relay-arg=--send-queue-bytes=4MiB`); `--relay-module M` runs `python -m M` instead, to
+try a variant of the relay (a module on PYTHONPATH that patches it and calls
+`kasagi_relay.cli.main`) under the same load. A full 5,000-member run takes ~4 minutes.
 `pytest benches/test_fanout.py` runs a reduced configuration and asserts the targets.
 """
 
