@@ -31,6 +31,7 @@ from failover_harness import (
     snapshot_agrees,
     wait_healthy,
 )
+from redis.exceptions import AuthenticationError
 from redis_topology import Topology, running_topology
 from relay_helpers import RelayProcess, relay_process, start_relay
 
@@ -150,6 +151,12 @@ async def test_backend_follows_failover_with_passwords(tmp_path: Path) -> None:
             assert rec.resyncs >= 1 and b.switches == 1
         finally:
             await b.close()
+        for kw in ({"sentinel_password": "wrong", "password": "redispw"},
+                   {"sentinel_password": "sentpw", "password": "wrong"}):  # fmt: skip
+            bad = SentinelBackend(t.sentinel_addrs, **kw)  # type: ignore[arg-type]
+            with pytest.raises(AuthenticationError):
+                await bad.start()
+            await bad.close()
 
 
 # --------------------------------------------------------------------------- relay level

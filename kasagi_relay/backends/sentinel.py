@@ -27,6 +27,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError
 
 from kasagi_relay.backends.base import AckLevel, BackendUnavailable
 from kasagi_relay.backends.redis import Addr, RedisBase, _command
@@ -107,6 +108,8 @@ class SentinelBackend(RedisBase):
     async def _ask(self, addr: Addr) -> tuple[int, Addr] | None:
         try:
             reply = await _command(self._sentinel(addr), "SENTINEL", "MASTER", self.master_name)
+        except (AuthenticationError, AuthorizationError):
+            raise  # a wrong --sentinel-password is a configuration error: say so
         except Exception as exc:
             logger.debug("Sentinel %s:%d: %s", *addr, exc)
             return None
@@ -146,8 +149,8 @@ class SentinelBackend(RedisBase):
             self._look_now.clear()
             try:
                 addr = await self._resolve()
-            except BackendUnavailable as exc:
-                logger.warning("%s", exc)
+            except Exception as exc:
+                logger.warning("resolving %s: %s", self.master_name, exc)
                 await asyncio.sleep(0.1)
                 continue
             fenced = self._fenced_since
