@@ -286,3 +286,35 @@ async def test_lost_delta_detected_after_resubscribe(tmp_path: Path) -> None:
         finally:
             await r.aclose()
             await b.close()
+
+
+async def test_relays_share_rooms_through_one_redis(redis_server: Topology) -> None:  # noqa: F811
+    """`--redis URL` end to end: the factory builds the backend; two relays, a writer on
+    one, a member on the other, a late joiner served from Redis."""
+    from relay_helpers import connect_client, start_relay
+
+    from kasagi_relay.config import Config
+
+    config = Config(redis=url(redis_server), compaction_interval_s=0.2)
+    async with start_relay(config) as a, start_relay(config) as b:
+        assert a.backend.name == "redis" and a.config.ack_level == "leader"
+        async with connect_client(b.url) as member, connect_client(a.url) as writer:
+            assert (await member.join("shared"))["seq"] == 0
+            for i in range(5):
+                ack = await writer.delta("shared", merge={f"k{i}": i}, key=f"key{i}")
+                assert ack is not None and ack["seq"] == i + 1
+            again = await writer.delta("shared", merge={"k0": 0}, key="key0")
+            assert again is not None and again["seq"] == 1
+            got: dict[str, int] = {}
+            seq = 0
+            while seq < 5:
+                frame = await member.expect("delta")
+                assert frame["from"] == seq + 1
+                seq = frame["seq"]
+                got.update(frame["merge"])
+            assert got == {f"k{i}": i for i in range(5)}
+        async with connect_client(b.url) as late:
+            joined = await late.join("shared")
+            assert (joined["seq"], joined["state"]) == (5, got)
+        health = await a.backend.health()
+        assert health["ok"] and health["backend"] == "redis"
