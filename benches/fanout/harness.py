@@ -80,6 +80,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -508,6 +509,11 @@ class Worker:
 
     async def cmd_start(self, t_start: int, t_end: int, period: int) -> dict[str, Any]:
         self.reset_step(t_start, t_end, period)
+        # No cyclic-GC pause inside a step (a full collection over thousands of members
+        # would show up as latency): collect now, then only between steps.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         return {}
 
     async def cmd_finish(self, final_n: int, drain_s: float) -> dict[str, Any]:
@@ -518,6 +524,8 @@ class Worker:
             if not behind or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.02)
+        gc.unfreeze()
+        gc.enable()
         return {
             "members": len(self.members),
             "incomplete": len(behind),
