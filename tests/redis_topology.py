@@ -274,6 +274,13 @@ class Topology:
         finally:
             c.close()
 
+    def replicas_online(self, master: Node) -> int:
+        """Replicas the master streams to (state=online): only those count for WAIT. A
+        replica reports its link up before the master has its first REPLCONF ACK."""
+        info = self.info(master)
+        slaves = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return sum(1 for v in slaves if v.get("state") == "online")
+
     def master_addr(self) -> Addr:
         """The master as the Sentinels report it (the first that answers)."""
         last: Exception | None = None
@@ -347,7 +354,7 @@ class Topology:
                     return False
                 if int(info.get("master_port", 0)) != master.port:
                     return False
-            return int(self.info(master).get("connected_slaves", 0)) == len(replicas)
+            return self.replicas_online(master) == len(replicas)
 
         poll(linked, timeout, "replicas linked to the master", self.logs())
 

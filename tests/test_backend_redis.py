@@ -180,7 +180,7 @@ async def test_ack_replica_wait_and_idempotent_retry(tmp_path: Path) -> None:
     same key returns the same seq, and once a replica exists its WAIT covers the first
     attempt even on a fresh connection (the function writes on a duplicate)."""
     with running_topology(tmp_path / "r", sentinels=False) as topo:
-        b = RedisBackend(url(topo), ack="replica", wait_timeout_ms=200, op_timeout_s=3.0)
+        b = RedisBackend(url(topo), ack="replica", wait_timeout_ms=1000, op_timeout_s=3.0)
         await b.start()
         try:
             with pytest.raises(BackendUnavailable, match="0 of 1"):
@@ -188,7 +188,7 @@ async def test_ack_replica_wait_and_idempotent_retry(tmp_path: Path) -> None:
             with pytest.raises(BackendUnavailable):
                 await b.publish("w", "merge", b'{"x":1}', key="once")
             replica = topo.add_server("replica", topo.servers[0].addr)
-            poll(lambda: topo.info(replica).get("master_link_status") == "up", 10, "replica")
+            poll(lambda: topo.replicas_online(topo.servers[0]) == 1, 10, "replica online")
             assert await b.publish("w", "merge", b'{"x":1}', key="once") == 1
             assert await b.publish("w", "merge", b'{"x":2}', key="twice") == 2
             r = aioredis.Redis(port=replica.port)
@@ -318,3 +318,29 @@ async def test_relays_share_rooms_through_one_redis(redis_server: Topology) -> N
             assert (joined["seq"], joined["state"]) == (5, got)
         health = await a.backend.health()
         assert health["ok"] and health["backend"] == "redis"
+
+
+async def test_expired_keys_are_pruned(backend: RedisBackend, redis_server: Topology) -> None:  # noqa: F811
+    """A key older than 5 minutes counts as new; expired keys are collected as new ones
+    come in, so the keys hash stays near its live size."""
+    r = await raw(redis_server)
+    await r.hset("room:{e}:keys", mapping={f"old{i}": f"{i}:1" for i in range(20)})
+    assert await backend.publish("e", "merge", b'{"a":1}', key="old3") == 1
+    for i in range(10):
+        await backend.publish("e", "merge", b'{"a":1}', key=f"new{i}")
+    fields = {f.decode() for f in await r.hkeys("room:{e}:keys")}
+    assert not any(f.startswith("old") and f != "old3" for f in fields), fields
+    assert {f"new{i}" for i in range(10)} <= fields
+    await r.aclose()
+
+
+async def test_publish_refuses_a_stream_ahead_of_the_seq(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    r = await raw(redis_server)
+    await r.xadd("room:{bad}:ops", {"k": "merge", "d": "{}"}, id="5-0")
+    with pytest.raises(Exception, match="equal or smaller"):
+        await backend.publish("bad", "merge", b'{"a":1}')
+    assert await r.get("room:{bad}:seq") is None  # nothing burnt
+    await r.aclose()

@@ -72,8 +72,11 @@ local function publish(keys, args)
       end
     end
   end
-  local seq = redis.call('INCR', seq_key)
+  -- XADD is the first write: if it fails (a stream ahead of the seq key), the call
+  -- errors with nothing changed instead of burning a seq.
+  local seq = tonumber(redis.call('GET', seq_key) or '0') + 1
   redis.call('XADD', ops_key, seq .. '-0', 'k', kind, 'd', d)
+  redis.call('SET', seq_key, seq)
   redis.call('PUBLISH', channel_key, '{"seq":' .. seq .. ',"' .. kind .. '":' .. d .. '}')
   if ikey ~= nil then
     redis.call('HSET', keys_key, ikey, seq .. ':' .. (now + KEY_TTL_MS))
