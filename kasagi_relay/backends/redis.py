@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -135,6 +136,11 @@ class _Fenced(Exception):
 
 class _Doubt(Exception):
     """The subscription may have missed messages (or the master moved)."""
+
+
+def _digest(data: bytes) -> bytes:
+    # Deltas can be large: remember a digest of each recent one, not its bytes.
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _entry_op(entry_id: bytes, fields: dict[bytes, bytes]) -> Op:
@@ -736,7 +742,7 @@ class RedisBase(Backend):
             for entry_id, fields in entries:
                 seq = int(entry_id.split(b"-", 1)[0])
                 kind, d = fields.get(b"k", b""), fields.get(b"d", b"")
-                stored[seq] = b'{"seq":%d,"%s":%s}' % (seq, kind, d)
+                stored[seq] = _digest(b'{"seq":%d,"%s":%s}' % (seq, kind, d))
             for seq, data in recent:
                 have = stored.get(seq)
                 # Missing below `last` is trimming, not loss; only beyond it is loss.
@@ -791,7 +797,7 @@ class RedisBase(Backend):
         recent = self._recent.get(room)
         if recent is None:
             recent = self._recent[room] = deque(maxlen=_RECENT)
-        recent.append((seq, bytes(data)))
+        recent.append((seq, _digest(data)))
         try:
             self._listener.on_op(room, Op(seq, bytes(data)))
         except Exception:
