@@ -73,21 +73,6 @@ def test_bad_flag_or_value_is_one_line_and_exit_2(
     assert lines[0].startswith("kasagi-relay: error:") and needle in lines[0]
 
 
-@pytest.mark.parametrize(
-    ("args", "env"),
-    [
-        (["--redis", "redis://127.0.0.1:6379/0"], None),
-        (["--sentinels", "127.0.0.1:26379,127.0.0.1:26380"], None),
-        ([], {"KASAGI_REDIS": "redis://127.0.0.1:6379"}),
-    ],
-)
-def test_redis_backends_say_not_available_yet(args: list[str], env: dict[str, str] | None) -> None:
-    r = run(*args, env=env)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not available yet" in lines[0], r.stderr
-
-
 def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("KASAGI_PORT", "KASAGI_HOST", "KASAGI_ACK", "KASAGI_SENTINELS", "KASAGI_TICK_MS"):
         monkeypatch.delenv(name, raising=False)
