@@ -1198,7 +1198,7 @@ def cmd_failover_test(kit: Kit) -> int:
 
 
 def cmd_measure(kit: Kit, runs: int) -> int:
-    """Runs failover-test N times and prints the median pauses (docs/deployment.md)."""
+    """Runs failover-test N times and prints the median pauses (README, "Failover behaviour")."""
     results = []
     for i in range(runs):
         print(f"==== run {i + 1}/{runs}")
