@@ -25,6 +25,8 @@ $PY -m pip install -q -e ".[test]" --config-settings=build-args="--profile relea
 echo "== cargo fmt / clippy / test"
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
+# The binding module (rust/python.rs) is compiled only with the pyo3 feature.
+cargo clippy --all-targets --quiet --features pyo3 -- -D warnings
 cargo test --quiet
 
 echo "== ruff / mypy"
