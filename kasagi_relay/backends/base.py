@@ -75,9 +75,7 @@ class Backend(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def publish(
-        self, room: str, kind: DeltaKind, body: bytes, key: str | None = None
-    ) -> int:
+    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
         """Assign the room's next seq, append to its history and publish, atomically.
 
         `body` is the compact JSON of the patch array or merge object. Returns the seq once
