@@ -7,8 +7,23 @@ Both have the API documented in `_native.pyi`.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import TYPE_CHECKING
+
+__all__ = [
+    "IMPLEMENTATION",
+    "MAX_DEPTH",
+    "DeltaError",
+    "RoomState",
+    "apply",
+    "compact",
+    "diff",
+    "json_to_msgpack",
+    "merge",
+    "msgpack_to_json",
+    "validate",
+]
 
 if TYPE_CHECKING:
     # Type-check against the stub, the one contract both implementations follow.
@@ -25,51 +40,15 @@ if TYPE_CHECKING:
         msgpack_to_json,
         validate,
     )
-elif os.environ.get("KASAGI_PURE_PYTHON", "") not in ("", "0"):
-    from kasagi_relay._pydelta import (
-        IMPLEMENTATION,
-        MAX_DEPTH,
-        DeltaError,
-        RoomState,
-        apply,
-        compact,
-        diff,
-        json_to_msgpack,
-        merge,
-        msgpack_to_json,
-        validate,
-    )
 else:
-    try:
-        from kasagi_relay._native import (
-            IMPLEMENTATION,
-            MAX_DEPTH,
-            DeltaError,
-            RoomState,
-            apply,
-            compact,
-            diff,
-            json_to_msgpack,
-            merge,
-            msgpack_to_json,
-            validate,
-        )
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "kasagi_relay._native is not built: run `pip install -e .` (or `maturin develop`), "
-            "or set KASAGI_PURE_PYTHON=1 to use the pure-Python engine"
-        ) from exc
-
-__all__ = [
-    "IMPLEMENTATION",
-    "MAX_DEPTH",
-    "DeltaError",
-    "RoomState",
-    "apply",
-    "compact",
-    "diff",
-    "json_to_msgpack",
-    "merge",
-    "msgpack_to_json",
-    "validate",
-]
+    if os.environ.get("KASAGI_PURE_PYTHON", "") not in ("", "0"):
+        _impl = importlib.import_module("kasagi_relay._pydelta")
+    else:
+        try:
+            _impl = importlib.import_module("kasagi_relay._native")
+        except ImportError as exc:  # depends on the build
+            raise ImportError(
+                "kasagi_relay._native is not built: run `pip install -e .` (or `maturin "
+                "develop`), or set KASAGI_PURE_PYTHON=1 to use the pure-Python engine"
+            ) from exc
+    globals().update({name: getattr(_impl, name) for name in __all__})
