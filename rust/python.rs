@@ -31,6 +31,31 @@ create_exception!(
     "Bad input: malformed JSON or delta, or a delta that cannot apply."
 );
 
+/// Results this large are copied into their `bytes` object with the GIL released: copying tens
+/// of megabytes into fresh pages otherwise holds every other Python thread (the relay's event
+/// loop) for milliseconds (benches/test_engine_loop_lag.py).
+const COPY_WITHOUT_GIL: usize = 1 << 16;
+
+fn bytes_out<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    if data.len() < COPY_WITHOUT_GIL {
+        return Ok(PyBytes::new(py, data));
+    }
+    let len = isize::try_from(data.len())
+        .map_err(|_| PyValueError::new_err("result too large for a bytes object"))?;
+    // SAFETY: PyBytes_FromStringAndSize(NULL, len) returns a new, uninitialised bytes object
+    // (or NULL with an exception set, turned into Err). Only this function holds a reference to
+    // it, so no other thread can see it while the GIL is released; every one of its `len` bytes
+    // is written before it is returned. PyBytes_AsString cannot fail on a bytes object.
+    unsafe {
+        let ptr = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len);
+        let obj = Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked::<PyBytes>();
+        // As an address: raw pointers are not Send, and the closure crosses the GIL release.
+        let dst = pyo3::ffi::PyBytes_AsString(obj.as_ptr()) as usize;
+        py.detach(|| std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len()));
+        Ok(obj)
+    }
+}
+
 fn to_py(e: CoreError) -> PyErr {
     DeltaError::new_err(e.message().to_owned())
 }
@@ -114,7 +139,7 @@ fn py_apply<'py>(
     let out = py
         .detach(|| apply::apply_bytes(&state, &d))
         .map_err(to_py)?;
-    Ok(PyBytes::new(py, &out))
+    bytes_out(py, &out)
 }
 
 #[pyfunction(name = "merge")]
@@ -125,7 +150,7 @@ fn py_merge<'py>(py: Python<'py>, ds: &Bound<'py, PyAny>) -> PyResult<Bound<'py,
         inputs.push(input(d, &format!("delta {i}"))?);
     }
     let out = py.detach(|| merge::merge_bytes(&inputs)).map_err(to_py)?;
-    Ok(PyBytes::new(py, &out))
+    bytes_out(py, &out)
 }
 
 #[pyfunction(name = "diff")]
@@ -137,7 +162,7 @@ fn py_diff<'py>(
     let a = input(a, "a")?;
     let b = input(b, "b")?;
     let out = py.detach(|| diff::diff_bytes(&a, &b)).map_err(to_py)?;
-    Ok(PyBytes::new(py, &out))
+    bytes_out(py, &out)
 }
 
 #[pyfunction(name = "compact")]
@@ -152,7 +177,7 @@ fn py_compact<'py>(
     let out = py
         .detach(|| compact::compact_bytes(&state, &inputs))
         .map_err(to_py)?;
-    Ok(PyBytes::new(py, &out))
+    bytes_out(py, &out)
 }
 
 #[pyfunction(name = "json_to_msgpack")]
@@ -162,7 +187,7 @@ fn py_json_to_msgpack<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let doc = input(doc, "document")?;
     let out = py.detach(|| codec::json_to_msgpack(&doc)).map_err(to_py)?;
-    Ok(PyBytes::new(py, &out))
+    bytes_out(py, &out)
 }
 
 #[pyfunction(name = "msgpack_to_json")]
@@ -175,7 +200,7 @@ fn py_msgpack_to_json<'py>(
     }
     let data = input(data, "data")?;
     let out = py.detach(|| codec::msgpack_to_json(&data)).map_err(to_py)?;
-    Ok(PyBytes::new(py, &out))
+    bytes_out(py, &out)
 }
 
 /// A `seq` argument: an int (not a bool) >= 0.
@@ -315,7 +340,7 @@ impl RoomState {
         let out = py
             .detach(|| self.lock().room.apply_batch(&inputs, seq))
             .map_err(|e| PyValueError::new_err(e.0))?;
-        Ok(PyBytes::new(py, &out))
+        bytes_out(py, &out)
     }
 
     fn to_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
