@@ -53,19 +53,20 @@ def _int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+def _non_negative(unit: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not value >= 0:  # also refuses nan
+            raise argparse.ArgumentTypeError("must be >= 0")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = _seconds(text)
-    return value
+_seconds = _non_negative("seconds")
 
 
 def _sentinels(text: str) -> tuple[tuple[str, int], ...]:
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--rate-limit",
         metavar="PER_S",
-        type=_positive_float,
+        type=_non_negative("messages per second"),
         default=env("KASAGI_RATE_LIMIT", _D.rate_limit),
         help="messages per second per connection, sustained; past it requests get "
         "rate_limited; 0 = no limit [KASAGI_RATE_LIMIT]",
