@@ -41,3 +41,16 @@ def test_compact(
     out = benchmark.pedantic(fn, args=(state_1mb, deltas_10k), rounds=rounds, warmup_rounds=1)
     # Every implementation computes the same snapshot (JSON-equal).
     assert json.loads(out) == json.loads(engine_of("pure").compact(state_1mb, deltas_10k))
+
+
+@pytest.mark.benchmark(group="compact_ceiling")
+def test_compact_ceiling(
+    benchmark: Any, engine_of: Callable[[str], ModuleType], state_1mb: bytes
+) -> None:
+    """Native compaction with no deltas: parsing the 1 MB state and writing it back, which
+    any compaction on a parsed document (serde_json's DOM here) pays. Pure full compaction /
+    this is the highest ratio that design can reach (a ceiling row, not a result)."""
+    benchmark.extra_info["impl"] = "native"
+    compact = engine_of("native").compact
+    out = benchmark.pedantic(compact, args=(state_1mb, []), rounds=15, warmup_rounds=1)
+    assert out == state_1mb

@@ -1,7 +1,8 @@
 """Type stub of the native delta engine (`rust/`, built by maturin as `kasagi_relay._native`).
 
-The pure-Python twin `kasagi_relay._pydelta` has exactly this API. `kasagi_relay.delta`
-picks one of the two at import time.
+The pure-Python twin `kasagi_relay._pydelta` has exactly this API, except `send_frame` at
+the end (the relay's broadcast loop, not part of the engine). `kasagi_relay.delta` picks one
+of the two at import time.
 
 Conventions shared by both implementations:
 - JSON arguments are `bytes` (UTF-8) or `str`; JSON results are `bytes`.
@@ -74,3 +75,10 @@ class RoomState:
         """The state as MessagePack; cached until the next change."""
     def json_size(self) -> int:
         """len(self.to_json()) (computed and cached on demand)."""
+
+# Not part of the engine API: the relay's broadcast loop (kasagi_relay/fanout.py), Unix only.
+
+def send_frame(fds: Sequence[int], frame: bytes, /) -> list[tuple[int, int]]:
+    """Send `frame` to each socket without blocking (GIL released); returns (position in
+    `fds`, bytes taken) for each socket that took less than all of it (would block, or an
+    error). The caller passes only sockets whose transport has nothing buffered."""

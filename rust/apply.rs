@@ -81,7 +81,9 @@ impl Pointer {
     /// Like `parse`, keeping `raw` without copying it.
     /// On error, the input comes back with the message.
     pub fn parse_owned(raw: String) -> std::result::Result<Pointer, (String, String)> {
-        if raw.contains('~') {
+        // Byte scans: `str::contains(char)` / `split(char)` go through the generic char
+        // searcher, which showed in the profile of `merge` (every op has a pointer).
+        if raw.as_bytes().contains(&b'~') {
             return Pointer::parse(&raw).map_err(|e| (raw, e));
         }
         if raw.is_empty() {
@@ -91,7 +93,16 @@ impl Pointer {
             let e = "invalid JSON Pointer (must be empty or start with '/')".to_owned();
             return Err((raw, e));
         };
-        let tokens = rest.split('/').map(str::to_owned).collect();
+        let mut tokens = Vec::with_capacity(4);
+        let mut start = 0;
+        for (i, &c) in rest.as_bytes().iter().enumerate() {
+            if c == b'/' {
+                // '/' is ASCII, so `start..i` are char boundaries.
+                tokens.push(rest[start..i].to_owned());
+                start = i + 1;
+            }
+        }
+        tokens.push(rest[start..].to_owned());
         Ok(Pointer { raw, tokens })
     }
 
@@ -195,10 +206,15 @@ impl Op {
 
     /// Write the canonical JSON form into `out` (same bytes as `to_value` serialised).
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        self.write_json_named(out, self.name());
+    }
+
+    /// `write_json` with another op name (a `replace` written as an `add`).
+    fn write_json_named(&self, out: &mut Vec<u8>, name: &str) {
         out.extend_from_slice(b"{\"op\":\"");
-        out.extend_from_slice(self.name().as_bytes());
+        out.extend_from_slice(name.as_bytes());
         out.push(b'"');
-        let write_str = |out: &mut Vec<u8>, s: &str| json::write_to(out, &Value::String(s.into()));
+        let write_str = json::write_str;
         match self {
             Op::Add { path, value } | Op::Replace { path, value } | Op::Test { path, value } => {
                 out.extend_from_slice(b",\"path\":");
@@ -230,6 +246,28 @@ pub fn patch_delta_json(ops: &[Op]) -> Vec<u8> {
             out.push(b',');
         }
         op.write_json(&mut out);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Serialise `{"patch":[...]}` from the ops that `how` keeps (see [`crate::merge::collapse`]).
+pub fn patch_delta_json_with(ops: &[Op], how: impl Fn(usize) -> crate::merge::Write) -> Vec<u8> {
+    use crate::merge::Write;
+    let mut out = Vec::with_capacity(16 + 48 * ops.len());
+    out.extend_from_slice(b"{\"patch\":[");
+    let mut first = true;
+    for (i, op) in ops.iter().enumerate() {
+        let name = match how(i) {
+            Write::Drop => continue,
+            Write::Keep => op.name(),
+            Write::AsAdd => "add",
+        };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        op.write_json_named(&mut out, name);
     }
     out.extend_from_slice(b"]}");
     out
@@ -299,13 +337,7 @@ pub fn parse_delta(input: &[u8]) -> Result<Delta> {
         Some((None, None)) => Err(no_kind()),
         Some((None, Some(body))) => Ok(Delta::Merge(body)),
         Some((Some(de::PatchBody(None)), None)) => Err(not_an_array()),
-        Some((Some(de::PatchBody(Some(raw_ops))), None)) => {
-            let mut ops = Vec::with_capacity(raw_ops.len());
-            for (i, r) in raw_ops.into_iter().enumerate() {
-                ops.push(op_from_raw(i, r)?);
-            }
-            Ok(Delta::Patch(ops))
-        }
+        Some((Some(de::PatchBody(Some(ops))), None)) => Ok(Delta::Patch(ops?)),
     }
 }
 
@@ -366,12 +398,69 @@ fn parse_op(i: usize, item: Value) -> Result<Op> {
     op_from_raw(
         i,
         RawOp::Object {
-            op: field(m.shift_remove("op")),
+            op: match m.shift_remove("op") {
+                None => OpName::Missing,
+                Some(Value::String(s)) => OpName::of(&s),
+                Some(_) => OpName::Other,
+            },
             path: field(m.shift_remove("path")),
             from: field(m.shift_remove("from")),
             value: m.shift_remove("value"),
         },
     )
+}
+
+/// The six RFC 6902 operation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Add,
+    Remove,
+    Replace,
+    Move,
+    Copy,
+    Test,
+}
+
+impl OpKind {
+    fn from_name(s: &str) -> Option<OpKind> {
+        Some(match s {
+            "add" => OpKind::Add,
+            "remove" => OpKind::Remove,
+            "replace" => OpKind::Replace,
+            "move" => OpKind::Move,
+            "copy" => OpKind::Copy,
+            "test" => OpKind::Test,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            OpKind::Add => "add",
+            OpKind::Remove => "remove",
+            OpKind::Replace => "replace",
+            OpKind::Move => "move",
+            OpKind::Copy => "copy",
+            OpKind::Test => "test",
+        }
+    }
+}
+
+/// The "op" member as read. A known name is kept as its kind, so the common case allocates
+/// nothing; an unknown one is kept for its error message.
+#[derive(Debug, Default)]
+enum OpName {
+    #[default]
+    Missing,
+    Known(OpKind),
+    Unknown(String),
+    Other,
+}
+
+impl OpName {
+    fn of(s: &str) -> OpName {
+        OpKind::from_name(s).map_or_else(|| OpName::Unknown(s.to_owned()), OpName::Known)
+    }
 }
 
 /// A member of an operation object as read: absent, a string, or something else.
@@ -388,7 +477,7 @@ enum Field {
 enum RawOp {
     NotObject,
     Object {
-        op: Field,
+        op: OpName,
         path: Field,
         from: Field,
         value: Option<Value>,
@@ -406,17 +495,15 @@ fn op_from_raw(i: usize, raw: RawOp) -> Result<Op> {
     else {
         return Err(DeltaError::new(format!("op {i}: not a JSON object")));
     };
-    let name = match op {
-        Field::Str(s) => s,
-        Field::Other => return Err(DeltaError::new(format!("op {i}: \"op\" must be a string"))),
-        Field::Missing => return Err(DeltaError::new(format!("op {i}: missing \"op\""))),
+    let kind = match op {
+        OpName::Known(k) => k,
+        OpName::Unknown(name) => {
+            return Err(DeltaError::new(format!("op {i}: unknown op {name:?}")))
+        }
+        OpName::Other => return Err(DeltaError::new(format!("op {i}: \"op\" must be a string"))),
+        OpName::Missing => return Err(DeltaError::new(format!("op {i}: missing \"op\""))),
     };
-    if !matches!(
-        name.as_str(),
-        "add" | "remove" | "replace" | "move" | "copy" | "test"
-    ) {
-        return Err(DeltaError::new(format!("op {i}: unknown op {name:?}")));
-    }
+    let name = kind.name();
     let path_raw = match path {
         Field::Str(s) => s,
         Field::Other => {
@@ -443,25 +530,25 @@ fn op_from_raw(i: usize, raw: RawOp) -> Result<Op> {
         }
     };
     let value = || value.ok_or_else(|| ctx("missing \"value\""));
-    Ok(match name.as_str() {
-        "add" => Op::Add {
+    Ok(match kind {
+        OpKind::Add => Op::Add {
             value: value()?,
             path,
         },
-        "remove" => Op::Remove { path },
-        "replace" => Op::Replace {
+        OpKind::Remove => Op::Remove { path },
+        OpKind::Replace => Op::Replace {
             value: value()?,
             path,
         },
-        "move" => Op::Move {
+        OpKind::Move => Op::Move {
             from: from()?,
             path,
         },
-        "copy" => Op::Copy {
+        OpKind::Copy => Op::Copy {
             from: from()?,
             path,
         },
-        _ => Op::Test {
+        OpKind::Test => Op::Test {
             value: value()?,
             path,
         },
@@ -475,7 +562,7 @@ fn op_from_raw(i: usize, raw: RawOp) -> Result<Op> {
 // keep the last one (as a parsed object would).
 
 mod de {
-    use super::{Field, RawOp};
+    use super::{op_from_raw, DeltaError, Field, Op, OpName, RawOp};
     use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
     use serde_json::Value;
     use std::fmt;
@@ -564,6 +651,30 @@ mod de {
         }
     }
 
+    /// The "op" member: a known name without allocating.
+    struct OpNameV;
+    impl<'de> Visitor<'de> for OpNameV {
+        type Value = OpName;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        scalars_are!(OpName, OpName::Other);
+        fn visit_str<E>(self, v: &str) -> Result<OpName, E> {
+            Ok(OpName::of(v))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<OpName, A::Error> {
+            drain_seq(seq).map(|_| OpName::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<OpName, A::Error> {
+            drain_map(map).map(|_| OpName::Other)
+        }
+    }
+    impl<'de> de::Deserialize<'de> for OpName {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<OpName, D::Error> {
+            d.deserialize_any(OpNameV)
+        }
+    }
+
     enum Key {
         Op,
         Path,
@@ -612,7 +723,7 @@ mod de {
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawOp, A::Error> {
             let (mut op, mut path, mut from, mut value) =
-                (Field::Missing, Field::Missing, Field::Missing, None);
+                (OpName::Missing, Field::Missing, Field::Missing, None);
             while let Some(k) = map.next_key::<Key>()? {
                 match k {
                     Key::Op => op = map.next_value()?,
@@ -638,8 +749,11 @@ mod de {
         }
     }
 
-    /// The "patch" member: Some(ops) for an array, None for anything else.
-    pub struct PatchBody(pub Option<Vec<RawOp>>);
+    /// The "patch" member: Some(ops) for an array, None for anything else. Each operation
+    /// is validated as soon as it is read (no intermediate list of raw operations); the
+    /// first invalid one is kept and the rest are only read, so that a JSON syntax error
+    /// anywhere still takes precedence, as documented above.
+    pub struct PatchBody(pub Option<Result<Vec<Op>, DeltaError>>);
     struct PatchBodyV;
     impl<'de> Visitor<'de> for PatchBodyV {
         type Value = PatchBody;
@@ -654,9 +768,16 @@ mod de {
             drain_map(map).map(|_| PatchBody(None))
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PatchBody, A::Error> {
-            let mut ops = Vec::with_capacity(seq.size_hint().unwrap_or(2));
-            while let Some(op) = seq.next_element::<RawOp>()? {
-                ops.push(op);
+            let mut ops = Ok(Vec::with_capacity(seq.size_hint().unwrap_or(2)));
+            let mut i = 0;
+            while let Some(raw) = seq.next_element::<RawOp>()? {
+                if let Ok(list) = &mut ops {
+                    match op_from_raw(i, raw) {
+                        Ok(op) => list.push(op),
+                        Err(e) => ops = Err(e),
+                    }
+                }
+                i += 1;
             }
             Ok(PatchBody(Some(ops)))
         }
@@ -707,7 +828,18 @@ mod de {
     /// `unbounded`: lift serde_json's recursion limit (127 nested containers; only after the
     /// caller checked the nesting itself).
     pub fn read(input: &[u8], unbounded: bool) -> Result<RawDelta, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(input);
+        // Valid UTF-8 (nearly always) is read as a str, which spares serde_json a UTF-8
+        // check of every string; other input takes the byte path, for its exact error.
+        match std::str::from_utf8(input) {
+            Ok(s) => read_from(serde_json::Deserializer::from_str(s), unbounded),
+            Err(_) => read_from(serde_json::Deserializer::from_slice(input), unbounded),
+        }
+    }
+
+    fn read_from<'de, R: serde_json::de::Read<'de>>(
+        mut de: serde_json::Deserializer<R>,
+        unbounded: bool,
+    ) -> Result<RawDelta, serde_json::Error> {
         if unbounded {
             de.disable_recursion_limit();
         }
@@ -798,7 +930,58 @@ pub fn get_mut<'a>(
     Ok(cur)
 }
 
-struct Recorder<'l, 'a>(Option<&'l mut Vec<Undo<'a>>>);
+/// The undo log (when kept), and whether each step must be bounded
+/// ([`apply_patch_bounded`]).
+struct Recorder<'l, 'a>(Option<&'l mut Vec<Undo<'a>>>, bool);
+
+/// Why an op did not apply: it fails (an error of the patch), or, in a bounded
+/// application, it would do work that grows with the state (it changed nothing).
+enum Fail {
+    Op(String),
+    Unbounded,
+}
+
+impl From<String> for Fail {
+    fn from(e: String) -> Self {
+        Fail::Op(e)
+    }
+}
+
+impl From<&str> for Fail {
+    fn from(e: &str) -> Self {
+        Fail::Op(e.to_owned())
+    }
+}
+
+/// Err(Unbounded) when the application is bounded and `ok()` is false.
+fn bound(rec: &Recorder<'_, '_>, ok: impl FnOnce() -> bool) -> std::result::Result<(), Fail> {
+    if rec.1 && !ok() {
+        return Err(Fail::Unbounded);
+    }
+    Ok(())
+}
+
+/// A value of at most this many nodes (a scalar is one, a container one plus its contents;
+/// strings of at most [`SMALL_STRING`] bytes) is small: dropping or comparing it is cheap.
+pub const SMALL_NODES: usize = 64;
+pub const SMALL_STRING: usize = 4096;
+
+pub fn small(v: &Value) -> bool {
+    fn walk(v: &Value, budget: &mut usize) -> bool {
+        if *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        match v {
+            Value::Array(a) => a.iter().all(|x| walk(x, budget)),
+            Value::Object(m) => m.values().all(|x| walk(x, budget)),
+            Value::String(s) => s.len() <= SMALL_STRING,
+            _ => true,
+        }
+    }
+    let mut budget = SMALL_NODES;
+    walk(v, &mut budget)
+}
 
 impl<'a> Recorder<'_, 'a> {
     fn on(&self) -> bool {
@@ -826,8 +1009,9 @@ fn add_at<'a>(
     tokens: &'a [String],
     value: Value,
     rec: &mut Recorder<'_, 'a>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Fail> {
     let Some((last, parent_tokens)) = tokens.split_last() else {
+        bound(rec, || small(doc))?;
         let old = std::mem::replace(doc, value);
         rec.push(Undo::Restore { tokens, old });
         return Ok(());
@@ -835,9 +1019,12 @@ fn add_at<'a>(
     match get_mut(doc, parent_tokens)? {
         Value::Object(m) => {
             if let Some(slot) = m.get_mut(last.as_str()) {
+                bound(rec, || small(slot))?;
                 let old = std::mem::replace(slot, value);
                 rec.push(Undo::Restore { tokens, old });
             } else {
+                // Appending to a large map may reallocate (and rehash) it whole.
+                bound(rec, || m.len() < SMALL_NODES)?;
                 m.insert(last.clone(), value);
                 rec.push(Undo::ObjRemove {
                     parent: parent_tokens,
@@ -847,6 +1034,7 @@ fn add_at<'a>(
         }
         Value::Array(a) => {
             let i = array_index(last, a.len(), true)?;
+            bound(rec, || a.len() < SMALL_NODES)?;
             a.insert(i, value);
             rec.push(Undo::ArrRemove {
                 parent: parent_tokens,
@@ -893,12 +1081,17 @@ fn remove_at(
     doc: &mut Value,
     tokens: &[String],
     want_index: bool,
-) -> std::result::Result<Removed, String> {
+    bounded: bool,
+) -> std::result::Result<Removed, Fail> {
     let Some((last, parent_tokens)) = tokens.split_last() else {
         return Err("cannot remove the document root".into());
     };
     match get_mut(doc, parent_tokens)? {
         Value::Object(m) => {
+            // Removing shifts the members after it (and drops the value).
+            if bounded && (m.len() > SMALL_NODES || !m.get(last.as_str()).is_none_or(small)) {
+                return Err(Fail::Unbounded);
+            }
             let index = if want_index {
                 m.keys().position(|k| k == last).ok_or(NOT_FOUND)?
             } else {
@@ -913,6 +1106,9 @@ fn remove_at(
         }
         Value::Array(a) => {
             let index = array_index(last, a.len(), false)?;
+            if bounded && (a.len() > SMALL_NODES || !small(&a[index])) {
+                return Err(Fail::Unbounded);
+            }
             Ok(Removed {
                 value: a.remove(index),
                 index,
@@ -927,14 +1123,14 @@ fn apply_one<'a>(
     doc: &mut Value,
     op: &'a Op,
     rec: &mut Recorder<'_, 'a>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Fail> {
     match op {
         Op::Add { path, value } => {
             check_depth(path.tokens.len(), value)?;
             add_at(doc, &path.tokens, value.clone(), rec)
         }
         Op::Remove { path } => {
-            let r = remove_at(doc, &path.tokens, rec.on())?;
+            let r = remove_at(doc, &path.tokens, rec.on(), rec.1)?;
             if rec.on() {
                 rec.push(Removed::undo(&path.tokens, r.index, r.from_object, r.value));
             }
@@ -943,6 +1139,7 @@ fn apply_one<'a>(
         Op::Replace { path, value } => {
             check_depth(path.tokens.len(), value)?;
             let slot = get_mut(doc, &path.tokens)?;
+            bound(rec, || small(slot))?;
             let old = std::mem::replace(slot, value.clone());
             rec.push(Undo::Restore {
                 tokens: &path.tokens,
@@ -951,6 +1148,8 @@ fn apply_one<'a>(
             Ok(())
         }
         Op::Move { from, path } => {
+            // Moves a value of any size, and may shift array members twice.
+            bound(rec, || false)?;
             let src = get(doc, &from.tokens).map_err(|e| format!("\"from\" {}: {e}", from.raw))?;
             if from.tokens == path.tokens {
                 return Ok(());
@@ -961,8 +1160,10 @@ fn apply_one<'a>(
             if path.tokens.len() > from.tokens.len() {
                 check_depth(path.tokens.len(), src)?;
             }
-            let r = remove_at(doc, &from.tokens, rec.on())
-                .map_err(|e| format!("\"from\" {}: {e}", from.raw))?;
+            let r = remove_at(doc, &from.tokens, rec.on(), false).map_err(|e| match e {
+                Fail::Op(e) => Fail::Op(format!("\"from\" {}: {e}", from.raw)),
+                u => u,
+            })?;
             if rec.on() {
                 let u = Removed::undo(&from.tokens, r.index, r.from_object, r.value.clone());
                 rec.push(u);
@@ -970,6 +1171,7 @@ fn apply_one<'a>(
             add_at(doc, &path.tokens, r.value, rec)
         }
         Op::Copy { from, path } => {
+            bound(rec, || false)?;
             let src = get(doc, &from.tokens).map_err(|e| format!("\"from\" {}: {e}", from.raw))?;
             if path.tokens.len() > from.tokens.len() {
                 check_depth(path.tokens.len(), src)?;
@@ -981,6 +1183,7 @@ fn apply_one<'a>(
             if json::rfc_eq(get(doc, &path.tokens)?, value) {
                 Ok(())
             } else {
+                // Comparing costs at most the size of `value` (part of the delta).
                 Err("test failed (value differs)".into())
             }
         }
@@ -1002,11 +1205,53 @@ pub fn apply_ops<'a>(
     ops: &'a [Op],
     undo: Option<&mut Vec<Undo<'a>>>,
 ) -> Result<()> {
-    let mut rec = Recorder(undo);
+    // Not bounded, so never Err(Unbounded).
+    run_ops(doc, ops, Recorder(undo, false)).unwrap_or(Ok(()))
+}
+
+/// A bounded application stopped: the next op's work would grow with the document.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unbounded;
+
+fn run_ops<'a>(
+    doc: &mut Value,
+    ops: &'a [Op],
+    mut rec: Recorder<'_, 'a>,
+) -> std::result::Result<Result<()>, Unbounded> {
     for (i, op) in ops.iter().enumerate() {
-        apply_one(doc, op, &mut rec).map_err(|r| op_error(i, op, r))?;
+        match apply_one(doc, op, &mut rec) {
+            Ok(()) => {}
+            Err(Fail::Op(r)) => return Ok(Err(op_error(i, op, r))),
+            Err(Fail::Unbounded) => return Err(Unbounded),
+        }
     }
-    Ok(())
+    Ok(Ok(()))
+}
+
+/// [`apply_patch_atomic`] if every step is cheap whatever the size of `doc`; otherwise
+/// Err(Unbounded), with `doc` exactly as before.
+///
+/// Each op checks, before it changes anything, what it would drop, shift or move: replace
+/// and add drop only [small](small) values; add and remove shift members only of objects
+/// and arrays of at most [`SMALL_NODES`] members; remove drops only small values; move and
+/// copy (which carry values of any size) stop it. `test` compares at most the size of its
+/// own value. So the work, a rollback included, is bounded by a constant times the size of
+/// `ops`, and the checks themselves by [`SMALL_NODES`] per op.
+pub fn apply_patch_bounded(
+    doc: &mut Value,
+    ops: &[Op],
+) -> std::result::Result<Result<()>, Unbounded> {
+    if let [_] = ops {
+        // A single op stops or fails before changing anything (move, the exception in
+        // `apply_patch_atomic`, is never bounded).
+        return run_ops(doc, ops, Recorder(None, true));
+    }
+    let mut log = Vec::new();
+    let r = run_ops(doc, ops, Recorder(Some(&mut log), true));
+    if !matches!(r, Ok(Ok(()))) {
+        rollback(doc, log);
+    }
+    r
 }
 
 /// Apply `ops` atomically in place: on error the document is exactly as before.
@@ -1498,5 +1743,56 @@ mod tests {
             json::to_vec(&json!({"patch": ops.iter().map(Op::to_value).collect::<Vec<_>>()})),
             j
         );
+    }
+
+    #[test]
+    fn bounded_application() {
+        let big: Value = Value::Object(
+            (0..100)
+                .map(|i| (format!("k{i}"), json!({"v": i})))
+                .collect(),
+        );
+        let doc = json!({"a": {"x": 1, "y": [1, 2]}, "big": big, "list": [1, 2, 3]});
+        let bounded = |patch: Value| {
+            let mut d = doc.clone();
+            let r = apply_patch_bounded(&mut d, &ops(patch.clone()));
+            (r, d)
+        };
+        // Small work: the same result as the unbounded application, failures included.
+        for patch in [
+            json!([{"op": "replace", "path": "/a/x", "value": 2}]),
+            json!([{"op": "add", "path": "/a/z", "value": {"q": [1]}}, {"op": "remove", "path": "/a/y"}]),
+            json!([{"op": "add", "path": "/list/0", "value": 0}, {"op": "remove", "path": "/list/3"}]),
+            json!([{"op": "replace", "path": "/big/k5/v", "value": 0}, {"op": "test", "path": "/a/x", "value": 1.0}]),
+            json!([{"op": "add", "path": "/big/k7", "value": 1}]),
+            json!([{"op": "replace", "path": "/a/x", "value": 2}, {"op": "remove", "path": "/nope"}]),
+            json!([{"op": "test", "path": "/big", "value": 1}]),
+        ] {
+            let (r, d) = bounded(patch.clone());
+            assert_eq!(
+                r.as_ref().map(|r| r.is_ok()),
+                Ok(run(doc.clone(), patch.clone()).is_ok()),
+                "{patch}"
+            );
+            let mut want = doc.clone();
+            let _ = apply_patch_atomic(&mut want, &ops(patch.clone()));
+            assert_eq!(json::to_vec(&d), json::to_vec(&want), "{patch}");
+        }
+        // Work that grows with the document: stopped, nothing changed (a rollback of the
+        // ops before included).
+        for patch in [
+            json!([{"op": "replace", "path": "/big", "value": 1}]),
+            json!([{"op": "remove", "path": "/big"}]),
+            json!([{"op": "add", "path": "", "value": 1}]),
+            json!([{"op": "add", "path": "/big/new", "value": 1}]),
+            json!([{"op": "remove", "path": "/big/k1"}]),
+            json!([{"op": "replace", "path": "/a/x", "value": 2}, {"op": "move", "from": "/a/x", "path": "/b"}]),
+            json!([{"op": "remove", "path": "/a/x"}, {"op": "copy", "from": "/a/y", "path": "/b"}]),
+            json!([{"op": "add", "path": "/a/q", "value": 1}, {"op": "add", "path": "/a/r", "value": {"s": "x".repeat(5000)}}, {"op": "replace", "path": "/a/r/s", "value": 1}]),
+        ] {
+            let (r, d) = bounded(patch.clone());
+            assert!(r.is_err(), "{patch}");
+            assert_eq!(json::to_vec(&d), json::to_vec(&doc), "{patch}");
+        }
     }
 }

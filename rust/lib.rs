@@ -12,12 +12,15 @@
 //! Semantics shared with the pure-Python twin (`kasagi_relay/_pydelta.py`) are written down
 //! in the module docs: [`json`] (parsing, output format, equality), [`apply`] (RFC 6902 /
 //! RFC 7396), [`merge`] (collapsing and composing deltas), [`diff`], [`compact`], [`room`].
+//! [`fanout`] is the relay's broadcast loop (one frame, many sockets), apart from the engine.
 
 pub mod apply;
 pub mod codec;
 pub mod compact;
 pub mod diff;
 pub mod error;
+#[cfg(unix)]
+pub mod fanout;
 pub mod json;
 pub mod merge;
 pub mod room;

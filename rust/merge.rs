@@ -56,10 +56,22 @@ pub fn compose(a: &mut Map<String, Value>, b: Map<String, Value>, path: &str) ->
 
 /// Fold parsed deltas into one (see the module doc). Empty input: an empty patch.
 pub fn fold(items: Vec<Delta>) -> Result<Delta> {
+    // Runs of patches are concatenated: size the first one for all of them at once instead
+    // of moving the ops again at every doubling of a growing list.
+    let total_ops: usize = items
+        .iter()
+        .map(|d| match d {
+            Delta::Patch(ops) => ops.len(),
+            Delta::Merge(_) => 1,
+        })
+        .sum();
     let mut it = items.into_iter();
     let Some(mut acc) = it.next() else {
         return Ok(Delta::Patch(Vec::new()));
     };
+    if let Delta::Patch(a) = &mut acc {
+        a.reserve(total_ops.saturating_sub(a.len()));
+    }
     for item in it {
         acc =
             match (acc, item) {
@@ -113,7 +125,10 @@ pub fn merge_bytes<B: AsRef<[u8]>>(ds: &[B]) -> Result<Vec<u8>> {
 pub fn delta_bytes(d: Delta) -> Vec<u8> {
     match d {
         Delta::Merge(v) => apply::merge_delta_json(&v),
-        Delta::Patch(ops) => apply::patch_delta_json(&collapse(ops)),
+        Delta::Patch(ops) => {
+            let plan = collapse(&ops);
+            apply::patch_delta_json_with(&ops, |i| plan[i])
+        }
     }
 }
 
@@ -122,6 +137,15 @@ pub fn index_like(t: &str) -> bool {
     let b = t.as_bytes();
     t == "-"
         || (!b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b[0] != b'0'))
+}
+
+/// How [`collapse`] keeps an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Drop,
+    Keep,
+    /// A `replace` written as an `add` (it overwrites an `add` of the same path).
+    AsAdd,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -185,23 +209,63 @@ impl Hasher for FxHasher {
     }
 }
 
-type Table<'a> = HashMap<&'a [String], usize, BuildHasherDefault<FxHasher>>;
+/// Numbers for pointer prefixes: equal prefixes (token sequences) get equal ids, the root is
+/// 0. Each op's prefixes are numbered once, a token at a time, so the tables of [`collapse`]
+/// are plain vectors instead of maps hashing every prefix slice again at each lookup (that
+/// hashing was most of the cost of `merge` on long runs of small deltas).
+#[derive(Default)]
+struct Prefixes<'a> {
+    ids: HashMap<(usize, &'a str), usize, BuildHasherDefault<FxHasher>>,
+    /// Ids of each interned pointer's prefixes, lengths 0..=len, back to back.
+    flat: Vec<usize>,
+}
 
-/// Record that kept op `e` touches `toks` (and, when `shifting`, may shift its siblings).
-fn register<'a>(
-    at: &mut Table<'a>,
-    below: &mut Table<'a>,
-    shifts: &mut Table<'a>,
-    toks: &'a [String],
-    shifting: bool,
-    e: usize,
-) {
-    at.insert(toks, e);
-    for i in 0..toks.len() {
-        below.insert(&toks[..i], e);
+impl<'a> Prefixes<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Prefixes {
+            ids: HashMap::with_capacity_and_hasher(n, Default::default()),
+            flat: Vec::with_capacity(n),
+        }
     }
-    if shifting {
-        shifts.insert(&toks[..toks.len() - 1], e);
+
+    /// Number the prefixes of `toks`; returns where their ids start in `flat`.
+    fn intern(&mut self, toks: &'a [String]) -> usize {
+        let start = self.flat.len();
+        let mut cur = 0;
+        self.flat.push(cur);
+        for t in toks {
+            let fresh = self.ids.len() + 1;
+            cur = *self.ids.entry((cur, t.as_str())).or_insert(fresh);
+            self.flat.push(cur);
+        }
+        start
+    }
+
+    fn count(&self) -> usize {
+        self.ids.len() + 1
+    }
+}
+
+/// For each prefix id: the earliest kept later op at that pointer / strictly below it /
+/// shifting its children (n when none).
+struct Tables {
+    at: Vec<usize>,
+    below: Vec<usize>,
+    shifts: Vec<usize>,
+}
+
+impl Tables {
+    /// Record that kept op `e` touches the pointer whose prefix ids are `ids` (and, when
+    /// `shifting`, may shift its siblings).
+    fn register(&mut self, ids: &[usize], shifting: bool, e: usize) {
+        let len = ids.len() - 1;
+        self.at[ids[len]] = e;
+        for &id in &ids[..len] {
+            self.below[id] = e;
+        }
+        if shifting {
+            self.shifts[ids[len - 1]] = e;
+        }
     }
 }
 
@@ -217,38 +281,57 @@ fn register<'a>(
 /// every state where the ops all apply: `add p` then `remove p` is kept (p may not have
 /// existed before); `add p` then `replace p` becomes one `add p` with the later value.
 /// Object key order of the result may differ from the sequential result.
-pub fn collapse(ops: Vec<Op>) -> Vec<Op> {
-    let work: Vec<Op> = ops
-        .into_iter()
-        .filter(|o| !matches!(o, Op::Test { .. }))
-        .collect();
-    let n = work.len();
-    let mut kept = vec![true; n];
-    let mut kinds: Vec<Kind> = work.iter().map(kind).collect();
+///
+/// Returns, for each op, how it appears in the result ([`Write`]), so that the result is
+/// written straight from `ops` (the ops are large; moving them into a new list cost more
+/// than the rest of this function).
+pub fn collapse(ops: &[Op]) -> Vec<Write> {
+    let n = ops.len();
+    // Test ops take no part: never kept, never registered.
+    let mut kept: Vec<bool> = ops.iter().map(|o| !matches!(o, Op::Test { .. })).collect();
+    let mut kinds: Vec<Kind> = ops.iter().map(kind).collect();
     {
-        // Earliest kept later op at a pointer / strictly below it / shifting its children.
-        let mut at: Table = Table::default();
-        let mut below: Table = Table::default();
-        let mut shifts: Table = Table::default();
+        let mut pre = Prefixes::with_capacity(4 * n);
+        // Where each op's path (and move/copy from) prefix ids start in `pre.flat`.
+        let locs: Vec<(usize, Option<usize>)> = ops
+            .iter()
+            .map(|o| {
+                let p = pre.intern(&o.path().tokens);
+                let f = match o {
+                    Op::Move { from, .. } | Op::Copy { from, .. } => Some(pre.intern(&from.tokens)),
+                    _ => None,
+                };
+                (p, f)
+            })
+            .collect();
+        let ids_of = |start: usize, len: usize| &pre.flat[start..=start + len];
+        let mut t = Tables {
+            at: vec![n; pre.count()],
+            below: vec![n; pre.count()],
+            shifts: vec![n; pre.count()],
+        };
         for e in (0..n).rev() {
-            let o = &work[e];
+            if !kept[e] {
+                continue;
+            }
+            let o = &ops[e];
             let p: &[String] = &o.path().tokens;
+            let pids = ids_of(locs[e].0, p.len());
             let ek = kinds[e];
             let candidate =
                 ek == Kind::Replace || (ek == Kind::Add && p.last().is_none_or(|t| !index_like(t)));
             if candidate {
-                let get = |t: &Table, k: &[String]| t.get(k).copied().unwrap_or(n);
-                let mut m = get(&at, p).min(get(&below, p));
-                for i in 0..p.len() {
-                    let anc = &p[..i];
-                    m = m.min(get(&at, anc)).min(get(&shifts, anc));
+                let me = pids[p.len()];
+                let mut m = t.at[me].min(t.below[me]);
+                for &anc in &pids[..p.len()] {
+                    m = m.min(t.at[anc]).min(t.shifts[anc]);
                 }
-                if m < n && kills(ek, p, kinds[m], &work[m].path().tokens) {
+                if m < n && kills(ek, p, kinds[m], &ops[m].path().tokens) {
                     kept[e] = false;
                     if ek == Kind::Add
                         && !p.is_empty()
                         && kinds[m] == Kind::Replace
-                        && work[m].path().tokens == p
+                        && ops[m].path().tokens == p
                     {
                         kinds[m] = Kind::Add;
                     }
@@ -259,40 +342,34 @@ pub fn collapse(ops: Vec<Op>) -> Vec<Op> {
                 o,
                 Op::Add { .. } | Op::Remove { .. } | Op::Move { .. } | Op::Copy { .. }
             );
-            register(
-                &mut at,
-                &mut below,
-                &mut shifts,
-                p,
+            t.register(
+                pids,
                 shifting_kind && p.last().is_some_and(|t| index_like(t)),
                 e,
             );
-            match o {
-                Op::Move { from, .. } => {
+            match (o, locs[e].1) {
+                (Op::Move { from, .. }, Some(fstart)) => {
                     let f: &[String] = &from.tokens;
-                    register(
-                        &mut at,
-                        &mut below,
-                        &mut shifts,
-                        f,
+                    t.register(
+                        ids_of(fstart, f.len()),
                         f.last().is_some_and(|t| index_like(t)),
                         e,
                     );
                 }
-                Op::Copy { from, .. } => {
-                    register(&mut at, &mut below, &mut shifts, &from.tokens, false, e)
+                (Op::Copy { from, .. }, Some(fstart)) => {
+                    t.register(ids_of(fstart, from.tokens.len()), false, e);
                 }
                 _ => {}
             }
         }
     }
-    work.into_iter()
-        .zip(kept)
-        .zip(kinds)
-        .filter(|((_, k), _)| *k)
-        .map(|((op, _), kd)| match op {
-            Op::Replace { path, value } if kd == Kind::Add => Op::Add { path, value },
-            op => op,
+    kept.into_iter()
+        .zip(&kinds)
+        .zip(ops)
+        .map(|((k, &kd), op)| match (k, op) {
+            (false, _) => Write::Drop,
+            (true, Op::Replace { .. }) if kd == Kind::Add => Write::AsAdd,
+            (true, _) => Write::Keep,
         })
         .collect()
 }

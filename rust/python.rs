@@ -1,7 +1,8 @@
 //! The Python binding `kasagi_relay._native` (API: `kasagi_relay/_native.pyi`).
 //!
 //! Thin on purpose: convert arguments, release the GIL (`Python::detach`) around the work,
-//! map errors. Arguments are borrowed, not copied: a `bytes` argument's buffer or a `str`'s
+//! map errors. The one exception: `RoomState.apply` of a small delta whose work is bounded
+//! by the delta's size keeps the GIL (see there). Arguments are borrowed, not copied: a `bytes` argument's buffer or a `str`'s
 //! UTF-8 form is handed to the engine as a slice, kept alive by the owned references held
 //! here while the GIL is released.
 //!
@@ -22,7 +23,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyString};
 use std::borrow::Cow;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 create_exception!(
     kasagi_relay._native,
@@ -31,14 +32,21 @@ create_exception!(
     "Bad input: malformed JSON or delta, or a delta that cannot apply."
 );
 
+/// `RoomState.apply` may handle a delta of at most this many bytes with the GIL held (see
+/// `RoomState::apply`): a 4 KiB delta of 76 replace ops is parsed and applied in ~17 us.
+const SMALL_DELTA: usize = 4096;
+
 /// Results this large are copied into their `bytes` object with the GIL released: copying tens
 /// of megabytes into fresh pages otherwise holds every other Python thread (the relay's event
-/// loop) for milliseconds (benches/test_engine_loop_lag.py).
+/// loop) for milliseconds (benches/test_engine_loop_lag.py). The same bound decides which
+/// argument lists are allocated with the GIL released ([`prefaulted`]).
 const COPY_WITHOUT_GIL: usize = 1 << 16;
 
-fn bytes_out<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+/// A result as a `bytes` object. Large results are copied, and then freed, with the GIL
+/// released (freeing tens of megabytes unmaps them, which took ~0.1 ms with the GIL held).
+fn bytes_out(py: Python<'_>, data: Vec<u8>) -> PyResult<Bound<'_, PyBytes>> {
     if data.len() < COPY_WITHOUT_GIL {
-        return Ok(PyBytes::new(py, data));
+        return Ok(PyBytes::new(py, &data));
     }
     let len = isize::try_from(data.len())
         .map_err(|_| PyValueError::new_err("result too large for a bytes object"))?;
@@ -51,9 +59,30 @@ fn bytes_out<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>>
         let obj = Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked::<PyBytes>();
         // As an address: raw pointers are not Send, and the closure crosses the GIL release.
         let dst = pyo3::ffi::PyBytes_AsString(obj.as_ptr()) as usize;
-        py.detach(|| std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len()));
+        py.detach(move || {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len());
+            drop(data);
+        });
         Ok(obj)
     }
+}
+
+/// An empty vector with room for `n` items. When that is large, it is allocated and its
+/// pages touched with the GIL released: on this VM the first touch of fresh memory sometimes
+/// stalls for milliseconds (measured: a 1 MB buffer 0.3 ms usually, 5 ms once in 8 cold
+/// runs), and with the GIL held such a stall stops the event loop too. Filling it with the
+/// GIL held then writes resident memory.
+fn prefaulted<T: Send>(py: Python<'_>, n: usize) -> Vec<T> {
+    if n.saturating_mul(std::mem::size_of::<T>()) < COPY_WITHOUT_GIL {
+        return Vec::with_capacity(n);
+    }
+    py.detach(|| {
+        let mut v = Vec::with_capacity(n);
+        for slot in v.spare_capacity_mut() {
+            *slot = std::mem::MaybeUninit::zeroed();
+        }
+        v
+    })
 }
 
 fn to_py(e: CoreError) -> PyErr {
@@ -93,9 +122,18 @@ fn arg_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> Result<Cow<'a, [u8]>, Option<PyEr
 
 /// An argument that must be valid: a lone surrogate is a DeltaError.
 fn input<'a>(obj: &'a Bound<'_, PyAny>, what: &str) -> PyResult<Cow<'a, [u8]>> {
+    input_named(obj, || what.to_owned())
+}
+
+/// `input` with the argument's name made only for an error: `merge` reads a thousand
+/// deltas per call, and formatting "delta {i}" for each showed in its profile.
+fn input_named<'a>(
+    obj: &'a Bound<'_, PyAny>,
+    what: impl FnOnce() -> String,
+) -> PyResult<Cow<'a, [u8]>> {
     arg_bytes(obj).map_err(|e| match e {
         Some(e) => e,
-        None => DeltaError::new_err(format!("{what}: not valid Unicode (lone surrogate)")),
+        None => DeltaError::new_err(format!("{}: not valid Unicode (lone surrogate)", what())),
     })
 }
 
@@ -109,13 +147,33 @@ fn lenient<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
 }
 
 /// The items of a sequence argument, held (owned references) for the duration of a call.
-fn items<'py>(ds: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+/// Sized once from `len()` when there is one: growing it by doubling touched fresh memory
+/// several times with the GIL held (see [`prefaulted`]).
+fn items(ds: &Bound<'_, PyAny>) -> PyResult<Vec<Py<PyAny>>> {
     if ds.is_instance_of::<PyString>() || ds.is_instance_of::<PyBytes>() {
         return Err(PyTypeError::new_err(
             "expected a sequence of deltas, not a single str/bytes",
         ));
     }
-    ds.try_iter()?.collect()
+    let py = ds.py();
+    let mut held = prefaulted(py, ds.len().unwrap_or(0));
+    for x in ds.try_iter()? {
+        held.push(x?.unbind());
+    }
+    Ok(held)
+}
+
+/// `conv` of each held item, in a vector sized once (as [`items`]).
+fn inputs<'a, 'py: 'a>(
+    py: Python<'py>,
+    held: &'a [Py<PyAny>],
+    mut conv: impl FnMut(usize, &'a Bound<'py, PyAny>) -> PyResult<Cow<'a, [u8]>>,
+) -> PyResult<Vec<Cow<'a, [u8]>>> {
+    let mut out = prefaulted(py, held.len());
+    for (i, h) in held.iter().enumerate() {
+        out.push(conv(i, h.bind(py))?);
+    }
+    Ok(out)
 }
 
 #[pyfunction(name = "validate")]
@@ -125,7 +183,7 @@ fn py_validate<'py>(
 ) -> PyResult<(String, Bound<'py, PyBytes>)> {
     let d = input(d, "delta")?;
     let (kind, body) = py.detach(|| apply::validate(&d)).map_err(to_py)?;
-    Ok((kind.to_owned(), PyBytes::new(py, &body)))
+    Ok((kind.to_owned(), bytes_out(py, body)?))
 }
 
 #[pyfunction(name = "apply")]
@@ -139,18 +197,15 @@ fn py_apply<'py>(
     let out = py
         .detach(|| apply::apply_bytes(&state, &d))
         .map_err(to_py)?;
-    bytes_out(py, &out)
+    bytes_out(py, out)
 }
 
 #[pyfunction(name = "merge")]
 fn py_merge<'py>(py: Python<'py>, ds: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
     let held = items(ds)?;
-    let mut inputs = Vec::with_capacity(held.len());
-    for (i, d) in held.iter().enumerate() {
-        inputs.push(input(d, &format!("delta {i}"))?);
-    }
+    let inputs = inputs(py, &held, |i, d| input_named(d, || format!("delta {i}")))?;
     let out = py.detach(|| merge::merge_bytes(&inputs)).map_err(to_py)?;
-    bytes_out(py, &out)
+    bytes_out(py, out)
 }
 
 #[pyfunction(name = "diff")]
@@ -162,7 +217,7 @@ fn py_diff<'py>(
     let a = input(a, "a")?;
     let b = input(b, "b")?;
     let out = py.detach(|| diff::diff_bytes(&a, &b)).map_err(to_py)?;
-    bytes_out(py, &out)
+    bytes_out(py, out)
 }
 
 #[pyfunction(name = "compact")]
@@ -173,11 +228,11 @@ fn py_compact<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let state = input(state, "state")?;
     let held = items(ds)?;
-    let inputs = held.iter().map(lenient).collect::<PyResult<Vec<_>>>()?;
+    let inputs = inputs(py, &held, |_, d| lenient(d))?;
     let out = py
         .detach(|| compact::compact_bytes(&state, &inputs))
         .map_err(to_py)?;
-    bytes_out(py, &out)
+    bytes_out(py, out)
 }
 
 #[pyfunction(name = "json_to_msgpack")]
@@ -187,7 +242,7 @@ fn py_json_to_msgpack<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let doc = input(doc, "document")?;
     let out = py.detach(|| codec::json_to_msgpack(&doc)).map_err(to_py)?;
-    bytes_out(py, &out)
+    bytes_out(py, out)
 }
 
 #[pyfunction(name = "msgpack_to_json")]
@@ -200,7 +255,7 @@ fn py_msgpack_to_json<'py>(
     }
     let data = input(data, "data")?;
     let out = py.detach(|| codec::msgpack_to_json(&data)).map_err(to_py)?;
-    bytes_out(py, &out)
+    bytes_out(py, out)
 }
 
 /// A `seq` argument: an int (not a bool) >= 0.
@@ -227,8 +282,9 @@ struct Inner {
 /// One room's state held natively; see `_native.pyi`.
 ///
 /// Thread-safe: the state sits behind a mutex that is only taken either with the GIL
-/// released (the engine's work) or, briefly, with it held (the snapshot caches), and never
-/// across a GIL re-acquisition, so threads cannot deadlock on it.
+/// released (the engine's work) or, briefly, with it held (the snapshot caches; `apply` of
+/// a small delta, which only tries it), and never across a GIL re-acquisition, so threads
+/// cannot deadlock on it.
 #[pyclass(frozen, module = "kasagi_relay._native")]
 struct RoomState {
     inner: Mutex<Inner>,
@@ -240,13 +296,13 @@ impl RoomState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn snapshot<'py>(&self, py: Python<'py>, msgpack: bool) -> Bound<'py, PyBytes> {
+    fn snapshot<'py>(&self, py: Python<'py>, msgpack: bool) -> PyResult<Bound<'py, PyBytes>> {
         {
             let g = self.lock();
             let cache = if msgpack { &g.msgpack } else { &g.json };
             if let Some((ver, b)) = cache {
                 if *ver == g.room.version() {
-                    return b.bind(py).clone();
+                    return Ok(b.bind(py).clone());
                 }
             }
         }
@@ -259,7 +315,7 @@ impl RoomState {
             };
             (g.room.version(), bytes)
         });
-        let b = PyBytes::new(py, &bytes);
+        let b = bytes_out(py, bytes)?;
         let mut g = self.lock();
         if g.room.version() == ver {
             let entry = Some((ver, b.clone().unbind()));
@@ -271,7 +327,7 @@ impl RoomState {
             drop(g);
             drop(old);
         }
-        b
+        Ok(b)
     }
 }
 
@@ -324,7 +380,30 @@ impl RoomState {
     ) -> PyResult<bool> {
         let seq = seq_arg(seq)?;
         let d = lenient(d)?;
-        py.detach(|| self.lock().room.apply(&d, seq))
+        if d.len() > SMALL_DELTA {
+            return py
+                .detach(|| self.lock().room.apply(&d, seq))
+                .map_err(|e| PyValueError::new_err(e.0));
+        }
+        // A small delta, the relay's common case, is applied with the GIL held when its
+        // work turns out to be small too (`Room::apply_bounded`: bounded by the delta's
+        // size whatever the state's; otherwise it stops before changing anything).
+        // Releasing and re-acquiring the GIL costs more than that work, and when another
+        // thread is waiting for the GIL the caller (the event loop) may then wait up to the
+        // switch interval (5 ms) to get it back. The mutex is only tried: another thread
+        // may hold it for long (a snapshot or batch, GIL released), and waiting for it with
+        // the GIL held would stall every Python thread; that case takes the released path.
+        // Parsing with the GIL held is bounded by SMALL_DELTA.
+        let delta = apply::parse_delta(&d).ok();
+        let guard = match self.inner.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(r) = guard.and_then(|mut g| g.room.apply_bounded(delta.as_ref(), seq)) {
+            return r.map_err(|e| PyValueError::new_err(e.0));
+        }
+        py.detach(|| self.lock().room.apply_parsed(delta.as_ref(), seq))
             .map_err(|e| PyValueError::new_err(e.0))
     }
 
@@ -336,24 +415,36 @@ impl RoomState {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let seq = seq_arg(seq)?;
         let held = items(ds)?;
-        let inputs = held.iter().map(lenient).collect::<PyResult<Vec<_>>>()?;
+        let inputs = inputs(py, &held, |_, d| lenient(d))?;
         let out = py
             .detach(|| self.lock().room.apply_batch(&inputs, seq))
             .map_err(|e| PyValueError::new_err(e.0))?;
-        bytes_out(py, &out)
+        bytes_out(py, out)
     }
 
-    fn to_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+    fn to_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         self.snapshot(py, false)
     }
 
-    fn to_msgpack<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+    fn to_msgpack<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         self.snapshot(py, true)
     }
 
-    fn json_size(&self, py: Python<'_>) -> usize {
-        self.snapshot(py, false).as_bytes().len()
+    fn json_size(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.snapshot(py, false)?.as_bytes().len())
     }
+}
+
+/// `send_frame(fds, frame)`: the broadcast loop of `kasagi_relay/fanout.py` (rust/fanout.rs).
+/// The GIL is released for the sends: thousands of them take milliseconds.
+#[cfg(unix)]
+#[pyfunction(name = "send_frame")]
+fn py_send_frame(py: Python<'_>, fds: Vec<i32>, frame: &Bound<'_, PyBytes>) -> Vec<(usize, usize)> {
+    let data = frame.as_bytes();
+    py.detach(|| crate::fanout::send_to_all(&fds, data))
+        .into_iter()
+        .map(|s| (s.index, s.sent))
+        .collect()
 }
 
 #[pymodule]
@@ -370,6 +461,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_compact, m)?)?;
     m.add_function(wrap_pyfunction!(py_json_to_msgpack, m)?)?;
     m.add_function(wrap_pyfunction!(py_msgpack_to_json, m)?)?;
+    #[cfg(unix)]
+    m.add_function(wrap_pyfunction!(py_send_frame, m)?)?;
     Ok(())
 }
 

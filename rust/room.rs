@@ -77,16 +77,51 @@ impl Room {
     /// Apply `d` as delta number `seq`; Ok(false) when it was malformed or failed (a no-op;
     /// the seq advances all the same).
     pub fn apply(&mut self, d: &[u8], seq: u64) -> std::result::Result<bool, SeqError> {
+        self.apply_parsed(apply::parse_delta(d).ok().as_ref(), seq)
+    }
+
+    /// `apply` of an already parsed delta (None: it was malformed).
+    pub fn apply_parsed(
+        &mut self,
+        delta: Option<&Delta>,
+        seq: u64,
+    ) -> std::result::Result<bool, SeqError> {
         self.advance(seq)?;
         self.seq = seq;
-        let Ok(delta) = apply::parse_delta(d) else {
+        let Some(delta) = delta else {
             return Ok(false);
         };
-        if apply::apply_delta(&mut self.doc, &delta).is_err() {
+        if apply::apply_delta(&mut self.doc, delta).is_err() {
             return Ok(false);
         }
         self.version += 1;
         Ok(true)
+    }
+
+    /// `apply_parsed` if its work is bounded by the size of the delta whatever the size of
+    /// the state ([`apply::apply_patch_bounded`]; merge patches are not tried: they may
+    /// remove members of large objects); None, with nothing changed, otherwise.
+    pub fn apply_bounded(
+        &mut self,
+        delta: Option<&Delta>,
+        seq: u64,
+    ) -> Option<std::result::Result<bool, SeqError>> {
+        if let Err(e) = self.advance(seq) {
+            return Some(Err(e));
+        }
+        let applied = match delta {
+            None => false,
+            Some(Delta::Merge(_)) => return None,
+            Some(Delta::Patch(ops)) => match apply::apply_patch_bounded(&mut self.doc, ops) {
+                Ok(r) => r.is_ok(),
+                Err(apply::Unbounded) => return None,
+            },
+        };
+        self.seq = seq;
+        if applied {
+            self.version += 1;
+        }
+        Some(Ok(applied))
     }
 
     /// Apply the deltas self.seq+1 ..= seq (failures are no-ops) and return one delta taking

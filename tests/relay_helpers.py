@@ -26,11 +26,14 @@ for the start-up line (which carries the URL), and on exit sends SIGTERM and wai
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import re
 import signal
+import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -172,6 +175,71 @@ async def connect_client(
     subprotocols = [codec] if codec is not None else None
     async with connect(url, subprotocols=subprotocols, **kwargs) as ws:  # type: ignore[arg-type]
         yield Client(ws, codec or JSON)
+
+
+# --------------------------------------------------------------------------- raw sockets
+
+
+async def raw_member(port: int, room: str) -> socket.socket:
+    """A hand-made WebSocket client with a tiny receive window that joins `room` and then
+    never reads again (until the test says so)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    payload = b'{"t":"join","room":"' + room.encode() + b'"}'
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    await loop.sock_sendall(sock, bytes((0x81, 0x80 | len(payload))) + mask + masked)
+    return sock
+
+
+def parse_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete unmasked frames at the start of `data`, and the bytes they took."""
+    frames = []
+    pos = 0
+    while pos + 2 <= len(data):
+        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        head = 2 + {126: 2, 127: 8}.get(n, 0)
+        if pos + head > len(data):
+            break
+        if n == 126:
+            (n,) = struct.unpack_from("!H", data, pos + 2)
+        elif n == 127:
+            (n,) = struct.unpack_from("!Q", data, pos + 2)
+        if pos + head + n > len(data):
+            break
+        frames.append((opcode, data[pos + head : pos + head + n]))
+        pos += head + n
+    return frames, pos
+
+
+async def read_frames(sock: socket.socket, count: int | None = None) -> list[tuple[int, bytes]]:
+    """The next `count` frames, or (None) every frame until the connection ends."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(10):
+        while True:
+            frames, _ = parse_frames(data)
+            if count is not None and len(frames) >= count:
+                return frames[:count]
+            chunk = await loop.sock_recv(sock, 1 << 16)
+            if not chunk:
+                if count is not None:
+                    raise EOFError(f"connection ended after {len(frames)} of {count} frames")
+                return frames
+            data += chunk
 
 
 # --------------------------------------------------------------------------- subprocess

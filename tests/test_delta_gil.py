@@ -110,3 +110,25 @@ def test_native_calls_let_python_threads_run(native: ModuleType, large: bytes, n
     assert seconds > 0.01, "the call is too quick to tell anything"
     # Two cores shared with other work: ask for a quarter of the solo speed.
     assert count > 0.25 * rate * seconds, (count, rate, seconds)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        {"op": "replace", "path": "/entities", "value": 1},  # drops a large value
+        {"op": "remove", "path": "/entities"},
+        {"op": "add", "path": "", "value": {}},
+    ],
+)
+def test_room_apply_of_a_small_delta_with_large_work_releases_the_gil(
+    native: ModuleType, op: dict[str, Any]
+) -> None:
+    # RoomState.apply keeps the GIL for a small delta only when its work is bounded by the
+    # delta's size; these few bytes drop most of an 18 MB state.
+    room = native.RoomState(big_state(200_000))
+    delta = json.dumps({"patch": [op]}).encode()
+    rate = solo_rate()
+    count, seconds = counted_during(lambda: room.apply(delta, 1))
+    assert room.seq == 1
+    assert seconds > 0.01, "the call is too quick to tell anything"
+    assert count > 0.25 * rate * seconds, (count, rate, seconds)

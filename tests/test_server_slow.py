@@ -3,63 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
 import struct
 
-from relay_helpers import connect_client, start_relay
-
-
-async def raw_member(port: int, room: str) -> socket.socket:
-    """A hand-made WebSocket client with a tiny receive window that joins `room` and then
-    never reads again (until the test says so)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await loop.sock_sendall(sock, request.encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await loop.sock_recv(sock, 1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    payload = b'{"t":"join","room":"' + room.encode() + b'"}'
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    await loop.sock_sendall(sock, bytes((0x81, 0x80 | len(payload))) + mask + masked)
-    return sock
-
-
-async def read_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
-    """Every frame until the connection ends (or a close frame and EOF)."""
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(10):
-        while True:
-            chunk = await loop.sock_recv(sock, 1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    frames = []
-    pos = 0
-    while pos + 2 <= len(data):
-        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
-        pos += 2
-        if n == 126:
-            (n,) = struct.unpack_from("!H", data, pos)
-            pos += 2
-        elif n == 127:
-            (n,) = struct.unpack_from("!Q", data, pos)
-            pos += 8
-        frames.append((opcode, data[pos : pos + n]))
-        pos += n
-    return frames
+from relay_helpers import connect_client, raw_member, read_frames, start_relay
 
 
 async def test_stalled_member_is_dropped_with_1013_others_keep_receiving() -> None:
