@@ -230,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages a connection may send at once before the rate applies [KASAGI_RATE_BURST]",
     )
     add(
+        "--max-rooms",
+        metavar="N",
+        type=_int_range(0),
+        default=env("KASAGI_MAX_ROOMS", _D.max_rooms),
+        help="rooms one connection may be a member of at once; a join past it gets "
+        "forbidden; 0 = no limit [KASAGI_MAX_ROOMS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -268,6 +276,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         send_queue_bytes=a.send_queue_bytes,
         rate_limit=a.rate_limit,
         rate_burst=a.rate_burst,
+        max_rooms=a.max_rooms,
         log_level=a.log_level,
         log_format=a.log_format,
     )

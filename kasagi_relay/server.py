@@ -368,8 +368,13 @@ class Relay:
             )
 
     async def _join(self, client: Client, req: protocol.Join) -> None:
-        room = self._room(req.room)
         rejoin = req.room in client.rooms
+        limit = self.config.max_rooms
+        if not rejoin and limit and len(client.rooms) >= limit:
+            # Each membership holds a place in the room's fan-out and keeps the room loaded:
+            # without a cap one connection could hold every room of the relay.
+            raise BadRequest("forbidden", f"a connection may be a member of at most {limit} rooms")
+        room = self._room(req.room)
         if rejoin:
             # A second join restarts the member's stream from the new `joined`.
             room.leave(client)
@@ -398,7 +403,12 @@ class Relay:
         try:
             await room.check(req.doc)
         except delta.DeltaError as exc:
+            # A retry of a delta that was stored although its ack was lost (a dropped
+            # connection, a failover, another relay) no longer applies: answer what the
+            # first attempt got, as publish would, rather than bad_patch.
             seq = self._known_key(req.room, req.key)
+            if seq is None and req.key is not None:
+                seq = await self.backend.seen_key(req.room, req.key)
             if seq is None:
                 raise BadRequest("bad_patch", str(exc)) from None
             self._ack(client, req, seq, received)

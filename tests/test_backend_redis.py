@@ -99,6 +99,23 @@ async def test_idempotency_key(backend: RedisBackend, redis_server: Topology) ->
     assert await backend.publish("other", "patch", PATCH, key="k1") == 1
 
 
+async def test_seen_key_answers_a_retry_without_publishing(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    assert await backend.publish("r", "patch", PATCH, key="k1") == 1
+    assert await backend.seen_key("r", "k1") == 1
+    assert await backend.seen_key("r", "unknown") is None
+    assert await backend.seen_key("other", "k1") is None
+    r = await raw(redis_server)
+    assert await r.get("room:{r}:seq") == b"1"  # nothing published by asking
+    assert len(await r.xrange("room:{r}:ops")) == 1
+    # An expired key is unknown (expiry is "seq:expiry-ms" in the keys hash).
+    await r.hset("room:{r}:keys", "k1", "1:1")
+    assert await backend.seen_key("r", "k1") is None
+    await r.aclose()
+
+
 async def test_listener_gets_channel_ops(backend: RedisBackend) -> None:
     rec = backend._listener
     assert isinstance(rec, Recorder)
@@ -316,6 +333,21 @@ async def test_relays_share_rooms_through_one_redis(redis_server: Topology) -> N
         async with connect_client(b.url) as late:
             joined = await late.join("shared")
             assert (joined["seq"], joined["state"]) == (5, got)
+        # A keyed delta stored through one relay whose ack was lost, retried through the
+        # other: it no longer applies there (k0 is gone), and the retry gets the first seq
+        # instead of bad_patch, publishing nothing.
+        async with connect_client(a.url) as first, connect_client(b.url) as retry:
+            remove = [{"op": "remove", "path": "/k0"}]
+            ack = await first.delta("shared", remove, key="rm-k0")
+            assert ack is not None and ack["seq"] == 6
+            if (await retry.join("shared"))["seq"] < 6:
+                await retry.expect("delta")  # relay b's view has the removal: k0 is gone
+            again = await retry.delta("shared", remove, key="rm-k0")
+            assert again is not None and again["seq"] == 6
+            await retry.send({"t": "delta", "room": "shared", "patch": remove, "key": "fresh"})
+            err, _ = await retry.recv_until(lambda m: m["t"] in ("ack", "error"))
+            assert err["code"] == "bad_patch"
+            assert await b.backend.last_seq("shared") == 6
         health = await a.backend.health()
         assert health["ok"] and health["backend"] == "redis"
 

@@ -60,6 +60,7 @@ def test_help_explains_every_flag() -> None:
         (["--sentinels", "nohostport"], None, "host:port"),
         (["--log-format", "xml"], None, "--log-format"),
         ([], {"KASAGI_TICK_MS": "soon"}, "--tick-ms"),
+        (["--max-rooms", "-1"], None, "--max-rooms"),
         (["--redis", "redis://x", "--sentinels", "a:1"], None, "exclusive"),
     ],
 )
@@ -83,6 +84,10 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     c = parse_config([])
     assert (c.tick_ms, c.send_queue_bytes) == (25, 256 * 1024)
     assert parse_config(["--tick-ms", "5"]).tick_ms == 5  # the flag wins
+    assert parse_config([]).max_rooms == 100
+    monkeypatch.setenv("KASAGI_MAX_ROOMS", "0")
+    assert parse_config([]).max_rooms == 0
+    assert parse_config(["--max-rooms", "7"]).max_rooms == 7
     c = parse_config(["--sentinels", "a:1,b:2"])
     assert c.sentinels == (("a", 1), ("b", 2)) and c.ack_level == "replica"
     assert parse_config(["--sentinels", "a:1", "--ack", "all"]).ack_level == "all"

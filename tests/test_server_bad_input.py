@@ -219,6 +219,26 @@ async def test_flood_is_rate_limited_and_others_are_not() -> None:
         assert b'kasagi_errors_out_total{code="rate_limited"}' in relay.metrics.render()
 
 
+async def test_joining_too_many_rooms_is_forbidden() -> None:
+    async with setup(max_rooms=3) as (relay, bad, other):
+        await bad.join("r2")
+        await bad.join("r3")  # "r" is the first of the three
+        err = await expect_error(
+            bad, other, json.dumps({"t": "join", "room": "r4", "id": 4}), "forbidden", id=4
+        )
+        assert err["room"] == "r4" and "3 rooms" in err["message"]
+        assert "r4" not in relay.rooms  # refused before the room was loaded
+        # Joining a room again is not a new membership; leaving one makes room for another.
+        for message, reply in (
+            ({"t": "join", "room": "r3"}, "joined"),
+            ({"t": "leave", "room": "r2"}, "left"),
+            ({"t": "join", "room": "r4"}, "joined"),
+        ):
+            await bad.send(message)
+            got, _ = await bad.recv_until(lambda m: m["t"] in ("joined", "left", "error"))
+            assert (got["t"], got["room"]) == (reply, message["room"]), got
+
+
 async def test_unknown_subprotocol_only_is_refused() -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus

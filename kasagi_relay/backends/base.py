@@ -84,6 +84,13 @@ class Backend(ABC):
         BackendUnavailable when it cannot promise the delta is stored."""
 
     @abstractmethod
+    async def seen_key(self, room: str, key: str) -> int | None:
+        """The seq `key` got in `room` within IDEMPOTENCY_TTL_S (durable to the ack level, as
+        `publish` would return it for a retry), or None; publishes nothing. Asked before a
+        keyed delta that no longer applies is refused: its first attempt may be stored
+        although its ack was lost, even by another relay."""
+
+    @abstractmethod
     async def read_ops(self, room: str, after: int, limit: int | None = None) -> list[Op] | None:
         """The ops with seq > `after`, ascending, gapless (at most `limit`). None when the
         history no longer reaches `after + 1` (trimmed): the caller must reset from a snapshot."""

@@ -11,7 +11,7 @@ Bump VERSION whenever a function changes: relays compare it with `kasagi_version
 load their copy (FUNCTION LOAD REPLACE) on a master that lacks or differs from it.
 ]]
 
-local VERSION = '1'
+local VERSION = '2'
 -- PROTOCOL.md: an idempotency key is remembered for 5 minutes.
 local KEY_TTL_MS = 300000
 -- Field of the keys hash holding the incremental pruning cursor (a NUL can't be typed
@@ -42,6 +42,22 @@ local function prune_keys(keys_key, now)
   redis.call('HSET', keys_key, CURSOR_FIELD, res[1])
 end
 
+-- The seq idempotency key `ikey` got within KEY_TTL_MS, or nil.
+local function seen_seq(keys_key, ikey, now)
+  local entry = redis.call('HGET', keys_key, ikey)
+  if entry then
+    local first, expires = string.match(entry, '^(%d+):(%d+)$')
+    if first and tonumber(expires) > now then
+      -- A write on purpose: WAIT only covers the calling connection's own writes, so a
+      -- retry on a fresh connection must write something for its WAIT to cover the
+      -- first attempt (which may still be unreplicated).
+      redis.call('PEXPIRE', keys_key, KEY_TTL_MS)
+      return tonumber(first)
+    end
+  end
+  return nil
+end
+
 -- FCALL kasagi_publish 4 seq ops channel keys  kind delta-json [idempotency-key]  -> seq
 local function publish(keys, args)
   local seq_key, ops_key, channel_key, keys_key = keys[1], keys[2], keys[3], keys[4]
@@ -60,16 +76,9 @@ local function publish(keys, args)
   end
   local now = now_ms()
   if ikey ~= nil then
-    local seen = redis.call('HGET', keys_key, ikey)
-    if seen then
-      local first, expires = string.match(seen, '^(%d+):(%d+)$')
-      if first and tonumber(expires) > now then
-        -- A write on purpose: WAIT only covers the calling connection's own writes, so a
-        -- retry on a fresh connection must write something for its WAIT to cover the
-        -- first attempt (which may still be unreplicated).
-        redis.call('PEXPIRE', keys_key, KEY_TTL_MS)
-        return tonumber(first)
-      end
+    local first = seen_seq(keys_key, ikey, now)
+    if first then
+      return first
     end
   end
   -- XADD is the first write: if it fails (a stream ahead of the seq key), the call
@@ -85,6 +94,17 @@ local function publish(keys, args)
     redis.call('PEXPIRE', keys_key, KEY_TTL_MS)
   end
   return seq
+end
+
+-- FCALL kasagi_seen 1 keys  idempotency-key  -> the seq that key got, or nil
+-- What kasagi_publish would answer for a retry of that key, without publishing anything
+-- when the key is unknown: a relay asks it before refusing a keyed delta that no longer
+-- applies (its first attempt may have been stored even though its ack was lost).
+local function seen(keys, args)
+  if #keys ~= 1 or args[1] == nil or args[1] == '' then
+    return redis.error_reply('ERR kasagi_seen: expected 1 key (keys) and an idempotency key')
+  end
+  return seen_seq(keys[1], args[1], now_ms())
 end
 
 -- FCALL kasagi_snapshot 2 snapshot seq  snap-seq data tick  -> 1 written, 0 not newer
@@ -133,6 +153,7 @@ local function unlock(keys, args)
 end
 
 redis.register_function('kasagi_publish', publish)
+redis.register_function('kasagi_seen', seen)
 redis.register_function('kasagi_snapshot', snapshot)
 redis.register_function('kasagi_trim', trim)
 redis.register_function('kasagi_unlock', unlock)

@@ -36,6 +36,11 @@ class _Room:
     keys: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
     lock: tuple[str, float] | None = None
 
+    def seen(self, key: str, now: float) -> int | None:
+        """The seq `key` got, unless it has expired by `now`."""
+        entry = self.keys.get(key)
+        return None if entry is None or entry[1] <= now else entry[0]
+
 
 class MemoryBackend(Backend):
     name = "memory"
@@ -66,10 +71,8 @@ class MemoryBackend(Backend):
             if oldest[1] > now:
                 break
             r.keys.popitem(last=False)
-        if key is not None:
-            seen = r.keys.get(key)
-            if seen is not None:
-                return seen[0]
+        if key is not None and (first := r.seen(key, now)) is not None:
+            return first
         r.seq += 1
         op = Op(r.seq, b'{"' + kind.encode() + b'":' + body + b"}")
         r.ops.append(op)
@@ -83,6 +86,10 @@ class MemoryBackend(Backend):
             except Exception:
                 logger.exception("listener failed on %s seq %d", room, op.seq)
         return op.seq
+
+    async def seen_key(self, room: str, key: str) -> int | None:
+        r = self._rooms.get(room)
+        return None if r is None else r.seen(key, time.monotonic())
 
     async def read_ops(self, room: str, after: int, limit: int | None = None) -> list[Op] | None:
         r = self._rooms.get(room)

@@ -427,6 +427,19 @@ class RedisBase(Backend):
         ]  # fmt: skip
         if key is not None:
             fcall.append(key)
+        return int(await self._durable_fcall(fcall, key))
+
+    async def seen_key(self, room: str, key: str) -> int | None:
+        fcall = ["FCALL", "kasagi_seen", 1, room_keys(room)["keys"], key]
+        # Read-only when the key is unknown; retried like a keyed publish (safe: it stores
+        # nothing new), and durable like one when the key is known.
+        seq = await self._durable_fcall(fcall, key)
+        return None if seq is None else int(seq)
+
+    async def _durable_fcall(self, fcall: Sequence[Any], key: str | None) -> Any:
+        """`fcall` on the master followed by WAIT for the ack level, retried against the
+        current master until op_timeout_s; its reply once durable. Without `key`, a call
+        whose outcome is unknown (connection lost after sending) is not retried."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.op_timeout_s
         delay = 0.02
@@ -448,15 +461,14 @@ class RedisBase(Backend):
                 result = replies[0]
                 if isinstance(result, ResponseError):
                     raise result
-                seq = int(result)
-                if needed:
+                if needed and result is not None:  # None: nothing stored, nothing to wait for
                     confirmed = replies[1]
                     if isinstance(confirmed, Exception) or int(confirmed) < needed:
                         raise BackendUnavailable(
-                            f"seq {seq} reached {confirmed} of {needed} replica(s) within "
+                            f"seq {result} reached {confirmed} of {needed} replica(s) within "
                             f"{self.wait_timeout_ms} ms: not acknowledged, retry with the key"
                         )
-                return seq
+                return result
             except ResponseError as exc:
                 if _function_missing(exc):
                     await self._reload_library()
