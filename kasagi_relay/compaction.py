@@ -23,20 +23,28 @@ from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, Snapshot
 from kasagi_relay.metrics import Metrics
 
-__all__ = ["Compactor", "compact_room"]
+__all__ = ["Compactor", "RoomLocked", "compact_room"]
 
 logger = logging.getLogger("kasagi_relay.compaction")
 
 LOCK_TTL_MS = 10_000
 
 
+class RoomLocked(Exception):
+    """Another compaction of the room holds its lock (maybe a relay that died holding it)."""
+
+
 async def compact_room(
     backend: Backend, room: str, *, history: int, keep_from: int = 0
 ) -> Snapshot | None:
-    """One compaction of `room`; the new snapshot, or None (nothing new, or locked)."""
+    """One compaction of `room`; the new snapshot, or None when there was nothing new.
+
+    Raises RoomLocked when the room's lock is held elsewhere: that is not the same as
+    "nothing new", since the holder may have died before covering the history.
+    """
     token = await backend.acquire_lock(room, LOCK_TTL_MS)
     if token is None:
-        return None
+        raise RoomLocked(room)
     try:
         snap = await backend.read_snapshot(room)
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
@@ -114,6 +122,11 @@ class Compactor:
                 snap = await compact_room(
                     self.backend, room, history=self.history, keep_from=keep_from
                 )
+            except RoomLocked:
+                # Not marked as done: after a failover the lock of a compaction that died
+                # with the old master lives on for LOCK_TTL_MS, and if every relay took
+                # that as done, a room that then went quiet would never be compacted.
+                continue
             except Exception as exc:
                 self.metrics.backend_errors.inc()
                 logger.warning("room %s: compaction failed: %s", room, exc)
