@@ -61,7 +61,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 __all__ = [
     "IMPLEMENTATION",

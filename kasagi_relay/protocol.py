@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Final, Literal
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import DeltaKind, valid_room

@@ -109,7 +109,7 @@ async def test_seen_key_answers_a_retry_without_publishing(
     assert await backend.seen_key("other", "k1") is None
     r = await raw(redis_server)
     assert await r.get("room:{r}:seq") == b"1"  # nothing published by asking
-    assert len(await r.xrange("room:{r}:ops")) == 1
+    assert len(await r.xrange("room:{r}:ops") or []) == 1
     # An expired key is unknown (expiry is "seq:expiry-ms" in the keys hash).
     await r.hset("room:{r}:keys", "k1", "1:1")
     assert await backend.seen_key("r", "k1") is None
@@ -360,7 +360,7 @@ async def test_expired_keys_are_pruned(backend: RedisBackend, redis_server: Topo
     assert await backend.publish("e", "merge", b'{"a":1}', key="old3") == 1
     for i in range(10):
         await backend.publish("e", "merge", b'{"a":1}', key=f"new{i}")
-    fields = {f.decode() for f in await r.hkeys("room:{e}:keys")}
+    fields = {f.decode() if isinstance(f, bytes) else f for f in await r.hkeys("room:{e}:keys")}
     assert not any(f.startswith("old") and f != "old3" for f in fields), fields
     assert {f"new{i}" for i in range(10)} <= fields
     await r.aclose()

@@ -53,7 +53,7 @@ def test_apply_keeps_key_order_and_is_compact(engines: ModuleType) -> None:
 
 def test_test_op_equality(engines: ModuleType) -> None:
     state = b'{"i":1,"f":2.0,"t":true,"o":{"a":1,"b":[1,{"c":null}]},"big":9007199254740993}'
-    passing = [
+    passing: list[dict[str, Any]] = [
         {"op": "test", "path": "/i", "value": 1.0},
         {"op": "test", "path": "/f", "value": 2},
         {"op": "test", "path": "/t", "value": True},
@@ -62,7 +62,7 @@ def test_test_op_equality(engines: ModuleType) -> None:
     ]
     for t in passing:
         assert engines.apply(state, P(t)) == state
-    failing = [
+    failing: list[dict[str, Any]] = [
         {"op": "test", "path": "/t", "value": 1},
         {"op": "test", "path": "/i", "value": True},
         {"op": "test", "path": "/i", "value": "1"},

@@ -103,7 +103,7 @@ def operation(draw: st.DrawFn, doc: Any, recent: list[str]) -> dict[str, Any]:
     )
 
     def hot(fallback: st.SearchStrategy[str]) -> str:
-        if recent and draw(st.booleans()):
+        if len(recent) > 0 and draw(st.booleans()):
             return draw(st.sampled_from(recent))
         return draw(fallback)
 
