@@ -372,6 +372,7 @@ async def snapshot_agrees(
     expect = state_of(ops)
     host, port = topo.master_addr()
     r = aioredis.Redis(host=host, port=port, password=topo.password)
+    snap: dict[Any, Any] = {}
     try:
         async with asyncio.timeout(within):
             while True:
@@ -379,6 +380,12 @@ async def snapshot_agrees(
                 if snap and int(snap[b"seq"]) == last:
                     return last, json.loads(snap[b"data"]), expect
                 await asyncio.sleep(0.2)
+    except TimeoutError:
+        at = int(snap[b"seq"]) if snap else None
+        raise AssertionError(
+            f"no snapshot of the whole history after {within:.0f} s: snapshot at seq {at}, "
+            f"history at seq {last}"
+        ) from None
     finally:
         await r.aclose()
 
