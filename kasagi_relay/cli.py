@@ -25,6 +25,9 @@ logger = logging.getLogger("kasagi_relay")
 T = TypeVar("T")
 _D = Config()
 
+# Exit status when a second SIGTERM/SIGINT cut the graceful shutdown short.
+EXIT_FORCED = 1
+
 _SIZE = re.compile(r"(?i)\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*")
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -98,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
             "GET /healthz and /metrics on the same port. With no arguments it serves "
             "ws://127.0.0.1:8765/ws on the embedded in-memory backend (one process, "
             "nothing persisted). Every flag can also be set by the environment variable "
-            "shown in brackets; a flag wins over its variable."
+            "shown in brackets; a flag wins over its variable. SIGTERM or SIGINT stops "
+            "gracefully; a second one exits at once with status 1."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -344,10 +348,21 @@ async def serve(config: Config, backend: Backend) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down")
+    logger.info("shutting down (a second SIGTERM or SIGINT exits at once)")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _exit_now)
     await relay.stop()
     logger.info("stopped")
     return 0
+
+
+def _exit_now() -> NoReturn:
+    # The graceful stop waits up to shutdown_timeout_s for in-flight acks and close_timeout_s
+    # for peers that do not answer the close; an operator who signals again wants out now.
+    # os._exit, because unwinding would wait on the same peers.
+    logger.warning("second signal: exiting without finishing the shutdown")
+    logging.shutdown()
+    os._exit(EXIT_FORCED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

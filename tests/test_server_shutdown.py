@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import pytest
-from relay_helpers import connect_client, relay_process, start_relay
+from relay_helpers import connect_client, raw_member, read_frames, relay_process, start_relay
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -56,3 +57,28 @@ async def test_subprocess_signal_exits_0_after_closing_members(sig: int) -> None
         assert reply["t"] == "ack" or reply["code"] == "unavailable"
         assert await closed_code(member.ws) == 1001
     assert any("stopped" in line for line in proc.stderr_lines), proc.stderr_lines
+
+
+async def test_second_signal_exits_at_once_while_a_member_holds_up_the_close() -> None:
+    """A member that never answers the close frame holds the graceful stop for close_timeout;
+    a second SIGTERM ends the process at once, with status 1."""
+    async with relay_process() as proc:
+        port = int(proc.url.rsplit(":", 1)[1].split("/", 1)[0])
+        stalled = await raw_member(port, "r")
+        try:
+            (joined,) = await read_frames(stalled, 1)
+            assert b'"joined"' in joined[1]
+            proc.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                while not any("shutting down" in line for line in proc.stderr_lines):  # noqa: ASYNC110 (another task appends the lines)
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            assert proc.returncode is None, "the stop should still be waiting for the member"
+            started = time.monotonic()
+            code = await proc.terminate(signal.SIGTERM, within=5)
+            assert code == 1, proc.stderr_lines
+            assert time.monotonic() - started < 2.0
+        finally:
+            stalled.close()
+        await asyncio.sleep(0.1)  # the stderr reader sees the last lines
+        assert any("second signal" in line for line in proc.stderr_lines), proc.stderr_lines
