@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP port (0: any free port) [KASAGI_PORT]",
     )
     add(
+        "--tls-cert",
+        metavar="PATH",
+        default=env("KASAGI_TLS_CERT", None),
+        help="serve wss:// (and https for /healthz, /metrics) with this PEM certificate "
+        "chain [KASAGI_TLS_CERT]",
+    )
+    add(
+        "--tls-key",
+        metavar="PATH",
+        default=env("KASAGI_TLS_KEY", None),
+        help="the certificate's PEM private key, if not in the --tls-cert file [KASAGI_TLS_KEY]",
+    )
+    add(
         "--redis",
         metavar="URL",
         default=env("KASAGI_REDIS", None),
@@ -265,6 +278,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     return Config(
         host=a.host,
         port=a.port,
+        tls_cert=a.tls_cert or None,
+        tls_key=a.tls_key or None,
         redis=a.redis or None,
         sentinels=a.sentinels or (),
         master=a.master,
@@ -369,9 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     setup_logging(config)
     try:
+        from kasagi_relay import tls
         from kasagi_relay.backends.factory import build_backend
 
-        backend = build_backend(config)  # fail fast, before binding the port
+        # Both fail fast on bad settings, before the port is bound.
+        tls.server_context(config)
+        backend = build_backend(config)
     except ConfigError as exc:
         print(f"kasagi-relay: error: {exc}", file=sys.stderr)
         return 2

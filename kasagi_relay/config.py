@@ -19,6 +19,9 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8765
+    # TLS on the relay's port: a PEM certificate chain, and its key (None: in the same file).
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     # Backend selection: memory unless a Redis URL or Sentinels are given.
     redis: str | None = None

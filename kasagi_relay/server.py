@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from kasagi_relay import delta, protocol
+from kasagi_relay import delta, protocol, tls
 from kasagi_relay.backends.base import IDEMPOTENCY_TTL_S, Backend, BackendUnavailable, Op
 from kasagi_relay.backends.factory import build_backend
 from kasagi_relay.compaction import Compactor
@@ -94,6 +94,7 @@ class Relay:
 
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
         self.config = config
+        self._tls = tls.server_context(config)
         self.backend = backend if backend is not None else build_backend(config)
         self.metrics = Metrics()
         self.rooms: dict[str, Room] = {}
@@ -128,7 +129,8 @@ class Relay:
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}/ws"
+        scheme = "wss" if self._tls is not None else "ws"
+        return f"{scheme}://{host}:{self.port}/ws"
 
     async def start(self) -> None:
         self.backend.set_listener(self)
@@ -145,6 +147,7 @@ class Relay:
             max_size=cfg.max_message_bytes,
             ping_interval=cfg.ping_interval_s,
             close_timeout=cfg.close_timeout_s,
+            ssl=self._tls,
         )
         self.compactor.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="kasagi-room-sweeper")

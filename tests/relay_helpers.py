@@ -244,7 +244,7 @@ async def read_frames(sock: socket.socket, count: int | None = None) -> list[tup
 
 # --------------------------------------------------------------------------- subprocess
 
-_URL = re.compile(r"serving (ws://\S+)")
+_URL = re.compile(r"serving (wss?://\S+)")
 
 
 @dataclass

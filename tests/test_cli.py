@@ -29,6 +29,8 @@ def test_help_explains_every_flag() -> None:
     for flag, env in [
         ("--host", "KASAGI_HOST"),
         ("--port", "KASAGI_PORT"),
+        ("--tls-cert", "KASAGI_TLS_CERT"),
+        ("--tls-key", "KASAGI_TLS_KEY"),
         ("--redis", "KASAGI_REDIS"),
         ("--sentinels", "KASAGI_SENTINELS"),
         ("--master", "KASAGI_MASTER"),
@@ -62,6 +64,8 @@ def test_help_explains_every_flag() -> None:
         ([], {"KASAGI_TICK_MS": "soon"}, "--tick-ms"),
         (["--max-rooms", "-1"], None, "--max-rooms"),
         (["--redis", "redis://x", "--sentinels", "a:1"], None, "exclusive"),
+        (["--tls-cert", "/nonexistent/chain.pem"], None, "no such file"),
+        ([], {"KASAGI_TLS_KEY": "key.pem"}, "--tls-key needs --tls-cert"),
     ],
 )
 def test_bad_flag_or_value_is_one_line_and_exit_2(

@@ -1,0 +1,32 @@
+"""TLS for the relay's port (`wss://`, and https for /healthz and /metrics)."""
+
+from __future__ import annotations
+
+import ssl
+
+from kasagi_relay.config import Config, ConfigError
+
+__all__ = ["server_context"]
+
+
+def server_context(config: Config) -> ssl.SSLContext | None:
+    """The server-side context for `--tls-cert`/`--tls-key`, or None when TLS is off.
+
+    Raises ConfigError (one line) when the files cannot be loaded, so that a bad path or a
+    key that does not match its certificate stops the relay before it binds its port."""
+    if config.tls_cert is None:
+        if config.tls_key is not None:
+            raise ConfigError("--tls-key needs --tls-cert")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"TLS: no such file: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"TLS: cannot load {config.tls_cert}"
+            + (f" with key {config.tls_key}" if config.tls_key else "")
+            + f": {exc}"
+        ) from None
+    return context
