@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from kasagi_relay.config import Config, ConfigError
@@ -18,11 +19,13 @@ def server_context(config: Config) -> ssl.SSLContext | None:
         if config.tls_key is not None:
             raise ConfigError("--tls-key needs --tls-cert")
         return None
+    for path in (config.tls_cert, config.tls_key):
+        # load_cert_chain's own error does not say which file is missing.
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"TLS: no such file: {path}")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"TLS: no such file: {exc.filename}") from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"TLS: cannot load {config.tls_cert}"

@@ -64,7 +64,7 @@ def test_help_explains_every_flag() -> None:
         ([], {"KASAGI_TICK_MS": "soon"}, "--tick-ms"),
         (["--max-rooms", "-1"], None, "--max-rooms"),
         (["--redis", "redis://x", "--sentinels", "a:1"], None, "exclusive"),
-        (["--tls-cert", "/nonexistent/chain.pem"], None, "no such file"),
+        (["--tls-cert", "/nonexistent/chain.pem"], None, "no such file: /nonexistent/chain.pem"),
         ([], {"KASAGI_TLS_KEY": "key.pem"}, "--tls-key needs --tls-cert"),
     ],
 )

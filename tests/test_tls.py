@@ -103,8 +103,10 @@ def test_bad_tls_settings_are_config_errors(ca: trustme.CA, cert_files: tuple[st
     other_key = ca.issue_cert("127.0.0.1").private_key_pem
     with pytest.raises(ConfigError, match="needs --tls-cert"):
         server_context(Config(tls_key="key.pem"))
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match=r"no such file: /nonexistent/chain\.pem$"):
         server_context(Config(tls_cert="/nonexistent/chain.pem"))
+    with pytest.raises(ConfigError, match=r"no such file: /nonexistent/key\.pem$"):
+        server_context(Config(tls_cert=chain, tls_key="/nonexistent/key.pem"))
     with pytest.raises(ConfigError, match="cannot load"):
         server_context(Config(tls_cert=chain))  # no key anywhere
     wrong = Path(chain).with_name("wrong-key.pem")
