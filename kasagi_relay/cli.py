@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
             "ws://127.0.0.1:8765/ws on the embedded in-memory backend (one process, "
             "nothing persisted). Every flag can also be set by the environment variable "
             "shown in brackets; a flag wins over its variable. SIGTERM or SIGINT stops "
-            "gracefully; a second one exits at once with status 1."
+            "gracefully; a second one exits at once with status 1. With TLS, SIGHUP reloads "
+            "the certificate files for new connections."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -362,6 +363,9 @@ async def serve(config: Config, backend: Backend) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.tls_cert is not None:
+        # Renewed certificates are picked up without dropping anyone.
+        loop.add_signal_handler(signal.SIGHUP, relay.reload_tls)
     await stop.wait()
     logger.info("shutting down (a second SIGTERM or SIGINT exits at once)")
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,6 +13,7 @@ import contextlib
 import http
 import json
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from kasagi_relay import delta, protocol, tls
 from kasagi_relay.backends.base import IDEMPOTENCY_TTL_S, Backend, BackendUnavailable, Op
 from kasagi_relay.backends.factory import build_backend
 from kasagi_relay.compaction import Compactor
-from kasagi_relay.config import Config
+from kasagi_relay.config import Config, ConfigError
 from kasagi_relay.fanout import CLOSE_TOO_SLOW, Member
 from kasagi_relay.metrics import CONTENT_TYPE, Metrics
 from kasagi_relay.protocol import JSON, SUBPROTOCOLS, BadRequest, Codec
@@ -131,6 +132,19 @@ class Relay:
             host = f"[{host}]"
         scheme = "wss" if self._tls is not None else "ws"
         return f"{scheme}://{host}:{self.port}/ws"
+
+    def reload_tls(self) -> bool:
+        """Re-read --tls-cert/--tls-key for new connections; False (logged) if they do not
+        load, keeping the certificate in use."""
+        if self._tls is None:
+            return False
+        try:
+            tls.reload(self._tls, self.config)
+        except (ConfigError, ssl.SSLError, OSError) as exc:
+            logger.error("TLS reload failed, still serving the previous certificate: %s", exc)
+            return False
+        logger.info("TLS certificate reloaded from %s", self.config.tls_cert)
+        return True
 
     async def start(self) -> None:
         self.backend.set_listener(self)

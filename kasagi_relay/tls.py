@@ -7,7 +7,7 @@ import ssl
 
 from kasagi_relay.config import Config, ConfigError
 
-__all__ = ["server_context"]
+__all__ = ["reload", "server_context"]
 
 
 def server_context(config: Config) -> ssl.SSLContext | None:
@@ -33,3 +33,15 @@ def server_context(config: Config) -> ssl.SSLContext | None:
             + f": {exc}"
         ) from None
     return context
+
+
+def reload(context: ssl.SSLContext, config: Config) -> None:
+    """Load the certificate files again into the live `context` (SIGHUP): connections made
+    after this get the new certificate, open ones keep theirs.
+
+    The files are first loaded into a new context, so that a bad file (ConfigError) leaves
+    the live one as it was."""
+    if server_context(config) is None:
+        return
+    assert config.tls_cert is not None
+    context.load_cert_chain(config.tls_cert, config.tls_key)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import ssl
 import urllib.request
 from pathlib import Path
 
 import pytest
 import trustme
-from relay_helpers import MSGPACK, connect_client, relay_process, start_relay
+from relay_helpers import MSGPACK, RelayProcess, connect_client, relay_process, start_relay
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage
 
@@ -113,3 +115,60 @@ def test_bad_tls_settings_are_config_errors(ca: trustme.CA, cert_files: tuple[st
     other_key.write_to_path(str(wrong))
     with pytest.raises(ConfigError, match="cannot load"):
         server_context(Config(tls_cert=chain, tls_key=str(wrong)))
+
+
+def write_cert(issued: trustme.LeafCert, chain: Path, key: Path) -> bytes:
+    """Write `issued` as (chain, key) PEM files; its DER, as a client sees it."""
+    chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    return ssl.PEM_cert_to_DER_cert(issued.cert_chain_pems[0].bytes().decode())
+
+
+async def served_cert(url: str, context: ssl.SSLContext) -> bytes:
+    """The certificate a new TLS connection to the relay is given (DER)."""
+    port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    der: bytes = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    return der
+
+
+async def logged(proc: RelayProcess, text: str, after: int) -> None:
+    """Wait until a stderr line past the first `after` contains `text`."""
+    async with asyncio.timeout(10):
+        while not any(text in line for line in proc.stderr_lines[after:]):  # noqa: ASYNC110 (another task appends the lines)
+            await asyncio.sleep(0.05)
+
+
+async def test_sighup_reloads_the_certificate_for_new_connections(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A renewed certificate is served to new connections after SIGHUP; a file that does not
+    load is logged and the previous certificate stays; open connections are untouched."""
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    first = write_cert(ca.issue_cert("127.0.0.1"), chain, key)
+    async with relay_process("--tls-cert", str(chain), "--tls-key", str(key)) as proc:
+        context = trusting(ca)
+        async with connect_client(proc.url, ssl=context) as member:
+            await member.join("r")
+            assert await served_cert(proc.url, context) == first
+
+            chain.write_text("not a certificate\n")
+            seen = len(proc.stderr_lines)
+            proc.proc.send_signal(signal.SIGHUP)
+            await logged(proc, "TLS reload failed", seen)
+            assert await served_cert(proc.url, context) == first
+
+            second = write_cert(ca.issue_cert("127.0.0.1"), chain, key)
+            assert second != first
+            seen = len(proc.stderr_lines)
+            proc.proc.send_signal(signal.SIGHUP)
+            await logged(proc, "TLS certificate reloaded", seen)
+            assert await served_cert(proc.url, context) == second
+
+            # The connection opened before both reloads still works.
+            ack = await member.delta("r", merge={"a": 1})
+            assert ack is not None and ack["seq"] == 1
+        assert proc.returncode is None
