@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -27,6 +28,8 @@ _D = Config()
 
 # Exit status when a second SIGTERM/SIGINT cut the graceful shutdown short.
 EXIT_FORCED = 1
+# Below this many open files the relay warns at start-up: each connection is one descriptor.
+LOW_OPEN_FILES = 4096
 
 _SIZE = re.compile(r"(?i)\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*")
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -375,6 +378,23 @@ async def serve(config: Config, backend: Backend) -> int:
     return 0
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the limit in effect.
+
+    Every member is one descriptor, and the usual default soft limit (1024) would stop a
+    relay at about a thousand connections while the hard limit allows far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux refuses an unlimited soft value for open files; 2**20 is its default nr_open.
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.debug("cannot raise the open files limit to %d: %s", target, exc)
+    return soft
+
+
 def _exit_now() -> NoReturn:
     # The graceful stop waits up to shutdown_timeout_s for in-flight acks and close_timeout_s
     # for peers that do not answer the close; an operator who signals again wants out now.
@@ -400,6 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"kasagi-relay: error: {exc}", file=sys.stderr)
         return 2
+    open_files = raise_open_files_limit()
+    if open_files < LOW_OPEN_FILES:
+        logger.warning(
+            "the open files limit is %d: at most about that many connections "
+            "(raise it with `ulimit -n` or systemd's LimitNOFILE)",
+            open_files,
+        )
     import uvloop
 
     return uvloop.run(serve(config, backend))

@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -275,9 +276,19 @@ def relay_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def relay_process(
-    *args: str, env: Mapping[str, str] | None = None, port: str = "0"
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    port: str = "0",
+    open_files: tuple[int, int] | None = None,
 ) -> AsyncIterator[RelayProcess]:
-    """`python -m kasagi_relay --port 0 ARGS` until its start-up line; SIGTERM on exit."""
+    """`python -m kasagi_relay --port 0 ARGS` until its start-up line; SIGTERM on exit.
+
+    `open_files`: the (soft, hard) RLIMIT_NOFILE the relay starts with."""
+
+    def limits() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     argv = [sys.executable, "-m", "kasagi_relay", *(["--port", port] if port else []), *args]
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -286,6 +297,7 @@ async def relay_process(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=limits if open_files is not None else None,
     )
     rp = RelayProcess(proc)
     assert proc.stderr is not None

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import resource
 import subprocess
 import sys
 
 import pytest
 from relay_helpers import REPO, connect_client, relay_env, relay_process
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake
 
 from kasagi_relay.cli import parse_config
 
@@ -115,3 +120,42 @@ async def test_json_logs() -> None:
     async with relay_process("--log-format", "json") as proc:
         entry = json.loads(proc.stderr_lines[0])
         assert entry["level"] == "info" and "serving ws://" in entry["msg"]
+
+
+async def open_members(url: str, n: int, stack: contextlib.AsyncExitStack) -> int:
+    """Open up to `n` WebSocket connections (kept open by `stack`); how many succeeded."""
+    for i in range(n):
+        try:
+            await stack.enter_async_context(connect(url, open_timeout=3, compression=None))
+        except (InvalidHandshake, OSError, TimeoutError):
+            return i
+    return n
+
+
+async def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """Started with a soft limit of 64 open files (hard 4096), the relay takes 300
+    connections: it raised its own soft limit, and says nothing about it."""
+    # Within this process's own hard limit: only root may raise a hard limit.
+    hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    async with relay_process(open_files=(64, hard)) as proc, contextlib.AsyncExitStack() as stack:
+        assert await open_members(proc.url, 300, stack) == 300
+        async with connect_client(proc.url) as client:
+            assert (await client.join("r"))["seq"] == 0
+    assert not any("open files limit" in line for line in proc.stderr_lines), proc.stderr_lines
+
+
+async def test_at_the_open_files_limit_new_connections_fail_and_the_rest_are_served() -> None:
+    """With a hard limit of 64 the relay warns at start-up; past the limit a new connection
+    fails, the relay stays up, the open connections are served, and a slot freed is reusable."""
+    async with relay_process(open_files=(64, 64)) as proc:
+        warning = [line for line in proc.stderr_lines if "open files limit is 64" in line]
+        assert len(warning) == 1, proc.stderr_lines
+        async with connect_client(proc.url) as first, contextlib.AsyncExitStack() as stack:
+            opened = await open_members(proc.url, 100, stack)
+            assert 10 < opened < 64  # refused before the 100th
+            assert (await first.join("r"))["seq"] == 0
+            await stack.aclose()  # frees every slot but `first`'s
+            await asyncio.sleep(0.5)
+            async with connect_client(proc.url) as later:
+                assert (await later.join("r"))["seq"] == 0
+        assert proc.returncode is None
