@@ -259,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
         "forbidden; 0 = no limit [KASAGI_MAX_ROOMS]",
     )
     add(
+        "--max-loaded-rooms",
+        metavar="N",
+        type=_int_range(0),
+        default=env("KASAGI_MAX_LOADED_ROOMS", _D.max_loaded_rooms),
+        help="rooms this relay holds at once; past it the least recently used rooms "
+        "without members are unloaded, and if none can be, a join or delta for another "
+        "room gets unavailable; 0 = no limit [KASAGI_MAX_LOADED_ROOMS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -300,6 +309,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         rate_limit=a.rate_limit,
         rate_burst=a.rate_burst,
         max_rooms=a.max_rooms,
+        max_loaded_rooms=a.max_loaded_rooms,
         log_level=a.log_level,
         log_format=a.log_format,
     )

@@ -47,6 +47,7 @@ class Config:
     rate_limit: float = 200.0  # messages per second per connection, sustained
     rate_burst: int = 400  # messages a connection may send at once
     max_rooms: int = 100  # rooms one connection may be a member of at once (0 = no limit)
+    max_loaded_rooms: int = 10_000  # rooms this relay holds at once (0 = no limit)
 
     # Connection housekeeping.
     ping_interval_s: float | None = 20.0

@@ -72,6 +72,8 @@ class Room:
         self.last_active = time.monotonic()
         self._loading: asyncio.Task[None] | None = None
         self._backfill: asyncio.Task[None] | None = None
+        # Joins under way: such a room has no member yet but must not be unloaded.
+        self._joining = 0
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = 0.0
         self._closed = False
@@ -375,6 +377,13 @@ class Room:
     async def join(self, member: Member, since: int | None, rid: int | str | None) -> None:
         """Send `joined` (full state, or resumed + the missed deltas) and add the member."""
         self.last_active = time.monotonic()  # before any await: not idle, not evicted
+        self._joining += 1
+        try:
+            await self._join(member, since, rid)
+        finally:
+            self._joining -= 1
+
+    async def _join(self, member: Member, since: int | None, rid: int | str | None) -> None:
         state = await self.ensure_loaded()
         missed: list[Op] | None = None
         if since is not None and since <= state.seq:
@@ -436,6 +445,7 @@ class Room:
     def idle(self, now: float, idle_s: float) -> bool:
         return (
             not self.members
+            and not self._joining
             and not self.queue
             and self._backfill is None
             and (self._loading is None or self._loading.done())

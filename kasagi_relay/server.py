@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import http
 import json
 import logging
@@ -229,14 +230,45 @@ class Relay:
 
     # ------------------------------------------------------------------ rooms
 
-    def _room(self, name: str) -> Room:
+    async def _room(self, name: str) -> Room:
+        """The room, loaded on this relay first if it is not (within --max-loaded-rooms)."""
         room = self.rooms.get(name)
-        if room is None:
-            room = self.rooms[name] = Room(
-                name, self.backend, self.metrics, tick_s=self.config.tick_ms / 1000
-            )
-            self.metrics.rooms.set(len(self.rooms))
+        if room is not None:
+            return room
+        limit = self.config.max_loaded_rooms
+        if limit and len(self.rooms) >= limit:
+            # Without a limit, deltas to ever new rooms (which need no membership) would
+            # load rooms faster than the sweeper frees them. Unload a batch, so that a flood
+            # of new rooms does not scan every room each time.
+            await self._unload_idle(max(1, limit // 100))
+            room = self.rooms.get(name)  # loaded by another request meanwhile
+            if room is not None:
+                return room
+            if len(self.rooms) >= limit:
+                raise BadRequest(
+                    "unavailable",
+                    f"this relay holds its limit of {limit} rooms, all in use; "
+                    "retry later or through another relay",
+                )
+        # No await from the check above to here: the limit holds.
+        room = self.rooms[name] = Room(
+            name, self.backend, self.metrics, tick_s=self.config.tick_ms / 1000
+        )
+        self.metrics.rooms.set(len(self.rooms))
         return room
+
+    async def _unload_idle(self, count: int) -> None:
+        """Unload up to `count` rooms without members or work, least recently used first."""
+        now = time.monotonic()
+        idle = [(room.last_active, name) for name, room in self.rooms.items() if room.idle(now, 0)]
+        for _, name in heapq.nsmallest(count, idle):
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        room = self.rooms.pop(name, None)
+        if room is not None:
+            self.metrics.rooms.set(len(self.rooms))
+            await room.close()
 
     def _room_seqs(self) -> list[tuple[str, int]]:
         return [(name, r.last_seq) for name, r in self.rooms.items() if r.loaded]
@@ -249,9 +281,7 @@ class Relay:
             now = time.monotonic()
             for name, room in list(self.rooms.items()):
                 if room.idle(now, idle_s):
-                    del self.rooms[name]
-                    await room.close()
-            self.metrics.rooms.set(len(self.rooms))
+                    await self._unload(name)
 
     def _send_queue_total(self) -> float:
         return float(sum(c.buffered() for c in self.clients))
@@ -391,7 +421,7 @@ class Relay:
             # Each membership holds a place in the room's fan-out and keeps the room loaded:
             # without a cap one connection could hold every room of the relay.
             raise BadRequest("forbidden", f"a connection may be a member of at most {limit} rooms")
-        room = self._room(req.room)
+        room = await self._room(req.room)
         if rejoin:
             # A second join restarts the member's stream from the new `joined`.
             room.leave(client)
@@ -414,7 +444,7 @@ class Relay:
         client.send(protocol.encode_left(client.codec, req.room, req.id))
 
     async def _delta(self, client: Client, req: protocol.Delta, received: float) -> None:
-        room = self._room(req.room)
+        room = await self._room(req.room)
         room.last_active = time.monotonic()  # before any await: not idle, not evicted
         await room.ensure_loaded()
         try:

@@ -49,6 +49,8 @@ def test_help_explains_every_flag() -> None:
         ("--send-queue-bytes", "KASAGI_SEND_QUEUE_BYTES"),
         ("--log-level", "KASAGI_LOG_LEVEL"),
         ("--log-format", "KASAGI_LOG_FORMAT"),
+        ("--max-rooms", "KASAGI_MAX_ROOMS"),
+        ("--max-loaded-rooms", "KASAGI_MAX_LOADED_ROOMS"),
     ]:
         assert flag in text and env in text, flag
     assert "ws://127.0.0.1:8765/ws" in text
@@ -68,6 +70,7 @@ def test_help_explains_every_flag() -> None:
         (["--log-format", "xml"], None, "--log-format"),
         ([], {"KASAGI_TICK_MS": "soon"}, "--tick-ms"),
         (["--max-rooms", "-1"], None, "--max-rooms"),
+        ([], {"KASAGI_MAX_LOADED_ROOMS": "many"}, "--max-loaded-rooms"),
         (["--redis", "redis://x", "--sentinels", "a:1"], None, "exclusive"),
         (["--tls-cert", "/nonexistent/chain.pem"], None, "no such file: /nonexistent/chain.pem"),
         ([], {"KASAGI_TLS_KEY": "key.pem"}, "--tls-key needs --tls-cert"),
@@ -97,6 +100,10 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KASAGI_MAX_ROOMS", "0")
     assert parse_config([]).max_rooms == 0
     assert parse_config(["--max-rooms", "7"]).max_rooms == 7
+    assert parse_config([]).max_loaded_rooms == 10_000
+    monkeypatch.setenv("KASAGI_MAX_LOADED_ROOMS", "0")
+    assert parse_config([]).max_loaded_rooms == 0
+    assert parse_config(["--max-loaded-rooms", "50"]).max_loaded_rooms == 50
     c = parse_config(["--sentinels", "a:1,b:2"])
     assert c.sentinels == (("a", 1), ("b", 2)) and c.ack_level == "replica"
     assert parse_config(["--sentinels", "a:1", "--ack", "all"]).ack_level == "all"

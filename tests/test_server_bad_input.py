@@ -260,3 +260,42 @@ async def test_too_large_state() -> None:
         assert (err["code"], err["id"]) == ("too_large", 9)
         ack = await bad.delta("r", merge={"a": None})  # shrinking is fine
         assert ack is not None and ack["seq"] == 2
+
+
+async def test_deltas_to_ever_new_rooms_stay_within_the_loaded_rooms_limit() -> None:
+    """Deltas need no membership, so a client can name ever new rooms. Past
+    --max-loaded-rooms the least recently used rooms without members are unloaded (their
+    deltas stay in the backend); rooms with members never are. When every loaded room has
+    members, a new room gets `unavailable` and the loaded ones are served as before."""
+    async with setup(max_loaded_rooms=4) as (relay, bad, other):  # "r" is loaded: 2 members
+        for i in range(10):
+            ack = await bad.delta(f"spam{i}", merge={"i": i})
+            assert ack is not None and ack["seq"] == 1
+            assert len(relay.rooms) <= 4 and "r" in relay.rooms
+        assert "spam0" not in relay.rooms
+        # An unloaded room loads again with everything it had.
+        ack = await bad.delta("spam0", merge={"j": 1})
+        assert ack is not None and ack["seq"] == 2
+        async with connect_client(relay.url) as late:
+            joined = await late.join("spam0")
+            assert (joined["seq"], joined["state"]) == (2, {"i": 0, "j": 1})
+            await late.send({"t": "leave", "room": "spam0"})
+            await late.expect("left")
+        # Rooms with members take every place.
+        for name in ("m1", "m2", "m3"):
+            await other.join(name)
+        assert sorted(relay.rooms) == ["m1", "m2", "m3", "r"]
+        err = await expect_error(
+            bad,
+            other,
+            json.dumps({"t": "delta", "room": "new", "id": 7, "merge": {}}),
+            "unavailable",
+            id=7,
+        )
+        assert "4 rooms" in err["message"] and "new" not in relay.rooms
+        # A member leaving frees its room's place.
+        await other.send({"t": "leave", "room": "m3"})
+        await other.recv_until(lambda m: m["t"] == "left")
+        ack = await bad.delta("new", merge={"k": 1})
+        assert ack is not None and ack["seq"] == 1
+        assert sorted(relay.rooms) == ["m1", "m2", "new", "r"]
