@@ -403,3 +403,42 @@ async def test_compaction_waits_out_a_lock_left_by_a_dead_compaction(
     snap = await backend.read_snapshot("r")
     assert snap is not None and snap.seq == 3 and json.loads(snap.data) == {"a": 2}
     await r.aclose()
+
+
+async def test_a_room_is_not_unloaded_while_a_join_reads_its_history(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """--max-loaded-rooms must not take a room whose join is still reading history (it has
+    no member yet). The join waits on a frozen Redis (SIGSTOP) while a delta to another room
+    needs the relay's only place: that delta gets `unavailable`; once Redis runs again the
+    joiner is served and gets the room's next delta."""
+    from relay_helpers import connect_client, start_relay
+
+    from kasagi_relay.config import Config
+
+    config = Config(redis=url(redis_server), max_loaded_rooms=1, compaction_interval_s=0)
+    node = redis_server.servers[0]
+    async with (
+        start_relay(config) as relay,
+        connect_client(relay.url) as writer,
+        connect_client(relay.url) as joiner,
+    ):
+        # More deltas than the room keeps in memory: a join since 1 reads Redis.
+        for i in range(300):
+            await writer.delta("a", merge={"n": i})
+        redis_server.signal(node, signal.SIGSTOP)
+        try:
+            await joiner.send({"t": "join", "room": "a", "since": 1})
+            await asyncio.sleep(0.3)
+            await writer.send({"t": "delta", "room": "b", "id": "b", "merge": {}})
+            reply, _ = await writer.recv_until(lambda m: m.get("id") == "b")
+            assert (reply["t"], reply.get("code")) == ("error", "unavailable"), reply
+        finally:
+            redis_server.signal(node, signal.SIGCONT)
+        ack = await writer.delta("a", merge={"n": 300})
+        assert ack is not None and ack["seq"] == 301
+        # joined (resumed from 1, or the full state after a resync), then up to seq 301.
+        got, _ = await joiner.recv_until(
+            lambda m: m["t"] in ("delta", "reset", "joined") and m["seq"] >= 301, within=15
+        )
+        assert got["seq"] == 301
