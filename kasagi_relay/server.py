@@ -262,7 +262,10 @@ class Relay:
         now = time.monotonic()
         idle = [(room.last_active, name) for name, room in self.rooms.items() if room.idle(now, 0)]
         for _, name in heapq.nsmallest(count, idle):
-            await self._unload(name)
+            # Checked again: unloading the previous one awaited, and a join may have begun.
+            room = self.rooms.get(name)
+            if room is not None and room.idle(time.monotonic(), 0):
+                await self._unload(name)
 
     async def _unload(self, name: str) -> None:
         room = self.rooms.pop(name, None)
