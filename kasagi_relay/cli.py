@@ -349,7 +349,18 @@ def setup_logging(config: Config) -> None:
 async def serve(config: Config, backend: Backend) -> int:
     from kasagi_relay.server import Relay  # imports the engine: after the flags are good
 
-    relay = Relay(config, backend)
+    try:
+        relay = Relay(config, backend)  # loads the TLS files, before the port is bound
+    except ConfigError as exc:
+        print(f"kasagi-relay: error: {exc}", file=sys.stderr)
+        return 2
+    open_files = raise_open_files_limit()
+    if open_files < LOW_OPEN_FILES:
+        logger.warning(
+            "the open files limit is %d: at most about that many connections "
+            "(raise it with `ulimit -n` or systemd's LimitNOFILE)",
+            open_files,
+        )
     try:
         await relay.start()
     except OSError as exc:
@@ -418,25 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     setup_logging(config)
     try:
-        from kasagi_relay import tls
         from kasagi_relay.backends.factory import build_backend
 
-        # Both fail fast on bad settings, before the port is bound.
-        tls.server_context(config)
-        backend = build_backend(config)
-    except ConfigError as exc:
+        backend = build_backend(config)  # fail fast, before binding the port
+    except (ConfigError, ImportError) as exc:
         print(f"kasagi-relay: error: {exc}", file=sys.stderr)
         return 2
-    except ImportError as exc:
-        print(f"kasagi-relay: error: {exc}", file=sys.stderr)
-        return 2
-    open_files = raise_open_files_limit()
-    if open_files < LOW_OPEN_FILES:
-        logger.warning(
-            "the open files limit is %d: at most about that many connections "
-            "(raise it with `ulimit -n` or systemd's LimitNOFILE)",
-            open_files,
-        )
     import uvloop
 
     return uvloop.run(serve(config, backend))
