@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -73,6 +74,23 @@ def _non_negative(unit: str) -> Callable[[str], float]:
 
 
 _seconds = _non_negative("seconds")
+
+
+def _size_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _size(text)
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an address or CIDR: {item!r}") from None
+    return tuple(out)
 
 
 def _sentinels(text: str) -> tuple[tuple[str, int], ...]:
@@ -268,6 +286,93 @@ def build_parser() -> argparse.ArgumentParser:
         "room gets unavailable; 0 = no limit [KASAGI_MAX_LOADED_ROOMS]",
     )
     add(
+        "--rate-bytes",
+        metavar="SIZE",
+        type=_size_or_zero,
+        default=env("KASAGI_RATE_BYTES", _D.rate_bytes),
+        help="bytes per second per connection, sustained, counted before a message is "
+        "decoded; past it requests get rate_limited; 0 = no limit [KASAGI_RATE_BYTES]",
+    )
+    add(
+        "--rate-bytes-burst",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_RATE_BYTES_BURST", _D.rate_bytes_burst),
+        help="bytes a connection may send at once before --rate-bytes applies "
+        "[KASAGI_RATE_BYTES_BURST]",
+    )
+    add(
+        "--rate-close-after",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_RATE_CLOSE_AFTER", _D.rate_close_after_s),
+        help="a connection that keeps sending past its rate limit for this long is closed "
+        "with 1008 [KASAGI_RATE_CLOSE_AFTER]",
+    )
+    add(
+        "--send-budget-bytes",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_SEND_BUDGET_BYTES", _D.send_budget_bytes),
+        help="all members' unsent data together; past it the members with the most queued "
+        "are closed with 1013 [KASAGI_SEND_BUDGET_BYTES]",
+    )
+    add(
+        "--history-bytes",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_HISTORY_BYTES", _D.history_bytes),
+        help="and no more than this many bytes of deltas per room [KASAGI_HISTORY_BYTES]",
+    )
+    add(
+        "--room-ttl",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_ROOM_TTL", _D.room_ttl_s),
+        help="memory backend: forget a room nobody wrote to or joined for this long "
+        "[KASAGI_ROOM_TTL]",
+    )
+    add(
+        "--max-connections",
+        metavar="N",
+        type=_int_range(0),
+        default=env("KASAGI_MAX_CONNECTIONS", _D.max_connections),
+        help="connections this relay serves at once; past it handshakes get 503; 0 = no "
+        "limit [KASAGI_MAX_CONNECTIONS]",
+    )
+    add(
+        "--max-connections-per-address",
+        metavar="N",
+        type=_int_range(0),
+        default=env("KASAGI_MAX_CONNECTIONS_PER_ADDRESS", _D.max_connections_per_address),
+        help="connections from one client address; past it handshakes get 503; 0 = no "
+        "limit [KASAGI_MAX_CONNECTIONS_PER_ADDRESS]",
+    )
+    add(
+        "--trusted-proxies",
+        metavar="CIDR,...",
+        type=_cidrs,
+        default=env("KASAGI_TRUSTED_PROXIES", ""),
+        help="proxies whose X-Forwarded-For header names the client address (for "
+        "--max-connections-per-address); none by default [KASAGI_TRUSTED_PROXIES]",
+    )
+    add(
+        "--idle-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_IDLE_TIMEOUT", _D.idle_timeout_s),
+        help="a connection that neither joins a room nor sends a delta within this is "
+        "closed with 1008; 0 = never [KASAGI_IDLE_TIMEOUT]",
+    )
+    add(
+        "--frame-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_FRAME_TIMEOUT", _D.frame_timeout_s),
+        help="a frame not received whole within this closes its connection with 1008; "
+        "0 = never [KASAGI_FRAME_TIMEOUT]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -310,6 +415,17 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         rate_burst=a.rate_burst,
         max_rooms=a.max_rooms,
         max_loaded_rooms=a.max_loaded_rooms,
+        rate_bytes=a.rate_bytes,
+        rate_bytes_burst=a.rate_bytes_burst,
+        rate_close_after_s=a.rate_close_after,
+        send_budget_bytes=a.send_budget_bytes,
+        history_bytes=a.history_bytes,
+        room_ttl_s=a.room_ttl,
+        max_connections=a.max_connections,
+        max_connections_per_address=a.max_connections_per_address,
+        trusted_proxies=a.trusted_proxies,
+        idle_timeout_s=a.idle_timeout,
+        frame_timeout_s=a.frame_timeout,
         log_level=a.log_level,
         log_format=a.log_format,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kasagi_relay.backends.base import AckLevel
+from kasagi_relay.domain import AckLevel
 
 __all__ = ["Config", "ConfigError"]
 
@@ -48,6 +48,25 @@ class Config:
     rate_burst: int = 400  # messages a connection may send at once
     max_rooms: int = 100  # rooms one connection may be a member of at once (0 = no limit)
     max_loaded_rooms: int = 10_000  # rooms this relay holds at once (0 = no limit)
+
+    # Hostile-client limits (docs/operations.md lists each with what it protects).
+    rate_bytes: int = 4 * MiB  # bytes per second per connection, sustained (0 = no limit)
+    rate_bytes_burst: int = 8 * MiB  # bytes a connection may send at once
+    # A connection refused by the rate limit without pause for this long is closed (1008).
+    rate_close_after_s: float = 5.0
+    # Every member's send queue together; past it the relay sheds the largest queues (1013).
+    send_budget_bytes: int = 256 * MiB
+    history_bytes: int = 16 * MiB  # history kept per room, by the size of its deltas
+    # The memory backend forgets a room nobody wrote to for this long (as Redis keys expire).
+    room_ttl_s: float = 86_400.0
+    max_connections: int = 10_000  # per relay process; past it handshakes get 503 (0 = none)
+    max_connections_per_address: int = 256  # per client address (0 = no limit)
+    # Proxies whose X-Forwarded-For names the client address (CIDRs); none by default.
+    trusted_proxies: tuple[str, ...] = ()
+    # A connection that has not joined a room nor sent a delta within this is closed (1008).
+    idle_timeout_s: float = 10.0
+    # A frame whose bytes are not all in within this closes its connection (1008).
+    frame_timeout_s: float = 10.0
 
     # Connection housekeeping.
     ping_interval_s: float | None = 20.0

@@ -8,45 +8,35 @@ a backend delivers what its transport gives it and says when it may have missed 
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
-DeltaKind = Literal["patch", "merge"]
-AckLevel = Literal["leader", "replica", "all"]
+# Re-exported while the backends move to the domain module.
+from kasagi_relay.domain import (
+    IDEMPOTENCY_TTL_S,
+    ROOM_NAME,
+    AckLevel,
+    BackendUnavailable,
+    DeltaKind,
+    KeyConflict,
+    Op,
+    Snapshot,
+    valid_room,
+)
 
-ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
-IDEMPOTENCY_TTL_S = 300
-
-
-def valid_room(name: object) -> bool:
-    """PROTOCOL.md's room-name rule; a name that fails never reaches a backend."""
-    return isinstance(name, str) and ROOM_NAME.fullmatch(name) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Op:
-    """One sequenced delta of a room.
-
-    `delta` is JSON bytes of an object holding `patch` or `merge` (other keys, such as the
-    `seq` of a channel message, may be present and are ignored by the engine)."""
-
-    seq: int
-    delta: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    seq: int
-    data: bytes
-    tick: int = 0
-
-
-class BackendUnavailable(Exception):
-    """The backend is unreachable or the write did not reach the configured durability.
-
-    Nothing was acknowledged; a publish may be retried with the same idempotency key."""
+__all__ = [
+    "IDEMPOTENCY_TTL_S",
+    "ROOM_NAME",
+    "AckLevel",
+    "Backend",
+    "BackendUnavailable",
+    "DeltaKind",
+    "KeyConflict",
+    "Listener",
+    "Op",
+    "Snapshot",
+    "valid_room",
+]
 
 
 class Listener(Protocol):

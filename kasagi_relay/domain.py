@@ -1,0 +1,71 @@
+"""The relay's domain types, below both the wire protocol and the storage backends.
+
+Room names, delta kinds, acknowledgement levels, sequenced ops and snapshots, and the
+errors storage raises: the protocol layer, the room service and every backend speak these,
+and none of them owns them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = [
+    "IDEMPOTENCY_TTL_S",
+    "ROOM_NAME",
+    "AckLevel",
+    "BackendUnavailable",
+    "DeltaKind",
+    "KeyConflict",
+    "Op",
+    "Snapshot",
+    "valid_room",
+]
+
+DeltaKind = Literal["patch", "merge"]
+AckLevel = Literal["leader", "replica", "all"]
+
+ROOM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# How long an idempotency key answers a retry with its first seq.
+IDEMPOTENCY_TTL_S: Final = 300
+
+
+def valid_room(name: object) -> bool:
+    """docs/protocol.md's room-name rule; a name that fails never reaches a backend."""
+    return isinstance(name, str) and ROOM_NAME.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One sequenced delta of a room.
+
+    `delta` is JSON bytes of an object holding `patch` or `merge` (other keys, such as the
+    `seq` of a channel message, may be present and are ignored by the engine)."""
+
+    seq: int
+    delta: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    seq: int
+    data: bytes
+    tick: int = 0
+
+
+class BackendUnavailable(Exception):
+    """The backend is unreachable or the write did not reach the configured durability.
+
+    Nothing was acknowledged; a publish may be retried with the same idempotency key."""
+
+
+class KeyConflict(Exception):
+    """An idempotency key already stored with a different delta: nothing was stored.
+
+    Answered with `error` `key_conflict`, never with the other delta's seq."""
+
+    def __init__(self, key: str, seq: int) -> None:
+        super().__init__(f"key {key!r} was used for another delta (seq {seq})")
+        self.key = key
+        self.seq = seq
