@@ -7,6 +7,7 @@ and none of them owns them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -20,6 +21,7 @@ __all__ = [
     "KeyConflict",
     "Op",
     "Snapshot",
+    "delta_digest",
     "valid_room",
 ]
 
@@ -34,6 +36,13 @@ IDEMPOTENCY_TTL_S: Final = 300
 def valid_room(name: object) -> bool:
     """docs/protocol.md's room-name rule; a name that fails never reaches a backend."""
     return isinstance(name, str) and ROOM_NAME.fullmatch(name) is not None
+
+
+def delta_digest(kind: DeltaKind, body: bytes) -> str:
+    """The digest an idempotency key is stored with: the same key with another delta is a
+    conflict, not a retry. SHA-1 because Redis Functions compute it too (`redis.sha1hex`
+    of the same `kind:body` string), so every backend and relay agrees on it."""
+    return hashlib.sha1(kind.encode() + b":" + body, usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
