@@ -172,6 +172,39 @@ async def test_trim_keeps_its_earlier_arguments(
     await r.aclose()
 
 
+async def test_history_sizes_are_running_totals(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """room:{R}:sizes (kasagi.lua) holds the running byte totals the trim by bytes reads
+    instead of the history; a publisher passing the earlier 4 keys keeps it too, and a
+    room published before it existed (library v2) still trims."""
+    r = await raw(redis_server)
+    bodies = [b'{"a":1}', b'{"bb":22}', b'{"ccc":333}']
+    for body in bodies[:2]:
+        await backend.publish("s", "merge", body)
+    keys4 = ["room:{s}:seq", "room:{s}:ops", "room:{s}:channel", "room:{s}:keys"]
+    assert await r.fcall("kasagi_publish", 4, *keys4, "merge", bodies[2].decode()) == 3
+    totals = [0, 7, 16, 27]
+    assert [int(v) for v in await r.lrange("room:{s}:sizes", 0, -1)] == totals
+    assert await backend.write_snapshot("s", Snapshot(3, b"{}"))
+    await backend.trim("s", 0, 100, len(bodies[2]))
+    assert [op.seq for op in await backend.read_ops("s", 2) or []] == [3]
+    assert [int(v) for v in await r.lrange("room:{s}:sizes", 0, -1)] == [16, 27]
+    await backend.publish("s", "merge", b"{}")
+    assert [int(v) for v in await r.lrange("room:{s}:sizes", 0, -1)] == [16, 27, 29]
+    # Written before the sizes existed: trims by count still work, by bytes keeps all.
+    for _ in range(4):
+        await backend.publish("v2", "merge", b'{"x":1}')
+    await r.delete("room:{v2}:sizes")
+    assert await backend.write_snapshot("v2", Snapshot(4, b"{}"))
+    await backend.trim("v2", 0, 100, 1)
+    assert len(await backend.read_ops("v2", 0) or []) == 4
+    await backend.trim("v2", 0, 2, 1)
+    assert [op.seq for op in await backend.read_ops("v2", 2) or []] == [3, 4]
+    await r.aclose()
+
+
 async def test_function_reloaded_when_missing(
     backend: RedisBackend,
     redis_server: Topology,  # noqa: F811

@@ -4,8 +4,16 @@ The Redis Function library `kasagi` (Redis >= 7.0): the one atomic write path of
 shared by every relay and by any other publisher (redis-cli, ioredis, KasagiEngine).
 
 Keys follow docs/protocol.md: room:{R}:seq, :ops, :channel, :keys, :snapshot (plus :lock,
-the relay's compaction lock). Every function takes the keys of one room, so the library
-is cluster-safe (one hash tag).
+the relay's compaction lock, and :sizes, below). Every function takes the keys of one
+room, so the library is cluster-safe (one hash tag).
+
+room:{R}:sizes is a list of running byte totals that bounds the history by bytes without
+reading it: element i is the total size of the delta JSON of every op up to seq
+`base + i`, where base = (last seq) - (LLEN - 1) since seqs are contiguous; its first
+element is the op just before the oldest one kept (0 for a room's first op). Ops stored
+before library version 3 have no total: the first trim by bytes that the snapshot covers
+drops them. Callers that pass only the earlier keys (kasagi_publish with 4 keys,
+kasagi_trim with 3) get it derived from the ops key, in the same hash slot.
 
 Bump VERSION whenever a function changes: relays compare it with `kasagi_version` and
 load their copy (FUNCTION LOAD REPLACE) on a master that lacks or differs from it.
@@ -20,8 +28,6 @@ local CURSOR_FIELD = '\0cursor'
 -- Fields examined per new key: more than one per insert, so expired keys are
 -- collected faster than new ones arrive and the hash stays near its live size.
 local PRUNE_COUNT = '8'
--- Stream entries read per step while trimming the history by bytes.
-local TRIM_BATCH = 64
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -71,19 +77,41 @@ local function seen_seq(keys_key, ikey, now, digest)
   return nil, false
 end
 
+local function sizes_key(keys, i)
+  return keys[i] or (string.gsub(keys[2], ':ops$', ':sizes'))
+end
+
+-- Append the running total for op `seq` (whose delta JSON is `size` bytes).
+local function note_size(key, seq, size)
+  local n = redis.call('LLEN', key)
+  if n > seq then
+    -- Longer than the room's history can be (the room was deleted without its sizes).
+    redis.call('DEL', key)
+    n = 0
+  end
+  local total = 0
+  if n == 0 then
+    redis.call('RPUSH', key, 0)
+  else
+    total = tonumber(redis.call('LINDEX', key, -1))
+  end
+  redis.call('RPUSH', key, total + size)
+end
+
 local function key_conflict(ikey, seq)
   -- The relay reads the seq after the code; nothing was stored.
   return redis.error_reply('KEYCONFLICT ' .. seq .. ' idempotency key ' .. ikey ..
     ' was used for another delta')
 end
 
--- FCALL kasagi_publish 4 seq ops channel keys  kind delta-json [idempotency-key]  -> seq
+-- FCALL kasagi_publish 4|5 seq ops channel keys [sizes]  kind delta-json [idempotency-key]
+--   -> seq
 -- A key stored with another delta (kind and JSON) is an error KEYCONFLICT <seq>.
 local function publish(keys, args)
   local seq_key, ops_key, channel_key, keys_key = keys[1], keys[2], keys[3], keys[4]
   local kind, d, ikey = args[1], args[2], args[3]
-  if #keys ~= 4 then
-    return redis.error_reply('ERR kasagi_publish: expected 4 keys (seq ops channel keys)')
+  if #keys ~= 4 and #keys ~= 5 then
+    return redis.error_reply('ERR kasagi_publish: expected 4 or 5 keys (seq ops channel keys [sizes])')
   end
   if kind ~= 'patch' and kind ~= 'merge' then
     return redis.error_reply('ERR kasagi_publish: kind must be patch or merge')
@@ -111,6 +139,7 @@ local function publish(keys, args)
   local seq = tonumber(redis.call('GET', seq_key) or '0') + 1
   redis.call('XADD', ops_key, seq .. '-0', 'k', kind, 'd', d)
   redis.call('SET', seq_key, seq)
+  note_size(sizes_key(keys, 5), seq, #d)
   redis.call('PUBLISH', channel_key, '{"seq":' .. seq .. ',"' .. kind .. '":' .. d .. '}')
   if ikey ~= nil then
     redis.call('HSET', keys_key, ikey, seq .. ':' .. (now + KEY_TTL_MS) .. ':' .. digest)
@@ -162,39 +191,36 @@ local function snapshot(keys, args)
   return 1
 end
 
--- The first seq >= `lowest` from which the newest entries' delta JSON totals at most
--- `max_bytes`: walks back from the newest entry, reading only what it keeps (and one
--- more), which is at most max-len entries.
-local function bytes_cut(ops_key, lowest, max_bytes)
-  local total = 0
-  local high = '+'
-  while true do
-    local entries = redis.call('XREVRANGE', ops_key, high, lowest .. '-0', 'COUNT', TRIM_BATCH)
-    for _, entry in ipairs(entries) do
-      local fields, size = entry[2], 0
-      for i = 1, #fields, 2 do
-        if fields[i] == 'd' then
-          size = #fields[i + 1]
-        end
-      end
-      total = total + size
-      if total > max_bytes then
-        return tonumber(string.match(entry[1], '^(%d+)')) + 1
-      end
-    end
-    if #entries < TRIM_BATCH then
-      return lowest
-    end
-    high = '(' .. entries[#entries][1]
+-- The first seq from which the ops' delta JSON totals at most `max_bytes`, from the
+-- running totals (a binary search: nothing of the history itself is read).
+local function bytes_cut(key, last, max_bytes)
+  local n = redis.call('LLEN', key)
+  if n < 2 then
+    return 1
   end
+  local base = last - (n - 1)
+  local threshold = tonumber(redis.call('LINDEX', key, -1)) - max_bytes
+  -- The first index whose total reaches the threshold: the ops after it fit.
+  local lo, hi = 0, n - 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if tonumber(redis.call('LINDEX', key, mid)) >= threshold then
+      hi = mid
+    else
+      lo = mid + 1
+    end
+  end
+  return base + lo + 1
 end
 
--- FCALL kasagi_trim 3 seq ops snapshot  keep-from max-len [max-bytes]  -> entries removed
+-- FCALL kasagi_trim 3|4 seq ops snapshot [sizes]  keep-from max-len [max-bytes]
+--   -> entries removed
 -- Keeps at most max-len entries and max-bytes bytes of delta JSON (0 or absent: no byte
 -- limit), none before keep-from; never drops an op the snapshot does not cover: the
 -- state would be lost.
 local function trim(keys, args)
   local seq_key, ops_key, snap_key = keys[1], keys[2], keys[3]
+  local size_key = sizes_key(keys, 4)
   local keep_from, max_len = tonumber(args[1]), tonumber(args[2])
   local max_bytes = tonumber(args[3] or '0')
   if keep_from == nil or max_len == nil or max_bytes == nil then
@@ -204,11 +230,17 @@ local function trim(keys, args)
   local covered = tonumber(redis.call('HGET', snap_key, 'seq') or '0')
   local cut = math.max(keep_from, last - max_len + 1, 1)
   if max_bytes > 0 and cut <= covered then
-    cut = bytes_cut(ops_key, cut, max_bytes)
+    cut = math.max(cut, bytes_cut(size_key, last, max_bytes))
   end
   cut = math.min(cut, covered + 1)
   if cut <= 1 then
     return 0
+  end
+  -- Keep the total of op cut - 1: the base the kept ops' sizes are measured from.
+  local n = redis.call('LLEN', size_key)
+  local drop = (cut - 1) - (last - (n - 1))
+  if n > 0 and drop > 0 then
+    redis.call('LTRIM', size_key, drop, -1)
   end
   return redis.call('XTRIM', ops_key, 'MINID', cut .. '-0')
 end

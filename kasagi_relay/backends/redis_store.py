@@ -2,8 +2,9 @@
 
 Writes go through the Redis Function library `kasagi` (kasagi.lua) on the master link:
 `kasagi_publish` assigns the seq, appends the `ops` stream entry `<seq>-0`, publishes
-`{"seq":N,...}` on the room's channel and records the idempotency key with the digest of
-its delta, atomically; `kasagi_seen`, `kasagi_snapshot`, `kasagi_trim` and
+`{"seq":N,...}` on the room's channel, records the idempotency key with the digest of its
+delta and the running byte total of the history (`sizes`, what `kasagi_trim` bounds the
+history by), atomically; `kasagi_seen`, `kasagi_snapshot`, `kasagi_trim` and
 `kasagi_unlock` do the rest. Reads are plain commands. Every command names the keys of
 one room only (one hash tag), so a Cluster router can route it by the room alone.
 """
@@ -34,6 +35,7 @@ def room_keys(room: str) -> dict[str, str]:
         "snapshot": p + "snapshot",
         "tick": p + "tick",
         "lock": p + "lock",
+        "sizes": p + "sizes",
     }
 
 
@@ -65,7 +67,8 @@ class RedisLog:
     async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
         k = room_keys(room)
         fcall: list[Any] = [
-            "FCALL", "kasagi_publish", 4, k["seq"], k["ops"], k["channel"], k["keys"], kind, body,
+            "FCALL", "kasagi_publish", 5, k["seq"], k["ops"], k["channel"], k["keys"], k["sizes"],
+            kind, body,
         ]  # fmt: skip
         if key is not None:
             fcall.append(key)
@@ -166,7 +169,7 @@ class RedisSnapshots:
     async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
         k = room_keys(room)
         await self.link.fcall(
-            "trim", "kasagi_trim", 3, k["seq"], k["ops"], k["snapshot"],
+            "trim", "kasagi_trim", 4, k["seq"], k["ops"], k["snapshot"], k["sizes"],
             keep_from, max_len, max_bytes,
         )  # fmt: skip
 
