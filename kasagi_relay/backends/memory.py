@@ -9,8 +9,9 @@ Its memory is bounded the way Redis bounds a room's keys (docs/operations.md, li
 - a room nobody wrote to nor read for `room_ttl_s`, and no relay is subscribed to, is
   forgotten as a whole, as if its keys had expired (a later join finds an empty room);
 - idempotency keys expire after `key_ttl_s`, all rooms' keys in one queue in expiry order;
-- a room's history is kept within `history_bytes` of delta bodies on every publish, as far
-  as the snapshot covers it (the Compactor trims the rest by count, age and bytes);
+- a room's history is kept within `history_bytes` of delta bodies (0: no limit) on every
+  publish, as far as the snapshot covers it (the Compactor trims the rest by count, age
+  and bytes);
 - locks, subscriptions and rooms with nothing stored leave no entry behind.
 Expiry is amortized: each call pops what has expired from the front of the queues.
 
