@@ -205,6 +205,21 @@ async def test_history_sizes_are_running_totals(
     await r.aclose()
 
 
+async def test_subscription_churn_leaves_nothing(backend: RedisBackend) -> None:
+    """Joins and leaves of many rooms: the feed holds only the rooms subscribed now."""
+    feed = backend.channel_feed
+    for i in range(100):
+        await backend.feed.subscribe(f"c{i}")
+        await backend.log.publish(f"c{i}", "merge", b'{"a":1}')
+        await backend.feed.unsubscribe(f"c{i}")
+    await backend.feed.subscribe("kept")
+    await backend.log.publish("kept", "merge", b'{"a":1}')
+    await until(lambda: backend.channel_feed.listener is not None and "kept" in feed._recent)
+    assert feed.rooms == {"kept"}
+    assert set(feed._recent) == {"kept"}
+    assert (await backend.health())["rooms"] == 1
+
+
 async def test_function_reloaded_when_missing(
     backend: RedisBackend,
     redis_server: Topology,  # noqa: F811
