@@ -12,8 +12,11 @@ reading it: element i is the total size of the delta JSON of every op up to seq
 `base + i`, where base = (last seq) - (LLEN - 1) since seqs are contiguous; its first
 element is the op just before the oldest one kept (0 for a room's first op). Ops stored
 before library version 3 have no total: the first trim by bytes that the snapshot covers
-drops them. Callers that pass only the earlier keys (kasagi_publish with 4 keys,
-kasagi_trim with 3) get it derived from the ops key, in the same hash slot.
+drops them. Unless passed as an extra key (kasagi_publish's 5th, kasagi_trim's 4th), it
+is derived from the ops key, in the same hash slot: callers keep passing the keys of
+version 2, which the relay does too so that it can still publish through a version 2
+library during a rolling upgrade (the totals are then approximate until the history
+they describe is trimmed; the trim still never passes the snapshot).
 
 Bump VERSION whenever a function changes: relays compare it with `kasagi_version` and
 load their copy (FUNCTION LOAD REPLACE) on a master that lacks or differs from it.

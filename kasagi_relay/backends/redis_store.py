@@ -57,6 +57,11 @@ def _key_conflict(exc: ResponseError, key: str) -> KeyConflict | None:
     return None
 
 
+# The relay passes the keys library version 2 took (the `sizes` key is derived inside,
+# in the same hash slot): during a rolling upgrade a relay of either version may have
+# loaded its library last, and each must keep publishing through the other's.
+
+
 class RedisLog:
     def __init__(self, link: MasterLink, diverged: Callable[[str, int], bool]) -> None:
         """`diverged(room, after)`: the feed found that a reader at `after` holds a delta
@@ -67,8 +72,7 @@ class RedisLog:
     async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
         k = room_keys(room)
         fcall: list[Any] = [
-            "FCALL", "kasagi_publish", 5, k["seq"], k["ops"], k["channel"], k["keys"], k["sizes"],
-            kind, body,
+            "FCALL", "kasagi_publish", 4, k["seq"], k["ops"], k["channel"], k["keys"], kind, body,
         ]  # fmt: skip
         if key is not None:
             fcall.append(key)
@@ -169,7 +173,7 @@ class RedisSnapshots:
     async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
         k = room_keys(room)
         await self.link.fcall(
-            "trim", "kasagi_trim", 4, k["seq"], k["ops"], k["snapshot"], k["sizes"],
+            "trim", "kasagi_trim", 3, k["seq"], k["ops"], k["snapshot"],
             keep_from, max_len, max_bytes,
         )  # fmt: skip
 
