@@ -2,8 +2,10 @@
 
 Per room, under a short backend lock (one relay at a time): read the snapshot and the ops
 after it, `delta.compact` them in a worker thread (the native engine releases the GIL),
-write the snapshot only if it is newer, then trim the history to the configured count and
-age so that resumes keep working for recent members.
+write the snapshot only if it is newer, then trim the history to the configured count, age
+and bytes (`history_bytes`, docs/operations.md) so that resumes keep working for recent
+members while a room of large deltas cannot hold more than its byte budget. The trim never
+passes the snapshot (the backend's rule), so the state is never lost.
 
 The backend keeps no timestamps per op, so age is tracked here: each pass notes the room's
 last seq with the time; ops older than `history_age_s` are those up to the newest mark older
@@ -35,7 +37,7 @@ class RoomLocked(Exception):
 
 
 async def compact_room(
-    backend: Backend, room: str, *, history: int, keep_from: int = 0
+    backend: Backend, room: str, *, history: int, keep_from: int = 0, history_bytes: int = 0
 ) -> Snapshot | None:
     """One compaction of `room`; the new snapshot, or None when there was nothing new.
 
@@ -50,12 +52,12 @@ async def compact_room(
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
         ops = await backend.read_ops(room, base_seq)
         if not ops:  # None: trimmed past our snapshot (someone newer wrote one)
-            await backend.trim(room, keep_from, history)
+            await backend.trim(room, keep_from, history, history_bytes)
             return None
         data = await asyncio.to_thread(delta.compact, data, [op.delta for op in ops])
         new = Snapshot(ops[-1].seq, data, snap.tick if snap is not None else 0)
         written = await backend.write_snapshot(room, new)
-        await backend.trim(room, keep_from, history)
+        await backend.trim(room, keep_from, history, history_bytes)
         return new if written else None
     finally:
         await backend.release_lock(room, token)
@@ -71,14 +73,17 @@ class Compactor:
         interval_s: float,
         history: int,
         history_age_s: float,
+        history_bytes: int = 0,
     ) -> None:
-        """`rooms()` gives (name, last seq seen) of the rooms this relay holds."""
+        """`rooms()` gives (name, last seq seen) of the rooms this relay holds;
+        `history_bytes` bounds each room's history by bytes of deltas (0: no limit)."""
         self.backend = backend
         self.rooms = rooms
         self.metrics = metrics
         self.interval_s = interval_s
         self.history = history
         self.history_age_s = history_age_s
+        self.history_bytes = history_bytes
         self._marks: dict[str, deque[tuple[float, int]]] = {}
         self._compacted: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -120,7 +125,11 @@ class Compactor:
                 continue
             try:
                 snap = await compact_room(
-                    self.backend, room, history=self.history, keep_from=keep_from
+                    self.backend,
+                    room,
+                    history=self.history,
+                    keep_from=keep_from,
+                    history_bytes=self.history_bytes,
                 )
             except RoomLocked:
                 # Not marked as done: after a failover the lock of a compaction that died

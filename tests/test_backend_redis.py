@@ -1,6 +1,7 @@
-"""The `redis` backend against a real redis-server: the Function library, the key schema of
-PROTOCOL.md, idempotency, ack levels (WAIT), history and snapshots, locks, subscriptions
-and their recovery when the server goes away."""
+"""What only the `redis` backend does, against a real redis-server: the Function library
+and the key schema of docs/protocol.md (idempotency keys with their digest, as any other
+publisher sees them), ack levels (WAIT), subscriptions and their recovery when the server
+goes away. The storage contract is tests/test_storage_contract.py."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 from redis_topology import Topology, poll, redis_server, running_topology  # noqa: F401
 
-from kasagi_relay.backends.base import BackendUnavailable, Op, Snapshot
+from kasagi_relay.backends.base import BackendUnavailable, KeyConflict, Op, Snapshot
 from kasagi_relay.backends.redis import FUNCTION_VERSION, RedisBackend
+from kasagi_relay.domain import delta_digest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,106 +82,142 @@ async def test_publish_key_schema(backend: RedisBackend, redis_server: Topology)
         if m and m["type"] == "message":
             msgs.append(json.loads(m["data"]))
     assert msgs == [{"seq": 1, "patch": json.loads(PATCH)}, {"seq": 2, "merge": {"b": 2}}]
-    assert (await r.fcall_ro("kasagi_version", 0)).decode() == FUNCTION_VERSION
+    assert (await r.fcall_ro("kasagi_version", 0)).decode() == FUNCTION_VERSION == "3"
     await sub.aclose()  # type: ignore[no-untyped-call]
     await r.aclose()
 
 
-async def test_idempotency_key(backend: RedisBackend, redis_server: Topology) -> None:  # noqa: F811
-    a = await backend.publish("r", "patch", PATCH, key="k1")
-    b = await backend.publish("r", "patch", PATCH, key="k1")
-    c = await backend.publish("r", "patch", PATCH, key="k2")
-    assert (a, b, c) == (1, 1, 2)
-    assert await backend.last_seq("r") == 2
-    r = await raw(redis_server)
-    assert len(await r.xrange("room:{r}:ops") or []) == 2
-    ttl = await r.pttl("room:{r}:keys")
-    assert 0 < ttl <= 300_000  # PROTOCOL.md: keys kept 5 minutes
-    await r.aclose()
-    # Keys are per room.
-    assert await backend.publish("other", "patch", PATCH, key="k1") == 1
-
-
-async def test_seen_key_answers_a_retry_without_publishing(
+async def test_idempotency_keys_stored_with_their_digest(
     backend: RedisBackend,
     redis_server: Topology,  # noqa: F811
 ) -> None:
-    assert await backend.publish("r", "patch", PATCH, key="k1") == 1
-    assert await backend.seen_key("r", "k1") == 1
-    assert await backend.seen_key("r", "unknown") is None
-    assert await backend.seen_key("other", "k1") is None
+    """room:{R}:keys values are "<seq>:<expiry-ms>:<digest>", the digest being sha1 hex of
+    "<kind>:<delta-json>" computed by the function; the hash lives 5 minutes."""
+    assert await backend.publish("r", "merge", b'{"a":1}', key="k1") == 1
     r = await raw(redis_server)
-    assert await r.get("room:{r}:seq") == b"1"  # nothing published by asking
-    assert len(await r.xrange("room:{r}:ops") or []) == 1
-    # An expired key is unknown (expiry is "seq:expiry-ms" in the keys hash).
-    await r.hset("room:{r}:keys", "k1", "1:1")
-    assert await backend.seen_key("r", "k1") is None
+    value = await r.hget("room:{r}:keys", "k1")
+    assert isinstance(value, bytes)
+    seq, expiry, digest = value.decode().split(":")
+    assert (seq, digest) == ("1", delta_digest("merge", b'{"a":1}'))
+    now_ms = int((await r.time())[0]) * 1000
+    assert now_ms < int(expiry) <= now_ms + 301_000
+    assert 0 < await r.pttl("room:{r}:keys") <= 300_000  # docs/protocol.md: 5 minutes
     await r.aclose()
 
 
-async def test_listener_gets_channel_ops(backend: RedisBackend) -> None:
-    rec = backend._listener
-    assert isinstance(rec, Recorder)
-    await backend.subscribe("room1")
-    for i in range(20):
-        await backend.publish("room1", "merge", f'{{"n":{i}}}'.encode())
-    await backend.publish("room2", "merge", b'{"x":1}')  # not subscribed
-    await until(lambda: len(rec.ops.get("room1", [])) == 20)
-    ops = rec.ops["room1"]
-    assert [op.seq for op in ops] == list(range(1, 21))
-    assert json.loads(ops[3].delta) == {"seq": 4, "merge": {"n": 3}}
-    await backend.unsubscribe("room1")
-    await backend.publish("room1", "merge", b'{"late":1}')
-    await asyncio.sleep(0.3)
-    assert len(rec.ops["room1"]) == 20 and "room2" not in rec.ops
+async def test_key_conflict_for_any_publisher(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """`FCALL kasagi_publish 4 ...` stays what other services call; a key reused with
+    another delta is the error KEYCONFLICT <seq>, nothing stored or published."""
+    r = await raw(redis_server)
+    keys = ["room:{x}:seq", "room:{x}:ops", "room:{x}:channel", "room:{x}:keys"]
+    assert await r.fcall("kasagi_publish", 4, *keys, "merge", '{"a":1}', "k") == 1
+    assert await r.fcall("kasagi_publish", 4, *keys, "merge", '{"a":1}', "k") == 1
+    with pytest.raises(ResponseError, match=r"^KEYCONFLICT 1 "):
+        await r.fcall("kasagi_publish", 4, *keys, "merge", '{"a":2}', "k")
+    with pytest.raises(KeyConflict):  # the relay's view of the same
+        await backend.publish("x", "merge", b'{"a":2}', key="k")
+    assert await r.get("room:{x}:seq") == b"1"
+    assert await r.xlen("room:{x}:ops") == 1
+    # kasagi_seen with the digest conflicts too; without one it answers any delta.
+    with pytest.raises(ResponseError, match="KEYCONFLICT"):
+        await r.fcall("kasagi_seen", 1, "room:{x}:keys", "k", delta_digest("merge", b"{}"))
+    assert await r.fcall("kasagi_seen", 1, "room:{x}:keys", "k") == 1
+    await r.aclose()
 
 
-async def test_read_ops_and_trim(backend: RedisBackend) -> None:
-    for i in range(10):
+async def test_keys_stored_without_a_digest_answer_any_retry(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """Entries written by library v2 ("<seq>:<expiry-ms>", no digest) keep their earlier
+    meaning until they expire (5 minutes after the upgrade): a retry gets their seq."""
+    r = await raw(redis_server)
+    await backend.publish("old", "merge", b'{"a":1}')
+    expiry = int((await r.time())[0]) * 1000 + 60_000
+    await r.hset("room:{old}:keys", "legacy", f"1:{expiry}")
+    assert await backend.publish("old", "merge", b'{"other":1}', key="legacy") == 1
+    assert await backend.log.seen_key("old", "legacy", "merge", b'{"x":1}') == 1
+    assert await backend.last_seq("old") == 1
+    # An expired entry is unknown (expiry is the second field).
+    await r.hset("room:{old}:keys", "gone", f"1:1:{delta_digest('merge', b'{}')}")
+    assert await backend.log.seen_key("old", "gone", "merge", b"{}") is None
+    await r.aclose()
+
+
+async def test_read_ops_ahead_of_the_store_is_a_reset(backend: RedisBackend) -> None:
+    """A reader past the stored seq holds deltas this master never had (a failover lost
+    them): it must start over (the memory backend cannot lose deltas)."""
+    for i in range(3):
         await backend.publish("h", "merge", f'{{"i":{i}}}'.encode())
-    ops = await backend.read_ops("h", 0)
-    assert ops is not None and [op.seq for op in ops] == list(range(1, 11))
-    assert json.loads(ops[0].delta) == {"merge": {"i": 0}}
-    assert [op.seq for op in await backend.read_ops("h", 4, limit=3) or []] == [5, 6, 7]
-    assert await backend.read_ops("h", 10) == []
-    assert await backend.read_ops("h", 11) is None  # ahead of the store: history lost
-    assert await backend.read_ops("empty", 0) == []
-    # Trim never passes the snapshot.
-    await backend.trim("h", keep_from=8, max_len=100)
-    assert [op.seq for op in await backend.read_ops("h", 0) or []] == list(range(1, 11))
-    assert await backend.write_snapshot("h", Snapshot(6, b'{"i":5}'))
-    await backend.trim("h", keep_from=8, max_len=100)
-    assert await backend.read_ops("h", 0) is None  # 1..6 gone: must reset from the snapshot
-    assert [op.seq for op in await backend.read_ops("h", 6) or []] == [7, 8, 9, 10]
-    await backend.write_snapshot("h", Snapshot(10, b'{"i":9}'))
-    await backend.trim("h", keep_from=0, max_len=2)
-    assert await backend.read_ops("h", 7) is None
-    assert [op.seq for op in await backend.read_ops("h", 8) or []] == [9, 10]
+    assert await backend.read_ops("h", 3) == []
+    assert await backend.read_ops("h", 4) is None
 
 
-async def test_snapshot_only_if_newer(backend: RedisBackend) -> None:
-    assert await backend.read_snapshot("s") is None
-    for _ in range(5):
-        await backend.publish("s", "merge", b'{"a":1}')
-    assert await backend.write_snapshot("s", Snapshot(3, b'{"v":3}', tick=7))
-    assert not await backend.write_snapshot("s", Snapshot(3, b'{"v":"again"}'))
-    assert not await backend.write_snapshot("s", Snapshot(2, b'{"v":2}'))
-    assert await backend.read_snapshot("s") == Snapshot(3, b'{"v":3}', 7)
-    with pytest.raises(ValueError, match="past the room seq"):
-        await backend.write_snapshot("s", Snapshot(9, b"{}"))
+async def test_trim_keeps_its_earlier_arguments(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """`kasagi_trim 3 ... keep-from max-len` (no max-bytes) still works: no byte limit."""
+    for _ in range(6):
+        await backend.publish("t", "merge", b'{"v":"%s"}' % (b"x" * 1000))
+    assert await backend.write_snapshot("t", Snapshot(6, b"{}"))
+    r = await raw(redis_server)
+    keys = ["room:{t}:seq", "room:{t}:ops", "room:{t}:snapshot"]
+    assert await r.fcall("kasagi_trim", 3, *keys, 0, 4) == 2
+    assert await r.fcall("kasagi_trim", 3, *keys, 0, 4, 2500) == 2
+    assert [op.seq for op in await backend.read_ops("t", 4) or []] == [5, 6]
+    await r.aclose()
 
 
-async def test_locks(backend: RedisBackend) -> None:
-    t1 = await backend.acquire_lock("l", 5_000)
-    assert t1 is not None
-    assert await backend.acquire_lock("l", 5_000) is None
-    await backend.release_lock("l", "not-the-token")
-    assert await backend.acquire_lock("l", 5_000) is None
-    await backend.release_lock("l", t1)
-    t2 = await backend.acquire_lock("l", 100)
-    assert t2 is not None
-    await asyncio.sleep(0.2)  # expired
-    assert await backend.acquire_lock("l", 100) is not None
+async def test_history_sizes_are_running_totals(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """room:{R}:sizes (kasagi.lua) holds the running byte totals the trim by bytes reads
+    instead of the history; a publisher passing the earlier 4 keys keeps it too, and a
+    room published before it existed (library v2) still trims."""
+    r = await raw(redis_server)
+    bodies = [b'{"a":1}', b'{"bb":22}', b'{"ccc":333}']
+    for body in bodies[:2]:
+        await backend.publish("s", "merge", body)
+    keys4 = ["room:{s}:seq", "room:{s}:ops", "room:{s}:channel", "room:{s}:keys"]
+    assert await r.fcall("kasagi_publish", 4, *keys4, "merge", bodies[2].decode()) == 3
+    totals = [0, 7, 16, 27]
+    assert [int(v) for v in await r.lrange("room:{s}:sizes", 0, -1)] == totals
+    assert await backend.write_snapshot("s", Snapshot(3, b"{}"))
+    await backend.trim("s", 0, 100, len(bodies[2]))
+    assert [op.seq for op in await backend.read_ops("s", 2) or []] == [3]
+    assert [int(v) for v in await r.lrange("room:{s}:sizes", 0, -1)] == [16, 27]
+    await backend.publish("s", "merge", b"{}")
+    assert [int(v) for v in await r.lrange("room:{s}:sizes", 0, -1)] == [16, 27, 29]
+    # Written before the sizes existed: trims by count still work, by bytes keeps all.
+    for _ in range(4):
+        await backend.publish("v2", "merge", b'{"x":1}')
+    await r.delete("room:{v2}:sizes")
+    assert await backend.write_snapshot("v2", Snapshot(4, b"{}"))
+    await backend.trim("v2", 0, 100, 1)
+    assert len(await backend.read_ops("v2", 0) or []) == 4
+    await backend.trim("v2", 0, 2, 1)
+    assert [op.seq for op in await backend.read_ops("v2", 2) or []] == [3, 4]
+    await r.aclose()
+
+
+async def test_subscription_churn_leaves_nothing(backend: RedisBackend) -> None:
+    """Joins and leaves of many rooms: the feed holds only the rooms subscribed now."""
+    feed = backend.channel_feed
+    for i in range(100):
+        await backend.feed.subscribe(f"c{i}")
+        await backend.log.publish(f"c{i}", "merge", b'{"a":1}')
+        await backend.feed.unsubscribe(f"c{i}")
+    await backend.feed.subscribe("kept")
+    await backend.log.publish("kept", "merge", b'{"a":1}')
+    await until(lambda: backend.channel_feed.listener is not None and "kept" in feed._recent)
+    assert feed.rooms == {"kept"}
+    assert set(feed._recent) == {"kept"}
+    assert (await backend.health())["rooms"] == 1
 
 
 async def test_function_reloaded_when_missing(
@@ -246,7 +285,7 @@ async def test_restart_resubscribes_and_resyncs(tmp_path: Path) -> None:
             assert not (await b.health())["ok"]
             topo.restart(node)
             await until(lambda: rec.resyncs, 10, "a resync")
-            await until(lambda: b._sub_ready.is_set())
+            await until(lambda: b.channel_feed.ready.is_set())
             assert (await b.health())["ok"]
             # A fresh (empty) server: the function is loaded again, the room starts over.
             assert await b.publish("x", "merge", b'{"a":2}') == 1
@@ -266,12 +305,12 @@ async def test_frozen_server_detected(tmp_path: Path) -> None:
         try:
             await b.subscribe("x")
             topo.signal(node, signal.SIGSTOP)
-            await until(lambda: not b._sub_ready.is_set(), 3, "the probe to fire")
+            await until(lambda: not b.channel_feed.ready.is_set(), 3, "the probe to fire")
             assert not (await b.health())["ok"]
             with pytest.raises(BackendUnavailable):
                 await b.publish("x", "merge", b'{"a":1}')
             topo.signal(node, signal.SIGCONT)
-            await until(lambda: b._sub_ready.is_set(), 5)
+            await until(lambda: b.channel_feed.ready.is_set(), 5)
             assert rec.resyncs
             assert await b.publish("x", "merge", b'{"a":1}', key="k") >= 1
         finally:

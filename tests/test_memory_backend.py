@@ -1,4 +1,8 @@
-"""The embedded backend keeps the whole Backend contract (base.py)."""
+"""What only the embedded backend does; the storage contract is tests/test_storage_contract.py.
+
+The memory backend forgets as Redis expires keys (#11 item 6): rooms nobody uses, expired
+idempotency keys, locks and subscriptions leave nothing behind, and a room's history stays
+within its byte budget as far as the snapshot covers it."""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ import json
 
 import pytest
 
-from kasagi_relay import delta
-from kasagi_relay.backends.base import Op, Snapshot
+from kasagi_relay.backends.base import KeyConflict, Op, Snapshot
+from kasagi_relay.backends.factory import build_backend
 from kasagi_relay.backends.memory import MemoryBackend
-from kasagi_relay.compaction import RoomLocked, compact_room
+from kasagi_relay.config import Config
 
 
 class Recorder:
@@ -29,137 +33,108 @@ def add(i: int) -> bytes:
     return json.dumps([{"op": "add", "path": f"/k{i}", "value": i}]).encode()
 
 
-async def test_seq_history_and_delivery_in_order() -> None:
-    b = MemoryBackend()
-    rec = Recorder()
-    b.set_listener(rec)
-    await b.start()
-    assert await b.publish("r", "patch", add(0)) == 1  # not subscribed: stored, not delivered
-    await b.subscribe("r")
-    seqs = await asyncio.gather(*(b.publish("r", "patch", add(i)) for i in range(1, 6)))
-    assert sorted(seqs) == [2, 3, 4, 5, 6]
-    assert [op.seq for _, op in rec.ops] == [2, 3, 4, 5, 6]
-    assert await b.last_seq("r") == 6
-    assert await b.last_seq("other") == 0
-    ops = await b.read_ops("r", 0)
-    assert ops is not None and [op.seq for op in ops] == [1, 2, 3, 4, 5, 6]
-    assert ops[0].delta == b'{"patch":' + add(0) + b"}"
-    assert [op.seq for op in await b.read_ops("r", 3, limit=2) or []] == [4, 5]
-    assert await b.read_ops("r", 6) == []
-    assert await b.read_ops("nowhere", 0) == []
-    await b.unsubscribe("r")
-    await b.publish("r", "merge", b'{"x":1}')
-    assert len(rec.ops) == 5
-    assert (await b.health())["ok"] is True
-    await b.close()
-
-
-async def test_idempotency_keys_per_room_and_expiry() -> None:
+async def test_idempotency_keys_expire() -> None:
     b = MemoryBackend(key_ttl_s=0.2)
+    assert await b.log.publish("r", "merge", b'{"a":1}', key="k") == 1
+    with pytest.raises(KeyConflict):
+        await b.log.publish("r", "merge", b'{"a":2}', key="k")
+    await asyncio.sleep(0.25)
+    assert await b.log.seen_key("r", "k", "merge", b'{"a":1}') is None  # expired
+    assert await b.log.publish("r", "merge", b'{"a":2}', key="k") == 2  # a new delta now
+    # Expired keys of every room are dropped, not only those of the room written to.
+    for i in range(50):
+        await b.log.publish(f"room{i}", "merge", b"{}", key="once")
+    assert len(b.table.keys) == 51
+    await asyncio.sleep(0.25)
+    await b.log.last_seq("any")
+    assert len(b.table.keys) == 0
+
+
+async def test_rooms_nobody_uses_are_forgotten() -> None:
+    """300 rooms written once are gone after room_ttl_s (they stayed forever before);
+    a room read meanwhile, or one a relay is subscribed to, stays."""
+    b = MemoryBackend(room_ttl_s=0.3)
     rec = Recorder()
     b.set_listener(rec)
-    await b.subscribe("r")
-    assert await b.publish("r", "merge", b'{"a":1}', key="k") == 1
-    assert await b.publish("r", "merge", b'{"a":2}', key="k") == 1
-    assert await b.publish("s", "merge", b'{"a":2}', key="k") == 1  # another room
-    assert len(rec.ops) == 1
-    assert (await b.seen_key("r", "k"), await b.seen_key("r", "other")) == (1, None)
-    assert await b.seen_key("nowhere", "k") is None
-    assert len(rec.ops) == 1  # asking publishes nothing
-    await asyncio.sleep(0.25)
-    assert await b.seen_key("r", "k") is None  # expired
-    assert await b.publish("r", "merge", b'{"a":3}', key="k") == 2
+    for i in range(300):
+        await b.log.publish(f"room{i}", "merge", b'{"a":1}', key="k")
+    await b.snapshots.write_snapshot("room0", Snapshot(1, b'{"a":1}'))
+    await b.feed.subscribe("room1")
+    assert (await b.health())["rooms"] == 300
+    await asyncio.sleep(0.2)
+    assert await b.log.last_seq("room2") == 1  # read: used
+    await asyncio.sleep(0.2)
+    # Expiry is amortized over calls: a few calls let it catch up with 300 rooms.
+    for _ in range(40):
+        await b.log.last_seq("nowhere")
+    assert (await b.health())["rooms"] == 2
+    assert await b.log.last_seq("room1") == 1  # subscribed: kept
+    assert await b.log.last_seq("room2") == 1
+    # A forgotten room starts over, as after its Redis keys expired: empty, with no
+    # snapshot, and its idempotency keys do not answer for the new room.
+    assert await b.log.last_seq("room0") == 0
+    assert await b.snapshots.read_snapshot("room0") is None
+    assert await b.log.publish("room0", "merge", b'{"b":2}', key="k") == 1
+    assert await b.log.read_ops("room0", 0) == [Op(1, b'{"merge":{"b":2}}')]
+    # Unsubscribed, room1 becomes idle from then on.
+    await b.feed.unsubscribe("room1")
+    await asyncio.sleep(0.35)
+    for _ in range(5):
+        await b.log.last_seq("nowhere")
+    assert await b.log.last_seq("room1") == 0
 
 
-async def test_snapshot_trim_and_compaction() -> None:
+async def test_join_leave_churn_leaves_no_entries() -> None:
+    """What a join and a leave of an empty room do (subscribe, read snapshot and ops,
+    compaction's lock, unsubscribe) stores nothing."""
     b = MemoryBackend()
-    for i in range(10):
-        await b.publish("r", "patch", add(i))
-    # Trim never drops what no snapshot covers.
-    await b.trim("r", keep_from=8, max_len=2)
-    assert len(await b.read_ops("r", 0) or []) == 10
-    snap = await compact_room(b, "r", history=3)
-    assert snap is not None and snap.seq == 10
-    assert json.loads(snap.data) == {f"k{i}": i for i in range(10)}
-    # History now keeps 3 entries: resumes from 7 on work, older ones cannot.
-    assert await b.read_ops("r", 6) is None
-    assert [op.seq for op in await b.read_ops("r", 7) or []] == [8, 9, 10]
-    # Only newer snapshots are stored.
-    assert not await b.write_snapshot("r", Snapshot(5, b"{}"))
-    assert (await b.read_snapshot("r")) == snap
-    with pytest.raises(ValueError):
-        await b.write_snapshot("r", Snapshot(11, b"{}"))
-    # Nothing new: no snapshot written.
-    assert await compact_room(b, "r", history=3) is None
-    # The state rebuilt from snapshot + ops equals the sequential one.
-    await b.publish("r", "patch", b'[{"op":"remove","path":"/k0"}]')
-    await b.publish("r", "patch", b'[{"op":"remove","path":"/missing"}]')  # a no-op
-    snap2 = await compact_room(b, "r", history=3)
-    assert snap2 is not None and snap2.seq == 12
-    assert json.loads(snap2.data) == {f"k{i}": i for i in range(1, 10)}
-    assert delta.RoomState(snap2.data, snap2.seq).seq == 12
+    b.set_listener(Recorder())
+    for i in range(200):
+        room = f"churn{i}"
+        await b.feed.subscribe(room)
+        assert await b.snapshots.read_snapshot(room) is None
+        assert await b.log.read_ops(room, 0) == []
+        assert await b.log.last_seq(room) == 0
+        assert await b.log.seen_key(room, "k", "merge", b"{}") is None
+        token = await b.snapshots.acquire_lock(room, 10_000)
+        assert token is not None
+        await b.snapshots.trim(room, 0, 10, 100)
+        assert not await b.snapshots.write_snapshot(room, Snapshot(0, b"{}"))
+        await b.snapshots.release_lock(room, token)
+        await b.feed.unsubscribe(room)
+    t = b.table
+    assert (len(t.rooms), len(t.keys), len(t.locks), len(t.subscribed)) == (0, 0, 0, 0)
 
 
-async def test_locks() -> None:
-    b = MemoryBackend()
-    token = await b.acquire_lock("r", 100)
-    assert token is not None
-    assert await b.acquire_lock("r", 100) is None
-    with pytest.raises(RoomLocked):  # locked elsewhere: not done
-        await compact_room(b, "r", history=10)
-    await b.release_lock("r", "not-the-token")
-    assert await b.acquire_lock("r", 100) is None
-    await b.release_lock("r", token)
-    again = await b.acquire_lock("r", 50)
-    assert again is not None
-    await asyncio.sleep(0.07)  # expired
-    assert await b.acquire_lock("r", 50) is not None
+async def test_history_bytes_bound_each_publish() -> None:
+    """#11 item 6: 400 deltas of 90 KB to a room whose state stays small. Between
+    compactions the history grows, but once a snapshot covers it, every publish keeps the
+    room within history_bytes (plus what the snapshot does not cover yet)."""
+    budget = 1024 * 1024
+    b = MemoryBackend(history_bytes=budget)
+    body = json.dumps({"v": "x" * 90_000}).encode()
+    peak = 0
+    for i in range(1, 401):
+        await b.log.publish("big", "merge", body)
+        if i % 20 == 0:  # a compaction every 20 deltas
+            assert await b.snapshots.write_snapshot("big", Snapshot(i, body))
+        ops = await b.log.read_ops("big", (await b.log.last_seq("big")) - 1000) or []
+        held = sum(len(op.delta) for op in ops)
+        if i > 20:
+            peak = max(peak, held)
+    # At most the budget (covered) plus the 20 deltas after the last snapshot.
+    assert peak <= budget + 20 * (len(body) + 20)
+    assert b.table.rooms["big"].history_bytes <= budget + 20 * len(body)
+    # Trimmed as the Compactor does after its snapshot at 400, the history is what fits:
+    # the newest deltas, gapless.
+    await b.snapshots.trim("big", 0, 1000, budget)
+    fit = budget // len(body)
+    assert await b.log.read_ops("big", 400 - fit - 1) is None
+    kept = await b.log.read_ops("big", 400 - fit)
+    assert kept is not None and [op.seq for op in kept] == list(range(401 - fit, 401))
 
 
-async def test_compactor_retries_a_room_whose_lock_was_held() -> None:
-    """A lock left by a compaction that died (say, with the old master) only delays the room.
-
-    The room gets no new ops after the lock is taken, so a compactor that took "locked" for
-    "done" would never write its snapshot.
-    """
-    from kasagi_relay.compaction import Compactor
-    from kasagi_relay.metrics import Metrics
-
-    b = MemoryBackend()
-    seqs = {"r": 0}
-    for i in range(3):
-        seqs["r"] = await b.publish("r", "patch", add(i))
-    assert await b.acquire_lock("r", 100) is not None  # its holder never releases it
-    compactor = Compactor(
-        b, lambda: seqs.items(), Metrics(), interval_s=0, history=1000, history_age_s=60
-    )
-    assert await compactor.run_once() == 0
-    assert await b.read_snapshot("r") is None
-    await asyncio.sleep(0.15)  # the lock expires
-    assert await compactor.run_once() == 1
-    snap = await b.read_snapshot("r")
-    assert snap is not None and snap.seq == 3
-
-
-async def test_compactor_trims_history_by_age() -> None:
-    from kasagi_relay.compaction import Compactor
-    from kasagi_relay.metrics import Metrics
-
-    b = MemoryBackend()
-    seqs = {"r": 0}
-    compactor = Compactor(
-        b, lambda: seqs.items(), Metrics(), interval_s=0, history=1000, history_age_s=0.1
-    )
-    for i in range(5):
-        seqs["r"] = await b.publish("r", "patch", add(i))
-    assert await compactor.run_once() == 1  # snapshot at 5, nothing old enough to trim
-    assert len(await b.read_ops("r", 0) or []) == 5
-    await asyncio.sleep(0.15)
-    for i in range(5, 8):
-        seqs["r"] = await b.publish("r", "patch", add(i))
-    assert await compactor.run_once() == 1
-    # Ops 1..5 are older than the age limit: gone; 6..8 stay for resumes.
-    assert await b.read_ops("r", 4) is None
-    assert [op.seq for op in await b.read_ops("r", 5) or []] == [6, 7, 8]
-    snap = await b.read_snapshot("r")
-    assert snap is not None and snap.seq == 8
+async def test_factory_passes_the_limits() -> None:
+    b = build_backend(Config(room_ttl_s=12.5, history_bytes=4096))
+    assert isinstance(b, MemoryBackend)
+    assert (b.table.room_ttl_s, b.table.history_bytes) == (12.5, 4096)

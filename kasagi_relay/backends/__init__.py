@@ -1,13 +1,18 @@
-"""Backends: the store of record behind the relay (memory, redis, sentinel)."""
+"""Backends: the store of record behind the relay (memory, redis, sentinel), by role:
+the log, the snapshots and the feed (base.py)."""
 
 from kasagi_relay.backends.base import (
     AckLevel,
     Backend,
     BackendUnavailable,
     DeltaKind,
+    Feed,
+    KeyConflict,
     Listener,
+    Log,
     Op,
     Snapshot,
+    Snapshots,
     valid_room,
 )
 
@@ -16,8 +21,12 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "DeltaKind",
+    "Feed",
+    "KeyConflict",
     "Listener",
+    "Log",
     "Op",
     "Snapshot",
+    "Snapshots",
     "valid_room",
 ]

@@ -1,17 +1,30 @@
-"""The backend interface: everything the relay needs from its store of record.
+"""Storage by role: what the relay needs from its store of record, in three parts.
+
+- The **log** (`Log`): a room's sequenced deltas. `publish` assigns the next seq, appends
+  and announces atomically (with idempotency keys); `seen_key` answers a retry without
+  publishing; `read_ops` and `last_seq` read the history back.
+- The **snapshots** (`Snapshots`): the compacted state of a room, written only when newer,
+  the trim of the history it covers (by count, age and bytes; never past the snapshot), and
+  the short lock one compaction at a time holds.
+- The **feed** (`Feed`): live delivery of each delta to a `Listener`, per subscribed room,
+  with a resync signal when the transport may have dropped something.
+- Presence will be a fourth role.
 
 Three implementations: `memory` (embedded, one process), `redis` (one server) and
-`sentinel` (discovery through Sentinels). The relay above this interface does not know which
-it has. Per-room ordering, gap detection and backfill live in the relay (`room.py`), not here:
-a backend delivers what its transport gives it and says when it may have missed something.
+`sentinel` (discovery through Sentinels). Each composes the roles over shared parts (see
+memory.py and redis.py) and hands them out as a `Backend`: the roles as attributes
+(`.log`, `.snapshots`, `.feed`) plus the lifecycle (`start`, `close`, `health`, `name`).
+`Backend` also keeps the earlier flat methods (`publish`, `read_ops`, `subscribe`...),
+each delegating to its role, for the consumers that still call them.
+
+Per-room ordering, gap detection and backfill live in the relay (`room.py`), not here:
+the feed delivers what its transport gives it and says when it may have missed something.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Protocol
 
-# Re-exported while the backends move to the domain module.
 from kasagi_relay.domain import (
     IDEMPOTENCY_TTL_S,
     ROOM_NAME,
@@ -31,10 +44,13 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "DeltaKind",
+    "Feed",
     "KeyConflict",
     "Listener",
+    "Log",
     "Op",
     "Snapshot",
+    "Snapshots",
     "valid_room",
 ]
 
@@ -49,70 +65,144 @@ class Listener(Protocol):
         must backfill each from its last seen seq."""
 
 
-class Backend(ABC):
-    name: str = "backend"
+class Log(Protocol):
+    """A room's sequenced deltas (docs/protocol.md: seq, idempotency keys, history)."""
 
-    def __init__(self) -> None:
-        self._listener: Listener | None = None
-
-    def set_listener(self, listener: Listener) -> None:
-        self._listener = listener
-
-    @abstractmethod
-    async def start(self) -> None: ...
-
-    @abstractmethod
-    async def close(self) -> None: ...
-
-    @abstractmethod
     async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
         """Assign the room's next seq, append to its history and publish, atomically.
 
         `body` is the compact JSON of the patch array or merge object. Returns the seq once
-        durable to the configured ack level. With a `key` seen for this room within
-        IDEMPOTENCY_TTL_S, returns that first seq and publishes nothing. Raises
-        BackendUnavailable when it cannot promise the delta is stored."""
+        durable to the configured ack level. With a `key` stored for this room within
+        IDEMPOTENCY_TTL_S for the same delta (`domain.delta_digest(kind, body)`), returns
+        that first seq and publishes nothing; for another delta raises KeyConflict and
+        stores nothing. Raises BackendUnavailable when it cannot promise the delta is
+        stored."""
+        ...
 
-    @abstractmethod
-    async def seen_key(self, room: str, key: str) -> int | None:
+    async def seen_key(self, room: str, key: str, kind: DeltaKind, body: bytes) -> int | None:
         """The seq `key` got in `room` within IDEMPOTENCY_TTL_S (durable to the ack level, as
-        `publish` would return it for a retry), or None; publishes nothing. Asked before a
-        keyed delta that no longer applies is refused: its first attempt may be stored
-        although its ack was lost, even by another relay."""
+        `publish` would return it for a retry), or None; publishes nothing. Raises
+        KeyConflict when the key was stored with another delta. Asked before a keyed delta
+        that no longer applies is refused: its first attempt may be stored although its
+        ack was lost, even by another relay."""
+        ...
 
-    @abstractmethod
     async def read_ops(self, room: str, after: int, limit: int | None = None) -> list[Op] | None:
         """The ops with seq > `after`, ascending, gapless (at most `limit`). None when the
-        history no longer reaches `after + 1` (trimmed): the caller must reset from a snapshot."""
+        history no longer reaches `after + 1` (trimmed): the caller must reset from a
+        snapshot."""
+        ...
 
-    @abstractmethod
     async def last_seq(self, room: str) -> int: ...
 
-    @abstractmethod
+
+class Snapshots(Protocol):
+    """Compacted state, the trim of the history it covers, and the compaction lock."""
+
     async def read_snapshot(self, room: str) -> Snapshot | None: ...
 
-    @abstractmethod
     async def write_snapshot(self, room: str, snapshot: Snapshot) -> bool:
-        """Store the snapshot only when its seq is newer than the stored one."""
+        """Store the snapshot only when its seq is newer than the stored one; ValueError
+        when it is past the room's seq."""
+        ...
 
-    @abstractmethod
-    async def trim(self, room: str, keep_from: int, max_len: int) -> None:
-        """Drop history before seq `keep_from` (never past the snapshot's seq), keeping at most
-        `max_len` entries."""
+    async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
+        """Drop history before seq `keep_from`, keeping at most `max_len` entries and at
+        most `max_bytes` bytes of delta bodies (0: no byte limit), but never an entry the
+        snapshot does not cover: the state is never lost."""
+        ...
 
-    @abstractmethod
     async def acquire_lock(self, room: str, ttl_ms: int) -> str | None:
         """A short exclusive lock (compaction); returns a token, or None when held elsewhere."""
+        ...
 
-    @abstractmethod
     async def release_lock(self, room: str, token: str) -> None: ...
 
-    @abstractmethod
-    async def subscribe(self, room: str) -> None: ...
 
-    @abstractmethod
+class Feed(Protocol):
+    """Live delivery of the deltas of subscribed rooms to one listener."""
+
+    def set_listener(self, listener: Listener) -> None: ...
+
+    async def subscribe(self, room: str) -> None:
+        """Returns once deltas of `room` published from now on will be delivered (so a read
+        of the history after this misses nothing)."""
+        ...
+
     async def unsubscribe(self, room: str) -> None: ...
 
-    @abstractmethod
+
+class Backend:
+    """One store of record as its roles, with the lifecycle and the flat methods.
+
+    Implementations build the roles in their constructor and pass them here; nothing
+    below is meant to be overridden except `start`, `close` and `health`."""
+
+    name: str = "backend"
+
+    def __init__(self, log: Log, snapshots: Snapshots, feed: Feed) -> None:
+        self.log = log
+        self.snapshots = snapshots
+        self.feed = feed
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
     async def health(self) -> dict[str, object]:
         """{"ok": bool, ...details}: ok is False while the backend cannot take writes."""
+        return {"ok": True, "backend": self.name}
+
+    # The flat methods, kept while the consumers move to the roles.
+
+    def set_listener(self, listener: Listener) -> None:
+        self.feed.set_listener(listener)
+
+    async def subscribe(self, room: str) -> None:
+        await self.feed.subscribe(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        await self.feed.unsubscribe(room)
+
+    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
+        return await self.log.publish(room, kind, body, key)
+
+    async def seen_key(
+        self, room: str, key: str, kind: DeltaKind | None = None, body: bytes | None = None
+    ) -> int | None:
+        """`Log.seen_key`. Without `kind` and `body` (the earlier signature, for callers
+        not yet moved) the digest is not compared: any delta stored with `key` counts."""
+        if kind is None or body is None:
+            return await self._seen_any(room, key)
+        return await self.log.seen_key(room, key, kind, body)
+
+    async def _seen_any(self, room: str, key: str) -> int | None:
+        try:
+            # The digest of no delta: a match is impossible, so a stored key conflicts
+            # and names its seq, which is what the earlier signature answered.
+            return await self.log.seen_key(room, key, "patch", b"\0")
+        except KeyConflict as exc:
+            return exc.seq
+
+    async def read_ops(self, room: str, after: int, limit: int | None = None) -> list[Op] | None:
+        return await self.log.read_ops(room, after, limit)
+
+    async def last_seq(self, room: str) -> int:
+        return await self.log.last_seq(room)
+
+    async def read_snapshot(self, room: str) -> Snapshot | None:
+        return await self.snapshots.read_snapshot(room)
+
+    async def write_snapshot(self, room: str, snapshot: Snapshot) -> bool:
+        return await self.snapshots.write_snapshot(room, snapshot)
+
+    async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
+        await self.snapshots.trim(room, keep_from, max_len, max_bytes)
+
+    async def acquire_lock(self, room: str, ttl_ms: int) -> str | None:
+        return await self.snapshots.acquire_lock(room, ttl_ms)
+
+    async def release_lock(self, room: str, token: str) -> None:
+        await self.snapshots.release_lock(room, token)

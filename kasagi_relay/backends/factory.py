@@ -27,4 +27,4 @@ def build_backend(config: Config) -> Backend:
             return RedisBackend(config.redis, password=config.redis_password, ack=config.ack_level)
         except ValueError as exc:  # a URL redis-py cannot parse
             raise ConfigError(f"--redis: {exc}") from None
-    return MemoryBackend()
+    return MemoryBackend(room_ttl_s=config.room_ttl_s, history_bytes=config.history_bytes)

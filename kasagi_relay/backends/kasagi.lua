@@ -3,16 +3,27 @@
 The Redis Function library `kasagi` (Redis >= 7.0): the one atomic write path of a room,
 shared by every relay and by any other publisher (redis-cli, ioredis, KasagiEngine).
 
-Keys follow PROTOCOL.md: room:{R}:seq, :ops, :channel, :keys, :snapshot (plus :lock,
-the relay's compaction lock). Every function takes the keys of one room, so the library
-is cluster-safe (one hash tag).
+Keys follow docs/protocol.md: room:{R}:seq, :ops, :channel, :keys, :snapshot (plus :lock,
+the relay's compaction lock, and :sizes, below). Every function takes the keys of one
+room, so the library is cluster-safe (one hash tag).
+
+room:{R}:sizes is a list of running byte totals that bounds the history by bytes without
+reading it: element i is the total size of the delta JSON of every op up to seq
+`base + i`, where base = (last seq) - (LLEN - 1) since seqs are contiguous; its first
+element is the op just before the oldest one kept (0 for a room's first op). Ops stored
+before library version 3 have no total: the first trim by bytes that the snapshot covers
+drops them. Unless passed as an extra key (kasagi_publish's 5th, kasagi_trim's 4th), it
+is derived from the ops key, in the same hash slot: callers keep passing the keys of
+version 2, which the relay does too so that it can still publish through a version 2
+library during a rolling upgrade (the totals are then approximate until the history
+they describe is trimmed; the trim still never passes the snapshot).
 
 Bump VERSION whenever a function changes: relays compare it with `kasagi_version` and
 load their copy (FUNCTION LOAD REPLACE) on a master that lacks or differs from it.
 ]]
 
-local VERSION = '2'
--- PROTOCOL.md: an idempotency key is remembered for 5 minutes.
+local VERSION = '3'
+-- docs/protocol.md: an idempotency key is remembered for 5 minutes.
 local KEY_TTL_MS = 300000
 -- Field of the keys hash holding the incremental pruning cursor (a NUL can't be typed
 -- by accident into an idempotency key).
@@ -26,6 +37,11 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The digest an idempotency key is stored with (domain.delta_digest in the relay).
+local function delta_digest(kind, d)
+  return redis.sha1hex(kind .. ':' .. d)
+end
+
 local function prune_keys(keys_key, now)
   local cursor = redis.call('HGET', keys_key, CURSOR_FIELD) or '0'
   local res = redis.call('HSCAN', keys_key, cursor, 'COUNT', PRUNE_COUNT)
@@ -33,7 +49,7 @@ local function prune_keys(keys_key, now)
   for i = 1, #items, 2 do
     local field, value = items[i], items[i + 1]
     if field ~= CURSOR_FIELD then
-      local expires = tonumber(string.match(value, ':(%d+)$') or '0')
+      local expires = tonumber(string.match(value, '^%d+:(%d+)') or '0')
       if expires <= now then
         redis.call('HDEL', keys_key, field)
       end
@@ -42,28 +58,63 @@ local function prune_keys(keys_key, now)
   redis.call('HSET', keys_key, CURSOR_FIELD, res[1])
 end
 
--- The seq idempotency key `ikey` got within KEY_TTL_MS, or nil.
-local function seen_seq(keys_key, ikey, now)
+-- Idempotency key `ikey` within KEY_TTL_MS: the seq it got and whether it was stored
+-- with another delta than `digest` (nil digest: any delta matches); nil when unknown.
+-- Values are "<seq>:<expiry-ms>:<digest>". An entry without a digest (written by library
+-- version 2 and older, gone within KEY_TTL_MS of the upgrade) matches any delta, as it did.
+local function seen_seq(keys_key, ikey, now, digest)
   local entry = redis.call('HGET', keys_key, ikey)
   if entry then
-    local first, expires = string.match(entry, '^(%d+):(%d+)$')
+    local first, expires, stored = string.match(entry, '^(%d+):(%d+):?(%x*)$')
     if first and tonumber(expires) > now then
+      if digest and stored ~= '' and stored ~= digest then
+        return tonumber(first), true
+      end
       -- A write on purpose: WAIT only covers the calling connection's own writes, so a
       -- retry on a fresh connection must write something for its WAIT to cover the
       -- first attempt (which may still be unreplicated).
       redis.call('PEXPIRE', keys_key, KEY_TTL_MS)
-      return tonumber(first)
+      return tonumber(first), false
     end
   end
-  return nil
+  return nil, false
 end
 
--- FCALL kasagi_publish 4 seq ops channel keys  kind delta-json [idempotency-key]  -> seq
+local function sizes_key(keys, i)
+  return keys[i] or (string.gsub(keys[2], ':ops$', ':sizes'))
+end
+
+-- Append the running total for op `seq` (whose delta JSON is `size` bytes).
+local function note_size(key, seq, size)
+  local n = redis.call('LLEN', key)
+  if n > seq then
+    -- Longer than the room's history can be (the room was deleted without its sizes).
+    redis.call('DEL', key)
+    n = 0
+  end
+  local total = 0
+  if n == 0 then
+    redis.call('RPUSH', key, 0)
+  else
+    total = tonumber(redis.call('LINDEX', key, -1))
+  end
+  redis.call('RPUSH', key, total + size)
+end
+
+local function key_conflict(ikey, seq)
+  -- The relay reads the seq after the code; nothing was stored.
+  return redis.error_reply('KEYCONFLICT ' .. seq .. ' idempotency key ' .. ikey ..
+    ' was used for another delta')
+end
+
+-- FCALL kasagi_publish 4|5 seq ops channel keys [sizes]  kind delta-json [idempotency-key]
+--   -> seq
+-- A key stored with another delta (kind and JSON) is an error KEYCONFLICT <seq>.
 local function publish(keys, args)
   local seq_key, ops_key, channel_key, keys_key = keys[1], keys[2], keys[3], keys[4]
   local kind, d, ikey = args[1], args[2], args[3]
-  if #keys ~= 4 then
-    return redis.error_reply('ERR kasagi_publish: expected 4 keys (seq ops channel keys)')
+  if #keys ~= 4 and #keys ~= 5 then
+    return redis.error_reply('ERR kasagi_publish: expected 4 or 5 keys (seq ops channel keys [sizes])')
   end
   if kind ~= 'patch' and kind ~= 'merge' then
     return redis.error_reply('ERR kasagi_publish: kind must be patch or merge')
@@ -75,8 +126,13 @@ local function publish(keys, args)
     ikey = nil
   end
   local now = now_ms()
+  local digest = nil
   if ikey ~= nil then
-    local first = seen_seq(keys_key, ikey, now)
+    digest = delta_digest(kind, d)
+    local first, conflict = seen_seq(keys_key, ikey, now, digest)
+    if conflict then
+      return key_conflict(ikey, first)
+    end
     if first then
       return first
     end
@@ -86,9 +142,10 @@ local function publish(keys, args)
   local seq = tonumber(redis.call('GET', seq_key) or '0') + 1
   redis.call('XADD', ops_key, seq .. '-0', 'k', kind, 'd', d)
   redis.call('SET', seq_key, seq)
+  note_size(sizes_key(keys, 5), seq, #d)
   redis.call('PUBLISH', channel_key, '{"seq":' .. seq .. ',"' .. kind .. '":' .. d .. '}')
   if ikey ~= nil then
-    redis.call('HSET', keys_key, ikey, seq .. ':' .. (now + KEY_TTL_MS))
+    redis.call('HSET', keys_key, ikey, seq .. ':' .. (now + KEY_TTL_MS) .. ':' .. digest)
     prune_keys(keys_key, now)
     -- An idle room's keys vanish entirely once the last one has expired.
     redis.call('PEXPIRE', keys_key, KEY_TTL_MS)
@@ -96,15 +153,25 @@ local function publish(keys, args)
   return seq
 end
 
--- FCALL kasagi_seen 1 keys  idempotency-key  -> the seq that key got, or nil
+-- FCALL kasagi_seen 1 keys  idempotency-key [digest]  -> the seq that key got, or nil
 -- What kasagi_publish would answer for a retry of that key, without publishing anything
 -- when the key is unknown: a relay asks it before refusing a keyed delta that no longer
--- applies (its first attempt may have been stored even though its ack was lost).
+-- applies (its first attempt may have been stored even though its ack was lost). With
+-- the delta's digest (sha1 hex of "<kind>:<delta-json>"), a key stored with another
+-- delta is the error KEYCONFLICT <seq>, as for kasagi_publish.
 local function seen(keys, args)
   if #keys ~= 1 or args[1] == nil or args[1] == '' then
     return redis.error_reply('ERR kasagi_seen: expected 1 key (keys) and an idempotency key')
   end
-  return seen_seq(keys[1], args[1], now_ms())
+  local digest = args[2]
+  if digest == '' then
+    digest = nil
+  end
+  local first, conflict = seen_seq(keys[1], args[1], now_ms(), digest)
+  if conflict then
+    return key_conflict(args[1], first)
+  end
+  return first
 end
 
 -- FCALL kasagi_snapshot 2 snapshot seq  snap-seq data tick  -> 1 written, 0 not newer
@@ -127,19 +194,56 @@ local function snapshot(keys, args)
   return 1
 end
 
--- FCALL kasagi_trim 3 seq ops snapshot  keep-from max-len  -> entries removed
--- Never drops an op the snapshot does not cover: the state would be lost.
+-- The first seq from which the ops' delta JSON totals at most `max_bytes`, from the
+-- running totals (a binary search: nothing of the history itself is read).
+local function bytes_cut(key, last, max_bytes)
+  local n = redis.call('LLEN', key)
+  if n < 2 then
+    return 1
+  end
+  local base = last - (n - 1)
+  local threshold = tonumber(redis.call('LINDEX', key, -1)) - max_bytes
+  -- The first index whose total reaches the threshold: the ops after it fit.
+  local lo, hi = 0, n - 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if tonumber(redis.call('LINDEX', key, mid)) >= threshold then
+      hi = mid
+    else
+      lo = mid + 1
+    end
+  end
+  return base + lo + 1
+end
+
+-- FCALL kasagi_trim 3|4 seq ops snapshot [sizes]  keep-from max-len [max-bytes]
+--   -> entries removed
+-- Keeps at most max-len entries and max-bytes bytes of delta JSON (0 or absent: no byte
+-- limit), none before keep-from; never drops an op the snapshot does not cover: the
+-- state would be lost.
 local function trim(keys, args)
   local seq_key, ops_key, snap_key = keys[1], keys[2], keys[3]
+  local size_key = sizes_key(keys, 4)
   local keep_from, max_len = tonumber(args[1]), tonumber(args[2])
-  if keep_from == nil or max_len == nil then
-    return redis.error_reply('ERR kasagi_trim: expected keep-from max-len')
+  local max_bytes = tonumber(args[3] or '0')
+  if keep_from == nil or max_len == nil or max_bytes == nil then
+    return redis.error_reply('ERR kasagi_trim: expected keep-from max-len [max-bytes]')
   end
   local last = tonumber(redis.call('GET', seq_key) or '0')
   local covered = tonumber(redis.call('HGET', snap_key, 'seq') or '0')
-  local cut = math.min(math.max(keep_from, last - max_len + 1), covered + 1)
+  local cut = math.max(keep_from, last - max_len + 1, 1)
+  if max_bytes > 0 and cut <= covered then
+    cut = math.max(cut, bytes_cut(size_key, last, max_bytes))
+  end
+  cut = math.min(cut, covered + 1)
   if cut <= 1 then
     return 0
+  end
+  -- Keep the total of op cut - 1: the base the kept ops' sizes are measured from.
+  local n = redis.call('LLEN', size_key)
+  local drop = (cut - 1) - (last - (n - 1))
+  if n > 0 and drop > 0 then
+    redis.call('LTRIM', size_key, drop, -1)
   end
   return redis.call('XTRIM', ops_key, 'MINID', cut .. '-0')
 end

@@ -1,9 +1,21 @@
 """The embedded backend: everything in this process, no Redis.
 
-It keeps the whole Backend contract so the relay behaves the same as on Redis: a seq per
-room, a trimmed history for resumes, snapshots written only when newer, idempotency keys
-for IDEMPOTENCY_TTL_S, short locks, and delivery of each delta to the listener in order.
-Nothing survives a restart.
+It keeps the whole storage contract (base.py) so the relay behaves the same as on Redis: a
+seq per room, a trimmed history for resumes, snapshots written only when newer, idempotency
+keys with the digest of their delta for IDEMPOTENCY_TTL_S, short locks, and delivery of
+each delta to the listener in order. Nothing survives a restart.
+
+Its memory is bounded the way Redis bounds a room's keys (docs/operations.md, limits):
+- a room nobody wrote to nor read for `room_ttl_s`, and no relay is subscribed to, is
+  forgotten as a whole, as if its keys had expired (a later join finds an empty room);
+- idempotency keys expire after `key_ttl_s`, all rooms' keys in one queue in expiry order;
+- a room's history is kept within `history_bytes` of delta bodies (0: no limit) on every
+  publish, as far as the snapshot covers it (the Compactor trims the rest by count, age
+  and bytes);
+- locks, subscriptions and rooms with nothing stored leave no entry behind.
+Expiry is amortized: each call pops what has expired from the front of the queues.
+
+The roles (`MemoryLog`, `MemorySnapshots`, `MemoryFeed`) share one `RoomTable`.
 """
 
 from __future__ import annotations
@@ -18,136 +30,258 @@ from kasagi_relay.backends.base import (
     IDEMPOTENCY_TTL_S,
     Backend,
     DeltaKind,
+    KeyConflict,
+    Listener,
     Op,
     Snapshot,
 )
+from kasagi_relay.domain import delta_digest
 
-__all__ = ["MemoryBackend"]
+__all__ = ["MemoryBackend", "MemoryFeed", "MemoryLog", "MemorySnapshots", "RoomTable"]
 
 logger = logging.getLogger("kasagi_relay.backends.memory")
+
+MiB = 1024 * 1024
+DEFAULT_HISTORY_BYTES = 16 * MiB
+DEFAULT_ROOM_TTL_S = 86_400.0
+# Rooms looked at per call when forgetting: bounded work, more than one per call so
+# expired rooms go faster than new ones arrive.
+_SWEEP_STEPS = 8
 
 
 @dataclass(slots=True)
 class _Room:
     seq: int = 0
-    ops: deque[Op] = field(default_factory=deque)
+    # (op, size of its body): the sizes are what `history_bytes` counts.
+    ops: deque[tuple[Op, int]] = field(default_factory=deque)
+    history_bytes: int = 0
     snapshot: Snapshot | None = None
-    # key -> (seq, expiry), oldest first: expired keys are popped from the front.
-    keys: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
-    lock: tuple[str, float] | None = None
+    # Which incarnation of the name: keys of a forgotten room do not answer for a new one.
+    gen: int = 0
 
-    def seen(self, key: str, now: float) -> int | None:
-        """The seq `key` got, unless it has expired by `now`."""
-        entry = self.keys.get(key)
-        return None if entry is None or entry[1] <= now else entry[0]
+    def covered(self) -> int:
+        return self.snapshot.seq if self.snapshot is not None else 0
+
+    def drop_before(self, cut: int) -> None:
+        """Drop the ops before seq `cut`, never past the snapshot."""
+        cut = min(cut, self.covered() + 1)
+        while self.ops and self.ops[0][0].seq < cut:
+            self.history_bytes -= self.ops.popleft()[1]
+
+    def drop_bytes(self, max_bytes: int) -> None:
+        """Drop the oldest ops until the history fits `max_bytes`, never past the snapshot."""
+        covered = self.covered()
+        while self.history_bytes > max_bytes and self.ops and self.ops[0][0].seq <= covered:
+            self.history_bytes -= self.ops.popleft()[1]
+
+
+class RoomTable:
+    """The rooms, their idempotency keys and locks, each forgotten when it expires."""
+
+    def __init__(self, *, key_ttl_s: float, room_ttl_s: float, history_bytes: int) -> None:
+        self.key_ttl_s = key_ttl_s
+        self.room_ttl_s = room_ttl_s
+        self.history_bytes = history_bytes
+        # Least recently used first: the front is the next to expire.
+        self.rooms: OrderedDict[str, _Room] = OrderedDict()
+        self._used: dict[str, float] = {}
+        # (room, key) -> (seq, expiry, digest, room gen). One TTL for all, so insertion
+        # order is expiry order and expired keys are always at the front.
+        self.keys: OrderedDict[tuple[str, str], tuple[int, float, str, int]] = OrderedDict()
+        self._gens = 0
+        self.locks: dict[str, tuple[str, float]] = {}
+        self.subscribed: set[str] = set()
+        self.listener: Listener | None = None
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def expire(self, now: float) -> None:
+        while self.keys:
+            expiry = next(iter(self.keys.values()))[1]
+            if expiry > now:
+                break
+            self.keys.popitem(last=False)
+        for _ in range(_SWEEP_STEPS):
+            if not self.rooms:
+                break
+            name = next(iter(self.rooms))
+            if now - self._used[name] < self.room_ttl_s:
+                break
+            if name in self.subscribed or name in self.locks:
+                # In use by a relay: not idle. Looked at again one TTL later.
+                self._touch(name, now)
+                continue
+            del self.rooms[name], self._used[name]
+
+    def _touch(self, name: str, now: float) -> None:
+        self._used[name] = now
+        self.rooms.move_to_end(name)
+
+    def get(self, name: str) -> _Room | None:
+        """The room if it exists; reading it counts as a use."""
+        now = self.now()
+        self.expire(now)
+        room = self.rooms.get(name)
+        if room is not None:
+            self._touch(name, now)
+        return room
+
+    def create(self, name: str) -> _Room:
+        now = self.now()
+        self.expire(now)
+        room = self.rooms.get(name)
+        if room is None:
+            self._gens += 1
+            room = self.rooms[name] = _Room(gen=self._gens)
+        self._touch(name, now)
+        return room
+
+    def seen(self, name: str, key: str, digest: str) -> int | None:
+        """The seq `key` got in `name` for this delta, or None; KeyConflict for another."""
+        self.expire(self.now())
+        entry = self.keys.get((name, key))
+        room = self.rooms.get(name)
+        if entry is None or room is None or entry[3] != room.gen:
+            return None
+        seq, _, stored, _ = entry
+        if stored != digest:
+            raise KeyConflict(key, seq)
+        return seq
+
+
+class MemoryLog:
+    def __init__(self, table: RoomTable) -> None:
+        self._t = table
+
+    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
+        t = self._t
+        digest = delta_digest(kind, body) if key is not None else ""
+        if key is not None and (first := t.seen(room, key, digest)) is not None:
+            return first
+        r = t.create(room)
+        r.seq += 1
+        op = Op(r.seq, b'{"' + kind.encode() + b'":' + body + b"}")
+        r.ops.append((op, len(body)))
+        r.history_bytes += len(body)
+        if t.history_bytes > 0:
+            r.drop_bytes(t.history_bytes)
+        if key is not None:
+            t.keys.pop((room, key), None)  # re-inserted at the back: expiry order holds
+            t.keys[(room, key)] = (r.seq, t.now() + t.key_ttl_s, digest, r.gen)
+        if room in t.subscribed and t.listener is not None:
+            # Synchronous delivery keeps publish order; a listener bug must not undo the
+            # publish, which is already stored.
+            try:
+                t.listener.on_op(room, op)
+            except Exception:
+                logger.exception("listener failed on %s seq %d", room, op.seq)
+        return op.seq
+
+    async def seen_key(self, room: str, key: str, kind: DeltaKind, body: bytes) -> int | None:
+        return self._t.seen(room, key, delta_digest(kind, body))
+
+    async def read_ops(self, room: str, after: int, limit: int | None = None) -> list[Op] | None:
+        r = self._t.get(room)
+        if r is None or after >= r.seq:
+            return []
+        first = r.ops[0][0].seq if r.ops else r.seq + 1
+        if after + 1 < first:
+            return None
+        start = after + 1 - first
+        stop = len(r.ops) if limit is None else min(len(r.ops), start + limit)
+        return [r.ops[i][0] for i in range(start, stop)]
+
+    async def last_seq(self, room: str) -> int:
+        r = self._t.get(room)
+        return 0 if r is None else r.seq
+
+
+class MemorySnapshots:
+    def __init__(self, table: RoomTable) -> None:
+        self._t = table
+
+    async def read_snapshot(self, room: str) -> Snapshot | None:
+        r = self._t.get(room)
+        return None if r is None else r.snapshot
+
+    async def write_snapshot(self, room: str, snapshot: Snapshot) -> bool:
+        r = self._t.get(room)
+        seq = 0 if r is None else r.seq
+        if snapshot.seq > seq:
+            raise ValueError(f"snapshot seq {snapshot.seq} is past the room seq {seq}")
+        if r is None or (r.snapshot is not None and snapshot.seq <= r.snapshot.seq):
+            # r is None only for a snapshot at seq 0 of an empty room: nothing to keep.
+            return False
+        r.snapshot = snapshot
+        return True
+
+    async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
+        r = self._t.get(room)
+        if r is None or not r.ops:
+            return
+        r.drop_before(max(keep_from, r.seq - max_len + 1))
+        if max_bytes > 0:
+            r.drop_bytes(max_bytes)
+
+    async def acquire_lock(self, room: str, ttl_ms: int) -> str | None:
+        now = self._t.now()
+        held = self._t.locks.get(room)
+        if held is not None and held[1] > now:
+            return None
+        token = secrets.token_hex(8)
+        self._t.locks[room] = (token, now + ttl_ms / 1000)
+        return token
+
+    async def release_lock(self, room: str, token: str) -> None:
+        held = self._t.locks.get(room)
+        if held is not None and held[0] == token:
+            del self._t.locks[room]
+
+
+class MemoryFeed:
+    def __init__(self, table: RoomTable) -> None:
+        self._t = table
+
+    def set_listener(self, listener: Listener) -> None:
+        self._t.listener = listener
+
+    async def subscribe(self, room: str) -> None:
+        self._t.subscribed.add(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self._t.subscribed.discard(room)
+        # The room's idle time starts now, not when it was last written.
+        self._t.get(room)
 
 
 class MemoryBackend(Backend):
     name = "memory"
 
-    def __init__(self, key_ttl_s: float = IDEMPOTENCY_TTL_S) -> None:
-        super().__init__()
-        self._rooms: dict[str, _Room] = {}
-        self._subscribed: set[str] = set()
-        self._key_ttl_s = key_ttl_s
+    def __init__(
+        self,
+        key_ttl_s: float = IDEMPOTENCY_TTL_S,
+        *,
+        room_ttl_s: float = DEFAULT_ROOM_TTL_S,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+    ) -> None:
+        self.table = RoomTable(
+            key_ttl_s=key_ttl_s, room_ttl_s=room_ttl_s, history_bytes=history_bytes
+        )
+        super().__init__(MemoryLog(self.table), MemorySnapshots(self.table), MemoryFeed(self.table))
 
-    def _room(self, room: str) -> _Room:
-        r = self._rooms.get(room)
-        if r is None:
-            r = self._rooms[room] = _Room()
-        return r
+    @property
+    def _listener(self) -> Listener | None:
+        # The attribute the earlier single-class backend had (a test mutes delivery by it).
+        return self.table.listener
 
-    async def start(self) -> None:
-        pass
+    @_listener.setter
+    def _listener(self, listener: Listener | None) -> None:
+        self.table.listener = listener
 
     async def close(self) -> None:
-        self._subscribed.clear()
-
-    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
-        r = self._room(room)
-        now = time.monotonic()
-        while r.keys:
-            oldest = next(iter(r.keys.values()))
-            if oldest[1] > now:
-                break
-            r.keys.popitem(last=False)
-        if key is not None and (first := r.seen(key, now)) is not None:
-            return first
-        r.seq += 1
-        op = Op(r.seq, b'{"' + kind.encode() + b'":' + body + b"}")
-        r.ops.append(op)
-        if key is not None:
-            r.keys[key] = (r.seq, now + self._key_ttl_s)
-        if room in self._subscribed and self._listener is not None:
-            # Synchronous delivery keeps publish order; a listener bug must not undo the
-            # publish, which is already stored.
-            try:
-                self._listener.on_op(room, op)
-            except Exception:
-                logger.exception("listener failed on %s seq %d", room, op.seq)
-        return op.seq
-
-    async def seen_key(self, room: str, key: str) -> int | None:
-        r = self._rooms.get(room)
-        return None if r is None else r.seen(key, time.monotonic())
-
-    async def read_ops(self, room: str, after: int, limit: int | None = None) -> list[Op] | None:
-        r = self._rooms.get(room)
-        if r is None or after >= r.seq:
-            return []
-        first = r.ops[0].seq if r.ops else r.seq + 1
-        if after + 1 < first:
-            return None
-        start = after + 1 - first
-        stop = len(r.ops) if limit is None else min(len(r.ops), start + limit)
-        return [r.ops[i] for i in range(start, stop)]
-
-    async def last_seq(self, room: str) -> int:
-        r = self._rooms.get(room)
-        return 0 if r is None else r.seq
-
-    async def read_snapshot(self, room: str) -> Snapshot | None:
-        r = self._rooms.get(room)
-        return None if r is None else r.snapshot
-
-    async def write_snapshot(self, room: str, snapshot: Snapshot) -> bool:
-        r = self._room(room)
-        if r.snapshot is not None and snapshot.seq <= r.snapshot.seq:
-            return False
-        if snapshot.seq > r.seq:
-            raise ValueError(f"snapshot seq {snapshot.seq} is past the room's seq {r.seq}")
-        r.snapshot = snapshot
-        return True
-
-    async def trim(self, room: str, keep_from: int, max_len: int) -> None:
-        r = self._rooms.get(room)
-        if r is None or not r.ops:
-            return
-        # Never drop what no snapshot covers: the state would be lost.
-        covered = r.snapshot.seq if r.snapshot is not None else 0
-        cut = min(max(keep_from, r.seq - max_len + 1), covered + 1)
-        while r.ops and r.ops[0].seq < cut:
-            r.ops.popleft()
-
-    async def acquire_lock(self, room: str, ttl_ms: int) -> str | None:
-        r = self._room(room)
-        now = time.monotonic()
-        if r.lock is not None and r.lock[1] > now:
-            return None
-        token = secrets.token_hex(8)
-        r.lock = (token, now + ttl_ms / 1000)
-        return token
-
-    async def release_lock(self, room: str, token: str) -> None:
-        r = self._rooms.get(room)
-        if r is not None and r.lock is not None and r.lock[0] == token:
-            r.lock = None
-
-    async def subscribe(self, room: str) -> None:
-        self._subscribed.add(room)
-
-    async def unsubscribe(self, room: str) -> None:
-        self._subscribed.discard(room)
+        self.table.subscribed.clear()
 
     async def health(self) -> dict[str, object]:
-        return {"ok": True, "backend": self.name, "rooms": len(self._rooms)}
+        self.table.expire(self.table.now())
+        return {"ok": True, "backend": self.name, "rooms": len(self.table.rooms)}

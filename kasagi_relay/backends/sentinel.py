@@ -1,7 +1,8 @@
 """The `sentinel` backend: the master found and followed through Redis Sentinel.
 
-Everything that talks to the master is RedisBase's (redis.py); this module only answers
-"where is the master now?" and notices when the answer changes:
+Everything that talks to the master is the master link's and the feed's (redis.py composes
+them); this module is the locator: it only answers "where is the master now?" and notices
+when the answer changes:
 
 - Resolution asks every Sentinel at once (`SENTINEL MASTER <name>`) and trusts the answer
   with the highest config-epoch (the epoch of the failover that produced it), so one
@@ -10,9 +11,11 @@ Everything that talks to the master is RedisBase's (redis.py); this module only 
   re-resolves every `poll_interval_s` and whenever a command failed in a way that suggests
   the master moved (READONLY, connection errors): pub/sub from Sentinels is best-effort,
   and a Sentinel can be down or partitioned.
-- When the answer differs from the master in use, the subscription is declared in doubt:
-  the supervisor reconnects to the new master (checking its ROLE and its function
-  library), re-subscribes every room and tells the relay to backfill from `ops`.
+- `+try-failover` fences the link (writes wait, in-flight replies are not trusted) until
+  the new master is in use or the failover is aborted.
+- When the answer differs from the master in use, the feed is told (`moved`): it
+  reconnects the link to the new master (checking its ROLE and its function library),
+  re-subscribes every room and tells the relay to backfill from `ops`.
 """
 
 from __future__ import annotations
@@ -21,18 +24,19 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError
 
 from kasagi_relay.backends.base import AckLevel, BackendUnavailable
-from kasagi_relay.backends.redis import Addr, RedisBase, _command
+from kasagi_relay.backends.redis import RedisBase
+from kasagi_relay.backends.redis_link import Addr, MasterLink, command
 
-__all__ = ["SentinelBackend"]
+__all__ = ["SentinelBackend", "SentinelLocator"]
 
 logger = logging.getLogger("kasagi_relay.backends.sentinel")
 
@@ -60,27 +64,26 @@ _EVENTS = (
 )
 
 
-class SentinelBackend(RedisBase):
-    name = "sentinel"
-
+class SentinelLocator:
     def __init__(
         self,
         sentinels: Sequence[Addr],
         master: str = "kasagi-master",
         *,
+        password: str | None = None,
+        username: str | None = None,
         sentinel_password: str | None = None,
-        ack: AckLevel = "replica",
         poll_interval_s: float = 1.0,
         sentinel_timeout_s: float = 0.5,
         fence_max_s: float = 10.0,
         fence: bool = True,
-        **options: Any,
     ) -> None:
         if not sentinels:
             raise ValueError("at least one Sentinel address is needed")
-        super().__init__(ack=ack, **options)
         self.sentinels = [(str(h), int(p)) for h, p in sentinels]
         self.master_name = master
+        self.password = password
+        self.username = username
         self.sentinel_password = sentinel_password
         self.poll_interval_s = poll_interval_s
         self.sentinel_timeout_s = sentinel_timeout_s
@@ -91,6 +94,14 @@ class SentinelBackend(RedisBase):
         self._look_now = asyncio.Event()
         self._announced: Addr | None = None
         self._last_answers: dict[str, object] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._link: MasterLink | None = None
+        self._moved: Callable[[str], None] = lambda reason: None
+
+    def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
+        return BlockingConnectionPool(
+            host=addr[0], port=addr[1], password=self.password, username=self.username, **options
+        )
 
     def _sentinel(self, addr: Addr) -> Redis:
         client = self._sentinel_clients.get(addr)
@@ -107,7 +118,7 @@ class SentinelBackend(RedisBase):
 
     async def _ask(self, addr: Addr) -> tuple[int, Addr] | None:
         try:
-            reply = await _command(self._sentinel(addr), "SENTINEL", "MASTER", self.master_name)
+            reply = await command(self._sentinel(addr), "SENTINEL", "MASTER", self.master_name)
         except (AuthenticationError, AuthorizationError):
             raise  # a wrong --sentinel-password is a configuration error: say so
         except Exception as exc:
@@ -130,18 +141,27 @@ class SentinelBackend(RedisBase):
         votes = Counter(addr for epoch, addr in answers if epoch == top)
         return votes.most_common(1)[0][0]
 
-    def _check_master(self) -> None:
+    async def resolve(self) -> Addr:
+        return await self._resolve()
+
+    def check_master(self) -> None:
         self._look_now.set()
 
-    def _health_details(self) -> dict[str, object]:
+    def health_details(self) -> dict[str, object]:
         return {"master_name": self.master_name, **self._last_answers}
 
-    async def _start_watch(self) -> None:
-        self._spawn(self._poll(), "kasagi-sentinel-poll")
+    async def watch(self, link: MasterLink, moved: Callable[[str], None]) -> None:
+        self._link, self._moved = link, moved
+        self._spawn(self._poll(link), "kasagi-sentinel-poll")
         for addr in self.sentinels:
             self._spawn(self._watch(addr), f"kasagi-sentinel-watch-{addr[0]}:{addr[1]}")
 
-    async def _poll(self) -> None:
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.append(task)
+
+    async def _poll(self, link: MasterLink) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval_s):
@@ -153,19 +173,19 @@ class SentinelBackend(RedisBase):
                 logger.warning("resolving %s: %s", self.master_name, exc)
                 await asyncio.sleep(0.1)
                 continue
-            fenced = self._fenced_since
+            fenced = link.fenced_since
             now = asyncio.get_running_loop().time()
-            if addr == self._addr and fenced is not None and now - fenced > self.fence_max_s:
+            if addr == link.addr and fenced is not None and now - fenced > self.fence_max_s:
                 # A failover that never happened (aborted, events missed): same master.
                 logger.warning("no failover after %.0fs: trusting %s:%d again", now - fenced, *addr)
-                self._unfence()
-            if addr != self._addr:
+                link.unfence()
+            if addr != link.addr:
                 if addr != self._announced:
                     self._announced = addr
                     logger.warning(
-                        "Sentinels name %s:%d as %s (was %s)", *addr, self.master_name, self._addr
+                        "Sentinels name %s:%d as %s (was %s)", *addr, self.master_name, link.addr
                     )
-                self._doubt(f"the Sentinels moved the master to {addr[0]}:{addr[1]}")
+                self._moved(f"the Sentinels moved the master to {addr[0]}:{addr[1]}")
             # At most ~10 resolutions a second however many commands fail meanwhile.
             await asyncio.sleep(0.1)
 
@@ -206,15 +226,53 @@ class SentinelBackend(RedisBase):
         if not ours:
             return
         logger.info("Sentinel %s:%d: %s %s", *addr, event, data)
-        if event == "+try-failover" and self.fence_enabled:
-            self._fence(f"Sentinel {addr[0]}:{addr[1]} started a failover")
-        elif event.startswith("-failover-abort"):
-            self._unfence()
+        link = self._link
+        if link is not None and event == "+try-failover" and self.fence_enabled:
+            link.fence(f"Sentinel {addr[0]}:{addr[1]} started a failover")
+        elif link is not None and event.startswith("-failover-abort"):
+            link.unfence()
         self._look_now.set()
 
     async def close(self) -> None:
-        await super().close()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         clients, self._sentinel_clients = self._sentinel_clients, {}
         for client in clients.values():
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+class SentinelBackend(RedisBase):
+    name = "sentinel"
+
+    def __init__(
+        self,
+        sentinels: Sequence[Addr],
+        master: str = "kasagi-master",
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        sentinel_password: str | None = None,
+        ack: AckLevel = "replica",
+        poll_interval_s: float = 1.0,
+        sentinel_timeout_s: float = 0.5,
+        fence_max_s: float = 10.0,
+        fence: bool = True,
+        **options: Any,
+    ) -> None:
+        self.sentinel_locator = SentinelLocator(
+            sentinels,
+            master,
+            password=password,
+            username=username,
+            sentinel_password=sentinel_password,
+            poll_interval_s=poll_interval_s,
+            sentinel_timeout_s=sentinel_timeout_s,
+            fence_max_s=fence_max_s,
+            fence=fence,
+        )
+        super().__init__(self.sentinel_locator, ack=ack, **options)

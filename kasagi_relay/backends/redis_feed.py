@@ -1,0 +1,315 @@
+"""The channel feed: live deltas from the rooms' Redis channels (the `Feed` role).
+
+Pub/sub is a doorbell, the `ops` stream is the truth. One pub/sub connection to the
+link's master carries every active room plus a private probe channel; a supervisor task
+owns it. A subscriber on a frozen master hangs silently (no error, no EOF), so the
+supervisor PINGs on the subscription whenever it has been quiet and declares it dead when
+no reply comes in time. On any doubt (a lost connection, a silent probe, the locator saying
+the master moved) it reconnects to the master the locator names now, re-subscribes every
+room, waits for the confirmations, and only then tells the listener to resync (the backfill
+signal), so the relay backfills each room from `ops` with nothing falling between the two.
+
+After a re-subscription it also compares the last deltas it delivered with what the master
+stores: a delta published but lost in a failover makes the log's next read at or past it
+answer "trimmed" once (`take_divergence`), so the relay resets that room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import secrets
+from collections import deque
+from collections.abc import Awaitable
+from typing import Any
+
+from redis.asyncio.client import PubSub
+
+from kasagi_relay.backends.base import Listener
+from kasagi_relay.backends.redis_link import MasterLink
+from kasagi_relay.backends.redis_store import channel_key, room_keys
+from kasagi_relay.domain import BackendUnavailable, Op
+
+__all__ = ["ChannelFeed"]
+
+logger = logging.getLogger("kasagi_relay.backends.redis")
+
+_CHANNEL = re.compile(rb"room:\{(.+)\}:channel")
+_MSG_SEQ = re.compile(rb'\{"seq":(\d+),')
+_RECENT = 64  # delivered deltas remembered per room to detect a lossy failover
+
+
+class _Doubt(Exception):
+    """The subscription may have missed messages (or the master moved)."""
+
+
+def _digest(data: bytes) -> bytes:
+    # Deltas can be large: remember a digest of each recent one, not its bytes.
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class ChannelFeed:
+    def __init__(
+        self, link: MasterLink, *, probe_interval_s: float = 0.5, probe_timeout_s: float = 1.0
+    ) -> None:
+        self.link = link
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.listener: Listener | None = None
+        self.rooms: set[str] = set()
+        # Last deltas delivered per room, and the first seq found lost after a failover.
+        self._recent: dict[str, deque[tuple[int, bytes]]] = {}
+        self._diverged: dict[str, int] = {}
+        self._pubsub: PubSub | None = None
+        self.ready = asyncio.Event()  # subscribed, every room confirmed
+        self._confirmed: set[bytes] = set()
+        self._confirm_pulse = asyncio.Event()
+        self._doubt_event = asyncio.Event()
+        self._doubt_reason = ""
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._probe_channel = f"kasagi:probe:{secrets.token_hex(8)}"
+        self.subscriptions = 0  # successful (re)subscriptions
+        self.resyncs = 0
+
+    # ------------------------------------------------------------------ the Feed role
+
+    def set_listener(self, listener: Listener) -> None:
+        self.listener = listener
+
+    async def subscribe(self, room: str) -> None:
+        """Returns once the room's channel is subscribed (so a read of the history after
+        this misses nothing); BackendUnavailable when that cannot happen in time."""
+        self.rooms.add(room)
+        channel = channel_key(room).encode()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.link.op_timeout_s
+        sent_on: PubSub | None = None
+        while room in self.rooms:
+            if self.ready.is_set() and channel in self._confirmed:
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                raise BackendUnavailable(f"cannot subscribe to {room}: no master")
+            ps = self._pubsub
+            if self.ready.is_set() and ps is not None and sent_on is not ps:
+                sent_on = ps
+                try:
+                    await ps.subscribe(channel)
+                except Exception as exc:
+                    self.doubt(f"subscribe failed: {exc}")
+            pulse = self._confirm_pulse
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 0.25)):
+                    await pulse.wait()
+
+    async def unsubscribe(self, room: str) -> None:
+        self.rooms.discard(room)
+        self._recent.pop(room, None)
+        channel = channel_key(room).encode()
+        self._confirmed.discard(channel)
+        ps = self._pubsub
+        if ps is not None and self.ready.is_set():
+            with contextlib.suppress(Exception):
+                await ps.unsubscribe(channel)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._closing = False
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._supervise())
+            self._task.set_name("kasagi-redis-subscriber")
+
+    async def close(self) -> None:
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.rooms.clear()
+
+    def doubt(self, reason: str) -> None:
+        """The subscription may have missed something: re-subscribe and resync."""
+        if not self._doubt_event.is_set():
+            self._doubt_reason = reason
+            self._doubt_event.set()
+        self.link.wake()
+
+    def take_divergence(self, room: str, after: int) -> bool:
+        """Whether a reader holding `room` up to `after` holds a delta the master lost
+        (answered True once: the reader then resets)."""
+        bad = self._diverged.get(room)
+        if bad is not None and after >= bad:
+            del self._diverged[room]
+            return True
+        return False
+
+    # ------------------------------------------------------------------ the supervisor
+
+    def _pulse(self) -> None:
+        self._confirm_pulse.set()
+        self._confirm_pulse = asyncio.Event()
+
+    async def _supervise(self) -> None:
+        delay = 0.02
+        while not self._closing:
+            ready_before = self.subscriptions
+            try:
+                await self.link.connect_current()
+                await self._run_subscription()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._closing:
+                    logger.warning("redis feed: subscription lost: %s", exc)
+            self.ready.clear()
+            self._confirmed.clear()
+            self._pulse()
+            if self._closing:
+                return
+            # Back off while nothing works; a subscription that was up retries at once.
+            delay = 0.02 if self.subscriptions != ready_before else min(delay * 2, 0.25)
+            await self.link.nap(delay)
+
+    async def _run_subscription(self) -> None:
+        ps = self.link.client().pubsub()
+        self._doubt_event.clear()
+        self._confirmed.clear()
+        try:
+            self._pubsub = ps
+            channels = [self._probe_channel.encode()] + [
+                channel_key(r).encode() for r in sorted(self.rooms)
+            ]
+            loop = asyncio.get_running_loop()
+
+            async def setup() -> None:
+                await ps.subscribe(*channels)
+                # Every channel confirmed before anyone reads history: nothing falls between.
+                while not all(c in self._confirmed for c in channels):
+                    self._handle(await ps.get_message(timeout=0.1))
+
+            # Connecting to a frozen server blocks in the handshake until the socket
+            # timeout: let a doubt (the Sentinels named another master) cut it short.
+            async with asyncio.timeout(self.probe_timeout_s + self.link.socket_timeout_s):
+                await self._or_doubt(setup())
+            self.ready.set()
+            self.subscriptions += 1
+            self._pulse()
+            if self.rooms and self.listener is not None:
+                with contextlib.suppress(Exception):
+                    await self._check_history()
+                # Anything published while we were not subscribed is in `ops` only.
+                self.resyncs += 1
+                self.listener.on_resync(None)
+            last_rx = loop.time()
+            ping_at: float | None = None
+            while not self._closing:
+                if self._doubt_event.is_set():
+                    raise _Doubt(self._doubt_reason)
+                now = loop.time()
+                if ping_at is None and now - last_rx >= self.probe_interval_s:
+                    async with asyncio.timeout(self.probe_timeout_s):
+                        await ps.ping()
+                    ping_at = now
+                elif ping_at is not None and now - ping_at > self.probe_timeout_s:
+                    raise _Doubt(f"no reply on the subscription for {self.probe_timeout_s}s")
+                message = await ps.get_message(timeout=0.1)
+                if message is not None:
+                    last_rx = loop.time()
+                    ping_at = None
+                    self._handle(message)
+        finally:
+            self.ready.clear()
+            self._pubsub = None
+            self.link.background(ps.aclose())  # type: ignore[no-untyped-call]
+
+    async def _check_history(self) -> None:
+        """After a re-subscription: did this master lose deltas we already delivered?
+
+        A delta is published to subscribers before it reaches any replica; if the master
+        dies in between, relays hold it while the new master reuses its seq for another
+        delta (or has not reached it yet). Compare the last deltas delivered with what is
+        stored; the first mismatch makes read_ops return None once for a caller at or past
+        it, so the relay resets that room from what is stored instead of diverging."""
+        rooms = [(r, list(q)) for r, q in self._recent.items() if q and r in self.rooms]
+        if not rooms:
+            return
+        pipe = self.link.client().pipeline(transaction=False)
+        for room, recent in rooms:
+            k = room_keys(room)
+            pipe.xrange(k["ops"], min=f"{recent[0][0]}-0", max=f"{recent[-1][0]}-0")
+            pipe.get(k["seq"])
+        replies = await pipe.execute()
+        for i, (room, recent) in enumerate(rooms):
+            entries, last_raw = replies[2 * i], replies[2 * i + 1]
+            last = int(last_raw or 0)
+            stored = {}
+            for entry_id, fields in entries:
+                seq = int(entry_id.split(b"-", 1)[0])
+                kind, d = fields.get(b"k", b""), fields.get(b"d", b"")
+                stored[seq] = _digest(b'{"seq":%d,"%s":%s}' % (seq, kind, d))
+            for seq, data in recent:
+                have = stored.get(seq)
+                # Missing below `last` is trimming, not loss; only beyond it is loss.
+                if (have is not None and have != data) or (have is None and seq > last):
+                    logger.warning("room %s: seq %d was lost in the failover: reset", room, seq)
+                    self._diverged[room] = seq
+                    self._recent.pop(room, None)
+                    break
+
+    async def _or_doubt(self, aw: Awaitable[None]) -> None:
+        """Await `aw`, unless a doubt comes first (then cancel it and raise _Doubt)."""
+        task = asyncio.ensure_future(aw)
+        doubt = asyncio.ensure_future(self._doubt_event.wait())
+        try:
+            await asyncio.wait({task, doubt}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()
+                return
+            raise _Doubt(self._doubt_reason)
+        finally:
+            for t in (task, doubt):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(BaseException):
+                        await t
+
+    def _handle(self, message: dict[str, Any] | None) -> None:
+        if message is None:
+            return
+        kind = message.get("type")
+        if kind in ("message", b"message"):
+            self._deliver(message["channel"], message["data"])
+        elif kind in ("subscribe", b"subscribe"):
+            channel = message["channel"]
+            self._confirmed.add(channel if isinstance(channel, bytes) else str(channel).encode())
+            self._pulse()
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        m = _CHANNEL.fullmatch(channel)
+        if m is None or self.listener is None:
+            return
+        room = m.group(1).decode()
+        if room not in self.rooms:
+            return
+        seq_m = _MSG_SEQ.match(data)
+        try:
+            seq = int(seq_m.group(1)) if seq_m else int(json.loads(data)["seq"])
+        except (ValueError, KeyError, TypeError):
+            # Not from kasagi_publish: unordered, so skip it; the next op's gap backfills.
+            logger.warning("room %s: channel message without a seq ignored", room)
+            return
+        recent = self._recent.get(room)
+        if recent is None:
+            recent = self._recent[room] = deque(maxlen=_RECENT)
+        recent.append((seq, _digest(data)))
+        try:
+            self.listener.on_op(room, Op(seq, bytes(data)))
+        except Exception:
+            logger.exception("listener failed on %s seq %d", room, seq)

@@ -1,0 +1,402 @@
+"""The master link: the connections to the Redis master a locator names, and how every
+command reaches it (docs/design.md, storage).
+
+- Connect: check the server's ROLE, make sure it runs our version of the `kasagi` Function
+  library (kasagi.lua), and switch the pool over when the locator names another master.
+- Fence: while a failover is under way (the Sentinel locator says so), writes wait for the
+  new master and replies to writes in flight are not trusted.
+- Retry: a command that was refused (READONLY, NOREPLICAS, LOADING, function missing...)
+  or never sent (connection refused) is retried with backoff against the current master
+  until `op_timeout_s`; what cannot be done raises BackendUnavailable.
+- Durable FCALL: the ack level decides what follows the FCALL on the SAME connection,
+  pipelined with it: nothing (`leader`), `WAIT 1` (`replica`) or `WAIT n` for every
+  connected replica (`all`). WAIT counts replicas that acknowledged this connection's own
+  last write, which is why it must share the FCALL's connection (and why the library writes
+  something even when it finds an idempotency key: see kasagi.lua). A call whose outcome is
+  unknown (connection lost after sending) is retried only when it is idempotent (keyed).
+
+A Cluster router would hold one link per shard and pick it by the room's hash slot; the
+store and the feed only ask a link for commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, Protocol, TypeVar
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from kasagi_relay.domain import AckLevel, BackendUnavailable
+
+__all__ = [
+    "FUNCTION_VERSION",
+    "LIBRARY",
+    "NETWORK_ERRORS",
+    "Addr",
+    "Locator",
+    "MasterLink",
+    "NotSent",
+    "command",
+    "function_missing",
+]
+
+logger = logging.getLogger("kasagi_relay.backends.redis")
+
+T = TypeVar("T")
+Addr = tuple[str, int]
+
+LIBRARY = resources.files("kasagi_relay.backends").joinpath("kasagi.lua").read_text()
+_VERSION = re.search(r"^local VERSION = '([^']+)'", LIBRARY, re.MULTILINE)
+assert _VERSION is not None, "kasagi.lua must define VERSION"
+FUNCTION_VERSION: str = _VERSION.group(1)
+
+# Errors the server sends for a command it did NOT run: safe to retry as is.
+_REFUSED = ("READONLY", "NOREPLICAS", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+async def command(client: Redis, *args: Any) -> Any:
+    """One command (redis-py leaves execute_command untyped)."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def function_missing(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Function not found" in text or "NOSCRIPT" in text
+
+
+def _refused(exc: BaseException) -> bool:
+    if isinstance(exc, ResponseError):
+        return str(exc).startswith(_REFUSED) or function_missing(exc)
+    return False
+
+
+class NotSent(Exception):
+    """The connection failed before the command was written: it certainly did not run."""
+
+
+class _Fenced(Exception):
+    """A write's reply came back after a failover began: its WAIT proves nothing."""
+
+
+class Locator(Protocol):
+    """Where the master is: one URL, or what the Sentinels say."""
+
+    async def resolve(self) -> Addr:
+        """The address of the master to use now (BackendUnavailable when unknown)."""
+        ...
+
+    def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
+        """A pool of connections to `addr` with the link's `options`."""
+        ...
+
+    def check_master(self) -> None:
+        """A command failed in a way that suggests the master moved: look now."""
+        ...
+
+    async def watch(self, link: MasterLink, moved: Callable[[str], None]) -> None:
+        """Start whatever watches the master's address: it fences and unfences `link`
+        around a failover and calls `moved(reason)` when the master changed."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def health_details(self) -> dict[str, object]: ...
+
+
+class MasterLink:
+    def __init__(
+        self,
+        locator: Locator,
+        *,
+        ack: AckLevel = "leader",
+        wait_timeout_ms: int = 1000,
+        op_timeout_s: float = 10.0,
+        socket_timeout_s: float = 2.0,
+        connect_timeout_s: float = 1.0,
+    ) -> None:
+        self.locator = locator
+        self.ack: AckLevel = ack
+        self.wait_timeout_ms = wait_timeout_ms
+        self.op_timeout_s = op_timeout_s
+        # A command on a frozen server fails after this; WAIT must fit inside it.
+        self.socket_timeout_s = max(socket_timeout_s, wait_timeout_ms / 1000 + 1.0)
+        self.connect_timeout_s = connect_timeout_s
+        self.addr: Addr | None = None
+        self._pool: ConnectionPool | None = None
+        self._client: Redis | None = None
+        self._wakeup = asyncio.Event()
+        # Set while a failover is under way: writes wait, in-flight replies are not trusted.
+        self.fenced_since: float | None = None
+        self._fence_gen = 0
+        self._cleanup: set[asyncio.Future[None]] = set()
+        self._replicas_cache: tuple[float, int] = (0.0, 0)
+        self.switches = 0  # master changes seen (tests and /healthz)
+
+    # ------------------------------------------------------------------ connections
+
+    def pool_options(self) -> dict[str, Any]:
+        return {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.connect_timeout_s,
+            # No hidden retries: a retried FCALL without a key could publish twice, and
+            # every retry here must go to the master the locator names now.
+            "retry": Retry(NoBackoff(), 0),
+            # Every publish holds a connection through its WAIT: past this many in
+            # flight, publishes queue for a connection (bounded by the op timeout).
+            "max_connections": 128,
+            "timeout": self.op_timeout_s,
+        }
+
+    async def connect(self, addr: Addr, *, force_load: bool = False) -> None:
+        """Use `addr` as the master: check its role, make sure it has the library."""
+        if addr == self.addr and self._pool is not None and not force_load:
+            return
+        pool = self.locator.make_pool(addr, self.pool_options())
+        client = Redis(connection_pool=pool)
+        try:
+            role = await command(client, "ROLE")
+            if not role or role[0] not in (b"master", "master"):
+                raise BackendUnavailable(f"{addr[0]}:{addr[1]} is not a master yet")
+            await self._ensure_library(client, force=force_load)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
+            raise
+        old = self._pool
+        if self.addr is not None and addr != self.addr:
+            self.switches += 1
+            self.unfence()
+            logger.warning("redis link: master is now %s:%d", *addr)
+        self.addr, self._pool, self._client = addr, pool, client
+        if old is not None and old is not pool:
+            # In the background: closing sockets to a frozen server can take a while.
+            self.background(old.disconnect())
+
+    async def connect_current(self, *, force_load: bool = False) -> None:
+        await self.connect(await self.locator.resolve(), force_load=force_load)
+
+    async def _ensure_library(self, client: Redis, *, force: bool = False) -> None:
+        """Load kasagi.lua unless this server already runs our version."""
+        if not force:
+            try:
+                have = await command(client, "FCALL_RO", "kasagi_version", 0)
+                if (have.decode() if isinstance(have, bytes) else str(have)) == FUNCTION_VERSION:
+                    return
+            except ResponseError as exc:
+                if not function_missing(exc):
+                    raise
+        await command(client, "FUNCTION", "LOAD", "REPLACE", LIBRARY)
+        logger.info("loaded the kasagi function library v%s", FUNCTION_VERSION)
+
+    async def _reload_library(self) -> None:
+        with contextlib.suppress(NotSent, *NETWORK_ERRORS, ResponseError):
+            await self._ensure_library(self.client())
+
+    def client(self) -> Redis:
+        """The client of the master in use (NotSent when there is none)."""
+        if self._client is None:
+            raise NotSent("no master")
+        return self._client
+
+    def background(self, aw: Awaitable[Any]) -> None:
+        """Clean-up that nobody waits for (bounded, errors ignored)."""
+
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    await aw
+
+        task = asyncio.ensure_future(run())
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
+
+    async def close(self) -> None:
+        pool, self._pool, self._client = self._pool, None, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
+        if self._cleanup:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.gather(*self._cleanup, return_exceptions=True)
+
+    async def is_master(self) -> bool:
+        """Whether the server in use answers ROLE as a master (raises when it does not
+        answer within a second)."""
+        async with asyncio.timeout(1.0):
+            role = await command(self.client(), "ROLE")
+        return bool(role) and role[0] in (b"master", "master")
+
+    # ------------------------------------------------------------------ fence and naps
+
+    def fence(self, reason: str) -> None:
+        """Stop trusting the current master: a failover began. Writes wait for the new
+        master; replies to writes in flight are not acknowledged (retried with their key).
+        WAIT 1 alone cannot protect against a coordinated failover: the old master keeps
+        taking writes after a replica is chosen, and its OTHER replica confirms them."""
+        if self.fenced_since is None:
+            logger.warning("redis link: fenced (%s)", reason)
+            self.fenced_since = asyncio.get_running_loop().time()
+        self._fence_gen += 1
+
+    def unfence(self) -> None:
+        if self.fenced_since is not None:
+            logger.info("redis link: unfenced")
+            self.fenced_since = None
+        self.wake()
+
+    def wake(self) -> None:
+        """End every backoff nap now: the master moved (or may have)."""
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    async def nap(self, delay: float) -> None:
+        """A backoff sleep that a master change cuts short: retries hit the new master at
+        once instead of up to one backoff step later."""
+        wakeup = self._wakeup
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await wakeup.wait()
+
+    # ------------------------------------------------------------------ commands
+
+    async def retrying(self, what: str, fn: Callable[[Redis], Awaitable[T]]) -> T:
+        """fn(master client) with backoff until op_timeout_s, for idempotent commands."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout_s
+        delay = 0.02
+        while True:
+            try:
+                if self.fenced_since is not None:
+                    # Reads too: the old master may still serve writes that the failover
+                    # is about to discard.
+                    raise NotSent("the master is being replaced (failover in progress)")
+                return await fn(self.client())
+            except ResponseError as exc:
+                if function_missing(exc):
+                    await self._reload_library()
+                elif not _refused(exc):
+                    raise
+                last: BaseException = exc
+            except (NotSent, *NETWORK_ERRORS) as exc:
+                last = exc
+            self.locator.check_master()
+            if loop.time() + delay > deadline:
+                raise BackendUnavailable(f"{what}: no master answered ({last})") from None
+            await self.nap(delay)
+            delay = min(delay * 2, 0.25)
+
+    async def fcall(self, what: str, *args: Any) -> Any:
+        """FCALL `args` (idempotent functions), retried like `retrying`."""
+        return await self.retrying(what, lambda c: command(c, "FCALL", *args))
+
+    async def _needed_replicas(self, client: Redis) -> int:
+        if self.ack == "leader":
+            return 0
+        if self.ack == "replica":
+            return 1
+        now = asyncio.get_running_loop().time()
+        at, count = self._replicas_cache
+        if now - at > 1.0:
+            info = await client.info("replication")
+            count = int(info.get("connected_slaves", 0))
+            self._replicas_cache = (now, count)
+        # "all" never means "none": with no replica connected, nothing is durable beyond
+        # the master, so the write must not be acknowledged as if it were.
+        return max(1, count)
+
+    async def _roundtrip(
+        self, pool: ConnectionPool, commands: Sequence[Sequence[Any]]
+    ) -> list[Any]:
+        """Pipelined commands on ONE connection; error replies come back as exceptions."""
+        try:
+            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise NotSent(str(exc) or type(exc).__name__) from exc
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            # Unknown state (timeout, cancel): never hand this connection to anyone else.
+            # nowait: closing a socket to a frozen server must not wait for its FIN.
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def durable_fcall(self, fcall: Sequence[Any], *, idempotent: bool) -> Any:
+        """`fcall` on the master followed by WAIT for the ack level, retried against the
+        current master until op_timeout_s; its reply once durable. A call whose outcome is
+        unknown (connection lost after sending) is retried only when `idempotent`. An error
+        reply that is not a refusal is raised as the ResponseError it is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout_s
+        delay = 0.02
+        while True:
+            try:
+                if self.fenced_since is not None:
+                    raise NotSent("the master is being replaced (failover in progress)")
+                pool, client = self._pool, self.client()
+                assert pool is not None
+                needed = await self._needed_replicas(client)
+                commands: list[Sequence[Any]] = [fcall]
+                if needed:
+                    commands.append(("WAIT", needed, self.wait_timeout_ms))
+                fence_gen = self._fence_gen
+                replies = await self._roundtrip(pool, commands)
+                if fence_gen != self._fence_gen:
+                    # A failover started while this write was in flight: the replica that
+                    # confirmed it may not be the one being promoted. Not acknowledged.
+                    raise _Fenced("a failover started during the write")
+                result = replies[0]
+                if isinstance(result, ResponseError):
+                    raise result
+                if needed and result is not None:  # None: nothing stored, nothing to wait for
+                    confirmed = replies[1]
+                    if isinstance(confirmed, Exception) or int(confirmed) < needed:
+                        raise BackendUnavailable(
+                            f"seq {result} reached {confirmed} of {needed} replica(s) within "
+                            f"{self.wait_timeout_ms} ms: not acknowledged, retry with the key"
+                        )
+                return result
+            except ResponseError as exc:
+                if function_missing(exc):
+                    await self._reload_library()
+                elif not _refused(exc):
+                    raise
+                last: BaseException = exc
+            except NotSent as exc:
+                last = exc
+            except (_Fenced, *NETWORK_ERRORS) as exc:
+                # Sent, outcome unknown: only an idempotency key makes a retry safe.
+                if not idempotent:
+                    self.locator.check_master()
+                    raise BackendUnavailable(
+                        f"connection lost during publish ({exc}); it may or may not be "
+                        "stored: resend with an idempotency key"
+                    ) from None
+                last = exc
+            self.locator.check_master()
+            if loop.time() + delay > deadline:
+                raise BackendUnavailable(f"no writable master ({last})") from None
+            await self.nap(delay)
+            delay = min(delay * 2, 0.25)
