@@ -187,7 +187,7 @@ class Room:
         after a reconnect, or an `unavailable`, the delta is sent again with the same key,
         so it ends with exactly one seq. Raises RelayError for a refusal (bad_patch,
         too_large, key_conflict, rate_limited, ...)."""
-        return await self._client._send_delta(self.name, patch, merge, key)
+        return await self._client.send(self.name, patch=patch, merge=merge, key=key)
 
     async def leave(self) -> None:
         """Leave the room; iteration over it ends."""
@@ -371,9 +371,15 @@ class Client:
         self._requests[rid] = _Pending("join", room)
         await self._write(protocol.encode_join(self.format, room.name, room._stream.since(), rid))
 
-    async def _send_delta(
-        self, room: str, patch: list[Any] | None, merge: Any, key: str | None
+    async def send(
+        self,
+        room: str,
+        *,
+        patch: list[Any] | None = None,
+        merge: Any = None,
+        key: str | None = None,
     ) -> int:
+        """`Room.send` without joining: a delta needs no membership (docs/protocol.md)."""
         self._check_usable()
         key = key if key is not None else uuid.uuid4().hex
         if key in self._unacked:
@@ -429,8 +435,8 @@ class Client:
                 # compression.
                 compression=None,
             )
-        except InvalidURI:
-            raise
+        except InvalidURI as exc:
+            raise ValueError(str(exc)) from None
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status >= 500 or status == 429:
