@@ -244,7 +244,8 @@ class Client:
     `get_token` (awaited before every connection) is sent as `Authorization: Bearer` for
     relays with identity (v1.1); the relay of today ignores it. Reconnection: full-jitter
     backoff between `min_delay` and `max_delay`; `max_attempts` consecutive failed attempts
-    (None: no limit) end the client with ConnectionFailed. A delta answered `unavailable`
+    (None: no limit; a connection closed before the relay answered anything counts as a
+    failed attempt) end the client with ConnectionFailed. A delta answered `unavailable`
     is sent again with its key up to `unavailable_retries` times."""
 
     def __init__(
@@ -287,6 +288,7 @@ class Client:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._failed: BaseException | None = None
+        self._attempt = 0
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -480,6 +482,7 @@ class Client:
     async def _read(self, ws: ClientConnection) -> None:
         try:
             async for data in ws:
+                self._attempt = 0
                 try:
                     reply = protocol.parse(data)
                 except protocol.ProtocolError as exc:
@@ -490,18 +493,18 @@ class Client:
             pass
 
     async def _reconnect(self) -> ClientConnection:
-        attempt = 0
+        # `_attempt` counts connections in a row that failed, or closed before the relay
+        # answered anything: a relay that accepts and drops at once is backed off too.
         while True:
+            attempt = self._attempt
             if self.max_attempts is not None and attempt >= self.max_attempts:
-                raise ConnectionFailed(
-                    f"gave up reconnecting to {self.url} after {attempt} attempts"
-                )
+                raise ConnectionFailed(f"gave up reconnecting after {attempt} attempts")
             await asyncio.sleep(backoff_delay(attempt, self.min_delay, self.max_delay))
-            attempt += 1
+            self._attempt += 1
             try:
                 return await self._open()
             except _Retryable as exc:
-                logger.info("reconnect attempt %d failed: %r", attempt, exc.__cause__)
+                logger.info("reconnect attempt %d failed: %r", attempt + 1, exc.__cause__)
 
     def _lost(self) -> None:
         self._live = False
