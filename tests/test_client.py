@@ -205,3 +205,32 @@ async def test_reconnects_while_retryable_and_gives_up_after_max_attempts() -> N
             # Every connection got the delta (resent with its key) and was closed with 1011.
             assert c.disconnects == [1011, 1011, 1011, 1011]
         assert len(seen) == 4
+
+
+async def test_changes_wait_for_a_late_iteration_and_a_backlog_collapses_to_a_reset() -> None:
+    async with (
+        start_relay() as relay,
+        Client(relay.url) as w,
+        Client(relay.url, max_queue_bytes=400) as c,
+    ):
+        room = await c.join("r")
+        for i in range(3):
+            await w.send("r", merge={"n": i})
+        await until(lambda: room.seq == 3)
+        # Iterating only now still yields every change since the join, each with its state.
+        got = [await anext(room) for _ in range(3)]
+        assert [(ch.kind, ch.seq, ch.state) for ch in got] == [
+            ("delta", 1, {"n": 0}),
+            ("delta", 2, {"n": 1}),
+            ("delta", 3, {"n": 2}),
+        ]
+        # More than max_queue_bytes nobody takes: one reset with the state of the moment.
+        for i in range(3, 40):
+            await w.send("r", merge={"n": i, "pad": "x" * 20})
+        await until(lambda: room.seq == 40)
+        reset = await anext(room)
+        assert (reset.kind, reset.seq, reset.delta) == ("reset", 40, None)
+        assert reset.state == room.state == {"n": 39, "pad": "x" * 20}
+        await w.send("r", merge={"pad": None})
+        after = await asyncio.wait_for(anext(room), 5)
+        assert (after.kind, after.from_seq, after.seq, after.state) == ("delta", 41, 41, {"n": 39})

@@ -139,18 +139,24 @@ class _Pending:
 class Room:
     """A joined room: `state`, `seq`, `async for change in room`, `send`, `leave`.
 
-    Made by `Client.join`. Changes are queued for iteration only once something iterates
-    (a game server that only reads `room.state` pays nothing for them); past `max_queue`
-    changes not yet taken, the queue is replaced by one "reset" change."""
+    Made by `Client.join`. Every change from the join on is kept for iteration, so none is
+    missed by an `async for` that starts later; as deltas, not states, so a room nobody
+    iterates costs their bytes only. Past `max_queue_bytes` of changes not yet taken, they
+    are dropped and the iteration gets one "reset" change with the state of that moment."""
 
-    def __init__(self, client: Client, name: str, max_queue: int) -> None:
+    def __init__(self, client: Client, name: str, max_queue_bytes: int) -> None:
         self._client = client
         self.name = name
         self._stream = protocol.RoomStream(name)
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue: deque[Change] = deque()
-        self._max_queue = max_queue
-        self._listening = False
+        # The iteration's own copy of the state, behind `_stream` by the queued changes; it
+        # gives each Change its state. Until the first step, `_base` (seq, JSON) instead.
+        self._view: delta.RoomState | None = None
+        self._base: tuple[int, bytes] | None = None
+        self._queue: deque[_Step] = deque()
+        self._queue_bytes = 0
+        self._max_queue_bytes = max_queue_bytes
+        self._stale = False  # the queue overflowed: the next step is a reset
         self._wakeup = asyncio.Event()
         self._ended: BaseException | None = None
         self._cache: tuple[int | None, int, Any] | None = None
@@ -190,15 +196,18 @@ class Room:
         return await self._client.send(self.name, patch=patch, merge=merge, key=key)
 
     async def leave(self) -> None:
-        """Leave the room; iteration over it ends."""
+        """Leave the room; iteration over it ends (after the changes already here)."""
         await self._client._leave(self)
 
     def __aiter__(self) -> Room:
-        self._listening = True
         return self
 
     async def __anext__(self) -> Change:
-        self._listening = True
+        if self._stale:
+            self._stale = False
+            seq, state = self.seq, self._stream.state_json()
+            self._view = delta.RoomState(state, seq)
+            return Change(self.name, "reset", seq, seq, None, state)
         while not self._queue:
             if self._ended is not None:
                 if isinstance(self._ended, ClientClosed):
@@ -206,20 +215,39 @@ class Room:
                 raise self._ended
             self._wakeup.clear()
             await self._wakeup.wait()
-        return self._queue.popleft()
+        step = self._queue.popleft()
+        self._queue_bytes -= len(step.data)
+        if step.kind == "reset":
+            self._view = delta.RoomState(step.data, step.seq)
+            return Change(self.name, "reset", step.first, step.seq, None, step.data)
+        view = self._view
+        if view is None:
+            assert self._base is not None
+            view = self._view = delta.RoomState(self._base[1], self._base[0])
+            self._base = None
+        # The same engine on the same deltas in the same order: the stream's result.
+        view.apply(step.data, step.seq)
+        return Change(self.name, "delta", step.first, step.seq, step.data, view.to_json())
 
     # ------------------------------------------------------------ called by the client
 
-    def _changed(
-        self, kind: Literal["delta", "reset"], first: int, seq: int, doc: bytes | None
-    ) -> None:
+    def _started(self, seq: int, state: bytes) -> None:
+        self._base = (seq, state)
+
+    def _changed(self, kind: Literal["delta", "reset"], first: int, seq: int, data: bytes) -> None:
+        """A delta (`data` its document) or a replaced state (`data` the state)."""
         self._version += 1
-        if not self._listening:
-            return
-        if len(self._queue) >= self._max_queue:
+        if self._stale:
+            return  # the reset the iteration gets next is taken from the state then
+        if self._queue_bytes + len(data) > self._max_queue_bytes:
             self._queue.clear()
-            kind, doc = "reset", None
-        self._queue.append(Change(self.name, kind, first, seq, doc, self._stream.state_json()))
+            self._queue_bytes = 0
+            self._view = None
+            self._base = None
+            self._stale = True
+        else:
+            self._queue.append(_Step(kind, first, seq, data))
+            self._queue_bytes += len(data)
         self._wakeup.set()
 
     def _end(self, exc: BaseException) -> None:
@@ -229,6 +257,14 @@ class Room:
             self._ready.set_exception(exc)
             self._ready.exception()  # retrieved: a join nobody awaits any more is no error
         self._wakeup.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    kind: Literal["delta", "reset"]
+    first: int
+    seq: int
+    data: bytes
 
 
 class Client:
@@ -261,7 +297,7 @@ class Client:
         unavailable_retries: int = 8,
         open_timeout: float = 10.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
-        max_queue: int = 10_000,
+        max_queue_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         if format not in protocol.FORMATS:
             raise ValueError(f"format must be one of {protocol.FORMATS}, not {format!r}")
@@ -275,7 +311,7 @@ class Client:
         self.unavailable_retries = unavailable_retries
         self.open_timeout = open_timeout
         self.max_message_bytes = max_message_bytes
-        self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.rooms: dict[str, Room] = {}
         # Every close that led to a reconnect, by code (1006 for a lost connection).
         self.disconnects: list[int] = []
@@ -343,7 +379,7 @@ class Client:
         existing = self.rooms.get(room)
         if existing is None:
             protocol.encode_join(self.format, room)  # ValueError for a bad name, here
-            existing = Room(self, room, self.max_queue)
+            existing = Room(self, room, self.max_queue_bytes)
             self.rooms[room] = existing
             if self._live:
                 await self._send_join(existing)
@@ -577,8 +613,11 @@ class Client:
                 logger.warning("room %s: %s; joining again", room.name, joined.reason)
                 await self._send_join(room)
                 return
-            if isinstance(joined, protocol.Replaced) and not first:
-                room._changed("reset", joined.seq, joined.seq, None)
+            if reply.state is not None:
+                if first:
+                    room._started(reply.seq, reply.state)
+                else:
+                    room._changed("reset", reply.seq, reply.seq, reply.state)
             room._unavailable = 0
             if first:
                 room._ready.set_result(None)
@@ -586,8 +625,8 @@ class Client:
             room = self.rooms.get(reply.room)
             if room is None:
                 return
-            replaced = room._stream.on_reset(reply)
-            room._changed("reset", replaced.seq, replaced.seq, None)
+            room._stream.on_reset(reply)
+            room._changed("reset", reply.seq, reply.seq, reply.state)
         elif isinstance(reply, protocol.ErrorReply):
             self._on_error(reply)
         elif isinstance(reply, protocol.Left):
