@@ -147,6 +147,7 @@ async def test_unavailable_is_resent_with_the_same_key_then_raised(
             await c.send("r", merge={"a": 1})
         took = time.monotonic() - t0
         assert exc.value.code == "unavailable"
+        assert c.unavailable == 2
         assert took >= 2.9, f"{took:.2f} s: fewer than 3 attempts of a 1 s WAIT"
         r = redis.Redis(port=port)
         try:
@@ -234,3 +235,28 @@ async def test_changes_wait_for_a_late_iteration_and_a_backlog_collapses_to_a_re
         await w.send("r", merge={"pad": None})
         after = await asyncio.wait_for(anext(room), 5)
         assert (after.kind, after.from_seq, after.seq, after.state) == ("delta", 41, 41, {"n": 39})
+
+
+async def test_get_token_is_asked_before_every_connection() -> None:
+    """The seam for identity (v1.1): each connection carries a fresh bearer token. A fake
+    server (no relay of today reads tokens) records the header and closes with 1012."""
+    headers: list[str | None] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        headers.append(ws.request.headers.get("Authorization"))
+        await ws.close(1012, "restarting")
+
+    tokens = iter(["t1", "t2", "t3"])
+
+    async def get_token() -> str:
+        return next(tokens)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with Client(url, get_token=get_token, min_delay=0.01, max_attempts=2) as c:
+            with pytest.raises(ConnectionFailed):
+                await c.join("r")
+            assert c.disconnects == [1012, 1012, 1012]
+    assert headers == ["Bearer t1", "Bearer t2", "Bearer t3"]

@@ -246,6 +246,8 @@ async def test_a_relay_restarted_under_the_client_loses_and_repeats_nothing(
                 await until(lambda: room.seq == last, 20, f"the client to reach seq {last}")
                 await rec.stop()
                 assert client.disconnects == [code]
+                # The delta waiting during the outage went again, with its key.
+                assert client.resent >= 1
                 assert last == total
                 assert sorted(acked.values()) == list(range(1, total + 1))  # one seq each
                 assert ops_by_key(redis_port, "game") == {k: [s] for k, s in acked.items()}

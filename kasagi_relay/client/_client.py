@@ -315,6 +315,9 @@ class Client:
         self.rooms: dict[str, Room] = {}
         # Every close that led to a reconnect, by code (1006 for a lost connection).
         self.disconnects: list[int] = []
+        # Deltas sent again: after a reconnect, and after an `unavailable`.
+        self.resent = 0
+        self.unavailable = 0
         self._ws: ClientConnection | None = None
         self._live = False
         self._ids = itertools.count(1)
@@ -559,6 +562,7 @@ class Client:
         unacked = list(self._unacked.values())
         for room in rooms:
             await self._send_join(room)
+        self.resent += len(unacked)
         for out in unacked:
             await self._transmit(out)
 
@@ -649,6 +653,7 @@ class Client:
             if reply.code == "unavailable" and request.unavailable < self.unavailable_retries:
                 # Not stored, or not known to be: the same key again ends with one seq.
                 request.unavailable += 1
+                self.unavailable += 1
                 self._spawn(self._retry(request))
                 return
             request.future.set_exception(error)
