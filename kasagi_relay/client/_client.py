@@ -282,7 +282,10 @@ class Client:
     backoff between `min_delay` and `max_delay`; `max_attempts` consecutive failed attempts
     (None: no limit; a connection closed before the relay answered anything counts as a
     failed attempt) end the client with ConnectionFailed. A delta answered `unavailable`
-    is sent again with its key up to `unavailable_retries` times."""
+    is sent again with its key up to `unavailable_retries` times. `max_message_bytes`:
+    the largest message accepted from the relay (a joined state can be as big as the
+    relay's --max-state-bytes). `max_queue_bytes`: per room, the changes kept for
+    `async for` before they collapse into one reset."""
 
     def __init__(
         self,
