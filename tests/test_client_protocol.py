@@ -201,10 +201,15 @@ def test_reset_and_full_joined_replace_the_state() -> None:
 def test_resumed_at_a_seq_not_held_asks_for_a_full_join() -> None:
     s = RoomStream("r")
     assert s.on_joined(Joined("r", 4, None)) == Rejoin(None, "resumed at 4, held None")
-    s.on_joined(joined(4, {}))
+    s.on_joined(joined(4, {"a": 1}))
     s.rejoin_sent()
-    assert s.on_joined(Joined("r", 9, None)) == Rejoin(None, "resumed at 9, held None")
-    assert s.since() is None
+    assert s.on_joined(Joined("r", 9, None)) == Rejoin(None, "resumed at 9, held 4")
+    # The state held is still shown until the full join replaces it.
+    assert (s.since(), s.seq, json.loads(s.state_json())) == (None, 4, {"a": 1})
+    assert s.on_delta(frame(10, 10, {"merge": {"b": 1}})) is None
+    assert s.on_joined(Joined("r", 4, None)) == Rejoin(None, "resumed at 4, held 4")
+    assert s.on_joined(joined(10, {"b": 1})) == Replaced(10, reset=False)
+    assert (s.since(), s.synced) == (10, True)
 
 
 merges = st.dictionaries(

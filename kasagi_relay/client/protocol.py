@@ -317,6 +317,8 @@ class RoomStream:
         self.room = room
         self._state: delta.RoomState | None = None
         self._waiting = True
+        # A resume went wrong: the state is kept (still shown) but only a full join fixes it.
+        self._full = False
 
     @property
     def seq(self) -> int | None:
@@ -333,7 +335,7 @@ class RoomStream:
 
     def since(self) -> int | None:
         """What the next `join` should carry: the last seq held, if any."""
-        return self.seq
+        return None if self._full else self.seq
 
     def rejoin_sent(self) -> None:
         """A `join` went out (or the connection was lost): ignore frames until `joined`."""
@@ -342,15 +344,16 @@ class RoomStream:
     def on_joined(self, msg: Joined) -> Replaced | Rejoin | None:
         """None when resumed at the seq held (the missed deltas follow)."""
         if msg.state is None:
-            if self._state is None or msg.seq != self._state.seq:
+            if self._state is None or self._full or msg.seq != self._state.seq:
                 # Resumed from a seq we do not hold: only a full state can put us back.
-                self._state = None
+                self._full = True
                 self._waiting = True
                 return Rejoin(None, f"resumed at {msg.seq}, held {self.seq}")
             self._waiting = False
             return None
         self._state = delta.RoomState(msg.state, msg.seq)
         self._waiting = False
+        self._full = False
         return Replaced(msg.seq, reset=False)
 
     def on_reset(self, msg: Reset) -> Replaced:
