@@ -260,3 +260,29 @@ async def test_get_token_is_asked_before_every_connection() -> None:
                 await c.join("r")
             assert c.disconnects == [1012, 1012, 1012]
     assert headers == ["Bearer t1", "Bearer t2", "Bearer t3"]
+
+
+async def test_closed_while_idle_it_connects_again_on_the_next_request() -> None:
+    """The relay's idle timeout closes a connection with nothing joined nor sent with 1008.
+    That is no refusal of the client: the next request opens a new connection. A fake
+    server stands in (the relay of this branch has no idle timeout yet): its first
+    connection is closed at once with 1008, later ones answer a join."""
+    connections: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        connections.append(len(connections))
+        if len(connections) == 1:
+            await ws.close(1008, "idle: join a room or send a delta")
+            return
+        async for _ in ws:
+            await ws.send('{"t":"joined","room":"r","seq":3,"state":{"a":1}}')
+
+    async with serve(handler, "127.0.0.1", 0, subprotocols=["kasagi.v1.json"]) as server:  # type: ignore[list-item]
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with Client(f"ws://127.0.0.1:{port}/ws") as c:
+            await until(lambda: not c.connected)
+            await asyncio.sleep(0.3)
+            assert connections == [0]  # not retried by itself
+            room = await c.join("r")
+            assert (room.seq, room.state, c.connected) == (3, {"a": 1}, True)
+            assert connections == [0, 1] and c.disconnects == []

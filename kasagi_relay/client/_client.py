@@ -43,6 +43,7 @@ logger = logging.getLogger("kasagi_relay.client")
 
 # docs/protocol.md, client behaviour: reconnect and resume after these; never after 1008.
 RECONNECT_CODES: Final = frozenset({1001, 1006, 1011, 1012, 1013})
+CLOSE_POLICY: Final = 1008
 # 4001 (token expired, v1.1) is retried only with a fresh token, i.e. when get_token is set.
 TOKEN_EXPIRED: Final = 4001
 MIN_DELAY_S: Final = 0.25
@@ -331,6 +332,9 @@ class Client:
         self._closing = False
         self._failed: BaseException | None = None
         self._attempt = 0
+        # Closed while idle (1008 with nothing joined or pending): the next request connects.
+        self._dormant = False
+        self._waking: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -356,9 +360,32 @@ class Client:
             ws = await self._open()
         except _Retryable as exc:
             raise ConnectionFailed(f"cannot connect to {self.url}: {exc.__cause__}") from None
+        self._start(ws)
+
+    def _start(self, ws: ClientConnection) -> None:
         self._ws = ws
         self._live = True
+        self._dormant = False
         self._runner = asyncio.create_task(self._run(ws), name=f"kasagi-client {self.url}")
+
+    async def _ensure_connected(self) -> None:
+        if not self._dormant:
+            return
+        if self._waking is None:
+            self._waking = asyncio.create_task(self._wake())
+        await asyncio.shield(self._waking)
+
+    async def _wake(self) -> None:
+        try:
+            ws = await self._open()
+        except _Retryable as exc:
+            raise ConnectionFailed(f"cannot connect to {self.url}: {exc.__cause__}") from None
+        finally:
+            self._waking = None
+        if self._closing:
+            await ws.close()
+            return
+        self._start(ws)
 
     async def close(self) -> None:
         """Close the connection; pending calls raise ClientClosed, iterations end."""
@@ -370,10 +397,11 @@ class Client:
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.close()
-        for task in [self._runner, *self._tasks]:
+        tasks = [self._runner, self._waking, *self._tasks]
+        for task in tasks:
             if task is not None:
                 task.cancel()
-        for task in [self._runner, *self._tasks]:
+        for task in tasks:
             if task is not None:
                 with contextlib.suppress(BaseException):
                     await task
@@ -382,6 +410,7 @@ class Client:
     async def join(self, room: str) -> Room:
         """Join `room` and return it once its state is here (a full `joined`)."""
         self._check_usable()
+        await self._ensure_connected()
         existing = self.rooms.get(room)
         if existing is None:
             protocol.encode_join(self.format, room)  # ValueError for a bad name, here
@@ -425,6 +454,7 @@ class Client:
     ) -> int:
         """`Room.send` without joining: a delta needs no membership (docs/protocol.md)."""
         self._check_usable()
+        await self._ensure_connected()
         key = key if key is not None else uuid.uuid4().hex
         if key in self._unacked:
             raise ValueError(f"a delta with key {key!r} is already waiting for its ack")
@@ -504,8 +534,17 @@ class Client:
                 retry = code in RECONNECT_CODES or (
                     code == TOKEN_EXPIRED and self._get_token is not None
                 )
+                reason = ws.close_reason or ""
+                if code == CLOSE_POLICY and not self.rooms and not self._unacked:
+                    # Nothing joined, nothing waiting: the relay's idle timeout (docs/
+                    # operations.md) closes such connections with 1008. Not retried; the
+                    # next join or send opens a new connection.
+                    logger.info(
+                        "closed while idle (%d %s); connecting again on demand", code, reason
+                    )
+                    self._dormant = True
+                    return
                 if not retry:
-                    reason = ws.close_reason or ""
                     self._fail(ConnectionFailed(f"relay closed with {code} {reason}".strip(), code))
                     return
                 self.disconnects.append(code)
