@@ -193,6 +193,10 @@ async def test_a_relay_that_is_not_there_fails_the_first_connect() -> None:
     with pytest.raises(ConnectionFailed, match="cannot connect"):
         async with Client("ws://127.0.0.1:1/ws"):
             pass
+    # With several relays, the first that answers.
+    async with start_relay() as relay, Client(["ws://127.0.0.1:1/ws", relay.url]) as c:
+        assert c.url == relay.url
+        assert (await c.join("r")).seq == 0
 
 
 async def test_reconnects_while_retryable_and_gives_up_after_max_attempts() -> None:

@@ -248,6 +248,7 @@ async def test_a_relay_restarted_under_the_client_loses_and_repeats_nothing(
                 assert client.disconnects == [code]
                 # The delta waiting during the outage went again, with its key.
                 assert client.resent >= 1
+                assert client.gaps == []
                 assert last == total
                 assert sorted(acked.values()) == list(range(1, total + 1))  # one seq each
                 assert ops_by_key(redis_port, "game") == {k: [s] for k, s in acked.items()}
@@ -257,6 +258,32 @@ async def test_a_relay_restarted_under_the_client_loses_and_repeats_nothing(
                 assert [c.kind for c in rec.changes] == ["delta"] * len(rec.changes)
                 assert rec.changes[-1].seq == total
                 assert rec.changes[-1].state == state
+
+
+async def test_with_two_relays_it_moves_to_the_other_when_one_dies(redis_one: Topology) -> None:
+    redis_port = redis_one.servers[0].port
+    args = ("--redis", f"redis://127.0.0.1:{redis_port}/0", "--rate-limit", "0")
+    async with (
+        relay_process(*args) as a,
+        relay_process(*args) as b,
+        Client([a.url, b.url], format="msgpack", min_delay=0.05) as client,
+    ):
+        assert client.url == a.url
+        room = await client.join("game")
+        rec = Recorder(room)
+        for i in range(10):
+            await room.send(merge={f"k{i}": i})
+        await a.terminate(signal.SIGKILL)
+        for i in range(10, 20):
+            await room.send(merge={f"k{i}": i})
+        last, state = await fresh(b.url, "game")
+        await until(lambda: room.seq == last, 20, f"the client to reach seq {last}")
+        await rec.stop()
+        assert client.url == b.url and client.disconnects == [1006]
+        assert last == 20 and room.state == state == {f"k{i}": i for i in range(20)}
+        assert ops_by_key(redis_port, "game") == {f"k{i}": [i + 1] for i in range(20)}
+        assert rec.gaps(0) == [] and client.gaps == []
+        assert [c.kind for c in rec.changes] == ["delta"] * len(rec.changes)
 
 
 @pytest.mark.parametrize("fmt", ["json", "msgpack"])
@@ -283,6 +310,7 @@ async def test_held_away_past_the_history_the_rejoin_replaces_the_state(fmt: For
         await until(lambda: rec.changes != [] and rec.changes[-1].seq == last, 5, "the last change")
         await rec.stop()
         assert client.disconnects == [1006]
+        assert client.gaps == []  # a full joined is a replacement, not a broken stream
         assert room.state == state and state["n"] == 302
         kinds = [(c.kind, c.seq) for c in rec.changes]
         assert kinds[:3] == [("delta", 1), ("delta", 2), ("delta", 3)]
@@ -318,6 +346,7 @@ async def test_a_client_that_stops_reading_is_dropped_with_1013_and_resumes() ->
         await until(lambda: room.seq == last, 20, f"the client to reach seq {last}")
         await rec.stop()
         assert client.disconnects == [1013]
+        assert client.gaps == []
         assert room.state == state and state["n"] == n
         # It resumed with `since`: nothing missed, nothing twice, no reset needed.
         assert rec.gaps(0) == []

@@ -17,7 +17,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -277,6 +277,8 @@ class Client:
             async for change in room:
                 print(change.seq, change.delta, room.state)
 
+    `url`: one relay, or several (relays sharing rooms through one Redis): the first
+    connection takes the first that answers, each reconnect attempt the next one.
     `format`: "json" (kasagi.v1.json) or "msgpack" (kasagi.v1.msgpack). `token` or
     `get_token` (awaited before every connection) is sent as `Authorization: Bearer` for
     relays with identity (v1.1); the relay of today ignores it. Reconnection: full-jitter
@@ -290,7 +292,7 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         format: Format = "json",
         token: str | None = None,
@@ -305,7 +307,10 @@ class Client:
     ) -> None:
         if format not in protocol.FORMATS:
             raise ValueError(f"format must be one of {protocol.FORMATS}, not {format!r}")
-        self.url = url
+        self.urls: tuple[str, ...] = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ValueError("no relay URL")
+        self.url = self.urls[0]  # the relay of the current (or next) connection
         self.format: Format = format
         self._token = token
         self._get_token = get_token
@@ -319,6 +324,9 @@ class Client:
         self.rooms: dict[str, Room] = {}
         # Every close that led to a reconnect, by code (1006 for a lost connection).
         self.disconnects: list[int] = []
+        # Every stream the client had to join again, and why (docs/protocol.md: a frame
+        # whose `from` is not seq + 1, or a resume at a seq it does not hold).
+        self.gaps: list[str] = []
         # Deltas sent again: after a reconnect, and after an `unavailable`.
         self.resent = 0
         self.unavailable = 0
@@ -356,11 +364,17 @@ class Client:
         """Open the first connection; ConnectionFailed if it cannot be made."""
         if self._runner is not None:
             raise RuntimeError("already connected")
-        try:
-            ws = await self._open()
-        except _Retryable as exc:
-            raise ConnectionFailed(f"cannot connect to {self.url}: {exc.__cause__}") from None
-        self._start(ws)
+        failures = []
+        for url in self.urls:
+            self.url = url
+            try:
+                ws = await self._open()
+            except _Retryable as exc:
+                failures.append(f"{url}: {exc.__cause__}")
+                continue
+            self._start(ws)
+            return
+        raise ConnectionFailed("cannot connect to " + "; ".join(failures))
 
     def _start(self, ws: ClientConnection) -> None:
         self._ws = ws
@@ -582,6 +596,8 @@ class Client:
                 raise ConnectionFailed(f"gave up reconnecting after {attempt} attempts")
             await asyncio.sleep(backoff_delay(attempt, self.min_delay, self.max_delay))
             self._attempt += 1
+            # With several relays, each attempt goes to the next one.
+            self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
             try:
                 return await self._open()
             except _Retryable as exc:
@@ -637,6 +653,7 @@ class Client:
                 room._changed("delta", step.first, step.seq, step.doc)
             elif isinstance(step, protocol.Rejoin):
                 logger.warning("room %s: %s; joining again", room.name, step.reason)
+                self.gaps.append(f"{room.name}: {step.reason}")
                 await self._send_join(room)
         elif isinstance(reply, protocol.Ack):
             request = self._requests.pop(reply.id, None) if reply.id is not None else None
@@ -657,6 +674,7 @@ class Client:
                 return
             if isinstance(joined, protocol.Rejoin):
                 logger.warning("room %s: %s; joining again", room.name, joined.reason)
+                self.gaps.append(f"{room.name}: {joined.reason}")
                 await self._send_join(room)
                 return
             if reply.state is not None:
