@@ -15,6 +15,7 @@ for other I/O layers; `python -m kasagi_relay.client` / `kasagi-client` the comm
 
 from kasagi_relay.client._client import RECONNECT_CODES, Change, Client, Room, backoff_delay
 from kasagi_relay.client.errors import ClientClosed, ConnectionFailed, KasagiError, RelayError
+from kasagi_relay.client.protocol import Format
 
 __all__ = [
     "RECONNECT_CODES",
@@ -22,6 +23,7 @@ __all__ = [
     "Client",
     "ClientClosed",
     "ConnectionFailed",
+    "Format",
     "KasagiError",
     "RelayError",
     "Room",
