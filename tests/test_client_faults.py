@@ -321,7 +321,9 @@ async def test_held_away_past_the_history_the_rejoin_replaces_the_state(fmt: For
 
 async def test_a_client_that_stops_reading_is_dropped_with_1013_and_resumes() -> None:
     async with (
-        start_relay(send_queue_bytes=64 * 1024, close_timeout_s=10, rate_limit=0) as relay,
+        start_relay(
+            send_queue_bytes=64 * 1024, close_timeout_s=10, rate_limit=0, rate_bytes=0
+        ) as relay,
         proxy_to(relay.port) as proxy,
         Client(relay.url) as writer,
         Client(proxy.url, format="msgpack", min_delay=0.05, max_delay=0.2) as client,
