@@ -69,8 +69,19 @@ class ConfigError(LaunchError):
 # --------------------------------------------------------------------------------------------
 
 
-def poll(fn: Callable[[], T | None], timeout: float, what: str, on_fail: str = "") -> T:
-    """fn() until it returns something truthy; LaunchError naming `what` at the deadline."""
+def poll(
+    fn: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    on_fail: str | Callable[[], str] = "",
+) -> T:
+    """fn() until it returns something truthy; LaunchError naming `what` at the deadline,
+    followed by on_fail (a callable is called then, so log tails are read after the failure).
+    A LaunchError from fn() is final (e.g. the process exited) and ends the wait at once."""
+
+    def more() -> str:
+        return on_fail() if callable(on_fail) else on_fail
+
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while True:
@@ -78,11 +89,13 @@ def poll(fn: Callable[[], T | None], timeout: float, what: str, on_fail: str = "
             value = fn()
             if value:
                 return value
+        except LaunchError as exc:
+            raise LaunchError(f"{exc}{more()}") from None
         except Exception as exc:
             last_exc = exc
         if time.monotonic() > deadline:
             detail = f" (last error: {last_exc!r})" if last_exc else ""
-            raise LaunchError(f"timed out after {timeout:.0f}s waiting for {what}{detail}{on_fail}")
+            raise LaunchError(f"timed out after {timeout:.0f}s waiting for {what}{detail}{more()}")
         time.sleep(0.05)
 
 
@@ -613,8 +626,10 @@ class Topology:
         self.nodes.append(node)
         return node
 
-    def add_server(self, name: str, replica_of: Addr | None = None) -> Node:
+    def add_server(self, name: str, replica_of: Addr | None = None, port: int = 0) -> Node:
+        """Start a redis-server (on `port`, else a free one); wait_answers() waits for it."""
         node = self._node(name)
+        node.port = port or node.port
         node.conf.write_text(server_conf(node.port, self.root, name, self.password, replica_of))
         self._spawn(node)
         return node
@@ -643,13 +658,20 @@ class Topology:
             text = server_conf(node.port, self.root, node.name, self.password, replica_of)
             node.conf.write_text(text)
         self._spawn(node)
-        self._wait_answers(node, 10)
+        self.wait_answers(node, 10)
 
-    def _wait_answers(self, node: Node, timeout: float) -> None:
-        def pong() -> bool:
-            return bool(self._query(node, "PING") == "PONG")
+    def wait_answers(self, node: Node, timeout: float) -> None:
+        """Until the node's own process answers on its port; LaunchError with the logs if it
+        does not, at once if it exits (a port taken after free_port(), a bad config)."""
 
-        poll(pong, timeout, f"{node.name} to answer", self.logs())
+        def answers() -> bool:
+            if node.proc is not None and node.proc.poll() is not None:
+                raise LaunchError(f"{node.name} exited with status {node.proc.returncode}")
+            # Our process, not whatever else answers on the port (it may have taken it).
+            pid = parse_info(self._query(node, "INFO", "server")).get("process_id")
+            return node.proc is None or pid == str(node.proc.pid)
+
+        poll(answers, timeout, f"{node.name} to answer", self.logs)
 
     def signal(self, node: Node, sig: int) -> None:
         """Send `sig` to the node's PID (SIGSTOP/SIGCONT are tracked for the teardown)."""
@@ -753,7 +775,7 @@ class Topology:
             role = self._query(self.node_at(addr), "ROLE")
             return addr if role[0] == "master" else None
 
-        return poll(changed, timeout, f"a failover away from {old}", self.logs())
+        return poll(changed, timeout, f"a failover away from {old}", self.logs)
 
     def failover(self) -> None:
         """SENTINEL FAILOVER through the first live Sentinel."""
@@ -775,7 +797,7 @@ class Topology:
         a quorum (or just the single server answering)."""
         for n in self.servers:
             if n.alive() and not n.stopped:
-                self._wait_answers(n, timeout)
+                self.wait_answers(n, timeout)
         if not self.sentinels:
             return
         master = self.master() if self._sentinels_answer() else self.servers[0]
@@ -790,7 +812,7 @@ class Topology:
                     return False
             return self.replicas_online(master) == len(replicas)
 
-        poll(linked, timeout, "replicas linked to the master", self.logs())
+        poll(linked, timeout, "replicas linked to the master", self.logs)
 
         def sentinels_ready() -> bool:
             return not sentinel_problems(
@@ -802,7 +824,7 @@ class Topology:
                 password=self.sentinel_password,
             )
 
-        poll(sentinels_ready, timeout, "Sentinels to see the replicas and each other", self.logs())
+        poll(sentinels_ready, timeout, "Sentinels to see the replicas and each other", self.logs)
 
     def _sentinels_answer(self) -> bool:
         try:
@@ -839,12 +861,14 @@ def start_topology(
     topo = Topology(root, password, sentinel_password)
     try:
         master = topo.add_server("master")
-        topo._wait_answers(master, 10)
+        topo.wait_answers(master, 10)
         if sentinels:
             topo.add_server("replica1", master.addr)
             topo.add_server("replica2", master.addr)
             for i in (1, 2, 3):
                 topo.add_sentinel(f"sentinel{i}", master.addr)
+        for node in topo.nodes:  # every process of the shape, not only those still alive
+            topo.wait_answers(node, 10)
         topo.wait_ready()
     except BaseException:
         topo.stop()
