@@ -55,6 +55,7 @@ from kit.topology import (
     Resp,
     RespError,
     Running,
+    answers_as,
     call,
     info,
     log_tail,
@@ -276,10 +277,12 @@ def start_redis(kit: Kit, node: Node) -> str:
     if node.kind == "sentinel":
         argv.append("--sentinel")
     proc = spawn(kit, node, argv, conf.parent)
-    if not wait_for(lambda: call(node.port, "PING") == "PONG", 10):
-        code = proc.poll()
+    # Ours answering, not whatever else holds the port; an early exit ends the wait.
+    started = wait_for(lambda: proc.poll() is not None or answers_as(node.port, proc.pid), 10)
+    code = proc.poll()
+    if not started or code is not None:
         raise KitError(
-            f"{node.name} did not answer PING on {node.port} within 10 s"
+            f"{node.name} did not answer on {node.port} within 10 s"
             f" ({'exited ' + str(code) if code is not None else 'still starting'}); "
             f"log {kit.log_file(node.name)}:\n{tail(kit.log_file(node.name))}"
         )

@@ -209,6 +209,12 @@ def info(port: int, section: str = "replication", password: str | None = None) -
     return parse_info(call(port, "INFO", section, password=password))
 
 
+def answers_as(port: int, pid: int, password: str | None = None) -> bool:
+    """The server answering on 127.0.0.1:port is the process `pid` (not another process that
+    holds the port, e.g. one that took it between free_port() and the bind)."""
+    return info(port, "server", password).get("process_id") == str(pid)
+
+
 def pairs(flat: Any) -> dict[str, Any]:
     """A flat [k, v, k, v ...] reply (SENTINEL MASTER, REPLICAS ...) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=False))
@@ -667,9 +673,8 @@ class Topology:
         def answers() -> bool:
             if node.proc is not None and node.proc.poll() is not None:
                 raise LaunchError(f"{node.name} exited with status {node.proc.returncode}")
-            # Our process, not whatever else answers on the port (it may have taken it).
-            pid = parse_info(self._query(node, "INFO", "server")).get("process_id")
-            return node.proc is None or pid == str(node.proc.pid)
+            pw = self.sentinel_password if node.sentinel else self.password
+            return node.proc is None or answers_as(node.port, node.proc.pid, pw)
 
         poll(answers, timeout, f"{node.name} to answer", self.logs)
 
