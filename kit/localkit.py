@@ -5,18 +5,20 @@ Runs the OS's ``redis-server`` (Sentinels with ``--sentinel``) from the kit's ow
 (redis/*.conf, sentinel/*.conf), rendered into a state directory with the ports and paths
 substituted, plus one ``kasagi-relay --sentinels ...``. Every process it starts gets a PID
 file there; ``down`` stops exactly those PIDs (after checking each one is still ours), never
-anything by name.
+anything by name. Starting, rendering, waiting and stopping are the shared launcher's
+(kit/topology.py, which the tests use too); this module is the kit's commands around it.
 
 Standard library only, so it runs with any python3 >= 3.10. The relay check of
 ``failover-test`` needs the ``websockets`` package (the project's .venv has it).
 
-The Makefile calls it; by hand::
+The Makefile calls it; by hand, from the repository root (``python3 kit/localkit.py ...``
+works as well)::
 
-    python3 kit/localkit.py up --state-dir .kit --ports 7379,7380,7381 \
+    python3 -m kit.localkit up --state-dir .kit --ports 7379,7380,7381 \
         --sentinel-ports 27379,27380,27381 --relay-port 8765 --down-after-ms 1000
-    python3 kit/localkit.py status --state-dir .kit
-    python3 kit/localkit.py failover-test --state-dir .kit
-    python3 kit/localkit.py down --state-dir .kit
+    python3 -m kit.localkit status --state-dir .kit
+    python3 -m kit.localkit failover-test --state-dir .kit
+    python3 -m kit.localkit down --state-dir .kit
 
 Only ``up`` takes the topology options; the later commands read them back from
 ``<state-dir>/kit.json``. ``status``, ``sentinel-status`` and ``failover-test`` also work
