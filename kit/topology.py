@@ -799,12 +799,10 @@ class Topology:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Master with its replicas linked, each Sentinel seeing them, the other Sentinels and
-        a quorum (or just the single server answering)."""
+        a quorum (without Sentinels: the first server is the master)."""
         for n in self.servers:
             if n.alive() and not n.stopped:
                 self.wait_answers(n, timeout)
-        if not self.sentinels:
-            return
         master = self.master() if self._sentinels_answer() else self.servers[0]
         replicas = [n for n in self.servers if n is not master and n.alive()]
 
@@ -818,6 +816,8 @@ class Topology:
             return self.replicas_online(master) == len(replicas)
 
         poll(linked, timeout, "replicas linked to the master", self.logs)
+        if not self.sentinels:
+            return
 
         def sentinels_ready() -> bool:
             return not sentinel_problems(
@@ -870,6 +870,9 @@ def start_topology(
         if sentinels:
             topo.add_server("replica1", master.addr)
             topo.add_server("replica2", master.addr)
+            # Replicas linked before the Sentinels look: a Sentinel learns replicas from the
+            # master's INFO, which it reads every 10 s, so one that looks too early waits that.
+            topo.wait_ready()
             for i in (1, 2, 3):
                 topo.add_sentinel(f"sentinel{i}", master.addr)
         for node in topo.nodes:  # every process of the shape, not only those still alive
