@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kit.topology import running_topology
+from kit.topology import REDIS_SERVER, running_topology
 from testkit.failover import Stream, relay_args, wait_healthy
 from testkit.relay import relay_process
 
@@ -41,7 +41,7 @@ def cpu_model() -> str:
 
 
 def redis_version() -> str:
-    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+    out = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True)
     return out.stdout.strip()
 
 
