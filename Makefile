@@ -2,8 +2,9 @@
 #
 # Two modes, picked per run (the first line of every kit target says which):
 #   docker  a Docker engine answers `docker info`: docker-compose.yml runs the topology.
-#   local   no engine: kit/localkit.py runs the same topology as local processes of the OS's
-#           redis-server, from the same config files, with PID files under $(STATE_DIR).
+#   local   no engine: kit/localkit.py (run as `python -m kit.localkit`) runs the same topology
+#           as local processes of the OS's redis-server, from the same config files, through the
+#           shared launcher kit/topology.py, with PID files under $(STATE_DIR).
 # Force one with MODE=docker or MODE=local.
 #
 # Local mode, when 6379 & co. are taken (they are on most developer machines):
@@ -54,7 +55,7 @@ ifeq ($(MODE),docker)
 endif
 
 SAY_MODE = @echo "mode: $(MODE) ($(MODE_WHY))"
-KIT = $(PYTHON) kit/localkit.py
+KIT = $(PYTHON) -m kit.localkit
 KIT_STATE = --state-dir "$(STATE_DIR)"
 KIT_UP = $(KIT_STATE) \
 	--ports $(REDIS_PORT),$(REPLICA_1_PORT),$(REPLICA_2_PORT) \

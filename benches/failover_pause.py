@@ -3,7 +3,7 @@ relay, on real processes (1 master, 2 replicas, 3 Sentinels with down-after-mill
 1000 and failover-timeout 3000; two relay processes; writers sending one keyed delta at a
 time). Several runs, a fresh topology each; prints each run and the median.
 
-    .venv/bin/python benches/failover_pause.py --runs 5 [--ack replica] [--json out.json]
+    .venv/bin/python -m benches.failover_pause --runs 5 [--ack replica] [--json out.json]
 
 The pause is measured from the SIGKILL to the ack of the first delta SENT after it, so a
 delta acknowledged by the old master just before it died does not count. Also reported:
@@ -20,17 +20,13 @@ import platform
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from failover_harness import Stream, relay_args, wait_healthy
-from redis_topology import running_topology
-from relay_helpers import relay_process
+from kit.topology import REDIS_SERVER, running_topology
+from testkit.failover import Stream, relay_args, wait_healthy
+from testkit.relay import relay_process
 
 
 def cpu_model() -> str:
@@ -45,7 +41,7 @@ def cpu_model() -> str:
 
 
 def redis_version() -> str:
-    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+    out = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True)
     return out.stdout.strip()
 
 

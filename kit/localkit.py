@@ -5,18 +5,20 @@ Runs the OS's ``redis-server`` (Sentinels with ``--sentinel``) from the kit's ow
 (redis/*.conf, sentinel/*.conf), rendered into a state directory with the ports and paths
 substituted, plus one ``kasagi-relay --sentinels ...``. Every process it starts gets a PID
 file there; ``down`` stops exactly those PIDs (after checking each one is still ours), never
-anything by name.
+anything by name. Starting, rendering, waiting and stopping are the shared launcher's
+(kit/topology.py, which the tests use too); this module is the kit's commands around it.
 
 Standard library only, so it runs with any python3 >= 3.10. The relay check of
 ``failover-test`` needs the ``websockets`` package (the project's .venv has it).
 
-The Makefile calls it; by hand::
+The Makefile calls it; by hand, from the repository root (``python3 kit/localkit.py ...``
+works as well)::
 
-    python3 kit/localkit.py up --state-dir .kit --ports 7379,7380,7381 \
+    python3 -m kit.localkit up --state-dir .kit --ports 7379,7380,7381 \
         --sentinel-ports 27379,27380,27381 --relay-port 8765 --down-after-ms 1000
-    python3 kit/localkit.py status --state-dir .kit
-    python3 kit/localkit.py failover-test --state-dir .kit
-    python3 kit/localkit.py down --state-dir .kit
+    python3 -m kit.localkit status --state-dir .kit
+    python3 -m kit.localkit failover-test --state-dir .kit
+    python3 -m kit.localkit down --state-dir .kit
 
 Only ``up`` takes the topology options; the later commands read them back from
 ``<state-dir>/kit.json``. ``status``, ``sentinel-status`` and ``failover-test`` also work
@@ -32,7 +34,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,12 +42,35 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a script (python3 kit/localkit.py): the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kit import topology
+from kit.topology import (
+    LOCALHOST,
+    LaunchError,
+    Resp,
+    RespError,
+    Running,
+    answers_as,
+    call,
+    info,
+    log_tail,
+    pairs,
+    port_answers,
+    read_pid,
+    runs_in,
+    sentinel_view,
+    stop_all,
+    wait_for,
+)
+
 REPO = Path(__file__).resolve().parent.parent
-LOCALHOST = "127.0.0.1"
 
 # Names and defaults: the same as docker-compose.yml and the config files (the test
 # tests/test_deploy_kit.py checks that the three agree).
@@ -64,102 +88,10 @@ REPLICA_CONF = "redis/redis-replica.conf"
 SENTINEL_CONFS = tuple(f"sentinel/sentinel-{i}.conf" for i in (1, 2, 3))
 
 
-class KitError(Exception):
-    """A failure with a message meant for the person at the terminal."""
-
-
-# --------------------------------------------------------------------------------------------
-# A tiny RESP2 client (enough for PING, INFO, SET, WAIT, SENTINEL ...)
-# --------------------------------------------------------------------------------------------
-
-
-class RespError(Exception):
-    pass
-
-
-class Resp:
-    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Resp:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def call(self, *args: object) -> Any:
-        out = [f"*{len(args)}\r\n".encode()]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        self.sock.sendall(b"".join(out))
-        return self._read()
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) < n + 2:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed")
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n + 2 :]
-        return data
-
-    def _read(self) -> Any:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RespError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else self._exact(n).decode(errors="replace")
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._read() for _ in range(n)]
-        raise RespError(f"unexpected reply {line[:40]!r}")
-
-
-def call(port: int, *args: object, timeout: float = 1.0) -> Any:
-    with Resp(LOCALHOST, port, timeout) as r:
-        return r.call(*args)
-
-
-def info(port: int, section: str = "replication") -> dict[str, str]:
-    text = call(port, "INFO", section)
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        if ":" in line and not line.startswith("#"):
-            k, v = line.split(":", 1)
-            out[k] = v
-    return out
-
-
-def pairs(flat: list[Any]) -> dict[str, Any]:
-    return dict(zip(flat[::2], flat[1::2], strict=False))
-
-
-def port_answers(port: int) -> bool:
-    try:
-        with socket.create_connection((LOCALHOST, port), timeout=0.3):
-            return True
-    except OSError:
-        return False
+# A failure with a message meant for the person at the terminal: the launcher's error, so
+# what the shared launcher raises (a config it cannot render, a process that will not stop)
+# reads the same way.
+KitError = LaunchError
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,11 +161,7 @@ class Kit:
         return f"?:{port}"
 
     def master_name_and_quorum(self) -> tuple[str, int]:
-        for line in (REPO / SENTINEL_CONFS[0]).read_text().splitlines():
-            w = line.split()
-            if w[:2] == ["sentinel", "monitor"]:
-                return w[2], int(w[5])
-        raise KitError(f"{SENTINEL_CONFS[0]}: no `sentinel monitor` line")
+        return topology.monitor_line((REPO / SENTINEL_CONFS[0]).read_text(), SENTINEL_CONFS[0])
 
     # ---- state files ----
 
@@ -263,31 +191,12 @@ class Kit:
         )
 
     def read_pid(self, name: str) -> int | None:
-        try:
-            return int(self.pid_file(name).read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return read_pid(self.pid_file(name))
 
     def ours(self, pid: int, node: Node) -> bool:
-        """The PID is alive, not a zombie, and still the process we started (not reused)."""
-        proc = Path(f"/proc/{pid}")
-        if proc.exists():
-            try:
-                stat = (proc / "stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return False
-                cwd = os.readlink(proc / "cwd")
-            except OSError:
-                return False
-            # Every process of ours runs with its working directory inside the state dir.
-            return cwd == str(self.state) or cwd.startswith(str(self.state) + os.sep)
-        try:  # no /proc (macOS): ask ps
-            out = subprocess.run(
-                ["ps", "-o", "stat=,command=", "-p", str(pid)], capture_output=True, text=True
-            ).stdout.strip()
-        except OSError:
-            return False
-        return bool(out) and not out.startswith("Z") and str(node.port) in out
+        """The PID is alive, not a zombie, and still the process we started (not reused):
+        every process of ours runs with its working directory inside the state dir."""
+        return runs_in(pid, self.state, hint=str(node.port))
 
     def running_pid(self, node: Node) -> int | None:
         pid = self.read_pid(node.name)
@@ -314,34 +223,6 @@ class Kit:
 # --------------------------------------------------------------------------------------------
 
 
-def directive_key(line: str) -> str | None:
-    s = line.strip()
-    if not s or s.startswith("#"):
-        return None
-    w = s.split()
-    return " ".join(w[:2]).lower() if w[0].lower() == "sentinel" else w[0].lower()
-
-
-def render(template: str, subs: dict[str, str], source: str) -> str:
-    """Replace each directive named in subs (it must occur exactly once) by the given line."""
-    seen: dict[str, int] = dict.fromkeys(subs, 0)
-    out = []
-    for line in template.splitlines():
-        key = directive_key(line)
-        if key in subs:
-            seen[key] += 1
-            out.append(subs[key])
-        else:
-            out.append(line)
-    bad = {k: n for k, n in seen.items() if n != 1}
-    if bad:
-        raise KitError(
-            f"{source}: expected each of these directives exactly once, found {bad}; "
-            "the kit substitutes them for local mode"
-        )
-    return "\n".join(out) + "\n"
-
-
 def render_node(node: Node, data_dir: Path, s: Settings) -> str:
     assert node.template is not None
     text = (REPO / node.template).read_text()
@@ -350,37 +231,19 @@ def render_node(node: Node, data_dir: Path, s: Settings) -> str:
         f"({node.name}): bind/port/dir/announce/replicaof/monitor substituted.\n"
     )
     if node.kind == "redis":
-        subs = {
-            "bind": f"bind {LOCALHOST}",
-            "port": f"port {node.port}",
-            "dir": f"dir {data_dir}",
-            "replica-announce-ip": f"replica-announce-ip {LOCALHOST}",
-            "replica-announce-port": f"replica-announce-port {node.port}",
-        }
-        if node.master_port is not None:
-            subs["replicaof"] = f"replicaof {LOCALHOST} {node.master_port}"
-        return header + render(text, subs, node.template)
-    monitor = next(
-        line.split() for line in text.splitlines() if directive_key(line) == "sentinel monitor"
+        body = topology.render_redis(text, node.template, node.port, data_dir, node.master_port)
+        return header + body
+    assert node.master_port is not None
+    body = topology.render_sentinel(
+        text,
+        node.template,
+        node.port,
+        data_dir,
+        node.master_port,
+        s.down_after_ms,
+        s.failover_timeout_ms,
     )
-    name, quorum = monitor[2], monitor[5]
-    subs = {
-        "bind": f"bind {LOCALHOST}",
-        "port": f"port {node.port}",
-        "dir": f"dir {data_dir}",
-        "sentinel announce-hostnames": "sentinel announce-hostnames no",
-        "sentinel announce-ip": f"sentinel announce-ip {LOCALHOST}",
-        "sentinel announce-port": f"sentinel announce-port {node.port}",
-        "sentinel monitor": f"sentinel monitor {name} {LOCALHOST} {node.master_port} {quorum}",
-        "sentinel down-after-milliseconds": (
-            f"sentinel down-after-milliseconds {name} {s.down_after_ms}"
-        ),
-    }
-    if s.failover_timeout_ms is not None:
-        subs["sentinel failover-timeout"] = (
-            f"sentinel failover-timeout {name} {s.failover_timeout_ms}"
-        )
-    return header + render(text, subs, node.template)
+    return header + body
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,45 +251,15 @@ def render_node(node: Node, data_dir: Path, s: Settings) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def log_tail(path: Path, n: int = 8) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    | " + line for line in lines[-n:])
-
-
-def wait_for(pred: Any, timeout: float, interval: float = 0.1) -> bool:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            if pred():
-                return True
-        except (OSError, RespError, ConnectionError, ValueError):
-            pass
-        if time.monotonic() >= end:
-            return False
-        time.sleep(interval)
-
-
 def spawn(kit: Kit, node: Node, argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
-    log = open(kit.log_file(node.name), "ab")  # noqa: SIM115 (the child keeps it)
-    log.write(
-        f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} kit starts: {shlex.join(argv)}\n".encode()
+    # Detached: Ctrl-C on make does not reach it; `down` stops it by the PID file.
+    return topology.spawn(
+        argv, cwd=cwd, log=kit.log_file(node.name), pid_file=kit.pid_file(node.name), detach=True
     )
-    log.flush()
-    proc = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # Ctrl-C on make does not reach it; `down` stops it
-        close_fds=True,
-    )
-    log.close()
-    kit.pid_file(node.name).write_text(f"{proc.pid}\n")
-    return proc
+
+
+def tail(path: Path) -> str:
+    return log_tail(path, 8, prefix="    | ")
 
 
 def start_redis(kit: Kit, node: Node) -> str:
@@ -446,12 +279,14 @@ def start_redis(kit: Kit, node: Node) -> str:
     if node.kind == "sentinel":
         argv.append("--sentinel")
     proc = spawn(kit, node, argv, conf.parent)
-    if not wait_for(lambda: call(node.port, "PING") == "PONG", 10):
-        code = proc.poll()
+    # Ours answering, not whatever else holds the port; an early exit ends the wait.
+    started = wait_for(lambda: proc.poll() is not None or answers_as(node.port, proc.pid), 10)
+    code = proc.poll()
+    if not started or code is not None:
         raise KitError(
-            f"{node.name} did not answer PING on {node.port} within 10 s"
+            f"{node.name} did not answer on {node.port} within 10 s"
             f" ({'exited ' + str(code) if code is not None else 'still starting'}); "
-            f"log {kit.log_file(node.name)}:\n{log_tail(kit.log_file(node.name))}"
+            f"log {kit.log_file(node.name)}:\n{tail(kit.log_file(node.name))}"
         )
     return f"started (pid {proc.pid})"
 
@@ -503,7 +338,7 @@ def start_relay(kit: Kit) -> tuple[bool, str]:
             kit.pid_file(RELAY).unlink(missing_ok=True)
             return False, (
                 f"exited with status {code} at start: {shlex.join(argv)}\n"
-                f"  log {kit.log_file(RELAY)}:\n{log_tail(kit.log_file(RELAY))}"
+                f"  log {kit.log_file(RELAY)}:\n{tail(kit.log_file(RELAY))}"
             )
         status, body = healthz(s.relay_port, timeout=1.0)
         if status == 200:
@@ -511,7 +346,7 @@ def start_relay(kit: Kit) -> tuple[bool, str]:
         time.sleep(0.2)
     return False, (
         f"running (pid {proc.pid}) but /healthz is not 200 after 20 s "
-        f"(last: {status} {body}); log {kit.log_file(RELAY)}:\n{log_tail(kit.log_file(RELAY))}"
+        f"(last: {status} {body}); log {kit.log_file(RELAY)}:\n{tail(kit.log_file(RELAY))}"
     )
 
 
@@ -523,17 +358,10 @@ def stop_pid(kit: Kit, node: Node, timeout: float = 15.0) -> str:
     if not kit.ours(pid, node):
         pf.unlink(missing_ok=True)
         return f"{node.name}: pid {pid} already gone (PID file removed)"
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pf.unlink(missing_ok=True)
-        return f"{node.name}: pid {pid} already gone"
-    if not wait_for(lambda: not kit.ours(pid, node), timeout, 0.05):
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not kit.ours(pid, node), 5, 0.05)
-        pf.unlink(missing_ok=True)
-        return f"{node.name}: pid {pid} did not stop on SIGTERM in {timeout:.0f} s: SIGKILLed"
+    killed = stop_all([Running(pid, lambda: kit.ours(pid, node))], grace=timeout)
     pf.unlink(missing_ok=True)
+    if killed:
+        return f"{node.name}: pid {pid} did not stop on SIGTERM in {timeout:.0f} s: SIGKILLed"
     return f"{node.name}: stopped pid {pid}"
 
 
@@ -577,13 +405,14 @@ def cmd_up(kit: Kit, wanted: Settings) -> int:
         print(f"  {node.name:<24} {LOCALHOST}:{node.port:<6} {start_redis(kit, node)}")
     # Replicas in sync before the Sentinels look at them.
     for node in kit.redis_nodes():
-        inf = info(node.port)
-        if inf.get("role") == "slave" and not wait_for(
-            lambda n=node: info(n.port).get("master_link_status") == "up", 30
-        ):
+
+        def linked(n: Node = node) -> bool:
+            return info(n.port).get("master_link_status") == "up"
+
+        if info(node.port).get("role") == "slave" and not wait_for(linked, 30):
             raise KitError(
                 f"{node.name}: replication link not up after 30 s:\n"
-                + log_tail(kit.log_file(node.name))
+                + tail(kit.log_file(node.name))
             )
     for node in kit.sentinel_nodes():
         print(f"  {node.name:<24} {LOCALHOST}:{node.port:<6} {start_redis(kit, node)}")
@@ -616,46 +445,10 @@ def cmd_up(kit: Kit, wanted: Settings) -> int:
     return 0
 
 
-def sentinel_view(port: int, name: str) -> dict[str, Any]:
-    with Resp(LOCALHOST, port) as r:
-        addr = r.call("SENTINEL", "get-master-addr-by-name", name)
-        m = pairs(r.call("SENTINEL", "master", name))
-        reps = [pairs(x) for x in r.call("SENTINEL", "replicas", name)]
-        try:
-            ck = r.call("SENTINEL", "ckquorum", name)
-        except RespError as e:
-            ck = f"ERR {e}"
-    return {"addr": addr, "master": m, "replicas": reps, "ckquorum": ck}
-
-
 def sentinel_problems(kit: Kit, name: str) -> list[str]:
-    problems = []
-    addrs = set()
-    for node in kit.sentinel_nodes():
-        try:
-            v = sentinel_view(node.port, name)
-        except (OSError, RespError, ConnectionError) as e:
-            problems.append(f"{node.name}: {e}")
-            continue
-        addrs.add(int(v["addr"][1]))
-        ok_reps = [
-            r
-            for r in v["replicas"]
-            if r.get("flags") == "slave" and r.get("master-link-status") == "ok"
-        ]
-        if v["master"].get("flags") != "master":
-            problems.append(f"{node.name}: master flags {v['master'].get('flags')}")
-        if len(ok_reps) != 2:
-            problems.append(f"{node.name}: {len(ok_reps)} healthy replicas")
-        if int(v["master"].get("num-other-sentinels", 0)) != 2:
-            problems.append(
-                f"{node.name}: sees {v['master'].get('num-other-sentinels')} other sentinels"
-            )
-        if not str(v["ckquorum"]).startswith("OK"):
-            problems.append(f"{node.name}: ckquorum {v['ckquorum']}")
-    if len(addrs) > 1:
-        problems.append(f"sentinels disagree on the master port: {sorted(addrs)}")
-    return problems
+    return topology.sentinel_problems(
+        kit.settings.sentinel_ports, name, replicas=len(REPLICAS), labels=SENTINELS
+    )
 
 
 def cmd_status(kit: Kit) -> int:
@@ -898,6 +691,7 @@ async def relay_failover(
 
     try:
         from websockets.asyncio.client import connect
+        from websockets.typing import Subprotocol
     except ImportError as e:  # pragma: no cover
         raise KitError(
             f"the relay check needs the websockets package ({e}); run the kit with .venv/bin/python"
@@ -907,7 +701,8 @@ async def relay_failover(
     res: dict[str, Any] = {"room": room}
 
     async def recv(ws: Any, wait_s: float) -> dict[str, Any]:
-        return json.loads(await asyncio.wait_for(ws.recv(), wait_s))
+        msg: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), wait_s))
+        return msg
 
     async def until(ws: Any, pred: Any, wait_s: float) -> dict[str, Any]:
         end = time.monotonic() + wait_s
@@ -916,7 +711,8 @@ async def relay_failover(
             if pred(msg):
                 return msg
 
-    async with connect(url, subprotocols=["kasagi.v1.json"], open_timeout=5) as member:  # type: ignore[arg-type]
+    protocols = [Subprotocol("kasagi.v1.json")]
+    async with connect(url, subprotocols=protocols, open_timeout=5) as member:
         await member.send(json.dumps({"t": "join", "room": room, "id": 1}))
         joined = await until(member, lambda m: m.get("t") in ("joined", "error"), 10)
         if joined["t"] != "joined":
@@ -951,7 +747,7 @@ async def relay_failover(
                 while time.monotonic() < end:
                     try:
                         if ws is None:
-                            ws = await connect(url, subprotocols=["kasagi.v1.json"], open_timeout=5)  # type: ignore[arg-type]
+                            ws = await connect(url, subprotocols=protocols, open_timeout=5)
                         await ws.send(
                             json.dumps(
                                 {"t": "delta", "room": room, "id": key, "key": key, "patch": patch}
@@ -1098,6 +894,7 @@ def cmd_failover_test(kit: Kit) -> int:
             f"  +{probe.t_write:6.2f} s  first write accepted by the new master "
             f"(refused before: {errs})"
         )
+        assert probe.new_port is not None  # set with t_write
         got = call(probe.new_port, "GET", "kasagi:kit:marker")
         if got == marker:
             print("             the marker written before the kill is on the new master")
@@ -1160,6 +957,7 @@ def cmd_failover_test(kit: Kit) -> int:
         if ok:
             print(f"  {old.name} {how}; Sentinel made it a replica of the master in {dt:.1f} s")
         else:
+            seen: tuple[object, ...]
             try:
                 inf = info(old.port)
                 seen = inf.get("role"), inf.get("master_port"), inf.get("master_link_status")
@@ -1299,14 +1097,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             sys.stdout.flush()
             os.execvp(a.redis_cli, [a.redis_cli, "-p", str(port)])
-        return {
+        commands: dict[str, Callable[[Kit], int]] = {
             "status": cmd_status,
             "sentinel-status": cmd_sentinel_status,
             "failover-test": cmd_failover_test,
             "down": cmd_down,
             "clean": cmd_clean,
             "measure": lambda k: cmd_measure(k, a.runs),
-        }[a.command](kit)
+        }
+        return commands[a.command](kit)
     except KitError as e:
         print(f"ERROR: {e}")
         return 1

@@ -30,8 +30,8 @@ cargo clippy --all-targets --quiet --features pyo3 -- -D warnings
 cargo test --quiet
 
 echo "== ruff / mypy"
-.venv/bin/ruff check kasagi_relay tests benches
-.venv/bin/ruff format --check kasagi_relay tests benches
+.venv/bin/ruff check kasagi_relay tests benches kit testkit
+.venv/bin/ruff format --check kasagi_relay tests benches kit testkit
 .venv/bin/mypy
 .venv/bin/mypy benches
 

@@ -11,18 +11,17 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kit import localkit, topology
+from kit.topology import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "kit"))
-import localkit  # noqa: E402
 
 MASTER = "kasagi-redis-master"
 REPLICAS = ["kasagi-redis-replica-1", "kasagi-redis-replica-2"]
@@ -266,24 +265,12 @@ def test_local_mode_renders_same_files_with_ports_substituted(tmp_path: Path) ->
         elif node.name != MASTER:
             assert one(conf, "replicaof") == ["127.0.0.1", "7001"]
     with pytest.raises(localkit.KitError, match="exactly once"):
-        localkit.render("port 1\nport 2\n", {"port": "port 3"}, "x.conf")
+        topology.render("port 1\nport 2\n", {"port": "port 3"}, "x.conf")
 
 
 # --------------------------------------------------------------------------------------------
 # End to end, native path: make up -> status -> failover-test -> down
 # --------------------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def relay_command() -> list[str]:
