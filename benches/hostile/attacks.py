@@ -3,8 +3,9 @@
 Each attack is `async def(target, seen)`: it runs against the relay at `target`, bounded in
 time and count, and counts in `seen` what the attacker got back (`ack`, `error:<code>`,
 `close:<code>`, `http:<status>`, `timeout`, ...); an entry starting with `!` is a wrong
-outcome in itself (data lost, input coerced) and fails the class's goal. The harness measures the rest (the
-well-behaved member's stall, the relay's peak RSS, whether it is still alive)."""
+outcome in itself (data lost, input coerced) and fails the class's goal. The harness
+measures the rest (the well-behaved member's stall, the relay's peak RSS, whether it is
+still alive)."""
 
 from __future__ import annotations
 
