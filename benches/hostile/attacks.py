@@ -158,7 +158,7 @@ async def c01_copy_doubling(t: Target, seen: Seen) -> None:
         room = t.room("c01")
         await a.call({"t": "delta", "room": room, "merge": {"s": "x" * 1024}})
         ops = [{"op": "copy", "from": "", "path": f"/k{i}"} for i in range(40)]
-        await a.call({"t": "delta", "room": room, "patch": ops}, within=15)
+        await a.call({"t": "delta", "room": room, "patch": ops}, within=10)
         room2 = t.room("c01b")
         await a.call({"t": "delta", "room": room2, "merge": {"s": "x" * 1024}})
         for i in range(14):

@@ -9,6 +9,7 @@ import os
 import platform
 import secrets
 import shlex
+import signal
 import sys
 import time
 from collections import Counter
@@ -77,12 +78,17 @@ def summarize(seen: Seen, limit: int = 70) -> str:
 
 
 async def run_class(
-    n: int, backend_flags: list[str], extra: list[str], config: Config, within: float
+    n: int,
+    backend_flags: list[str],
+    extra: list[str],
+    config: Config,
+    within: float,
+    rss_cap_mib: int,
 ) -> Row:
     name, attack = CLASSES[n]
     row = Row(n, name)
     try:
-        relay = await Relay.start([*backend_flags, *extra])
+        relay = await Relay.start([*backend_flags, *extra], rss_cap_kib=rss_cap_mib * 1024)
     except Exception as exc:
         row.notes.append(f"relay did not start: {exc}")
         return row
@@ -119,7 +125,9 @@ async def run_class(
             seen[f"!{relay.tracebacks} tracebacks logged"] += 1
         row.wrong = any(what.startswith("!") for what in seen)
         code = await relay.stop()
-        if not row.alive:
+        if relay.killed_at_cap:
+            row.notes.append(f"killed by the harness past {rss_cap_mib} MiB RSS (--rss-cap-mib)")
+        elif not row.alive:
             row.notes.append(f"relay died (exit {code}): {' | '.join(relay.last_lines)[-160:]}")
         row.peak_mib = relay.peak_rss_kib / 1024
         row.got = summarize(seen)
@@ -180,7 +188,9 @@ async def amain(args: argparse.Namespace) -> int:
             config = parse_config(["--port", "0", *flags, *extra])
             rows = []
             for n in args.classes:
-                row = await run_class(n, flags, extra, config, args.attack_timeout)
+                row = await run_class(
+                    n, flags, extra, config, args.attack_timeout, args.rss_cap_mib
+                )
                 rows.append(row)
                 print(
                     f"  class {n:2d} {row.name}: stall {row.stall_ms:.1f} ms,"
@@ -215,10 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra relay flags, one string: --relay-flags='--max-state-bytes 65536'",
     )
     p.add_argument(
-        "--attack-timeout", type=float, default=45.0, help="cut any attack after this (s)"
+        "--attack-timeout", type=float, default=30.0, help="cut any attack after this (s)"
+    )
+    p.add_argument(
+        "--rss-cap-mib",
+        type=int,
+        default=2048,
+        help="kill a relay whose RSS passes this (the machine is shared; 0 = no cap)",
     )
     return p
 
 
+async def _cancellable(args: argparse.Namespace) -> int:
+    # SIGINT/SIGTERM cancel the run, so that every relay, probe and redis-server it started
+    # is stopped by the `finally` blocks rather than left behind.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await amain(args)
+    except asyncio.CancelledError:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(amain(build_parser().parse_args(argv)))
+    return asyncio.run(_cancellable(build_parser().parse_args(argv)))

@@ -57,10 +57,14 @@ class Relay:
     tracebacks: int = 0
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=8))
     peak_rss_kib: int = 0
+    # Past this RSS the harness kills the relay: the machine is shared, and an attack that
+    # makes the relay grow without bound is already a result.
+    rss_cap_kib: int = 0
+    killed_at_cap: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, flags: list[str]) -> Relay:
+    async def start(cls, flags: list[str], rss_cap_kib: int = 0) -> Relay:
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -75,7 +79,7 @@ class Relay:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        relay = cls(proc, port=port)
+        relay = cls(proc, port=port, rss_cap_kib=rss_cap_kib)
         assert proc.stderr is not None
         try:
             async with asyncio.timeout(30):
@@ -123,7 +127,11 @@ class Relay:
             hwm = self.vm("VmHWM")
             if hwm is not None:
                 self.peak_rss_kib = max(self.peak_rss_kib, hwm)
-            await asyncio.sleep(0.1)
+                if self.rss_cap_kib and hwm > self.rss_cap_kib and not self.killed_at_cap:
+                    self.killed_at_cap = True
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+            await asyncio.sleep(0.05)
 
     @property
     def alive(self) -> bool:
