@@ -119,12 +119,18 @@ class BadRequest(Exception):
 MAX_ID_CHARS: Final = 256
 MIN_INT: Final = -(2**63)  # the range MessagePack can carry, so an id is echoed on both codecs
 MAX_INT: Final = 2**64 - 1
-# Arrays and objects in one message. The JSON header is decoded into Python objects, which
-# costs ~0.1 us per container (1 MiB of `[]` was ~95 ms); this caps it near 10 ms.
+# Arrays and objects in one message. A JSON message is decoded into Python objects, which
+# costs ~0.3 us per container with the garbage collector's passes (1 MiB of `[]`, 350k of
+# them, took ~95 ms); this caps it near 30 ms.
 MAX_CONTAINERS: Final = 100_000
+# Members of the message object itself. A request uses at most six; the top level of a
+# MessagePack message is walked in Python (~2 us per member: 1 MiB of one-byte members took
+# ~400 ms), so the cap bounds that walk.
+MAX_MEMBERS: Final = 64
 # peek_id decodes nothing bigger than this (see its docstring).
 PEEK_MAX_BYTES: Final = 16 * 1024
 
+_TOO_MANY_MEMBERS: Final = f"a message may have at most {MAX_MEMBERS} members"
 _STRINGS_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
 # MessagePack type bytes (the format spec's first-byte table).
 _MP_MAP: Final = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
@@ -228,6 +234,8 @@ def _parse_json(text: str, codec: Codec) -> Request:
     obj = _loads(text)
     if not isinstance(obj, dict):
         raise BadRequest("bad_message", "message must be an object")
+    if len(obj) > MAX_MEMBERS:  # the same limit on both codecs
+        raise BadRequest("bad_message", _TOO_MANY_MEMBERS)
     # The engine reads the delta from the message itself (other members are ignored), by its
     # own rules (depth, numbers), rather than from a re-serialization of ours.
     return _parse_object(obj, lambda kind: text, codec)
@@ -238,10 +246,10 @@ def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, i
 
     Nothing below the top level becomes a Python object: containers are skipped by the C
     unpacker (~2.5 ms for a million of them)."""
-    if not data or data[0] not in _MP_MAP:
-        if data and data[0] != 0xC1:
-            raise BadRequest("bad_message", "message must be an object")
+    if not data or data[0] == 0xC1:  # 0xC1: the one byte MessagePack never uses
         raise BadRequest("bad_message", "message is not valid MessagePack")
+    if data[0] not in _MP_MAP:
+        raise BadRequest("bad_message", "message must be an object")
     n = len(data)
     unpacker = msgpack.Unpacker(
         raw=False,
@@ -257,7 +265,10 @@ def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, i
     fields: dict[str, object] = {}
     spans: dict[str, tuple[int, int]] = {}
     try:
-        for _ in range(unpacker.read_map_header()):
+        members = unpacker.read_map_header()
+        if members > MAX_MEMBERS:
+            raise BadRequest("bad_message", _TOO_MANY_MEMBERS)
+        for _ in range(members):
             pos = unpacker.tell()
             if pos >= n or data[pos] not in _MP_STR:
                 raise BadRequest("bad_message", "map keys must be strings")

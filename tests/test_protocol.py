@@ -16,6 +16,7 @@ from kasagi_relay.fanout import frame
 from kasagi_relay.protocol import (
     JSON,
     MAX_CONTAINERS,
+    MAX_MEMBERS,
     MSGPACK,
     PEEK_MAX_BYTES,
     BadRequest,
@@ -313,6 +314,21 @@ def test_a_megabyte_of_empty_arrays_is_refused_without_decoding_it() -> None:
         "message must be an object"
     )
     assert peek_id(data, MSGPACK) is None
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK])
+def test_too_many_members_is_bad_message(codec: Any) -> None:
+    message: dict[str, Any] = {"t": "leave", "room": "a"}
+    message.update({f"x{i}": i for i in range(MAX_MEMBERS - 2)})
+    assert (pj if codec == JSON else pm)(message) == Leave("a")
+    message["one-more"] = 0
+    data = json.dumps(message) if codec == JSON else packm(message)
+    assert "members" in bad(data, codec).message
+    # A megabyte of one-byte members is refused from the map's header.
+    n = 300_000
+    pairs = b"".join(packm(f"{i:x}") + b"\x00" for i in range(n))
+    huge = b"\xdf" + n.to_bytes(4, "big") + pairs
+    assert "members" in bad(huge, MSGPACK).message
 
 
 @pytest.mark.parametrize("codec", [JSON, MSGPACK])
