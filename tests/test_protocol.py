@@ -14,6 +14,7 @@ from websockets.frames import Frame, Opcode
 from kasagi_relay import delta
 from kasagi_relay.fanout import frame
 from kasagi_relay.protocol import (
+    INLINE_JSON_CHARS,
     JSON,
     MAX_CONTAINERS,
     MAX_MEMBERS,
@@ -225,6 +226,30 @@ def test_binary_json_must_be_utf8(encoding: str) -> None:
     assert bad(text.encode(encoding), JSON).code == "bad_message"
 
 
+@pytest.mark.parametrize("pad", [0, INLINE_JSON_CHARS])
+def test_big_json_is_read_by_the_engine_with_the_same_rules(pad: int) -> None:
+    # The same requests and refusals whether CPython's json or the engine reads the message.
+    def with_pad(text: str) -> str:
+        return text[:-1] + ',"pad":"' + "p" * pad + '"}'
+
+    d = parse(with_pad('{"t":"delta","room":"r","merge":{"a":[1,{"b":null}]},"id":"q"}'), JSON)
+    assert d == Delta("r", "merge", b'{"a":[1,{"b":null}]}', None, "q")
+    j = parse(with_pad('{"t":"join","room":"r","since":' + str(2**64 - 1) + ',"id":-5}'), JSON)
+    assert j == Join("r", 2**64 - 1, -5)
+    for text, code in [
+        ('{"t":"join","room":"r","since":' + str(2**64) + "}", "bad_message"),
+        ('{"t":"join","room":"r","id":' + str(2**70) + "}", "bad_message"),
+        ('{"t":"join","room":"r","id":[1]}', "bad_message"),
+        ('{"t":"join","room":"a:b"}', "bad_room"),
+        ('{"t":"delta","room":"r","patch":{}}', "bad_patch"),
+        ('{"t":"delta","room":"r","patch":[],"merge":{}}', "bad_patch"),
+        ('{"t":"leave","room":"r","x":NaN}', "bad_message"),
+        ('{"t":"leave","room":"r"} trailing', "bad_message"),
+    ]:
+        assert bad(with_pad(text)).code == code, text
+    assert bad("[" + "1," * pad + "1]").message == "message must be an object"
+
+
 def test_json_constants_are_bad_message() -> None:
     for constant in ("NaN", "Infinity", "-Infinity"):
         assert bad('{"t":"leave","room":"a","x":' + constant + "}").code == "bad_message"
@@ -411,10 +436,17 @@ def _all_replies(codec: Any, req: Any) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(message=_messages, codec=st.sampled_from([JSON, MSGPACK]), as_text=st.booleans())
+@given(
+    message=_messages,
+    codec=st.sampled_from([JSON, MSGPACK]),
+    as_text=st.booleans(),
+    big=st.booleans(),
+)
 def test_property_accepted_requests_can_be_answered(
-    message: Any, codec: Any, as_text: bool
+    message: Any, codec: Any, as_text: bool, big: bool
 ) -> None:
+    if big:  # past INLINE_JSON_CHARS: JSON is read by the engine, not by CPython's json
+        message = {**message, "pad": "p" * INLINE_JSON_CHARS}
     try:
         req = parse(_wire(message, codec, as_text), codec)
     except BadRequest as exc:
