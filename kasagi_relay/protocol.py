@@ -170,7 +170,9 @@ def parse(data: str | bytes, codec: Codec) -> Request:
     module. Past it, and for MessagePack at any size, only the top-level members that a
     request uses become Python objects; the rest is read by the engine with the GIL
     released (converted, validated), so a caller may run parse() of a big message in a
-    worker thread and keep its event loop free: it then holds the GIL ~3 ms per MiB."""
+    worker thread and keep its event loop free: it then holds the GIL for the top-level walk,
+    the bracket count and copies, a few ms per MiB (an event loop beside a thread parsing
+    1 MiB frames of empty arrays or of 87k-member objects lagged 5-15 ms, 2 busy CPUs)."""
     if isinstance(data, str):
         return _parse_json(data, codec)
     if codec == JSON:
