@@ -64,7 +64,8 @@ class Attacker:
     def encode(self, message: dict[str, Any]) -> str | bytes:
         if self.codec == MSGPACK:
             return bytes(msgpack.packb(message, use_bin_type=True))
-        return json.dumps(message)
+        # Compact: a 400k-element array must stay under --max-message-bytes.
+        return json.dumps(message, separators=(",", ":"))
 
     async def _read(self) -> None:
         try:
