@@ -10,6 +10,8 @@ the engine already encoded, so the room state and the delta are never parsed aga
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -57,6 +59,7 @@ ErrorCode = Literal[
     "forbidden",
     "unavailable",
     "internal",
+    "key_conflict",  # the same idempotency key with a different delta (docs/protocol.md)
 ]
 
 RequestId = int | str
@@ -111,55 +114,278 @@ class BadRequest(Exception):
 
 # --------------------------------------------------------------------------- parsing
 
+# Limits on what a request may hold (docs/protocol.md, "Limits"). Each bounds a cost or keeps
+# every reply encodable on both subprotocols.
+MAX_ID_CHARS: Final = 256
+MIN_INT: Final = -(2**63)  # the range MessagePack can carry, so an id is echoed on both codecs
+MAX_INT: Final = 2**64 - 1
+# Arrays and objects in one message. A JSON message is decoded into Python objects, which
+# costs ~0.3 us per container with the garbage collector's passes (1 MiB of `[]`, 350k of
+# them, took ~95 ms); this caps it near 30 ms.
+MAX_CONTAINERS: Final = 100_000
+# Members of the message object itself. A request uses at most six; the top level of a
+# MessagePack message is walked in Python (~2 us per member: 1 MiB of one-byte members took
+# ~400 ms), so the cap bounds that walk.
+MAX_MEMBERS: Final = 64
+# peek_id decodes nothing bigger than this (see its docstring).
+PEEK_MAX_BYTES: Final = 16 * 1024
+# A JSON message up to this size is decoded by CPython's json module (exact on every corner
+# of JSON, ~1 ms at most); a bigger one is read by the engine with the GIL released, so that
+# parse() holds the GIL only for a walk of the top level (see parse's docstring).
+INLINE_JSON_CHARS: Final = 16 * 1024
+
+_TOO_MANY_MEMBERS: Final = f"a message may have at most {MAX_MEMBERS} members"
+_STRINGS_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
+# MessagePack type bytes (the format spec's first-byte table).
+_MP_MAP: Final = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+_MP_CONTAINER: Final = _MP_MAP | frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
+_MP_STR: Final = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}
+# Top-level members read as values; every other member is only checked, never built.
+_SCALARS: Final = frozenset(("t", "room", "id", "since", "key"))
+_KINDS: Final = ("patch", "merge")
+
+
+class _Container:
+    """Stands for an array or map where a scalar field was expected (never decoded)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<array or map>"
+
+
+_CONTAINER: Final = _Container()
+
 
 def parse(data: str | bytes, codec: Codec) -> Request:
     """Parse one message received on a connection that negotiated `codec`.
 
     Text frames are JSON whatever the subprotocol (handy when debugging a MessagePack client
     by hand); binary frames are MessagePack on `kasagi.v1.msgpack` and UTF-8 JSON on
-    `kasagi.v1.json`."""
-    obj = _decode(data, codec)
-    return _parse_object(obj, data, is_json=isinstance(data, str) or codec == JSON)
+    `kasagi.v1.json`. Every field that a reply echoes is checked here, so that whatever this
+    accepts can be answered on either codec (docs/protocol.md, "Limits").
+
+    Cost: linear in the message's size, at most MAX_CONTAINERS arrays and objects, at most
+    MAX_MEMBERS members. Up to INLINE_JSON_CHARS a JSON message is decoded by CPython's json
+    module. Past it, and for MessagePack at any size, only the top-level members that a
+    request uses become Python objects; the rest is read by the engine with the GIL
+    released (converted, validated), so a caller may run parse() of a big message in a
+    worker thread and keep its event loop free: it then holds the GIL for the top-level walk,
+    the bracket count and copies, a few ms per MiB (an event loop beside a thread parsing
+    1 MiB frames of empty arrays or of 87k-member objects lagged 5-15 ms, 2 busy CPUs)."""
+    if isinstance(data, str):
+        return _parse_json(data, codec)
+    if codec == JSON:
+        return _parse_json(_utf8(data), codec)
+    return _parse_msgpack(bytes(data))
 
 
 def peek_id(data: str | bytes, codec: Codec) -> RequestId | None:
     """The request's `id` if it has a valid one, else None (for replies that do not parse
-    the request otherwise, such as rate_limited)."""
+    the request otherwise, such as rate_limited).
+
+    Cost: bounded. A message longer than PEEK_MAX_BYTES (16 KiB) is not read at all (None);
+    a shorter one is decoded at most once (a MessagePack one only down to its top level)."""
+    if len(data) > PEEK_MAX_BYTES:
+        return None
     try:
-        return _request_id(_decode(data, codec))
-    except (BadRequest, AttributeError):
+        if isinstance(data, str) or codec == JSON:
+            text = data if isinstance(data, str) else _utf8(data)
+            obj = _loads(text)
+            return _request_id(obj, codec) if isinstance(obj, dict) else None
+        fields, _ = _msgpack_top(bytes(data))
+        return _request_id(fields, codec)
+    except BadRequest:
         return None
 
 
-def _decode(data: str | bytes, codec: Codec) -> object:
-    if isinstance(data, str) or codec == JSON:
-        try:
-            return json.loads(data)
-        except RecursionError:
-            raise BadRequest("bad_message", "message nested too deeply") from None
-        except (ValueError, TypeError):
-            raise BadRequest("bad_message", "message is not valid JSON") from None
+def _utf8(data: bytes) -> str:
+    # json.loads(bytes) would also take UTF-16 and UTF-32 (it guesses from the first bytes);
+    # the protocol says UTF-8, and a strict decode refuses those and any invalid sequence.
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("bad_message", "a binary JSON message must be UTF-8") from None
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_containers(text: str | bytes) -> None:
+    """Refuse more than MAX_CONTAINERS arrays and objects; cost ~1 ms per MiB."""
+    if isinstance(text, str):
+        count = text.count("[") + text.count("{")
+    else:
+        count = text.count(b"[") + text.count(b"{")
+    if count <= MAX_CONTAINERS:
+        return
+    # Brackets inside strings were counted too: count again without the strings.
+    plain = _STRINGS_RE.sub("", text if isinstance(text, str) else text.decode("utf-8"))
+    if plain.count("[") + plain.count("{") > MAX_CONTAINERS:
+        raise BadRequest(
+            "bad_message", f"a message may hold at most {MAX_CONTAINERS} arrays and objects"
+        )
+
+
+def _loads(text: str) -> object:
+    _check_containers(text)
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest("bad_message", "message nested too deeply") from None
+    except (ValueError, TypeError):
+        raise BadRequest("bad_message", "message is not valid JSON") from None
+
+
+def _parse_json(text: str, codec: Codec) -> Request:
+    if len(text) > INLINE_JSON_CHARS:
+        _check_containers(text)
+        try:
+            packed = delta.json_to_msgpack(text)
+        except delta.DeltaError as exc:
+            raise BadRequest("bad_message", f"message is not valid JSON: {exc}") from None
+        fields, _ = _msgpack_top(packed)
+        return _parse_object(fields, lambda kind: text, codec)
+    obj = _loads(text)
+    if not isinstance(obj, dict):
+        raise BadRequest("bad_message", "message must be an object")
+    if len(obj) > MAX_MEMBERS:  # the same limit on both codecs
+        raise BadRequest("bad_message", _TOO_MANY_MEMBERS)
+    # The engine reads the delta from the message itself (other members are ignored), by its
+    # own rules (depth, numbers), rather than from a re-serialization of ours.
+    return _parse_object(obj, lambda kind: text, codec)
+
+
+def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, int]]]:
+    """The scalar top-level members of a MessagePack map, and the byte spans of the others.
+
+    Nothing below the top level becomes a Python object: containers are skipped by the C
+    unpacker (~2.5 ms for a million of them)."""
+    if not data or data[0] == 0xC1:  # 0xC1: the one byte MessagePack never uses
+        raise BadRequest("bad_message", "message is not valid MessagePack")
+    if data[0] not in _MP_MAP:
+        raise BadRequest("bad_message", "message must be an object")
+    n = len(data)
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=n,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=n,
+    )
+    unpacker.feed(data)
+    fields: dict[str, object] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    try:
+        members = unpacker.read_map_header()
+        if members > MAX_MEMBERS:
+            raise BadRequest("bad_message", _TOO_MANY_MEMBERS)
+        for _ in range(members):
+            pos = unpacker.tell()
+            if pos >= n or data[pos] not in _MP_STR:
+                raise BadRequest("bad_message", "map keys must be strings")
+            name = unpacker.unpack()
+            pos = unpacker.tell()
+            if name in _SCALARS and pos < n and data[pos] not in _MP_CONTAINER:
+                fields[name] = unpacker.unpack()
+                spans.pop(name, None)
+            else:
+                unpacker.skip()
+                spans[name] = (pos, unpacker.tell())
+                fields[name] = _CONTAINER
+    except BadRequest:
+        raise
+    except msgpack.StackError:
+        raise BadRequest("bad_message", "message nested too deeply") from None
     except Exception:  # msgpack raises a handful of unrelated types for bad input
         raise BadRequest("bad_message", "message is not valid MessagePack") from None
+    if unpacker.tell() != n:
+        raise BadRequest("bad_message", "trailing bytes after the message")
+    return fields, spans
 
 
-def _request_id(obj: object) -> RequestId | None:
-    if not isinstance(obj, dict):
-        return None
+def _msgpack_json(data: bytes) -> bytes:
+    """MessagePack -> JSON by the engine (GIL released); raises DeltaError."""
+    return delta.msgpack_to_json(data)
+
+
+def _bad_msgpack(exc: delta.DeltaError) -> bool:
+    """Whether the engine refused the data as MessagePack (bad_message) rather than as JSON
+    (a value without a JSON form, too deep: bad_patch in a delta)."""
+    text = str(exc).lower()
+    return "map keys must be strings" in text or "utf-8" in text or "invalid data" in text
+
+
+def _parse_msgpack(data: bytes) -> Request:
+    fields, spans = _msgpack_top(data)
+    rid = _request_id(fields, MSGPACK)
+    # Members nobody reads must still be MessagePack with a JSON form (string keys, UTF-8),
+    # as on the JSON subprotocol: no message means two things.
+    for name, (start, end) in spans.items():
+        if name in _KINDS or name in _SCALARS:
+            continue
+        try:
+            _msgpack_json(data[start:end])
+        except delta.DeltaError:
+            raise BadRequest(
+                "bad_message", f"member {_short(name)} has no JSON form", rid
+            ) from None
+
+    def source(kind: str) -> bytes:
+        start, end = spans[kind]
+        try:
+            body = _msgpack_json(data[start:end])
+        except delta.DeltaError as exc:
+            if _bad_msgpack(exc):
+                raise BadRequest("bad_message", str(exc)) from None
+            raise BadRequest("bad_patch", f"delta has no JSON form: {exc}") from None
+        _check_containers(body)
+        return b'{"' + kind.encode() + b'":' + body + b"}"
+
+    return _parse_object(fields, source, MSGPACK)
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` has a UTF-8 form (no lone surrogate), so MessagePack can carry it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _request_id(obj: Mapping[str, object], codec: Codec) -> RequestId | None:
+    """The id, if it can be echoed in every reply on `codec` (docs/protocol.md, "Limits")."""
     rid = obj.get("id")
     if rid is None:
         return None
-    if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
+    if isinstance(rid, str):
+        if len(rid) > MAX_ID_CHARS:
+            raise BadRequest("bad_message", f"a string id has at most {MAX_ID_CHARS} characters")
+        # JSON replies escape a lone surrogate (ASCII-only output); MessagePack has no form
+        # for it.
+        if codec == MSGPACK and not _encodable(rid):
+            raise BadRequest("bad_message", "id has no UTF-8 form (a lone surrogate)")
+        return rid
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        if not MIN_INT <= rid <= MAX_INT:
+            raise BadRequest("bad_message", "an integer id must be within -2**63 .. 2**64-1")
         return rid
     raise BadRequest("bad_message", "id must be an integer or a string")
 
 
-def _parse_object(obj: object, raw: str | bytes, *, is_json: bool) -> Request:
-    if not isinstance(obj, dict):
-        raise BadRequest("bad_message", "message must be an object")
-    rid = _request_id(obj)
+# The engine's delta document for one kind, or a BadRequest (without id and room).
+_Source = Callable[[str], "str | bytes"]
+
+
+def _parse_object(obj: Mapping[str, object], source: _Source, codec: Codec) -> Request:
+    rid = _request_id(obj, codec)
     t = obj.get("t")
     if t is None:
         raise BadRequest("bad_message", "missing field t", rid)
@@ -174,43 +400,42 @@ def _parse_object(obj: object, raw: str | bytes, *, is_json: bool) -> Request:
     if t == "join":
         since = obj.get("since")
         if since is not None and (
-            not isinstance(since, int) or isinstance(since, bool) or since < 0
+            not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= MAX_INT
         ):
-            raise BadRequest("bad_message", "since must be a non-negative integer", rid, room)
+            raise BadRequest(
+                "bad_message", "since must be an integer within 0 .. 2**64-1", rid, room
+            )
         return Join(room, since, rid)
     if t == "leave":
         return Leave(room, rid)
-    return _parse_delta(obj, raw, room, rid, is_json=is_json)
+    return _parse_delta(obj, source, room, rid)
 
 
 def _parse_delta(
-    obj: dict[object, object], raw: str | bytes, room: str, rid: RequestId | None, *, is_json: bool
+    obj: Mapping[str, object], source: _Source, room: str, rid: RequestId | None
 ) -> Delta:
     key = obj.get("key")
-    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
+    if key is not None and (
+        not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS or not _encodable(key)
+    ):
+        # Keys are stored (Redis, as UTF-8): one without a UTF-8 form would fail after the
+        # checks, as an internal error.
         raise BadRequest(
-            "bad_message", f"key must be a string of 1 to {MAX_KEY_CHARS} characters", rid, room
+            "bad_message",
+            f"key must be a string of 1 to {MAX_KEY_CHARS} characters, in UTF-8",
+            rid,
+            room,
         )
     has_patch, has_merge = "patch" in obj, "merge" in obj
     if not has_patch and not has_merge:
         raise BadRequest("bad_message", "missing field patch or merge", rid, room)
     if has_patch and has_merge:
         raise BadRequest("bad_patch", "a delta holds either patch or merge, not both", rid, room)
-    if is_json:
-        # The engine reads the message itself (other members are ignored): the delta is
-        # parsed by the engine's rules (depth, numbers) rather than re-serialized by us.
-        source: str | bytes = raw
-    else:
-        kind = "patch" if has_patch else "merge"
-        try:
-            body = json.dumps(obj[kind], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        except RecursionError:
-            raise BadRequest("bad_patch", "delta nested too deeply", rid, room) from None
-        except (TypeError, ValueError) as exc:
-            raise BadRequest("bad_patch", f"delta has no JSON form: {exc}", rid, room) from None
-        source = '{"' + kind + '":' + body + "}"
     try:
-        kind_s, body_b = delta.validate(source)
+        doc = source("patch" if has_patch else "merge")
+        kind_s, body_b = delta.validate(doc)
+    except BadRequest as exc:
+        raise BadRequest(exc.code, exc.message, rid, room) from None
     except delta.DeltaError as exc:
         raise BadRequest("bad_patch", str(exc), rid, room) from None
     except RecursionError:  # pragma: no cover - the engine bounds depth itself
@@ -220,6 +445,11 @@ def _parse_delta(
 
 
 def _short(value: object, limit: int = 40) -> str:
+    # Only the start of a long value is shown, so repr() never walks a big container.
+    if isinstance(value, list | dict):
+        value = _CONTAINER
+    elif isinstance(value, str | bytes) and len(value) > limit:
+        value = value[:limit]
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -281,7 +511,12 @@ def encode_error(
     if room is not None:
         fields["room"] = room
     fields["code"] = code
-    fields["message"] = message
+    # An engine or library message may quote input: keep it encodable on MessagePack.
+    fields["message"] = (
+        message
+        if _encodable(message)
+        else message.encode("utf-8", "backslashreplace").decode("utf-8")
+    )
     return _payload(codec, fields)
 
 

@@ -7,13 +7,19 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 from kasagi_relay import delta
 from kasagi_relay.fanout import frame
 from kasagi_relay.protocol import (
+    INLINE_JSON_CHARS,
     JSON,
+    MAX_CONTAINERS,
+    MAX_MEMBERS,
     MSGPACK,
+    PEEK_MAX_BYTES,
     BadRequest,
     Delta,
     DeltaFrame,
@@ -24,6 +30,7 @@ from kasagi_relay.protocol import (
     encode_joined,
     encode_left,
     parse,
+    peek_id,
 )
 
 
@@ -175,3 +182,295 @@ def test_frame_is_what_websockets_would_write(size: int) -> None:
     for opcode, ws_opcode in ((0x1, Opcode.TEXT), (0x2, Opcode.BINARY)):
         expected = Frame(ws_opcode, payload).serialize(mask=False, extensions=[])
         assert frame(opcode, payload) == expected
+
+
+# --------------------------------------------------------------------------- hostile input
+# Issue #11 items 3 (decoding), 11 and 12; the limits are in docs/protocol.md ("Limits").
+
+
+def packm(message: Any) -> bytes:
+    return bytes(msgpack.packb(message, use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"t": "delta", "room": "a", "merge": {1: "a", "1": "b"}},  # was coerced to {"1": "b"}
+        {"t": "delta", "room": "a", "merge": {"x": [{"y": {2: None}}]}},
+        {"t": "delta", "room": "a", "patch": [{"op": "add", "path": "/a", "value": {3: 1}}]},
+        {"t": "delta", "room": "a", "merge": {}, 5: "x"},
+        {"t": "delta", "room": "a", "merge": {}, "extra": {(1, 2): 1}},
+        {"t": "join", "room": "a", 1.5: 1},
+    ],
+)
+def test_msgpack_non_string_keys_are_bad_message(message: Any) -> None:
+    assert bad(packm(message), MSGPACK).code == "bad_message"
+
+
+def test_msgpack_invalid_utf8_and_trailing_bytes() -> None:
+    assert bad(b"\x81\xa1t\xa2\xff\xfe", MSGPACK).code == "bad_message"
+    ok = packm({"t": "leave", "room": "a"})
+    assert parse(ok, MSGPACK) == Leave("a")
+    assert bad(ok + b"\xc0", MSGPACK).code == "bad_message"
+    assert bad(ok[:-1], MSGPACK).code == "bad_message"
+    bad_str = packm({"t": "delta", "room": "a", "merge": {"x": "é"}}).replace(
+        b"\xc3\xa9", b"\xc3\x28"
+    )
+    assert bad(bad_str, MSGPACK).code == "bad_message"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1"])
+def test_binary_json_must_be_utf8(encoding: str) -> None:
+    text = '{"t":"join","room":"a","id":"\u00e9\u00e8"}'
+    assert parse(text.encode(), JSON) == Join("a", None, "\u00e9\u00e8")
+    assert bad(text.encode(encoding), JSON).code == "bad_message"
+
+
+@pytest.mark.parametrize("pad", [0, INLINE_JSON_CHARS])
+def test_big_json_is_read_by_the_engine_with_the_same_rules(pad: int) -> None:
+    # The same requests and refusals whether CPython's json or the engine reads the message.
+    def with_pad(text: str) -> str:
+        return text[:-1] + ',"pad":"' + "p" * pad + '"}'
+
+    d = parse(with_pad('{"t":"delta","room":"r","merge":{"a":[1,{"b":null}]},"id":"q"}'), JSON)
+    assert d == Delta("r", "merge", b'{"a":[1,{"b":null}]}', None, "q")
+    j = parse(with_pad('{"t":"join","room":"r","since":' + str(2**64 - 1) + ',"id":-5}'), JSON)
+    assert j == Join("r", 2**64 - 1, -5)
+    for text, code in [
+        ('{"t":"join","room":"r","since":' + str(2**64) + "}", "bad_message"),
+        ('{"t":"join","room":"r","id":' + str(2**70) + "}", "bad_message"),
+        ('{"t":"join","room":"r","id":[1]}', "bad_message"),
+        ('{"t":"join","room":"a:b"}', "bad_room"),
+        ('{"t":"delta","room":"r","patch":{}}', "bad_patch"),
+        ('{"t":"delta","room":"r","patch":[],"merge":{}}', "bad_patch"),
+        ('{"t":"leave","room":"r","x":NaN}', "bad_message"),
+        ('{"t":"leave","room":"r"} trailing', "bad_message"),
+    ]:
+        assert bad(with_pad(text)).code == code, text
+    assert bad("[" + "1," * pad + "1]").message == "message must be an object"
+
+
+def test_json_constants_are_bad_message() -> None:
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        assert bad('{"t":"leave","room":"a","x":' + constant + "}").code == "bad_message"
+
+
+@pytest.mark.parametrize(
+    ("rid", "codecs"),
+    [
+        (2**64, [JSON, MSGPACK]),
+        (-(2**63) - 1, [JSON, MSGPACK]),
+        (2**70, [JSON, MSGPACK]),
+        ("x" * 257, [JSON, MSGPACK]),
+        # JSON replies echo a lone surrogate escaped; MessagePack cannot carry it.
+        ("\ud800", [MSGPACK]),
+        ("a\udfffb", [MSGPACK]),
+    ],
+)
+def test_unechoable_ids_are_bad_message(rid: Any, codecs: list[Any]) -> None:
+    # Sent as JSON text (MessagePack cannot even carry them), so that they reach parse on
+    # either connection: refused at parse time, before any side effect.
+    message = {"t": "delta", "room": "a", "merge": {"x": 1}, "id": rid}
+    for codec in codecs:
+        err = bad(json.dumps(message), codec)
+        assert err.code == "bad_message" and err.id is None
+        encode_error(codec, err.code, err.message, err.id, err.room)  # the refusal is encodable
+    if codecs == [MSGPACK]:
+        req = parse(json.dumps({"t": "join", "room": "a", "id": rid}), JSON)
+        assert req.id == rid
+        assert json.loads(encode_ack(JSON, "a", 1, req.id))["id"] == rid
+
+
+@pytest.mark.parametrize("rid", [2**64 - 1, -(2**63), "x" * 256, "\u00e9\U0001f600"])
+@pytest.mark.parametrize("p", [pj, pm])
+def test_ids_at_the_limits_are_echoed(rid: Any, p: Any) -> None:
+    req = p({"t": "delta", "room": "a", "merge": {"x": 1}, "id": rid})
+    assert req.id == rid
+    assert json.loads(encode_ack(JSON, "a", 1, req.id))["id"] == rid
+    assert msgpack.unpackb(encode_ack(MSGPACK, "a", 1, req.id))["id"] == rid
+
+
+def test_unstorable_key_and_huge_since() -> None:
+    assert bad('{"t":"delta","room":"a","merge":{},"key":"\\ud800"}').code == "bad_message"
+    assert bad('{"t":"join","room":"a","since":' + str(2**64) + "}").code == "bad_message"
+    assert pj({"t": "join", "room": "a", "since": 2**64 - 1}) == Join("a", 2**64 - 1)
+
+
+def test_error_message_with_a_lone_surrogate_is_encodable() -> None:
+    reply = msgpack.unpackb(encode_error(MSGPACK, "bad_patch", "x\ud800y"))
+    assert reply["message"] == "x\\ud800y"
+    assert json.loads(encode_error(JSON, "bad_patch", "x\ud800y"))["message"] == "x\\ud800y"
+
+
+def test_key_conflict_is_an_error_code() -> None:
+    reply = json.loads(encode_error(JSON, "key_conflict", "key k holds another delta", 1, "r"))
+    assert reply["code"] == "key_conflict"
+
+
+MIB = 1 << 20
+
+
+def _msgpack_delta_around(value: bytes) -> bytes:
+    return (
+        b"\x83" + packm("t") + packm("delta") + packm("room") + packm("a") + packm("merge") + value
+    )
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK])
+def test_too_many_containers_is_bad_message(codec: Any) -> None:
+    n = MAX_CONTAINERS + 1
+    if codec == JSON:
+        data: str | bytes = '{"t":"delta","room":"a","merge":{"x":[' + ",".join(["[]"] * n) + "]}}"
+    else:
+        data = _msgpack_delta_around(b"\x81\xa1x\xdd" + n.to_bytes(4, "big") + b"\x90" * n)
+    assert "at most" in bad(data, codec).message
+    # Brackets inside strings are not containers.
+    text = '{"t":"delta","room":"a","merge":{"x":"' + "[" * n + '"}}'
+    assert parse(text, codec) == Delta("a", "merge", ('{"x":"' + "[" * n + '"}').encode())
+
+
+def test_a_megabyte_of_empty_arrays_is_refused_without_decoding_it() -> None:
+    # 1 MiB of MessagePack empty arrays: refused (too many containers), and a bare array is
+    # refused from its first byte; peek_id does not read a message this big at all.
+    n = MIB - 64
+    data = _msgpack_delta_around(b"\x81\xa1x\xdd" + n.to_bytes(4, "big") + b"\x90" * n)
+    assert bad(data, MSGPACK).code == "bad_message"
+    assert bad(b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n, MSGPACK).message == (
+        "message must be an object"
+    )
+    assert peek_id(data, MSGPACK) is None
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK])
+def test_too_many_members_is_bad_message(codec: Any) -> None:
+    message: dict[str, Any] = {"t": "leave", "room": "a"}
+    message.update({f"x{i}": i for i in range(MAX_MEMBERS - 2)})
+    assert (pj if codec == JSON else pm)(message) == Leave("a")
+    message["one-more"] = 0
+    data = json.dumps(message) if codec == JSON else packm(message)
+    assert "members" in bad(data, codec).message
+    # A megabyte of one-byte members is refused from the map's header.
+    n = 300_000
+    pairs = b"".join(packm(f"{i:x}") + b"\x00" for i in range(n))
+    huge = b"\xdf" + n.to_bytes(4, "big") + pairs
+    assert "members" in bad(huge, MSGPACK).message
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK])
+def test_peek_id(codec: Any) -> None:
+    small = {"t": "delta", "room": "a", "merge": {"x": [1, 2]}, "id": 7}
+    data = json.dumps(small) if codec == JSON else packm(small)
+    assert peek_id(data, codec) == 7
+    assert peek_id(json.dumps({"id": "q"}), codec) == "q"
+    assert peek_id(json.dumps({"id": 2**70}), codec) is None
+    assert peek_id(b"\xc1", codec) is None
+    big = dict(small, merge={"x": "y" * PEEK_MAX_BYTES})
+    data = json.dumps(big) if codec == JSON else packm(big)
+    assert peek_id(data, codec) is None  # past PEEK_MAX_BYTES: not read
+
+
+# ----- properties (hypothesis)
+
+_any_text = st.text(st.characters(exclude_categories=()), max_size=300)
+_ids = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    _any_text,
+    st.floats(),
+    st.booleans(),
+)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | _any_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_any_text, inner, max_size=4),
+    max_leaves=12,
+)
+_messages = st.fixed_dictionaries(
+    {
+        "t": st.sampled_from(["join", "leave", "delta"]),
+        "room": st.one_of(st.sampled_from(["a", "r-1.x_y"]), _any_text),
+    },
+    optional={
+        "id": _ids,
+        "since": st.one_of(st.integers(-5, 2**70), _json_values),
+        "key": _any_text,
+        "merge": _json_values,
+        "patch": st.lists(
+            st.fixed_dictionaries(
+                {"op": st.sampled_from(["add", "replace", "remove", "test"]), "path": _any_text},
+                optional={"value": _json_values, "from": _any_text},
+            ),
+            max_size=3,
+        ),
+        "extra": _json_values,
+    },
+)
+
+
+def _wire(message: Any, codec: Any, as_text: bool) -> str | bytes:
+    if as_text or codec == JSON:
+        text = json.dumps(message)
+        return text if as_text else text.encode()
+    try:
+        return packm(message)
+    except (UnicodeEncodeError, OverflowError, TypeError):
+        # Lone surrogates and huge integers have no MessagePack form: send what a client
+        # would (invalid UTF-8), or fall back to text.
+        try:
+            return bytes(msgpack.packb(message, use_bin_type=True, unicode_errors="surrogatepass"))
+        except (OverflowError, TypeError):
+            return json.dumps(message)
+
+
+def _all_replies(codec: Any, req: Any) -> None:
+    state = delta.RoomState(b'{"a":1}', 3)
+    payloads = [
+        encode_ack(codec, req.room, 2**63, req.id),
+        encode_left(codec, req.room, req.id),
+        encode_error(codec, "key_conflict", "conflict", req.id, req.room),
+        encode_joined(codec, req.room, 3, req.id, state),
+        encode_joined(codec, req.room, 3, req.id, None),
+    ]
+    load = json.loads if codec == JSON else msgpack.unpackb
+    for payload in payloads:
+        assert load(payload).get("id") == req.id
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    message=_messages,
+    codec=st.sampled_from([JSON, MSGPACK]),
+    as_text=st.booleans(),
+    big=st.booleans(),
+)
+def test_property_accepted_requests_can_be_answered(
+    message: Any, codec: Any, as_text: bool, big: bool
+) -> None:
+    if big:  # past INLINE_JSON_CHARS: JSON is read by the engine, not by CPython's json
+        message = {**message, "pad": "p" * INLINE_JSON_CHARS}
+    try:
+        req = parse(_wire(message, codec, as_text), codec)
+    except BadRequest as exc:
+        encode_error(codec, exc.code, exc.message, exc.id, exc.room)
+        return
+    # Every reply on the connection's codec; on MessagePack also on JSON (a superset).
+    _all_replies(codec, req)
+    if codec == MSGPACK:
+        _all_replies(JSON, req)
+    if isinstance(req, Delta):
+        delta.validate(req.doc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.one_of(st.binary(max_size=200), _any_text), codec=st.sampled_from([JSON, MSGPACK]))
+def test_property_arbitrary_input_raises_only_bad_request(data: str | bytes, codec: Any) -> None:
+    for attempt in (
+        data,
+        b"\x83\xa1t\xa5delta\xa4room\xa1a" + data if isinstance(data, bytes) else data,
+    ):
+        try:
+            req = parse(attempt, codec)
+        except BadRequest as exc:
+            encode_error(codec, exc.code, exc.message, exc.id, exc.room)
+        else:
+            _all_replies(codec, req)
+        peek_id(attempt, codec)
