@@ -808,6 +808,9 @@ async def relay_failover(
 
 def cmd_failover_test(kit: Kit) -> int:
     kit.load()
+    relay_expected = kit.docker or bool(kit.settings.relay)
+    if relay_expected:
+        relay_client()  # first: without the client, one line and nothing touched
     name, _ = kit.master_name_and_quorum()
     problems = sentinel_problems(kit, name)
     if problems:
@@ -818,10 +821,7 @@ def cmd_failover_test(kit: Kit) -> int:
         call(kit.settings.sentinel_ports[0], "SENTINEL", "get-master-addr-by-name", name)[1]
     )
     old = next(n for n in kit.redis_nodes() if n.port == old_port)
-    relay_expected = kit.docker or bool(kit.settings.relay)
     relay_ok, relay_line = relay_status(kit)
-    if relay_expected:
-        relay_client()  # before anything is killed: a one-line error without the client
     failures: list[str] = []
     if relay_expected and not relay_ok:
         failures.append("relay not healthy before the test: " + relay_line.split(None, 3)[-1])
