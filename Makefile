@@ -35,6 +35,9 @@ REDIS_CLI        ?= redis-cli
 # The relay command; empty (`make up RELAY=`) brings up Redis and Sentinels only.
 RELAY            ?= .venv/bin/kasagi-relay
 RELAY_ARGS       ?=
+# The kit's python: up/status/down need only the standard library (any python3); the relay
+# half of failover-test talks to the relay with the project's client (kasagi_relay.client),
+# so it needs .venv's python, and says so in one line when run with another.
 PYTHON           ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
 # ---- mode detection --------------------------------------------------------------------------

@@ -8,8 +8,10 @@ file there; ``down`` stops exactly those PIDs (after checking each one is still 
 anything by name. Starting, rendering, waiting and stopping are the shared launcher's
 (kit/topology.py, which the tests use too); this module is the kit's commands around it.
 
-Standard library only, so it runs with any python3 >= 3.10. The relay check of
-``failover-test`` needs the ``websockets`` package (the project's .venv has it).
+Standard library only, so it runs with any python3 >= 3.10, except the relay check of
+``failover-test`` (and ``measure``): it talks to the relay with the project's client,
+``kasagi_relay.client``, so it needs the project's .venv/bin/python (the Makefile uses it
+when it exists) and says so in one line when it is run with another python.
 
 The Makefile calls it; by hand, from the repository root (``python3 kit/localkit.py ...``
 works as well)::
@@ -29,6 +31,7 @@ as they listen on, so the host reaches each node at 127.0.0.1 and the node's por
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -45,6 +48,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 if not __package__:  # run as a script (python3 kit/localkit.py): the repository is the root
@@ -682,137 +686,131 @@ class Probe:
             time.sleep(0.05)
 
 
+def relay_client() -> ModuleType:
+    """The project's client (kasagi_relay.client), which the relay half of failover-test
+    uses; it needs the project's packages (websockets, msgpack, the delta engine), so it is
+    imported only here and the other commands run with any python3."""
+    try:
+        return importlib.import_module("kasagi_relay.client")
+    except ImportError as e:
+        raise KitError(
+            f"the relay check needs the project's client ({e}): run it with the project's "
+            ".venv/bin/python (`make failover-test` does when .venv exists; `./scripts/test.sh` "
+            "creates it)"
+        ) from None
+
+
 async def relay_failover(
     url: str, kill: Any, t0_box: list[float], deadline_s: float, log: list[str], probe: Probe
 ) -> dict[str, Any]:
     """A member joined before the kill sees a delta sent (and acked) right after the kill,
-    and one sent once Sentinel's new master takes writes: no gap, no duplicate."""
+    and one sent once Sentinel's new master takes writes: no gap, no duplicate.
+
+    Member and writer are `kasagi_relay.client.Client`s: the writer's client sends a delta
+    again with the same key after an `unavailable` or a lost connection, until it is acked;
+    the member's follows the room with `async for`. The kit checks the member's stream
+    itself: every delta starts at the previous seq + 1, and no state replaces it (a reset)."""
     import asyncio
 
+    client = relay_client()
+    room_name = f"kit-failover-{uuid.uuid4().hex[:8]}"
+    res: dict[str, Any] = {"room": room_name}
+    # Retried until `deadline_s`, not a count; short backoffs, as the pause is what is shown.
+    options: dict[str, Any] = {
+        "unavailable_retries": 1_000_000,
+        "min_delay": 0.1,
+        "max_delay": 0.5,
+    }
+
+    def frame(change: Any) -> dict[str, Any]:
+        return {"t": change.kind, "from": change.from_seq, "seq": change.seq}
+
     try:
-        from websockets.asyncio.client import connect
-        from websockets.typing import Subprotocol
-    except ImportError as e:  # pragma: no cover
-        raise KitError(
-            f"the relay check needs the websockets package ({e}); run the kit with .venv/bin/python"
-        ) from e
+        async with client.Client(url, **options) as member, client.Client(url, **options) as writer:
+            room = await member.join(room_name)
+            last = room.seq
+            changes = aiter(room)
 
-    room = f"kit-failover-{uuid.uuid4().hex[:8]}"
-    res: dict[str, Any] = {"room": room}
+            async def member_sees(seq: int, wait_s: float) -> dict[str, Any]:
+                nonlocal last
+                try:
+                    async with asyncio.timeout(wait_s):
+                        while True:
+                            change = await anext(changes)
+                            if change.kind == "delta" and change.from_seq != last + 1:
+                                raise KitError(
+                                    f"relay: gap in the member's stream: after {last} came "
+                                    f"{frame(change)}"
+                                )
+                            if change.kind == "reset":
+                                res["reset"] = True
+                            last = change.seq
+                            if last >= seq:
+                                return frame(change)
+                except TimeoutError:
+                    raise KitError(
+                        f"relay: the member did not receive seq {seq} within {wait_s:.0f} s "
+                        f"(it is at {last})"
+                    ) from None
 
-    async def recv(ws: Any, wait_s: float) -> dict[str, Any]:
-        msg: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), wait_s))
-        return msg
+            async def send_until_ack(patch: list[Any], key: str) -> tuple[int, int]:
+                before = writer.unavailable + writer.resent, len(writer.disconnects)
+                try:
+                    async with asyncio.timeout(deadline_s):
+                        seq: int = await writer.send(room_name, patch=patch, key=key)
+                except TimeoutError:
+                    raise KitError(
+                        f"relay: no ack for key {key} within {deadline_s:.0f} s "
+                        f"({writer.unavailable + writer.resent - before[0]} retries)"
+                    ) from None
+                except client.RelayError as e:
+                    raise KitError(f"relay: delta refused: {e}") from None
+                retries = writer.unavailable + writer.resent - before[0]
+                for code in writer.disconnects[before[1] :]:
+                    log.append(f"send: connection closed ({code}); sent again with the same key")
+                return seq, retries
 
-    async def until(ws: Any, pred: Any, wait_s: float) -> dict[str, Any]:
-        end = time.monotonic() + wait_s
-        while True:
-            msg = await recv(ws, max(0.01, end - time.monotonic()))
-            if pred(msg):
-                return msg
-
-    protocols = [Subprotocol("kasagi.v1.json")]
-    async with connect(url, subprotocols=protocols, open_timeout=5) as member:
-        await member.send(json.dumps({"t": "join", "room": room, "id": 1}))
-        joined = await until(member, lambda m: m.get("t") in ("joined", "error"), 10)
-        if joined["t"] != "joined":
-            raise KitError(f"relay: join refused: {joined}")
-        last = int(joined["seq"])
-        stream: list[dict[str, Any]] = []
-
-        async def member_sees(seq: int, wait_s: float) -> dict[str, Any]:
-            nonlocal last
-            end = time.monotonic() + wait_s
-            while True:
-                m = await recv(member, max(0.01, end - time.monotonic()))
-                if m.get("t") == "delta" and m.get("room") == room:
-                    stream.append(m)
-                    if int(m["from"]) != last + 1:
-                        raise KitError(f"relay: gap in the member's stream: after {last} came {m}")
-                    last = int(m["seq"])
-                    if last >= seq:
-                        return m
-                elif m.get("t") == "reset":
-                    stream.append(m)
-                    res["reset"] = True
-                    last = int(m["seq"])
-                    if last >= seq:
-                        return m
-
-        async def send_until_ack(patch: list[Any], key: str) -> tuple[int, int]:
-            retries = 0
-            end = time.monotonic() + deadline_s
-            ws = None
-            try:
-                while time.monotonic() < end:
-                    try:
-                        if ws is None:
-                            ws = await connect(url, subprotocols=protocols, open_timeout=5)
-                        await ws.send(
-                            json.dumps(
-                                {"t": "delta", "room": room, "id": key, "key": key, "patch": patch}
-                            )
-                        )
-                        reply = await until(ws, lambda m: m.get("id") == key, 10)
-                    except (TimeoutError, OSError, Exception) as e:
-                        if isinstance(e, KitError):
-                            raise
-                        retries += 1
-                        log.append(f"send: {type(e).__name__}: {e}; retrying with the same key")
-                        if ws is not None:
-                            await ws.close()
-                            ws = None
-                        await asyncio.sleep(0.2)
-                        continue
-                    if reply["t"] == "ack":
-                        return int(reply["seq"]), retries
-                    if reply.get("code") == "unavailable":
-                        retries += 1
-                        await asyncio.sleep(0.2)
-                        continue
-                    raise KitError(f"relay: delta refused: {reply}")
-            finally:
-                if ws is not None:
-                    await ws.close()
-            raise KitError(
-                f"relay: no ack for key {key} within {deadline_s:.0f} s ({retries} retries)"
+            seq1, _ = await send_until_ack(
+                [{"op": "add", "path": "/before", "value": 1}], f"{room_name}-1"
             )
+            await member_sees(seq1, 10)
+            res["seq_before"] = seq1
 
-        seq1, _ = await send_until_ack([{"op": "add", "path": "/before", "value": 1}], f"{room}-1")
-        await member_sees(seq1, 10)
-        res["seq_before"] = seq1
-
-        kill()
-        t0 = t0_box[0]
-        seq2, retries = await send_until_ack(
-            [{"op": "add", "path": "/after", "value": 2}], f"{room}-2"
-        )
-        res["ack_s"] = time.monotonic() - t0
-        res["seq_after"], res["retries"] = seq2, retries
-        seen = await member_sees(seq2, 15)
-        res["member_s"] = time.monotonic() - t0
-        res["member_frame"] = {k: seen.get(k) for k in ("t", "from", "seq")}
-        # Once the new master takes writes, a delta must flow without retries.
-        end = time.monotonic() + deadline_s
-        while probe.t_write is None and time.monotonic() < end and not probe.done.is_set():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        t = time.monotonic()
-        seq3, retries3 = await send_until_ack(
-            [{"op": "add", "path": "/steady", "value": 3}], f"{room}-3"
-        )
-        res["steady_ack_ms"] = (time.monotonic() - t) * 1000
-        seen3 = await member_sees(seq3, 10)
-        res["steady"] = {
-            "seq": seq3,
-            "retries": retries3,
-            "frame": {k: seen3.get(k) for k in ("t", "from", "seq")},
-        }
-        res["gapless"] = not res.get("reset")
+            kill()
+            t0 = t0_box[0]
+            seq2, retries = await send_until_ack(
+                [{"op": "add", "path": "/after", "value": 2}], f"{room_name}-2"
+            )
+            res["ack_s"] = time.monotonic() - t0
+            res["seq_after"], res["retries"] = seq2, retries
+            res["member_frame"] = await member_sees(seq2, 15)
+            res["member_s"] = time.monotonic() - t0
+            # Once the new master takes writes, a delta must flow without retries.
+            end = time.monotonic() + deadline_s
+            while probe.t_write is None and time.monotonic() < end and not probe.done.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            t = time.monotonic()
+            seq3, retries3 = await send_until_ack(
+                [{"op": "add", "path": "/steady", "value": 3}], f"{room_name}-3"
+            )
+            res["steady_ack_ms"] = (time.monotonic() - t) * 1000
+            res["steady"] = {
+                "seq": seq3,
+                "retries": retries3,
+                "frame": await member_sees(seq3, 10),
+            }
+            res["gapless"] = not res.get("reset")
+    except client.KasagiError as e:
+        # The client gave up (a refused join, a connection it may not retry).
+        raise KitError(f"relay client: {e}") from None
     return res
 
 
 def cmd_failover_test(kit: Kit) -> int:
     kit.load()
+    relay_expected = kit.docker or bool(kit.settings.relay)
+    if relay_expected:
+        relay_client()  # first: without the client, one line and nothing touched
     name, _ = kit.master_name_and_quorum()
     problems = sentinel_problems(kit, name)
     if problems:
@@ -823,7 +821,6 @@ def cmd_failover_test(kit: Kit) -> int:
         call(kit.settings.sentinel_ports[0], "SENTINEL", "get-master-addr-by-name", name)[1]
     )
     old = next(n for n in kit.redis_nodes() if n.port == old_port)
-    relay_expected = kit.docker or bool(kit.settings.relay)
     relay_ok, relay_line = relay_status(kit)
     failures: list[str] = []
     if relay_expected and not relay_ok:

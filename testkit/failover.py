@@ -3,16 +3,21 @@
 Used by tests/test_sentinel_failover.py (as `failover_harness`, its name in tests/) and
 benches/failover_pause.py; the Redis/Sentinel topology comes from kit/topology.py. Relays run as
 subprocesses (`python -m kasagi_relay --sentinels ...`: the real CLI, real signals); the
-writers and members are real WebSocket clients spread over the relays:
+writers and members are the project's own client (`kasagi_relay.client.Client`) over real
+WebSockets, spread over the relays:
 
 - a Writer sends merge deltas `{"<writer>-<n>": n}` with idempotency key `<writer>-<n>`,
-  one at a time; on `unavailable` it retries the same key, on a lost connection it
-  reconnects (to the next relay) and retries the same key. It records every ack.
-- a Member joins the room, applies every frame to its own copy of the state with the pure
-  engine, records violations (a `from` that is not the previous seq + 1), resets and frame
-  arrival times; when its relay dies it rejoins the next relay with `since`.
+  one at a time, with `Client.send`: on `unavailable` and on a lost connection the client
+  sends the same key again (to the next relay after a reconnect). It records every ack.
+- a Member joins the room with `Client.join` and follows it with `async for`; the client
+  resumes with `since` on the next relay when its relay dies.
 
-`check()` then compares everything with the history on the current master.
+The harness does not trust the client's bookkeeping: a Member applies every change's delta
+to its own copy of the state with the pure engine (`_pydelta`, not the engine the client
+uses), checks that each delta starts at its previous seq + 1, and adds the client's own
+records (`gaps`, `disconnects`, "reset" changes) on top. `Stream.finish()` then compares the
+writers' acks and both copies of every member's state with the history on the current master;
+the tests compare that with a fresh join (a raw WebSocket client) and the compacted snapshot.
 """
 
 from __future__ import annotations
@@ -23,19 +28,27 @@ import itertools
 import json
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from kasagi_relay import _pydelta
+from kasagi_relay.client import Change, Client, ConnectionFailed, KasagiError, RelayError
+from kasagi_relay.client.protocol import json_bytes
 from kasagi_relay.compaction import LOCK_TTL_MS
 from kit.topology import Topology
-from testkit.relay import Client, RelayProcess, connect_client, relay_process
+from testkit.relay import RelayProcess, connect_client, relay_process
 
 ROOM = "arena"
+# The client's reconnect and `unavailable` backoff (full jitter): capped at 0.1 s, so the
+# pause the harness measures is the relay's and Redis's, not a client waiting out a backoff
+# (on average the 0.05-0.1 s the hand-written clients before it slept between attempts).
+MIN_DELAY_S = 0.05
+MAX_DELAY_S = 0.1
+# `unavailable` is retried until the writer's own deadline (SEND_WITHIN_S), not a count.
+UNAVAILABLE_RETRIES = 1_000_000
+SEND_WITHIN_S = 30.0
 
 
 def relay_args(topo: Topology, ack: str, *extra: str) -> list[str]:
@@ -72,11 +85,15 @@ async def wait_healthy(urls: list[str], master: tuple[str, int] | None, within: 
             await asyncio.sleep(0.1)
 
 
-def _reply_to(rid: int) -> Callable[[dict[str, Any]], bool]:
-    def match(m: dict[str, Any]) -> bool:
-        return m.get("id") == rid and m.get("t") in ("ack", "error")
-
-    return match
+def new_client(urls: list[str], idx: int) -> Client:
+    """A client whose first connection goes to relay `idx` (each reconnect to the next)."""
+    n = idx % len(urls)
+    return Client(
+        [*urls[n:], *urls[:n]],
+        min_delay=MIN_DELAY_S,
+        max_delay=MAX_DELAY_S,
+        unavailable_retries=UNAVAILABLE_RETRIES,
+    )
 
 
 @dataclass
@@ -88,60 +105,56 @@ class Writer:
     acked: dict[str, int] = field(default_factory=dict)
     # (acked at, seq, first sent at) per acknowledged delta
     ack_times: list[tuple[float, int, float]] = field(default_factory=list)
-    unavailable: int = 0
-    reconnects: int = 0
+    # The client's counters, summed over the clients this writer had (one unless one failed).
+    unavailable: int = 0  # `unavailable` replies, each followed by a resend of the same key
+    reconnects: int = 0  # connections lost and made again
+    resent: int = 0  # deltas sent again (after a reconnect or an `unavailable`)
     given_up: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _client: Client | None = None
-    _stack: contextlib.AsyncExitStack | None = None
 
     async def _connect(self) -> Client:
-        if self._client is None:
-            self._stack = contextlib.AsyncExitStack()
-            while True:
-                try:
-                    self._client = await self._stack.enter_async_context(
-                        connect_client(self.urls[self.idx % len(self.urls)])
-                    )
-                    break
-                except (OSError, InvalidHandshake, InvalidStatus, TimeoutError):
-                    self.idx += 1
-                    await asyncio.sleep(0.1)
+        while self._client is None:
+            client = new_client(self.urls, self.idx)
+            try:
+                await client.connect()
+            except ConnectionFailed as exc:
+                self.errors.append(f"connect: {exc}")
+                self.idx += 1
+                await asyncio.sleep(0.1)
+                continue
+            self._client = client
         return self._client
 
     async def _drop(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            with contextlib.suppress(Exception):
-                await stack.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+            self.unavailable += client.unavailable
+            self.reconnects += len(client.disconnects)
+            self.resent += client.resent
 
     async def send_one(self, key: str, value: int, deadline: float) -> int | None:
-        rid = 0
         sent_at = time.monotonic()
-        while time.monotonic() < deadline:
-            rid += 1
+        while (left := deadline - time.monotonic()) > 0:
             client = await self._connect()
             try:
-                await client.send(
-                    {"t": "delta", "room": ROOM, "merge": {key: value}, "key": key, "id": rid}
-                )
-                reply, _ = await client.recv_until(_reply_to(rid), within=20)
-            except (ConnectionClosed, OSError):
-                self.reconnects += 1
-                self.idx += 1
+                async with asyncio.timeout(left):
+                    seq = await client.send(ROOM, merge={key: value}, key=key)
+            except TimeoutError:
+                break
+            except RelayError as exc:
+                self.errors.append(f"{key}: {exc}")
+                return None
+            except KasagiError as exc:
+                # The client gave up on its connection: a new client, the same key.
+                self.errors.append(f"{key}: {exc!r}; a new client sends it again")
                 await self._drop()
+                self.idx += 1
                 continue
-            if reply["t"] == "ack":
-                seq = int(reply["seq"])
-                self.acked[key] = seq
-                self.ack_times.append((time.monotonic(), seq, sent_at))
-                return seq
-            if reply.get("code") == "unavailable":
-                self.unavailable += 1
-                await asyncio.sleep(0.05)
-                continue
-            self.errors.append(f"{key}: {reply}")
-            return None
+            self.acked[key] = seq
+            self.ack_times.append((time.monotonic(), seq, sent_at))
+            return seq
         self.given_up.append(key)
         return None
 
@@ -149,7 +162,7 @@ class Writer:
         n = 0
         try:
             while not stop.is_set():
-                await self.send_one(f"{self.name}-{n}", n, time.monotonic() + 30)
+                await self.send_one(f"{self.name}-{n}", n, time.monotonic() + SEND_WITHIN_S)
                 n += 1
                 await asyncio.sleep(self.interval)
         finally:
@@ -161,57 +174,74 @@ class Member:
     name: str
     urls: list[str]
     idx: int
+    # The member's own copy: every change's delta applied with the pure engine.
     state: bytes = b"{}"
     seq: int = -1
+    # The client's copy (`Room.state_json`, `Room.seq`) when the member stopped.
+    client_state: bytes = b"{}"
+    client_seq: int = -1
     violations: list[str] = field(default_factory=list)
-    resets: int = 0
-    rejoins: int = 0
-    full_rejoins: int = 0
+    resets: int = 0  # states replaced by the relay (`reset`) while connected
+    rejoins: int = 0  # joins with `since` after a lost connection
+    full_rejoins: int = 0  # ... answered with a full state instead of the missed deltas
     frame_times: list[float] = field(default_factory=list)
     joined: asyncio.Event = field(default_factory=asyncio.Event)
+    _disconnects_seen: int = 0
 
-    def _apply(self, m: dict[str, Any]) -> None:
-        if m["from"] != self.seq + 1:
-            self.violations.append(f"from {m['from']} after seq {self.seq}")
-        doc = {"patch": m["patch"]} if "patch" in m else {"merge": m["merge"]}
-        # PROTOCOL.md: a delta that fails at its position is a no-op.
-        with contextlib.suppress(_pydelta.DeltaError):
-            self.state = _pydelta.apply(self.state, json.dumps(doc).encode())
-        self.seq = m["seq"]
+    def _apply(self, change: Change, disconnects: int) -> None:
         self.frame_times.append(time.monotonic())
+        if change.kind == "delta":
+            if change.from_seq != self.seq + 1:
+                self.violations.append(f"from {change.from_seq} after seq {self.seq}")
+            assert change.delta is not None
+            # docs/protocol.md: a delta that fails at its position is a no-op.
+            with contextlib.suppress(_pydelta.DeltaError):
+                self.state = _pydelta.apply(self.state, json_bytes(change.delta))
+        elif disconnects > self._disconnects_seen:
+            # The first change after a reconnect is a state: the resume was not possible.
+            self.full_rejoins += 1
+            self.state = json_bytes(change.state)
+        else:
+            self.resets += 1
+            self.state = json_bytes(change.state)
+        self.seq = change.seq
+        self._disconnects_seen = disconnects
+
+    async def _follow(self, client: Client, stop: asyncio.Event) -> None:
+        room = await client.join(ROOM)
+        if self.seq >= 0:
+            # A new client after one failed: its join is a full one.
+            self.full_rejoins += 1
+        self.state, self.seq = room.state_json, room.seq
+        self._disconnects_seen = 0
+        self.joined.set()
+
+        async def close_on_stop() -> None:
+            await stop.wait()
+            await client.close()  # ends the iteration below
+
+        closer = asyncio.create_task(close_on_stop())
+        try:
+            async for change in room:
+                self._apply(change, len(client.disconnects))
+        finally:
+            closer.cancel()
+            self.client_state, self.client_seq = room.state_json, room.seq
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            client = new_client(self.urls, self.idx)
             try:
-                async with connect_client(self.urls[self.idx % len(self.urls)]) as c:
-                    since = self.seq if self.seq >= 0 else None
-                    j = await c.join(ROOM, since=since)
-                    if since is not None:
-                        self.rejoins += 1
-                    if j.get("resumed"):
-                        if j["seq"] != self.seq:
-                            self.violations.append(f"resumed at {j['seq']}, held {self.seq}")
-                    else:
-                        if since is not None:
-                            self.full_rejoins += 1
-                        self.state = json.dumps(j["state"]).encode()
-                        self.seq = j["seq"]
-                    self.joined.set()
-                    while not stop.is_set():
-                        try:
-                            m = await c.recv(within=0.5)
-                        except TimeoutError:
-                            continue
-                        if m["t"] == "delta":
-                            self._apply(m)
-                        elif m["t"] == "reset":
-                            self.resets += 1
-                            self.state = json.dumps(m["state"]).encode()
-                            self.seq = m["seq"]
-                            self.frame_times.append(time.monotonic())
-            except (ConnectionClosed, OSError, InvalidHandshake, InvalidStatus, TimeoutError):
+                async with client:
+                    await self._follow(client, stop)
+            except KasagiError as exc:
+                # Reconnecting is the client's job: a client that gives up is a failure.
+                self.violations.append(f"client failed: {exc!r}")
                 self.idx += 1
                 await asyncio.sleep(0.1)
+            finally:
+                self.rejoins += len(client.disconnects)
+                self.violations += [f"client rejoined: {gap}" for gap in client.gaps]
 
     def max_gap(self, start: float, end: float) -> float:
         times = [start, *(t for t in self.frame_times if start <= t <= end), end]
@@ -319,10 +349,14 @@ class Stream:
                 elif seqs != [seq]:
                     (dup if len(seqs) > 1 else wrong).append(f"{key}: acked {seq}, history {seqs}")
         dup += [f"{k}: {v}" for k, v in where.items() if len(v) > 1 and f"{k}: " not in str(dup)]
+        # Both copies: the member's own (pure engine) and the client's.
         diverged = [
-            f"{m.name}: seq {m.seq} vs {last}"
+            f"{m.name}: seq {m.seq} (client {m.client_seq}) vs {last}"
             for m in self.members
-            if m.seq != last or json.loads(m.state) != expect
+            if m.seq != last
+            or m.client_seq != last
+            or json.loads(m.state) != expect
+            or json.loads(m.client_state) != expect
         ]
         # The pause: from the fault to the ack of the first delta SENT after it (a delta in
         # flight at the fault may have been acked by the old master just before).

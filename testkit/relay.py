@@ -46,6 +46,7 @@ import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 
 from kasagi_relay.backends.base import Backend
+from kasagi_relay.client import protocol
 from kasagi_relay.config import Config
 from kasagi_relay.server import Relay
 
@@ -73,7 +74,14 @@ async def start_relay(
 
 
 class Client:
-    """A real websockets client speaking one subprotocol, with message-level helpers."""
+    """A real websockets client speaking one subprotocol, with message-level helpers.
+
+    Raw on purpose: it sends whatever message (or bytes) a test gives it, malformed ones
+    included, and hands back every reply as the plain dict that was on the wire, so tests
+    can check exact fields. Every reply is also parsed by the project's client parser
+    (`kasagi_relay.client.protocol.parse`): a reply that parser would reject fails the test,
+    so the relay and the client agree on one definition of a valid message. Requests are
+    encoded here, not with `protocol.encode_*`, which refuse malformed requests."""
 
     def __init__(self, ws: ClientConnection, codec: str) -> None:
         self.ws = ws
@@ -92,7 +100,17 @@ class Client:
             assert isinstance(data, str), "json replies come in text frames"
             value = json.loads(data)
         assert isinstance(value, dict)
+        self.parse(data)
         return value
+
+    @staticmethod
+    def parse(data: str | bytes) -> protocol.Reply:
+        """The reply as the project's client reads it (typed); AssertionError if it would
+        refuse it."""
+        try:
+            return protocol.parse(data)
+        except protocol.ProtocolError as exc:
+            raise AssertionError(f"the client's parser refuses {data!r:.200}: {exc}") from None
 
     async def send(self, message: Message) -> None:
         await self.ws.send(self.encode(message))

@@ -7,11 +7,14 @@ ports, in a temporary state directory, with Sentinel's down-after-milliseconds a
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -266,6 +269,24 @@ def test_local_mode_renders_same_files_with_ports_substituted(tmp_path: Path) ->
             assert one(conf, "replicaof") == ["127.0.0.1", "7001"]
     with pytest.raises(localkit.KitError, match="exactly once"):
         topology.render("port 1\nport 2\n", {"port": "port 3"}, "x.conf")
+
+
+def test_failover_test_without_the_client_says_so_in_one_line(tmp_path: Path) -> None:
+    """The kit runs with the standard library alone, except the relay half of failover-test,
+    which uses the project's client: a python without the project's packages (here the same
+    interpreter with -S: no site-packages) gets one line, before the kit touches anything."""
+    settings = localkit.Settings(relay=["kasagi-relay"])
+    (tmp_path / "kit.json").write_text(json.dumps(dataclasses.asdict(settings)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-S", "-m", "kit.localkit", "failover-test", "--state-dir", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 1, r
+    assert r.stdout.splitlines() == [r.stdout.strip()], r.stdout
+    assert r.stdout.startswith("ERROR: the relay check needs the project's client ("), r.stdout
+    assert ".venv/bin/python" in r.stdout
+    assert r.stderr == ""
 
 
 # --------------------------------------------------------------------------------------------

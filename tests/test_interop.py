@@ -1,6 +1,7 @@
 """Publishers and subscribers that are not this project, through the same Redis keys:
 
-- `redis-cli FCALL kasagi_publish 4 ...` publishes a delta that relay members receive;
+- `redis-cli FCALL kasagi_publish 4 ...` publishes a delta that relay members (the
+  project's client, `kasagi_relay.client`) receive;
 - the Node ioredis client, connecting through the Sentinels as the seed README shows,
   publishes with FCALL (idempotent with a key) and reads the compacted snapshot;
 - a plain redis-py subscriber on `room:{R}:channel` sees the relay's deltas.
@@ -21,8 +22,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis_topology import REDIS_CLI, Topology, running_topology
-from relay_helpers import REPO, connect_client, start_relay
+from relay_helpers import REPO, start_relay
 
+from kasagi_relay.client import Client
 from kasagi_relay.config import Config
 
 pytestmark = pytest.mark.timeout(180)
@@ -91,8 +93,10 @@ async def test_interop(topo: Topology, ioredis: Path, tmp_path: Path) -> None:
     )
     host, port = topo.master_addr()
     keys = [f"room:{{{ROOM}}}:{s}" for s in ("seq", "ops", "channel", "keys")]
-    async with start_relay(config) as relay, connect_client(relay.url) as member:
-        assert (await member.join(ROOM))["seq"] == 0
+    async with start_relay(config) as relay, Client(relay.url) as member:
+        room = await member.join(ROOM)
+        assert (room.seq, room.state) == (0, {})
+        changes = aiter(room)
         plain = aioredis.Redis(host=host, port=port, password=RPW)
         sub = plain.pubsub()
         await sub.subscribe(f"room:{{{ROOM}}}:channel")
@@ -105,13 +109,13 @@ async def test_interop(topo: Topology, ioredis: Path, tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=10,
         )  # fmt: skip
         assert out.stdout.strip() == "1", out
-        frame = await member.expect("delta")
-        assert (frame["from"], frame["seq"], frame["merge"]) == (1, 1, {"cli": 1})
+        change = await asyncio.wait_for(anext(changes), 5)
+        assert (change.kind, change.from_seq, change.seq) == ("delta", 1, 1)
+        assert change.delta == {"merge": {"cli": 1}}
 
         # 2. The relay publishes; a plain redis-py subscriber sees it on the channel.
-        async with connect_client(relay.url) as writer:
-            ack = await writer.delta(ROOM, merge={"ws": 2}, key="ws-2")
-            assert ack is not None and ack["seq"] == 2
+        async with Client(relay.url) as writer:
+            assert await writer.send(ROOM, merge={"ws": 2}, key="ws-2") == 2
         seen: list[object] = []
         async with asyncio.timeout(5):
             while len(seen) < 2:
@@ -119,8 +123,8 @@ async def test_interop(topo: Topology, ioredis: Path, tmp_path: Path) -> None:
                 if m and m["type"] == "message":
                     seen.append(json.loads(m["data"]))
         assert seen == [{"seq": 1, "merge": {"cli": 1}}, {"seq": 2, "merge": {"ws": 2}}]
-        frame = await member.expect("delta")
-        assert (frame["seq"], frame["merge"]) == (2, {"ws": 2})
+        change = await asyncio.wait_for(anext(changes), 5)
+        assert (change.seq, change.delta) == (2, {"merge": {"ws": 2}})
 
         # Compaction writes the snapshot that ioredis reads below.
         async with asyncio.timeout(10):
@@ -144,12 +148,16 @@ async def test_interop(topo: Topology, ioredis: Path, tmp_path: Path) -> None:
         assert result["snapshot"]["seq"] == "2"
         assert json.loads(result["snapshot"]["data"]) == {"cli": 1, "ws": 2}
         assert result["master"].endswith(f":{port}")
-        frame = await member.expect("delta")
-        assert (frame["seq"], frame["merge"]) == (3, {"node": 3})
-        await member.nothing(0.5)  # the idempotent second FCALL published nothing
+        change = await asyncio.wait_for(anext(changes), 5)
+        assert (change.seq, change.delta) == (3, {"merge": {"node": 3}})
+        assert change.state == {"cli": 1, "ws": 2, "node": 3}
+        # The idempotent second FCALL published nothing.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(changes), 0.5)
+        assert member.gaps == [] and member.disconnects == []
 
-        async with connect_client(relay.url) as late:
+        async with Client(relay.url) as late:
             joined = await late.join(ROOM)
-            assert (joined["seq"], joined["state"]) == (3, {"cli": 1, "ws": 2, "node": 3})
+            assert (joined.seq, joined.state) == (3, {"cli": 1, "ws": 2, "node": 3})
         await sub.aclose()  # type: ignore[no-untyped-call]
         await plain.aclose()

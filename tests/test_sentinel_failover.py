@@ -1,5 +1,7 @@
 """Faults under load: a real Sentinel topology, two relay processes, several writers and
-members spread over both, and the checks of issue 4 after each fault:
+members (the project's client, kasagi_relay.client, driven by testkit/failover.py) spread
+over both, and the checks of issue 4 after each fault, made by the harness itself from the
+Redis history, a fresh join and the snapshot, not taken from the client's counters:
 
 - every acknowledged delta is in the new master's history, exactly once, at its acked seq;
 - every member's seqs are gapless and duplicate-free and its state is state(N);
