@@ -199,7 +199,9 @@ class SendBudget:
     Members report what they hold when they queue bytes; the total is kept from those
     reports (drains make it an overestimate) and recounted exactly only when it passes the
     limit. Past the limit after the recount, the members holding the most are dropped with
-    1013 until the total is back within it."""
+    1013 until the total is back within it. A dropped member's buffer is no longer counted:
+    it is freed when the connection closes (after the close frame, or at the close timeout),
+    as for a member dropped for its own limit."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -229,11 +231,9 @@ class SendBudget:
         dropped = []
         if total > self.limit:
             held.sort(key=lambda pair: pair[0], reverse=True)
-            for queued, member in held:
+            for _, member in held:
                 if self.total <= self.limit:
                     break
-                self.total -= queued
-                member._counted = 0
                 dropped.append(member)
                 member.drop()
         return dropped
@@ -316,6 +316,11 @@ class Member:
             return
         self.dropped = True
         self._release()
+        if self.budget is not None:
+            # What it still holds is freed when its connection closes (within the close
+            # timeout, after its 1013 close frame), not counted against the others.
+            self.budget.total -= self._counted
+            self._counted = 0
         self._on_slow(self)
 
     def write(self, data: bytes) -> bool:
