@@ -259,7 +259,7 @@ class Room:
         self._approx_exact = False
         self._size_limit = 0  # the limit state_too_large was last asked about
         # The state's encodings at `_encoded_seq`, shared by every joiner of that version.
-        self._encoded: dict[Codec, bytes] = {}
+        self._encoded: dict[Codec, Payload] = {}
         self._encoded_seq = -1
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
@@ -511,7 +511,7 @@ class Room:
         members = list(self.members)
         count = total = 0
         for codec in {m.codec for m in members}:
-            payload = Payload([await self._encoding(state, codec)])
+            payload = await self._encoding(state, codec)
             prefix, suffix = _message_parts(
                 codec, {"t": "reset", "room": self.name, "seq": self.seq}
             )
@@ -523,18 +523,18 @@ class Room:
         self.metrics.frames_out.inc(count)
         self.metrics.bytes_out.inc(total)
 
-    async def _encoding(self, state: delta.RoomState, codec: Codec) -> bytes:
+    async def _encoding(self, state: delta.RoomState, codec: Codec) -> Payload:
         """The state encoded in `codec` (the caller holds `_engine`), made at most once per
         state version and off the loop unless the state is small."""
         if self._encoded_seq != self.seq:
             self._encoded = {}
             self._encoded_seq = self.seq
-        data = self._encoded.get(codec)
-        if data is None:
+        payload = self._encoded.get(codec)
+        if payload is None:
             encode = state.to_json if codec == JSON else state.to_msgpack
             inline = self._size is not None and self._size <= SMALL_STATE
-            data = self._encoded[codec] = await self._run(encode, inline)
-        return data
+            payload = self._encoded[codec] = Payload([await self._run(encode, inline)])
+        return payload
 
     # ------------------------------------------------------------------ fan-out
 
@@ -633,6 +633,8 @@ class Room:
         else:
             self._size = None
         self.seq = ops[-1].seq
+        if self._encoded:
+            self._encoded = {}  # members still reading the previous version hold it
         self.recent.extend(ops)
         self.metrics.deltas_per_frame.observe(len(ops))
         self._fanout(DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc), len(ops))
@@ -702,14 +704,14 @@ class Room:
                     if missed:
                         member.send_stream(Replay(self.name, missed, member.codec, member.opcode))
                 else:
-                    data = await self._encoding(state, member.codec)
+                    payload = await self._encoding(state, member.codec)
                     fields: dict[str, object] = {"t": "joined"}
                     if rid is not None:
                         fields["id"] = rid
                     fields["room"] = self.name
                     fields["seq"] = self.seq
                     prefix, suffix = _message_parts(member.codec, fields)
-                    member.send_payload(Payload([data]), prefix, suffix)
+                    member.send_payload(payload, prefix, suffix)
                 self.members[member] = None
                 return
 

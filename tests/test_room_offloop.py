@@ -408,3 +408,31 @@ async def test_order_holds_under_concurrent_big_applies_joins_and_resumes() -> N
         assert final["n"] == total
         for state in results[1:]:
             assert state == final
+
+
+async def test_joiners_of_one_state_version_share_it_in_the_send_accounting() -> None:
+    """What members hold is counted once for a state they share (the relay-wide send budget
+    would otherwise drop a crowd of honest joiners of a big room for memory it never used)."""
+    async with (
+        start_relay(max_message_bytes=2 * MiB) as relay,
+        connect_client(relay.url) as writer,
+        connect_client(relay.url, max_size=None) as reader,
+    ):
+        await reader.join("big")
+        for i in range(3):
+            await writer.delta("big", merge={f"k{i}": "s" * 1_000_000})
+            await reader.recv_until(lambda m: m.get("t") == "delta")
+        members = [await raw_member(relay.port, "big") for _ in range(10)]
+        try:
+            for _ in range(500):
+                if len(relay.rooms["big"].members) == 11:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(relay.rooms["big"].members) == 11
+            held = sum(c.queued() for c in relay.clients)
+            # One 3 MB state (some of it already in the members' socket buffers), not ten.
+            assert held < 4 * MiB, held / MiB
+            assert held > 0
+        finally:
+            for m in members:
+                m.close()
