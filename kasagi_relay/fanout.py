@@ -11,10 +11,16 @@ Why this is sound with websockets 17 (`asyncio/connection.py`, `protocol.py`):
 - websockets writes to the transport synchronously on the loop thread, whole frames at a
   time (`send_data()` after each protocol call), and never keeps unsent frames across an
   await. We also write whole frames synchronously on the same thread, so frames never
-  interleave. We never send fragmented messages, so no continuation is ever pending.
+  interleave.
+- A big message (a room's state in `joined` or `reset`) is sent fragmented (RFC 6455 5.4)
+  by the member's pump, as the member reads. While it is under way every data frame for
+  that member goes through its backlog, behind it; websockets itself writes only control
+  frames (ping, pong, close), which may come between fragments.
 - We write only while `protocol.state is OPEN`: once a close frame is sent, nothing follows.
-Our writes bypass websockets' flow control (`drain`); instead each member has a byte limit
-on its transport's write buffer and is dropped with 1013 past it.
+Broadcasts bypass websockets' flow control (`drain`); instead each member has a byte limit
+on what is queued for it (its transport's write buffer and its backlog) and is dropped with
+1013 past it; a relay-wide `SendBudget` bounds the sum. The pump, which produces big
+messages, does wait for websockets' flow control (`conn.paused`, `conn.drain()`).
 
 With the native engine, the members whose transport has nothing buffered (nearly all of
 them, nearly always) are written by one native call (`_native.send_frame`, rust/fanout.rs):

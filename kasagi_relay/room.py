@@ -256,7 +256,6 @@ class Room:
         self._unmeasured = 0
         # Size of state + queue for state_too_large: exact when measured, plus queued bytes.
         self._approx_size: int | None = None
-        self._approx_exact = False
         self._size_limit = 0  # the limit state_too_large was last asked about
         # The state's encodings at `_encoded_seq`, shared by every joiner of that version.
         self._encoded: dict[Codec, Payload] = {}
@@ -314,7 +313,6 @@ class Room:
         self.queue = []
         self._head = None
         self._approx_size = None
-        self._approx_exact = False
         self._size = size
         self._unmeasured = 0
         self._encoded = {}
@@ -343,7 +341,6 @@ class Room:
         self.last_seq = op.seq
         if self._approx_size is not None:
             self._approx_size += len(op.delta)
-            self._approx_exact = False
         self._schedule_flush()
         if self._waiters:
             self._wake()
@@ -380,13 +377,7 @@ class Room:
         if approx is None:
             # Not reached after `check`, which measures; an upper bound otherwise.
             approx = self._head_size()
-            if approx is None:
-                return False
-        if approx + extra <= limit:
-            return False
-        if self._approx_exact:
-            return True
-        return approx + extra > limit
+        return approx is not None and approx + extra > limit
 
     async def check(self, doc: bytes, wait_s: float = 1.0) -> None:
         """DeltaError when `doc` cannot apply to the room's latest state. A delta that
@@ -432,9 +423,10 @@ class Room:
                     if ops:
                         self._head = new_head
                         self._head_used = True
-                    if size is not None and self.queue == ops:
-                        self._approx_size = size
-                        self._approx_exact = True
+                    if size is not None:
+                        # Holding _engine, the queue could only grow meanwhile.
+                        later = self.queue[len(ops) :]
+                        self._approx_size = size + sum(len(op.delta) for op in later)
                 if error is not None:
                     raise error
                 return
@@ -572,7 +564,7 @@ class Room:
             except Exception:
                 self._apply_failed(ops)
                 return
-            self._applied(ops, doc, head, None)
+            self._applied(ops, DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc), head, None)
             return
         self._flushing = asyncio.get_running_loop().create_task(self._flush_off_loop())
 
@@ -599,25 +591,30 @@ class Room:
                     or self._unmeasured >= REMEASURE
                 )
                 inline = _small([op.delta for op in ops], self._size) and head is None
+                big = sum(len(op.delta) for op in ops) > SMALL_DELTA
+                codecs = {m.codec for m in self.members} if big else set()
 
-                def work() -> tuple[bytes, delta.RoomState | None, int | None]:
+                def work() -> tuple[DeltaFrame, delta.RoomState | None, int | None]:
                     doc = _apply(state, ops)
-                    return doc, _advance(head, ops), state.json_size() if measure else None
+                    message = DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc)
+                    for codec in codecs:
+                        message.payload(codec)  # a big frame is encoded here, not on the loop
+                    return message, _advance(head, ops), state.json_size() if measure else None
 
                 try:
-                    doc, new_head, size = await self._run(work, inline)
+                    message, new_head, size = await self._run(work, inline)
                 except Exception:
                     self._apply_failed(ops)
                     return
                 if self.state is state and not self._closed:
-                    self._applied(ops, doc, new_head, size)
+                    self._applied(ops, message, new_head, size)
         finally:
             self._flushing = None
             if self.queue and not self._closed:
                 self._schedule_flush()
 
     def _applied(
-        self, ops: list[Op], doc: bytes, head: delta.RoomState | None, size: int | None
+        self, ops: list[Op], message: DeltaFrame, head: delta.RoomState | None, size: int | None
     ) -> None:
         """Take the result of applying `ops` and broadcast it (no await: members added
         before this get this frame, members added after start after it)."""
@@ -637,7 +634,7 @@ class Room:
             self._encoded = {}  # members still reading the previous version hold it
         self.recent.extend(ops)
         self.metrics.deltas_per_frame.observe(len(ops))
-        self._fanout(DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc), len(ops))
+        self._fanout(message, len(ops))
 
     def _apply_failed(self, ops: list[Op]) -> None:
         # Never lose the ordering: reload the state and reset the members instead.
