@@ -51,8 +51,10 @@ logger = logging.getLogger("kasagi_relay.room")
 
 T = TypeVar("T")
 
-# Recent ops kept in memory per room so most resumes need no backend read.
+# Recent ops kept in memory per room so most resumes need no backend read: by count, and
+# by bytes (400 ops of 900 KB held 230 MB per room when only the count bounded them).
 RECENT_OPS = 256
+RECENT_BYTES = 4 * 1024 * 1024
 _EMPTY_PATCH = b'{"patch":[]}'
 # RoomState.apply's inline bound (kasagi_relay/_native.pyi): deltas up to this size may
 # run on the loop thread.
@@ -224,6 +226,7 @@ class Room:
         metrics: Metrics,
         *,
         tick_s: float = 0.0,
+        recent_bytes: int = RECENT_BYTES,
     ) -> None:
         self.name = name
         self.backend = backend
@@ -234,7 +237,9 @@ class Room:
         self.last_seq = 0
         self.queue: list[Op] = []
         self.held: dict[int, Op] = {}
-        self.recent: deque[Op] = deque(maxlen=RECENT_OPS)
+        self.recent: deque[Op] = deque()
+        self.recent_bytes = recent_bytes
+        self._recent_size = 0
         self.members: dict[Member, None] = {}
         self.last_active = time.monotonic()
         self._loading: asyncio.Task[None] | None = None
@@ -317,6 +322,7 @@ class Room:
         self._unmeasured = 0
         self._encoded = {}
         self.recent.clear()
+        self._recent_size = 0
         self.state = state
         self.seq = self.last_seq = state.seq
 
@@ -632,9 +638,18 @@ class Room:
         self.seq = ops[-1].seq
         if self._encoded:
             self._encoded = {}  # members still reading the previous version hold it
-        self.recent.extend(ops)
+        self._remember(ops)
         self.metrics.deltas_per_frame.observe(len(ops))
         self._fanout(message, len(ops))
+
+    def _remember(self, ops: list[Op]) -> None:
+        """Keep `ops` for resumes, within RECENT_OPS and `recent_bytes`."""
+        recent = self.recent
+        for op in ops:
+            recent.append(op)
+            self._recent_size += len(op.delta)
+        while recent and (len(recent) > RECENT_OPS or self._recent_size > self.recent_bytes):
+            self._recent_size -= len(recent.popleft().delta)
 
     def _apply_failed(self, ops: list[Op]) -> None:
         # Never lose the ordering: reload the state and reset the members instead.

@@ -29,7 +29,7 @@ from relay_helpers import (
 )
 
 from kasagi_relay import delta
-from kasagi_relay.room import Replay
+from kasagi_relay.room import RECENT_BYTES, Replay
 
 MiB = 1 << 20
 
@@ -438,3 +438,31 @@ async def test_joiners_of_one_state_version_share_it_in_the_send_accounting() ->
         finally:
             for m in members:
                 m.close()
+
+
+async def test_a_resume_from_before_the_recent_ops_the_room_keeps_is_exact() -> None:
+    """The room keeps at most RECENT_BYTES of recent ops; a resume from before them reads the
+    backend's history and gets every missed op once, in order, then the live stream."""
+    async with (
+        start_relay(max_message_bytes=2 * MiB) as relay,
+        connect_client(relay.url) as writer,
+        connect_client(relay.url, max_size=None) as joiner,
+    ):
+        blob = "h" * 150_000
+        for n in range(1, 41):  # 6 MB of ops
+            await writer.delta("r", merge={"n": n, "blob": blob})
+        room = relay.rooms["r"]
+        for _ in range(500):
+            if room.seq == 40:
+                break
+            await asyncio.sleep(0.02)
+        assert sum(len(op.delta) for op in room.recent) <= RECENT_BYTES
+        assert room.recent[0].seq > 4  # what follows is not served from memory
+        resumed = await joiner.join("r", since=3)
+        assert resumed == {"t": "joined", "room": "r", "seq": 3, "resumed": True}
+        for n in range(4, 41):
+            m = await joiner.expect("delta")
+            assert (m["from"], m["seq"], m["merge"]["n"]) == (n, n, n)
+        await writer.delta("r", merge={"n": 41})
+        m = await joiner.expect("delta")
+        assert (m["from"], m["merge"]) == (41, {"n": 41})
