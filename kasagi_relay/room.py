@@ -219,6 +219,11 @@ class Replay:
 
 
 class Room:
+    """One room: `ensure_loaded`, `check` / `state_too_large` before a publish, `on_op` for
+    what the backend delivers, `join` / `leave` for members, `idle` / `close` for the
+    registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
+    `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS)."""
+
     def __init__(
         self,
         name: str,
