@@ -1,35 +1,73 @@
 """One room on this relay: its cached state, its members, ordering and batching of deltas.
 
 Invariants:
-- `state.seq` is the last seq broadcast to members; `queue` holds the in-order ops
-  state.seq+1 .. last_seq not broadcast yet; `held` holds ops that arrived out of order.
-- A member added at `state.seq` receives every later frame: the next one starts at
-  state.seq + 1. Joins are served from the state, so they never wait for the stream.
+- `seq` (the state's seq) is the last seq broadcast to members; `queue` holds the in-order
+  ops seq+1 .. last_seq not broadcast yet; `held` holds ops that arrived out of order.
+- A member added at `seq` receives every later frame: the next one starts at seq + 1.
+  Joins are served from the state, so they never wait for the stream.
 - Ops come from the backend in publish order, but duplicates and gaps are possible: seq <=
   last_seq is dropped; a gap starts a backfill from the backend's history; history that no
   longer reaches back starts a reset from snapshot + ops.
+
+Nothing state-sized runs on the event loop (docs/design.md): applying, checking and
+encoding the state run in a worker thread (`asyncio.to_thread`), except work that is
+provably small (`_small`): deltas within the engine's inline bound on a small state. A
+RoomState is used by one thread at a time: every use of `state` and `_head` holds
+`_engine` (or runs synchronously on the loop while nobody holds it), so one room's engine
+work is serialized while other rooms proceed. Whatever changes `seq` or the members holds
+`_engine` across it, so a joiner is added exactly at the seq its `joined` carries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+import msgpack
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, Op
-from kasagi_relay.fanout import Member, broadcast
+from kasagi_relay.fanout import Member, Payload, broadcast, frame
 from kasagi_relay.metrics import Metrics
-from kasagi_relay.protocol import DeltaFrame, delta_doc, encode_joined, split_delta_doc
+from kasagi_relay.protocol import (
+    JSON,
+    Codec,
+    DeltaFrame,
+    RequestId,
+    delta_doc,
+    encode_joined,
+    split_delta_doc,
+)
 
-__all__ = ["Room", "load_state"]
+__all__ = ["Replay", "Room", "load_state"]
 
 logger = logging.getLogger("kasagi_relay.room")
 
-# Recent ops kept in memory per room so most resumes need no backend read.
+T = TypeVar("T")
+
+# Recent ops kept in memory per room so most resumes need no backend read: by count, and
+# by bytes (400 ops of 900 KB held 230 MB per room when only the count bounded them).
 RECENT_OPS = 256
+RECENT_BYTES = 4 * 1024 * 1024
 _EMPTY_PATCH = b'{"patch":[]}'
+# RoomState.apply's inline bound (kasagi_relay/_native.pyi): deltas up to this size may
+# run on the loop thread.
+SMALL_DELTA = 4 * 1024
+# A state up to this size (JSON bytes) bounds any work on it without copies to well under
+# a millisecond: deltas within SMALL_DELTA run inline on it.
+SMALL_STATE = 64 * 1024
+# The most JSON bytes one delta byte can become in the state: a number is written back in
+# the engine's form (`1e15` is `1000000000000000.0`).
+GROWTH = 8
+# A room whose size is only bounded (not measured) is measured again after this many
+# threaded applies, so a room that shrank returns to the inline path.
+REMEASURE = 64
 
 
 async def load_state(backend: Backend, room: str) -> delta.RoomState:
@@ -50,7 +88,142 @@ async def load_state(backend: Backend, room: str) -> delta.RoomState:
     return await asyncio.to_thread(delta.RoomState, data, base_seq)
 
 
+def _small(docs: list[bytes], size: int | None) -> bool:
+    """May `docs` be applied to (or checked against) a state of at most `size` bytes on the
+    loop thread? Only when the work is bounded by small numbers: deltas within the engine's
+    inline bound, no `copy` (which can double the state per op), a small state."""
+    if size is None:
+        return False
+    total = 0
+    for doc in docs:
+        total += len(doc)
+        if total > SMALL_DELTA or b'"copy"' in doc:
+            return False
+    return size + GROWTH * total <= SMALL_STATE
+
+
+def _growth(docs: list[Op]) -> int | None:
+    """An upper bound of the bytes `docs` add to a state; None when unbounded (copy)."""
+    total = 0
+    for op in docs:
+        if b'"copy"' in op.delta:
+            return None
+        total += GROWTH * len(op.delta)
+    return total
+
+
+def _op_doc(op: Op) -> bytes:
+    """The delta document of a stored op (a malformed op in history is a no-op for all)."""
+    try:
+        kind, body = split_delta_doc(op.delta)
+        return delta_doc(kind, body)
+    except delta.DeltaError:
+        return _EMPTY_PATCH
+
+
+def _apply(state: delta.RoomState, ops: list[Op]) -> bytes:
+    """Apply `ops` to `state`; the one delta document that takes members along."""
+    if len(ops) == 1:
+        doc = _op_doc(ops[0])
+        state.apply(doc, ops[0].seq)
+        return doc
+    return state.apply_batch([op.delta for op in ops], ops[-1].seq)
+
+
+def _advance(head: delta.RoomState | None, ops: list[Op]) -> delta.RoomState | None:
+    """`head` with `ops` applied too (those it has not seen); None when that fails."""
+    if head is None:
+        return None
+    try:
+        for op in ops:
+            if op.seq > head.seq:
+                head.apply(op.delta, op.seq)
+    except Exception:
+        return None
+    return head
+
+
+def _check_job(
+    state: delta.RoomState,
+    head: delta.RoomState | None,
+    ops: list[Op],
+    doc: bytes,
+    measure: bool,
+) -> tuple[delta.RoomState | None, int | None, delta.DeltaError | None]:
+    """Check `doc` against `state` with `ops` applied (on `head`, a copy kept up to date
+    while checks need it); returns (head, JSON size when `measure`, the check's error)."""
+    target = state
+    if ops:
+        valid = head is not None and head.seq >= state.seq
+        head = _advance(head, ops) if valid else None
+        if head is None:
+            # A second copy of the state, made only when checks need the queued ops, then
+            # kept up to date while they keep needing it (see Room._applied).
+            head = _advance(delta.RoomState(state.to_json(), state.seq), ops)
+            if head is None:
+                raise RuntimeError("the queued ops do not apply to a copy of the state")
+        target = head
+    size = target.json_size() if measure else None
+    try:
+        target.check(doc)
+    except delta.DeltaError as exc:
+        return head, size, exc
+    return head, size, None
+
+
+def _message_parts(codec: Codec, fields: dict[str, object]) -> tuple[bytes, bytes]:
+    """The bytes before and after the state of a message whose last field is `state`:
+    the state itself goes between them as the engine encoded it (no parse, no copy)."""
+    fields = {**fields, "state": None}
+    if codec == JSON:
+        # ASCII-only, as protocol.py encodes every message (an id may hold a lone surrogate).
+        text = json.dumps(fields, separators=(",", ":")).encode()
+        return text[: -len(b"null}")], b"}"
+    packed = bytes(msgpack.packb(fields, use_bin_type=True))
+    return packed[:-1], b""  # a map ends with its last value: nil (0xc0)
+
+
+class Replay:
+    """The ops a resuming member missed, framed one at a time as it reads (a
+    `fanout.Stream`): a big op is encoded in a worker thread, and nothing more is encoded
+    once the member is gone."""
+
+    __slots__ = ("_bytes", "_codec", "_opcode", "_ops", "_room")
+
+    def __init__(self, room: str, ops: list[Op], codec: Codec, opcode: int) -> None:
+        self._room = room
+        self._ops = deque(ops)
+        self._codec: Codec = codec
+        self._opcode = opcode
+        self._bytes = sum(len(op.delta) for op in ops)
+
+    def remaining(self) -> int:
+        return self._bytes
+
+    async def next_frame(self) -> bytes | None:
+        if not self._ops:
+            return None
+        op = self._ops.popleft()
+        self._bytes -= len(op.delta)
+        if len(op.delta) <= SMALL_DELTA:
+            return self._encode(op)
+        return await asyncio.to_thread(self._encode, op)
+
+    def _encode(self, op: Op) -> bytes:
+        message = DeltaFrame(self._room, op.seq, op.seq, _op_doc(op))
+        return frame(self._opcode, message.payload(self._codec))
+
+    def close(self) -> None:
+        self._ops.clear()
+        self._bytes = 0
+
+
 class Room:
+    """One room: `ensure_loaded`, `check` / `state_too_large` before a publish, `on_op` for
+    what the backend delivers, `join` / `leave` for members, `idle` / `close` for the
+    registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
+    `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS)."""
+
     def __init__(
         self,
         name: str,
@@ -58,16 +231,20 @@ class Room:
         metrics: Metrics,
         *,
         tick_s: float = 0.0,
+        recent_bytes: int = RECENT_BYTES,
     ) -> None:
         self.name = name
         self.backend = backend
         self.metrics = metrics
         self.tick_s = tick_s
         self.state: delta.RoomState | None = None
+        self.seq = 0  # state's seq, readable without touching the state
         self.last_seq = 0
         self.queue: list[Op] = []
         self.held: dict[int, Op] = {}
-        self.recent: deque[Op] = deque(maxlen=RECENT_OPS)
+        self.recent: deque[Op] = deque()
+        self.recent_bytes = recent_bytes
+        self._recent_size = 0
         self.members: dict[Member, None] = {}
         self.last_active = time.monotonic()
         self._loading: asyncio.Task[None] | None = None
@@ -75,19 +252,36 @@ class Room:
         # Joins under way: such a room has no member yet but must not be unloaded.
         self._joining = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._flushing: asyncio.Task[None] | None = None
         self._last_flush = 0.0
         self._closed = False
+        # Held by whatever uses the state off the loop or changes seq or the members
+        # across an await (see the module docstring).
+        self._engine = asyncio.Lock()
         # The state with the queued ops applied too, built only when a check needs it.
         self._head: delta.RoomState | None = None
         self._head_used = False
+        # An upper bound of the state's JSON size (None: unknown), to choose inline work.
+        self._size: int | None = None
+        self._unmeasured = 0
+        # Size of state + queue for state_too_large: exact when measured, plus queued bytes.
         self._approx_size: int | None = None
+        self._size_limit = 0  # the limit state_too_large was last asked about
+        # The state's encodings at `_encoded_seq`, shared by every joiner of that version.
+        self._encoded: dict[Codec, Payload] = {}
+        self._encoded_seq = -1
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def __repr__(self) -> str:
-        seq = None if self.state is None else self.state.seq
-        return f"<Room {self.name} seq={seq} last={self.last_seq} members={len(self.members)}>"
+        return f"<Room {self.name} seq={self.seq} last={self.last_seq} members={len(self.members)}>"
+
+    async def _run(self, work: Callable[[], T], inline: bool) -> T:
+        """Run engine work (the caller holds `_engine`): inline, or in a worker thread."""
+        if inline:
+            return work()
+        return await asyncio.to_thread(work)
 
     # ------------------------------------------------------------------ loading
 
@@ -110,20 +304,32 @@ class Room:
         # Subscribe first: whatever is published while we read is held, not lost.
         await self.backend.subscribe(self.name)
         state = await load_state(self.backend, self.name)
+        size = await asyncio.to_thread(state.json_size)
         if self._closed:
             return
+        async with self._engine:
+            if self._closed:
+                return
+            self._install(state, size)
+            if self.members:
+                # A reload under members (after a failure): they may have missed anything.
+                await self._send_reset(state)
+            self._drain_held()
+            self._wake()
+
+    def _install(self, state: delta.RoomState, size: int) -> None:
+        """Take `state` as the room's (the caller holds `_engine`)."""
+        self._cancel_flush()
         self.queue = []
         self._head = None
         self._approx_size = None
+        self._size = size
+        self._unmeasured = 0
+        self._encoded = {}
         self.recent.clear()
+        self._recent_size = 0
         self.state = state
-        self.last_seq = state.seq
-        if self.members:
-            # A reload under members (after a failure): they may have missed anything.
-            self.metrics.resets.inc()
-            self._fanout(DeltaFrame.reset(self.name, state), 0)
-        self._drain_held()
-        self._wake()
+        self.seq = self.last_seq = state.seq
 
     # ------------------------------------------------------------------ ordering
 
@@ -163,55 +369,33 @@ class Room:
 
     # ------------------------------------------------------------------ checks
 
-    def head(self) -> delta.RoomState:
-        """The state after every op received so far, broadcast or still queued."""
-        state = self.state
-        assert state is not None
-        if not self.queue:
-            return state
-        self._head_used = True
-        head = self._head
-        if head is None or head.seq < state.seq:
-            # A second copy of the state, made only when checks need the queued ops, then
-            # kept up to date op by op while they keep needing it (see flush).
-            head = self._head = delta.RoomState(state.to_json(), state.seq)
-        for op in self.queue:
-            if op.seq > head.seq:
-                head.apply(op.delta, op.seq)
-        return head
+    def _queued_growth(self) -> int | None:
+        return _growth(self.queue)
 
-    def _advance_head(self, ops: list[Op]) -> None:
-        head = self._head
-        if head is None:
-            return
-        if not self._head_used:
-            self._head = None  # nobody needed it during the last batch: free it
-            return
-        self._head_used = False
-        try:
-            for op in ops:
-                if op.seq > head.seq:
-                    head.apply(op.delta, op.seq)
-        except Exception:
-            self._head = None
+    def _head_size(self) -> int | None:
+        """An upper bound of the JSON size of the state with the queue applied."""
+        growth = self._queued_growth()
+        if self._size is None or growth is None:
+            return None
+        return self._size + growth
 
     def state_too_large(self, extra: int, limit: int) -> bool:
         """Would the state pass `limit` bytes of JSON with `extra` more? Estimated from the
-        last exact size plus the size of every op since; exact only near the limit, so a
-        delta does not cost a serialization of the whole state."""
-        if self._approx_size is None:
-            self._approx_size = self.head().json_size()
-        if self._approx_size + extra <= limit:
-            return False
-        self._approx_size = self.head().json_size()
-        return self._approx_size + extra > limit
+        last exact size plus the size of every op since; `check` measures it exactly (off
+        the loop) when the estimate comes near the limit, so this never serializes."""
+        self._size_limit = limit
+        approx = self._approx_size
+        if approx is None:
+            # Not reached after `check`, which measures; an upper bound otherwise.
+            approx = self._head_size()
+        return approx is not None and approx + extra > limit
 
     async def check(self, doc: bytes, wait_s: float = 1.0) -> None:
         """DeltaError when `doc` cannot apply to the room's latest state. A delta that
         depends on one this relay just acknowledged waits (briefly) for it to arrive."""
         await self.ensure_loaded()
         try:
-            self.head().check(doc)
+            await self._check(doc)
             return
         except delta.DeltaError:
             if self.last_seq >= self.acked_seq:
@@ -225,7 +409,38 @@ class Room:
             pass
         finally:
             self._waiters = [(t, f) for t, f in self._waiters if f is not fut]
-        self.head().check(doc)
+        await self._check(doc)
+
+    async def _check(self, doc: bytes) -> None:
+        """Check `doc` against the state with the queued ops, and measure that state's size
+        when state_too_large will need it exactly; off the loop unless small."""
+        while True:
+            await self.ensure_loaded()
+            async with self._engine:
+                state = self.state
+                if state is None:
+                    continue  # lost to a failed apply meanwhile: wait for the reload
+                ops = list(self.queue)
+                approx = self._approx_size
+                measure = approx is None or (
+                    self._size_limit > 0 and approx + len(doc) > self._size_limit
+                )
+                head = self._head
+                inline = _small([doc, *(op.delta for op in ops)], self._size) and not measure
+
+                work = functools.partial(_check_job, state, head, ops, doc, measure)
+                new_head, size, error = await self._run(work, inline)
+                if self.state is state:
+                    if ops:
+                        self._head = new_head
+                        self._head_used = True
+                    if size is not None:
+                        # Holding _engine, the queue could only grow meanwhile.
+                        later = self.queue[len(ops) :]
+                        self._approx_size = size + sum(len(op.delta) for op in later)
+                if error is not None:
+                    raise error
+                return
 
     def note_acked(self, seq: int) -> None:
         self.acked_seq = max(self.acked_seq, seq)
@@ -280,18 +495,49 @@ class Room:
     async def _reset(self) -> None:
         """History no longer reaches our last seq: reload and send members a `reset`."""
         state = await load_state(self.backend, self.name)
+        size = await asyncio.to_thread(state.json_size)
         if self._closed:
             return
-        self._cancel_flush()
-        self.queue = []
-        self._head = None
-        self._approx_size = None
-        self.recent.clear()
-        self.state = state
-        self.last_seq = state.seq
+        async with self._engine:
+            if self._closed:
+                return
+            self._install(state, size)
+            await self._send_reset(state)
+            self._wake()
+
+    async def _send_reset(self, state: delta.RoomState) -> None:
+        """Send every member a `reset` to `state` (the caller holds `_engine`): the state is
+        encoded once per subprotocol, off the loop, and written as each member reads."""
+        if not self.members:
+            return
         self.metrics.resets.inc()
-        self._fanout(DeltaFrame.reset(self.name, state), 0)
-        self._wake()
+        members = list(self.members)
+        count = total = 0
+        for codec in {m.codec for m in members}:
+            payload = await self._encoding(state, codec)
+            prefix, suffix = _message_parts(
+                codec, {"t": "reset", "room": self.name, "seq": self.seq}
+            )
+            for member in members:
+                if member.codec == codec and member.send_payload(payload, prefix, suffix):
+                    count += 1
+                    total += len(prefix) + payload.size + len(suffix)
+        self.metrics.broadcasts.inc()
+        self.metrics.frames_out.inc(count)
+        self.metrics.bytes_out.inc(total)
+
+    async def _encoding(self, state: delta.RoomState, codec: Codec) -> Payload:
+        """The state encoded in `codec` (the caller holds `_engine`), made at most once per
+        state version and off the loop unless the state is small."""
+        if self._encoded_seq != self.seq:
+            self._encoded = {}
+            self._encoded_seq = self.seq
+        payload = self._encoded.get(codec)
+        if payload is None:
+            encode = state.to_json if codec == JSON else state.to_msgpack
+            inline = self._size is not None and self._size <= SMALL_STATE
+            payload = self._encoded[codec] = Payload([await self._run(encode, inline)])
+        return payload
 
     # ------------------------------------------------------------------ fan-out
 
@@ -313,69 +559,143 @@ class Room:
             self._flush_handle = None
 
     def flush(self) -> None:
-        """Apply the queued ops to the state and broadcast them as one frame."""
+        """Apply the queued ops to the state and broadcast them as one frame: here when
+        the work is small and nobody uses the state, else in a task that runs it off the
+        loop (ops arriving meanwhile go in the next frame)."""
         self._flush_handle = None
-        ops, self.queue = self.queue, []
-        state = self.state
-        if not ops or state is None:
+        if self._flushing is not None or not self.queue or self.state is None:
             return
-        self._advance_head(ops)
-        self._last_flush = asyncio.get_running_loop().time()
+        if not self._engine.locked() and self._inline_flush():
+            ops, self.queue = self.queue, []
+            self._last_flush = asyncio.get_running_loop().time()
+            state = self.state
+            try:
+                doc = _apply(state, ops)
+                head = _advance(self._head, ops) if self._head_used else None
+            except Exception:
+                self._apply_failed(ops)
+                return
+            self._applied(ops, DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc), head, None)
+            return
+        self._flushing = asyncio.get_running_loop().create_task(self._flush_off_loop())
+
+    def _inline_flush(self) -> bool:
+        docs = [op.delta for op in self.queue]
+        if self._head_used and self._head is not None:
+            docs += docs  # the head is advanced by the same ops
+        return _small(docs, self._size)
+
+    async def _flush_off_loop(self) -> None:
         try:
-            frame = self._apply(state, ops)
-        except Exception:
-            # Never lose the ordering: reload the state and reset the members instead.
-            logger.exception("room %s: cannot apply seq %d..%d", self.name, ops[0].seq, ops[-1].seq)
-            self.state = None
-            self._loading = asyncio.get_running_loop().create_task(self._load())
-            self._loading.add_done_callback(self._loaded)
-            return
-        self.recent.extend(ops)
+            async with self._engine:
+                ops, self.queue = self.queue, []
+                state = self.state
+                if not ops or state is None or self._closed:
+                    return
+                self._last_flush = asyncio.get_running_loop().time()
+                head = self._head if self._head_used else None
+                growth = _growth(ops)
+                measure = (
+                    growth is None
+                    or self._size is None
+                    or self._size + growth <= 4 * SMALL_STATE
+                    or self._unmeasured >= REMEASURE
+                )
+                inline = _small([op.delta for op in ops], self._size) and head is None
+                big = sum(len(op.delta) for op in ops) > SMALL_DELTA
+                codecs = {m.codec for m in self.members} if big else set()
+
+                def work() -> tuple[DeltaFrame, delta.RoomState | None, int | None]:
+                    doc = _apply(state, ops)
+                    message = DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc)
+                    for codec in codecs:
+                        message.payload(codec)  # a big frame is encoded here, not on the loop
+                    return message, _advance(head, ops), state.json_size() if measure else None
+
+                try:
+                    message, new_head, size = await self._run(work, inline)
+                except Exception:
+                    self._apply_failed(ops)
+                    return
+                if self.state is state and not self._closed:
+                    self._applied(ops, message, new_head, size)
+        finally:
+            self._flushing = None
+            if self.queue and not self._closed:
+                self._schedule_flush()
+
+    def _applied(
+        self, ops: list[Op], message: DeltaFrame, head: delta.RoomState | None, size: int | None
+    ) -> None:
+        """Take the result of applying `ops` and broadcast it (no await: members added
+        before this get this frame, members added after start after it)."""
+        self._head = head
+        self._head_used = False
+        growth = _growth(ops)
+        if size is not None:
+            self._size = size
+            self._unmeasured = 0
+        elif self._size is not None and growth is not None:
+            self._size += growth
+            self._unmeasured += 1
+        else:
+            self._size = None
+        self.seq = ops[-1].seq
+        if self._encoded:
+            self._encoded = {}  # members still reading the previous version hold it
+        self._remember(ops)
         self.metrics.deltas_per_frame.observe(len(ops))
-        self._fanout(frame, len(ops))
+        self._fanout(message, len(ops))
+
+    def _remember(self, ops: list[Op]) -> None:
+        """Keep `ops` for resumes, within RECENT_OPS and `recent_bytes`."""
+        recent = self.recent
+        for op in ops:
+            recent.append(op)
+            self._recent_size += len(op.delta)
+        while recent and (len(recent) > RECENT_OPS or self._recent_size > self.recent_bytes):
+            self._recent_size -= len(recent.popleft().delta)
+
+    def _apply_failed(self, ops: list[Op]) -> None:
+        # Never lose the ordering: reload the state and reset the members instead.
+        logger.exception("room %s: cannot apply seq %d..%d", self.name, ops[0].seq, ops[-1].seq)
+        self.state = None
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+        self._loading.add_done_callback(self._loaded)
 
     def _loaded(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.metrics.backend_errors.inc()
             logger.error("room %s: reload failed: %s", self.name, task.exception())
 
-    def _apply(self, state: delta.RoomState, ops: list[Op]) -> DeltaFrame:
-        first, last = ops[0].seq, ops[-1].seq
-        if len(ops) == 1:
-            op = ops[0]
-            try:
-                kind, body = split_delta_doc(op.delta)
-                doc = delta_doc(kind, body)
-            except delta.DeltaError:
-                doc = _EMPTY_PATCH  # a malformed op in history is a no-op for everyone
-            state.apply(doc, last)
-        else:
-            doc = state.apply_batch([op.delta for op in ops], last)
-        return DeltaFrame(self.name, first, last, doc)
-
-    def _fanout(self, frame: DeltaFrame, n_ops: int) -> None:
+    def _fanout(self, message: DeltaFrame, n_ops: int) -> None:
         if not self.members:
             return
         try:
-            count, total = broadcast(list(self.members), frame)
+            count, total = broadcast(list(self.members), message)
         except Exception:
             # Members may have missed this frame: a reset puts them back on the stream.
             logger.exception(
-                "room %s: broadcast of %d..%d failed", self.name, frame.first, frame.seq
+                "room %s: broadcast of %d..%d failed", self.name, message.first, message.seq
             )
-            if n_ops == 0 or self.state is None:
-                return
-            count, total = broadcast(list(self.members), DeltaFrame.reset(self.name, self.state))
-            self.metrics.resets.inc()
+            if n_ops and self.state is not None:
+                asyncio.get_running_loop().create_task(self._reset_members())
+            return
         m = self.metrics
         m.broadcasts.inc()
         m.frames_out.inc(count)
         m.bytes_out.inc(total)
 
+    async def _reset_members(self) -> None:
+        async with self._engine:
+            if self.state is not None and not self._closed:
+                await self._send_reset(self.state)
+
     # ------------------------------------------------------------------ members
 
-    async def join(self, member: Member, since: int | None, rid: int | str | None) -> None:
-        """Send `joined` (full state, or resumed + the missed deltas) and add the member."""
+    async def join(self, member: Member, since: int | None, rid: RequestId | None) -> None:
+        """Send `joined` (full state, or resumed + the missed deltas) and add the member.
+        A big state or replay is written as the member reads (fanout.Member.send_stream)."""
         self.last_active = time.monotonic()  # before any await: not idle, not evicted
         self._joining += 1
         try:
@@ -383,41 +703,44 @@ class Room:
         finally:
             self._joining -= 1
 
-    async def _join(self, member: Member, since: int | None, rid: int | str | None) -> None:
-        state = await self.ensure_loaded()
-        missed: list[Op] | None = None
-        if since is not None and since <= state.seq:
-            missed = await self._missed(since)
-        if self.state is None:  # lost while we waited (a failed apply): serve after reload
-            missed = None
-        state = await self.ensure_loaded()
-        # From here to the end nothing awaits: the member sees exactly the stream after.
-        if missed is not None and (missed[-1].seq if missed else since) == state.seq:
-            assert since is not None
-            member.send(encode_joined(member.codec, self.name, since, rid, None))
-            for op in missed:
-                try:
-                    kind, body = split_delta_doc(op.delta)
-                    doc = delta_doc(kind, body)
-                except delta.DeltaError:
-                    doc = _EMPTY_PATCH
-                payload = DeltaFrame(self.name, op.seq, op.seq, doc).payload(member.codec)
-                member.send(payload)
-        else:
-            payload = encode_joined(member.codec, self.name, state.seq, rid, state)
-            member.send(payload)
-        self.members[member] = None
+    async def _join(self, member: Member, since: int | None, rid: RequestId | None) -> None:
+        while True:
+            await self.ensure_loaded()
+            missed: list[Op] | None = None
+            if since is not None and since <= self.seq:
+                missed = await self._missed(since)
+            async with self._engine:
+                state = self.state
+                if state is None:
+                    continue  # lost while we waited (a failed apply): serve after reload
+                # Holding _engine, the state and its seq do not change until the member is
+                # added: it sees exactly the stream after what it is sent here.
+                if missed is not None and (missed[-1].seq if missed else since) == self.seq:
+                    assert since is not None
+                    member.send(encode_joined(member.codec, self.name, since, rid, None))
+                    if missed:
+                        member.send_stream(Replay(self.name, missed, member.codec, member.opcode))
+                else:
+                    payload = await self._encoding(state, member.codec)
+                    fields: dict[str, object] = {"t": "joined"}
+                    if rid is not None:
+                        fields["id"] = rid
+                    fields["room"] = self.name
+                    fields["seq"] = self.seq
+                    prefix, suffix = _message_parts(member.codec, fields)
+                    member.send_payload(payload, prefix, suffix)
+                self.members[member] = None
+                return
 
     async def _missed(self, since: int) -> list[Op] | None:
-        """The ops since+1 .. state.seq, or None when history cannot serve them. The last op
-        returned is the state's seq at the moment this returns (no await after)."""
+        """The ops since+1 .. seq, or None when history cannot serve them. The last op
+        returned is the room's seq at the moment this returns (no await after)."""
         out: list[Op] = []
         after = since
         for _ in range(10):
-            state = self.state
-            if state is None:
+            if self.state is None:
                 return None
-            target = state.seq
+            target = self.seq
             recent = self.recent
             if after >= target:
                 return out
@@ -447,6 +770,8 @@ class Room:
             not self.members
             and not self._joining
             and not self.queue
+            and self._flushing is None
+            and not self._engine.locked()
             and self._backfill is None
             and (self._loading is None or self._loading.done())
             and now - self.last_active >= idle_s
@@ -455,7 +780,7 @@ class Room:
     async def close(self) -> None:
         self._closed = True
         self._cancel_flush()
-        for task in (self._backfill, self._loading):
+        for task in (self._backfill, self._loading, self._flushing):
             if task is not None and not task.done():
                 task.cancel()
         try:

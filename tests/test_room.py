@@ -141,3 +141,19 @@ async def test_batches_merge_within_tick_and_fail_as_noops() -> None:
     # The same as applying the history one by one.
     ops = await b.read_ops("r", 0) or []
     assert json.loads(delta.compact(b"{}", [op.delta for op in ops])) == expected(5, 1)
+
+
+async def test_recent_ops_are_bounded_by_bytes_and_resumes_read_the_rest() -> None:
+    """Big ops do not pile up in the room (count alone let 256 ops of 900 KB stay); resumes
+    from before what it keeps read the backend (tests/test_room_offloop.py)."""
+    b, room, _ = await make()
+    room.recent_bytes = 256 * 1024
+    await room.ensure_loaded()
+    blob = "b" * 50_000
+    for i in range(40):
+        await b.publish("r", "merge", json.dumps({"n": i, "blob": blob}).encode())
+        await settle()
+    assert room.state is not None and room.state.seq == 40
+    assert sum(len(op.delta) for op in room.recent) <= 256 * 1024
+    assert 0 < len(room.recent) < 10
+    assert room.recent[-1].seq == 40
