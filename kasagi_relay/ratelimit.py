@@ -1,18 +1,24 @@
 """Per-connection rate limits, Sans-I/O: token buckets fed with a clock the caller passes.
 
 A connection is limited in messages (`--rate-limit`/`--rate-burst`, control frames
-included) and in bytes (`--rate-bytes`/`--rate-bytes-burst`, counted as they arrive off
-the socket, before anything is decoded). Bytes are charged when they arrive, so a large
-message can take the byte bucket below zero: the messages after it are refused until the
-debt is paid back at the sustained rate. A connection refused without pause for
-`--rate-close-after` is to be closed (1008). docs/operations.md lists the limits.
+included) and in bytes (`--rate-bytes`/`--rate-bytes-burst`), checked when a message is
+taken off the connection and before anything decodes it. A message is admitted while the
+byte bucket is not in debt, and then charged in full: one large message may take the
+bucket below zero, and the messages after it are refused until the debt is paid back at
+the sustained rate. Refused messages are charged too (reading them cost the relay the
+same), so a client that keeps sending stays refused, and once refused without a pause of a second
+for `--rate-close-after` it is to be closed (1008). docs/operations.md lists the limits.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Final
 
-__all__ = ["RateLimiter", "TokenBucket", "Verdict"]
+__all__ = ["QUIET_S", "RateLimiter", "TokenBucket", "Verdict"]
+
+# A pause this long without a refused message ends a run of refusals.
+QUIET_S: Final = 1.0
 
 
 class TokenBucket:
@@ -68,7 +74,7 @@ class Verdict(enum.Enum):
 class RateLimiter:
     """The limits of one connection."""
 
-    __slots__ = ("_bytes", "_messages", "close_after_s", "refused_since")
+    __slots__ = ("_bytes", "_last_refused", "_messages", "close_after_s", "refused_since")
 
     def __init__(
         self,
@@ -85,18 +91,19 @@ class RateLimiter:
         self.close_after_s = close_after_s
         # When the current run of refusals began; None while the connection is within limits.
         self.refused_since: float | None = None
+        self._last_refused = 0.0
 
-    def received(self, nbytes: int, now: float) -> None:
-        """Bytes read off the socket (frames of any kind, before they are parsed)."""
+    def admit(self, nbytes: int, now: float) -> Verdict:
+        """One message or control frame of `nbytes`: may it be served?"""
+        allowed = not self._bytes.in_debt(now) and self._messages.take(1.0, now)
         self._bytes.charge(nbytes, now)
-
-    def admit(self, now: float) -> Verdict:
-        """One message or control frame: may it be served?"""
-        if not self._bytes.in_debt(now) and self._messages.take(1.0, now):
-            self.refused_since = None
+        if allowed:
             return Verdict.ALLOW
-        if self.refused_since is None:
+        # A flood gets a message through now and then as the buckets refill: the run of
+        # refusals ends only after a pause without any.
+        if self.refused_since is None or now - self._last_refused > QUIET_S:
             self.refused_since = now
-        elif self.close_after_s > 0 and now - self.refused_since >= self.close_after_s:
+        self._last_refused = now
+        if self.close_after_s > 0 and now - self.refused_since >= self.close_after_s:
             return Verdict.CLOSE
         return Verdict.REFUSE

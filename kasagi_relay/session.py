@@ -2,8 +2,8 @@
 
 `RelayConnection` is websockets' server connection with the relay's guards on the bytes
 coming in (docs/operations.md lists each limit):
-- bytes are charged to the connection's rate limit as they arrive, before websockets
-  parses them; control frames count as messages;
+- control frames (pings, pongs) count in the connection's rate limit, as messages and
+  by their bytes;
 - input is parsed a slice at a time, yielding to the event loop between slices, so a
   write of thousands of tiny frames cannot hold the loop (websockets parses a 256 KiB
   read of 2-byte frames in about 180 ms at once);
@@ -105,9 +105,6 @@ class RelayConnection(ServerConnection):
     # ------------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
-        session = self.session
-        if session is not None:
-            session.received(len(data))
         if self._backlog:  # earlier input still being parsed: keep the order
             self._backlog += data
             return
@@ -150,7 +147,7 @@ class RelayConnection(ServerConnection):
     def process_event(self, event: Event) -> None:
         session = self.session
         if session is not None and isinstance(event, Frame) and event.opcode in _CONTROL:
-            session.control_frame()
+            session.control_frame(len(event.data))
         super().process_event(event)
 
     def _after_input(self) -> None:
@@ -317,13 +314,9 @@ class Session:
 
     # ------------------------------------------------------------------ guards
 
-    def received(self, nbytes: int) -> None:
-        """Bytes off the socket, before websockets parses them."""
-        self.limiter.received(nbytes, time.monotonic())
-
-    def control_frame(self) -> None:
+    def control_frame(self, nbytes: int) -> None:
         """A ping or pong from the client: it counts as a message in the rate limit."""
-        verdict = self.limiter.admit(time.monotonic())
+        verdict = self.limiter.admit(nbytes, time.monotonic())
         if verdict is Verdict.ALLOW:
             return
         self.input_refused("rate_limited")
@@ -368,7 +361,8 @@ class Session:
     async def handle(self, message: str | bytes) -> None:
         """Serve one message; never raises but ConnectionClosed and CancelledError."""
         received = time.perf_counter()
-        verdict = self.limiter.admit(time.monotonic())
+        # Before anything decodes the message (websockets only checked its UTF-8 if text).
+        verdict = self.limiter.admit(len(message), time.monotonic())
         if verdict is not Verdict.ALLOW:
             self.input_refused("rate_limited")
             if verdict is Verdict.CLOSE:
