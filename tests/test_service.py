@@ -15,7 +15,7 @@ from kasagi_relay.config import Config
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import BadRequest
 from kasagi_relay.registry import RoomRegistry
-from kasagi_relay.service import RoomService
+from kasagi_relay.service import KEY_CONFLICT, RoomService
 
 ADD_X = b'[{"op":"add","path":"/x","value":1}]'
 ADD_Y = b'[{"op":"add","path":"/y","value":2}]'
@@ -59,10 +59,10 @@ async def test_a_key_used_with_another_delta_is_key_conflict_and_nothing_is_stor
         assert await svc.publish("r", "patch", ADD_X, "k1") == 1
         with pytest.raises(BadRequest) as info:
             await svc.publish("r", "patch", ADD_Y, "k1")
-        assert info.value.code == "key_conflict"
+        assert info.value.code == KEY_CONFLICT
         with pytest.raises(BadRequest) as info:
             await svc.publish("r", "merge", b'{"x":1}', "k1")  # same JSON, other kind
-        assert info.value.code == "key_conflict"
+        assert info.value.code == KEY_CONFLICT
         # Keys are per room; the key is not spent by the refusal.
         assert await svc.publish("r2", "patch", ADD_Y, "k1") == 1
         assert await svc.publish("r", "patch", ADD_X, "k1") == 1
