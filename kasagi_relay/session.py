@@ -67,6 +67,9 @@ _CONTROL: Final = (Opcode.PING, Opcode.PONG)
 # MessagePack): the client's doing, not a bug.
 _ENCODE_ERRORS: Final = (OverflowError, ValueError, TypeError, UnicodeEncodeError)
 
+# Error codes that say nothing about what the client sent (the others count as bad input).
+_NOT_INPUT: Final = frozenset({"unavailable", "internal"})
+
 MemberFactory = Callable[[ServerConnection, Codec, Callable[[Member], None]], Member]
 
 _input_log = ThrottledLog(logger)
@@ -381,6 +384,8 @@ class Session:
             self._check_reply_fields(request)
             await self._dispatch(request, received)
         except BadRequest as exc:
+            if exc.code not in _NOT_INPUT:
+                self.input_refused(exc.code)
             exc.id = request.id
             exc.room = request.room
             self._error(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import socket
 import struct
@@ -418,3 +419,24 @@ def test_msgpack_cannot_carry_the_big_id_itself() -> None:
     """Why the test above uses a JSON text frame: MessagePack stops at 64-bit integers."""
     with pytest.raises(OverflowError):
         msgpack.packb(2**70)
+
+
+async def test_bad_input_is_counted_by_reason_and_logged_without_tracebacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kasagi_relay.session")
+    async with (
+        relay_with_bystander() as (relay, bystander),
+        connect_client(relay.url) as bad,
+    ):
+        for _ in range(30):  # more than the log lets through
+            await bad.send_raw("not json")
+            assert (await bad.expect("error"))["code"] == "bad_message"
+        await bad.send({"t": "delta", "room": "r", "patch": [{"op": "remove", "path": "/no"}]})
+        assert (await bad.expect("error"))["code"] == "bad_patch"
+        await bystander.check()
+        assert metric(relay, 'kasagi_bad_input_total{reason="bad_message"}') == 30
+        assert metric(relay, 'kasagi_bad_input_total{reason="bad_patch"}') == 1
+        assert not [r for r in caplog.records if r.exc_info], caplog.records
+        logged = [r for r in caplog.records if r.name == "kasagi_relay.session"]
+        assert len(logged) <= 10  # 31 refusals: the log line is rate-limited
