@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 
 import pytest
-from relay_helpers import connect_client, start_relay
+from relay_helpers import connect_client, relay_process, start_relay
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from kasagi_relay.admission import Admission, client_address
 from kasagi_relay.server import Relay
@@ -118,3 +118,47 @@ def test_admission_counts_and_releases() -> None:
     assert (adm.total, adm.per_address) == (0, {})
     unlimited = Admission(0, 0, ())
     assert all(unlimited.admit("x") is None for _ in range(1000))
+
+
+async def test_one_address_cannot_take_every_descriptor_and_idle_connections_are_closed() -> None:
+    """Issue 11: 286 idle connections took every descriptor of a relay limited to 300 open
+    files, locking everyone out. With 128 open files and a cap of 60 per address, a
+    hostile address gets its 60 and 503s, another address is served, and the idle ones
+    are closed with 1008 after --idle-timeout."""
+    hostile = {"X-Forwarded-For": "198.51.100.66"}
+    async with (
+        relay_process(
+            "--max-connections-per-address",
+            "60",
+            "--trusted-proxies",
+            "127.0.0.1/32",
+            "--idle-timeout",
+            "8",  # long enough that none is closed before the 150 attempts are made
+            open_files=(128, 128),
+        ) as proc,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        opened = []
+        refused = 0
+        for _ in range(150):
+            try:
+                ws = await stack.enter_async_context(
+                    connect(proc.url, additional_headers=hostile, open_timeout=5)
+                )
+                opened.append(ws)
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 503
+                refused += 1
+        assert (len(opened), refused) == (60, 90)
+        async with connect_client(
+            proc.url, additional_headers={"X-Forwarded-For": "198.51.100.7"}
+        ) as good:
+            assert (await good.join("r"))["seq"] == 0
+            async with asyncio.timeout(30):
+                for ws in opened:
+                    with contextlib.suppress(ConnectionClosed):
+                        await ws.recv()
+            assert {ws.close_code for ws in opened} == {1008}
+            ack = await good.delta("r", merge={"still": "served"})
+            assert ack is not None and ack["seq"] == 1
+        assert proc.returncode is None
