@@ -37,8 +37,10 @@ from kasagi_relay.registry import RoomRegistry
 __all__ = ["KEY_CONFLICT", "RoomService"]
 
 # docs/protocol.md (v1.1): the same idempotency key with another delta. protocol.ErrorCode
-# gains the literal in the same wave; until both land this names it in one place.
-KEY_CONFLICT: Final = cast(ErrorCode, "key_conflict")
+# gains the literal in the same wave; until both land this names it in one place (cast
+# from a `str`, so that the cast stays valid, and not redundant, once ErrorCode has it).
+_KEY_CONFLICT_NAME: str = "key_conflict"
+KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
 # Keys this relay acknowledged, so that a retried delta whose patch no longer applies (it
 # already did) still gets its first ack rather than bad_patch, and so that another delta
 # under a key is refused before it reaches the backend.
