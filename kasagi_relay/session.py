@@ -454,8 +454,8 @@ class Session:
         try:
             payload = protocol.encode_error(self.codec, exc.code, exc.message, exc.id, exc.room)
         except _ENCODE_ERRORS:
-            # An id or room of the client's that has no encoding: answered without them.
-            self.input_refused("unencodable_id")
+            # An id or room of the client's that has no encoding (already counted as bad
+            # input by whoever refused the message): answered without them.
             payload = protocol.encode_error(self.codec, exc.code, exc.message)
         self.member.send(payload)
 

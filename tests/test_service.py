@@ -134,3 +134,31 @@ async def test_key_conflict_across_two_relays(redis_server: Topology) -> None:  
         assert retry is not None and retry["seq"] == 1
         state = (await on_b.join("r"))["state"]
         assert state == {"from": "a"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs backend.seen_key(room, key, kind, body) (the digest compared): "
+    "service.RoomService._publish still calls seen_key(room, key)",
+)
+async def test_key_conflict_across_two_relays_when_the_delta_no_longer_applies(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """A keyed delta that no longer applies is answered from the backend's record of its key
+    (its first attempt may have been stored, its ack lost): with another delta under that
+    key it is key_conflict, not the other delta's seq."""
+    url = f"redis://127.0.0.1:{redis_server.servers[0].port}/0"
+    config = Config(redis=url)
+    async with (
+        start_relay(config) as a,
+        start_relay(config) as b,
+        connect_client(a.url) as on_a,
+        connect_client(b.url) as on_b,
+    ):
+        ack = await on_a.delta("r", [{"op": "add", "path": "/x", "value": 1}], key="k1")
+        assert ack is not None and ack["seq"] == 1
+        remove = [{"op": "remove", "path": "/nothing"}]
+        await on_b.send({"t": "delta", "room": "r", "id": 2, "key": "k1", "patch": remove})
+        reply, _ = await on_b.recv_until(lambda m: m["t"] in ("ack", "error"))
+        assert (reply["t"], reply.get("code"), reply["id"]) == ("error", "key_conflict", 2)

@@ -412,7 +412,8 @@ async def test_unencodable_reply_ids_are_bad_message_and_nothing_is_stored(
         assert joined["id"] == 1  # the connection is served as before
         await bystander.check()
         assert not [r for r in caplog.records if r.exc_info], caplog.records
-        assert metric(relay, 'kasagi_bad_input_total{reason="unencodable_id"}') == 2
+        # Counted once each, whether the session's reply check or protocol.parse refused it.
+        assert metric(relay, 'kasagi_bad_input_total{reason="bad_message"}') == 2
 
 
 def test_msgpack_cannot_carry_the_big_id_itself() -> None:
