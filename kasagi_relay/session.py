@@ -9,10 +9,12 @@ coming in (docs/operations.md lists each limit):
   read of 2-byte frames in about 180 ms at once);
 - a frame (or fragmented message) whose bytes stay incomplete for --frame-timeout
   closes the connection with 1008, which frees what it buffered;
-- whatever websockets writes by itself (pongs) counts against the member's send queue.
+- whatever websockets writes by itself (pongs) counts against the member's send queue;
+- after a close that discards the peer's input, a peer that keeps sending is cut off.
 
 `Session` reads the messages, checks the rate limit before decoding anything, parses each
-request (protocol.parse) and hands it to the room service (service.py). It holds a
+request (protocol.parse; a big one in a worker thread) and hands it to the room service
+(service.py). It holds a
 `fanout.Member`, the writer the rooms broadcast to. Messages of one connection are served
 one at a time, in order (so one client's deltas get seqs in the order it sent them),
 yielding to the loop every few messages. Nothing a client sends raises out of a session:
@@ -62,6 +64,12 @@ YIELD_MESSAGES: Final = 32
 YIELD_BYTES: Final = 256 * 1024
 # Input handed to websockets' parser at a time (at most ~2,700 frames: ~15 ms of parsing).
 FEED_SLICE: Final = 16 * 1024
+# A message larger than this is parsed in a worker thread: protocol.parse reads big messages
+# with the engine, the GIL released, so the event loop serves the other connections meanwhile.
+PARSE_IN_THREAD_BYTES: Final = 16 * 1024
+# After a close that discards the peer's input (1008 for a flood, 1013), what it still sends
+# is read and thrown away; past this much the TCP connection is aborted rather than read on.
+DISCARD_MAX_BYTES: Final = 1024 * 1024
 _CONTROL: Final = (Opcode.PING, Opcode.PONG)
 # Failures of encoding a reply field a client chose (an id of 2**70, a lone surrogate in
 # MessagePack): the client's doing, not a bug.
@@ -85,6 +93,7 @@ class RelayConnection(ServerConnection):
         self.on_lost: Callable[[], None] | None = None
         self.frame_timeout_s = 0.0
         self._backlog = bytearray()
+        self._discarding: int | None = None  # bytes thrown away since a failing close
         self._feeding: asyncio.Handle | None = None
         self._partial_since: float | None = None
         self._frame_timer: asyncio.TimerHandle | None = None
@@ -108,6 +117,11 @@ class RelayConnection(ServerConnection):
     # ------------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding is not None:
+            self._discarding += len(data)
+            if self._discarding > DISCARD_MAX_BYTES:
+                self.transport.abort()
+                return
         if self._backlog:  # earlier input still being parsed: keep the order
             self._backlog += data
             return
@@ -209,6 +223,7 @@ class RelayConnection(ServerConnection):
         if proto.state is State.OPEN:
             if fail:
                 proto.fail(code, reason)
+                self._discarding = 0
             else:
                 proto.send_close(code, reason)
             self.send_data()
@@ -375,7 +390,10 @@ class Session:
             self._error(BadRequest("rate_limited", "too many messages, slow down", rid))
             return
         try:
-            request = protocol.parse(message, self.codec)
+            if len(message) > PARSE_IN_THREAD_BYTES:
+                request = await asyncio.to_thread(protocol.parse, message, self.codec)
+            else:
+                request = protocol.parse(message, self.codec)
         except BadRequest as exc:
             self.input_refused(exc.code)
             self._error(exc)
