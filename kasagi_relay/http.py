@@ -69,7 +69,7 @@ class HttpRoutes:
             return self._refuse(reason, f"too many connections ({reason})")
         admission = self.admission
         if isinstance(connection, RelayConnection):
-            connection.on_lost = lambda: admission.release(address)
+            connection.guard.on_lost = lambda: admission.release(address)
         else:  # pragma: no cover - serve() is always given RelayConnection
             admission.release(address)
         return None
