@@ -1,7 +1,11 @@
-"""Prometheus metrics, one registry per relay so several relays can share a test process."""
+"""Prometheus metrics, one registry per relay so several relays can share a test process;
+and `ThrottledLog`, so that what clients cause can be logged without letting them flood
+the log."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -13,7 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "ThrottledLog"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -78,6 +82,28 @@ class Metrics:
             "kasagi_backend_errors", "Failed backend operations.", registry=r
         )
         self.resets = Counter("kasagi_resets", "Room resets sent to members.", registry=r)
+        self.bad_input = Counter(
+            "kasagi_bad_input",
+            "Messages and frames refused because of what a client sent, by reason "
+            "(an error code such as bad_message or rate_limited, or a guard such as "
+            "frame_timeout); none of them is logged with a traceback.",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "kasagi_connections_refused",
+            "WebSocket handshakes answered 503, by reason (max_connections, "
+            "max_connections_per_address, shutting_down).",
+            ["reason"],
+            registry=r,
+        )
+        self.closes = Counter(
+            "kasagi_closes",
+            "WebSocket connections ended, by the close code the relay sent first "
+            "(peer: the client closed first; abnormal: no close frame either way).",
+            ["code"],
+            registry=r,
+        )
         self.ack_latency = Histogram(
             "kasagi_ack_latency_seconds",
             "Time from receiving a delta to sending its ack.",
@@ -91,3 +117,33 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ThrottledLog:
+    """At most `per_interval` lines per `interval_s` on `logger`; the lines dropped
+    meanwhile are counted in the next line written."""
+
+    def __init__(self, logger: logging.Logger, per_interval: int = 10, interval_s: float = 10.0):
+        self.logger = logger
+        self.per_interval = per_interval
+        self.interval_s = interval_s
+        self._window = 0.0
+        self._written = 0
+        self._dropped = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        if now - self._window >= self.interval_s:
+            self._window = now
+            self._written = 0
+        if self._written >= self.per_interval:
+            self._dropped += 1
+            return
+        self._written += 1
+        if self._dropped:
+            msg += " (%d similar lines not logged)"
+            args = (*args, self._dropped)
+            self._dropped = 0
+        self.logger.log(level, msg, *args)

@@ -165,9 +165,14 @@ async def test_same_idempotency_key_same_seq_one_broadcast() -> None:
         err = await a.expect("error")  # /x does not exist: refused, nothing stored
         assert err["code"] == "bad_patch"
         ack1 = await a.delta("r", add("/x", 1), key="k1", id=1)
-        ack2 = await a.delta("r", add("/x", 2), key="k1", id=2)
-        assert ack1 is not None and ack2 is not None
-        assert (ack1["seq"], ack2["seq"], ack2["id"]) == (1, 1, 2)
+        retry = await a.delta("r", add("/x", 1), key="k1", id=2)
+        assert ack1 is not None and retry is not None
+        assert (ack1["seq"], retry["seq"], retry["id"]) == (1, 1, 2)
+        # The same key with another delta is not a retry: key_conflict, nothing stored
+        # (docs/protocol.md, idempotency keys).
+        await a.send({"t": "delta", "room": "r", "id": 3, "key": "k1", "patch": add("/x", 2)})
+        err = await a.expect("error")
+        assert (err["code"], err["id"], err["room"]) == ("key_conflict", 3, "r")
         # A remove retried with its key after it applied still gets its first ack.
         ack3 = await a.delta("r", [{"op": "remove", "path": "/x"}], key="k2")
         ack4 = await a.delta("r", [{"op": "remove", "path": "/x"}], key="k2")

@@ -759,8 +759,14 @@ class ServerSpec:
 
 def server_specs(relay_args: Sequence[str], module: str = "kasagi_relay") -> dict[str, ServerSpec]:
     py = sys.executable
-    # The publisher sends faster than the relay's default per-connection rate limit.
-    relay = [py, "-m", module, "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"]
+    # The publisher sends faster than the relay's default per-connection rate limits, and
+    # waits between steps longer than its idle timeout (it joins no room); every member
+    # connects from 127.0.0.1 (past the default per-address cap of 256).
+    relay = [
+        *(py, "-m", module, "--host", "127.0.0.1", "--port", "0"),
+        *("--rate-limit", "0", "--rate-bytes", "0", "--idle-timeout", "0"),
+        *("--max-connections-per-address", "0"),
+    ]
     return {
         "floor": ServerSpec("floor", [py, str(HERE / "floor_server.py"), "--port", "0"]),
         "relay": ServerSpec("relay", [*relay, *relay_args]),

@@ -1,0 +1,204 @@
+"""The room service: what a client may do to a room, whatever transport carried the request.
+
+The WebSocket session (session.py) calls it today, the HTTP API will tomorrow. Nothing here
+knows about sockets: requests come in as arguments, failures go out as `BadRequest` with
+the error code of docs/protocol.md.
+
+Where a delta goes (docs/design.md):
+- parsed and validated by protocol.parse (session.py calls it), then here:
+- authorized in `authorize` (every request passes until identity lands, next issue),
+- checked against the room's state and the size limit (`publish`, room.check),
+- ordered by the backend (`backend.publish` gives it its seq), merged into the room's
+  state when it comes back from the backend (room.py), and sent to the members by
+  fanout.broadcast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Final, Literal, cast
+
+from kasagi_relay import delta
+from kasagi_relay.backends.base import Backend
+from kasagi_relay.domain import (
+    IDEMPOTENCY_TTL_S,
+    BackendUnavailable,
+    DeltaKind,
+    KeyConflict,
+    delta_digest,
+)
+from kasagi_relay.fanout import Member
+from kasagi_relay.metrics import Metrics
+from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
+from kasagi_relay.registry import RoomRegistry
+
+__all__ = ["KEY_CONFLICT", "RoomService"]
+
+# docs/protocol.md (v1.1): the same idempotency key with another delta. protocol.ErrorCode
+# gains the literal in the same wave; until both land this names it in one place (cast
+# from a `str`, so that the cast stays valid, and not redundant, once ErrorCode has it).
+_KEY_CONFLICT_NAME: str = "key_conflict"
+KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
+# Keys this relay acknowledged, so that a retried delta whose patch no longer applies (it
+# already did) still gets its first ack rather than bad_patch, and so that another delta
+# under a key is refused before it reaches the backend.
+KEY_CACHE_SIZE: Final = 100_000
+
+Action = Literal["join", "publish"]
+
+
+class RoomService:
+    """Join, leave and publish on the rooms of a registry, within the relay's limits."""
+
+    def __init__(
+        self,
+        registry: RoomRegistry,
+        backend: Backend,
+        metrics: Metrics,
+        *,
+        max_state_bytes: int,
+    ) -> None:
+        self.registry = registry
+        self.backend = backend
+        self.metrics = metrics
+        self.max_state_bytes = max_state_bytes
+        self.closing = False
+        self.inflight = 0
+        self._inflight_done = asyncio.Event()
+        # (room, key) -> (seq, digest of the delta, expiry on the monotonic clock)
+        self._keys: OrderedDict[tuple[str, str], tuple[int, str, float]] = OrderedDict()
+
+    # ------------------------------------------------------------------ requests
+
+    def authorize(self, action: Action, room: str) -> None:
+        """Identity and grants (the next issue) refuse here, with BadRequest("forbidden"),
+        for every transport at once. Today every request is allowed."""
+
+    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None) -> int:
+        """Sequence one delta (already validated by protocol.parse) in `room`; its seq.
+
+        A retry under the same key gets the first seq; another delta under a key already
+        used is `key_conflict`, as are the errors of docs/protocol.md (bad_patch,
+        too_large, unavailable)."""
+        self._check_open()
+        self.authorize("publish", room)
+        digest = delta_digest(kind, body) if key is not None else ""
+        if key is not None:
+            known = self._known_key(room, key, digest)
+            if known is not None:
+                return known
+        try:
+            seq = await self._publish(room, kind, body, key, digest)
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+        except KeyConflict as exc:
+            raise BadRequest(KEY_CONFLICT, str(exc)) from None
+        if key is not None:
+            self._remember_key(room, key, seq, digest)
+        return seq
+
+    async def _publish(
+        self, name: str, kind: DeltaKind, body: bytes, key: str | None, digest: str
+    ) -> int:
+        room = await self.registry.load(name)
+        room.last_active = time.monotonic()  # before any await: not idle, not evicted
+        await room.ensure_loaded()
+        try:
+            await room.check(delta_doc(kind, body))
+        except delta.DeltaError as exc:
+            # A retry of a delta that was stored although its ack was lost (a dropped
+            # connection, a failover, another relay) no longer applies: answer what the
+            # first attempt got, as publish would, rather than bad_patch.
+            seq = None
+            if key is not None:
+                # MERGE(backend): becomes seen_key(name, key, kind, body), which raises
+                # KeyConflict for a key stored with another delta (caught in publish).
+                seq = await self.backend.seen_key(name, key)
+            if seq is None:
+                raise BadRequest("bad_patch", str(exc)) from None
+            return seq
+        limit = self.max_state_bytes
+        if room.state_too_large(len(body), limit):
+            raise BadRequest("too_large", f"the room's state would pass {limit} bytes")
+        self.inflight += 1
+        try:
+            seq = await self.backend.publish(name, kind, body, key)
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self._inflight_done.set()
+        room.note_acked(seq)
+        self.metrics.deltas_in.inc()
+        return seq
+
+    async def join(
+        self, member: Member, room: str, since: int | None, rid: RequestId | None
+    ) -> bool:
+        """Send `member` the room's `joined` (full state, or resumed and the deltas after
+        `since`) and add it to the room's stream; a second join restarts the stream.
+        False when the member went away meanwhile (it is not a member then)."""
+        self._check_open()
+        self.authorize("join", room)
+        try:
+            r = await self.registry.load(room)
+            if member in r.members:
+                r.leave(member)
+                self.metrics.members.dec()
+            await r.join(member, since, rid)
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+        if not member.is_open():
+            r.leave(member)
+            return False
+        self.metrics.members.inc()
+        return True
+
+    def leave(self, member: Member, room: str) -> None:
+        """Take `member` off the room's stream (nothing if it is not a member)."""
+        r = self.registry.get(room)
+        if r is not None and member in r.members:
+            r.leave(member)
+            self.metrics.members.dec()
+
+    def _check_open(self) -> None:
+        if self.closing:
+            raise BadRequest("unavailable", "relay shutting down")
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests and wait up to `timeout_s` for the publishes under way;
+        the number still under way when it gives up."""
+        self.closing = True
+        if self.inflight:
+            self._inflight_done.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._inflight_done.wait()
+            except TimeoutError:
+                pass
+        return self.inflight
+
+    # ------------------------------------------------------------------ idempotency keys
+
+    def _remember_key(self, room: str, key: str, seq: int, digest: str) -> None:
+        keys = self._keys
+        keys[(room, key)] = (seq, digest, time.monotonic() + IDEMPOTENCY_TTL_S)
+        keys.move_to_end((room, key))
+        while len(keys) > KEY_CACHE_SIZE:
+            keys.popitem(last=False)
+
+    def _known_key(self, room: str, key: str, digest: str) -> int | None:
+        """The seq acknowledged for this key and delta; raises key_conflict when the key
+        was acknowledged for another delta."""
+        hit = self._keys.get((room, key))
+        if hit is None or hit[2] < time.monotonic():
+            return None
+        seq, stored, _ = hit
+        if stored != digest:
+            raise BadRequest(KEY_CONFLICT, f"key {key!r} was used for another delta (seq {seq})")
+        return seq

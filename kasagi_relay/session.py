@@ -1,0 +1,530 @@
+"""One WebSocket connection of a client: its guards, its dispatch, its writer.
+
+`RelayConnection` is websockets' server connection with the relay's guards on the bytes
+coming in (docs/operations.md lists each limit):
+- control frames (pings, pongs) count in the connection's rate limit, as messages and
+  by their bytes;
+- input is parsed a slice at a time, yielding to the event loop between slices, so a
+  write of thousands of tiny frames cannot hold the loop (websockets parses a 256 KiB
+  read of 2-byte frames in about 180 ms at once);
+- a frame (or fragmented message) whose bytes stay incomplete for --frame-timeout
+  closes the connection with 1008, which frees what it buffered;
+- whatever websockets writes by itself (pongs) counts against the member's send queue;
+- after a close that discards the peer's input, a peer that keeps sending is cut off.
+
+`Session` reads the messages, checks the rate limit before decoding anything, parses each
+request (protocol.parse; a big one in a worker thread) and hands it to the room service
+(service.py). It holds a
+`fanout.Member`, the writer the rooms broadcast to. Messages of one connection are served
+one at a time, in order (so one client's deltas get seqs in the order it sent them),
+yielding to the loop every few messages. Nothing a client sends raises out of a session:
+every failure becomes an `error` reply or a close code, and other connections never
+notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event, State
+
+from kasagi_relay import protocol
+from kasagi_relay.config import Config
+from kasagi_relay.fanout import CLOSE_TOO_SLOW, Member
+from kasagi_relay.metrics import Metrics, ThrottledLog
+from kasagi_relay.protocol import BadRequest, Codec
+from kasagi_relay.ratelimit import RateLimiter, Verdict
+from kasagi_relay.service import RoomService
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_POLICY",
+    "MemberFactory",
+    "RelayConnection",
+    "Session",
+]
+
+logger = logging.getLogger("kasagi_relay.session")
+
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008
+# A message refused by the rate limit is answered with its id only when finding the id is
+# cheap: larger messages are answered without one, never decoded.
+PEEK_MAX_BYTES: Final = 4096
+# A connection yields to the event loop after this many messages or bytes served in a row.
+YIELD_MESSAGES: Final = 32
+YIELD_BYTES: Final = 256 * 1024
+# Input handed to websockets' parser at a time (at most ~2,700 frames: ~15 ms of parsing).
+FEED_SLICE: Final = 16 * 1024
+# A message larger than this is parsed in a worker thread: protocol.parse reads big messages
+# with the engine, the GIL released, so the event loop serves the other connections meanwhile.
+PARSE_IN_THREAD_BYTES: Final = 16 * 1024
+# After a close that discards the peer's input (1008 for a flood, 1013), what it still sends
+# is read and thrown away; past this much the TCP connection is aborted rather than read on.
+DISCARD_MAX_BYTES: Final = 1024 * 1024
+_CONTROL: Final = (Opcode.PING, Opcode.PONG)
+# Failures of encoding a reply field a client chose (an id of 2**70, a lone surrogate in
+# MessagePack): the client's doing, not a bug.
+_ENCODE_ERRORS: Final = (OverflowError, ValueError, TypeError, UnicodeEncodeError)
+
+# Error codes that say nothing about what the client sent (the others count as bad input).
+_NOT_INPUT: Final = frozenset({"unavailable", "internal"})
+
+MemberFactory = Callable[[ServerConnection, Codec, Callable[[Member], None]], Member]
+
+_input_log = ThrottledLog(logger)
+
+
+class Guard:
+    """The relay's state of one connection, in one object: websockets' connection has ~27
+    attributes, and past 30 CPython stops sharing the keys of instance dicts (1.3 KiB more
+    per connection, measured)."""
+
+    __slots__ = (
+        "backlog",
+        "discarding",
+        "feeding",
+        "frame_timeout_s",
+        "frame_timer",
+        "on_lost",
+        "partial_since",
+        "session",
+    )
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        # Called once when the connection ends: gives back its place (admission.py).
+        self.on_lost: Callable[[], None] | None = None
+        self.frame_timeout_s = 0.0
+        self.backlog = bytearray()  # input not yet handed to websockets' parser
+        self.discarding: int | None = None  # bytes thrown away since a failing close
+        self.feeding: asyncio.Handle | None = None
+        self.partial_since: float | None = None
+        self.frame_timer: asyncio.TimerHandle | None = None
+
+
+class RelayConnection(ServerConnection):
+    """websockets' ServerConnection with the relay's input guards (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = Guard()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # The frame queue resumes reading when the session has caught up; with input of
+        # ours still waiting to be parsed, that input goes first.
+        self.recv_messages.resume = self._queue_resumed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.backlog.clear()
+        for handle in (self.guard.feeding, self.guard.frame_timer):
+            if handle is not None:
+                handle.cancel()
+        if self.guard.on_lost is not None:
+            on_lost, self.guard.on_lost = self.guard.on_lost, None
+            on_lost()
+        super().connection_lost(exc)
+
+    # ------------------------------------------------------------------ input
+
+    def data_received(self, data: bytes) -> None:
+        if self.guard.discarding is not None:
+            self.guard.discarding += len(data)
+            if self.guard.discarding > DISCARD_MAX_BYTES:
+                self.transport.abort()
+                return
+        if self.guard.backlog:  # earlier input still being parsed: keep the order
+            self.guard.backlog += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        if len(data) > FEED_SLICE:
+            self.guard.backlog += memoryview(data)[FEED_SLICE:]
+            data = data[:FEED_SLICE]
+            self.transport.pause_reading()
+        super().data_received(bytes(data))
+        self._after_input()
+        if self.guard.backlog:
+            self._schedule_feed()
+
+    def _schedule_feed(self) -> None:
+        if self.guard.feeding is None and not self.recv_messages.paused:
+            self.guard.feeding = self.loop.call_soon(self._feed_backlog)
+
+    def _feed_backlog(self) -> None:
+        self.guard.feeding = None
+        if self.protocol.state is State.CLOSED:
+            self.guard.backlog.clear()
+            return
+        chunk = bytes(self.guard.backlog[:FEED_SLICE])
+        del self.guard.backlog[:FEED_SLICE]
+        super().data_received(chunk)
+        self._after_input()
+        if self.guard.backlog:
+            self._schedule_feed()
+        elif not self.recv_messages.paused:
+            self.transport.resume_reading()
+
+    def _queue_resumed(self) -> None:
+        if self.guard.backlog:
+            self._schedule_feed()
+        else:
+            self.transport.resume_reading()
+
+    def process_event(self, event: Event) -> None:
+        session = self.guard.session
+        if session is not None and isinstance(event, Frame) and event.opcode in _CONTROL:
+            session.control_frame(len(event.data))
+        super().process_event(event)
+
+    def _after_input(self) -> None:
+        session = self.guard.session
+        if session is not None:
+            session.check_send_queue()
+        if self.guard.frame_timeout_s > 0:
+            self._track_partial_frame()
+
+    # ------------------------------------------------------------------ frame timeout
+
+    def _partial(self) -> bool:
+        """Bytes of an incomplete frame or message are held."""
+        proto = self.protocol
+        return proto.state is State.OPEN and (
+            bool(proto.reader.buffer) or proto.current_size is not None
+        )
+
+    def _track_partial_frame(self) -> None:
+        if not self._partial():
+            self.guard.partial_since = None
+            return
+        if self.guard.partial_since is None:
+            self.guard.partial_since = self.loop.time()
+            if self.guard.frame_timer is None:
+                self.guard.frame_timer = self.loop.call_later(
+                    self.guard.frame_timeout_s, self._frame_due
+                )
+
+    def _frame_due(self) -> None:
+        self.guard.frame_timer = None
+        since = self.guard.partial_since
+        if since is None or not self._partial():
+            self.guard.partial_since = None
+            return
+        now = self.loop.time()
+        if self.guard.backlog or self.recv_messages.paused:
+            # Reading is held back by us, not by the client: its frame cannot complete.
+            since = self.guard.partial_since = now
+        if now - since >= self.guard.frame_timeout_s:
+            self.guard.partial_since = None
+            if self.guard.session is not None:
+                self.guard.session.input_refused("frame_timeout")
+            self.close_now(CLOSE_POLICY, "frame not completed in time", fail=True)
+            return
+        self.guard.frame_timer = self.loop.call_later(
+            since + self.guard.frame_timeout_s - now, self._frame_due
+        )
+
+    # ------------------------------------------------------------------ closing
+
+    def close_now(self, code: int, reason: str, *, fail: bool, timeout_s: float = 5.0) -> None:
+        """Start the closing handshake without waiting on the write buffer (a stalled peer
+        would block websockets' close() forever); abort the TCP connection after
+        `timeout_s` if the peer does not finish it. `fail`: discard whatever the peer
+        sends from now on and end our side of TCP at once (websockets' fail)."""
+        proto = self.protocol
+        if proto.state is State.OPEN:
+            if fail:
+                proto.fail(code, reason)
+                self.guard.discarding = 0
+            else:
+                proto.send_close(code, reason)
+            self.send_data()
+            self.guard.backlog.clear()
+        self.loop.call_later(timeout_s, self._abort)
+
+    def _abort(self) -> None:
+        if self.protocol.state is not State.CLOSED:
+            self.transport.abort()
+
+
+class Session:
+    """The relay side of one client connection."""
+
+    __slots__ = (
+        "_idle_since",
+        "_idle_timer",
+        "codec",
+        "config",
+        "conn",
+        "limiter",
+        "member",
+        "metrics",
+        "rooms",
+        "service",
+    )
+
+    def __init__(
+        self,
+        conn: ServerConnection,
+        codec: Codec,
+        service: RoomService,
+        config: Config,
+        metrics: Metrics,
+        make_member: MemberFactory,
+    ) -> None:
+        self.conn = conn
+        self.codec: Codec = codec
+        self.service = service
+        self.config = config
+        self.metrics = metrics
+        self.member = make_member(conn, codec, self._on_slow)
+        self.rooms: set[str] = set()
+        now = time.monotonic()
+        self.limiter = RateLimiter(
+            rate=config.rate_limit,
+            burst=config.rate_burst,
+            rate_bytes=config.rate_bytes,
+            rate_bytes_burst=config.rate_bytes_burst,
+            close_after_s=config.rate_close_after_s,
+            now=now,
+        )
+        # No room and no delta since this moment: idle (--idle-timeout).
+        self._idle_since = now
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def remote(self) -> str:
+        address = self.conn.remote_address
+        return str(address[0]) if isinstance(address, tuple) else str(address)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the connection's messages until it ends, then leave every room."""
+        conn = self.conn
+        if isinstance(conn, RelayConnection):
+            conn.guard.session = self
+            conn.guard.frame_timeout_s = self.config.frame_timeout_s
+        self._arm_idle(self.config.idle_timeout_s)
+        served = 0
+        served_bytes = 0
+        try:
+            async for message in conn:
+                await self.handle(message)
+                served += 1
+                served_bytes += len(message)
+                if served >= YIELD_MESSAGES or served_bytes >= YIELD_BYTES:
+                    # Pipelined messages are served without awaiting anything that
+                    # suspends: let the other connections have the loop.
+                    served = served_bytes = 0
+                    await asyncio.sleep(0)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.forget()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self.metrics.closes.labels(_ended_with(conn)).inc()
+
+    def forget(self) -> None:
+        """Leave every room (the connection is ending or being dropped)."""
+        for name in self.rooms:
+            self.service.leave(self.member, name)
+        self.rooms.clear()
+
+    def close(self, code: int, reason: str, *, fail: bool = False) -> None:
+        timeout = self.config.close_timeout_s
+        conn = self.conn
+        if isinstance(conn, RelayConnection):
+            conn.close_now(code, reason, fail=fail, timeout_s=timeout)
+            return
+        # Not ours (a test's own connection class): the same steps by hand.
+        proto = conn.protocol
+        if proto.state is State.OPEN:
+            if fail:
+                proto.fail(code, reason)
+            else:
+                proto.send_close(code, reason)
+            conn.send_data()
+
+    def _on_slow(self, member: Member) -> None:
+        self.metrics.dropped_members.inc()
+        logger.info(
+            "dropping %s: send queue %d bytes over %d", self.remote, member.buffered(), member.limit
+        )
+        self.forget()
+        self.close(CLOSE_TOO_SLOW, "send queue full", fail=True)
+
+    # ------------------------------------------------------------------ guards
+
+    def control_frame(self, nbytes: int) -> None:
+        """A ping or pong from the client: it counts as a message in the rate limit."""
+        verdict = self.limiter.admit(nbytes, time.monotonic())
+        if verdict is Verdict.ALLOW:
+            return
+        self.input_refused("rate_limited")
+        if verdict is Verdict.CLOSE:
+            self._close_rate_limited()
+
+    def check_send_queue(self) -> None:
+        """After websockets wrote by itself (pongs to the client's pings): past the send
+        queue limit the member is dropped like any other slow member (1013)."""
+        if self.member.buffered() > self.member.limit:
+            # A write of nothing applies Member.write's limit check to what is queued.
+            self.member.write(b"")
+
+    def input_refused(self, reason: str) -> None:
+        self.metrics.bad_input.labels(reason).inc()
+        _input_log.log(logging.INFO, "connection %s: %s", self.remote, reason)
+
+    def _close_rate_limited(self) -> None:
+        self.forget()
+        self.close(CLOSE_POLICY, "rate limit exceeded for too long", fail=True)
+
+    def _arm_idle(self, delay: float) -> None:
+        if self.config.idle_timeout_s > 0:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(delay, self._idle_due)
+
+    def _idle_due(self) -> None:
+        self._idle_timer = None
+        timeout = self.config.idle_timeout_s
+        if self.rooms:
+            self._arm_idle(timeout)
+            return
+        left = self._idle_since + timeout - time.monotonic()
+        if left > 0:
+            self._arm_idle(left)
+            return
+        self.input_refused("idle")
+        self.close(CLOSE_POLICY, "idle: join a room or send a delta")
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, message: str | bytes) -> None:
+        """Serve one message; never raises but ConnectionClosed and CancelledError."""
+        received = time.perf_counter()
+        # Before anything decodes the message (websockets only checked its UTF-8 if text).
+        verdict = self.limiter.admit(len(message), time.monotonic())
+        if verdict is not Verdict.ALLOW:
+            self.input_refused("rate_limited")
+            if verdict is Verdict.CLOSE:
+                self._close_rate_limited()
+                return
+            rid = protocol.peek_id(message, self.codec) if len(message) <= PEEK_MAX_BYTES else None
+            self._error(BadRequest("rate_limited", "too many messages, slow down", rid))
+            return
+        try:
+            if len(message) > PARSE_IN_THREAD_BYTES:
+                request = await asyncio.to_thread(protocol.parse, message, self.codec)
+            else:
+                request = protocol.parse(message, self.codec)
+        except BadRequest as exc:
+            self.input_refused(exc.code)
+            self._error(exc)
+            return
+        try:
+            self._check_reply_fields(request)
+            await self._dispatch(request, received)
+        except BadRequest as exc:
+            if exc.code not in _NOT_INPUT:
+                self.input_refused(exc.code)
+            exc.id = request.id
+            exc.room = request.room
+            self._error(exc)
+        except (ConnectionClosed, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            # A bug on one request must not end the connection, nor touch others.
+            logger.exception("connection %s: request %r failed", self.remote, request)
+            self.metrics.backend_errors.inc()
+            with contextlib.suppress(Exception):
+                self._error(
+                    BadRequest(
+                        "internal",
+                        f"internal error: {type(exc).__name__}",
+                        request.id,
+                        request.room,
+                    )
+                )
+
+    async def _dispatch(self, request: protocol.Request, received: float) -> None:
+        if isinstance(request, protocol.Delta):
+            self._idle_since = time.monotonic()
+            seq = await self.service.publish(request.room, request.kind, request.body, request.key)
+            self.member.send(protocol.encode_ack(self.codec, request.room, seq, request.id))
+            self.metrics.ack_latency.observe(time.perf_counter() - received)
+        elif isinstance(request, protocol.Join):
+            await self._join(request)
+        else:
+            self._leave(request)
+
+    async def _join(self, req: protocol.Join) -> None:
+        rejoin = req.room in self.rooms
+        limit = self.config.max_rooms
+        if not rejoin and limit and len(self.rooms) >= limit:
+            # Each membership holds a place in the room's fan-out and keeps the room loaded:
+            # without a cap one connection could hold every room of the relay.
+            raise BadRequest("forbidden", f"a connection may be a member of at most {limit} rooms")
+        if await self.service.join(self.member, req.room, req.since, req.id):
+            self.rooms.add(req.room)
+        else:
+            self.rooms.discard(req.room)
+
+    def _leave(self, req: protocol.Leave) -> None:
+        if req.room in self.rooms:
+            self.rooms.discard(req.room)
+            self.service.leave(self.member, req.room)
+            if not self.rooms:
+                self._idle_since = time.monotonic()
+        self.member.send(protocol.encode_left(self.codec, req.room, req.id))
+
+    def _check_reply_fields(self, request: protocol.Request) -> None:
+        """The reply echoes the request's id: one that cannot be encoded is refused before
+        anything is done (a stored delta must never be answered `internal`)."""
+        if request.id is None or self.codec == protocol.JSON:
+            return  # JSON replies escape any string and write any integer
+        try:
+            protocol.encode_left(self.codec, request.room, request.id)
+        except _ENCODE_ERRORS:
+            request_id = request.id
+            raise BadRequest(
+                "bad_message", f"id {_short(request_id)} cannot be encoded in a reply"
+            ) from None
+
+    def _error(self, exc: BadRequest) -> None:
+        self.metrics.errors_out.labels(exc.code).inc()
+        try:
+            payload = protocol.encode_error(self.codec, exc.code, exc.message, exc.id, exc.room)
+        except _ENCODE_ERRORS:
+            # An id or room of the client's that has no encoding (already counted as bad
+            # input by whoever refused the message): answered without them.
+            payload = protocol.encode_error(self.codec, exc.code, exc.message)
+        self.member.send(payload)
+
+
+def _ended_with(conn: ServerConnection) -> str:
+    """The label of kasagi_closes_total for a connection that ended."""
+    proto = conn.protocol
+    if proto.close_rcvd_then_sent:
+        return "peer"
+    if proto.close_sent is not None:
+        return str(proto.close_sent.code)
+    if proto.close_rcvd is not None:
+        return "peer"
+    return "abnormal"
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
