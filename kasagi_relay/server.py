@@ -30,7 +30,7 @@ from kasagi_relay.backends.base import Backend
 from kasagi_relay.backends.factory import build_backend
 from kasagi_relay.compaction import Compactor
 from kasagi_relay.config import Config, ConfigError
-from kasagi_relay.fanout import Member
+from kasagi_relay.fanout import Member, SendBudget
 from kasagi_relay.http import HttpRoutes
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import JSON, SUBPROTOCOLS, Codec
@@ -78,7 +78,10 @@ class Relay:
             interval_s=config.compaction_interval_s,
             history=config.history,
             history_age_s=config.history_age_s,
+            history_bytes=config.history_bytes,
         )
+        # Every member's queue together: one bound for the relay (docs/operations.md).
+        self.budget = SendBudget(config.send_budget_bytes)
         self.metrics.track_send_queue(self._send_queue_total)
 
     @property
@@ -182,10 +185,10 @@ class Relay:
         self, conn: ServerConnection, codec: Codec, on_slow: Callable[[Member], None]
     ) -> Member:
         """The writer of one connection: the one place a Member is built."""
-        return Member(conn, codec, self.config.send_queue_bytes, on_slow)
+        return Member(conn, codec, self.config.send_queue_bytes, on_slow, budget=self.budget)
 
     def _send_queue_total(self) -> float:
-        return float(sum(s.member.buffered() for s in self.sessions))
+        return float(sum(s.member.queued() for s in self.sessions))
 
     async def _handler(self, conn: ServerConnection) -> None:
         codec: Codec = protocol.MSGPACK if conn.subprotocol == protocol.MSGPACK else JSON

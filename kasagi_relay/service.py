@@ -114,9 +114,9 @@ class RoomService:
             # first attempt got, as publish would, rather than bad_patch.
             seq = None
             if key is not None:
-                # MERGE(backend): becomes seen_key(name, key, kind, body), which raises
-                # KeyConflict for a key stored with another delta (caught in publish).
-                seq = await self.backend.seen_key(name, key)
+                # Raises KeyConflict for a key stored with another delta (caught in
+                # publish): the digest is compared, not only the key.
+                seq = await self.backend.seen_key(name, key, kind, body)
             if seq is None:
                 raise BadRequest("bad_patch", str(exc)) from None
             return seq

@@ -8,12 +8,11 @@ import json
 import socket
 import struct
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from relay_helpers import connect_client, raw_member, read_frames, start_relay
 
-from kasagi_relay import delta, fanout, server
+from kasagi_relay import delta, fanout
 from kasagi_relay.fanout import SendBudget
 
 PATHS = ["native", "transport"]
@@ -107,33 +106,15 @@ async def test_a_slow_reader_gets_every_frame_whole_and_in_order(
         assert shortfalls
 
 
-@pytest.fixture
-def send_budget(monkeypatch: pytest.MonkeyPatch) -> SendBudget:
-    """A relay-wide budget given to every member of the relays the test starts.
-
-    The composition root (server.py, being split) hands `SendBudget(config.send_budget_bytes)`
-    to its members when it is wired; until then the test hands over its own."""
-    budget = SendBudget(2 * 1024 * 1024)
-    original = server.Client.__init__
-
-    def init(self: server.Client, *args: Any) -> None:
-        original(self, *args)
-        self.budget = budget
-        budget.add(self)
-
-    monkeypatch.setattr(server.Client, "__init__", init)
-    return budget
-
-
-async def test_past_the_send_budget_the_largest_queues_are_dropped_with_1013(
-    send_budget: SendBudget,
-) -> None:
+async def test_past_the_send_budget_the_largest_queues_are_dropped_with_1013() -> None:
     """Each stalled member stays under its own limit (16 MiB), but together they pass the
     relay-wide budget (2 MiB): the relay drops those holding the most, with 1013, so the
     total queued for members it still serves stays bounded (a dropped member's buffer goes
     with its connection); a member that reads is never dropped and misses nothing."""
     async with (
-        start_relay(send_queue_bytes=16 << 20, close_timeout_s=30) as relay,
+        start_relay(
+            send_queue_bytes=16 << 20, send_budget_bytes=2 << 20, close_timeout_s=30
+        ) as relay,
         connect_client(relay.url) as writer,
         connect_client(relay.url) as reader,
     ):
@@ -149,12 +130,13 @@ async def test_past_the_send_budget_the_largest_queues_are_dropped_with_1013(
                 await writer.delta("r", merge={"n": n, "blob": blob})
                 f, _ = await reader.recv_until(lambda m: m["t"] == "delta")
                 assert f["seq"] == n  # the reader keeps up and is never the one dropped
-                live = sum(c.queued() for c in relay.clients if not c.dropped)
+                members = [s.member for s in relay.sessions]
+                live = sum(m.queued() for m in members if not m.dropped)
                 worst = max(worst, live)
                 if relay.metrics.dropped_members._value.get() == len(stalled):
                     break
             # Bounded: the budget plus at most the frame being written when it was passed.
-            assert worst <= send_budget.limit + 2 * len(blob), worst
+            assert worst <= relay.budget.limit + 2 * len(blob), worst
             assert relay.metrics.dropped_members._value.get() == len(stalled)
             assert len(relay.rooms["r"].members) == 1
             for m in stalled:

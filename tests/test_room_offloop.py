@@ -321,10 +321,10 @@ async def test_a_replay_goes_as_the_joiner_reads_and_stops_when_it_goes(
             assert len(encoded) < total // 2, len(encoded)
             sock.close()
             for _ in range(500):  # until the relay saw it go (writer and calm remain)
-                if len(relay.clients) <= 2:
+                if len(relay.sessions) <= 2:
                     break
                 await asyncio.sleep(0.02)
-            assert len(relay.clients) == 2
+            assert len(relay.sessions) == 2
             stopped_at = len(encoded)
             await asyncio.sleep(0.5)
             assert len(encoded) == stopped_at  # the replay stopped with the member
@@ -434,7 +434,7 @@ async def test_joiners_of_one_state_version_share_it_in_the_send_accounting() ->
                     break
                 await asyncio.sleep(0.02)
             assert len(relay.rooms["big"].members) == 11
-            held = sum(c.queued() for c in relay.clients)
+            held = sum(s.member.queued() for s in relay.sessions)
             # One 3 MB state (some of it already in the members' socket buffers), not ten.
             assert held < 4 * MiB, held / MiB
             assert held > 0

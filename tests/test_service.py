@@ -107,11 +107,6 @@ def test_service_module_needs_no_websockets() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the backend's key digest (backend.publish raising domain.KeyConflict): "
-    "today the second relay's delta is acked with the first one's seq and never stored",
-)
 async def test_key_conflict_across_two_relays(redis_server: Topology) -> None:  # noqa: F811
     """Two relays share one Redis: a key used on relay A with one delta and on relay B with
     another is key_conflict on B (B's own key cache has never seen it), not a silent ack."""
@@ -137,11 +132,6 @@ async def test_key_conflict_across_two_relays(redis_server: Topology) -> None:  
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs backend.seen_key(room, key, kind, body) (the digest compared): "
-    "service.RoomService._publish still calls seen_key(room, key)",
-)
 async def test_key_conflict_across_two_relays_when_the_delta_no_longer_applies(
     redis_server: Topology,  # noqa: F811
 ) -> None:
