@@ -17,12 +17,14 @@
 pub mod apply;
 pub mod codec;
 pub mod compact;
+pub mod delta;
 pub mod diff;
 pub mod error;
 #[cfg(unix)]
 pub mod fanout;
 pub mod json;
 pub mod merge;
+pub mod pointer;
 pub mod room;
 
 #[cfg(feature = "pyo3")]
