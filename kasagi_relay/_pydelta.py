@@ -97,7 +97,7 @@ __all__ = [
 IMPLEMENTATION: Final = "python"
 MAX_DEPTH: Final = 128
 WORK_BASE: Final = 16_384
-WORK_PER_BYTE: Final = 64
+WORK_PER_BYTE: Final = 32
 _TOO_MUCH_WORK: Final = "delta needs too much work"
 
 Json: TypeAlias = Any

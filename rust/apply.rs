@@ -61,7 +61,7 @@ pub use crate::pointer::{get, get_mut, Pointer};
 /// the head of a 16k-element array).
 pub const WORK_BASE: u64 = 16_384;
 /// Work units per byte of the delta.
-pub const WORK_PER_BYTE: u64 = 64;
+pub const WORK_PER_BYTE: u64 = 32;
 
 /// The work budget of a delta of `delta_len` bytes.
 pub fn work_budget(delta_len: usize) -> u64 {
@@ -1130,6 +1130,199 @@ mod tests {
             let (r, d) = bounded(patch.clone());
             assert!(r.is_err(), "{patch}");
             assert_eq!(json::to_vec(&d), json::to_vec(&doc), "{patch}");
+        }
+    }
+
+    fn sized(doc: &Value) -> u64 {
+        json::to_vec(doc).len() as u64
+    }
+
+    /// Apply a patch given as JSON under the budget of its own bytes and `max_bytes`.
+    fn limited(doc: &mut Value, patch: Value, max_bytes: u64) -> Result<()> {
+        let bytes = json::to_vec(&json!({ "patch": patch }));
+        let Delta::Patch(ops) = parse_delta(&bytes).unwrap() else {
+            unreachable!()
+        };
+        let mut size = sized(doc);
+        let r = apply_patch(
+            doc,
+            &mut size,
+            &ops,
+            Limits::for_delta(bytes.len(), max_bytes),
+        );
+        assert_eq!(size, sized(doc), "size accounting");
+        r
+    }
+
+    #[test]
+    fn doubling_copies_run_out_of_work_before_allocating() {
+        let mut doc = json!({"s": "x".repeat(1000)});
+        let ops: Vec<Value> = (0..40)
+            .map(|i| json!({"op": "copy", "from": "", "path": format!("/k{i}")}))
+            .collect();
+        let before = json::to_vec(&doc);
+        let e = limited(&mut doc, Value::Array(ops), 0).unwrap_err();
+        assert!(e.message().ends_with(TOO_MUCH_WORK), "{e}");
+        assert!(!e.is_too_large());
+        assert_eq!(json::to_vec(&doc), before);
+        // A few doublings fit in the budget of the same kind of delta.
+        let ops: Vec<Value> = (0..3)
+            .map(|i| json!({"op": "copy", "from": "", "path": format!("/k{i}")}))
+            .collect();
+        limited(&mut doc, Value::Array(ops), 0).unwrap();
+        assert_eq!(doc.as_object().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn a_copy_costs_its_json_length_exactly() {
+        let copy = json!([{"op": "copy", "from": "/v", "path": "/w"}]);
+        let delta_len = json::to_vec(&json!({ "patch": copy.clone() })).len();
+        let budget = work_budget(delta_len);
+        // {"v":"...","w":...}: the copied value is a string of JSON length n + 2.
+        for (n, ok) in [(budget - 2, true), (budget - 1, false)] {
+            let mut doc = json!({"v": "y".repeat(n as usize)});
+            assert_eq!(limited(&mut doc, copy.clone(), 0).is_ok(), ok, "{n}");
+        }
+    }
+
+    #[test]
+    fn array_shifts_are_charged() {
+        let n = WORK_BASE as usize * 2;
+        let mut doc = json!({ "a": vec![0; n] });
+        // Appending and removing the last element shift nothing.
+        limited(
+            &mut doc,
+            json!([{"op": "add", "path": "/a/-", "value": 1}]),
+            0,
+        )
+        .unwrap();
+        limited(
+            &mut doc,
+            json!([{"op": "remove", "path": format!("/a/{n}")}]),
+            0,
+        )
+        .unwrap();
+        for patch in [
+            json!([{"op": "add", "path": "/a/0", "value": 1}]),
+            json!([{"op": "remove", "path": "/a/0"}]),
+            json!([{"op": "move", "from": "/a/0", "path": "/b"}]),
+        ] {
+            let e = limited(&mut doc, patch, 0).unwrap_err();
+            assert!(e.message().ends_with(TOO_MUCH_WORK), "{e}");
+        }
+        // Near the end of the array the same ops are cheap.
+        let at = n - 10;
+        limited(
+            &mut doc,
+            json!([{"op": "add", "path": format!("/a/{at}"), "value": 1}]),
+            0,
+        )
+        .unwrap();
+        limited(
+            &mut doc,
+            json!([{"op": "move", "from": format!("/a/{at}"), "path": "/b"}]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(doc["b"], json!(1));
+    }
+
+    #[test]
+    fn removals_swap_and_rollback_restores_the_order() {
+        let doc = json!({"a": 1, "b": 2, "c": 3, "d": {"x": [1, 2]}, "e": 5});
+        let mut d = doc.clone();
+        merge_apply(&mut d, &json!({"a": null, "c": null}));
+        assert_eq!(json::to_vec(&d), br#"{"e":5,"b":2,"d":{"x":[1,2]}}"#);
+        // Every kind of removal, then a failure: exactly the same bytes as before.
+        for patch in [
+            json!([{"op": "remove", "path": "/a"}, {"op": "remove", "path": "/b"}, {"op": "test", "path": "/zz", "value": 1}]),
+            json!([{"op": "move", "from": "/a", "path": "/d/y"}, {"op": "move", "from": "/b", "path": "/a"}, {"op": "remove", "path": "/nope"}]),
+            json!([{"op": "move", "from": "/d", "path": "/z"}, {"op": "add", "path": "/b", "value": 0}, {"op": "remove", "path": "/nope"}]),
+            json!([{"op": "move", "from": "/a", "path": "/nope/x"}]),
+            json!([{"op": "move", "from": "/d/x/0", "path": "/d/x/-"}, {"op": "move", "from": "/e", "path": ""}, {"op": "remove", "path": "/nope"}]),
+            json!([{"op": "replace", "path": "/c", "value": 9}, {"op": "remove", "path": "/c"}, {"op": "add", "path": "/c", "value": 1}, {"op": "copy", "from": "/q", "path": "/r"}]),
+        ] {
+            let mut d = doc.clone();
+            assert!(limited(&mut d, patch.clone(), 0).is_err(), "{patch}");
+            assert_eq!(json::to_vec(&d), json::to_vec(&doc), "{patch}");
+        }
+        let mut d = doc.clone();
+        limited(
+            &mut d,
+            json!([{"op": "move", "from": "/b", "path": "/z"}]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            json::to_vec(&d),
+            br#"{"a":1,"e":5,"c":3,"d":{"x":[1,2]},"z":2}"#
+        );
+    }
+
+    #[test]
+    fn too_large_is_decided_on_the_exact_result() {
+        let mut doc = json!({"s": "x".repeat(100)});
+        let size = sized(&doc);
+        let add = |v: &str| json!([{"op": "add", "path": "/t", "value": v}]);
+        // {"s":"..","t":"v"} adds 7 + len(v) bytes.
+        let max = size + 7 + 10;
+        assert!(limited(&mut doc.clone(), add(&"y".repeat(10)), max).is_ok());
+        let e = limited(&mut doc, add(&"y".repeat(11)), max).unwrap_err();
+        assert!(e.is_too_large(), "{e}");
+        assert_eq!(sized(&doc), size);
+        // The check is on the whole delta's result: growing then shrinking back is fine.
+        let p = json!([{"op": "add", "path": "/t", "value": "y".repeat(500)}, {"op": "remove", "path": "/t"}]);
+        limited(&mut doc, p, max).unwrap();
+        // A state above its limit may shrink, not grow.
+        let mut big = json!({"s": "x".repeat(100), "u": 1});
+        assert!(limited(
+            &mut big,
+            json!([{"op": "replace", "path": "/u", "value": 22}]),
+            50
+        )
+        .unwrap_err()
+        .is_too_large());
+        limited(
+            &mut big,
+            json!([{"op": "replace", "path": "/s", "value": "x"}]),
+            50,
+        )
+        .unwrap();
+        // Merge patches: measured before they apply.
+        let mut d = json!({"a": "x"});
+        let mut size = sized(&d);
+        let m = Delta::Merge(json!({"b": "y".repeat(100)}));
+        let e = apply_delta_limited(&mut d, &mut size, &m, Limits::for_delta(0, 50)).unwrap_err();
+        assert!(e.is_too_large());
+        assert_eq!(d, json!({"a": "x"}));
+        assert_eq!(size, sized(&d));
+    }
+
+    #[test]
+    fn merge_growth_is_exact() {
+        let docs = [
+            json!({"a": 1, "b": {"c": [1, 2], "d": "é\n"}, "e": null}),
+            json!({}),
+            json!([1, 2]),
+            json!("s"),
+            json!({"only": {}}),
+        ];
+        let patches = [
+            json!({"a": null}),
+            json!({"a": null, "b": null, "e": null, "only": null}),
+            json!({"b": {"c": null, "d": {"x~/": null, "y": 1}}, "z": {"q": null}}),
+            json!({"new": {"deep": {"er": [1]}}, "a": 2.5}),
+            json!([1]),
+            json!(null),
+            json!({"\u{1}": "\"", "only": {"k": 1}}),
+        ];
+        for doc in &docs {
+            for p in &patches {
+                let mut d = doc.clone();
+                merge_apply(&mut d, p);
+                let want = sized(&d) as i64 - sized(doc) as i64;
+                assert_eq!(merge_growth(Some(doc), p), want, "{doc} + {p}");
+            }
         }
     }
 }

@@ -67,4 +67,20 @@ mod tests {
         let mut doc = json::parse(br#"{"z":0}"#).unwrap();
         assert_eq!(compact_value(&mut doc, &parsed), 3);
     }
+
+    #[test]
+    fn limits_as_in_a_room() {
+        let copy = br#"{"patch":[{"op":"copy","from":"","path":"/k"}]}"#.as_slice();
+        let grow = br#"{"merge":{"big":"0123456789012345678901234567890123456789"}}"#.as_slice();
+        assert_eq!(
+            compact_bytes(br#"{"a":1}"#, &[grow, copy], 40).unwrap(),
+            br#"{"a":1,"k":{"a":1}}"#
+        );
+        assert_eq!(compact_bytes(br#"{"a":1}"#, &[grow], 0).unwrap().len(), 56);
+        // Too much work is a no-op whatever the limit.
+        let head = br#"{"patch":[{"op":"add","path":"/a/0","value":1}]}"#.as_slice();
+        let big = format!("{{\"a\":[{}0]}}", "0,".repeat(40_000));
+        let out = compact_bytes(big.as_bytes(), &[head], 0).unwrap();
+        assert_eq!(out, big.as_bytes());
+    }
 }

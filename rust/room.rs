@@ -295,4 +295,39 @@ mod tests {
         assert!(r.apply_batch(&[b"{}".as_slice()], 8).is_err());
         assert_eq!(r.apply_batch::<&[u8]>(&[], 6).unwrap(), br#"{"patch":[]}"#);
     }
+
+    #[test]
+    fn max_bytes_in_check_apply_and_batch() {
+        let mut r = Room::with_max_bytes(br#"{"s":"xxxxxxxxxx"}"#, 0, 40).unwrap();
+        assert_eq!(r.size(), 18);
+        let copy =
+            |to: &str| format!(r#"{{"patch":[{{"op":"copy","from":"/s","path":"/{to}"}}]}}"#);
+        // +17 bytes: 35
+        assert_eq!(r.apply(copy("a").as_bytes(), 1), Ok(true));
+        assert_eq!(r.size(), 35);
+        assert!(r.check(copy("b").as_bytes()).unwrap_err().is_too_large());
+        assert_eq!(r.apply(copy("b").as_bytes(), 2), Ok(false));
+        assert!(r
+            .check(br#"{"merge":{"b":"0123456789"}}"#)
+            .unwrap_err()
+            .is_too_large());
+        r.check(br#"{"merge":{"a":null,"b":"0123456789"}}"#)
+            .unwrap();
+        let out = r
+            .apply_batch(
+                &[
+                    br#"{"merge":{"b":"0123456789"}}"#.as_slice(),
+                    br#"{"merge":{"a":null}}"#,
+                    copy("c").as_bytes(),
+                ],
+                5,
+            )
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"patch":[{"op":"remove","path":"/a"},{"op":"copy","from":"/s","path":"/c"}]}"#
+        );
+        assert_eq!(r.to_json(), br#"{"s":"xxxxxxxxxx","c":"xxxxxxxxxx"}"#);
+        assert_eq!(r.size(), r.to_json().len() as u64);
+    }
 }
