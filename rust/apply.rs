@@ -572,7 +572,7 @@ pub fn check_patch(doc: &mut Value, size: u64, ops: &[Op], lim: Limits) -> Resul
 /// Err(Unbounded), with `doc` exactly as before.
 ///
 /// Each op checks, before it changes anything, what it would drop, shift or move: replace
-/// and add drop only [small](small) values; add appends only to objects of fewer than
+/// and add drop only [`small`] values; add appends only to objects of fewer than
 /// [`SMALL_NODES`] members (a larger map may reallocate whole); array inserts and removals
 /// only in arrays of at most [`SMALL_NODES`] elements; remove drops only small values (an
 /// object member's removal is O(1)); move and copy (which carry values of any size) stop

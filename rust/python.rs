@@ -6,7 +6,9 @@
 //! UTF-8 form is handed to the engine as a slice, kept alive by the owned references held
 //! here while the GIL is released.
 //!
-//! Errors: `DeltaError(ValueError)` for bad input, `TypeError` for an argument that is not
+//! Errors: `DeltaError(ValueError)` for bad input (too much work included), its subclass
+//! `TooLarge` for a delta that would take a state past its `max_bytes`, `TypeError` for an
+//! argument that is not
 //! bytes/str, `ValueError` for a `seq` that does not fit (RoomState). A `str` that cannot be
 //! UTF-8 encoded (lone surrogate) is a `DeltaError`, and a malformed delta where failures are
 //! no-ops (compact, RoomState.apply/apply_batch), like the pure twin.
