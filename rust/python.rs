@@ -2,16 +2,16 @@
 //!
 //! Thin on purpose: convert arguments, release the GIL (`Python::detach`) around the work,
 //! map errors. The one exception: `RoomState.apply` of a small delta whose work is bounded
-//! by the delta's size keeps the GIL (see there). Arguments are borrowed, not copied: a `bytes` argument's buffer or a `str`'s
-//! UTF-8 form is handed to the engine as a slice, kept alive by the owned references held
-//! here while the GIL is released.
+//! by the delta's size keeps the GIL (see there). Arguments are borrowed, not copied: a
+//! `bytes` argument's buffer or a `str`'s UTF-8 form is handed to the engine as a slice,
+//! kept alive by the owned references held here while the GIL is released.
 //!
 //! Errors: `DeltaError(ValueError)` for bad input (too much work included), its subclass
 //! `TooLarge` for a delta that would take a state past its `max_bytes`, `TypeError` for an
-//! argument that is not
-//! bytes/str, `ValueError` for a `seq` that does not fit (RoomState). A `str` that cannot be
-//! UTF-8 encoded (lone surrogate) is a `DeltaError`, and a malformed delta where failures are
-//! no-ops (compact, RoomState.apply/apply_batch), like the pure twin.
+//! argument that is not bytes/str, `ValueError` for a `seq` that does not fit (RoomState).
+//! A `str` that cannot be UTF-8 encoded (lone surrogate) is a `DeltaError`, and a
+//! malformed delta where failures are no-ops (compact, RoomState.apply/apply_batch), like
+//! the pure twin.
 
 use crate::apply;
 use crate::codec;
