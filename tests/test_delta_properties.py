@@ -352,13 +352,14 @@ def limit_delta(kind: str, n: int, size: int) -> bytes:
     if kind == "grow":
         return json.dumps({"merge": {f"g{n % 3}": "z" * (n % 64)}}).encode()
     at = n % (size + 1)
-    op: dict[str, Any] = {
+    ops: dict[str, dict[str, Any]] = {
         "insert": {"op": "add", "path": f"/a/{at}", "value": n},
         "remove": {"op": "remove", "path": f"/a/{at}"},
         "copy": {"op": "copy", "from": "/s", "path": f"/c{n % 3}"},
         "move": {"op": "move", "from": f"/o/k{n % 40}", "path": f"/o/m{n % 5}"},
         "deep": {"op": "move", "from": "/s", "path": "/o/s"},  # charged: len(s)
-    }[kind]
+    }
+    op = ops[kind]
     extra = [{"op": "remove", "path": f"/o/k{(n + 1) % 40}"}] if n % 2 else []
     return json.dumps({"patch": [op, *extra], "pad": "p" * (n % 200)}).encode()
 
