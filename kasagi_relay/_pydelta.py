@@ -497,13 +497,14 @@ def _swap_pop(d: dict[str, Json], k: str) -> tuple[Json, str | None]:
     last = next(reversed(d))
     if last == k:
         return d.pop(k), None
-    items = list(d.items())
-    i = list(d).index(k)
-    v = items[i][1]
-    items[i] = items[-1]
-    items.pop()
-    d.clear()
-    d.update(items)
+    keys = list(d)
+    i = keys.index(k)
+    v = d.pop(k)
+    # A dict only appends: re-append `last`, then every member that followed k, so that
+    # `last` ends up in k's place (O(n - i)).
+    d[last] = d.pop(last)
+    for key in keys[i + 1 : -1]:
+        d[key] = d.pop(key)
     return v, last
 
 
