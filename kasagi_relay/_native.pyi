@@ -25,9 +25,11 @@ Limits (exact rules in `rust/apply.rs` and `_pydelta.py`; docs/design.md):
   too much work")` (`bad_patch` on the wire), in `apply`, `compact`, `RoomState.check`,
   `.apply` and `.apply_batch` alike (a failing delta is a no-op, deterministically).
 - Size limit: `RoomState(max_bytes=...)` and `compact(..., max_bytes=...)` (0 = none). A
-  delta that would leave the state's compact JSON longer than `max_bytes` and longer than
-  before fails with `TooLarge` (a `DeltaError`; `too_large` on the wire). The state's
-  size is kept exact incrementally: `json_size()` is O(1) and never serialises.
+  delta that would make the state's compact JSON longer than `max_bytes` and longer than
+  before fails with `TooLarge` (a `DeltaError`; `too_large` on the wire). It is checked
+  at every op of a patch, before anything is cloned: a state never passes its limit, not
+  even in the middle of a patch. The state's size is kept exact incrementally:
+  `json_size()` is O(1) and never serialises.
 
 Which calls may cost time in the size of the STATE (run them off the event loop, e.g.
 `asyncio.to_thread`; all of them release the GIL while they work):

@@ -45,8 +45,10 @@ Limits (the native engine's rules, `rust/apply.rs`; docs/design.md)
   Nothing else is charged. Past it the patch fails: DeltaError "delta needs too much work"
   (`bad_patch`), in apply, check, compact and RoomState alike.
 - Size limit (RoomState(max_bytes=...), compact(..., max_bytes=...); 0 = none): a delta
-  that would leave the state's compact JSON longer than max_bytes and longer than before
-  fails with TooLarge (a DeltaError); the size is of the whole delta's result.
+  that would make the state's compact JSON longer than max_bytes and longer than before
+  fails with TooLarge (a DeltaError), checked after every op of a patch (the native engine
+  checks before each op that grows the state: the same decisions), so a state never passes
+  its limit, not even in the middle of a patch.
 
 merge(ds)
 - Patches concatenate, then collapse (see `_collapse`): test ops dropped; a replace or
@@ -639,12 +641,22 @@ def _apply_op(doc: _Doc, op: _Op, log: Undo | None, work: _Work) -> None:
         _add(doc, p, v, log, work)
 
 
-def _apply_ops(doc: _Doc, ops: Sequence[_Op], log: Undo | None, budget: int) -> None:
+def _apply_ops(
+    doc: _Doc, ops: Sequence[_Op], log: Undo | None, budget: int, max_bytes: int = 0
+) -> None:
     """All ops or (with a log, after rollback by the caller) none; raises DeltaError."""
     work = _Work(budget)
+    start = len(_dumps(doc.root)) if max_bytes else 0
     for op in ops:
         try:
             _apply_op(doc, op, log, work)
+            if max_bytes:
+                new = len(_dumps(doc.root))
+                if new > max_bytes and new > start:
+                    raise TooLarge(
+                        f"{op.label()}: the delta would make the state {new} bytes, "
+                        f"past its limit of {max_bytes}"
+                    )
         except _Fail as exc:
             raise DeltaError(f"{op.label()}: {exc}") from None
 
@@ -907,7 +919,7 @@ def _apply_limited(
     needs_log = max_bytes or len(body) > 1 or (body and body[0].op == "move")
     out: bytes | None = None
     try:
-        _apply_ops(doc, body, log if needs_log else None, budget)
+        _apply_ops(doc, body, log if needs_log else None, budget, max_bytes)
         if max_bytes:
             out = _dumps(doc.root)
             _check_size(old_size, len(out), max_bytes)
@@ -1041,7 +1053,7 @@ class RoomState:
                 _check_size(old, new, self._max)
             return
         try:
-            _apply_ops(self._doc, body, self._log, _budget(d))
+            _apply_ops(self._doc, body, self._log, _budget(d), self._max)
             if self._max:
                 _check_size(old, len(_dumps(self._doc.root)), self._max)
         finally:

@@ -41,9 +41,11 @@
 //! Size accounting. Every application keeps the document's exact compact-JSON length
 //! ([`crate::json::len`]) up to date from what each op adds and drops (key, separators
 //! and value), so a size check never serialises the state. With a limit (`max_bytes` >
-//! 0), a delta that would leave the state longer than the limit AND longer than before is
+//! 0), a delta that would make the state longer than the limit AND longer than before is
 //! refused with [`crate::error::ErrorKind::TooLarge`] and changes nothing (a state loaded
-//! above the limit can still shrink). The check is on the result of the whole delta.
+//! above the limit can still shrink). The check runs before every op that grows the
+//! state, before anything is cloned: a state never passes its limit, not even in the
+//! middle of a patch (so the memory a delta may take is bounded by the limit too).
 
 use crate::error::{DeltaError, Result};
 use crate::json::{self, MAX_DEPTH};
@@ -140,6 +142,9 @@ struct Ctx<'l, 'a> {
     bounded: bool,
     work: u64,
     size: u64,
+    /// The size before the patch, and the limit (0: none).
+    start: u64,
+    max_bytes: u64,
 }
 
 /// Why an op did not apply: it fails (an error of the patch, too much work included), or,
@@ -148,6 +153,8 @@ struct Ctx<'l, 'a> {
 enum Fail {
     Op(String),
     Unbounded,
+    /// The state would pass its size limit (the error says by how much).
+    Large(DeltaError),
 }
 
 impl From<String> for Fail {
@@ -192,8 +199,20 @@ impl<'a> Ctx<'_, 'a> {
         self.charge(n)?;
         Ok(n)
     }
-    fn grow(&mut self, added: u64, dropped: u64) {
-        self.size = self.size.saturating_add(added).saturating_sub(dropped);
+    /// Account for an op about to add `added` bytes of JSON and drop `dropped`; called
+    /// BEFORE the change (and before anything is cloned), so that a state never passes
+    /// its limit, not even in the middle of a patch.
+    fn grow(&mut self, added: u64, dropped: u64) -> std::result::Result<(), Fail> {
+        self.set_size(self.size.saturating_add(added).saturating_sub(dropped))
+    }
+    fn set_size(&mut self, new: u64) -> std::result::Result<(), Fail> {
+        if new > self.size {
+            if let Some(e) = size_error(self.start, new, self.max_bytes) {
+                return Err(Fail::Large(e));
+            }
+        }
+        self.size = new;
+        Ok(())
     }
 }
 
@@ -244,7 +263,7 @@ fn add_at<'a>(
     };
     let Some((last, parent_tokens)) = tokens.split_last() else {
         ctx.bound(|| small(doc))?;
-        ctx.size = vlen.unwrap_or_else(|| json::len(v));
+        ctx.set_size(vlen.unwrap_or_else(|| json::len(v)))?;
         let Some(v) = value.take() else {
             return Ok(());
         };
@@ -258,7 +277,7 @@ fn add_at<'a>(
             if let Some(slot) = m.get_mut(last.as_str()) {
                 ctx.bound(|| small(slot))?;
                 // Not charged: see the module doc (what a delta drops).
-                ctx.grow(vl, json::len(slot));
+                ctx.grow(vl, json::len(slot))?;
                 if let Some(v) = value.take() {
                     let old = std::mem::replace(slot, v);
                     ctx.push(Undo::Restore { tokens, old });
@@ -266,7 +285,7 @@ fn add_at<'a>(
             } else {
                 // Appending to a large map may reallocate (and rehash) it whole.
                 ctx.bound(|| m.len() < SMALL_NODES)?;
-                ctx.grow(json::str_len(last) + 1 + vl + u64::from(!m.is_empty()), 0);
+                ctx.grow(json::str_len(last) + 1 + vl + u64::from(!m.is_empty()), 0)?;
                 if let Some(v) = value.take() {
                     m.insert(last.clone(), v);
                     ctx.push(Undo::ObjRemove {
@@ -280,7 +299,7 @@ fn add_at<'a>(
             let i = array_index(last, a.len(), true)?;
             ctx.bound(|| a.len() < SMALL_NODES)?;
             ctx.charge((a.len() - i) as u64)?;
-            ctx.grow(vl + u64::from(!a.is_empty()), 0);
+            ctx.grow(vl + u64::from(!a.is_empty()), 0)?;
             if let Some(v) = value.take() {
                 a.insert(i, v);
                 ctx.push(Undo::ArrRemove {
@@ -397,7 +416,7 @@ fn apply_one<'a>(
         Op::Remove { path } => {
             let r = remove_at(doc, &path.tokens, ctx)?;
             // Not charged: see the module doc (what a delta drops).
-            ctx.grow(0, r.overhead + json::len(&r.value));
+            ctx.grow(0, r.overhead + json::len(&r.value))?;
             if ctx.on() {
                 let u = Removed::undo(&path.tokens, r.index, r.from_object, r.moved, Some(r.value));
                 ctx.push(u);
@@ -413,7 +432,7 @@ fn apply_one<'a>(
             } else {
                 json::len(slot)
             };
-            ctx.grow(json::len(value), old_len);
+            ctx.grow(json::len(value), old_len)?;
             let old = std::mem::replace(slot, value.clone());
             ctx.push(Undo::Restore {
                 tokens: &path.tokens,
@@ -440,7 +459,7 @@ fn apply_one<'a>(
                 Fail::Op(e) => Fail::Op(format!("\"from\" {}: {e}", from.raw)),
                 u => u,
             })?;
-            ctx.grow(0, r.overhead);
+            ctx.grow(0, r.overhead)?;
             let mut carried = Some(r.value);
             if ctx.on() {
                 // The value travels without a copy: undoing the add half takes it out and
@@ -513,12 +532,18 @@ fn run_ops<'a>(
         bounded,
         work: lim.work,
         size,
+        start: size,
+        max_bytes: lim.max_bytes,
     };
     for (i, op) in ops.iter().enumerate() {
         match apply_one(doc, op, &mut ctx) {
             Ok(()) => {}
             Err(Fail::Op(r)) => return Ok(Err(op_error(i, op, r))),
             Err(Fail::Unbounded) => return Err(Unbounded),
+            Err(Fail::Large(e)) => {
+                let label = format_args!("op {i} ({} {})", op.name(), op.path().raw);
+                return Ok(Err(e.context(label)));
+            }
         }
     }
     Ok(size_error(size, ctx.size, lim.max_bytes).map_or(Ok(ctx.size), Err))
@@ -1260,7 +1285,7 @@ mod tests {
     }
 
     #[test]
-    fn too_large_is_decided_on_the_exact_result() {
+    fn too_large_is_decided_on_the_exact_size() {
         let mut doc = json!({"s": "x".repeat(100)});
         let size = sized(&doc);
         let add = |v: &str| json!([{"op": "add", "path": "/t", "value": v}]);
@@ -1270,8 +1295,15 @@ mod tests {
         let e = limited(&mut doc, add(&"y".repeat(11)), max).unwrap_err();
         assert!(e.is_too_large(), "{e}");
         assert_eq!(sized(&doc), size);
-        // The check is on the whole delta's result: growing then shrinking back is fine.
+        // Checked before each op: growing past the limit then shrinking back is refused.
         let p = json!([{"op": "add", "path": "/t", "value": "y".repeat(500)}, {"op": "remove", "path": "/t"}]);
+        let e = limited(&mut doc, p, max).unwrap_err();
+        assert!(
+            e.is_too_large() && e.message().starts_with("op 0 (add /t): "),
+            "{e}"
+        );
+        // ... while shrinking first makes room.
+        let p = json!([{"op": "remove", "path": "/s"}, {"op": "add", "path": "/t", "value": "y".repeat(100)}]);
         limited(&mut doc, p, max).unwrap();
         // A state above its limit may shrink, not grow.
         let mut big = json!({"s": "x".repeat(100), "u": 1});

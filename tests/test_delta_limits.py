@@ -126,11 +126,17 @@ def test_one_op_copies_stop_at_max_bytes(engines: ModuleType) -> None:
     assert results == [True] * 3 + [False] * 11
 
 
-def test_too_large_is_decided_on_the_whole_delta(engines: ModuleType) -> None:
+def test_too_large_is_decided_before_each_op(engines: ModuleType) -> None:
     room = engines.RoomState(b'{"a":"0123456789"}', 0, max_bytes=30)
-    # Grows past the limit, then shrinks back below it in the same delta: accepted.
+    # Growing past the limit, even to shrink back in the same delta, is refused: a state
+    # never passes its limit, not even in the middle of a patch.
     grow_shrink = P({"op": "add", "path": "/b", "value": "y" * 100}, {"op": "remove", "path": "/b"})
-    assert room.apply(grow_shrink, 1)
+    with pytest.raises(engines.TooLarge, match=r"^op 0 \(add /b\): the delta would make"):
+        room.check(grow_shrink)
+    assert room.apply(grow_shrink, 1) is False
+    # Shrinking first makes room for what follows.
+    shrink_grow = P({"op": "remove", "path": "/a"}, {"op": "add", "path": "/b", "value": "y" * 20})
+    room.check(shrink_grow)
     # {"a":"0123456789","b":"..."}: 23 + len(value) + 2.
     assert room.apply(P({"op": "add", "path": "/b", "value": "12345"}), 2)
     assert room.json_size() == 30
