@@ -303,9 +303,12 @@ struct Inner {
 #[pyclass(frozen, module = "kasagi_relay._native")]
 struct RoomState {
     inner: Mutex<Inner>,
-    /// A copy of the room's size, updated under the mutex after every change: `json_size`
-    /// reads it without waiting for the mutex (held with the GIL released by long work).
+    /// Copies of the room's size and seq, updated under the mutex after every change:
+    /// `json_size` and `seq` read them without waiting for the mutex (which long work holds
+    /// with the GIL released; waiting for it with the GIL held would stall every thread).
     size: AtomicU64,
+    seq: AtomicU64,
+    max_bytes: u64,
 }
 
 impl RoomState {
@@ -318,8 +321,13 @@ impl RoomState {
     fn locked_apply<T>(&self, f: impl FnOnce(&mut Room) -> T) -> T {
         let mut g = self.lock();
         let r = f(&mut g.room);
-        self.size.store(g.room.size(), Ordering::Release);
+        self.publish(&g.room);
         r
+    }
+
+    fn publish(&self, room: &Room) {
+        self.size.store(room.size(), Ordering::Release);
+        self.seq.store(room.seq(), Ordering::Release);
     }
 
     fn snapshot<'py>(&self, py: Python<'py>, msgpack: bool) -> PyResult<Bound<'py, PyBytes>> {
@@ -380,6 +388,8 @@ impl RoomState {
             .map_err(to_py)?;
         Ok(RoomState {
             size: AtomicU64::new(room.size()),
+            seq: AtomicU64::new(room.seq()),
+            max_bytes,
             inner: Mutex::new(Inner {
                 room,
                 json: None,
@@ -390,16 +400,16 @@ impl RoomState {
 
     #[getter]
     fn seq(&self) -> u64 {
-        self.lock().room.seq()
+        self.seq.load(Ordering::Acquire)
     }
 
     fn __repr__(&self) -> String {
-        format!("<RoomState seq={}>", self.lock().room.seq())
+        format!("<RoomState seq={}>", self.seq.load(Ordering::Acquire))
     }
 
     #[getter]
     fn max_bytes(&self) -> u64 {
-        self.lock().room.max_bytes()
+        self.max_bytes
     }
 
     fn check(&self, py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -438,7 +448,7 @@ impl RoomState {
         let len = d.len();
         if let Some(r) = guard.and_then(|mut g| {
             let r = g.room.apply_bounded(delta.as_ref(), len, seq);
-            self.size.store(g.room.size(), Ordering::Release);
+            self.publish(&g.room);
             r
         }) {
             return r.map_err(|e| PyValueError::new_err(e.0));
