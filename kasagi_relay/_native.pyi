@@ -14,21 +14,58 @@ Conventions shared by both implementations:
   a number that overflows a double (`1e400`) is a `DeltaError`.
 - Every error caused by the input is `DeltaError`; its message names the failing operation
   index and JSON Pointer when there is one, e.g. `op 2 (remove /a/b): path not found`.
+- Object members: removing one (remove, move, a merge patch null) moves the LAST member
+  into its place (IndexMap `swap_remove`, O(1)); JSON objects are unordered (RFC 8259) and
+  both engines compute the same order, so the same bytes.
+
+Limits (exact rules in `rust/apply.rs` and `_pydelta.py`; docs/design.md):
+- Work budget: a patch of N bytes (UTF-8) may use `WORK_BASE + WORK_PER_BYTE * N` units;
+  a copy (or a move into a deeper path) costs the compact JSON length of the value, an
+  array insert/removal one unit per element shifted. Past it: `DeltaError("... delta needs
+  too much work")` (`bad_patch` on the wire), in `apply`, `compact`, `RoomState.check`,
+  `.apply` and `.apply_batch` alike (a failing delta is a no-op, deterministically).
+- Size limit: `RoomState(max_bytes=...)` and `compact(..., max_bytes=...)` (0 = none). A
+  delta that would make the state's compact JSON longer than `max_bytes` and longer than
+  before fails with `TooLarge` (a `DeltaError`; `too_large` on the wire). It is checked
+  at every op of a patch, before anything is cloned: a state never passes its limit, not
+  even in the middle of a patch. The state's size is kept exact incrementally:
+  `json_size()` is O(1) and never serialises.
+
+Which calls may cost time in the size of the STATE (run them off the event loop, e.g.
+`asyncio.to_thread`; all of them release the GIL while they work):
+- `RoomState(state)`, `to_json()`/`to_msgpack()` after a change (then cached),
+  `apply_batch`, `compact`, `diff`, `apply`, `json_to_msgpack`, `msgpack_to_json`
+  (these take whole documents);
+- `RoomState.check` and `RoomState.apply` of a delta larger than 4 KiB, of a merge patch,
+  or of a patch that copies/moves, drops a large value (remove/replace of a big subtree
+  costs its size to measure and free), or inserts into an array larger than 64 elements.
+Bounded by the DELTA's size whatever the state's (safe on the loop): `validate`, `merge`
+(of its inputs), `json_size`, `seq`, and `RoomState.apply` of a patch of at most 4 KiB
+whose every op is small (`rust/apply.rs` `apply_patch_bounded`): that case keeps the GIL
+(cheaper than releasing it), every other case releases it. The work budget caps what any
+one patch may copy or shift, so even the state-sized cases stay proportional to the
+delta apart from measuring and freeing what it removes.
 """
 
 from collections.abc import Sequence
 
 IMPLEMENTATION: str
 MAX_DEPTH: int
+WORK_BASE: int
+WORK_PER_BYTE: int
 
 class DeltaError(ValueError): ...
+
+class TooLarge(DeltaError):
+    """The delta would take the state past its `max_bytes` (see Limits above)."""
 
 def validate(d: bytes | str) -> tuple[str, bytes]:
     """Check that `d` is a well-formed delta; return (kind, body) where kind is "patch" or
     "merge" and body is the compact JSON of the patch array / merge object."""
 
 def apply(state: bytes | str, d: bytes | str) -> bytes:
-    """Apply one delta to a state. RFC 6902 patches are atomic: on failure DeltaError."""
+    """Apply one delta to a state. RFC 6902 patches are atomic: on failure (too much work
+    included) DeltaError. No size limit."""
 
 def merge(ds: Sequence[bytes | str]) -> bytes:
     """One delta equivalent to applying `ds` in order, on every state where they all apply.
@@ -39,8 +76,10 @@ def merge(ds: Sequence[bytes | str]) -> bytes:
 def diff(a: bytes | str, b: bytes | str) -> bytes:
     """A `{"patch": [...]}` delta taking `a` to `b`, small when the change is small."""
 
-def compact(state: bytes | str, ds: Sequence[bytes | str]) -> bytes:
-    """Apply `ds` in order to `state`; a delta that fails at its position is a no-op."""
+def compact(state: bytes | str, ds: Sequence[bytes | str], max_bytes: int = 0) -> bytes:
+    """Apply `ds` in order to `state`; a delta that fails at its position is a no-op: the
+    state a RoomState(state, max_bytes=max_bytes) reaches by applying `ds` one by one (same
+    work budget, same size limit), so a room loads from snapshot + ops exactly."""
 
 def json_to_msgpack(doc: bytes | str) -> bytes:
     """Re-encode a JSON document as MessagePack."""
@@ -54,16 +93,22 @@ class RoomState:
     Applying a small delta costs time in the size of the delta, not of the state; the
     encoded snapshots are cached until the next change."""
 
-    def __init__(self, state: bytes | str = b"{}", seq: int = 0) -> None: ...
+    def __init__(self, state: bytes | str = b"{}", seq: int = 0, max_bytes: int = 0) -> None:
+        """`max_bytes` (an int >= 0; 0 = no limit): deltas that would take the state past it
+        fail (TooLarge). A state already larger loads, and may shrink."""
     @property
     def seq(self) -> int: ...
+    @property
+    def max_bytes(self) -> int: ...
     def check(self, d: bytes | str) -> None:
-        """Raise DeltaError when `d` is malformed or would fail on the current state.
-        Changes nothing."""
+        """Raise DeltaError when `d` is malformed, would fail on the current state or needs
+        too much work, TooLarge when it would take the state past max_bytes. Changes
+        nothing."""
     def apply(self, d: bytes | str, seq: int) -> bool:
         """Apply `d` as the room's delta number `seq` (> self.seq, else ValueError).
         Returns False when it failed at its position and was a no-op (the seq still
-        advances): PROTOCOL.md's rule. Malformed deltas are no-ops too."""
+        advances): docs/protocol.md's rule. Malformed deltas, too much work and TooLarge
+        are no-ops too (`check` first to tell the sender why)."""
     def apply_batch(self, ds: Sequence[bytes | str], seq: int) -> bytes:
         """Apply `ds` (the deltas self.seq+1 .. seq, in order, failures as no-ops) and return
         ONE delta, `{"patch": [...]}` or `{"merge": {...}}`, that takes the previous state to
@@ -74,7 +119,7 @@ class RoomState:
     def to_msgpack(self) -> bytes:
         """The state as MessagePack; cached until the next change."""
     def json_size(self) -> int:
-        """len(self.to_json()) (computed and cached on demand)."""
+        """len(self.to_json()), kept exact as deltas apply: O(1), never serialises."""
 
 # Not part of the engine API: the relay's broadcast loop (kasagi_relay/fanout.py), Unix only.
 

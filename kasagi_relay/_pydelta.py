@@ -17,7 +17,11 @@ JSON in and out
   (state, the whole delta document, MessagePack) may nest at most MAX_DEPTH = 128 levels;
   deeper input (even 100,000 levels) is a DeltaError. An operation that would make the
   state deeper than MAX_DEPTH fails.
-- Object key order is kept (insertion order; removal keeps the order of the rest).
+- Object key order: insertion order, except that removing a member (remove, the remove
+  half of move, a merge patch null) moves the LAST member into its place, as IndexMap's
+  `swap_remove` does in the native engine (O(1) there; emulated here in O(n), which is fine
+  for the oracle). JSON objects are unordered (RFC 8259): only determinism matters, and both
+  engines give the same bytes.
 
 Deltas
 - `{"patch": [...]}` or `{"merge": ...}`, exactly one of them, other keys ignored.
@@ -33,6 +37,18 @@ Deltas
   2**53+1 != 2.0**53), booleans never equal numbers, objects regardless of key order.
 - A failing patch changes nothing. Errors are `DeltaError`, named like
   `op 2 (remove /a/b): path not found`.
+
+Limits (the native engine's rules, `rust/apply.rs`; docs/design.md)
+- Work budget: a patch of N bytes may use WORK_BASE + WORK_PER_BYTE * N units: a copy costs
+  the compact JSON length of the copied value, so does a move into a deeper path; an array
+  insert or removal costs one unit per element shifted (len - index, len - 1 - index).
+  Nothing else is charged. Past it the patch fails: DeltaError "delta needs too much work"
+  (`bad_patch`), in apply, check, compact and RoomState alike.
+- Size limit (RoomState(max_bytes=...), compact(..., max_bytes=...); 0 = none): a delta
+  that would make the state's compact JSON longer than max_bytes and longer than before
+  fails with TooLarge (a DeltaError), checked after every op of a patch (the native engine
+  checks before each op that grows the state: the same decisions), so a state never passes
+  its limit, not even in the middle of a patch.
 
 merge(ds)
 - Patches concatenate, then collapse (see `_collapse`): test ops dropped; a replace or
@@ -66,8 +82,11 @@ import msgpack
 __all__ = [
     "IMPLEMENTATION",
     "MAX_DEPTH",
+    "WORK_BASE",
+    "WORK_PER_BYTE",
     "DeltaError",
     "RoomState",
+    "TooLarge",
     "apply",
     "compact",
     "diff",
@@ -79,6 +98,9 @@ __all__ = [
 
 IMPLEMENTATION: Final = "python"
 MAX_DEPTH: Final = 128
+WORK_BASE: Final = 16_384
+WORK_PER_BYTE: Final = 32
+_TOO_MUCH_WORK: Final = "delta needs too much work"
 
 Json: TypeAlias = Any
 Tokens: TypeAlias = tuple[str, ...]
@@ -86,6 +108,10 @@ Tokens: TypeAlias = tuple[str, ...]
 
 class DeltaError(ValueError):
     """Bad input: malformed JSON or delta, or a patch that cannot apply."""
+
+
+class TooLarge(DeltaError):
+    """A delta that would take the state past its size limit (max_bytes)."""
 
 
 class _Fail(Exception):
@@ -367,6 +393,12 @@ def _deltas(ds: Sequence[bytes | str]) -> list[bytes | str]:
     return items
 
 
+def _max_arg(max_bytes: int) -> int:
+    if type(max_bytes) is not int or not 0 <= max_bytes <= _U64_MAX:
+        raise ValueError(f"max_bytes must be an integer in [0, 2**64), not {max_bytes!r}")
+    return max_bytes
+
+
 def _seq_arg(seq: int) -> int:
     if type(seq) is not int or seq < 0:
         raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
@@ -419,19 +451,68 @@ def _rollback(doc: _Doc, log: Undo) -> None:
         elif kind in (_U_SET_KEY, _U_SET_ITEM):
             c[k] = old
         elif kind == _U_PUT_KEY_BACK:
-            pos, v = old
-            if pos == len(c):
-                c[k] = v
-            else:  # restore the key at its old position, not at the end
-                items = list(c.items())
-                items.insert(pos, (k, v))
-                c.clear()
-                c.update(items)
+            # Undo a swap_remove: append k, then swap-remove the member that took its
+            # place (k moves back there) and append that one again, as the native engine.
+            v, moved = old
+            c[k] = v
+            if moved is not None:
+                mv, _ = _swap_pop(c, moved)
+                c[moved] = mv
         elif kind == _U_DEL_ITEM:
             del c[k]
         else:
             c.insert(k, old)
     log.clear()
+
+
+class _Work:
+    """The work budget left to a patch (see the module doc)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def charge(self, units: int) -> None:
+        if units > self.left:
+            raise _Fail(_TOO_MUCH_WORK)
+        self.left -= units
+
+
+_NO_LIMIT: Final = 2**64 - 1
+
+
+def _budget(d: bytes | str | bytearray | memoryview) -> int:
+    """The work budget of delta `d` (by its length in UTF-8 bytes)."""
+    if isinstance(d, str):
+        n = len(d) if d.isascii() else len(d.encode("utf-8", "surrogatepass"))
+    elif isinstance(d, memoryview):
+        n = d.nbytes
+    else:
+        n = len(d)
+    return WORK_BASE + WORK_PER_BYTE * n
+
+
+def _swap_pop(d: dict[str, Json], k: str) -> tuple[Json, str | None]:
+    """Remove member k the way IndexMap's swap_remove does: the last member takes its place.
+    Returns (its value, the key of the member that moved, or None)."""
+    last = next(reversed(d))
+    if last == k:
+        return d.pop(k), None
+    keys = list(d)
+    i = keys.index(k)
+    v = d.pop(k)
+    # A dict only appends: re-append `last`, then every member that followed k, so that
+    # `last` ends up in k's place (O(n - i)).
+    d[last] = d.pop(last)
+    for key in keys[i + 1 : -1]:
+        d[key] = d.pop(key)
+    return v, last
+
+
+def _check_size(old: int, new: int, max_bytes: int) -> None:
+    if max_bytes and new > max_bytes and new > old:
+        raise TooLarge(f"the delta would make the state {new} bytes, past its limit of {max_bytes}")
 
 
 def _get(root: Json, toks: Iterable[str]) -> Json:
@@ -455,7 +536,7 @@ def _check_room(toks: Tokens, v: Json) -> None:
         raise _Fail(f"the result would nest deeper than {MAX_DEPTH} levels")
 
 
-def _add(doc: _Doc, toks: Tokens, v: Json, log: Undo | None) -> None:
+def _add(doc: _Doc, toks: Tokens, v: Json, log: Undo | None, work: _Work) -> None:
     _check_room(toks, v)
     if not toks:
         if log is not None:
@@ -474,6 +555,7 @@ def _add(doc: _Doc, toks: Tokens, v: Json, log: Undo | None) -> None:
         parent[last] = v
     elif tp is list:
         i = _index(last, len(parent), True)
+        work.charge(len(parent) - i)
         parent.insert(i, v)
         if log is not None:
             log.append((_U_DEL_ITEM, parent, i, None))
@@ -481,7 +563,7 @@ def _add(doc: _Doc, toks: Tokens, v: Json, log: Undo | None) -> None:
         raise _Fail("path not found (parent is not an object or array)")
 
 
-def _remove(doc: _Doc, toks: Tokens, log: Undo | None) -> Json:
+def _remove(doc: _Doc, toks: Tokens, log: Undo | None, work: _Work) -> Json:
     if not toks:
         raise _Fail("cannot remove the whole document")
     parent = _get(doc.root, toks[:-1])
@@ -490,14 +572,13 @@ def _remove(doc: _Doc, toks: Tokens, log: Undo | None) -> Json:
     if tp is dict:
         if last not in parent:
             raise _Fail("path not found")
+        v, moved = _swap_pop(parent, last)
         if log is not None:
-            pos = len(parent) - 1 if next(reversed(parent)) == last else list(parent).index(last)
-            v = parent.pop(last)
-            log.append((_U_PUT_KEY_BACK, parent, last, (pos, v)))
-            return v
-        return parent.pop(last)
+            log.append((_U_PUT_KEY_BACK, parent, last, (v, moved)))
+        return v
     if tp is list:
         i = _index(last, len(parent), False)
+        work.charge(len(parent) - 1 - i)
         v = parent.pop(i)
         if log is not None:
             log.append((_U_INS_ITEM, parent, i, v))
@@ -530,19 +611,21 @@ def _replace(doc: _Doc, toks: Tokens, v: Json, log: Undo | None) -> None:
         raise _Fail("path not found")
 
 
-def _apply_op(doc: _Doc, op: _Op, log: Undo | None) -> None:
+def _apply_op(doc: _Doc, op: _Op, log: Undo | None, work: _Work) -> None:
     name = op.op
     if name == "add":
-        _add(doc, op.ptoks, _clone(op.value), log)
+        _add(doc, op.ptoks, _clone(op.value), log, work)
     elif name == "replace":
         _replace(doc, op.ptoks, _clone(op.value), log)
     elif name == "remove":
-        _remove(doc, op.ptoks, log)
+        _remove(doc, op.ptoks, log, work)
     elif name == "test":
         if not _json_eq(_get(doc.root, op.ptoks), op.value):
             raise _Fail("test failed: the value differs")
     elif name == "copy":
-        _add(doc, op.ptoks, _clone(_get(doc.root, op.ftoks)), log)
+        src = _get(doc.root, op.ftoks)
+        work.charge(len(_dumps(src)))  # the copy's JSON length, as the native engine
+        _add(doc, op.ptoks, _clone(src), log, work)
     else:  # move
         f, p = op.ftoks, op.ptoks
         if f == p:
@@ -550,16 +633,30 @@ def _apply_op(doc: _Doc, op: _Op, log: Undo | None) -> None:
             return
         if len(p) > len(f) and p[: len(f)] == f:
             raise _Fail(f"cannot move {op.frm!r} into its own child")
+        if len(p) > len(f):
+            # The depth check walks the value: charged like a copy.
+            work.charge(len(_dumps(_get(doc.root, f))))
         # A failing add leaves the value removed: callers roll back or discard the doc.
-        v = _remove(doc, f, log)
-        _add(doc, p, v, log)
+        v = _remove(doc, f, log, work)
+        _add(doc, p, v, log, work)
 
 
-def _apply_ops(doc: _Doc, ops: Sequence[_Op], log: Undo | None) -> None:
+def _apply_ops(
+    doc: _Doc, ops: Sequence[_Op], log: Undo | None, budget: int, max_bytes: int = 0
+) -> None:
     """All ops or (with a log, after rollback by the caller) none; raises DeltaError."""
+    work = _Work(budget)
+    start = len(_dumps(doc.root)) if max_bytes else 0
     for op in ops:
         try:
-            _apply_op(doc, op, log)
+            _apply_op(doc, op, log, work)
+            if max_bytes:
+                new = len(_dumps(doc.root))
+                if new > max_bytes and new > start:
+                    raise TooLarge(
+                        f"{op.label()}: the delta would make the state {new} bytes, "
+                        f"past its limit of {max_bytes}"
+                    )
         except _Fail as exc:
             raise DeltaError(f"{op.label()}: {exc}") from None
 
@@ -572,7 +669,8 @@ def _merge_apply(target: Json, patch: Json) -> Json:
         target = {}
     for k, v in patch.items():
         if v is None:
-            target.pop(k, None)
+            if k in target:
+                _swap_pop(target, k)
         else:
             target[k] = _merge_apply(target.get(k), v)
     return target
@@ -780,7 +878,8 @@ def apply(state: bytes | str, d: bytes | str) -> bytes:
     if kind == "merge":
         return _dumps(_merge_apply(root, body))
     doc = _Doc(root)
-    _apply_ops(doc, body, None)  # the parsed state is ours: no undo needed on failure
+    # The parsed state is ours: no undo needed on failure.
+    _apply_ops(doc, body, None, _budget(d))
     return _dumps(doc.root)
 
 
@@ -800,33 +899,53 @@ def diff(a: bytes | str, b: bytes | str) -> bytes:
     return _dumps({"patch": out})
 
 
-def _apply_in_place(doc: _Doc, kind: str, body: Json, log: Undo) -> bool:
+def _apply_limited(
+    doc: _Doc, kind: str, body: Json, log: Undo, budget: int, max_bytes: int, old_size: int
+) -> bytes | None:
+    """Apply one parsed delta atomically under the work budget and size limit (old_size:
+    the state's JSON length before, read only with a limit). Raises DeltaError (TooLarge
+    included) with doc unchanged. Returns the new state's JSON when it was made (a limit)."""
     if kind == "merge":
-        doc.root = _merge_apply(doc.root, body)
-        return True
-    # One op other than move fails before it changes anything: no undo log needed (which
-    # saves finding a removed member's position, O(size of its object)).
-    use_log = log if len(body) > 1 or (body and body[0].op == "move") else None
+        if not max_bytes:
+            doc.root = _merge_apply(doc.root, body)
+            return None
+        root = _merge_apply(_clone(doc.root), body)
+        merged = _dumps(root)
+        _check_size(old_size, len(merged), max_bytes)
+        doc.root = root
+        return merged
+    # One op other than move fails before it changes anything: no undo log needed. With a
+    # limit, a patch that applied may still be rolled back (TooLarge).
+    needs_log = max_bytes or len(body) > 1 or (body and body[0].op == "move")
+    out: bytes | None = None
     try:
-        _apply_ops(doc, body, use_log)
+        _apply_ops(doc, body, log if needs_log else None, budget, max_bytes)
+        if max_bytes:
+            out = _dumps(doc.root)
+            _check_size(old_size, len(out), max_bytes)
     except DeltaError:
         _rollback(doc, log)
-        return False
+        raise
     log.clear()
-    return True
+    return out
 
 
-def compact(state: bytes | str, ds: Sequence[bytes | str]) -> bytes:
-    """Apply `ds` in order; a delta that is malformed or fails at its position is a no-op."""
+def compact(state: bytes | str, ds: Sequence[bytes | str], max_bytes: int = 0) -> bytes:
+    """Apply `ds` in order; a delta that is malformed or fails at its position (too much
+    work and TooLarge included) is a no-op."""
     todo = _deltas(ds)
+    max_bytes = _max_arg(max_bytes)
     doc = _Doc(_loads(state, "state"))
+    size = len(_dumps(doc.root)) if max_bytes else 0
     log: Undo = []
     for d in todo:
         try:
             kind, body = _parse_delta(d)
+            out = _apply_limited(doc, kind, body, log, _budget(d), max_bytes, size)
         except DeltaError:
             continue
-        _apply_in_place(doc, kind, body, log)
+        if out is not None:
+            size = len(out)
     return _dumps(doc.root)
 
 
@@ -899,10 +1018,11 @@ def _merge_to_ops(target: Json, patch: Json, path: str, out: list[_Op]) -> None:
 class RoomState:
     """One room's state, parsed once and patched in place; encodings cached."""
 
-    __slots__ = ("_doc", "_json", "_log", "_msgpack", "_seq")
+    __slots__ = ("_doc", "_json", "_log", "_max", "_msgpack", "_seq")
 
-    def __init__(self, state: bytes | str = b"{}", seq: int = 0) -> None:
+    def __init__(self, state: bytes | str = b"{}", seq: int = 0, max_bytes: int = 0) -> None:
         self._seq = _seq_arg(seq)
+        self._max = _max_arg(max_bytes)
         self._doc = _Doc(_loads(state, "state"))
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
@@ -912,18 +1032,43 @@ class RoomState:
     def seq(self) -> int:
         return self._seq
 
+    @property
+    def max_bytes(self) -> int:
+        return self._max
+
     def __repr__(self) -> str:
         return f"<RoomState seq={self._seq}>"
 
+    def _old_size(self) -> int:
+        return self.json_size() if self._max else 0
+
     def check(self, d: bytes | str) -> None:
-        """DeltaError when d is malformed or would fail now; changes nothing."""
+        """DeltaError when d is malformed, would fail now or needs too much work; TooLarge
+        when it would take the state past max_bytes. Changes nothing."""
         kind, body = _parse_delta(d)
+        old = self._old_size()
         if kind == "merge":
+            if self._max:
+                new = len(_dumps(_merge_apply(_clone(self._doc.root), body)))
+                _check_size(old, new, self._max)
             return
         try:
-            _apply_ops(self._doc, body, self._log)
+            _apply_ops(self._doc, body, self._log, _budget(d), self._max)
+            if self._max:
+                _check_size(old, len(_dumps(self._doc.root)), self._max)
         finally:
             _rollback(self._doc, self._log)
+
+    def _apply_one(self, d: bytes | str) -> tuple[str, Json] | None:
+        """Parse and apply d under the limits; None (a no-op) when it failed."""
+        try:
+            kind, body = _parse_delta(d)
+            old = self._old_size()
+            out = _apply_limited(self._doc, kind, body, self._log, _budget(d), self._max, old)
+        except DeltaError:
+            return None
+        self._json, self._msgpack = out, None
+        return kind, body
 
     def apply(self, d: bytes | str, seq: int) -> bool:
         """Apply d as delta number seq; False (a no-op, seq advances) when it fails."""
@@ -933,14 +1078,7 @@ class RoomState:
         if seq <= self._seq:
             raise ValueError(f"seq {seq} is not after the room's seq {self._seq}")
         self._seq = seq
-        try:
-            kind, body = _parse_delta(d)
-        except DeltaError:
-            return False
-        if not _apply_in_place(self._doc, kind, body, self._log):
-            return False
-        self._json = self._msgpack = None
-        return True
+        return self._apply_one(d) is not None
 
     def apply_batch(self, ds: Sequence[bytes | str], seq: int) -> bytes:
         """Apply deltas self.seq+1 .. seq; one delta from the previous state to the new."""
@@ -951,22 +1089,20 @@ class RoomState:
         applied: list[tuple[str, Json]] = []
         concrete: list[_Op] = []
         for d in todo:
+            before: list[_Op] = []
             try:
                 kind, body = _parse_delta(d)
             except DeltaError:
                 continue
             if kind == "merge":
-                _merge_to_ops(self._doc.root, body, "", concrete)
-                self._doc.root = _merge_apply(self._doc.root, body)
-            elif _apply_in_place(self._doc, kind, body, self._log):
-                concrete.extend(body)
-            else:
+                _merge_to_ops(self._doc.root, body, "", before)
+            if self._apply_one(d) is None:
                 continue
+            concrete.extend(before if kind == "merge" else body)
             applied.append((kind, body))
         self._seq = seq
         if not applied:
             return b'{"patch":[]}'
-        self._json = self._msgpack = None
         try:
             return _delta_bytes(_fold(applied))
         except DeltaError:

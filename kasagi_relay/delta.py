@@ -14,8 +14,11 @@ from typing import TYPE_CHECKING
 __all__ = [
     "IMPLEMENTATION",
     "MAX_DEPTH",
+    "WORK_BASE",
+    "WORK_PER_BYTE",
     "DeltaError",
     "RoomState",
+    "TooLarge",
     "apply",
     "compact",
     "diff",
@@ -30,8 +33,11 @@ if TYPE_CHECKING:
     from kasagi_relay._native import (
         IMPLEMENTATION,
         MAX_DEPTH,
+        WORK_BASE,
+        WORK_PER_BYTE,
         DeltaError,
         RoomState,
+        TooLarge,
         apply,
         compact,
         diff,

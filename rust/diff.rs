@@ -8,8 +8,9 @@
 //!   or `add` the extra elements of `b` in increasing index order;
 //! - otherwise, when not [`same`]: `replace` at the path (the root is "").
 
-use crate::apply::{Op, Pointer};
+use crate::delta::Op;
 use crate::json;
+use crate::pointer::Pointer;
 use serde_json::Value;
 
 /// Same JSON value that serialises the same: `1` != `1.0`, and `0.0` != `-0.0`; objects
@@ -123,7 +124,7 @@ fn diff_list(a: &[Value], b: &[Value], tokens: &mut Vec<String>, out: &mut Vec<O
 pub fn diff_bytes(a: &[u8], b: &[u8]) -> crate::Result<Vec<u8>> {
     let va = json::parse(a).map_err(|e| e.context("a"))?;
     let vb = json::parse(b).map_err(|e| e.context("b"))?;
-    Ok(crate::apply::patch_delta_json(&diff(&va, &vb)))
+    Ok(crate::delta::patch_delta_json(&diff(&va, &vb)))
 }
 
 #[cfg(test)]
@@ -175,7 +176,7 @@ mod tests {
     fn exact_output() {
         let a = json!({"x": 1, "y": 2, "z": [1, 2, 3]});
         let b = json!({"w": 0, "z": [1, 3], "x": 5});
-        let out = crate::apply::patch_delta_json(&diff(&a, &b));
+        let out = crate::delta::patch_delta_json(&diff(&a, &b));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"patch":[{"op":"remove","path":"/y"},{"op":"add","path":"/w","value":0},{"op":"remove","path":"/z/1"},{"op":"replace","path":"/x","value":5}]}"#

@@ -1,5 +1,7 @@
-//! The one error type of the engine: bad input (malformed JSON or delta, or a delta that
-//! cannot apply). The Python binding maps it to `DeltaError(ValueError)`.
+//! The one error type of the engine: bad input (malformed JSON or delta, a delta that
+//! cannot apply, or one that needs too much work), or a delta that would make the state
+//! larger than its limit ([`ErrorKind::TooLarge`]). The Python binding maps them to
+//! `DeltaError(ValueError)` and its subclass `TooLarge`.
 
 use std::fmt;
 
@@ -8,11 +10,39 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaError {
     msg: String,
+    kind: ErrorKind,
+}
+
+/// What kind of refusal: the wire protocol answers `bad_patch` and `too_large`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Malformed, cannot apply, or needs too much work.
+    Bad,
+    /// Would take the state past its `max_bytes`.
+    TooLarge,
 }
 
 impl DeltaError {
     pub fn new(msg: impl Into<String>) -> Self {
-        DeltaError { msg: msg.into() }
+        DeltaError {
+            msg: msg.into(),
+            kind: ErrorKind::Bad,
+        }
+    }
+
+    pub fn too_large(msg: impl Into<String>) -> Self {
+        DeltaError {
+            msg: msg.into(),
+            kind: ErrorKind::TooLarge,
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn is_too_large(&self) -> bool {
+        self.kind == ErrorKind::TooLarge
     }
 
     pub fn message(&self) -> &str {
@@ -23,6 +53,7 @@ impl DeltaError {
     pub fn context(self, prefix: impl fmt::Display) -> Self {
         DeltaError {
             msg: format!("{prefix}: {}", self.msg),
+            kind: self.kind,
         }
     }
 }

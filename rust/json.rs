@@ -242,6 +242,50 @@ pub fn write_to(out: &mut Vec<u8>, v: &Value) {
     let _ = serde::Serialize::serialize(v, &mut ser);
 }
 
+/// An `io::Write` that only counts, and fails once past `limit` (which stops the
+/// serialiser early).
+struct Counter {
+    n: u64,
+    limit: u64,
+}
+
+impl io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.n += buf.len() as u64;
+        if self.n > self.limit {
+            return Err(io::Error::other("past the limit"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `to_vec(v).len()` without building it: O(size of `v`), no allocation.
+pub fn len(v: &Value) -> u64 {
+    len_bounded(v, u64::MAX).unwrap_or(u64::MAX)
+}
+
+/// `len(v)` if it is at most `limit`, else None (having done work of at most ~`limit` bytes).
+pub fn len_bounded(v: &Value, limit: u64) -> Option<u64> {
+    let mut c = Counter { n: 0, limit };
+    let mut ser = serde_json::Serializer::with_formatter(&mut c, PyFormatter);
+    serde::Serialize::serialize(v, &mut ser).ok()?;
+    Some(c.n)
+}
+
+/// The length of `s` written as a JSON string (quotes and escapes included).
+pub fn str_len(s: &str) -> u64 {
+    let mut c = Counter {
+        n: 0,
+        limit: u64::MAX,
+    };
+    let mut ser = serde_json::Serializer::with_formatter(&mut c, PyFormatter);
+    let _ = serde::Serialize::serialize(s, &mut ser);
+    c.n
+}
+
 /// Append `s` as a JSON string (the escaping of [`write_to`], without making a `Value`).
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let mut ser = serde_json::Serializer::with_formatter(out, PyFormatter);

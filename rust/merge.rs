@@ -13,8 +13,10 @@
 //!
 //! A resulting patch is then collapsed ([`collapse`]).
 
-use crate::apply::{self, Delta, Op, Pointer};
+use crate::apply;
+use crate::delta::{self as dm, Delta, Op};
 use crate::error::{DeltaError, Result};
+use crate::pointer::Pointer;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -114,9 +116,7 @@ pub fn fold(items: Vec<Delta>) -> Result<Delta> {
 pub fn merge_bytes<B: AsRef<[u8]>>(ds: &[B]) -> Result<Vec<u8>> {
     let mut items = Vec::with_capacity(ds.len());
     for (i, d) in ds.iter().enumerate() {
-        items.push(
-            apply::parse_delta(d.as_ref()).map_err(|e| e.context(format_args!("delta {i}")))?,
-        );
+        items.push(dm::parse_delta(d.as_ref()).map_err(|e| e.context(format_args!("delta {i}")))?);
     }
     Ok(delta_bytes(fold(items)?))
 }
@@ -124,10 +124,10 @@ pub fn merge_bytes<B: AsRef<[u8]>>(ds: &[B]) -> Result<Vec<u8>> {
 /// Serialise a folded delta, collapsing a patch first.
 pub fn delta_bytes(d: Delta) -> Vec<u8> {
     match d {
-        Delta::Merge(v) => apply::merge_delta_json(&v),
+        Delta::Merge(v) => dm::merge_delta_json(&v),
         Delta::Patch(ops) => {
             let plan = collapse(&ops);
-            apply::patch_delta_json_with(&ops, |i| plan[i])
+            dm::patch_delta_json_with(&ops, |i| plan[i])
         }
     }
 }
@@ -140,13 +140,7 @@ pub fn index_like(t: &str) -> bool {
 }
 
 /// How [`collapse`] keeps an op.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Write {
-    Drop,
-    Keep,
-    /// A `replace` written as an `add` (it overwrites an `add` of the same path).
-    AsAdd,
-}
+pub use crate::delta::Write;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {

@@ -2,14 +2,16 @@
 //!
 //! Thin on purpose: convert arguments, release the GIL (`Python::detach`) around the work,
 //! map errors. The one exception: `RoomState.apply` of a small delta whose work is bounded
-//! by the delta's size keeps the GIL (see there). Arguments are borrowed, not copied: a `bytes` argument's buffer or a `str`'s
-//! UTF-8 form is handed to the engine as a slice, kept alive by the owned references held
-//! here while the GIL is released.
+//! by the delta's size keeps the GIL (see there). Arguments are borrowed, not copied: a
+//! `bytes` argument's buffer or a `str`'s UTF-8 form is handed to the engine as a slice,
+//! kept alive by the owned references held here while the GIL is released.
 //!
-//! Errors: `DeltaError(ValueError)` for bad input, `TypeError` for an argument that is not
-//! bytes/str, `ValueError` for a `seq` that does not fit (RoomState). A `str` that cannot be
-//! UTF-8 encoded (lone surrogate) is a `DeltaError`, and a malformed delta where failures are
-//! no-ops (compact, RoomState.apply/apply_batch), like the pure twin.
+//! Errors: `DeltaError(ValueError)` for bad input (too much work included), its subclass
+//! `TooLarge` for a delta that would take a state past its `max_bytes`, `TypeError` for an
+//! argument that is not bytes/str, `ValueError` for a `seq` that does not fit (RoomState).
+//! A `str` that cannot be UTF-8 encoded (lone surrogate) is a `DeltaError`, and a
+//! malformed delta where failures are no-ops (compact, RoomState.apply/apply_batch), like
+//! the pure twin.
 
 use crate::apply;
 use crate::codec;
@@ -23,6 +25,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyString};
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 create_exception!(
@@ -30,6 +33,13 @@ create_exception!(
     DeltaError,
     PyValueError,
     "Bad input: malformed JSON or delta, or a delta that cannot apply."
+);
+
+create_exception!(
+    kasagi_relay._native,
+    TooLarge,
+    DeltaError,
+    "A delta that would take the state past its size limit (max_bytes)."
 );
 
 /// `RoomState.apply` may handle a delta of at most this many bytes with the GIL held (see
@@ -86,6 +96,9 @@ fn prefaulted<T: Send>(py: Python<'_>, n: usize) -> Vec<T> {
 }
 
 fn to_py(e: CoreError) -> PyErr {
+    if e.is_too_large() {
+        return TooLarge::new_err(e.message().to_owned());
+    }
     DeltaError::new_err(e.message().to_owned())
 }
 
@@ -221,16 +234,18 @@ fn py_diff<'py>(
 }
 
 #[pyfunction(name = "compact")]
+#[pyo3(signature = (state, ds, max_bytes = 0))]
 fn py_compact<'py>(
     py: Python<'py>,
     state: &Bound<'py, PyAny>,
     ds: &Bound<'py, PyAny>,
+    max_bytes: u64,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let state = input(state, "state")?;
     let held = items(ds)?;
     let inputs = inputs(py, &held, |_, d| lenient(d))?;
     let out = py
-        .detach(|| compact::compact_bytes(&state, &inputs))
+        .detach(|| compact::compact_bytes(&state, &inputs, max_bytes))
         .map_err(to_py)?;
     bytes_out(py, out)
 }
@@ -288,12 +303,31 @@ struct Inner {
 #[pyclass(frozen, module = "kasagi_relay._native")]
 struct RoomState {
     inner: Mutex<Inner>,
+    /// Copies of the room's size and seq, updated under the mutex after every change:
+    /// `json_size` and `seq` read them without waiting for the mutex (which long work holds
+    /// with the GIL released; waiting for it with the GIL held would stall every thread).
+    size: AtomicU64,
+    seq: AtomicU64,
+    max_bytes: u64,
 }
 
 impl RoomState {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // No code path panics while holding the lock; recover the data if one ever did.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `f` on the room under the mutex and publish its new size.
+    fn locked_apply<T>(&self, f: impl FnOnce(&mut Room) -> T) -> T {
+        let mut g = self.lock();
+        let r = f(&mut g.room);
+        self.publish(&g.room);
+        r
+    }
+
+    fn publish(&self, room: &Room) {
+        self.size.store(room.size(), Ordering::Release);
+        self.seq.store(room.seq(), Ordering::Release);
     }
 
     fn snapshot<'py>(&self, py: Python<'py>, msgpack: bool) -> PyResult<Bound<'py, PyBytes>> {
@@ -334,11 +368,12 @@ impl RoomState {
 #[pymethods]
 impl RoomState {
     #[new]
-    #[pyo3(signature = (state = None, seq = None))]
+    #[pyo3(signature = (state = None, seq = None, max_bytes = 0))]
     fn new(
         py: Python<'_>,
         state: Option<&Bound<'_, PyAny>>,
         seq: Option<&Bound<'_, PyAny>>,
+        max_bytes: u64,
     ) -> PyResult<Self> {
         let seq = match seq {
             Some(s) => seq_arg(s)?,
@@ -348,8 +383,13 @@ impl RoomState {
             Some(s) => input(s, "state")?,
             None => Cow::Borrowed(b"{}"),
         };
-        let room = py.detach(|| Room::new(&state, seq)).map_err(to_py)?;
+        let room = py
+            .detach(|| Room::with_max_bytes(&state, seq, max_bytes))
+            .map_err(to_py)?;
         Ok(RoomState {
+            size: AtomicU64::new(room.size()),
+            seq: AtomicU64::new(room.seq()),
+            max_bytes,
             inner: Mutex::new(Inner {
                 room,
                 json: None,
@@ -360,11 +400,16 @@ impl RoomState {
 
     #[getter]
     fn seq(&self) -> u64 {
-        self.lock().room.seq()
+        self.seq.load(Ordering::Acquire)
     }
 
     fn __repr__(&self) -> String {
-        format!("<RoomState seq={}>", self.lock().room.seq())
+        format!("<RoomState seq={}>", self.seq.load(Ordering::Acquire))
+    }
+
+    #[getter]
+    fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     fn check(&self, py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -382,7 +427,7 @@ impl RoomState {
         let d = lenient(d)?;
         if d.len() > SMALL_DELTA {
             return py
-                .detach(|| self.lock().room.apply(&d, seq))
+                .detach(|| self.locked_apply(|room| room.apply(&d, seq)))
                 .map_err(|e| PyValueError::new_err(e.0));
         }
         // A small delta, the relay's common case, is applied with the GIL held when its
@@ -400,10 +445,15 @@ impl RoomState {
             Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(TryLockError::WouldBlock) => None,
         };
-        if let Some(r) = guard.and_then(|mut g| g.room.apply_bounded(delta.as_ref(), seq)) {
+        let len = d.len();
+        if let Some(r) = guard.and_then(|mut g| {
+            let r = g.room.apply_bounded(delta.as_ref(), len, seq);
+            self.publish(&g.room);
+            r
+        }) {
             return r.map_err(|e| PyValueError::new_err(e.0));
         }
-        py.detach(|| self.lock().room.apply_parsed(delta.as_ref(), seq))
+        py.detach(|| self.locked_apply(|room| room.apply_parsed(delta.as_ref(), len, seq)))
             .map_err(|e| PyValueError::new_err(e.0))
     }
 
@@ -417,7 +467,7 @@ impl RoomState {
         let held = items(ds)?;
         let inputs = inputs(py, &held, |_, d| lenient(d))?;
         let out = py
-            .detach(|| self.lock().room.apply_batch(&inputs, seq))
+            .detach(|| self.locked_apply(|room| room.apply_batch(&inputs, seq)))
             .map_err(|e| PyValueError::new_err(e.0))?;
         bytes_out(py, out)
     }
@@ -430,8 +480,8 @@ impl RoomState {
         self.snapshot(py, true)
     }
 
-    fn json_size(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.snapshot(py, false)?.as_bytes().len())
+    fn json_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 }
 
@@ -453,6 +503,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IMPLEMENTATION", "native")?;
     m.add("MAX_DEPTH", crate::json::MAX_DEPTH)?;
     m.add("DeltaError", py.get_type::<DeltaError>())?;
+    m.add("TooLarge", py.get_type::<TooLarge>())?;
+    m.add("WORK_BASE", crate::apply::WORK_BASE)?;
+    m.add("WORK_PER_BYTE", crate::apply::WORK_PER_BYTE)?;
     m.add_class::<RoomState>()?;
     m.add_function(wrap_pyfunction!(py_validate, m)?)?;
     m.add_function(wrap_pyfunction!(py_apply, m)?)?;

@@ -3,10 +3,12 @@
 //! back a delta (the undo log of [`crate::apply`] restores it exactly). The binding caches
 //! the encoded snapshots; `version` tells it when they are stale.
 
-use crate::apply::{self, Delta, Op, Pointer};
+use crate::apply::{self, Limits};
+use crate::delta::{self, Delta, Op};
 use crate::error::{DeltaError, Result};
 use crate::json;
 use crate::merge;
+use crate::pointer::Pointer;
 use serde_json::Value;
 
 #[derive(Debug, Clone)]
@@ -14,6 +16,10 @@ pub struct Room {
     doc: Value,
     seq: u64,
     version: u64,
+    /// len(to_json()), kept exact by every change (see `crate::apply`, size accounting).
+    size: u64,
+    /// 0: no limit; else deltas that would take the state past it fail as TooLarge.
+    max_bytes: u64,
 }
 
 /// Misuse of the room API (a seq that does not fit): `ValueError` in Python.
@@ -22,18 +28,25 @@ pub struct SeqError(pub String);
 
 impl Room {
     pub fn new(state: &[u8], seq: u64) -> Result<Room> {
-        Ok(Room {
-            doc: json::parse(state).map_err(|e| e.context("state"))?,
-            seq,
-            version: 0,
-        })
+        Room::with_max_bytes(state, seq, 0)
+    }
+
+    /// A room whose deltas may not take the state past `max_bytes` (0: no limit). A state
+    /// already past it loads (and may shrink).
+    pub fn with_max_bytes(state: &[u8], seq: u64, max_bytes: u64) -> Result<Room> {
+        let doc = json::parse(state).map_err(|e| e.context("state"))?;
+        let mut room = Room::from_value(doc, seq);
+        room.max_bytes = max_bytes;
+        Ok(room)
     }
 
     pub fn from_value(doc: Value, seq: u64) -> Room {
         Room {
+            size: json::len(&doc),
             doc,
             seq,
             version: 0,
+            max_bytes: 0,
         }
     }
 
@@ -50,18 +63,26 @@ impl Room {
         &self.doc
     }
 
-    /// Err when `d` is malformed or would fail now. Changes nothing (a patch is applied with
-    /// the undo log, then rolled back).
+    /// `to_json().len()`, O(1).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    fn limits(&self, delta_len: usize) -> Limits {
+        Limits::for_delta(delta_len, self.max_bytes)
+    }
+
+    /// Err when `d` is malformed, would fail now, needs too much work, or would take the
+    /// state past `max_bytes` (TooLarge). Changes nothing (a patch is applied with the undo
+    /// log, then rolled back).
     pub fn check(&mut self, d: &[u8]) -> Result<()> {
-        match apply::parse_delta(d)? {
-            Delta::Merge(_) => Ok(()),
-            Delta::Patch(ops) => {
-                let mut log = Vec::new();
-                let r = apply::apply_ops(&mut self.doc, &ops, Some(&mut log));
-                apply::rollback(&mut self.doc, log);
-                r
-            }
-        }
+        let delta = delta::parse_delta(d)?;
+        let lim = self.limits(d.len());
+        apply::check_delta(&mut self.doc, self.size, &delta, lim)
     }
 
     fn advance(&mut self, seq: u64) -> std::result::Result<(), SeqError> {
@@ -75,15 +96,16 @@ impl Room {
     }
 
     /// Apply `d` as delta number `seq`; Ok(false) when it was malformed or failed (a no-op;
-    /// the seq advances all the same).
+    /// the seq advances all the same). Failing includes too much work and TooLarge.
     pub fn apply(&mut self, d: &[u8], seq: u64) -> std::result::Result<bool, SeqError> {
-        self.apply_parsed(apply::parse_delta(d).ok().as_ref(), seq)
+        self.apply_parsed(delta::parse_delta(d).ok().as_ref(), d.len(), seq)
     }
 
-    /// `apply` of an already parsed delta (None: it was malformed).
+    /// `apply` of an already parsed delta of `len` bytes (None: it was malformed).
     pub fn apply_parsed(
         &mut self,
         delta: Option<&Delta>,
+        len: usize,
         seq: u64,
     ) -> std::result::Result<bool, SeqError> {
         self.advance(seq)?;
@@ -91,7 +113,8 @@ impl Room {
         let Some(delta) = delta else {
             return Ok(false);
         };
-        if apply::apply_delta(&mut self.doc, delta).is_err() {
+        let lim = self.limits(len);
+        if apply::apply_delta_limited(&mut self.doc, &mut self.size, delta, lim).is_err() {
             return Ok(false);
         }
         self.version += 1;
@@ -100,22 +123,26 @@ impl Room {
 
     /// `apply_parsed` if its work is bounded by the size of the delta whatever the size of
     /// the state ([`apply::apply_patch_bounded`]; merge patches are not tried: they may
-    /// remove members of large objects); None, with nothing changed, otherwise.
+    /// drop large values); None, with nothing changed, otherwise.
     pub fn apply_bounded(
         &mut self,
         delta: Option<&Delta>,
+        len: usize,
         seq: u64,
     ) -> Option<std::result::Result<bool, SeqError>> {
         if let Err(e) = self.advance(seq) {
             return Some(Err(e));
         }
+        let lim = self.limits(len);
         let applied = match delta {
             None => false,
             Some(Delta::Merge(_)) => return None,
-            Some(Delta::Patch(ops)) => match apply::apply_patch_bounded(&mut self.doc, ops) {
-                Ok(r) => r.is_ok(),
-                Err(apply::Unbounded) => return None,
-            },
+            Some(Delta::Patch(ops)) => {
+                match apply::apply_patch_bounded(&mut self.doc, &mut self.size, ops, lim) {
+                    Ok(r) => r.is_ok(),
+                    Err(apply::Unbounded) => return None,
+                }
+            }
         };
         self.seq = seq;
         if applied {
@@ -124,10 +151,10 @@ impl Room {
         Some(Ok(applied))
     }
 
-    /// Apply the deltas self.seq+1 ..= seq (failures are no-ops) and return one delta taking
-    /// the previous state to the new one: the fold of the deltas that applied (as `merge`),
-    /// or when that does not exist, the collapsed concrete ops (merge patches turned into
-    /// add/remove/replace against the state they applied to).
+    /// Apply the deltas self.seq+1 ..= seq (failures are no-ops, as in `apply`) and return
+    /// one delta taking the previous state to the new one: the fold of the deltas that
+    /// applied (as `merge`), or when that does not exist, the collapsed concrete ops (merge
+    /// patches turned into add/remove/replace against the state they applied to).
     pub fn apply_batch<B: AsRef<[u8]>>(
         &mut self,
         ds: &[B],
@@ -143,16 +170,24 @@ impl Room {
         let mut applied: Vec<Delta> = Vec::new();
         let mut concrete: Vec<Op> = Vec::new();
         for d in ds {
-            let Ok(delta) = apply::parse_delta(d.as_ref()) else {
+            let d = d.as_ref();
+            let Ok(delta) = delta::parse_delta(d) else {
                 continue;
             };
+            let lim = self.limits(d.len());
             match &delta {
                 Delta::Merge(p) => {
-                    merge::merge_to_ops(&self.doc, p, &Pointer::root(), &mut concrete);
-                    apply::merge_apply(&mut self.doc, p);
+                    let mut ops = Vec::new();
+                    merge::merge_to_ops(&self.doc, p, &Pointer::root(), &mut ops);
+                    if apply::apply_delta_limited(&mut self.doc, &mut self.size, &delta, lim)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    concrete.extend(ops);
                 }
                 Delta::Patch(ops) => {
-                    if apply::apply_patch_atomic(&mut self.doc, ops).is_err() {
+                    if apply::apply_patch(&mut self.doc, &mut self.size, ops, lim).is_err() {
                         continue;
                     }
                     concrete.extend(ops.iter().cloned());
@@ -259,5 +294,40 @@ mod tests {
         assert_eq!(out, br#"{"merge":{"q":null}}"#);
         assert!(r.apply_batch(&[b"{}".as_slice()], 8).is_err());
         assert_eq!(r.apply_batch::<&[u8]>(&[], 6).unwrap(), br#"{"patch":[]}"#);
+    }
+
+    #[test]
+    fn max_bytes_in_check_apply_and_batch() {
+        let mut r = Room::with_max_bytes(br#"{"s":"xxxxxxxxxx"}"#, 0, 40).unwrap();
+        assert_eq!(r.size(), 18);
+        let copy =
+            |to: &str| format!(r#"{{"patch":[{{"op":"copy","from":"/s","path":"/{to}"}}]}}"#);
+        // +17 bytes: 35
+        assert_eq!(r.apply(copy("a").as_bytes(), 1), Ok(true));
+        assert_eq!(r.size(), 35);
+        assert!(r.check(copy("b").as_bytes()).unwrap_err().is_too_large());
+        assert_eq!(r.apply(copy("b").as_bytes(), 2), Ok(false));
+        assert!(r
+            .check(br#"{"merge":{"b":"0123456789"}}"#)
+            .unwrap_err()
+            .is_too_large());
+        r.check(br#"{"merge":{"a":null,"b":"0123456789"}}"#)
+            .unwrap();
+        let out = r
+            .apply_batch(
+                &[
+                    br#"{"merge":{"b":"0123456789"}}"#.as_slice(),
+                    br#"{"merge":{"a":null}}"#,
+                    copy("c").as_bytes(),
+                ],
+                5,
+            )
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"patch":[{"op":"remove","path":"/a"},{"op":"copy","from":"/s","path":"/c"}]}"#
+        );
+        assert_eq!(r.to_json(), br#"{"s":"xxxxxxxxxx","c":"xxxxxxxxxx"}"#);
+        assert_eq!(r.size(), r.to_json().len() as u64);
     }
 }

@@ -332,3 +332,81 @@ def test_native_matches_pure_room_state(
     assert rooms[1].apply_batch(rest, seq) == rooms[0].apply_batch(rest, seq)
     assert rooms[1].to_json() == rooms[0].to_json()
     assert rooms[1].to_msgpack() == rooms[0].to_msgpack()
+
+
+# Deltas near the limits: arrays and strings around the work budget (WORK_BASE units), a
+# size limit close to the state's size, removals from the middle of an object.
+LIMIT_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "remove", "copy", "move", "deep", "null", "grow"]),
+        st.integers(0, 2**20),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def limit_delta(kind: str, n: int, size: int) -> bytes:
+    if kind == "null":
+        return json.dumps({"merge": {"o": {f"k{n % 40}": None, f"k{n % 7}": None}}}).encode()
+    if kind == "grow":
+        return json.dumps({"merge": {f"g{n % 3}": "z" * (n % 64)}}).encode()
+    at = n % (size + 1)
+    ops: dict[str, dict[str, Any]] = {
+        "insert": {"op": "add", "path": f"/a/{at}", "value": n},
+        "remove": {"op": "remove", "path": f"/a/{at}"},
+        "copy": {"op": "copy", "from": "/s", "path": f"/c{n % 3}"},
+        "move": {"op": "move", "from": f"/o/k{n % 40}", "path": f"/o/m{n % 5}"},
+        "deep": {"op": "move", "from": "/s", "path": "/o/s"},  # charged: len(s)
+    }
+    op = ops[kind]
+    extra = [{"op": "remove", "path": f"/o/k{(n + 1) % 40}"}] if n % 2 else []
+    return json.dumps({"patch": [op, *extra], "pad": "p" * (n % 200)}).encode()
+
+
+@SETTINGS
+@given(
+    st.integers(0, 2000),
+    st.integers(-200, 200),
+    st.lists(LIMIT_OPS, min_size=1, max_size=6),
+    st.integers(-1, 60),
+)
+def test_native_matches_pure_at_the_limits(
+    pure: ModuleType,
+    native: ModuleType,
+    spread: int,
+    string_spread: int,
+    deltas: list[list[tuple[str, int]]],
+    slack: int,
+) -> None:
+    # Budgets here are WORK_BASE + 32 * (60 .. 300 bytes): arrays and strings on both sides.
+    size = pure.WORK_BASE - 1000 + spread * 8
+    state = json.dumps(
+        {
+            "a": list(range(size)),
+            "s": "x" * (pure.WORK_BASE + string_spread * 40),
+            "o": {f"k{i}": i for i in range(40)},
+        },
+        separators=(",", ":"),
+    ).encode()
+    max_bytes = 0 if slack < 0 else len(state) + slack
+    rooms = [pure.RoomState(state, 0, max_bytes), native.RoomState(state, 0, max_bytes)]
+    seq = 0
+    applied = []
+    for ops in deltas:
+        for kind, n in ops:
+            d = limit_delta(kind, n, size)
+            seq += 1
+            assert outcome(rooms[1].check, d) == outcome(rooms[0].check, d), d[:200]
+            ok = rooms[1].apply(d, seq)
+            assert ok == rooms[0].apply(d, seq), d[:200]
+            applied.append((d, ok))
+        assert rooms[1].to_json() == rooms[0].to_json()
+        assert rooms[1].json_size() == rooms[0].json_size() == len(rooms[0].to_json())
+    ds = [d for d, _ in applied]
+    want = rooms[0].to_json()
+    assert native.compact(state, ds, max_bytes) == pure.compact(state, ds, max_bytes) == want
+    for engine in (pure, native):
+        batch = engine.RoomState(state, 0, max_bytes)
+        batch.apply_batch(ds, len(ds))
+        assert batch.to_json() == want

@@ -377,3 +377,48 @@ fn check_leaves_the_state_untouched_and_codec_round_trips() {
         assert_eq!(json::to_vec(&codec::from_msgpack(&mp).unwrap()), before);
     }
 }
+
+#[test]
+fn room_size_is_exact_and_limits_are_decided_alike_by_check_and_apply() {
+    let mut r = Rng(0x5eed_5eed_0000_0001);
+    let (mut applied, mut too_large) = (0, 0);
+    for _ in 0..4_000 {
+        let s = state(&mut r);
+        let start = json::to_vec(&s).len() as u64;
+        // Half the rooms have a limit close to their size, so that some deltas pass it.
+        let max = if r.chance(50) {
+            start + r.below(12) as u64
+        } else {
+            0
+        };
+        let mut room = Room::with_max_bytes(&json::to_vec(&s), 0, max).unwrap();
+        for seq in 1..=6 {
+            let d = delta(&mut r, room.value()).to_json();
+            let before = room.to_json();
+            let verdict = room.check(&d);
+            assert_eq!(room.to_json(), before, "check changed the state");
+            let ok = room.apply(&d, seq).unwrap();
+            let now = room.to_json();
+            // The size kept incrementally is the exact length of the serialised state.
+            assert_eq!(
+                room.size(),
+                now.len() as u64,
+                "{} then {}",
+                String::from_utf8_lossy(&before),
+                String::from_utf8_lossy(&d)
+            );
+            assert_eq!(ok, verdict.is_ok(), "{}", String::from_utf8_lossy(&d));
+            if ok {
+                applied += 1;
+                assert!(max == 0 || now.len() as u64 <= max || now.len() <= before.len());
+            } else {
+                assert_eq!(now, before, "a failed delta changed the state");
+                if verdict.is_err_and(|e| e.is_too_large()) {
+                    too_large += 1;
+                }
+            }
+        }
+    }
+    println!("{applied} applied, {too_large} too large");
+    assert!(applied > 3000 && too_large > 200, "{applied} {too_large}");
+}
