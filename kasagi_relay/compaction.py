@@ -37,9 +37,18 @@ class RoomLocked(Exception):
 
 
 async def compact_room(
-    backend: Backend, room: str, *, history: int, keep_from: int = 0, history_bytes: int = 0
+    backend: Backend,
+    room: str,
+    *,
+    history: int,
+    keep_from: int = 0,
+    history_bytes: int = 0,
+    max_state_bytes: int = 0,
 ) -> Snapshot | None:
     """One compaction of `room`; the new snapshot, or None when there was nothing new.
+
+    `max_state_bytes` must be the relays' --max-state-bytes: a delta that would take the
+    state past it is a no-op in the rooms, so it must be one in the snapshot too.
 
     Raises RoomLocked when the room's lock is held elsewhere: that is not the same as
     "nothing new", since the holder may have died before covering the history.
@@ -54,7 +63,8 @@ async def compact_room(
         if not ops:  # None: trimmed past our snapshot (someone newer wrote one)
             await backend.trim(room, keep_from, history, history_bytes)
             return None
-        data = await asyncio.to_thread(delta.compact, data, [op.delta for op in ops])
+        deltas = [op.delta for op in ops]
+        data = await asyncio.to_thread(delta.compact, data, deltas, max_state_bytes)
         new = Snapshot(ops[-1].seq, data, snap.tick if snap is not None else 0)
         written = await backend.write_snapshot(room, new)
         await backend.trim(room, keep_from, history, history_bytes)
@@ -74,9 +84,11 @@ class Compactor:
         history: int,
         history_age_s: float,
         history_bytes: int = 0,
+        max_state_bytes: int = 0,
     ) -> None:
         """`rooms()` gives (name, last seq seen) of the rooms this relay holds;
-        `history_bytes` bounds each room's history by bytes of deltas (0: no limit)."""
+        `history_bytes` bounds each room's history by bytes of deltas (0: no limit);
+        `max_state_bytes` is the rooms' state limit (see compact_room)."""
         self.backend = backend
         self.rooms = rooms
         self.metrics = metrics
@@ -84,6 +96,7 @@ class Compactor:
         self.history = history
         self.history_age_s = history_age_s
         self.history_bytes = history_bytes
+        self.max_state_bytes = max_state_bytes
         self._marks: dict[str, deque[tuple[float, int]]] = {}
         self._compacted: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -130,6 +143,7 @@ class Compactor:
                     history=self.history,
                     keep_from=keep_from,
                     history_bytes=self.history_bytes,
+                    max_state_bytes=self.max_state_bytes,
                 )
             except RoomLocked:
                 # Not marked as done: after a failover the lock of a compaction that died

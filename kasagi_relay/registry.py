@@ -29,12 +29,14 @@ class RoomRegistry:
         max_loaded: int,
         idle_s: float,
         tick_s: float,
+        max_state_bytes: int = 0,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_loaded = max_loaded
         self.idle_s = idle_s
         self.tick_s = tick_s
+        self.max_state_bytes = max_state_bytes
         self.rooms: dict[str, Room] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -64,7 +66,13 @@ class RoomRegistry:
                     "retry later or through another relay",
                 )
         # No await from the check above to here: the limit holds.
-        room = self.rooms[name] = Room(name, self.backend, self.metrics, tick_s=self.tick_s)
+        room = self.rooms[name] = Room(
+            name,
+            self.backend,
+            self.metrics,
+            tick_s=self.tick_s,
+            max_bytes=self.max_state_bytes,
+        )
         self.metrics.rooms.set(len(self.rooms))
         return room
 

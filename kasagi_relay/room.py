@@ -65,14 +65,12 @@ SMALL_STATE = 64 * 1024
 # The most JSON bytes one delta byte can become in the state: a number is written back in
 # the engine's form (`1e15` is `1000000000000000.0`).
 GROWTH = 8
-# A room whose size is only bounded (not measured) is measured again after this many
-# threaded applies, so a room that shrank returns to the inline path.
-REMEASURE = 64
 
 
-async def load_state(backend: Backend, room: str) -> delta.RoomState:
+async def load_state(backend: Backend, room: str, max_bytes: int = 0) -> delta.RoomState:
     """The room's state from its snapshot and the ops after it (the engine works in a
-    worker thread: natively it releases the GIL)."""
+    worker thread: natively it releases the GIL). `max_bytes` is --max-state-bytes: a delta
+    that would take the state past it is a no-op, here as on every relay."""
     for _ in range(5):
         snap = await backend.read_snapshot(room)
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
@@ -83,9 +81,9 @@ async def load_state(backend: Backend, room: str) -> delta.RoomState:
     else:
         raise RuntimeError(f"room {room}: history keeps moving past the snapshot")
     if ops:
-        data = await asyncio.to_thread(delta.compact, data, [op.delta for op in ops])
+        data = await asyncio.to_thread(delta.compact, data, [op.delta for op in ops], max_bytes)
         base_seq = ops[-1].seq
-    return await asyncio.to_thread(delta.RoomState, data, base_seq)
+    return await asyncio.to_thread(delta.RoomState, data, base_seq, max_bytes)
 
 
 def _small(docs: list[bytes], size: int | None) -> bool:
@@ -100,16 +98,6 @@ def _small(docs: list[bytes], size: int | None) -> bool:
         if total > SMALL_DELTA or b'"copy"' in doc:
             return False
     return size + GROWTH * total <= SMALL_STATE
-
-
-def _growth(docs: list[Op]) -> int | None:
-    """An upper bound of the bytes `docs` add to a state; None when unbounded (copy)."""
-    total = 0
-    for op in docs:
-        if b'"copy"' in op.delta:
-            return None
-        total += GROWTH * len(op.delta)
-    return total
 
 
 def _op_doc(op: Op) -> bytes:
@@ -148,10 +136,10 @@ def _check_job(
     head: delta.RoomState | None,
     ops: list[Op],
     doc: bytes,
-    measure: bool,
-) -> tuple[delta.RoomState | None, int | None, delta.DeltaError | None]:
+) -> tuple[delta.RoomState | None, delta.DeltaError | None]:
     """Check `doc` against `state` with `ops` applied (on `head`, a copy kept up to date
-    while checks need it); returns (head, JSON size when `measure`, the check's error)."""
+    while checks need it); returns (head, the check's error: TooLarge when the state would
+    pass its max_bytes)."""
     target = state
     if ops:
         valid = head is not None and head.seq >= state.seq
@@ -159,16 +147,15 @@ def _check_job(
         if head is None:
             # A second copy of the state, made only when checks need the queued ops, then
             # kept up to date while they keep needing it (see Room._applied).
-            head = _advance(delta.RoomState(state.to_json(), state.seq), ops)
+            head = _advance(delta.RoomState(state.to_json(), state.seq, state.max_bytes), ops)
             if head is None:
                 raise RuntimeError("the queued ops do not apply to a copy of the state")
         target = head
-    size = target.json_size() if measure else None
     try:
         target.check(doc)
     except delta.DeltaError as exc:
-        return head, size, exc
-    return head, size, None
+        return head, exc
+    return head, None
 
 
 def _message_parts(codec: Codec, fields: dict[str, object]) -> tuple[bytes, bytes]:
@@ -219,10 +206,12 @@ class Replay:
 
 
 class Room:
-    """One room: `ensure_loaded`, `check` / `state_too_large` before a publish, `on_op` for
+    """One room: `ensure_loaded`, `check` before a publish, `on_op` for
     what the backend delivers, `join` / `leave` for members, `idle` / `close` for the
     registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
-    `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS)."""
+    `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS); `max_bytes`
+    (--max-state-bytes) bounds the state: the engine keeps its exact size and refuses
+    (check) or skips (apply) a delta that would pass it."""
 
     def __init__(
         self,
@@ -232,11 +221,13 @@ class Room:
         *,
         tick_s: float = 0.0,
         recent_bytes: int = RECENT_BYTES,
+        max_bytes: int = 0,
     ) -> None:
         self.name = name
         self.backend = backend
         self.metrics = metrics
         self.tick_s = tick_s
+        self.max_bytes = max_bytes
         self.state: delta.RoomState | None = None
         self.seq = 0  # state's seq, readable without touching the state
         self.last_seq = 0
@@ -261,12 +252,9 @@ class Room:
         # The state with the queued ops applied too, built only when a check needs it.
         self._head: delta.RoomState | None = None
         self._head_used = False
-        # An upper bound of the state's JSON size (None: unknown), to choose inline work.
+        # The state's JSON size (the engine keeps it exactly; None: not loaded), to choose
+        # inline work.
         self._size: int | None = None
-        self._unmeasured = 0
-        # Size of state + queue for state_too_large: exact when measured, plus queued bytes.
-        self._approx_size: int | None = None
-        self._size_limit = 0  # the limit state_too_large was last asked about
         # The state's encodings at `_encoded_seq`, shared by every joiner of that version.
         self._encoded: dict[Codec, Payload] = {}
         self._encoded_seq = -1
@@ -303,28 +291,25 @@ class Room:
     async def _load(self) -> None:
         # Subscribe first: whatever is published while we read is held, not lost.
         await self.backend.subscribe(self.name)
-        state = await load_state(self.backend, self.name)
-        size = await asyncio.to_thread(state.json_size)
+        state = await load_state(self.backend, self.name, self.max_bytes)
         if self._closed:
             return
         async with self._engine:
             if self._closed:
                 return
-            self._install(state, size)
+            self._install(state)
             if self.members:
                 # A reload under members (after a failure): they may have missed anything.
                 await self._send_reset(state)
             self._drain_held()
             self._wake()
 
-    def _install(self, state: delta.RoomState, size: int) -> None:
+    def _install(self, state: delta.RoomState) -> None:
         """Take `state` as the room's (the caller holds `_engine`)."""
         self._cancel_flush()
         self.queue = []
         self._head = None
-        self._approx_size = None
-        self._size = size
-        self._unmeasured = 0
+        self._size = state.json_size()  # O(1): the engine keeps it
         self._encoded = {}
         self.recent.clear()
         self._recent_size = 0
@@ -350,8 +335,6 @@ class Room:
     def _enqueue(self, op: Op) -> None:
         self.queue.append(op)
         self.last_seq = op.seq
-        if self._approx_size is not None:
-            self._approx_size += len(op.delta)
         self._schedule_flush()
         if self._waiters:
             self._wake()
@@ -368,27 +351,6 @@ class Room:
         self._waiters = still
 
     # ------------------------------------------------------------------ checks
-
-    def _queued_growth(self) -> int | None:
-        return _growth(self.queue)
-
-    def _head_size(self) -> int | None:
-        """An upper bound of the JSON size of the state with the queue applied."""
-        growth = self._queued_growth()
-        if self._size is None or growth is None:
-            return None
-        return self._size + growth
-
-    def state_too_large(self, extra: int, limit: int) -> bool:
-        """Would the state pass `limit` bytes of JSON with `extra` more? Estimated from the
-        last exact size plus the size of every op since; `check` measures it exactly (off
-        the loop) when the estimate comes near the limit, so this never serializes."""
-        self._size_limit = limit
-        approx = self._approx_size
-        if approx is None:
-            # Not reached after `check`, which measures; an upper bound otherwise.
-            approx = self._head_size()
-        return approx is not None and approx + extra > limit
 
     async def check(self, doc: bytes, wait_s: float = 1.0) -> None:
         """DeltaError when `doc` cannot apply to the room's latest state. A delta that
@@ -412,8 +374,7 @@ class Room:
         await self._check(doc)
 
     async def _check(self, doc: bytes) -> None:
-        """Check `doc` against the state with the queued ops, and measure that state's size
-        when state_too_large will need it exactly; off the loop unless small."""
+        """Check `doc` against the state with the queued ops; off the loop unless small."""
         while True:
             await self.ensure_loaded()
             async with self._engine:
@@ -421,23 +382,13 @@ class Room:
                 if state is None:
                     continue  # lost to a failed apply meanwhile: wait for the reload
                 ops = list(self.queue)
-                approx = self._approx_size
-                measure = approx is None or (
-                    self._size_limit > 0 and approx + len(doc) > self._size_limit
-                )
                 head = self._head
-                inline = _small([doc, *(op.delta for op in ops)], self._size) and not measure
-
-                work = functools.partial(_check_job, state, head, ops, doc, measure)
-                new_head, size, error = await self._run(work, inline)
-                if self.state is state:
-                    if ops:
-                        self._head = new_head
-                        self._head_used = True
-                    if size is not None:
-                        # Holding _engine, the queue could only grow meanwhile.
-                        later = self.queue[len(ops) :]
-                        self._approx_size = size + sum(len(op.delta) for op in later)
+                inline = _small([doc, *(op.delta for op in ops)], self._size)
+                work = functools.partial(_check_job, state, head, ops, doc)
+                new_head, error = await self._run(work, inline)
+                if self.state is state and ops:
+                    self._head = new_head
+                    self._head_used = True
                 if error is not None:
                     raise error
                 return
@@ -494,14 +445,13 @@ class Room:
 
     async def _reset(self) -> None:
         """History no longer reaches our last seq: reload and send members a `reset`."""
-        state = await load_state(self.backend, self.name)
-        size = await asyncio.to_thread(state.json_size)
+        state = await load_state(self.backend, self.name, self.max_bytes)
         if self._closed:
             return
         async with self._engine:
             if self._closed:
                 return
-            self._install(state, size)
+            self._install(state)
             await self._send_reset(state)
             self._wake()
 
@@ -575,7 +525,7 @@ class Room:
             except Exception:
                 self._apply_failed(ops)
                 return
-            self._applied(ops, DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc), head, None)
+            self._applied(ops, DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc), head)
             return
         self._flushing = asyncio.get_running_loop().create_task(self._flush_off_loop())
 
@@ -594,52 +544,36 @@ class Room:
                     return
                 self._last_flush = asyncio.get_running_loop().time()
                 head = self._head if self._head_used else None
-                growth = _growth(ops)
-                measure = (
-                    growth is None
-                    or self._size is None
-                    or self._size + growth <= 4 * SMALL_STATE
-                    or self._unmeasured >= REMEASURE
-                )
                 inline = _small([op.delta for op in ops], self._size) and head is None
                 big = sum(len(op.delta) for op in ops) > SMALL_DELTA
                 codecs = {m.codec for m in self.members} if big else set()
 
-                def work() -> tuple[DeltaFrame, delta.RoomState | None, int | None]:
+                def work() -> tuple[DeltaFrame, delta.RoomState | None]:
                     doc = _apply(state, ops)
                     message = DeltaFrame(self.name, ops[0].seq, ops[-1].seq, doc)
                     for codec in codecs:
                         message.payload(codec)  # a big frame is encoded here, not on the loop
-                    return message, _advance(head, ops), state.json_size() if measure else None
+                    return message, _advance(head, ops)
 
                 try:
-                    message, new_head, size = await self._run(work, inline)
+                    message, new_head = await self._run(work, inline)
                 except Exception:
                     self._apply_failed(ops)
                     return
                 if self.state is state and not self._closed:
-                    self._applied(ops, message, new_head, size)
+                    self._applied(ops, message, new_head)
         finally:
             self._flushing = None
             if self.queue and not self._closed:
                 self._schedule_flush()
 
-    def _applied(
-        self, ops: list[Op], message: DeltaFrame, head: delta.RoomState | None, size: int | None
-    ) -> None:
+    def _applied(self, ops: list[Op], message: DeltaFrame, head: delta.RoomState | None) -> None:
         """Take the result of applying `ops` and broadcast it (no await: members added
         before this get this frame, members added after start after it)."""
         self._head = head
         self._head_used = False
-        growth = _growth(ops)
-        if size is not None:
-            self._size = size
-            self._unmeasured = 0
-        elif self._size is not None and growth is not None:
-            self._size += growth
-            self._unmeasured += 1
-        else:
-            self._size = None
+        if self.state is not None:
+            self._size = self.state.json_size()  # O(1): the engine keeps it
         self.seq = ops[-1].seq
         if self._encoded:
             self._encoded = {}  # members still reading the previous version hold it

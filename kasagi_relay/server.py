@@ -58,10 +58,9 @@ class Relay:
             max_loaded=config.max_loaded_rooms,
             idle_s=config.room_idle_s,
             tick_s=config.tick_ms / 1000,
+            max_state_bytes=config.max_state_bytes,
         )
-        self.service = RoomService(
-            self.registry, self.backend, self.metrics, max_state_bytes=config.max_state_bytes
-        )
+        self.service = RoomService(self.registry, self.backend, self.metrics)
         self.admission = Admission(
             config.max_connections, config.max_connections_per_address, config.trusted_proxies
         )
@@ -79,6 +78,7 @@ class Relay:
             history=config.history,
             history_age_s=config.history_age_s,
             history_bytes=config.history_bytes,
+            max_state_bytes=config.max_state_bytes,
         )
         # Every member's queue together: one bound for the relay (docs/operations.md).
         self.budget = SendBudget(config.send_budget_bytes)

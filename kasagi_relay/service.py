@@ -57,13 +57,10 @@ class RoomService:
         registry: RoomRegistry,
         backend: Backend,
         metrics: Metrics,
-        *,
-        max_state_bytes: int,
     ) -> None:
         self.registry = registry
         self.backend = backend
         self.metrics = metrics
-        self.max_state_bytes = max_state_bytes
         self.closing = False
         self.inflight = 0
         self._inflight_done = asyncio.Event()
@@ -118,11 +115,14 @@ class RoomService:
                 # publish): the digest is compared, not only the key.
                 seq = await self.backend.seen_key(name, key, kind, body)
             if seq is None:
+                if isinstance(exc, delta.TooLarge):
+                    # The rooms hold the limit (the engine enforces it exactly).
+                    limit = self.registry.max_state_bytes
+                    raise BadRequest(
+                        "too_large", f"the room's state would pass {limit} bytes"
+                    ) from None
                 raise BadRequest("bad_patch", str(exc)) from None
             return seq
-        limit = self.max_state_bytes
-        if room.state_too_large(len(body), limit):
-            raise BadRequest("too_large", f"the room's state would pass {limit} bytes")
         self.inflight += 1
         try:
             seq = await self.backend.publish(name, kind, body, key)

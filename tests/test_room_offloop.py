@@ -301,7 +301,8 @@ async def test_a_replay_goes_as_the_joiner_reads_and_stops_when_it_goes(
     monkeypatch.setattr(Replay, "_encode", counting)
     total = 200
     async with (
-        start_relay(send_queue_bytes=256 * 1024) as relay,
+        # The writer loads 20 MB of history as fast as it can: no byte rate limit for it.
+        start_relay(send_queue_bytes=256 * 1024, rate_bytes=0) as relay,
         connect_client(relay.url) as writer,
         connect_client(relay.url) as calm,
     ):
@@ -334,10 +335,12 @@ async def test_a_replay_goes_as_the_joiner_reads_and_stops_when_it_goes(
         del joined
 
 
-async def test_a_delta_that_costs_seconds_does_not_stall_other_rooms() -> None:
-    """#11 item 2: merge-nulling 2,000 keys of a 100k-key object costs seconds of engine
-    work (removal shifts the insertion-ordered map). It runs off the event loop: a member
-    of another room keeps getting acks meanwhile, and the room's members then get it."""
+async def test_nulling_many_keys_of_a_big_object_stalls_no_other_room() -> None:
+    """#11 item 2: merge-nulling 2,000 keys of a 100k-key object cost 1.2-1.8 s of engine
+    work on the event loop (removal shifted the insertion-ordered map) and stalled every
+    other room. Removal is now O(1) (swap-remove, docs/design.md) and whatever work remains
+    runs off the loop: a member of another room keeps getting acks, the room's members get
+    the delta, and a late joiner sees the result."""
     if delta.IMPLEMENTATION != "native":
         pytest.skip("the cost measured here is the native engine's (its ordered map)")
     async with (
@@ -350,15 +353,11 @@ async def test_a_delta_that_costs_seconds_does_not_stall_other_rooms() -> None:
         await watcher.join("big")
         async with Pinger(calm, "calm") as pinger:
             await asyncio.sleep(0.2)
-            start = time.perf_counter()
             await writer.delta("big", merge={f"k{i}": None for i in range(2_000)})
             message = await watcher.expect("delta", within=60)
-            took = time.perf_counter() - start
             acks_before = pinger.acks
             await asyncio.sleep(0.2)
         assert message["seq"] == 2 and len(message["merge"]) == 2_000
-        # The work took long (else this test shows nothing) and others were served during it.
-        assert took > 0.5, took
         assert pinger.worst < 0.5, pinger.worst
         assert acks_before >= 5
         async with connect_client(relay.url, max_size=None) as late:

@@ -26,11 +26,13 @@ REMOVE_X = b'[{"op":"remove","path":"/x"}]'
 async def service(max_state_bytes: int = 1 << 20) -> AsyncIterator[RoomService]:
     backend = MemoryBackend()
     metrics = Metrics()
-    registry = RoomRegistry(backend, metrics, max_loaded=10, idle_s=60, tick_s=0)
+    registry = RoomRegistry(
+        backend, metrics, max_loaded=10, idle_s=60, tick_s=0, max_state_bytes=max_state_bytes
+    )
     backend.set_listener(registry)
     await backend.start()
     try:
-        yield RoomService(registry, backend, metrics, max_state_bytes=max_state_bytes)
+        yield RoomService(registry, backend, metrics)
     finally:
         await registry.close()
         await backend.close()
