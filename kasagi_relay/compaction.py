@@ -53,24 +53,24 @@ async def compact_room(
     Raises RoomLocked when the room's lock is held elsewhere: that is not the same as
     "nothing new", since the holder may have died before covering the history.
     """
-    token = await backend.acquire_lock(room, LOCK_TTL_MS)
+    token = await backend.snapshots.acquire_lock(room, LOCK_TTL_MS)
     if token is None:
         raise RoomLocked(room)
     try:
-        snap = await backend.read_snapshot(room)
+        snap = await backend.snapshots.read_snapshot(room)
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
-        ops = await backend.read_ops(room, base_seq)
+        ops = await backend.log.read_ops(room, base_seq)
         if not ops:  # None: trimmed past our snapshot (someone newer wrote one)
-            await backend.trim(room, keep_from, history, history_bytes)
+            await backend.snapshots.trim(room, keep_from, history, history_bytes)
             return None
         deltas = [op.delta for op in ops]
         data = await asyncio.to_thread(delta.compact, data, deltas, max_state_bytes)
         new = Snapshot(ops[-1].seq, data, snap.tick if snap is not None else 0)
-        written = await backend.write_snapshot(room, new)
-        await backend.trim(room, keep_from, history, history_bytes)
+        written = await backend.snapshots.write_snapshot(room, new)
+        await backend.snapshots.trim(room, keep_from, history, history_bytes)
         return new if written else None
     finally:
-        await backend.release_lock(room, token)
+        await backend.snapshots.release_lock(room, token)
 
 
 class Compactor:

@@ -72,9 +72,9 @@ async def load_state(backend: Backend, room: str, max_bytes: int = 0) -> delta.R
     worker thread: natively it releases the GIL). `max_bytes` is --max-state-bytes: a delta
     that would take the state past it is a no-op, here as on every relay."""
     for _ in range(5):
-        snap = await backend.read_snapshot(room)
+        snap = await backend.snapshots.read_snapshot(room)
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
-        ops = await backend.read_ops(room, base_seq)
+        ops = await backend.log.read_ops(room, base_seq)
         if ops is not None:
             break
         # History was trimmed past our snapshot meanwhile: a newer snapshot exists.
@@ -290,7 +290,7 @@ class Room:
 
     async def _load(self) -> None:
         # Subscribe first: whatever is published while we read is held, not lost.
-        await self.backend.subscribe(self.name)
+        await self.backend.feed.subscribe(self.name)
         state = await load_state(self.backend, self.name, self.max_bytes)
         if self._closed:
             return
@@ -421,7 +421,7 @@ class Room:
         try:
             while not self._closed:
                 try:
-                    ops = await self.backend.read_ops(self.name, self.last_seq)
+                    ops = await self.backend.log.read_ops(self.name, self.last_seq)
                     if ops is None:
                         await self._reset()
                     else:
@@ -681,7 +681,7 @@ class Room:
             if recent and recent[0].seq <= after + 1:
                 out.extend(op for op in recent if after < op.seq <= target)
                 return out
-            ops = await self.backend.read_ops(self.name, after, target - after)
+            ops = await self.backend.log.read_ops(self.name, after, target - after)
             if ops is None:
                 return None
             for op in ops:
@@ -718,6 +718,6 @@ class Room:
             if task is not None and not task.done():
                 task.cancel()
         try:
-            await self.backend.unsubscribe(self.name)
+            await self.backend.feed.unsubscribe(self.name)
         except Exception as exc:
             logger.debug("room %s: unsubscribe failed: %s", self.name, exc)

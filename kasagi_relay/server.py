@@ -123,7 +123,7 @@ class Relay:
         return True
 
     async def start(self) -> None:
-        self.backend.set_listener(self.registry)
+        self.backend.feed.set_listener(self.registry)
         await self.backend.start()
         cfg = self.config
         self.server = await serve(

@@ -113,7 +113,7 @@ class RoomService:
             if key is not None:
                 # Raises KeyConflict for a key stored with another delta (caught in
                 # publish): the digest is compared, not only the key.
-                seq = await self.backend.seen_key(name, key, kind, body)
+                seq = await self.backend.log.seen_key(name, key, kind, body)
             if seq is None:
                 if isinstance(exc, delta.TooLarge):
                     # The rooms hold the limit (the engine enforces it exactly).
@@ -125,7 +125,7 @@ class RoomService:
             return seq
         self.inflight += 1
         try:
-            seq = await self.backend.publish(name, kind, body, key)
+            seq = await self.backend.log.publish(name, kind, body, key)
         finally:
             self.inflight -= 1
             if not self.inflight:

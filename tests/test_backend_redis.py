@@ -481,3 +481,24 @@ async def test_a_room_is_not_unloaded_while_a_join_reads_its_history(
             lambda m: m["t"] in ("delta", "reset", "joined") and m["seq"] >= 301, within=15
         )
         assert got["seq"] == 301
+
+
+async def test_a_server_turned_replica_is_retried_until_it_takes_writes_again(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """The server the backend writes to becomes a replica for a while (as a demoted master
+    does): its READONLY replies are retried, not raised, and the publish lands once it takes
+    writes again."""
+    other = redis_server.add_server("other")
+    redis_server.wait_answers(other, 10)
+    r = await raw(redis_server)
+    try:
+        await r.execute_command("REPLICAOF", "127.0.0.1", other.port)
+        publish = asyncio.create_task(backend.publish("ro", "merge", b'{"a":1}'))
+        await asyncio.sleep(0.5)
+        assert not publish.done(), publish
+        await r.execute_command("REPLICAOF", "NO", "ONE")
+        assert await asyncio.wait_for(publish, 10) == 1
+    finally:
+        await r.aclose()

@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from kasagi_relay.backends.base import BackendUnavailable
-from kasagi_relay.backends.memory import MemoryBackend
+from kasagi_relay.backends.memory import MemoryBackend, MemoryLog, RoomTable
 
 
 def add(path: str, value: Any) -> list[dict[str, Any]]:
@@ -321,17 +321,33 @@ async def test_leave_stops_the_stream() -> None:
         assert "kasagi" not in payload
 
 
-class FlakyBackend(MemoryBackend):
-    """The memory backend with an off switch: writes fail as a lost Redis would."""
+class FlakyLog(MemoryLog):
+    """The memory backend's log with an off switch: writes fail as a lost Redis would."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, table: RoomTable) -> None:
+        super().__init__(table)
         self.down = False
 
     async def publish(self, room: str, kind: Any, body: bytes, key: str | None = None) -> int:
         if self.down:
             raise BackendUnavailable("backend unreachable")
         return await super().publish(room, kind, body, key)
+
+
+class FlakyBackend(MemoryBackend):
+    """The memory backend whose log and health can be switched off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log = self.flaky = FlakyLog(self.table)
+
+    @property
+    def down(self) -> bool:
+        return self.flaky.down
+
+    @down.setter
+    def down(self, down: bool) -> None:
+        self.flaky.down = down
 
     async def health(self) -> dict[str, object]:
         return {"ok": not self.down, "backend": "flaky"}
@@ -365,21 +381,36 @@ async def test_backend_down_unavailable_and_healthz_503() -> None:
         assert b"kasagi_backend_errors_total 1.0" in relay.metrics.render()
 
 
-class LossyBackend(MemoryBackend):
+class LossyLog(MemoryLog):
     """Stores every delta but can fail to deliver some, as a broken subscription would."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, table: RoomTable) -> None:
+        super().__init__(table)
         self.mute = False
+        self.table = table
 
     async def publish(self, room: str, kind: Any, body: bytes, key: str | None = None) -> int:
-        listener = self._listener
+        listener = self.table.listener
         if self.mute:
-            self._listener = None
+            self.table.listener = None
         try:
             return await super().publish(room, kind, body, key)
         finally:
-            self._listener = listener
+            self.table.listener = listener
+
+
+class LossyBackend(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log = self.lossy = LossyLog(self.table)
+
+    @property
+    def mute(self) -> bool:
+        return self.lossy.mute
+
+    @mute.setter
+    def mute(self, mute: bool) -> None:
+        self.lossy.mute = mute
 
 
 async def test_gap_is_backfilled_and_lost_history_is_a_reset() -> None:

@@ -33,8 +33,15 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kasagi_relay.domain import AckLevel, BackendUnavailable
@@ -63,6 +70,7 @@ FUNCTION_VERSION: str = _VERSION.group(1)
 
 # Errors the server sends for a command it did NOT run: safe to retry as is.
 _REFUSED = ("READONLY", "NOREPLICAS", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+_REFUSED_TYPES = (ReadOnlyError, BusyLoadingError, MasterDownError, TryAgainError, ClusterDownError)
 NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -77,6 +85,11 @@ def function_missing(exc: BaseException) -> bool:
 
 
 def _refused(exc: BaseException) -> bool:
+    # redis-py maps some of these codes to their own exception types and strips the code
+    # from the message (a READONLY reply is a ReadOnlyError whose text has no "READONLY"),
+    # so both the type and the text are checked.
+    if isinstance(exc, _REFUSED_TYPES):
+        return True
     if isinstance(exc, ResponseError):
         return str(exc).startswith(_REFUSED) or function_missing(exc)
     return False
