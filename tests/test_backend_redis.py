@@ -494,11 +494,11 @@ async def test_a_server_turned_replica_is_retried_until_it_takes_writes_again(
     redis_server.wait_answers(other, 10)
     r = await raw(redis_server)
     try:
-        await r.execute_command("REPLICAOF", "127.0.0.1", other.port)
+        await r.replicaof("127.0.0.1", other.port)
         publish = asyncio.create_task(backend.publish("ro", "merge", b'{"a":1}'))
         await asyncio.sleep(0.5)
         assert not publish.done(), publish
-        await r.execute_command("REPLICAOF", "NO", "ONE")
+        await r.replicaof("NO", "ONE")
         assert await asyncio.wait_for(publish, 10) == 1
     finally:
         await r.aclose()
