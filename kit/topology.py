@@ -1047,6 +1047,37 @@ class ClusterTopology(Topology):
                 self.restart_node(n)
         self.wait_cluster_ok(timeout, replicas_per_primary=1)
 
+    def node_id(self, node: Node) -> str:
+        return str(self._query(node, "CLUSTER", "MYID"))
+
+    def migrate_slot(self, slot: int, target: Node, *, dwell_s: float = 0.0) -> int:
+        """Move `slot` to `target` the way `redis-cli --cluster reshard` does (IMPORTING
+        on the target, MIGRATING on the source, MIGRATE its keys in batches, then NODE on
+        the target, the source and every other primary). `dwell_s`: how long the slot
+        stays half-migrated before its keys move (clients meanwhile get ASK for new keys).
+        Returns the number of keys moved."""
+        source = self.primary_of_slot(slot)
+        if source is target:
+            return 0
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        self._query(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        self._query(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        time.sleep(dwell_s)
+        moved = 0
+        while True:
+            keys = self._query(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            auth = ["AUTH", self.password] if self.password else []
+            self._query(
+                source, "MIGRATE", LOCALHOST, target.port, "", 0, 5000, *auth, "KEYS", *keys,
+                timeout=10.0,
+            )  # fmt: skip
+            moved += len(keys)
+        for node in [target, source, *(p for p in self.primaries() if p not in (source, target))]:
+            self._query(node, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
     def seeds(self) -> str:
         """`--cluster` flag value: every node as HOST:PORT, comma-separated."""
         return ",".join(f"{n.addr[0]}:{n.addr[1]}" for n in self.servers)
