@@ -1098,6 +1098,32 @@ class ClusterTopology(Topology):
         return proc.stdout
 
 
+def _small_cluster(topo: ClusterTopology, nodes: list[Node], primaries: int, replicas: int) -> None:
+    """Slots split evenly over the first `primaries` nodes, every node MEETs the first, and
+    the rest replicate the primaries in turn."""
+    pw = topo.password
+    first = nodes[0]
+    per = 16384 // primaries
+    for i in range(primaries):
+        last = 16383 if i == primaries - 1 else (i + 1) * per - 1
+        call(nodes[i].port, "CLUSTER", "ADDSLOTSRANGE", i * per, last, password=pw)
+    bus = next(
+        line.split()[1] for line in first.conf.read_text().splitlines()
+        if line.startswith("cluster-port ")
+    )  # fmt: skip
+    for node in nodes[1:]:
+        call(node.port, "CLUSTER", "MEET", LOCALHOST, first.port, bus, password=pw)
+    ids = [topo.node_id(n) for n in nodes[:primaries]]
+
+    def known(node: Node) -> bool:
+        state = parse_info(call(node.port, "CLUSTER", "INFO", password=pw))
+        return int(state.get("cluster_known_nodes", "0")) == len(nodes)
+
+    poll(lambda: all(known(n) for n in nodes), 30, "the nodes to meet", topo.logs)
+    for j, node in enumerate(nodes[primaries:]):
+        call(node.port, "CLUSTER", "REPLICATE", ids[j % primaries], password=pw)
+
+
 def start_cluster(
     root: Path,
     *,
@@ -1118,9 +1144,10 @@ def start_cluster(
         for node in nodes:
             topo.wait_answers(node, 10)
         addrs = [f"{n.addr[0]}:{n.addr[1]}" for n in nodes]
-        if primaries == 1 and replicas == 0:
-            # redis-cli refuses a cluster of fewer than 3 primaries: assign the slots here.
-            call(nodes[0].port, "CLUSTER", "ADDSLOTSRANGE", 0, 16383, password=password)
+        if primaries < 3:
+            # redis-cli refuses fewer than 3 primaries: the same steps by hand (benchmarks
+            # compare 1 primary with 3).
+            _small_cluster(topo, nodes, primaries, replicas)
         else:
             topo.cli("--cluster", "create", *addrs, "--cluster-replicas", str(replicas),
                      "--cluster-yes")  # fmt: skip
