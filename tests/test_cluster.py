@@ -9,7 +9,8 @@ on free loopback ports, stopped by PID.
   of the primary serving the room, SIGSTOP/SIGCONT of it, and a migration of the room's
   slot to another shard, all under load. After each: no acknowledged delta lost, none
   stored twice, no gap or duplicate for any member, every member's state equals the
-  history's, a fresh joiner agrees, and delivery resumed within RESUME_WITHIN_S.
+  history's, a fresh joiner and the compacted snapshot agree, and delivery resumed within
+  RESUME_WITHIN_S.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from failover_harness import (
     Stream,
     fresh_join_state,
     read_history,
+    snapshot_agrees,
     state_of,
     wait_healthy,
 )
@@ -284,6 +286,9 @@ async def run_stream(
     last, ops = await read_history(shard)
     for r in relays:
         assert await fresh_join_state(r.url) == (last, state_of(ops)), f"joiner on {r.url}"
+    # Compaction (its lock, snapshot and trim on the room's shard) caught up with it all.
+    seq, snap_state, expect = await snapshot_agrees(shard)
+    assert seq == last and snap_state == expect
     return out
 
 

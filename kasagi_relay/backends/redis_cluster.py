@@ -134,6 +134,11 @@ def _signature(views: list[ShardView]) -> tuple[tuple[tuple[tuple[int, int], ...
     return tuple(sorted((v.ranges, v.primary_id) for v in views))
 
 
+def _answer_key(views: list[ShardView]) -> object:
+    """What two answers must share to be the same map: slots, primaries, members."""
+    return (_signature(views), tuple(sorted(tuple(sorted(v.node_ids)) for v in views)))
+
+
 class ShardLocator:
     """Where one shard's primary is: what the router's slot map says now."""
 
@@ -215,6 +220,7 @@ class ClusterRouter:
         self.shards: list[Shard] = []
         self._slots: list[Shard | None] = [None] * SLOTS
         self._known: set[Addr] = set(self.seeds)
+        self._last_answer: object = None
         self._clients: dict[Addr, Redis] = {}
         self._look_now = asyncio.Event()
         self._mapped = asyncio.Event()
@@ -272,13 +278,16 @@ class ClusterRouter:
         answers = [a for a in await asyncio.gather(*map(self._ask, addrs)) if a]
         if not answers:
             return False
-        votes = Counter(_signature(a) for a in answers)
+        votes = Counter(_answer_key(a) for a in answers)
         top = votes.most_common(1)[0][0]
-        views = next(a for a in answers if _signature(a) == top)
+        if top == self._last_answer:
+            return True  # nothing changed since the last map
+        views = next(a for a in answers if _answer_key(a) == top)
         for v in views:
             self._known.add(v.primary)
             self._known.update(v.replicas)
         self._apply(views)
+        self._last_answer = top
         return True
 
     def _apply(self, views: list[ShardView]) -> None:
