@@ -34,6 +34,7 @@ from failover_harness import (
     state_of,
     wait_healthy,
 )
+from redis.exceptions import AuthenticationError
 from redis_topology import ClusterTopology, Node, Topology, running_cluster
 from relay_helpers import RelayProcess, relay_process
 
@@ -348,3 +349,37 @@ async def test_slot_migration_under_load(cluster: ClusterTopology) -> None:
             assert int(r.get(room_keys(ROOM)["seq"]) or 0) > 40
         finally:
             r.close()
+
+
+async def test_password_and_a_wrong_one(tmp_path: Path) -> None:
+    with running_cluster(tmp_path / "pw", password="clusterpw") as topo:
+        b = ClusterBackend([topo.servers[0].addr], password="clusterpw", op_timeout_s=5.0)
+        await b.start()
+        try:
+            assert await b.publish("pw", "merge", b'{"a":1}') == 1
+            assert (await b.health())["ok"] is True
+        finally:
+            await b.close()
+        bad = ClusterBackend([topo.servers[0].addr], password="wrong", op_timeout_s=5.0)
+        with pytest.raises(AuthenticationError):
+            await bad.start()
+        await bad.close()
+
+
+async def test_a_primary_that_lost_the_library_gets_it_again(cluster: ClusterTopology) -> None:
+    """A primary without the `kasagi` library (a node replaced, FUNCTION FLUSH): the first
+    FCALL on it fails with "Function not found", the link loads the library and retries."""
+    b = ClusterBackend([cluster.servers[0].addr], op_timeout_s=5.0)
+    await b.start()
+    try:
+        room = "lib"
+        node = cluster.primary_of_slot(room_slot(room))
+        client = cluster.client(node)
+        try:
+            client.execute_command("FUNCTION", "FLUSH")  # type: ignore[no-untyped-call]
+            assert await b.publish(room, "merge", b'{"a":1}') == 1
+            assert client.fcall_ro("kasagi_version", 0) == FUNCTION_VERSION.encode()
+        finally:
+            client.close()
+    finally:
+        await b.close()
