@@ -223,7 +223,6 @@ class ClusterRouter:
         self._last_answer: object = None
         self._clients: dict[Addr, Redis] = {}
         self._look_now = asyncio.Event()
-        self._mapped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._starting: set[asyncio.Task[None]] = set()
         self._started = False
@@ -320,7 +319,6 @@ class ClusterRouter:
         if changed or slots != self._slots:
             self._slots = slots
             self.refreshes += 1
-            self._mapped.set()
             self.on_remap()
 
     def _match(self, view: ShardView) -> Shard | None:
