@@ -130,6 +130,11 @@ def one_layout(root: Path, primaries: int, a: argparse.Namespace) -> dict[str, A
         "cpu_primaries_s": sum(v for k, v in redis_cpu.items() if k in primary_names),
         "cpu_replicas_s": sum(v for k, v in redis_cpu.items() if k not in primary_names),
         "cpu_generators_s": sum(r["cpu"] for r in results),
+        # CPU per acknowledged publish: what one core of each part could sustain.
+        "us_primary_per_ack": 1e6
+        * sum(v for k, v in redis_cpu.items() if k in primary_names)
+        / max(acks, 1),
+        "us_generator_per_ack": 1e6 * sum(r["cpu"] for r in results) / max(acks, 1),
         "window_s": elapsed,
     }
 
@@ -168,10 +173,17 @@ def main() -> int:
                 f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}  CPU s: primaries "
                 f"{r['cpu_primaries_s']:.1f}, replicas {r['cpu_replicas_s']:.1f}, "
                 f"generators {r['cpu_generators_s']:.1f} "
-                f"(of {os.cpu_count() or 1} x {a.seconds:.0f} s)"
+                f"(of {os.cpu_count() or 1} x {a.seconds:.0f} s); per ack: primary "
+                f"{r['us_primary_per_ack']:.0f} us, generator {r['us_generator_per_ack']:.0f} us"
             )
     ratio = rows[1]["acks_per_s"] / rows[0]["acks_per_s"] if rows[0]["acks_per_s"] else 0.0
     print(f"ratio 3 primaries / 1: {ratio:.2f}x")
+    one = rows[0]
+    print(
+        f"one primary's core would take ~{1e6 / max(one['us_primary_per_ack'], 1):.0f} acks/s; "
+        f"one generator core ~{1e6 / max(one['us_generator_per_ack'], 1):.0f} acks/s: past "
+        "that, more primaries only help with more client cores than this machine has"
+    )
     if a.json:
         a.json.write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=2) + "\n")
     return 0
