@@ -25,6 +25,11 @@ SENTINEL_1_PORT  ?= 26379
 SENTINEL_2_PORT  ?= 26380
 SENTINEL_3_PORT  ?= 26381
 RELAY_PORT       ?= 8765
+# The Redis Cluster kit (local mode): 3 primaries + 3 replicas, and a relay on its own port.
+CLUSTER_PORTS      ?= 7001,7002,7003,7004,7005,7006
+CLUSTER_RELAY_PORT ?= 8766
+CLUSTER_STATE_DIR  ?= .kit-cluster
+CLUSTER_NODE_TIMEOUT_MS ?= 5000
 
 # ---- local mode ------------------------------------------------------------------------------
 STATE_DIR        ?= .kit
@@ -67,11 +72,12 @@ KIT_UP = $(KIT_STATE) \
 	--redis-server "$(REDIS_SERVER)" --relay "$(RELAY)" --relay-args "$(RELAY_ARGS)"
 
 .PHONY: help up status failover-test down clean sentinel-status cli-sentinel logs \
-	test bench wheel
+	cluster-up cluster-status cluster-failover-test cluster-down test bench wheel
 
 help:
 	$(SAY_MODE)
 	@echo "kit:     make up | status | sentinel-status | cli-sentinel | failover-test | down | clean"
+	@echo "cluster: make cluster-up | cluster-status | cluster-failover-test | cluster-down (local)"
 	@echo "project: make test | bench | wheel"
 	@echo "local-mode variables: REDIS_PORT REPLICA_1_PORT REPLICA_2_PORT SENTINEL_1_PORT"
 	@echo "  SENTINEL_2_PORT SENTINEL_3_PORT RELAY_PORT STATE_DIR DOWN_AFTER_MS RELAY RELAY_ARGS"
@@ -153,6 +159,26 @@ clean:
 	@$(KIT) clean $(KIT_STATE)
 
 endif
+
+# ============================== Redis Cluster kit (local processes) ==========================
+# Local processes in both modes (no compose file for the cluster yet): kit/clusterkit.py.
+
+CLUSTER_KIT = $(PYTHON) -m kit.clusterkit --state-dir "$(CLUSTER_STATE_DIR)"
+
+cluster-up:
+	@echo "mode: local (the cluster kit runs local redis-server processes, state in $(CLUSTER_STATE_DIR))"
+	@$(CLUSTER_KIT) up --ports $(CLUSTER_PORTS) --relay-port $(CLUSTER_RELAY_PORT) \
+		--node-timeout-ms $(CLUSTER_NODE_TIMEOUT_MS) --redis-server "$(REDIS_SERVER)" \
+		--redis-cli "$(REDIS_CLI)" --relay "$(RELAY)" --relay-args "$(RELAY_ARGS)"
+
+cluster-status:
+	@$(CLUSTER_KIT) status
+
+cluster-failover-test:
+	@$(CLUSTER_KIT) failover-test
+
+cluster-down:
+	@$(CLUSTER_KIT) down
 
 # ============================== project ======================================================
 

@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="use Redis through these Sentinels (production) [KASAGI_SENTINELS]",
     )
     add(
+        "--cluster",
+        metavar="HOST:PORT,...",
+        type=_sentinels,
+        default=env("KASAGI_CLUSTER", None),
+        help="use a Redis Cluster: any of its nodes (rooms are spread over its shards; "
+        "docs/operations.md) [KASAGI_CLUSTER]",
+    )
+    add(
         "--master",
         metavar="NAME",
         default=env("KASAGI_MASTER", _D.master),
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "when a delta is acknowledged: leader = once the master stored it; replica = "
             "once a replica has it too (WAIT 1); all = once every replica has it. "
-            "Default: replica with --sentinels, leader otherwise [KASAGI_ACK]"
+            "Default: replica with --sentinels or --cluster, leader otherwise [KASAGI_ACK]"
         ),
     )
     add(
@@ -391,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     parser = build_parser()
     a = parser.parse_args(argv)
-    if a.redis and a.sentinels:
-        parser.error("--redis and --sentinels are exclusive")
+    if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
+        parser.error("--redis, --sentinels and --cluster are exclusive")
     return Config(
         host=a.host,
         port=a.port,
@@ -400,6 +408,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         tls_key=a.tls_key or None,
         redis=a.redis or None,
         sentinels=a.sentinels or (),
+        cluster=a.cluster or (),
         master=a.master,
         redis_password=a.redis_password,
         sentinel_password=a.sentinel_password,

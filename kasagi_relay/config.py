@@ -23,13 +23,16 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
 
-    # Backend selection: memory unless a Redis URL or Sentinels are given.
+    # Backend selection: memory unless a Redis URL, Sentinels or Cluster nodes are given.
     redis: str | None = None
     sentinels: tuple[tuple[str, int], ...] = ()
+    # Redis Cluster seed nodes (any reachable node gives the whole map).
+    cluster: tuple[tuple[str, int], ...] = ()
     master: str = "kasagi-master"
     redis_password: str | None = None
     sentinel_password: str | None = None
-    # None means "the default for the backend": replica with Sentinels, leader otherwise.
+    # None means "the default for the backend": replica with Sentinels or a Cluster,
+    # leader otherwise.
     ack: AckLevel | None = None
 
     # Fan-out: 0 sends as soon as possible (merging what queued meanwhile).
@@ -81,12 +84,14 @@ class Config:
     def ack_level(self) -> AckLevel:
         if self.ack is not None:
             return self.ack
-        return "replica" if self.sentinels else "leader"
+        return "replica" if self.sentinels or self.cluster else "leader"
 
     @property
     def backend_name(self) -> str:
         if self.sentinels:
             return "sentinel"
+        if self.cluster:
+            return "cluster"
         if self.redis:
             return "redis"
         return "memory"

@@ -900,3 +900,269 @@ def running_topology(
         yield topo
     finally:
         topo.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Redis Cluster
+# --------------------------------------------------------------------------------------------
+
+
+def cluster_conf(
+    port: int,
+    bus_port: int,
+    data_dir: Path,
+    name: str,
+    password: str | None,
+    node_timeout_ms: int,
+) -> str:
+    """A cluster node for the tests and the local kit: server_conf() plus cluster mode.
+    The bus port is picked free too (the default, port + 10000, may be taken or past
+    65535). `cluster-node-timeout` sets how fast a dead primary is failed over."""
+    lines = [
+        server_conf(port, data_dir, name, password, None).rstrip("\n"),
+        "cluster-enabled yes",
+        f"cluster-port {bus_port}",
+        f"cluster-config-file {name}-nodes.conf",
+        f"cluster-node-timeout {node_timeout_ms}",
+        # A replica promoted however long its link was down: the tests kill primaries.
+        "cluster-replica-validity-factor 0",
+        # The other shards keep serving while one has no primary.
+        "cluster-require-full-coverage no",
+        "cluster-allow-reads-when-down no",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cluster_slots(port: int, password: str | None = None) -> list[tuple[int, int, Addr]]:
+    """CLUSTER SLOTS as (first slot, last slot, primary address), sorted."""
+    out = []
+    for entry in call(port, "CLUSTER", "SLOTS", password=password):
+        out.append((int(entry[0]), int(entry[1]), (str(entry[2][0]), int(entry[2][1]))))
+    return sorted(out)
+
+
+@dataclass
+class ClusterTopology(Topology):
+    """A Redis Cluster of `primaries` shards with `replicas` replicas each, every node a child
+    of this process (stopped by PID like the other topologies)."""
+
+    node_timeout_ms: int = 1000
+
+    def add_cluster_node(self, name: str) -> Node:
+        node = self._node(name)
+        text = cluster_conf(
+            node.port, free_port(), self.root, name, self.password, self.node_timeout_ms
+        )
+        node.conf.write_text(text)
+        self._spawn(node)
+        return node
+
+    def restart_node(self, node: Node) -> None:
+        """Start a dead cluster node again (its nodes.conf brings it back into the cluster,
+        as a replica of whoever took its slots)."""
+        assert not node.alive(), f"{node.name} is still running"
+        self._spawn(node)
+        self.wait_answers(node, 10)
+
+    def live(self) -> list[Node]:
+        return [n for n in self.servers if n.alive() and not n.stopped]
+
+    def slots(self) -> list[tuple[int, int, Addr]]:
+        """The slot map as the first live node answering sees it."""
+        last: Exception | None = None
+        for n in self.live():
+            try:
+                return cluster_slots(n.port, self.password)
+            except Exception as exc:  # a node still starting
+                last = exc
+        raise LaunchError(f"no cluster node answered CLUSTER SLOTS: {last!r}")
+
+    def primaries(self) -> list[Node]:
+        """The nodes that own slots now, in slot order."""
+        seen: list[Node] = []
+        for _, _, addr in self.slots():
+            node = self.node_at(addr)
+            if node not in seen:
+                seen.append(node)
+        return seen
+
+    def primary_of_slot(self, slot: int) -> Node:
+        for first, last, addr in self.slots():
+            if first <= slot <= last:
+                return self.node_at(addr)
+        raise LaunchError(f"slot {slot} is not served")
+
+    def role(self, node: Node) -> str:
+        return str(self._query(node, "ROLE")[0])
+
+    def cluster_ok(self) -> bool:
+        """Every live node says cluster_state:ok, sees every slot served by a live
+        primary, and each primary streams to its replicas."""
+        for n in self.live():
+            state = parse_info(self._query(n, "CLUSTER", "INFO"))
+            if state.get("cluster_state") != "ok" or state.get("cluster_slots_ok") != "16384":
+                return False
+        for p in self.primaries():
+            if not p.alive() or p.stopped or self.role(p) != "master":
+                return False
+        return True
+
+    def wait_cluster_ok(
+        self, timeout: float = 30.0, replicas_per_primary: int | None = None
+    ) -> None:
+        def ok() -> bool:
+            if not self.cluster_ok():
+                return False
+            if replicas_per_primary is None:
+                return True
+            return all(self.replicas_online(p) >= replicas_per_primary for p in self.primaries())
+
+        poll(ok, timeout, "the cluster to be ok", self.logs)
+
+    def wait_primary_change(self, slot: int, old: Addr, timeout: float = 20.0) -> Addr:
+        """Until every live node says another primary serves `slot`, and it is a master."""
+
+        def changed() -> Addr | None:
+            seen = set()
+            for n in self.live():
+                for first, last, addr in cluster_slots(n.port, self.password):
+                    if first <= slot <= last:
+                        seen.add(addr)
+            if len(seen) != 1:
+                return None
+            addr = seen.pop()
+            if addr == old or self.role(self.node_at(addr)) != "master":
+                return None
+            return addr
+
+        return poll(changed, timeout, f"a new primary for slot {slot}", self.logs)
+
+    def heal(self, timeout: float = 30.0) -> None:
+        """Thaw frozen nodes, restart dead ones (they rejoin as replicas), until ok."""
+        for n in self.servers:
+            if n.stopped:
+                self.signal(n, signal.SIGCONT)
+        for n in self.servers:
+            if not n.alive():
+                self.restart_node(n)
+        self.wait_cluster_ok(timeout, replicas_per_primary=1)
+
+    def node_id(self, node: Node) -> str:
+        return str(self._query(node, "CLUSTER", "MYID"))
+
+    def migrate_slot(self, slot: int, target: Node, *, dwell_s: float = 0.0) -> int:
+        """Move `slot` to `target` the way `redis-cli --cluster reshard` does (IMPORTING
+        on the target, MIGRATING on the source, MIGRATE its keys in batches, then NODE on
+        the target, the source and every other primary). `dwell_s`: how long the slot
+        stays half-migrated before its keys move (clients meanwhile get ASK for new keys).
+        Returns the number of keys moved."""
+        source = self.primary_of_slot(slot)
+        if source is target:
+            return 0
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        self._query(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        self._query(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        time.sleep(dwell_s)
+        moved = 0
+        while True:
+            keys = self._query(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            auth = ["AUTH", self.password] if self.password else []
+            self._query(
+                source, "MIGRATE", LOCALHOST, target.port, "", 0, 5000, *auth, "KEYS", *keys,
+                timeout=10.0,
+            )  # fmt: skip
+            moved += len(keys)
+        for node in [target, source, *(p for p in self.primaries() if p not in (source, target))]:
+            self._query(node, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def seeds(self) -> str:
+        """`--cluster` flag value: every node as HOST:PORT, comma-separated."""
+        return ",".join(f"{n.addr[0]}:{n.addr[1]}" for n in self.servers)
+
+    def cli(self, *args: str, timeout: float = 60.0) -> str:
+        """redis-cli with `args` (e.g. `--cluster reshard ...`), its output; LaunchError
+        naming the command when it fails."""
+        argv = [REDIS_CLI, *(["-a", self.password, "--no-auth-warning"] if self.password else [])]
+        proc = subprocess.run(
+            [*argv, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            raise LaunchError(f"redis-cli {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+        return proc.stdout
+
+
+def _small_cluster(topo: ClusterTopology, nodes: list[Node], primaries: int, replicas: int) -> None:
+    """Slots split evenly over the first `primaries` nodes, every node MEETs the first, and
+    the rest replicate the primaries in turn."""
+    pw = topo.password
+    first = nodes[0]
+    per = 16384 // primaries
+    for i in range(primaries):
+        last = 16383 if i == primaries - 1 else (i + 1) * per - 1
+        call(nodes[i].port, "CLUSTER", "ADDSLOTSRANGE", i * per, last, password=pw)
+    bus = next(
+        line.split()[1] for line in first.conf.read_text().splitlines()
+        if line.startswith("cluster-port ")
+    )  # fmt: skip
+    for node in nodes[1:]:
+        call(node.port, "CLUSTER", "MEET", LOCALHOST, first.port, bus, password=pw)
+    ids = [topo.node_id(n) for n in nodes[:primaries]]
+
+    def known(node: Node) -> bool:
+        state = parse_info(call(node.port, "CLUSTER", "INFO", password=pw))
+        return int(state.get("cluster_known_nodes", "0")) == len(nodes)
+
+    poll(lambda: all(known(n) for n in nodes), 30, "the nodes to meet", topo.logs)
+    for j, node in enumerate(nodes[primaries:]):
+        call(node.port, "CLUSTER", "REPLICATE", ids[j % primaries], password=pw)
+
+
+def start_cluster(
+    root: Path,
+    *,
+    primaries: int = 3,
+    replicas: int = 1,
+    password: str | None = None,
+    node_timeout_ms: int = 1000,
+) -> ClusterTopology:
+    """`primaries` x (1 + `replicas`) `redis-server --cluster-enabled yes` nodes joined by
+    `redis-cli --cluster create`, ready (every slot served, replicas streaming); the caller
+    stops it."""
+    if not os.path.exists(REDIS_SERVER):
+        raise LaunchError(f"redis-server not found at {REDIS_SERVER}")
+    root.mkdir(parents=True, exist_ok=True)
+    topo = ClusterTopology(root, password, node_timeout_ms=node_timeout_ms)
+    try:
+        nodes = [topo.add_cluster_node(f"node{i}") for i in range(primaries * (1 + replicas))]
+        for node in nodes:
+            topo.wait_answers(node, 10)
+        addrs = [f"{n.addr[0]}:{n.addr[1]}" for n in nodes]
+        if primaries < 3:
+            # redis-cli refuses fewer than 3 primaries: the same steps by hand (benchmarks
+            # compare 1 primary with 3).
+            _small_cluster(topo, nodes, primaries, replicas)
+        else:
+            topo.cli("--cluster", "create", *addrs, "--cluster-replicas", str(replicas),
+                     "--cluster-yes")  # fmt: skip
+        topo.wait_cluster_ok(60.0, replicas_per_primary=replicas)
+    except BaseException:
+        topo.stop()
+        raise
+    return topo
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, **options: Any) -> Iterator[ClusterTopology]:
+    """start_cluster(), stopped by PID on exit."""
+    topo = start_cluster(root, **options)
+    try:
+        yield topo
+    finally:
+        topo.stop()

@@ -16,6 +16,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,11 +25,13 @@ from kit.topology import (
     REDIS_CLI,
     REDIS_SERVER,
     Addr,
+    ClusterTopology,
     LaunchError,
     Node,
     Topology,
     free_port,
     poll,
+    start_cluster,
     start_topology,
 )
 
@@ -37,12 +40,14 @@ __all__ = [
     "REDIS_CLI",
     "REDIS_SERVER",
     "Addr",
+    "ClusterTopology",
     "LaunchError",
     "Node",
     "Topology",
     "free_port",
     "poll",
     "redis_server",
+    "running_cluster",
     "running_topology",
     "sentinel_topology",
 ]
@@ -80,3 +85,16 @@ def sentinel_topology(tmp_path: Path) -> Iterator[Topology]:
     """1 master, 2 replicas, 3 Sentinels (quorum 2, `kasagi-master`), tight timings."""
     with running_topology(tmp_path / "topology") as topo:
         yield topo
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, **options: Any) -> Iterator[ClusterTopology]:
+    """kit.topology.start_cluster (3 primaries, 3 replicas unless told), skipping the test
+    when redis-server is not installed; stopped by PID on exit."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip(f"redis-server not found at {REDIS_SERVER} (./scripts/test.sh installs it)")
+    topo = start_cluster(root, **options)
+    try:
+        yield topo
+    finally:
+        topo.stop()

@@ -72,6 +72,9 @@ def test_help_explains_every_flag() -> None:
         (["--max-rooms", "-1"], None, "--max-rooms"),
         ([], {"KASAGI_MAX_LOADED_ROOMS": "many"}, "--max-loaded-rooms"),
         (["--redis", "redis://x", "--sentinels", "a:1"], None, "exclusive"),
+        (["--cluster", "a:1", "--sentinels", "a:1"], None, "exclusive"),
+        (["--redis", "redis://x"], {"KASAGI_CLUSTER": "a:1"}, "exclusive"),
+        (["--cluster", "nohostport"], None, "host:port"),
         (["--tls-cert", "/nonexistent/chain.pem"], None, "no such file: /nonexistent/chain.pem"),
         ([], {"KASAGI_TLS_KEY": "key.pem"}, "--tls-key needs --tls-cert"),
     ],
@@ -107,6 +110,9 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     c = parse_config(["--sentinels", "a:1,b:2"])
     assert c.sentinels == (("a", 1), ("b", 2)) and c.ack_level == "replica"
     assert parse_config(["--sentinels", "a:1", "--ack", "all"]).ack_level == "all"
+    c = parse_config(["--cluster", "a:1,b:2"])
+    assert c.cluster == (("a", 1), ("b", 2)) and c.ack_level == "replica"
+    assert c.backend_name == "cluster"
 
 
 async def test_no_arguments_serves_memory_and_says_so_in_one_line() -> None:

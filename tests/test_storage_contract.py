@@ -1,7 +1,8 @@
 """The storage contract (kasagi_relay/backends/base.py), one suite for every backend.
 
-Each test runs on the memory backend, on one real redis-server and on a real Sentinel
-topology (1 master, 2 replicas, 3 Sentinels; ack `replica`), through the roles the
+Each test runs on the memory backend, on one real redis-server, on a real Sentinel
+topology (1 master, 2 replicas, 3 Sentinels; ack `replica`) and on a real Redis Cluster
+(3 primaries, 3 replicas; ack `replica`; the rooms spread over the shards), through the roles the
 backend exposes (`.log`, `.snapshots`, `.feed`). The Redis processes are started once per
 module and emptied (FLUSHALL, which keeps the function library) before each test.
 What only one backend does is tested in test_memory_backend.py and test_backend_redis.py.
@@ -15,12 +16,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis_topology import Topology, running_topology
+from redis_topology import ClusterTopology, Topology, running_cluster, running_topology
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, KeyConflict, Op, Snapshot
 from kasagi_relay.backends.memory import MemoryBackend
 from kasagi_relay.backends.redis import RedisBackend
+from kasagi_relay.backends.redis_cluster import ClusterBackend
 from kasagi_relay.backends.sentinel import SentinelBackend
 from kasagi_relay.compaction import Compactor, RoomLocked, compact_room
 from kasagi_relay.domain import delta_digest
@@ -28,7 +30,7 @@ from kasagi_relay.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(120)
 
-KINDS = ["memory", "redis", "sentinel"]
+KINDS = ["memory", "redis", "sentinel", "cluster"]
 
 
 class Recorder:
@@ -68,11 +70,27 @@ def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         yield topo
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    root: Path = tmp_path_factory.mktemp("contract-cluster")
+    with running_cluster(root) as topo:
+        yield topo
+
+
 @pytest.fixture(params=KINDS)
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     backend: Backend
     if request.param == "memory":
         backend = MemoryBackend()
+    elif request.param == "cluster":
+        ctopo: ClusterTopology = request.getfixturevalue("cluster")
+        for node in ctopo.primaries():
+            client = ctopo.client(node)
+            try:
+                client.flushall()
+            finally:
+                client.close()
+        backend = ClusterBackend([ctopo.servers[0].addr], op_timeout_s=5.0)
     else:
         topo: Topology = request.getfixturevalue(
             "one_redis" if request.param == "redis" else "sentinels"

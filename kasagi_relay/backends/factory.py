@@ -20,6 +20,10 @@ def build_backend(config: Config) -> Backend:
             sentinel_password=config.sentinel_password,
             ack=config.ack_level,
         )
+    if config.cluster:
+        from kasagi_relay.backends.redis_cluster import ClusterBackend
+
+        return ClusterBackend(config.cluster, password=config.redis_password, ack=config.ack_level)
     if config.redis:
         from kasagi_relay.backends.redis import RedisBackend
 

@@ -18,11 +18,17 @@ version 2, which the relay does too so that it can still publish through a versi
 library during a rolling upgrade (the totals are then approximate until the history
 they describe is trimmed; the trim still never passes the snapshot).
 
+In a Redis Cluster (cluster_enabled:1 in INFO), kasagi_publish announces the delta with
+SPUBLISH (sharded pub/sub: only the room's shard carries it) instead of PUBLISH, which a
+cluster would broadcast to every node; subscribers there use SSUBSCRIBE
+(docs/protocol.md). The function finds out by itself, so every caller keeps calling
+`FCALL kasagi_publish 4 ...` the same way on one server, under Sentinel or in a cluster.
+
 Bump VERSION whenever a function changes: relays compare it with `kasagi_version` and
 load their copy (FUNCTION LOAD REPLACE) on a master that lacks or differs from it.
 ]]
 
-local VERSION = '3'
+local VERSION = '4'
 -- docs/protocol.md: an idempotency key is remembered for 5 minutes.
 local KEY_TTL_MS = 300000
 -- Field of the keys hash holding the incremental pruning cursor (a NUL can't be typed
@@ -101,6 +107,20 @@ local function note_size(key, seq, size)
   redis.call('RPUSH', key, total + size)
 end
 
+-- Whether this server runs in cluster mode: asked once (it cannot change without a
+-- restart, which reloads the library and forgets this).
+local cluster_mode = nil
+local function announce(channel_key, message)
+  if cluster_mode == nil then
+    cluster_mode = string.find(redis.call('INFO', 'cluster'), 'cluster_enabled:1', 1, true) ~= nil
+  end
+  if cluster_mode then
+    redis.call('SPUBLISH', channel_key, message)
+  else
+    redis.call('PUBLISH', channel_key, message)
+  end
+end
+
 local function key_conflict(ikey, seq)
   -- The relay reads the seq after the code; nothing was stored.
   return redis.error_reply('KEYCONFLICT ' .. seq .. ' idempotency key ' .. ikey ..
@@ -143,7 +163,7 @@ local function publish(keys, args)
   redis.call('XADD', ops_key, seq .. '-0', 'k', kind, 'd', d)
   redis.call('SET', seq_key, seq)
   note_size(sizes_key(keys, 5), seq, #d)
-  redis.call('PUBLISH', channel_key, '{"seq":' .. seq .. ',"' .. kind .. '":' .. d .. '}')
+  announce(channel_key, '{"seq":' .. seq .. ',"' .. kind .. '":' .. d .. '}')
   if ikey ~= nil then
     redis.call('HSET', keys_key, ikey, seq .. ':' .. (now + KEY_TTL_MS) .. ':' .. digest)
     prune_keys(keys_key, now)

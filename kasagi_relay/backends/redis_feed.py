@@ -9,6 +9,12 @@ the master moved) it reconnects to the master the locator names now, re-subscrib
 room, waits for the confirmations, and only then tells the listener to resync (the backfill
 signal), so the relay backfills each room from `ops` with nothing falling between the two.
 
+In a Redis Cluster (`sharded`), each shard has its own feed over its own link: rooms are
+subscribed with SSUBSCRIBE, one channel per command (every channel of one SSUBSCRIBE must
+share a slot), the probe channel stays a plain SUBSCRIBE, and a server-sent `sunsubscribe`
+of a room still wanted (its slot moved to another shard) or a MOVED reply is passed to
+`slot_moved`, so the cluster router re-homes the room (redis_cluster.py).
+
 After a re-subscription it also compares the last deltas it delivered with what the master
 stores: a delta published but lost in a failover makes the log's next read at or past it
 answer "trimmed" once (`take_divergence`), so the relay resets that room.
@@ -24,10 +30,11 @@ import logging
 import re
 import secrets
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio.client import PubSub
+from redis.exceptions import AskError
 
 from kasagi_relay.backends.base import Listener
 from kasagi_relay.backends.redis_link import MasterLink
@@ -54,9 +61,17 @@ def _digest(data: bytes) -> bytes:
 
 class ChannelFeed:
     def __init__(
-        self, link: MasterLink, *, probe_interval_s: float = 0.5, probe_timeout_s: float = 1.0
+        self,
+        link: MasterLink,
+        *,
+        probe_interval_s: float = 0.5,
+        probe_timeout_s: float = 1.0,
+        sharded: bool = False,
+        slot_moved: Callable[[str], None] | None = None,
     ) -> None:
         self.link = link
+        self.sharded = sharded
+        self._slot_moved = slot_moved
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.listener: Listener | None = None
@@ -99,7 +114,7 @@ class ChannelFeed:
             if self.ready.is_set() and ps is not None and sent_on is not ps:
                 sent_on = ps
                 try:
-                    await ps.subscribe(channel)
+                    await self._subscribe(ps, [channel])
                 except Exception as exc:
                     self.doubt(f"subscribe failed: {exc}")
             pulse = self._confirm_pulse
@@ -115,7 +130,20 @@ class ChannelFeed:
         ps = self._pubsub
         if ps is not None and self.ready.is_set():
             with contextlib.suppress(Exception):
-                await ps.unsubscribe(channel)
+                if self.sharded:
+                    await ps.sunsubscribe(channel)
+                else:
+                    await ps.unsubscribe(channel)
+
+    async def _subscribe(self, ps: PubSub, channels: list[bytes]) -> None:
+        if not channels:
+            return
+        if not self.sharded:
+            await ps.subscribe(*channels)
+            return
+        # One SSUBSCRIBE per channel: the channels of one command must share a slot.
+        for channel in channels:
+            await ps.ssubscribe(channel)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,6 +196,9 @@ class ChannelFeed:
             except Exception as exc:
                 if not self._closing:
                     logger.warning("redis feed: subscription lost: %s", exc)
+                if isinstance(exc, AskError) and self._slot_moved is not None:
+                    # MOVED/ASK to an SSUBSCRIBE: a room here belongs to another shard now.
+                    self._slot_moved(str(exc))
             self.ready.clear()
             self._confirmed.clear()
             self._pulse()
@@ -189,7 +220,8 @@ class ChannelFeed:
             loop = asyncio.get_running_loop()
 
             async def setup() -> None:
-                await ps.subscribe(*channels)
+                await ps.subscribe(channels[0])
+                await self._subscribe(ps, channels[1:])
                 # Every channel confirmed before anyone reads history: nothing falls between.
                 while not all(c in self._confirmed for c in channels):
                     self._handle(await ps.get_message(timeout=0.1))
@@ -284,12 +316,25 @@ class ChannelFeed:
         if message is None:
             return
         kind = message.get("type")
-        if kind in ("message", b"message"):
+        if kind in ("message", b"message", "smessage", b"smessage"):
             self._deliver(message["channel"], message["data"])
-        elif kind in ("subscribe", b"subscribe"):
+        elif kind in ("subscribe", b"subscribe", "ssubscribe", b"ssubscribe"):
             channel = message["channel"]
             self._confirmed.add(channel if isinstance(channel, bytes) else str(channel).encode())
             self._pulse()
+        elif kind in ("sunsubscribe", b"sunsubscribe"):
+            self._shard_unsubscribed(message["channel"])
+
+    def _shard_unsubscribed(self, channel: Any) -> None:
+        """A `sunsubscribe`: ours (unsubscribe), or the server's when the channel's slot
+        left this shard; for a room still wanted, the router must re-home it."""
+        raw = channel if isinstance(channel, bytes) else str(channel).encode()
+        m = _CHANNEL.fullmatch(raw)
+        if m is None or m.group(1).decode() not in self.rooms:
+            return
+        self._confirmed.discard(raw)
+        if self._slot_moved is not None:
+            self._slot_moved(f"the slot of room {m.group(1).decode()} moved")
 
     def _deliver(self, channel: bytes, data: bytes) -> None:
         m = _CHANNEL.fullmatch(channel)

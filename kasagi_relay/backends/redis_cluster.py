@@ -1,0 +1,664 @@
+"""The `cluster` backend: rooms spread over the shards of a Redis Cluster (docs/design.md,
+storage; docs/operations.md, Redis Cluster).
+
+A room's keys share the hash tag `{R}` (`room:{R}:seq`, `:ops`, ...), so every room lives
+on one slot, hence on one shard. The backend is a router over shards, composed of the
+same parts as the other Redis backends:
+
+- a **shard** is one master link (redis_link.py) to the shard's current primary, one
+  channel feed (redis_feed.py, `sharded`: SSUBSCRIBE on `room:{R}:channel`, its own
+  liveness probe and backfill signal) and the store (redis_store.py) over that link. The
+  link loads the `kasagi` library on the primary when it connects (at start, after a
+  failover, on a new shard) and waits for the ack level on that shard (`WAIT`);
+- the **router** holds the slot map from `CLUSTER SHARDS` (asked of every known node;
+  the answer most of them give wins), refreshed every `poll_interval_s` and at once when
+  a command fails in a way that suggests the map moved (MOVED, a dead primary, a
+  `sunsubscribe` from the server). A shard keeps its identity across a failover (its
+  promoted replica is recognised), so its link reconnects and its feed re-subscribes and
+  signals a resync, as under Sentinel;
+- the **roles** (`ClusterLog`, `ClusterSnapshots`, `ClusterFeed`) pick the shard of the
+  room's slot for each call. MOVED (the slot moved for good) updates the map and retries
+  on the new owner; ASK and TRYAGAIN (a slot being migrated) and CLUSTERDOWN retry with a
+  short backoff until `op_timeout_s`. Neither reply means the command ran, so the retry
+  is safe even for an unkeyed publish. The feed moves a room whose slot moved to the new
+  shard's subscription and then tells the relay to backfill it from `ops`.
+
+Nothing is acknowledged that did not reach the ack level on the room's shard. What a
+cluster cannot promise (a slot migrated and its new primary lost before its replica had
+the keys) is in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthorizationError,
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    TryAgainError,
+)
+
+from kasagi_relay.backends.base import Backend, Listener
+from kasagi_relay.backends.redis_feed import ChannelFeed
+from kasagi_relay.backends.redis_link import Addr, MasterLink, command
+from kasagi_relay.backends.redis_store import RedisLog, RedisSnapshots, room_keys
+from kasagi_relay.domain import AckLevel, BackendUnavailable, DeltaKind, Op, Snapshot
+
+__all__ = [
+    "ClusterBackend",
+    "ClusterFeed",
+    "ClusterLog",
+    "ClusterRouter",
+    "ClusterSnapshots",
+    "Shard",
+    "room_slot",
+]
+
+logger = logging.getLogger("kasagi_relay.backends.cluster")
+
+T = TypeVar("T")
+SLOTS = 16384
+
+# Replies that say "not here, not now": the command did not run.
+_REDIRECTS = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
+
+
+def room_slot(room: str) -> int:
+    """The hash slot of every key of `room` (docs/protocol.md: the `{R}` hash tag)."""
+    return int(key_slot(room_keys(room)["seq"].encode()))
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _fields(reply: Any) -> dict[str, Any]:
+    """A RESP2 flat [k, v, ...] list (or a RESP3 map) as a dict with str keys."""
+    if isinstance(reply, dict):
+        return {_text(k): v for k, v in reply.items()}
+    return {_text(k): v for k, v in zip(reply[::2], reply[1::2], strict=False)}
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """One shard as a node describes it: its slot ranges, primary and replicas."""
+
+    ranges: tuple[tuple[int, int], ...]
+    primary_id: str
+    primary: Addr
+    node_ids: frozenset[str]
+    replicas: tuple[Addr, ...]
+
+
+def parse_shards(reply: Any) -> list[ShardView]:
+    """CLUSTER SHARDS (Redis >= 7.0) as views; shards without slots or a primary are left
+    out (a node being added, a shard whose primary failed and has no replica)."""
+    out: list[ShardView] = []
+    for raw in reply:
+        shard = _fields(raw)
+        flat = [int(x) for x in shard.get("slots", [])]
+        ranges = tuple(zip(flat[::2], flat[1::2], strict=False))
+        primary: tuple[str, Addr] | None = None
+        ids: set[str] = set()
+        replicas: list[Addr] = []
+        for rawnode in shard.get("nodes", []):
+            node = _fields(rawnode)
+            nid = _text(node.get("id", ""))
+            ids.add(nid)
+            addr = (_text(node.get("ip") or node.get("endpoint")), int(node.get("port", 0)))
+            if _text(node.get("role", "")) == "master":
+                if _text(node.get("health", "online")) != "fail" or primary is None:
+                    primary = (nid, addr)
+            else:
+                replicas.append(addr)
+        if ranges and primary is not None:
+            out.append(ShardView(ranges, primary[0], primary[1], frozenset(ids), tuple(replicas)))
+    return out
+
+
+def _signature(views: list[ShardView]) -> tuple[tuple[tuple[tuple[int, int], ...], str], ...]:
+    return tuple(sorted((v.ranges, v.primary_id) for v in views))
+
+
+def _answer_key(views: list[ShardView]) -> object:
+    """What two answers must share to be the same map: slots, primaries, members."""
+    return (_signature(views), tuple(sorted(tuple(sorted(v.node_ids)) for v in views)))
+
+
+class ShardLocator:
+    """Where one shard's primary is: what the router's slot map says now."""
+
+    def __init__(self, router: ClusterRouter, shard: Shard) -> None:
+        self.router = router
+        self.shard = shard
+
+    async def resolve(self) -> Addr:
+        return self.shard.primary
+
+    def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
+        return self.router.make_pool(addr, options)
+
+    def check_master(self) -> None:
+        self.router.refresh_soon()
+
+    async def watch(self, link: MasterLink, moved: Callable[[str], None]) -> None:
+        self.shard.moved = moved
+
+    async def close(self) -> None:
+        pass
+
+    def health_details(self) -> dict[str, object]:
+        return {"slots": [f"{a}-{b}" for a, b in self.shard.ranges]}
+
+
+@dataclass(eq=False)
+class Shard:
+    """One shard: its link, its feed, and the store over the link."""
+
+    name: str
+    primary: Addr
+    primary_id: str
+    node_ids: frozenset[str]
+    ranges: tuple[tuple[int, int], ...]
+    link: MasterLink = field(init=False)
+    feed: ChannelFeed = field(init=False)
+    log: RedisLog = field(init=False)
+    snapshots: RedisSnapshots = field(init=False)
+    moved: Callable[[str], None] = field(default=lambda reason: None, init=False)
+
+
+class ClusterRouter:
+    """The slot map and the shards; hands each room's calls to its shard."""
+
+    def __init__(
+        self,
+        seeds: Sequence[Addr],
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        ack: AckLevel = "replica",
+        wait_timeout_ms: int = 1000,
+        op_timeout_s: float = 10.0,
+        socket_timeout_s: float = 2.0,
+        connect_timeout_s: float = 1.0,
+        probe_interval_s: float = 0.5,
+        probe_timeout_s: float = 1.0,
+        poll_interval_s: float = 1.0,
+        node_timeout_s: float = 0.5,
+    ) -> None:
+        if not seeds:
+            raise ValueError("at least one cluster node address is needed")
+        self.seeds = [(str(h), int(p)) for h, p in seeds]
+        self.password = password
+        self.username = username
+        self.ack: AckLevel = ack
+        self.link_options: dict[str, Any] = {
+            "wait_timeout_ms": wait_timeout_ms,
+            "op_timeout_s": op_timeout_s,
+            "socket_timeout_s": socket_timeout_s,
+            "connect_timeout_s": connect_timeout_s,
+        }
+        self.op_timeout_s = op_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.node_timeout_s = node_timeout_s
+        self.shards: list[Shard] = []
+        self._slots: list[Shard | None] = [None] * SLOTS
+        self._known: set[Addr] = set(self.seeds)
+        self._last_answer: object = None
+        self._clients: dict[Addr, Redis] = {}
+        self._look_now = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._starting: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._counter = 0
+        self.refreshes = 0  # slot maps that changed something (tests and /healthz)
+        # Set by the feed role: called after every change of the map.
+        self.on_remap: Callable[[], None] = lambda: None
+        self.listener: Callable[[Shard], Listener] | None = None
+
+    # ------------------------------------------------------------------ connections
+
+    def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
+        return BlockingConnectionPool(
+            host=addr[0], port=addr[1], password=self.password, username=self.username, **options
+        )
+
+    def _node_client(self, addr: Addr) -> Redis:
+        client = self._clients.get(addr)
+        if client is None:
+            client = self._clients[addr] = Redis(
+                host=addr[0],
+                port=addr[1],
+                password=self.password,
+                username=self.username,
+                socket_timeout=self.node_timeout_s,
+                socket_connect_timeout=self.node_timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+        return client
+
+    # ------------------------------------------------------------------ the slot map
+
+    def shard_for(self, room: str) -> Shard | None:
+        return self._slots[room_slot(room)]
+
+    def refresh_soon(self) -> None:
+        self._look_now.set()
+
+    async def _ask(self, addr: Addr) -> list[ShardView] | None:
+        try:
+            return parse_shards(await command(self._node_client(addr), "CLUSTER", "SHARDS"))
+        except (AuthenticationError, AuthorizationError):
+            raise  # a wrong password is a configuration error: say so
+        except Exception as exc:
+            logger.debug("cluster node %s:%d: %s", *addr, exc)
+            return None
+
+    async def refresh(self) -> bool:
+        """Ask every known node for the map and apply the answer most of them give (a node
+        that has not heard of a failover yet is outvoted). False when none answered."""
+        addrs = sorted(self._known)
+        answers = [a for a in await asyncio.gather(*map(self._ask, addrs)) if a]
+        if not answers:
+            return False
+        votes = Counter(_answer_key(a) for a in answers)
+        top = votes.most_common(1)[0][0]
+        if top == self._last_answer:
+            return True  # nothing changed since the last map
+        views = next(a for a in answers if _answer_key(a) == top)
+        for v in views:
+            self._known.add(v.primary)
+            self._known.update(v.replicas)
+        self._apply(views)
+        self._last_answer = top
+        return True
+
+    def _apply(self, views: list[ShardView]) -> None:
+        changed = False
+        slots: list[Shard | None] = [None] * SLOTS
+        live: set[int] = set()
+        for v in views:
+            shard = self._match(v)
+            if shard is None:
+                shard = self._new_shard(v)
+                changed = True
+            elif shard.primary != v.primary or shard.ranges != v.ranges:
+                moved_primary = shard.primary != v.primary
+                shard.primary, shard.primary_id = v.primary, v.primary_id
+                shard.ranges = v.ranges
+                changed = True
+                if moved_primary:
+                    logger.warning("cluster shard %s: primary is now %s:%d", shard.name, *v.primary)
+                    shard.moved(f"the cluster promoted {v.primary[0]}:{v.primary[1]}")
+            shard.node_ids = v.node_ids | {v.primary_id}
+            live.add(id(shard))
+            for first, last in v.ranges:
+                for slot in range(first, last + 1):
+                    slots[slot] = shard
+        for shard in self.shards:
+            if id(shard) not in live and shard.ranges:
+                # No slots any more (all migrated away, or its nodes left): idle.
+                shard.ranges = ()
+                changed = True
+        if changed or slots != self._slots:
+            self._slots = slots
+            self.refreshes += 1
+            self.on_remap()
+
+    def _match(self, view: ShardView) -> Shard | None:
+        """The shard `view` continues: same primary, or its primary was one of our nodes
+        (a promoted replica)."""
+        for shard in self.shards:
+            if shard.primary_id == view.primary_id:
+                return shard
+        for shard in self.shards:
+            if view.primary_id in shard.node_ids:
+                return shard
+        return None
+
+    def _new_shard(self, view: ShardView) -> Shard:
+        self._counter += 1
+        shard = Shard(
+            f"s{self._counter}", view.primary, view.primary_id, view.node_ids, view.ranges
+        )
+        locator = ShardLocator(self, shard)
+        shard.link = MasterLink(locator, ack=self.ack, **self.link_options)
+        shard.feed = ChannelFeed(
+            shard.link,
+            probe_interval_s=self.probe_interval_s,
+            probe_timeout_s=self.probe_timeout_s,
+            sharded=True,
+            slot_moved=lambda reason: self.refresh_soon(),
+        )
+        shard.log = RedisLog(shard.link, shard.feed.take_divergence)
+        shard.snapshots = RedisSnapshots(shard.link)
+        self.shards.append(shard)
+        if self.listener is not None:
+            shard.feed.set_listener(self.listener(shard))
+        if self._started:
+            task = asyncio.ensure_future(self._start_shard(shard, wait=False))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+        logger.info("cluster shard %s: primary %s:%d", shard.name, *view.primary)
+        return shard
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Map the cluster, connect every shard (loading the library) and subscribe."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout_s
+        while not await self.refresh():
+            if loop.time() > deadline:
+                logger.warning("cluster: no node of %s answered; retrying", self.seeds)
+                break
+            await asyncio.sleep(0.2)
+        self._started = True
+        await asyncio.gather(*(self._start_shard(s, wait=True) for s in list(self.shards)))
+        self._task = asyncio.ensure_future(self._poll())
+        self._task.set_name("kasagi-cluster-poll")
+
+    async def _start_shard(self, shard: Shard, *, wait: bool) -> None:
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                await shard.link.connect_current(force_load=True)
+        except (AuthenticationError, AuthorizationError):
+            raise
+        except Exception as exc:
+            logger.warning("cluster shard %s: no primary yet (%s); retrying", shard.name, exc)
+        await shard.link.locator.watch(shard.link, shard.feed.doubt)
+        shard.feed.start()
+        if wait and shard.link.addr is not None:
+            # Ready means subscribed too: the relay's first join must not miss a delta.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.op_timeout_s):
+                    await shard.feed.ready.wait()
+
+    async def _poll(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval_s):
+                    await self._look_now.wait()
+            self._look_now.clear()
+            try:
+                await self.refresh()
+            except Exception as exc:
+                logger.warning("cluster: mapping the slots: %s", exc)
+            # At most ~10 maps a second however many commands fail meanwhile.
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for starting in list(self._starting):
+            starting.cancel()
+        for shard in self.shards:
+            await shard.feed.close()
+            await shard.link.close()
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    # ------------------------------------------------------------------ routing
+
+    async def routed(self, room: str, fn: Callable[[Shard], Awaitable[T]]) -> T:
+        """fn(the shard of `room`), again on the new owner after MOVED, and with backoff
+        while the slot is migrating or its shard has no primary, until op_timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout_s
+        delay = 0.01
+        while True:
+            shard = self.shard_for(room)
+            if shard is not None:
+                try:
+                    return await fn(shard)
+                except MovedError as exc:
+                    self._follow(exc)
+                    last: BaseException = exc
+                except _REDIRECTS as exc:
+                    last = exc
+            else:
+                last = BackendUnavailable(f"no shard serves the slot of room {room}")
+            self.refresh_soon()
+            if loop.time() + delay > deadline:
+                raise BackendUnavailable(f"room {room}: no shard took the command ({last})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _follow(self, exc: MovedError) -> None:
+        """MOVED <slot> <host:port>: the slot is served there now, for good."""
+        addr = (str(exc.host), int(exc.port))
+        for shard in self.shards:
+            if shard.primary == addr:
+                if self._slots[exc.slot_id] is not shard:
+                    self._slots = list(self._slots)
+                    self._slots[exc.slot_id] = shard
+                    self.on_remap()
+                return
+        self._known.add(addr)
+
+
+class ClusterLog:
+    """The `Log` role: each call on the store of the room's shard."""
+
+    def __init__(self, router: ClusterRouter) -> None:
+        self.router = router
+
+    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
+        return await self.router.routed(room, lambda s: s.log.publish(room, kind, body, key))
+
+    async def seen_key(self, room: str, key: str, kind: DeltaKind, body: bytes) -> int | None:
+        return await self.router.routed(room, lambda s: s.log.seen_key(room, key, kind, body))
+
+    async def seen_any(self, room: str, key: str) -> int | None:
+        return await self.router.routed(room, lambda s: s.log.seen_any(room, key))
+
+    async def read_ops(self, room: str, after: int, limit: int | None = None) -> list[Op] | None:
+        return await self.router.routed(room, lambda s: s.log.read_ops(room, after, limit))
+
+    async def last_seq(self, room: str) -> int:
+        return await self.router.routed(room, lambda s: s.log.last_seq(room))
+
+
+class ClusterSnapshots:
+    """The `Snapshots` role: each call on the store of the room's shard."""
+
+    def __init__(self, router: ClusterRouter) -> None:
+        self.router = router
+
+    async def read_snapshot(self, room: str) -> Snapshot | None:
+        return await self.router.routed(room, lambda s: s.snapshots.read_snapshot(room))
+
+    async def write_snapshot(self, room: str, snapshot: Snapshot) -> bool:
+        return await self.router.routed(room, lambda s: s.snapshots.write_snapshot(room, snapshot))
+
+    async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
+        await self.router.routed(
+            room, lambda s: s.snapshots.trim(room, keep_from, max_len, max_bytes)
+        )
+
+    async def acquire_lock(self, room: str, ttl_ms: int) -> str | None:
+        return await self.router.routed(room, lambda s: s.snapshots.acquire_lock(room, ttl_ms))
+
+    async def release_lock(self, room: str, token: str) -> None:
+        await self.router.routed(room, lambda s: s.snapshots.release_lock(room, token))
+
+
+class _ShardListener:
+    """What one shard's feed reports, for the relay: a resync of "everything" on one
+    shard is a resync of that shard's rooms only."""
+
+    def __init__(self, feed: ClusterFeed, shard: Shard) -> None:
+        self.feed = feed
+        self.shard = shard
+
+    def on_op(self, room: str, op: Op) -> None:
+        if self.feed.listener is not None:
+            self.feed.listener.on_op(room, op)
+
+    def on_resync(self, rooms: frozenset[str] | None) -> None:
+        if self.feed.listener is not None:
+            self.feed.listener.on_resync(
+                frozenset(self.shard.feed.rooms) if rooms is None else rooms
+            )
+
+
+class ClusterFeed:
+    """The `Feed` role: each room subscribed on its shard's feed, moved with its slot."""
+
+    def __init__(self, router: ClusterRouter) -> None:
+        self.router = router
+        self.listener: Listener | None = None
+        self.homes: dict[str, Shard] = {}  # room -> the shard whose feed carries it
+        self._moving: set[asyncio.Task[None]] = set()
+        router.listener = lambda shard: _ShardListener(self, shard)
+        router.on_remap = self._remap
+
+    def set_listener(self, listener: Listener) -> None:
+        self.listener = listener
+        for shard in self.router.shards:
+            shard.feed.set_listener(_ShardListener(self, shard))
+
+    async def subscribe(self, room: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.router.op_timeout_s
+        while True:
+            shard = self.router.shard_for(room)
+            if shard is None:
+                if loop.time() > deadline:
+                    raise BackendUnavailable(f"cannot subscribe to {room}: no shard serves it")
+                self.router.refresh_soon()
+                await asyncio.sleep(0.05)
+                continue
+            self.homes[room] = shard
+            await shard.feed.subscribe(room)
+            if self.homes.get(room) is shard:
+                return
+            # Re-homed while subscribing: the move task subscribes it on the new shard.
+            if room not in self.homes:
+                return
+
+    async def unsubscribe(self, room: str) -> None:
+        shard = self.homes.pop(room, None)
+        if shard is not None:
+            await shard.feed.unsubscribe(room)
+
+    def _remap(self) -> None:
+        for room, shard in list(self.homes.items()):
+            new = self.router.shard_for(room)
+            if new is not None and new is not shard:
+                self.homes[room] = new
+                task = asyncio.ensure_future(self._move(room, shard, new))
+                self._moving.add(task)
+                task.add_done_callback(self._moving.discard)
+
+    async def _move(self, room: str, old: Shard, new: Shard) -> None:
+        """The room's slot moved to `new`: subscribe there, then backfill (what was
+        published on `new` before the subscription is in its `ops`)."""
+        logger.info("room %s: slot moved from shard %s to %s", room, old.name, new.name)
+        with contextlib.suppress(Exception):
+            await old.feed.unsubscribe(room)
+        try:
+            await new.feed.subscribe(room)
+        except BackendUnavailable as exc:
+            logger.warning("room %s: subscribing on shard %s: %s", room, new.name, exc)
+        if self.homes.get(room) is new and self.listener is not None:
+            self.listener.on_resync(frozenset({room}))
+
+    async def close(self) -> None:
+        for task in list(self._moving):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._moving, return_exceptions=True)
+        self.homes.clear()
+
+
+class ClusterBackend(Backend):
+    """A Redis Cluster from any of its nodes (`--cluster host:port,...`)."""
+
+    name = "cluster"
+
+    def __init__(
+        self,
+        nodes: Sequence[Addr],
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        ack: AckLevel = "replica",
+        **options: Any,
+    ) -> None:
+        self.router = ClusterRouter(nodes, password=password, username=username, ack=ack, **options)
+        self.cluster_log = ClusterLog(self.router)
+        self.cluster_feed = ClusterFeed(self.router)
+        super().__init__(self.cluster_log, ClusterSnapshots(self.router), self.cluster_feed)
+
+    @property
+    def ack(self) -> AckLevel:
+        return self.router.ack
+
+    async def _seen_any(self, room: str, key: str) -> int | None:
+        return await self.cluster_log.seen_any(room, key)
+
+    async def start(self) -> None:
+        await self.router.start()
+
+    async def close(self) -> None:
+        await self.cluster_feed.close()
+        await self.router.close()
+
+    async def health(self) -> dict[str, object]:
+        shards: list[dict[str, object]] = []
+        ok = bool(self.router.shards)
+        covered = sum(1 for s in self.router._slots if s is not None)
+        for shard in self.router.shards:
+            if not shard.ranges:
+                continue
+            link, feed = shard.link, shard.feed
+            entry: dict[str, object] = {
+                "shard": shard.name,
+                "ok": False,
+                "primary": None if link.addr is None else f"{link.addr[0]}:{link.addr[1]}",
+                "slots": [f"{a}-{b}" for a, b in shard.ranges],
+                "subscribed": feed.ready.is_set(),
+                "rooms": len(feed.rooms),
+                "switches": link.switches,
+            }
+            try:
+                is_master = await link.is_master()
+                entry["ok"] = is_master and feed.ready.is_set()
+                if not is_master:
+                    entry["error"] = "the server is not a primary"
+            except Exception as exc:
+                entry["error"] = str(exc) or type(exc).__name__
+            if not entry["ok"]:
+                ok = False
+                self.router.refresh_soon()
+            shards.append(entry)
+        return {
+            "ok": ok and covered == SLOTS,
+            "backend": self.name,
+            "ack": self.router.ack,
+            "slots_covered": covered,
+            "rooms": len(self.cluster_feed.homes),
+            "shards": shards,
+        }
