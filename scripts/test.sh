@@ -33,7 +33,6 @@ echo "== ruff / mypy"
 .venv/bin/ruff check kasagi_relay tests benches kit testkit
 .venv/bin/ruff format --check kasagi_relay tests benches kit testkit
 .venv/bin/mypy
-.venv/bin/mypy benches
 
 echo "== pytest"
 $PY -c 'import kasagi_relay.delta as d; assert d.IMPLEMENTATION == "native", d.IMPLEMENTATION'

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from relay_helpers import REPO, connect_client, relay_env, relay_process
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from kasagi_relay.cli import parse_config
+from testkit.relay import REPO, connect_client, relay_env, relay_process
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

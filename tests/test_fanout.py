@@ -10,10 +10,10 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from relay_helpers import connect_client, raw_member, read_frames, start_relay
 
 from kasagi_relay import delta, fanout
 from kasagi_relay.fanout import SendBudget
+from testkit.relay import connect_client, raw_member, read_frames, start_relay
 
 PATHS = ["native", "transport"]
 N = 160

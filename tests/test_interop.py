@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from redis_topology import REDIS_CLI, Topology, running_topology
-from relay_helpers import REPO, start_relay
 
 from kasagi_relay.client import Client
 from kasagi_relay.config import Config
+from testkit.redis import REDIS_CLI, Topology, running_topology
+from testkit.relay import REPO, start_relay
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -20,16 +20,16 @@ import urllib.request
 from typing import Any
 
 import pytest
-from relay_helpers import (
+
+from kasagi_relay import delta
+from kasagi_relay.room import RECENT_BYTES, Replay
+from testkit.relay import (
     Client,
     connect_client,
     raw_member,
     relay_process,
     start_relay,
 )
-
-from kasagi_relay import delta
-from kasagi_relay.room import RECENT_BYTES, Replay
 
 MiB = 1 << 20
 

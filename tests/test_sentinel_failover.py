@@ -22,7 +22,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from failover_harness import (
+from redis.exceptions import AuthenticationError
+
+from kasagi_relay.backends.base import Op
+from kasagi_relay.backends.sentinel import SentinelBackend
+from kasagi_relay.config import Config
+from testkit.failover import (
     Outcome,
     Stream,
     fresh_join_state,
@@ -33,13 +38,8 @@ from failover_harness import (
     snapshot_agrees,
     wait_healthy,
 )
-from redis.exceptions import AuthenticationError
-from redis_topology import Topology, running_topology
-from relay_helpers import RelayProcess, relay_process, start_relay
-
-from kasagi_relay.backends.base import Op
-from kasagi_relay.backends.sentinel import SentinelBackend
-from kasagi_relay.config import Config
+from testkit.redis import Topology, running_topology
+from testkit.relay import RelayProcess, relay_process, start_relay
 
 pytestmark = pytest.mark.timeout(120)
 

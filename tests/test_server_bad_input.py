@@ -13,10 +13,10 @@ from typing import Any
 
 import msgpack
 import pytest
-from relay_helpers import JSON, MSGPACK, Client, connect_client, start_relay
 from websockets.exceptions import ConnectionClosedError
 
 from kasagi_relay.server import Relay
+from testkit.relay import JSON, MSGPACK, Client, connect_client, start_relay
 
 
 @contextlib.asynccontextmanager

@@ -7,9 +7,10 @@ import signal
 import time
 
 import pytest
-from relay_helpers import connect_client, raw_member, read_frames, relay_process, start_relay
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+from testkit.relay import connect_client, raw_member, read_frames, relay_process, start_relay
 
 
 async def closed_code(client_ws: object) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 
-from relay_helpers import connect_client, raw_member, read_frames, start_relay
+from testkit.relay import connect_client, raw_member, read_frames, start_relay
 
 
 async def test_stalled_member_is_dropped_with_1013_others_keep_receiving() -> None:

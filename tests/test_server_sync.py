@@ -9,12 +9,12 @@ from typing import Any
 
 import jsonpatch
 import pytest
-from relay_helpers import JSON, MSGPACK, Client, connect_client, start_relay
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from kasagi_relay.backends.base import BackendUnavailable
 from kasagi_relay.backends.memory import MemoryBackend, MemoryLog, RoomTable
+from testkit.relay import JSON, MSGPACK, Client, connect_client, start_relay
 
 
 def add(path: str, value: Any) -> list[dict[str, Any]]:

@@ -7,8 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-from redis_topology import Topology, redis_server  # noqa: F401
-from relay_helpers import connect_client, start_relay
 
 from kasagi_relay.backends.memory import MemoryBackend
 from kasagi_relay.config import Config
@@ -16,6 +14,8 @@ from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import BadRequest
 from kasagi_relay.registry import RoomRegistry
 from kasagi_relay.service import KEY_CONFLICT, RoomService
+from testkit.redis import Topology, redis_server  # noqa: F401
+from testkit.relay import connect_client, start_relay
 
 ADD_X = b'[{"op":"add","path":"/x","value":1}]'
 ADD_Y = b'[{"op":"add","path":"/y","value":2}]'

@@ -20,10 +20,10 @@ from typing import Any
 
 import msgpack
 import pytest
-from relay_helpers import MSGPACK, Client, connect_client, parse_frames, start_relay
 from websockets.exceptions import ConnectionClosed
 
 from kasagi_relay.server import Relay
+from testkit.relay import MSGPACK, Client, connect_client, parse_frames, start_relay
 
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 0x1, 0x2, 0x8, 0x9
 

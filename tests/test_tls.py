@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import trustme
-from relay_helpers import MSGPACK, RelayProcess, connect_client, relay_process, start_relay
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage
 
 from kasagi_relay.config import Config, ConfigError
 from kasagi_relay.tls import server_context
+from testkit.relay import MSGPACK, RelayProcess, connect_client, relay_process, start_relay
 
 
 @pytest.fixture(scope="module")

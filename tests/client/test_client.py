@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_topology import Topology, running_topology
-from relay_helpers import connect_client, start_relay
 from websockets.asyncio.server import ServerConnection, serve
 
 import redis
@@ -25,6 +23,8 @@ from kasagi_relay.client import (
     RelayError,
 )
 from kasagi_relay.client.protocol import Format
+from testkit.redis import Topology, running_topology
+from testkit.relay import connect_client, start_relay
 
 pytestmark = pytest.mark.timeout(60)
 

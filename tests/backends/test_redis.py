@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
-from redis_topology import Topology, poll, redis_server, running_topology  # noqa: F401
 
 from kasagi_relay.backends.base import BackendUnavailable, KeyConflict, Op, Snapshot
 from kasagi_relay.backends.redis import FUNCTION_VERSION, RedisBackend
 from kasagi_relay.domain import delta_digest
+from testkit.redis import Topology, poll, redis_server, running_topology  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -347,9 +347,8 @@ async def test_lost_delta_detected_after_resubscribe(tmp_path: Path) -> None:
 async def test_relays_share_rooms_through_one_redis(redis_server: Topology) -> None:  # noqa: F811
     """`--redis URL` end to end: the factory builds the backend; two relays, a writer on
     one, a member on the other, a late joiner served from Redis."""
-    from relay_helpers import connect_client, start_relay
-
     from kasagi_relay.config import Config
+    from testkit.relay import connect_client, start_relay
 
     config = Config(redis=url(redis_server), compaction_interval_s=0.2)
     async with start_relay(config) as a, start_relay(config) as b:
@@ -451,9 +450,8 @@ async def test_a_room_is_not_unloaded_while_a_join_reads_its_history(
     no member yet). The join waits on a frozen Redis (SIGSTOP) while a delta to another room
     needs the relay's only place: that delta gets `unavailable`; once Redis runs again the
     joiner is served and gets the room's next delta."""
-    from relay_helpers import connect_client, start_relay
-
     from kasagi_relay.config import Config
+    from testkit.relay import connect_client, start_relay
 
     config = Config(redis=url(redis_server), max_loaded_rooms=1, compaction_interval_s=0)
     node = redis_server.servers[0]

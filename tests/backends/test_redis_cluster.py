@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from failover_harness import (
+from redis.exceptions import AuthenticationError
+
+import redis
+from kasagi_relay.backends.base import Op
+from kasagi_relay.backends.redis_cluster import ClusterBackend, room_slot
+from kasagi_relay.backends.redis_link import FUNCTION_VERSION
+from kasagi_relay.backends.redis_store import room_keys
+from kasagi_relay.domain import BackendUnavailable
+from testkit.failover import (
     ROOM,
     Outcome,
     Stream,
@@ -34,16 +42,8 @@ from failover_harness import (
     state_of,
     wait_healthy,
 )
-from redis.exceptions import AuthenticationError
-from redis_topology import ClusterTopology, Node, Topology, running_cluster
-from relay_helpers import RelayProcess, relay_process
-
-import redis
-from kasagi_relay.backends.base import Op
-from kasagi_relay.backends.redis_cluster import ClusterBackend, room_slot
-from kasagi_relay.backends.redis_link import FUNCTION_VERSION
-from kasagi_relay.backends.redis_store import room_keys
-from kasagi_relay.domain import BackendUnavailable
+from testkit.redis import ClusterTopology, Node, Topology, running_cluster
+from testkit.relay import RelayProcess, relay_process
 
 pytestmark = pytest.mark.timeout(150)
 

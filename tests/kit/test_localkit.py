@@ -24,7 +24,7 @@ import pytest
 from kit import localkit, topology
 from kit.topology import free_ports
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 MASTER = "kasagi-redis-master"
 REPLICAS = ["kasagi-redis-replica-1", "kasagi-redis-replica-2"]

@@ -11,9 +11,9 @@ import tomllib
 from typing import Any
 
 import pytest
-from relay_helpers import REPO, relay_env, relay_process
 
 from kasagi_relay.client import cli
+from testkit.relay import REPO, relay_env, relay_process
 
 pytestmark = pytest.mark.timeout(60)
 

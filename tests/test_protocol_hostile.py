@@ -18,7 +18,8 @@ from typing import Any
 
 import msgpack
 import pytest
-from relay_helpers import JSON, MSGPACK, Client, RelayProcess, connect_client, relay_process
+
+from testkit.relay import JSON, MSGPACK, Client, RelayProcess, connect_client, relay_process
 
 MiB = 1 << 20
 ACK_BOUND_S = 3.0  # generous: a loaded 2-core machine, and the relay is not the only process

@@ -1,4 +1,5 @@
-"""Real Redis processes for tests: the shared launcher (kit/topology.py) as pytest fixtures.
+"""Real Redis processes for tests: the shared launcher (kit/topology.py) as pytest fixtures
+(registered for every test by tests/conftest.py).
 
     def test_x(sentinel_topology: Topology) -> None:
         host, port = sentinel_topology.master_addr()      # as the Sentinels see it
@@ -7,7 +8,7 @@
 
 Everything runs from the OS's `redis-server` on free loopback ports, in a temp dir per test,
 started and stopped by PID (never by name). Without redis-server the tests that need it skip.
-The names below are the ones tests import from here; they are the launcher's.
+The launcher's names are re-exported, so a test imports everything Redis from here.
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 
 import pytest
-from relay_helpers import connect_client, relay_process, start_relay
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from kasagi_relay.admission import Admission, client_address
 from kasagi_relay.server import Relay
+from testkit.relay import connect_client, relay_process, start_relay
 
 
 async def refused_status(url: str, headers: dict[str, str] | None = None) -> int:

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis_topology import ClusterTopology, Topology, running_cluster, running_topology
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, KeyConflict, Op, Snapshot
@@ -27,6 +26,7 @@ from kasagi_relay.backends.sentinel import SentinelBackend
 from kasagi_relay.compaction import Compactor, RoomLocked, compact_room
 from kasagi_relay.domain import delta_digest
 from kasagi_relay.metrics import Metrics
+from testkit.redis import ClusterTopology, Topology, running_cluster, running_topology
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from redis.crc import key_slot
-from redis_topology import REDIS_SERVER
 
 from kit import clusterkit
 from kit.topology import free_ports, read_pid, runs_in
+from testkit.redis import REDIS_SERVER
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from failover_harness import ROOM, read_history, relay_args, state_of, wait_healthy
-from redis_topology import Topology, free_port, running_topology
-from relay_helpers import RelayProcess, relay_process, start_relay
 
 import redis
 from kasagi_relay.client import Change, Client, Room
 from kasagi_relay.client.protocol import Format
+from testkit.failover import ROOM, read_history, relay_args, state_of, wait_healthy
+from testkit.redis import Topology, free_port, running_topology
+from testkit.relay import RelayProcess, relay_process, start_relay
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from redis_topology import running_topology
 
 from kit import topology
 from kit.topology import LaunchError, RespError, Running, call, spawn, stop_all
+from testkit.redis import running_topology
 
 
 def _exited(proc: subprocess.Popen[bytes], within: float = 10.0) -> bool:
