@@ -220,7 +220,7 @@ export class Client extends Emitter<ClientEvents> {
   private nextId = 1;
   private closed = false;
   private statusValue: Status = "disconnected";
-  private waiters: Deferred<void>[] = [];
+  private waiters: Deferred<undefined>[] = [];
 
   constructor(url: string, options: ClientOptions = {}) {
     super();
@@ -246,10 +246,10 @@ export class Client extends Emitter<ClientEvents> {
   }
 
   /** Resolves once connected (it connects if it is not); rejects if it cannot. */
-  connect(): Promise<void> {
+  connect(): Promise<undefined> {
     if (this.closed) return Promise.reject(new ClientClosedError("client is closed"));
-    if (this.live) return Promise.resolve();
-    const waiter = deferred<void>();
+    if (this.live) return Promise.resolve(undefined);
+    const waiter = deferred<undefined>();
     this.waiters.push(waiter);
     this.ensureConnecting();
     return waiter.promise;
@@ -421,7 +421,7 @@ export class Client extends Emitter<ClientEvents> {
       }
       this.resume();
       this.setStatus("connected");
-      for (const waiter of this.waiters.splice(0)) waiter.resolve();
+      for (const waiter of this.waiters.splice(0)) waiter.resolve(undefined);
     };
     ws.onmessage = (event) => {
       if (ws !== this.ws) return;

@@ -13,7 +13,7 @@ export class Emitter<Events extends EventMap> {
       this.listeners.set(event, set);
     }
     set.add(listener);
-    return () => this.off(event, listener);
+    return () => { this.off(event, listener); };
   }
 
   off<E extends keyof Events>(event: E, listener: Events[E]): void {

@@ -120,10 +120,13 @@ function get(doc: Json, tokens: readonly string[], pointer: string): Json {
 
 /** One apply's copy-on-write bookkeeping: the containers it made, which it may change. */
 class Writer {
-  private fresh = new WeakSet<object>();
+  private fresh = new WeakSet();
 
   writable<T extends Json[] | JsonObject>(node: T): T {
     if (this.fresh.has(node)) return node;
+    // Spread, unlike Object.assign, copies a "__proto__" member as a member. (The rule below
+    // cannot see that `node` is an object in this branch.)
+    // eslint-disable-next-line @typescript-eslint/no-misused-spread
     const copy = (Array.isArray(node) ? node.slice() : { ...node }) as T;
     this.fresh.add(copy);
     return copy;
@@ -131,7 +134,7 @@ class Writer {
 
   /** After a copy one value is reachable twice: nothing made so far may change in place. */
   forget(): void {
-    this.fresh = new WeakSet<object>();
+    this.fresh = new WeakSet();
   }
 
   /** The document with `change` applied to the (copied) parent of the last token. */

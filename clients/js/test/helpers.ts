@@ -46,11 +46,11 @@ export async function startRelay(args: string[] = [], port = 0): Promise<Relay> 
     stdio: ["ignore", "ignore", "pipe"],
   });
   const stderr: string[] = [];
-  const exited = new Promise<void>((done) => proc.once("exit", () => done()));
+  const exited = new Promise<void>((done) => proc.once("exit", () => { done(); }));
   const url = await new Promise<string>((done, fail) => {
-    const timer = setTimeout(() => fail(new Error(`relay did not start: ${stderr.join("\n")}`)), 20_000);
+    const timer = setTimeout(() => { fail(new Error(`relay did not start: ${stderr.join("\n")}`)); }, 20_000);
     let buffer = "";
-    proc.stderr?.on("data", (chunk: Buffer) => {
+    proc.stderr.on("data", (chunk: Buffer) => {
       buffer += chunk.toString();
       const lines = buffer.split("\n");
       buffer = lines.pop() ?? "";
@@ -62,6 +62,10 @@ export async function startRelay(args: string[] = [], port = 0): Promise<Relay> 
           done(m[1]);
         }
       }
+    });
+    proc.once("error", (error) => {
+      clearTimeout(timer);
+      fail(new Error(`cannot run ${PYTHON} (set KASAGI_PYTHON): ${error.message}`));
     });
     proc.once("exit", (code) => {
       clearTimeout(timer);
@@ -93,14 +97,18 @@ export async function startRedis(): Promise<Redis> {
     ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir],
     { stdio: ["ignore", "pipe", "pipe"] },
   );
-  const exited = new Promise<void>((done) => proc.once("exit", () => done()));
+  const exited = new Promise<void>((done) => proc.once("exit", () => { done(); }));
   await new Promise<void>((done, fail) => {
-    const timer = setTimeout(() => fail(new Error("redis-server did not start")), 10_000);
-    proc.stdout?.on("data", (chunk: Buffer) => {
+    const timer = setTimeout(() => { fail(new Error("redis-server did not start")); }, 10_000);
+    proc.stdout.on("data", (chunk: Buffer) => {
       if (chunk.toString().includes("Ready to accept connections")) {
         clearTimeout(timer);
         done();
       }
+    });
+    proc.once("error", (error) => {
+      clearTimeout(timer);
+      fail(new Error(`cannot run redis-server: ${error.message}`));
     });
     proc.once("exit", (code) => {
       clearTimeout(timer);
