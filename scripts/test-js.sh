@@ -13,6 +13,12 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "scripts/test-js.sh: node and npm are needed (Node 20 or newer)" >&2
     exit 1
 fi
+# The browser test drives Debian's chromium (browser downloads are not possible everywhere).
+if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 cd clients/js
 echo "== npm ci (clients/js)"
 npm ci --no-audit --no-fund
