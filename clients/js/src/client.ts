@@ -179,6 +179,9 @@ export class Room extends Emitter<RoomEvents> {
   }
 }
 
+/** Stands for the `auth` message in the order of requests (it has no id). */
+const AUTH = Symbol("auth");
+
 type Pending = { kind: "join"; room: Room } | { kind: "leave"; room: Room; done: () => void };
 
 /**
@@ -209,9 +212,8 @@ export class Client extends Emitter<ClientEvents> {
   private readonly unacked = new Map<string, Outgoing>();
   private readonly requests = new Map<RequestId, Pending>();
   /** Requests sent on this connection, oldest first: the relay answers them in order. */
-  private sentOrder: RequestId[] = [];
+  private sentOrder: (RequestId | typeof AUTH)[] = [];
   private readonly timers = new Set<ReturnType<typeof setTimeout>>();
-  private factory: Promise<SocketFactory> | null = null;
   private ws: SocketLike | null = null;
   private live = false;
   private opening = false;
@@ -378,20 +380,21 @@ export class Client extends Emitter<ClientEvents> {
   private async open(): Promise<void> {
     this.opening = true;
     let ws: SocketLike;
-    let token: string | undefined;
     let factory: SocketFactory;
+    let token: string | undefined;
     try {
-      this.factory ??= socketFactory(this.options.WebSocket);
-      factory = await this.factory;
-      token = this.options.getToken === undefined ? undefined : await this.options.getToken();
+      factory = await socketFactory(this.options.WebSocket);
     } catch (error) {
       this.opening = false;
-      if (this.factory !== null && !(await this.factory.then(() => true, () => false))) {
-        this.factory = null;
-        this.fail(new ConnectionError(`no WebSocket: ${String(error)}`));
-      } else {
-        this.afterClose(1006, `getToken failed: ${String(error)}`);
-      }
+      this.fail(new ConnectionError(`no WebSocket implementation: ${String(error)}`));
+      return;
+    }
+    try {
+      token = this.options.getToken === undefined ? undefined : await this.options.getToken();
+    } catch (error) {
+      // A token service that is down is retried like a relay that is down.
+      this.opening = false;
+      this.afterClose(1006, `getToken failed: ${String(error)}`);
       return;
     }
     this.opening = false;
@@ -417,6 +420,7 @@ export class Client extends Emitter<ClientEvents> {
       this.live = true;
       if (token && !factory.headers) {
         // Browsers cannot send headers: v1.1 identity takes the token as an `auth` message.
+        this.sentOrder.push(AUTH);
         ws.send(encodeMessage(this.format, { t: "auth", token }));
       }
       this.resume();
@@ -518,7 +522,11 @@ export class Client extends Emitter<ClientEvents> {
 
   /** The request an answer belongs to; an `error` without `id` answers the oldest one. */
   private answered(id: RequestId | undefined): RequestId | undefined {
-    if (id === undefined) return this.sentOrder.shift();
+    if (id === undefined) {
+      // The `auth` message's answer (today's relay: bad_message) belongs to no request.
+      const oldest = this.sentOrder.shift();
+      return oldest === AUTH ? undefined : oldest;
+    }
     const index = this.sentOrder.indexOf(id);
     if (index >= 0) this.sentOrder.splice(0, index + 1);
     return id;

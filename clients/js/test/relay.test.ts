@@ -150,6 +150,34 @@ describe("two clients on one room (memory backend)", () => {
   );
 });
 
+describe("rate limits", () => {
+  it("a refused delta is rejected with rate_limited, also a big one answered without its id", async () => {
+    const relay = await startRelay(["--rate-limit", "1", "--rate-burst", "2"]);
+    const c = new Client(relay.url);
+    try {
+      const room = c.room("limited");
+      // Over 16 KiB: the relay refuses it without reading it, so the answer has no id; the
+      // client matches it by order (one connection's requests are answered in order).
+      const big = "x".repeat(20_000);
+      const results = await Promise.allSettled([
+        room.send({ merge: { a: 1 } }),
+        room.send({ merge: { b: big } }),
+        room.send({ merge: { c: big } }),
+        room.send({ merge: { d: 1 } }),
+      ]);
+      const codes = results.map((r) =>
+        r.status === "fulfilled" ? "ok" : r.reason instanceof RelayError ? r.reason.code : String(r.reason),
+      );
+      assert.deepEqual(codes.slice(0, 2), ["ok", "ok"]);
+      assert.deepEqual(codes.slice(2), ["rate_limited", "rate_limited"]);
+      assert.equal(c.status, "connected");
+    } finally {
+      c.close();
+      await relay.stop();
+    }
+  });
+});
+
 describe("the relay restarted under the clients (Redis backend)", () => {
   let redis: Redis;
   before(async () => {
