@@ -86,6 +86,7 @@ export async function startRelay(args: string[] = [], port = 0): Promise<Relay> 
 
 export interface Redis {
   url: string;
+  port: number;
   stop(): Promise<void>;
 }
 
@@ -117,6 +118,7 @@ export async function startRedis(): Promise<Redis> {
   });
   return {
     url: `redis://127.0.0.1:${port}/0`,
+    port,
     async stop() {
       if (proc.exitCode === null) proc.kill("SIGTERM");
       await exited;

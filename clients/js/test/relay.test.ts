@@ -4,6 +4,7 @@
  * not retry, the relay's refusals. JSON and MessagePack.
  */
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { after, before, describe, it } from "node:test";
 import { Client, ConnectionError, type Format, type Json, RelayError, type Room, type Status } from "../src/index.js";
 import { type Redis, type Relay, startRedis, startRelay, until } from "./helpers.js";
@@ -185,6 +186,40 @@ describe("the relay restarted under the clients (Redis backend)", () => {
   });
   after(async () => {
     await redis.stop();
+  });
+
+  it("treats a delta that fails at its position as a no-op, as the relay does", async () => {
+    const relay = await startRelay(["--redis", redis.url]);
+    const c = new Client(relay.url, { format: "msgpack" });
+    // Published straight into the room's history, as another service may (docs/protocol.md,
+    // "Through Redis"): the relay checks nothing then, so the stream carries deltas that
+    // fail at their position, sent on as they were published.
+    const publish = (kind: string, body: unknown): void => {
+      const r = "{fails}";
+      execFileSync(process.env["KASAGI_REDIS_CLI"] ?? "redis-cli", [
+        "-p", String(redis.port), "FCALL", "kasagi_publish", "4",
+        `room:${r}:seq`, `room:${r}:ops`, `room:${r}:channel`, `room:${r}:keys`, kind, JSON.stringify(body),
+      ]);
+    };
+    try {
+      const room = c.room("fails");
+      await room.join();
+      const applied: [number, boolean][] = [];
+      room.on("change", (_state, { seq, applied: ok }) => applied.push([seq, ok]));
+      await room.send({ merge: { a: 1, n: 1.5 } });
+      publish("patch", [{ op: "remove", path: "/missing" }]);
+      publish("patch", [{ op: "test", path: "/a", value: 2 }, { op: "add", path: "/b", value: 1 }]);
+      publish("patch", [{ op: "test", path: "/a", value: 1.0 }, { op: "add", path: "/c", value: 1 }]);
+      publish("patch", [{ op: "add", path: "/d", value: 1 }, { op: "remove", path: "/a/deeper" }]);
+      publish("merge", { e: { f: null, g: 2 } });
+      await until(() => room.seq === 6, "seq 6");
+      assert.deepEqual(applied, [[1, true], [2, false], [3, false], [4, true], [5, false], [6, true]]);
+      assert.deepEqual(room.state, { a: 1, n: 1.5, c: 1, e: { g: 2 } });
+      assert.deepEqual(await fresh(relay.url, "json", "fails"), room.state);
+    } finally {
+      c.close();
+      await relay.stop();
+    }
   });
 
   it("reconnect and resume with nothing missed or duplicated (JSON and MessagePack)", async () => {
