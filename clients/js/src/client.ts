@@ -116,6 +116,21 @@ function deferred<T>(): Deferred<T> {
   return { promise, resolve, reject };
 }
 
+/**
+ * The relay's WebSocket URL. In a page, relative to it ("/ws" is the page's own relay), and
+ * http(s) is taken as ws(s), so a page served by the relay needs no host name.
+ */
+function resolveUrl(url: string): string {
+  const base = (globalThis as { location?: { href?: unknown } }).location?.href;
+  const parsed = new URL(url, typeof base === "string" ? base : undefined);
+  if (parsed.protocol === "http:") parsed.protocol = "ws:";
+  else if (parsed.protocol === "https:") parsed.protocol = "wss:";
+  if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+    throw new TypeError(`not a ws:, wss:, http: or https: URL: ${url}`);
+  }
+  return parsed.href;
+}
+
 function randomKey(): string {
   // getRandomValues, unlike randomUUID, exists outside secure contexts too (plain http pages).
   const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -226,7 +241,7 @@ export class Client extends Emitter<ClientEvents> {
 
   constructor(url: string, options: ClientOptions = {}) {
     super();
-    this.url = url;
+    this.url = resolveUrl(url);
     this.options = { ...DEFAULTS, ...options };
     this.format = this.options.format;
     if (!(this.format in SUBPROTOCOLS)) throw new TypeError(`format must be "json" or "msgpack"`);
@@ -278,6 +293,8 @@ export class Client extends Emitter<ClientEvents> {
   joinRoom(room: Room): Promise<Room> {
     if (this.closed) return Promise.reject(new ClientClosedError("client is closed"));
     if (this.rooms.get(room.name) === room) {
+      // Joined (or joining): after a close that was not retried this connects again.
+      this.ensureConnecting();
       return room.ready?.promise ?? Promise.resolve(room);
     }
     room.ready = deferred<Room>();

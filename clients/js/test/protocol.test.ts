@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { encode } from "@msgpack/msgpack";
-import { backoffDelay, parse, ProtocolError, RoomStream } from "../src/index.js";
+import { backoffDelay, Client, parse, ProtocolError, RoomStream } from "../src/index.js";
 
 describe("RoomStream (docs/protocol.md, client behaviour)", () => {
   it("ignores frames until joined, applies from == seq + 1, rejoins with since on a gap", () => {
@@ -75,5 +75,18 @@ describe("backoffDelay", () => {
     assert.equal(backoffDelay(10, 250, 10_000, () => 1), 10_000);
     assert.equal(backoffDelay(5000, 250, 10_000, () => 0.5), 5000);
     assert.equal(backoffDelay(3, 250, 10_000, () => 0), 0);
+  });
+});
+
+describe("Client", () => {
+  it("takes ws(s) URLs, and http(s) ones as ws(s); refuses others and bad room names", () => {
+    assert.equal(new Client("ws://127.0.0.1:8765/ws").url, "ws://127.0.0.1:8765/ws");
+    assert.equal(new Client("https://relay.example/ws").url, "wss://relay.example/ws");
+    assert.throws(() => new Client("ftp://relay.example/ws"), TypeError);
+    assert.throws(() => new Client("/ws"), TypeError); // relative only in a page
+    const c = new Client("ws://127.0.0.1:1/ws");
+    assert.equal(c.status, "disconnected"); // connects on the first request, not before
+    assert.throws(() => c.room("a b"), TypeError);
+    assert.equal(c.room("lobby"), c.room("lobby"));
   });
 });
