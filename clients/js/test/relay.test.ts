@@ -133,9 +133,9 @@ describe("two clients on one room (memory backend)", () => {
     }
   });
 
+  // Needs #11's key_conflict on the memory backend (on main since this branch began).
   it(
     "rejects a key reused for another delta with key_conflict",
-    { todo: "the memory backend answers `internal: KeyConflict` today (#11 is mapping it)" },
     async () => {
       const c = new Client(relay.url);
       try {
@@ -272,9 +272,9 @@ describe("the relay restarted under the clients (Redis backend)", () => {
 });
 
 describe("close codes", () => {
+  // Needs #11's --idle-timeout (on main since this branch began).
   it(
     "an idle connection closed with 1008 is opened again by the next request",
-    { todo: "the relay does not enforce --idle-timeout yet (#11)" },
     async () => {
     const relay = await startRelay(["--idle-timeout", "1"]);
     const c = new Client(relay.url, FAST);
