@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check of the project from a fresh clone: installs what is missing (redis-server,
 # a virtualenv with the package built in place and the test tools), then Rust format, lint and
-# tests, Python lint and types, and the pytest suite. Exits non-zero when any check fails.
+# tests, Python lint and types, the pytest suite, then the browser/Node client's build, lint
+# and tests (scripts/test-js.sh: npm ci, and Debian's chromium when missing). Exits non-zero
+# when any check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,3 +40,6 @@ echo "== pytest"
 $PY -c 'import kasagi_relay.delta as d; assert d.IMPLEMENTATION == "native", d.IMPLEMENTATION'
 # The native engine must be there: a missing build is a failure, not a skip.
 KASAGI_REQUIRE_NATIVE=1 $PY -m pytest tests "$@"
+
+echo "== the browser/Node client (clients/js)"
+./scripts/test-js.sh
