@@ -1,4 +1,4 @@
-"""The wire protocol of PROTOCOL.md, Sans-I/O: messages in, typed requests out; replies out.
+"""The wire protocol of docs/protocol.md, Sans-I/O: messages in, typed requests out; replies out.
 
 Nothing here touches a socket or an event loop. `parse` turns one WebSocket message into a
 `Join`, `Leave` or `Delta` request, or raises `BadRequest` carrying the error to send back.

@@ -103,7 +103,7 @@ def test_malformed_deltas(engines: ModuleType, delta: bytes) -> None:
     room = engines.RoomState(STATE)
     with pytest.raises(engines.DeltaError):
         room.check(delta)
-    # Malformed deltas are no-ops where failures are (PROTOCOL.md): seq still advances.
+    # Malformed deltas are no-ops where failures are (docs/protocol.md): seq still advances.
     assert room.apply(delta, 1) is False
     assert room.seq == 1
     assert room.to_json() == STATE

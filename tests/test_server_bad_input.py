@@ -1,6 +1,6 @@
 """Issue 3's "Bad input" list, one test each, over real sockets.
 
-Each test checks the reply PROTOCOL.md promises, that the connection is still usable where
+Each test checks the reply docs/protocol.md promises, that the connection is still usable where
 it says so, and that another member of the room was served throughout."""
 
 from __future__ import annotations

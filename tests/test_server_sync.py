@@ -1,4 +1,4 @@
-"""End to end on real sockets: what members see (PROTOCOL.md), on the memory backend."""
+"""End to end on real sockets: what members see (docs/protocol.md), on the memory backend."""
 
 from __future__ import annotations
 

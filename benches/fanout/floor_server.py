@@ -6,7 +6,7 @@ client it builds ONE complete WebSocket frame and hands the same bytes to every 
 `transport.write`: no per-member encoding, no flow control, no slow-member policy. What
 kasagi-relay does on top of this (ordering, state, merging, limits) is its overhead.
 
-It speaks just enough of PROTOCOL.md for the harness: `join` -> `joined` (seq, empty state),
+It speaks just enough of docs/protocol.md for the harness: `join` -> `joined` (seq, empty state),
 `delta` with `merge` or `patch` -> a `delta` frame with `from`/`seq` to every member of the
 room and an `ack` to the sender, `leave` -> `left`; ping -> pong, close -> close. The frame
 has the same shape and byte order as the relay's, so clients parse the same bytes.

@@ -4,7 +4,7 @@ What it measures, per server (kasagi-relay, and two references on the same clien
 same run: `floor_server.py`, the least a Python server can do per member, and
 `plain_relay.py`, the idiomatic `websockets.broadcast` relay):
 
-- N members over real TCP sockets to the server, all joined (PROTOCOL.md `join`) to one
+- N members over real TCP sockets to the server, all joined (docs/protocol.md `join`) to one
   room. They live in 1-2 client processes (`--clients`, uvloop, a raw WebSocket client that
   parses only the frame header and the numbers it needs), apart from the server, which runs
   as its own subprocess. With 2 CPUs the server is pinned to CPU 0 and the clients and the
