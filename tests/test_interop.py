@@ -2,8 +2,9 @@
 
 - `redis-cli FCALL kasagi_publish 4 ...` publishes a delta that relay members (the
   project's client, `kasagi_relay.client`) receive;
-- the Node ioredis client, connecting through the Sentinels as docs/operations.md ("Connecting applications") shows,
-  publishes with FCALL (idempotent with a key) and reads the compacted snapshot;
+- the Node ioredis client, connecting through the Sentinels as docs/operations.md
+  ("Connecting applications") shows, publishes with FCALL (idempotent with a key) and reads
+  the compacted snapshot;
 - a plain redis-py subscriber on `room:{R}:channel` sees the relay's deltas.
 
 ioredis is installed with npm once into `.cache/node` (git-ignored) and reused; the test
