@@ -6,6 +6,12 @@
 //! form: nil, booleans, integers, floats (float32 widened, NaN/infinities refused), strings
 //! (valid UTF-8), arrays, maps with string keys; nesting at most MAX_DEPTH; one value with
 //! no trailing bytes. Binary and extension types are refused.
+//!
+//! [`msgpack_to_json`] (the wire protocol's path) transcodes without building a `Value`:
+//! memory in the size of the output plus ~50 bytes per distinct key of the maps being
+//! written, and an optional cap on arrays and maps that stops it at once (a 1 MiB frame of
+//! empty arrays cost ~100 MB and ~40 ms through a `Value` tree, ~1 ms refused at 100,000).
+//! [`from_msgpack`] builds the `Value` for callers that need one.
 
 use crate::error::{DeltaError, Result};
 use crate::json::{self, MAX_DEPTH};
@@ -13,6 +19,8 @@ use rmp::decode::{RmpRead, ValueReadError};
 use rmp::Marker;
 use serde_json::ser::{CompactFormatter, Formatter};
 use serde_json::{Map, Number, Value};
+use std::collections::HashMap;
+use std::ops::Range;
 
 pub fn to_msgpack(v: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
@@ -76,7 +84,7 @@ pub fn msgpack_to_json(data: &[u8], max_containers: u64) -> Result<Vec<u8>> {
         containers: 0,
         max_containers,
         entries: Vec::new(),
-        order: Vec::new(),
+        index: Vec::new(),
     };
     t.value(0)?;
     if !t.rd.is_empty() {
@@ -92,11 +100,16 @@ pub fn too_many_containers(max: u64) -> DeltaError {
     ))
 }
 
-/// One member of a map being written: its key, and where its key and value start in `out`.
+/// Maps up to this many keys find a repeated key by a scan, larger ones by a hash index.
+const LINEAR_KEYS: usize = 8;
+
+/// One key of a map being written: where its JSON key (with the colon) is in `out`, and its
+/// value, the last one read (a repeated key leaves the earlier values unused in `out`).
 struct Entry<'a> {
     key: &'a [u8],
     start: usize,
-    value: usize,
+    key_end: usize,
+    value: Range<usize>,
 }
 
 struct Transcoder<'a> {
@@ -105,10 +118,10 @@ struct Transcoder<'a> {
     out: Vec<u8>,
     containers: u64,
     max_containers: u64,
-    /// The members of every map being written, innermost map last.
+    /// The distinct keys of every map being written, innermost map last.
     entries: Vec<Entry<'a>>,
-    /// Scratch for finding repeated keys, reused by every map.
-    order: Vec<usize>,
+    /// Per depth: key -> entry, for the map being written there once it has many keys.
+    index: Vec<HashMap<&'a [u8], usize>>,
 }
 
 impl<'a> Transcoder<'a> {
@@ -189,6 +202,7 @@ impl<'a> Transcoder<'a> {
         self.enter(depth)?;
         self.out.push(b'{');
         let base = self.entries.len();
+        let mut repeated = false;
         for i in 0..n {
             if i > 0 {
                 self.out.push(b',');
@@ -197,62 +211,80 @@ impl<'a> Transcoder<'a> {
             let key = self.key()?;
             json::write_str(&mut self.out, key);
             self.out.push(b':');
-            let value = self.out.len();
+            let value_start = self.out.len();
             self.value(depth + 1)?;
             // After the value: a map inside it has already dropped its own entries.
-            self.entries.push(Entry {
-                key: key.as_bytes(),
-                start,
-                value,
-            });
+            let value = value_start..self.out.len();
+            let key = key.as_bytes();
+            if let Some(j) = self.find(base, depth, key) {
+                // Written in full all the same; the rewrite at the end drops it.
+                self.entries[j].value = value;
+                repeated = true;
+            } else {
+                self.entries.push(Entry {
+                    key,
+                    start,
+                    key_end: value_start,
+                    value,
+                });
+                self.index_last(base, depth);
+            }
         }
-        if n > 1 {
+        if repeated {
             self.drop_repeated_keys(base);
+        }
+        if self.entries.len() - base > LINEAR_KEYS {
+            self.index[depth].clear();
         }
         self.entries.truncate(base);
         self.out.push(b'}');
         Ok(())
     }
 
-    /// Rewrite the members of the map whose entries start at `base` if a key repeats: each
-    /// key once, at its first position, with its last value.
-    fn drop_repeated_keys(&mut self, base: usize) {
+    /// The entry of `key` in the map at `depth` whose entries start at `base`: a scan while
+    /// the map is small, then a hash index (one per depth, reused), so a map of many keys
+    /// costs linear time.
+    fn find(&self, base: usize, depth: usize, key: &[u8]) -> Option<usize> {
         let es = &self.entries[base..];
-        let order = &mut self.order;
-        order.clear();
-        order.extend(0..es.len());
-        // By key, then by position: each run of one key lists its members in order.
-        order.sort_unstable_by(|&a, &b| es[a].key.cmp(es[b].key).then(a.cmp(&b)));
-        if order.windows(2).all(|w| es[w[0]].key != es[w[1]].key) {
+        if es.len() <= LINEAR_KEYS {
+            return es.iter().position(|e| e.key == key).map(|j| base + j);
+        }
+        self.index[depth].get(key).copied()
+    }
+
+    /// Index the entry just added, once the map has outgrown the scan.
+    fn index_last(&mut self, base: usize, depth: usize) {
+        let n = self.entries.len() - base;
+        if n <= LINEAR_KEYS {
             return;
         }
-        // last[i]: for a key's first member, the index of its last member; else usize::MAX.
-        let mut last = vec![usize::MAX; es.len()];
-        for run in order.chunk_by(|&a, &b| es[a].key == es[b].key) {
-            last[run[0]] = run[run.len() - 1];
+        if self.index.len() <= depth {
+            self.index.resize_with(depth + 1, HashMap::new);
         }
+        let first = if n == LINEAR_KEYS + 1 {
+            base
+        } else {
+            self.entries.len() - 1
+        };
+        for j in first..self.entries.len() {
+            self.index[depth].insert(self.entries[j].key, j);
+        }
+    }
+
+    /// Rewrite the members of the map whose entries start at `base`: each key once, at its
+    /// first position, with its last value.
+    fn drop_repeated_keys(&mut self, base: usize) {
+        let es = &self.entries[base..];
         let from = es[0].start;
         let body = self.out.split_off(from);
-        let end = |j: usize| {
-            if j + 1 < es.len() {
-                es[j + 1].start - 1 // before the comma
-            } else {
-                from + body.len()
-            }
-        };
-        let mut first = true;
-        for (i, &j) in last.iter().enumerate() {
-            if j == usize::MAX {
-                continue;
-            }
-            if !first {
+        for (i, e) in es.iter().enumerate() {
+            if i > 0 {
                 self.out.push(b',');
             }
-            first = false;
             self.out
-                .extend_from_slice(&body[es[i].start - from..es[i].value - from]);
+                .extend_from_slice(&body[e.start - from..e.key_end - from]);
             self.out
-                .extend_from_slice(&body[es[j].value - from..end(j) - from]);
+                .extend_from_slice(&body[e.value.start - from..e.value.end - from]);
         }
     }
 
@@ -618,6 +650,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn repeated_keys_in_large_maps() {
+        // 3,000 members over 700 keys (so past the scan, into the hash index), with a nested
+        // map that repeats keys of its own and a key repeated right after the scan's end.
+        let mut data = Vec::new();
+        let _ = rmp::encode::write_map_len(&mut data, 3_002);
+        for i in 0..3_000u32 {
+            let _ = rmp::encode::write_str(&mut data, &format!("k{}", i % 700));
+            if i % 500 == 0 {
+                let _ = rmp::encode::write_map_len(&mut data, 20);
+                for j in 0..20u32 {
+                    let _ = rmp::encode::write_str(&mut data, &format!("n{}", j % 11));
+                    let _ = rmp::encode::write_uint(&mut data, (i + j) as u64);
+                }
+            } else {
+                let _ = rmp::encode::write_uint(&mut data, i as u64);
+            }
+        }
+        for k in ["k0", "k9"] {
+            let _ = rmp::encode::write_str(&mut data, k);
+            let _ = rmp::encode::write_nil(&mut data);
+        }
+        let out = msgpack_to_json(&data, 0).unwrap();
+        assert_eq!(out, via_value(&data).unwrap());
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 700);
+        assert_eq!(v["k0"], Value::Null);
+        assert_eq!(v["k7"], serde_json::json!(2_807));
+    }
+
     /// xorshift64*: a small deterministic generator for the agreement test.
     struct Rng(u64);
     impl Rng {
@@ -719,7 +781,12 @@ mod tests {
                 }
             }
             _ => {
-                let n = r.below(6) as u32;
+                // Past LINEAR_KEYS sometimes, so that the hash index is exercised too.
+                let n = if r.below(4) == 0 {
+                    r.below(24)
+                } else {
+                    r.below(6)
+                } as u32;
                 let _ = rmp::encode::write_map_len(out, n);
                 for _ in 0..n {
                     gen_str(r, out, true);
