@@ -84,8 +84,11 @@ def compact(state: bytes | str, ds: Sequence[bytes | str], max_bytes: int = 0) -
 def json_to_msgpack(doc: bytes | str) -> bytes:
     """Re-encode a JSON document as MessagePack."""
 
-def msgpack_to_json(data: bytes) -> bytes:
-    """Re-encode a MessagePack document as JSON (maps must have string keys)."""
+def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
+    """Re-encode a MessagePack document as JSON (maps must have string keys; a repeated key
+    keeps its first position and its last value). Past `max_containers` arrays and maps
+    (an int >= 0; 0 = no limit) it stops at once with DeltaError "... may hold at most N
+    arrays and objects". Memory in the size of the output, not of a decoded tree."""
 
 class RoomState:
     """One room's state held natively; the relay keeps one per active room.

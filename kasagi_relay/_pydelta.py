@@ -980,12 +980,39 @@ def _check_from_msgpack(v: Json) -> None:
         d += 1
 
 
-def msgpack_to_json(data: bytes) -> bytes:
-    """Re-encode a MessagePack document as JSON (maps must have string keys)."""
+class _TooManyContainers(Exception):
+    pass
+
+
+def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
+    """Re-encode a MessagePack document as JSON (maps must have string keys); past
+    `max_containers` arrays and maps (0 = no limit), DeltaError at once."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"expected bytes, not {type(data).__name__}")
+    if type(max_containers) is not int or not 0 <= max_containers <= _U64_MAX:
+        raise ValueError(
+            f"max_containers must be a non-negative integer below 2**64, not {max_containers!r}"
+        )
+    hooks: dict[str, Any] = {}
+    if max_containers:
+        count = 0
+
+        # Called as each container is complete: the unpacking stops at the first one past
+        # the cap, so at most max_containers of them are ever built.
+        def counted(x: Any) -> Any:
+            nonlocal count
+            count += 1
+            if count > max_containers:
+                raise _TooManyContainers
+            return x
+
+        hooks = {"list_hook": counted, "object_hook": counted}
     try:
-        v = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        v = msgpack.unpackb(data, raw=False, strict_map_key=False, **hooks)
+    except _TooManyContainers:
+        raise DeltaError(
+            f"MessagePack: a document may hold at most {max_containers} arrays and objects"
+        ) from None
     except Exception as exc:  # msgpack raises many types for bad input
         raise DeltaError(f"MessagePack: invalid data: {exc}") from None
     _check_from_msgpack(v)

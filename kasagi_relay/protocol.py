@@ -123,6 +123,7 @@ MAX_INT: Final = 2**64 - 1
 # costs ~0.3 us per container with the garbage collector's passes (1 MiB of `[]`, 350k of
 # them, took ~95 ms); this caps it near 30 ms.
 MAX_CONTAINERS: Final = 100_000
+_TOO_MANY_CONTAINERS: Final = f"a message may hold at most {MAX_CONTAINERS} arrays and objects"
 # Members of the message object itself. A request uses at most six; the top level of a
 # MessagePack message is walked in Python (~2 us per member: 1 MiB of one-byte members took
 # ~400 ms), so the cap bounds that walk.
@@ -223,9 +224,7 @@ def _check_containers(text: str | bytes) -> None:
     # Brackets inside strings were counted too: count again without the strings.
     plain = _STRINGS_RE.sub("", text if isinstance(text, str) else text.decode("utf-8"))
     if plain.count("[") + plain.count("{") > MAX_CONTAINERS:
-        raise BadRequest(
-            "bad_message", f"a message may hold at most {MAX_CONTAINERS} arrays and objects"
-        )
+        raise BadRequest("bad_message", _TOO_MANY_CONTAINERS)
 
 
 def _loads(text: str) -> object:
@@ -308,9 +307,16 @@ def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, i
     return fields, spans
 
 
-def _msgpack_json(data: bytes) -> bytes:
-    """MessagePack -> JSON by the engine (GIL released); raises DeltaError."""
-    return delta.msgpack_to_json(data)
+def _msgpack_json(data: bytes, rid: RequestId | None) -> bytes:
+    """MessagePack -> JSON by the engine (GIL released), in memory of the output's size; raises
+    DeltaError, or BadRequest past MAX_CONTAINERS arrays and maps (the engine stops there,
+    so a frame of a million empty arrays costs no more than its first 100,000)."""
+    try:
+        return delta.msgpack_to_json(data, MAX_CONTAINERS)
+    except delta.DeltaError as exc:
+        if "arrays and objects" in str(exc):
+            raise BadRequest("bad_message", _TOO_MANY_CONTAINERS, rid) from None
+        raise
 
 
 def _bad_msgpack(exc: delta.DeltaError) -> bool:
@@ -329,7 +335,7 @@ def _parse_msgpack(data: bytes) -> Request:
         if name in _KINDS or name in _SCALARS:
             continue
         try:
-            _msgpack_json(data[start:end])
+            _msgpack_json(data[start:end], rid)
         except delta.DeltaError:
             raise BadRequest(
                 "bad_message", f"member {_short(name)} has no JSON form", rid
@@ -338,12 +344,11 @@ def _parse_msgpack(data: bytes) -> Request:
     def source(kind: str) -> bytes:
         start, end = spans[kind]
         try:
-            body = _msgpack_json(data[start:end])
+            body = _msgpack_json(data[start:end], None)
         except delta.DeltaError as exc:
             if _bad_msgpack(exc):
                 raise BadRequest("bad_message", str(exc)) from None
             raise BadRequest("bad_patch", f"delta has no JSON form: {exc}") from None
-        _check_containers(body)
         return b'{"' + kind.encode() + b'":' + body + b"}"
 
     return _parse_object(fields, source, MSGPACK)

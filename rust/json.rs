@@ -208,7 +208,7 @@ impl Formatter for PyFormatter {
 
 /// Write `value` like Python's `repr(float)`: positional notation for 1e-4 <= |v| < 1e16
 /// (and zero), otherwise scientific with a signed, at-least-two-digit exponent.
-fn write_py_float<W: ?Sized + io::Write>(w: &mut W, value: f64) -> io::Result<()> {
+pub(crate) fn write_py_float<W: ?Sized + io::Write>(w: &mut W, value: f64) -> io::Result<()> {
     let a = value.abs();
     if a == 0.0 || (1e-4..1e16).contains(&a) || !value.is_finite() {
         // serde_json's shortest round-trip formatting is positional in this range, with the

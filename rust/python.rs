@@ -260,17 +260,37 @@ fn py_json_to_msgpack<'py>(
     bytes_out(py, out)
 }
 
-#[pyfunction(name = "msgpack_to_json")]
+#[pyfunction(name = "msgpack_to_json", signature = (data, max_containers = None))]
 fn py_msgpack_to_json<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
+    max_containers: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     if data.is_instance_of::<PyString>() {
         return Err(PyTypeError::new_err("expected bytes, not str"));
     }
+    let max = match max_containers {
+        None => 0,
+        Some(m) => non_negative(m, "max_containers")?,
+    };
     let data = input(data, "data")?;
-    let out = py.detach(|| codec::msgpack_to_json(&data)).map_err(to_py)?;
+    let out = py
+        .detach(|| codec::msgpack_to_json(&data, max))
+        .map_err(to_py)?;
     bytes_out(py, out)
+}
+
+/// An int (not a bool) >= 0 that fits u64, else ValueError naming `what`.
+fn non_negative(v: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    if v.is_exact_instance_of::<PyInt>() {
+        if let Ok(n) = v.extract::<u64>() {
+            return Ok(n);
+        }
+    }
+    Err(PyValueError::new_err(format!(
+        "{what} must be a non-negative integer below 2**64, not {}",
+        v.repr().map(|r| r.to_string()).unwrap_or_default()
+    )))
 }
 
 /// A `seq` argument: an int (not a bool) >= 0.

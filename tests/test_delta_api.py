@@ -288,6 +288,46 @@ def test_msgpack_round_trip(engines: ModuleType) -> None:
     assert engines.msgpack_to_json(msgpack.packb({"x": [1.25, "y"]})) == b'{"x":[1.25,"y"]}'
 
 
+def _empty_arrays(n: int) -> bytes:
+    return b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+
+
+def test_msgpack_to_json_container_cap(engines: ModuleType) -> None:
+    # n inner arrays and the outer one: n + 1 containers.
+    assert engines.msgpack_to_json(_empty_arrays(9), 10) == b"[" + b",".join([b"[]"] * 9) + b"]"
+    with pytest.raises(engines.DeltaError) as e:
+        engines.msgpack_to_json(_empty_arrays(10), 10)
+    assert str(e.value) == "MessagePack: a document may hold at most 10 arrays and objects"
+    # Maps count, scalars and strings holding brackets do not; 0 means no cap.
+    assert engines.msgpack_to_json(msgpack.packb([{}, {"a": []}]), 4) == b'[{},{"a":[]}]'
+    with pytest.raises(engines.DeltaError, match="at most 3 arrays and objects"):
+        engines.msgpack_to_json(msgpack.packb([{}, {"a": []}]), 3)
+    assert engines.msgpack_to_json(msgpack.packb(["[[[", 1, None]), 1) == b'["[[[",1,null]'
+    assert len(engines.msgpack_to_json(_empty_arrays(200_000))) == 600_001
+    assert len(engines.msgpack_to_json(_empty_arrays(200_000), 0)) == 600_001
+    # A million arrays with a cap of 100,000 is refused (the cost of the refusal is measured
+    # in benches/hostile, class 3, not here).
+    with pytest.raises(engines.DeltaError, match="at most 100000 arrays and objects"):
+        engines.msgpack_to_json(_empty_arrays(1_000_000), 100_000)
+
+
+@pytest.mark.parametrize("bad_cap", [-1, 2**64, True, 1.5, "3"])
+def test_msgpack_to_json_cap_must_be_a_non_negative_int(engines: ModuleType, bad_cap: Any) -> None:
+    with pytest.raises(ValueError, match="max_containers must be a non-negative integer"):
+        engines.msgpack_to_json(b"\x90", bad_cap)
+
+
+def test_msgpack_to_json_repeated_keys_keep_first_position_last_value(
+    engines: ModuleType,
+) -> None:
+    # {"a":1,"b":{"x":1,"x":[2]},"a":{"c":3},"d":null,"b":4}: MessagePack may repeat a key
+    # (Python's msgpack cannot write one); the result is what a dict makes of it.
+    data = b"\x85\xa1a\x01\xa1b\x82\xa1x\x01\xa1x\x91\x02\xa1a\x81\xa1c\x03\xa1d\xc0\xa1b\x04"
+    out = engines.msgpack_to_json(data)
+    assert out == b'{"a":{"c":3},"b":4,"d":null}'
+    assert json.loads(out) == msgpack.unpackb(data)
+
+
 # --------------------------------------------------------------------------- RoomState
 
 

@@ -341,6 +341,31 @@ def test_a_megabyte_of_empty_arrays_is_refused_without_decoding_it() -> None:
     assert peek_id(data, MSGPACK) is None
 
 
+@pytest.mark.parametrize("member", ["merge", "extra"])
+def test_a_megabyte_frame_of_empty_arrays_is_bad_message(member: str) -> None:
+    # A frame just under 1 MiB of empty arrays, in the delta or in a member nobody reads: the
+    # engine stops at the cap (docs/protocol.md, "Limits"), and the reply echoes the id.
+    n = MIB - 64
+    arrays = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+    head = b"\x85" + packm("id") + packm(7) + packm("t") + packm("delta") + packm("room")
+    head += packm("a")
+    if member == "merge":
+        data = head + packm("merge") + b"\x81\xa1x" + arrays + packm("x") + packm(1)
+    else:
+        data = head + packm("merge") + packm({}) + packm("extra") + arrays
+    assert len(data) < MIB
+    err = bad(data, MSGPACK)
+    assert err.code == "bad_message"
+    assert err.message == f"a message may hold at most {MAX_CONTAINERS} arrays and objects"
+    assert err.id == 7
+    # The same number of arrays, one less, is accepted.
+    ok = MAX_CONTAINERS - 2  # the merge object and the outer array count too
+    fine = b"\xdd" + ok.to_bytes(4, "big") + b"\x90" * ok
+    assert parse(_msgpack_delta_around(b"\x81\xa1x" + fine), MSGPACK) == Delta(
+        "a", "merge", b'{"x":[' + b",".join([b"[]"] * ok) + b"]}"
+    )
+
+
 @pytest.mark.parametrize("codec", [JSON, MSGPACK])
 def test_too_many_members_is_bad_message(codec: Any) -> None:
     message: dict[str, Any] = {"t": "leave", "room": "a"}
