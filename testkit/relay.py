@@ -200,12 +200,13 @@ async def connect_client(
 # --------------------------------------------------------------------------- raw sockets
 
 
-async def raw_member(port: int, room: str) -> socket.socket:
-    """A hand-made WebSocket client with a tiny receive window that joins `room` and then
-    never reads again (until the test says so)."""
+async def raw_connect(port: int, rcvbuf: int | None = None) -> socket.socket:
+    """A hand-made WebSocket connection (JSON), after its 101; `rcvbuf` shrinks its receive
+    window (a client that reads slowly fills it at once)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
@@ -218,19 +219,34 @@ async def raw_member(port: int, room: str) -> socket.socket:
     while b"\r\n\r\n" not in head:
         head += await loop.sock_recv(sock, 1)
     assert head.startswith(b"HTTP/1.1 101"), head
-    payload = b'{"t":"join","room":"' + room.encode() + b'"}'
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    await loop.sock_sendall(sock, bytes((0x81, 0x80 | len(payload))) + mask + masked)
     return sock
 
 
-def parse_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """The complete unmasked frames at the start of `data`, and the bytes they took."""
+def text_frame(payload: bytes) -> bytes:
+    """One masked client text frame (RFC 6455: a server closes on unmasked ones)."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    head = bytes((0x81, 0x80 | n)) if n < 126 else struct.pack("!BBH", 0x81, 0x80 | 126, n)
+    return head + mask + masked
+
+
+async def raw_member(port: int, room: str) -> socket.socket:
+    """A hand-made WebSocket client with a tiny receive window that joins `room` and then
+    never reads again (until the test says so)."""
+    sock = await raw_connect(port, rcvbuf=4096)
+    payload = b'{"t":"join","room":"' + room.encode() + b'"}'
+    await asyncio.get_running_loop().sock_sendall(sock, text_frame(payload))
+    return sock
+
+
+def split_frames(data: bytes) -> tuple[list[tuple[bool, int, bytes]], int]:
+    """The complete unmasked frames at the start of `data` as (fin, opcode, payload), and
+    the bytes they took."""
     frames = []
     pos = 0
     while pos + 2 <= len(data):
-        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        fin, opcode, n = bool(data[pos] & 0x80), data[pos] & 0x0F, data[pos + 1] & 0x7F
         head = 2 + {126: 2, 127: 8}.get(n, 0)
         if pos + head > len(data):
             break
@@ -240,9 +256,16 @@ def parse_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
             (n,) = struct.unpack_from("!Q", data, pos + 2)
         if pos + head + n > len(data):
             break
-        frames.append((opcode, data[pos + head : pos + head + n]))
+        frames.append((fin, opcode, data[pos + head : pos + head + n]))
         pos += head + n
     return frames, pos
+
+
+def parse_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete unmasked frames at the start of `data` as (opcode, payload), and the
+    bytes they took."""
+    frames, used = split_frames(data)
+    return [(opcode, payload) for _, opcode, payload in frames], used
 
 
 async def read_frames(sock: socket.socket, count: int | None = None) -> list[tuple[int, bytes]]:

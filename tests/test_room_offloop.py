@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import socket
 import struct
@@ -28,7 +27,9 @@ from testkit.relay import (
     connect_client,
     raw_member,
     relay_process,
+    split_frames,
     start_relay,
+    text_frame,
 )
 
 MiB = 1 << 20
@@ -36,35 +37,9 @@ MiB = 1 << 20
 
 def send_text(sock: socket.socket, text: str) -> None:
     """One masked text frame from a raw client (blocking: it is small)."""
-    payload = text.encode()
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    head = bytes((0x81, 0x80 | n)) if n < 126 else struct.pack("!BBH", 0x81, 0x80 | 126, n)
     sock.setblocking(True)
-    sock.sendall(head + mask + masked)
+    sock.sendall(text_frame(text.encode()))
     sock.setblocking(False)
-
-
-def split_frames(data: bytes) -> tuple[list[tuple[bool, int, bytes]], int]:
-    """The complete unmasked frames at the start of `data` as (fin, opcode, payload), and
-    the bytes they took."""
-    frames = []
-    pos = 0
-    while pos + 2 <= len(data):
-        fin, opcode, n = bool(data[pos] & 0x80), data[pos] & 0x0F, data[pos + 1] & 0x7F
-        head = 2 + {126: 2, 127: 8}.get(n, 0)
-        if pos + head > len(data):
-            break
-        if n == 126:
-            (n,) = struct.unpack_from("!H", data, pos + 2)
-        elif n == 127:
-            (n,) = struct.unpack_from("!Q", data, pos + 2)
-        if pos + head + n > len(data):
-            break
-        frames.append((fin, opcode, data[pos + head : pos + head + n]))
-        pos += head + n
-    return frames, pos
 
 
 async def read_all_frames(sock: socket.socket) -> list[tuple[bool, int, bytes]]:

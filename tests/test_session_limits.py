@@ -8,7 +8,6 @@ benches/ measure speed."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -23,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from kasagi_relay.server import Relay
-from testkit.relay import MSGPACK, Client, connect_client, parse_frames, start_relay
+from testkit.relay import MSGPACK, Client, connect_client, parse_frames, raw_connect, start_relay
 
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 0x1, 0x2, 0x8, 0x9
 
@@ -45,27 +44,6 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
         head = struct.pack("!BBQ", first, 0x80 | 127, n)
     mask = os.urandom(4)
     return head + mask + _xor(payload, mask)
-
-
-async def raw_connect(port: int, rcvbuf: int | None = None) -> socket.socket:
-    """A hand-made WebSocket connection (JSON), after its 101."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await loop.sock_sendall(sock, request.encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await loop.sock_recv(sock, 1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
 
 
 async def close_code_of(sock: socket.socket, within: float = 15.0) -> int | None:

@@ -12,6 +12,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from testkit.relay import parse_frames
+
 TEXT = 0x1
 BINARY = 0x2
 CLOSE = 0x8
@@ -54,26 +56,6 @@ def _length_bytes(n: int) -> bytes:
     if n < 1 << 16:
         return bytes((0x80 | 126,)) + struct.pack("!H", n)
     return bytes((0x80 | 127,)) + struct.pack("!Q", n)
-
-
-def parse_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """The complete (unmasked, server) frames at the start of `data`, and the bytes used."""
-    frames: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos + 2 <= len(data):
-        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
-        head = 2 + {126: 2, 127: 8}.get(n, 0)
-        if pos + head > len(data):
-            break
-        if n == 126:
-            (n,) = struct.unpack_from("!H", data, pos + 2)
-        elif n == 127:
-            (n,) = struct.unpack_from("!Q", data, pos + 2)
-        if pos + head + n > len(data):
-            break
-        frames.append((opcode, data[pos + head : pos + head + n]))
-        pos += head + n
-    return frames, pos
 
 
 @dataclass
