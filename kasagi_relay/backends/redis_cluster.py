@@ -38,9 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import ConnectionPool, Redis
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
@@ -54,7 +52,7 @@ from redis.exceptions import (
 
 from kasagi_relay.backends.base import Backend, Listener
 from kasagi_relay.backends.redis_feed import ChannelFeed
-from kasagi_relay.backends.redis_link import Addr, MasterLink, command
+from kasagi_relay.backends.redis_link import Addr, MasterLink, addr_pool, command, quick_client
 from kasagi_relay.backends.redis_store import RedisLog, RedisSnapshots, room_keys
 from kasagi_relay.domain import AckLevel, BackendUnavailable, DeltaKind, Op, Snapshot
 
@@ -235,21 +233,13 @@ class ClusterRouter:
     # ------------------------------------------------------------------ connections
 
     def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
-        return BlockingConnectionPool(
-            host=addr[0], port=addr[1], password=self.password, username=self.username, **options
-        )
+        return addr_pool(addr, options, self.password, self.username)
 
     def _node_client(self, addr: Addr) -> Redis:
         client = self._clients.get(addr)
         if client is None:
-            client = self._clients[addr] = Redis(
-                host=addr[0],
-                port=addr[1],
-                password=self.password,
-                username=self.username,
-                socket_timeout=self.node_timeout_s,
-                socket_connect_timeout=self.node_timeout_s,
-                retry=Retry(NoBackoff(), 0),
+            client = self._clients[addr] = quick_client(
+                addr, self.node_timeout_s, self.password, self.username
             )
         return client
 

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -54,11 +54,40 @@ __all__ = [
     "Locator",
     "MasterLink",
     "NotSent",
+    "addr_pool",
     "command",
     "function_missing",
+    "quick_client",
 ]
 
 logger = logging.getLogger("kasagi_relay.backends.redis")
+
+
+def addr_pool(
+    addr: Addr, options: dict[str, Any], password: str | None, username: str | None = None
+) -> ConnectionPool:
+    """The pool of a master link to a node found by address (a Sentinel's or a Cluster's
+    answer), with the link's options (MasterLink.pool_options)."""
+    return BlockingConnectionPool(
+        host=addr[0], port=addr[1], password=password, username=username, **options
+    )
+
+
+def quick_client(
+    addr: Addr, timeout_s: float, password: str | None, username: str | None = None
+) -> Redis:
+    """A client for asking a node (a Sentinel, a Cluster node) a question: short timeouts
+    and no retries, so that one silent node costs one timeout and the others are asked."""
+    return Redis(
+        host=addr[0],
+        port=addr[1],
+        password=password,
+        username=username,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
 
 T = TypeVar("T")
 Addr = tuple[str, int]

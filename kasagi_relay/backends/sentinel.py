@@ -27,14 +27,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import AuthenticationError, AuthorizationError
 
 from kasagi_relay.backends.base import AckLevel, BackendUnavailable
 from kasagi_relay.backends.redis import RedisBase
-from kasagi_relay.backends.redis_link import Addr, MasterLink, command
+from kasagi_relay.backends.redis_link import Addr, MasterLink, addr_pool, command, quick_client
 
 __all__ = ["SentinelBackend", "SentinelLocator"]
 
@@ -99,20 +97,13 @@ class SentinelLocator:
         self._moved: Callable[[str], None] = lambda reason: None
 
     def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
-        return BlockingConnectionPool(
-            host=addr[0], port=addr[1], password=self.password, username=self.username, **options
-        )
+        return addr_pool(addr, options, self.password, self.username)
 
     def _sentinel(self, addr: Addr) -> Redis:
         client = self._sentinel_clients.get(addr)
         if client is None:
-            client = self._sentinel_clients[addr] = Redis(
-                host=addr[0],
-                port=addr[1],
-                password=self.sentinel_password,
-                socket_timeout=self.sentinel_timeout_s,
-                socket_connect_timeout=self.sentinel_timeout_s,
-                retry=Retry(NoBackoff(), 0),
+            client = self._sentinel_clients[addr] = quick_client(
+                addr, self.sentinel_timeout_s, self.sentinel_password
             )
         return client
 
