@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
-from typing import Final, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 __all__ = [
+    "ANONYMOUS",
     "IDEMPOTENCY_TTL_S",
     "ROOM_NAME",
     "AckLevel",
     "BackendUnavailable",
     "DeltaKind",
+    "Identity",
     "KeyConflict",
     "Op",
+    "Right",
     "Snapshot",
     "delta_digest",
     "valid_room",
@@ -27,6 +31,8 @@ __all__ = [
 
 DeltaKind = Literal["patch", "merge"]
 AckLevel = Literal["leader", "replica", "all"]
+# Rights on a room (docs/protocol.md, identity): `r` join, resume, presence; `w` deltas.
+Right = Literal["r", "w"]
 
 ROOM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 # How long an idempotency key answers a retry with its first seq.
@@ -43,6 +49,39 @@ def delta_digest(kind: DeltaKind, body: bytes) -> str:
     conflict, not a retry. SHA-1 because Redis Functions compute it too (`redis.sha1hex`
     of the same `kind:body` string), so every backend and relay agrees on it."""
     return hashlib.sha1(kind.encode() + b":" + body, usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is asking: what a connection or an HTTP API call acts as.
+
+    `sub` is None for an anonymous client (a relay without JWT keys). `rooms` maps a room
+    pattern (a name, or a prefix ending in `*`) to rights (`r`, `w`, `rw`); None means
+    every right on every room (anonymous relays, the HTTP API). `info` is the public JSON
+    object presence shows. `exp` is the token's expiry (Unix seconds), None without one."""
+
+    sub: str | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+    rooms: Mapping[str, str] | None = None
+    exp: float | None = None
+
+    def can(self, right: Right, room: str) -> bool:
+        """Whether some pattern that matches `room` grants `right` (rights add up)."""
+        if self.rooms is None:
+            return True
+        for pattern, rights in self.rooms.items():
+            if right not in rights:
+                continue
+            if pattern.endswith("*"):
+                if room.startswith(pattern[:-1]):
+                    return True
+            elif pattern == room:
+                return True
+        return False
+
+
+# Every right, no user: the identity of every connection on a relay without JWT keys.
+ANONYMOUS: Final = Identity()
 
 
 @dataclass(frozen=True, slots=True)

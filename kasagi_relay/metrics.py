@@ -81,6 +81,13 @@ class Metrics:
         self.backend_errors = Counter(
             "kasagi_backend_errors", "Failed backend operations.", registry=r
         )
+        self.forbidden = Counter(
+            "kasagi_forbidden",
+            "Requests refused with `forbidden` because the identity's grants lack the "
+            "right, by action (join, publish).",
+            ["action"],
+            registry=r,
+        )
         self.resets = Counter("kasagi_resets", "Room resets sent to members.", registry=r)
         self.bad_input = Counter(
             "kasagi_bad_input",

@@ -23,10 +23,13 @@ from typing import Final, Literal, cast
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.domain import (
+    ANONYMOUS,
     IDEMPOTENCY_TTL_S,
     BackendUnavailable,
     DeltaKind,
+    Identity,
     KeyConflict,
+    Right,
     delta_digest,
 )
 from kasagi_relay.fanout import Member
@@ -69,18 +72,29 @@ class RoomService:
 
     # ------------------------------------------------------------------ requests
 
-    def authorize(self, action: Action, room: str) -> None:
-        """Identity and grants (the next issue) refuse here, with BadRequest("forbidden"),
-        for every transport at once. Today every request is allowed."""
+    def authorize(self, action: Action, room: str, who: Identity) -> None:
+        """Refuse, with BadRequest("forbidden"), what `who`'s grants do not allow: one
+        check for every transport (the WebSocket session and the HTTP API)."""
+        right: Right = "w" if action == "publish" else "r"
+        if not who.can(right, room):
+            self.metrics.forbidden.labels(action).inc()
+            raise BadRequest("forbidden", f"no {right!r} right on room {room!r}")
 
-    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None) -> int:
+    async def publish(
+        self,
+        room: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        who: Identity = ANONYMOUS,
+    ) -> int:
         """Sequence one delta (already validated by protocol.parse) in `room`; its seq.
 
         A retry under the same key gets the first seq; another delta under a key already
         used is `key_conflict`, as are the errors of docs/protocol.md (bad_patch,
         too_large, unavailable)."""
         self._check_open()
-        self.authorize("publish", room)
+        self.authorize("publish", room, who)
         digest = delta_digest(kind, body) if key is not None else ""
         if key is not None:
             known = self._known_key(room, key, digest)
@@ -135,13 +149,18 @@ class RoomService:
         return seq
 
     async def join(
-        self, member: Member, room: str, since: int | None, rid: RequestId | None
+        self,
+        member: Member,
+        room: str,
+        since: int | None,
+        rid: RequestId | None,
+        who: Identity = ANONYMOUS,
     ) -> bool:
         """Send `member` the room's `joined` (full state, or resumed and the deltas after
         `since`) and add it to the room's stream; a second join restarts the stream.
         False when the member went away meanwhile (it is not a member then)."""
         self._check_open()
-        self.authorize("join", room)
+        self.authorize("join", room, who)
         try:
             r = await self.registry.load(room)
             if member in r.members:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,6 +39,7 @@ from websockets.protocol import Event, State
 
 from kasagi_relay import protocol
 from kasagi_relay.config import Config
+from kasagi_relay.domain import ANONYMOUS, Identity
 from kasagi_relay.fanout import CLOSE_TOO_SLOW, Member
 from kasagi_relay.metrics import Metrics, ThrottledLog
 from kasagi_relay.protocol import BadRequest, Codec
@@ -266,6 +268,8 @@ class Session:
         "codec",
         "config",
         "conn",
+        "conn_id",
+        "identity",
         "limiter",
         "member",
         "metrics",
@@ -289,6 +293,10 @@ class Session:
         self.metrics = metrics
         self.member = make_member(conn, codec, self._on_slow)
         self.rooms: set[str] = set()
+        # Who the connection acts as (auth replaces it) and its random id, which presence
+        # shows and `joined` gives the connection itself.
+        self.identity: Identity = ANONYMOUS
+        self.conn_id = secrets.token_urlsafe(12)
         now = time.monotonic()
         self.limiter = RateLimiter(
             rate=config.rate_limit,
@@ -461,7 +469,9 @@ class Session:
     async def _dispatch(self, request: protocol.Request, received: float) -> None:
         if isinstance(request, protocol.Delta):
             self._idle_since = time.monotonic()
-            seq = await self.service.publish(request.room, request.kind, request.body, request.key)
+            seq = await self.service.publish(
+                request.room, request.kind, request.body, request.key, self.identity
+            )
             self.member.send(protocol.encode_ack(self.codec, request.room, seq, request.id))
             self.metrics.ack_latency.observe(time.perf_counter() - received)
         elif isinstance(request, protocol.Join):
@@ -476,7 +486,7 @@ class Session:
             # Each membership holds a place in the room's fan-out and keeps the room loaded:
             # without a cap one connection could hold every room of the relay.
             raise BadRequest("forbidden", f"a connection may be a member of at most {limit} rooms")
-        if await self.service.join(self.member, req.room, req.since, req.id):
+        if await self.service.join(self.member, req.room, req.since, req.id, self.identity):
             self.rooms.add(req.room)
         else:
             self.rooms.discard(req.room)

@@ -10,6 +10,7 @@ import pytest
 
 from kasagi_relay.backends.memory import MemoryBackend
 from kasagi_relay.config import Config
+from kasagi_relay.domain import ANONYMOUS, Identity
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import BadRequest
 from kasagi_relay.registry import RoomRegistry
@@ -154,3 +155,16 @@ async def test_key_conflict_across_two_relays_when_the_delta_no_longer_applies(
         await on_b.send({"t": "delta", "room": "r", "id": 2, "key": "k1", "patch": remove})
         reply, _ = await on_b.recv_until(lambda m: m["t"] in ("ack", "error"))
         assert (reply["t"], reply.get("code"), reply["id"]) == ("error", "key_conflict", 2)
+
+
+# ---------------------------------------------------------------------- identity
+
+
+def test_identity_rights_add_up_over_patterns() -> None:
+    who = Identity(sub="ann", rooms={"match-42.*": "r", "match-42.chat": "w", "lobby": "rw"})
+    assert who.can("r", "match-42.chat") and who.can("w", "match-42.chat")
+    assert who.can("r", "match-42.board") and not who.can("w", "match-42.board")
+    assert who.can("w", "lobby") and not who.can("r", "lobby2")
+    assert not who.can("r", "match-4")  # a prefix pattern matches only its prefix
+    assert Identity(rooms={"*": "r"}).can("r", "anything")
+    assert ANONYMOUS.can("w", "anything")  # no grants: a relay without keys allows all
