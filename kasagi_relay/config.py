@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kasagi_relay.domain import AckLevel
 
@@ -70,6 +70,14 @@ class Config:
     idle_timeout_s: float = 10.0
     # A frame whose bytes are not all in within this closes its connection (1008).
     frame_timeout_s: float = 10.0
+
+    # The HTTP API (docs/protocol.md, "HTTP API"): off without a key; several keys let one
+    # be rotated out. A request must arrive whole (headers and body), and an idle keep-alive
+    # connection send its next one, within api_timeout_s; past api_max_requests requests
+    # served at once, more get 503.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never in a log line
+    api_timeout_s: float = 10.0
+    api_max_requests: int = 64
 
     # Connection housekeeping.
     ping_interval_s: float | None = 20.0

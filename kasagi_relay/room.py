@@ -666,6 +666,22 @@ class Room:
                 self.members[member] = None
                 return
 
+    async def read(self) -> tuple[int, Payload]:
+        """The state as JSON and its seq, for the HTTP API: the encoding joiners of this
+        version share (made off the loop unless the state is small)."""
+        self.last_active = time.monotonic()  # before any await: not idle, not evicted
+        self._joining += 1  # a reader, like a joiner, keeps the room loaded meanwhile
+        try:
+            while True:
+                await self.ensure_loaded()
+                async with self._engine:
+                    state = self.state
+                    if state is None:
+                        continue  # lost while we waited (a failed apply): read after reload
+                    return self.seq, await self._encoding(state, JSON)
+        finally:
+            self._joining -= 1
+
     async def _missed(self, since: int) -> list[Op] | None:
         """The ops since+1 .. seq, or None when history cannot serve them. The last op
         returned is the room's seq at the moment this returns (no await after)."""

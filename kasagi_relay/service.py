@@ -32,7 +32,7 @@ from kasagi_relay.domain import (
     Right,
     delta_digest,
 )
-from kasagi_relay.fanout import Member
+from kasagi_relay.fanout import Member, Payload
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
 from kasagi_relay.registry import RoomRegistry
@@ -49,7 +49,7 @@ KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
 # under a key is refused before it reaches the backend.
 KEY_CACHE_SIZE: Final = 100_000
 
-Action = Literal["join", "publish"]
+Action = Literal["join", "publish", "read"]
 
 
 class RoomService:
@@ -175,6 +175,18 @@ class RoomService:
             return False
         self.metrics.members.inc()
         return True
+
+    async def read(self, room: str, who: Identity = ANONYMOUS) -> tuple[int, Payload]:
+        """The room's state as JSON and its seq (the HTTP API's GET): the room is loaded
+        as for a join, and the state's cached encoding is shared with joiners."""
+        self._check_open()
+        self.authorize("read", room, who)
+        try:
+            r = await self.registry.load(room)
+            return await r.read()
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
 
     def leave(self, member: Member, room: str) -> None:
         """Take `member` off the room's stream (nothing if it is not a member)."""
