@@ -231,6 +231,31 @@ async def test_expect_100_continue_and_chunked_body() -> None:
         writer.close()
 
 
+async def test_first_request_line_in_pieces() -> None:
+    """The relay tells API from WebSocket connections by the first request line, however it
+    is cut: sent a byte at a time, an API request and a WebSocket handshake both work."""
+    async with api_relay() as relay:
+        reader, writer = await raw(relay.port)
+        for byte in head("GET", "/api/rooms/r")[:40]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        writer.write(head("GET", "/api/rooms/r")[40:])
+        assert (await read_reply(reader)).json() == {"seq": 0, "state": {}}
+        writer.close()
+        handshake = (
+            b"GET /ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        reader, writer = await raw(relay.port)
+        for byte in handshake[:30]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        writer.write(handshake[30:])
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status.startswith(b"HTTP/1.1 101 ")
+        writer.close()
+
+
 # --------------------------------------------------------------------------- errors
 
 
