@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import trustme
 
 from kasagi_relay.cli import parse_config
 from kasagi_relay.config import Config
 from kasagi_relay.server import Relay
 from testkit.redis import Topology, redis_server  # noqa: F401
-from testkit.relay import connect_client, start_relay
+from testkit.relay import connect_client, relay_process, start_relay
 
 KEY = "k-0123456789abcdef"
 OTHER_KEY = "k-rotated-fedcba9876"
@@ -47,8 +49,13 @@ def _call(
     body: bytes | str | None,
     key: str | None,
     headers: Mapping[str, str],
+    tls: ssl.SSLContext | None = None,
 ) -> Reply:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    conn = (
+        http.client.HTTPSConnection("127.0.0.1", port, timeout=TIMEOUT, context=tls)
+        if tls is not None
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    )
     try:
         sent = dict(headers)
         if key is not None:
@@ -68,11 +75,12 @@ async def call(
     *,
     key: str | None = KEY,
     headers: Mapping[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Reply:
     """One request on its own connection; a dict or list body is sent as JSON."""
     if isinstance(body, dict | list):
         body = json.dumps(body)
-    return await asyncio.to_thread(_call, port, method, path, body, key, headers or {})
+    return await asyncio.to_thread(_call, port, method, path, body, key, headers or {}, tls)
 
 
 async def publish(port: int, room: str, delta: Any, **kw: Any) -> Reply:
@@ -469,6 +477,60 @@ async def test_shutdown_closes_api_connections() -> None:
         await asyncio.wait_for(relay.stop(), TIMEOUT)
     assert await closed_by_relay(reader)
     writer.close()
+
+
+# --------------------------------------------------------------------------- TLS, CLI
+
+
+def tls_files(tmp_path: Path) -> tuple[str, str, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 (chain, key) and a client context trusting it."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return str(chain), str(key), context
+
+
+async def test_api_over_tls(tmp_path: Path) -> None:
+    chain, key, context = tls_files(tmp_path)
+    async with api_relay(tls_cert=chain, tls_key=key) as relay:
+        reply = await publish(relay.port, "r", {"merge": {"tls": True}}, tls=context)
+        assert reply.json() == {"seq": 1}
+        state = await call(relay.port, "GET", "/api/rooms/r", tls=context)
+        assert state.json() == {"seq": 1, "state": {"tls": True}}
+        assert error(await call(relay.port, "GET", "/api/rooms/r", key="x", tls=context)) == (
+            401,
+            "unauthorized",
+        )
+
+
+@pytest.mark.timeout(60)
+async def test_command_line_relay_with_a_key_file_over_tls(tmp_path: Path) -> None:
+    """The real command line (uvloop, --api-key-file, TLS): the key file's keys work, the
+    key is nowhere in the relay's output."""
+    chain, key, context = tls_files(tmp_path)
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"{KEY}\n{OTHER_KEY}\n")
+    async with relay_process(
+        "--tls-cert", chain, "--tls-key", key, "--api-key-file", str(keys)
+    ) as proc:
+        port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
+        for api_key in (KEY, OTHER_KEY):
+            reply = await publish(port, "r", {"merge": {"n": 1}}, key=api_key, tls=context)
+            assert reply.status == 200
+        assert error(await publish(port, "r", {"merge": {}}, key="no", tls=context)) == (
+            401,
+            "unauthorized",
+        )
+        async with connect_client(proc.url, ssl=context) as member:
+            assert (await member.join("r"))["state"] == {"n": 1}
+        await proc.terminate()
+    assert proc.returncode == 0
+    output = "\n".join(proc.stderr_lines)
+    assert KEY not in output and OTHER_KEY not in output
 
 
 # --------------------------------------------------------------------------- Redis
