@@ -67,6 +67,7 @@ PREFIX: Final = b"/api/"
 MAX_REQUEST_LINE: Final = 8192
 MAX_HEADER_BYTES: Final = 16 * 1024
 READ_CHUNK: Final = 64 * 1024
+WRITE_SLICE: Final = 256 * 1024
 # A body larger than this is parsed in a worker thread (as the WebSocket session does).
 PARSE_IN_THREAD_BYTES: Final = 16 * 1024
 
@@ -432,13 +433,27 @@ class _Connection:
             # Shutting down, or the body is left unread: this is the connection's last.
             headers.append((b"Connection", b"close"))
         self.api.metrics.api_requests.labels(route, str(status)).inc()
-        out = [self.h11.send(h11.Response(status_code=status, headers=headers)) or b""]
-        out.extend(self.h11.send(h11.Data(data=p)) or b"" for p in parts if p)
-        out.append(self.h11.send(h11.EndOfMessage()) or b"")
-        self.writer.writelines(out)
+        writer = self.writer
+        h = self.h11
+        out = [h.send(h11.Response(status_code=status, headers=headers)) or b""]
         try:
             async with asyncio.timeout(self.api.timeout_s):
-                await self.writer.drain()
+                for part in parts:
+                    # Data passes through h11 as is: a big state is written a slice at a time
+                    # as the client reads, never copied whole into the write buffer.
+                    for data in h.send_with_data_passthrough(h11.Data(data=part)) or ():
+                        if len(data) <= WRITE_SLICE:
+                            out.append(data)
+                            continue
+                        writer.writelines(out)
+                        out = []
+                        view = memoryview(data)
+                        for at in range(0, len(view), WRITE_SLICE):
+                            writer.write(view[at : at + WRITE_SLICE])
+                            await writer.drain()
+                out.append(h.send(h11.EndOfMessage()) or b"")
+                writer.writelines(out)
+                await writer.drain()
         except TimeoutError:
             raise _Timeout from None
 

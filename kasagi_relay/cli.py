@@ -433,6 +433,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
+    if not a.api_timeout > 0:
+        parser.error("--api-timeout must be more than 0")
     try:
         api_keys = _api_keys(a.api_key, a.api_key_file)
     except ValueError as exc:

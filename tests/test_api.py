@@ -176,6 +176,17 @@ async def test_get_state_of_a_room_never_written_and_not_loaded() -> None:
         assert state.json() == {"seq": 1, "state": {"a": [1, 2]}}
 
 
+async def test_get_a_big_state() -> None:
+    """A state of several MiB is sent whole (written a slice at a time as it is read)."""
+    async with api_relay() as relay:
+        for i in range(3):
+            reply = await publish(relay.port, "big", {"merge": {f"k{i}": "v" * 900_000}})
+            assert reply.status == 200
+        state = await call(relay.port, "GET", "/api/rooms/big")
+        assert len(state.body) > 2_700_000
+        assert state.json() == {"seq": 3, "state": {f"k{i}": "v" * 900_000 for i in range(3)}}
+
+
 async def test_idempotency_key_retry_and_conflict() -> None:
     """The same key and delta again is the first seq, published once; the same key with
     another delta is 409 key_conflict and stores nothing."""
@@ -593,7 +604,12 @@ def test_api_keys_from_flag_variable_and_file(
 
 @pytest.mark.parametrize(
     "argv",
-    [["--api-key", "has space"], ["--api-key", "é"], ["--api-key-file", "/nonexistent/keys"]],
+    [
+        ["--api-key", "has space"],
+        ["--api-key", "é"],
+        ["--api-key-file", "/nonexistent/keys"],
+        ["--api-timeout", "0"],
+    ],
 )
 def test_bad_api_keys_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
