@@ -1,11 +1,12 @@
 """The room service: what a client may do to a room, whatever transport carried the request.
 
-The WebSocket session (session.py) calls it today, the HTTP API will tomorrow. Nothing here
+The WebSocket session (session.py) and the HTTP API (api.py) call it. Nothing here
 knows about sockets: requests come in as arguments, failures go out as `BadRequest` with
 the error code of docs/protocol.md.
 
 Where a delta goes (docs/design.md):
-- parsed and validated by protocol.parse (session.py calls it), then here:
+- parsed and validated by protocol.parse (session.py calls it; api.py calls
+  protocol.parse_delta_body, the same checks), then here:
 - authorized in `authorize` (every request passes until identity lands, next issue),
 - checked against the room's state and the size limit (`publish`, room.check),
 - ordered by the backend (`backend.publish` gives it its seq), merged into the room's
