@@ -240,7 +240,7 @@ class _Connection:
                 self.idle = True
         except _Timeout:
             pass  # closed without a word: the client was not reading or not sending
-        except (ConnectionError, h11.LocalProtocolError):
+        except (OSError, h11.LocalProtocolError):
             pass
         finally:
             await self._close()
@@ -268,7 +268,7 @@ class _Connection:
                     if not data:
                         break
                     dropped += len(data)
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, OSError):
             pass
 
     # ------------------------------------------------------------------ reading
@@ -357,7 +357,7 @@ class _Connection:
             await self._error(reply, route)
         except BadRequest as exc:
             await self._error(_Reply.of(exc), route)
-        except (_Timeout, ConnectionError, asyncio.CancelledError):
+        except (_Timeout, OSError, asyncio.CancelledError):
             raise
         except Exception as exc:
             # A bug on one request must not touch the other connections.
