@@ -258,6 +258,7 @@ async def test_first_request_line_in_pieces() -> None:
         for byte in head("GET", "/api/rooms/r")[:40]:
             writer.write(bytes([byte]))
             await writer.drain()
+            await asyncio.sleep(0.005)  # pacing, so that the bytes arrive apart
         writer.write(head("GET", "/api/rooms/r")[40:])
         assert (await read_reply(reader)).json() == {"seq": 0, "state": {}}
         writer.close()
@@ -269,6 +270,7 @@ async def test_first_request_line_in_pieces() -> None:
         for byte in handshake[:30]:
             writer.write(bytes([byte]))
             await writer.drain()
+            await asyncio.sleep(0.005)
         writer.write(handshake[30:])
         status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         assert status.startswith(b"HTTP/1.1 101 ")
