@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import http
 import json
 import logging
 from collections.abc import Sequence
@@ -435,7 +436,9 @@ class _Connection:
         self.api.metrics.api_requests.labels(route, str(status)).inc()
         writer = self.writer
         h = self.h11
-        out = [h.send(h11.Response(status_code=status, headers=headers)) or b""]
+        phrase = http.HTTPStatus(status).phrase.encode()
+        response = h11.Response(status_code=status, headers=headers, reason=phrase)
+        out = [h.send(response) or b""]
         try:
             async with asyncio.timeout(self.api.timeout_s):
                 for part in parts:
