@@ -25,7 +25,9 @@ Bounded cost (docs/operations.md, "HTTP API"):
   Content-Length is refused (413) before one byte of the body is read, and a chunked body
   is refused as soon as it passes the limit; either way the connection is closed;
 - at most --api-max-requests requests served at once, body reading included (so the
-  bodies held are at most that many times the limit); past it 503 `unavailable`.
+  bodies held are at most that many times the limit); past it 503 `unavailable`;
+- a connection takes a place in --max-connections(-per-address) (admission.py) from its
+  first request to its end, as a WebSocket connection does.
 
 The key is compared in constant time (SHA-256 digests, hmac.compare_digest against every
 configured key) and never logged: neither is any request header.
@@ -45,6 +47,7 @@ from typing import Final
 import h11
 
 from kasagi_relay import protocol
+from kasagi_relay.admission import Admission
 from kasagi_relay.config import Config
 from kasagi_relay.domain import Identity, valid_room
 from kasagi_relay.metrics import Metrics, ThrottledLog
@@ -113,12 +116,15 @@ class _Reply(Exception):
         code: str,
         message: str,
         headers: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = list(headers)
+        self.close = close  # the connection's last response
 
     @classmethod
     def of(cls, exc: BadRequest) -> _Reply:
@@ -133,9 +139,18 @@ class ApiServer:
     """The HTTP API of one relay: `claims` and `take_over` for session.RelayConnection,
     `close` at shutdown."""
 
-    def __init__(self, config: Config, service: RoomService, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        service: RoomService,
+        metrics: Metrics,
+        admission: Admission | None = None,
+    ) -> None:
         self.service = service
         self.metrics = metrics
+        # API connections take places in --max-connections(-per-address) as WebSocket
+        # connections do, counted from their first request (X-Forwarded-For needs headers).
+        self.admission = admission
         self.enabled = bool(config.api_keys)
         self._digests = [_digest(key.encode()) for key in config.api_keys]
         self.timeout_s = config.api_timeout_s
@@ -214,6 +229,7 @@ class _Connection:
         self.task: asyncio.Task[None] | None = None
         self.idle = True  # waiting for the first byte of the next request
         self.deadline = 0.0
+        self.address: str | None = None  # the place taken in the admission, if any
         peer = writer.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
@@ -247,6 +263,9 @@ class _Connection:
             await self._close()
 
     async def _close(self) -> None:
+        if self.address is not None and self.api.admission is not None:
+            self.api.admission.release(self.address)
+            self.address = None
         transport = self.writer.transport
         if transport.is_closing():
             return
@@ -327,6 +346,8 @@ class _Connection:
         try:
             if not api.enabled:
                 raise _Reply(404, "not_found", "no such route (the HTTP API is not enabled)")
+            if self.address is None and api.admission is not None:
+                self._admit(request, api.admission)
             if not api.authorized(request):
                 _refusal_log.log(logging.INFO, "API request from %s: unauthorized", self.remote)
                 raise _Reply(
@@ -365,6 +386,24 @@ class _Connection:
             logger.exception("API request %s %s failed", request.method.decode(), route)
             failure = _Reply(500, "internal", f"internal error: {type(exc).__name__}")
             await self._error(failure, route)
+
+    def _admit(self, request: h11.Request, admission: Admission) -> None:
+        forwarded = [v.decode("latin-1") for n, v in request.headers if n == b"x-forwarded-for"]
+        address = admission.address_of(self.remote, forwarded)
+        reason = admission.admit(address)
+        if reason is not None:
+            self.api.metrics.connections_refused.labels(reason).inc()
+            _refusal_log.log(
+                logging.WARNING, "refusing an API connection from %s: %s", address, reason
+            )
+            raise _Reply(
+                503,
+                "unavailable",
+                f"too many connections ({reason})",
+                [(b"Retry-After", b"1")],
+                close=True,
+            )
+        self.address = address
 
     def _method(self, request: h11.Request, allowed: bytes) -> None:
         if request.method != allowed:
@@ -405,7 +444,7 @@ class _Connection:
             return  # a response already began: nothing more can be said
         fields = {"code": reply.code, "message": reply.message}
         body = json.dumps(fields, separators=(",", ":")).encode() + b"\n"
-        await self._respond(reply.status, [body], route, reply.headers)
+        await self._respond(reply.status, [body], route, reply.headers, close=reply.close)
 
     def _request_read(self) -> bool:
         """Whether the request was read to its end (an empty body's end is read here, from
@@ -423,6 +462,8 @@ class _Connection:
         parts: list[bytes],
         route: str,
         extra: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        close: bool = False,
     ) -> None:
         headers = [
             (b"Content-Type", b"application/json"),
@@ -430,8 +471,8 @@ class _Connection:
             (b"Cache-Control", b"no-store"),
             *extra,
         ]
-        if self.api.closing or not self._request_read():
-            # Shutting down, or the body is left unread: this is the connection's last.
+        if close or self.api.closing or not self._request_read():
+            # Refused, shutting down, or the body left unread: the connection's last.
             headers.append((b"Connection", b"close"))
         self.api.metrics.api_requests.labels(route, str(status)).inc()
         writer = self.writer

@@ -69,7 +69,7 @@ class Relay:
         self.routes = HttpRoutes(
             self.backend, self.metrics, self.admission, lambda: self.service.closing
         )
-        self.api = ApiServer(config, self.service, self.metrics)
+        self.api = ApiServer(config, self.service, self.metrics, self.admission)
         self.sessions: set[Session] = set()
         self.server: Server | None = None
         self._stopped: asyncio.Event | None = None

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import trustme
+from websockets.exceptions import InvalidStatus
 
 from kasagi_relay.cli import parse_config
 from kasagi_relay.config import Config
@@ -467,6 +468,31 @@ async def test_requests_past_the_cap_get_503() -> None:
         later = await publish(relay.port, "r", {"merge": {"c": 1}})
         assert later.status == 200
         writer.close()
+
+
+async def test_api_connections_count_in_the_connection_limits() -> None:
+    """An API connection takes a place in --max-connections-per-address (from its first
+    request) like a WebSocket does, and gives it back when it ends."""
+    async with api_relay(max_connections_per_address=1) as relay:
+        reader, writer = await raw(relay.port)
+        writer.write(head("GET", "/api/rooms/r"))
+        assert (await read_reply(reader)).status == 200  # kept alive: holds the place
+        refused = await call(relay.port, "GET", "/api/rooms/r")
+        assert error(refused) == (503, "unavailable")
+        assert refused.headers["connection"] == "close"
+        with pytest.raises(InvalidStatus) as refusal:  # and a WebSocket handshake too
+            async with connect_client(relay.url):
+                pass
+        assert refusal.value.response.status_code == 503
+        writer.close()
+        for _ in range(100):  # the relay sees the close soon after
+            if (await call(relay.port, "GET", "/api/rooms/r")).status == 200:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the place was not given back")
+        metrics = relay.metrics.render().decode()
+        assert 'kasagi_connections_refused_total{reason="max_connections_per_address"}' in metrics
 
 
 async def test_malformed_http_is_400_and_closed() -> None:
