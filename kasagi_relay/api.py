@@ -4,7 +4,7 @@ room's state over plain HTTP/1.1, on the relay's port, with `Authorization: Bear
     POST /api/rooms/{R}/deltas   {"patch": [...]} | {"merge": {...}}, optional "key"
                                  -> 200 {"seq": N}, at the durability of an `ack`
     GET  /api/rooms/{R}          -> 200 {"seq": N, "state": {...}}
-    GET  /api/rooms/{R}/presence -> the presence engineer's (see `_presence`)
+    GET  /api/rooms/{R}/presence -> reserved for presence (see `_presence`)
 
 Transport: websockets' server parses only GET requests without a body. A connection whose
 first request line names a path under /api/ is therefore taken over before websockets
@@ -17,7 +17,7 @@ This module is transport only: the routes call the room service (service.py), wh
 authorizes, checks and publishes exactly as for a WebSocket `delta`; a body is parsed by
 protocol.parse_delta_body, the `delta` message's own validation.
 
-Bounded cost (docs/operations.md, "HTTP API"):
+Bounded cost (docs/operations.md, "Limits"):
 - a request must arrive whole (line, headers, body) within --api-timeout of the connection
   opening or of the previous response; an idle keep-alive connection is closed then too,
   and a response the client does not read within it aborts the connection;
