@@ -230,6 +230,7 @@ class _Connection:
         self.idle = True  # waiting for the first byte of the next request
         self.deadline = 0.0
         self.address: str | None = None  # the place taken in the admission, if any
+        self.head_only = False  # a HEAD request: its response has headers only
         peer = writer.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
@@ -250,6 +251,7 @@ class _Connection:
                 if not isinstance(event, h11.Request):
                     break  # the client closed (or switched protocols: not here)
                 self.idle = False
+                self.head_only = event.method == b"HEAD"
                 await self._serve(event)
                 if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                     break  # a body left unread, or Connection: close
@@ -482,7 +484,7 @@ class _Connection:
         out = [h.send(response) or b""]
         try:
             async with asyncio.timeout(self.api.timeout_s):
-                for part in parts:
+                for part in () if self.head_only else parts:
                     # Data passes through h11 as is: a big state is written a slice at a time
                     # as the client reads, never copied whole into the write buffer.
                     for data in h.send_with_data_passthrough(h11.Data(data=part)) or ():

@@ -225,6 +225,18 @@ async def test_requests_share_a_keep_alive_connection_and_pipeline() -> None:
         writer.close()
 
 
+async def test_head_is_405_with_headers_only() -> None:
+    """HEAD gets its 405 without a body (as HTTP says), and the connection goes on."""
+    async with api_relay() as relay:
+        reader, writer = await raw(relay.port)
+        writer.write(head("HEAD", "/api/rooms/r") + head("GET", "/api/rooms/r"))
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert first.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+        assert b"\r\nAllow: GET\r\n" in first
+        assert (await read_reply(reader)).json() == {"seq": 0, "state": {}}
+        writer.close()
+
+
 async def test_expect_100_continue_and_chunked_body() -> None:
     """curl's way for bodies past 1 KiB (Expect: 100-continue), and a chunked body."""
     async with api_relay() as relay:
