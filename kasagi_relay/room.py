@@ -206,10 +206,9 @@ class Replay:
 
 
 class Room:
-    """One room: `ensure_loaded`, `check` before a publish, `on_op` for
-    what the backend delivers, `join` / `leave` for members, `read` for the HTTP API's
-    state, `idle` / `close` for the
-    registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
+    """One room: `ensure_loaded`, `check` before a publish, `on_op` for what the backend
+    delivers, `join` / `leave` for members, `read` for the HTTP API, `idle` / `close` for
+    the registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
     `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS); `max_bytes`
     (--max-state-bytes) bounds the state: the engine keeps its exact size and refuses
     (check) or skips (apply) a delta that would pass it."""
