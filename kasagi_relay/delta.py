@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 __all__ = [
     "IMPLEMENTATION",
     "MAX_DEPTH",
+    "MEMBER_BYTES",
+    "NODE_BYTES",
     "WORK_BASE",
     "WORK_PER_BYTE",
     "DeltaError",
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from kasagi_relay._native import (
         IMPLEMENTATION,
         MAX_DEPTH,
+        MEMBER_BYTES,
+        NODE_BYTES,
         WORK_BASE,
         WORK_PER_BYTE,
         DeltaError,

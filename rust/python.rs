@@ -234,18 +234,19 @@ fn py_diff<'py>(
 }
 
 #[pyfunction(name = "compact")]
-#[pyo3(signature = (state, ds, max_bytes = 0))]
+#[pyo3(signature = (state, ds, max_bytes = 0, max_memory = 0))]
 fn py_compact<'py>(
     py: Python<'py>,
     state: &Bound<'py, PyAny>,
     ds: &Bound<'py, PyAny>,
     max_bytes: u64,
+    max_memory: u64,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let state = input(state, "state")?;
     let held = items(ds)?;
     let inputs = inputs(py, &held, |_, d| lenient(d))?;
     let out = py
-        .detach(|| compact::compact_bytes(&state, &inputs, max_bytes))
+        .detach(|| compact::compact_bytes(&state, &inputs, max_bytes, max_memory))
         .map_err(to_py)?;
     bytes_out(py, out)
 }
@@ -327,8 +328,10 @@ struct RoomState {
     /// `json_size` and `seq` read them without waiting for the mutex (which long work holds
     /// with the GIL released; waiting for it with the GIL held would stall every thread).
     size: AtomicU64,
+    memory: AtomicU64,
     seq: AtomicU64,
     max_bytes: u64,
+    max_memory: u64,
 }
 
 impl RoomState {
@@ -347,6 +350,7 @@ impl RoomState {
 
     fn publish(&self, room: &Room) {
         self.size.store(room.size(), Ordering::Release);
+        self.memory.store(room.memory(), Ordering::Release);
         self.seq.store(room.seq(), Ordering::Release);
     }
 
@@ -388,12 +392,13 @@ impl RoomState {
 #[pymethods]
 impl RoomState {
     #[new]
-    #[pyo3(signature = (state = None, seq = None, max_bytes = 0))]
+    #[pyo3(signature = (state = None, seq = None, max_bytes = 0, max_memory = 0))]
     fn new(
         py: Python<'_>,
         state: Option<&Bound<'_, PyAny>>,
         seq: Option<&Bound<'_, PyAny>>,
         max_bytes: u64,
+        max_memory: u64,
     ) -> PyResult<Self> {
         let seq = match seq {
             Some(s) => seq_arg(s)?,
@@ -404,12 +409,14 @@ impl RoomState {
             None => Cow::Borrowed(b"{}"),
         };
         let room = py
-            .detach(|| Room::with_max_bytes(&state, seq, max_bytes))
+            .detach(|| Room::with_limits(&state, seq, max_bytes, max_memory))
             .map_err(to_py)?;
         Ok(RoomState {
             size: AtomicU64::new(room.size()),
+            memory: AtomicU64::new(room.memory()),
             seq: AtomicU64::new(room.seq()),
             max_bytes,
+            max_memory,
             inner: Mutex::new(Inner {
                 room,
                 json: None,
@@ -430,6 +437,11 @@ impl RoomState {
     #[getter]
     fn max_bytes(&self) -> u64 {
         self.max_bytes
+    }
+
+    #[getter]
+    fn max_memory(&self) -> u64 {
+        self.max_memory
     }
 
     fn check(&self, py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -503,6 +515,10 @@ impl RoomState {
     fn json_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
+
+    fn memory_size(&self) -> u64 {
+        self.memory.load(Ordering::Acquire)
+    }
 }
 
 /// `send_frame(fds, frame)`: the broadcast loop of `kasagi_relay/fanout.py` (rust/fanout.rs).
@@ -526,6 +542,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TooLarge", py.get_type::<TooLarge>())?;
     m.add("WORK_BASE", crate::apply::WORK_BASE)?;
     m.add("WORK_PER_BYTE", crate::apply::WORK_PER_BYTE)?;
+    m.add("NODE_BYTES", crate::json::NODE_BYTES)?;
+    m.add("MEMBER_BYTES", crate::json::MEMBER_BYTES)?;
     m.add_class::<RoomState>()?;
     m.add_function(wrap_pyfunction!(py_validate, m)?)?;
     m.add_function(wrap_pyfunction!(py_apply, m)?)?;
