@@ -96,6 +96,11 @@ def compact(
 def json_to_msgpack(doc: bytes | str) -> bytes:
     """Re-encode a JSON document as MessagePack."""
 
+def msgpack_to_json_counted(data: bytes, budget: int) -> tuple[bytes, int]:
+    """`msgpack_to_json` under an exact budget of arrays and maps (an int >= 0; 0: none
+    may be read), returning the JSON and how many it read, so that the members of one
+    message share one budget (protocol.py)."""
+
 def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
     """Re-encode a MessagePack document as JSON (maps must have string keys; a repeated key
     keeps its first position and its last value). Past `max_containers` arrays and maps

@@ -1035,26 +1035,36 @@ class _TooManyContainers(Exception):
 def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
     """Re-encode a MessagePack document as JSON (maps must have string keys); past
     `max_containers` arrays and maps (0 = no limit), DeltaError at once."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"expected bytes, not {type(data).__name__}")
     if type(max_containers) is not int or not 0 <= max_containers <= _U64_MAX:
         raise ValueError(
             f"max_containers must be a non-negative integer below 2**64, not {max_containers!r}"
         )
-    hooks: dict[str, Any] = {}
-    if max_containers:
-        count = 0
+    return _msgpack_to_json(data, max_containers or _U64_MAX)[0]
 
-        # Called as each container is complete: the unpacking stops at the first one past
-        # the cap, so at most max_containers of them are ever built.
-        def counted(x: Any) -> Any:
-            nonlocal count
-            count += 1
-            if count > max_containers:
-                raise _TooManyContainers
-            return x
 
-        hooks = {"list_hook": counted, "object_hook": counted}
+def msgpack_to_json_counted(data: bytes, budget: int) -> tuple[bytes, int]:
+    """msgpack_to_json under an exact budget of arrays and maps (0: none), and how many it
+    read: one budget for every member of a message."""
+    if type(budget) is not int or not 0 <= budget <= _U64_MAX:
+        raise ValueError(f"budget must be a non-negative integer below 2**64, not {budget!r}")
+    return _msgpack_to_json(data, budget)
+
+
+def _msgpack_to_json(data: bytes, max_containers: int) -> tuple[bytes, int]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"expected bytes, not {type(data).__name__}")
+    count = 0
+
+    # Called as each container is complete: the unpacking stops at the first one past
+    # the cap, so at most max_containers of them are ever built.
+    def counted(x: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > max_containers:
+            raise _TooManyContainers
+        return x
+
+    hooks: dict[str, Any] = {"list_hook": counted, "object_hook": counted}
     try:
         v = msgpack.unpackb(data, raw=False, strict_map_key=False, **hooks)
     except _TooManyContainers:
@@ -1065,7 +1075,7 @@ def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
         raise DeltaError(f"MessagePack: invalid data: {exc}") from None
     _check_from_msgpack(v)
     try:
-        return _dumps(v)
+        return _dumps(v), count
     except UnicodeEncodeError:  # pragma: no cover - msgpack rejects bad UTF-8 already
         raise DeltaError("MessagePack: invalid UTF-8 in a string") from None
 

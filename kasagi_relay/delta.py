@@ -27,6 +27,7 @@ __all__ = [
     "json_to_msgpack",
     "merge",
     "msgpack_to_json",
+    "msgpack_to_json_counted",
     "validate",
 ]
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
         json_to_msgpack,
         merge,
         msgpack_to_json,
+        msgpack_to_json_counted,
         validate,
     )
 else:

@@ -281,6 +281,23 @@ fn py_msgpack_to_json<'py>(
     bytes_out(py, out)
 }
 
+#[pyfunction(name = "msgpack_to_json_counted")]
+fn py_msgpack_to_json_counted<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    budget: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyBytes>, u64)> {
+    if data.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err("expected bytes, not str"));
+    }
+    let budget = non_negative(budget, "budget")?;
+    let data = input(data, "data")?;
+    let (out, used) = py
+        .detach(|| codec::msgpack_to_json_counted(&data, budget))
+        .map_err(to_py)?;
+    Ok((bytes_out(py, out)?, used))
+}
+
 /// An int (not a bool) >= 0 that fits u64, else ValueError naming `what`.
 fn non_negative(v: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     if v.is_exact_instance_of::<PyInt>() {
@@ -552,6 +569,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_compact, m)?)?;
     m.add_function(wrap_pyfunction!(py_json_to_msgpack, m)?)?;
     m.add_function(wrap_pyfunction!(py_msgpack_to_json, m)?)?;
+    m.add_function(wrap_pyfunction!(py_msgpack_to_json_counted, m)?)?;
     #[cfg(unix)]
     m.add_function(wrap_pyfunction!(py_send_frame, m)?)?;
     Ok(())
