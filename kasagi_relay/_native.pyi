@@ -147,6 +147,10 @@ class RoomState:
         """len(self.to_json()), kept exact as deltas apply: O(1), never serialises."""
     def memory_size(self) -> int:
         """The memory estimate of the state (see Limits above), kept exact: O(1)."""
+    def copy(self) -> RoomState:
+        """An independent room with the same state, seq and limits (a clone of the parsed
+        state: no parse, so about the state's memory once, not the parser's peak; costs
+        time in the size of the state, GIL released)."""
 
 # Not part of the engine API: the relay's broadcast loop (kasagi_relay/fanout.py), Unix only.
 

@@ -1212,6 +1212,14 @@ class RoomState:
     def json_size(self) -> int:
         return len(self.to_json())
 
+    def copy(self) -> RoomState:
+        """An independent room with the same state, seq and limits."""
+        other = RoomState.__new__(RoomState)
+        other._seq, other._max = self._seq, self._max
+        other._doc = _Doc(_clone(self._doc.root))
+        other._json, other._msgpack, other._log = self._json, None, []
+        return other
+
     def memory_size(self) -> int:
         """The native engine's memory estimate of the state (see Limits above)."""
         return len(self.to_json()) + _weight(self._doc.root)

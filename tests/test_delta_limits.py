@@ -365,3 +365,15 @@ def test_large_object_removals_keep_the_documented_order(native: ModuleType) -> 
                 where[last] = i
     assert list(json.loads(room.to_json())) == keys
     assert room.json_size() == len(room.to_json())
+
+
+def test_copy_is_independent_and_keeps_the_limits(engines: ModuleType) -> None:
+    room = engines.RoomState('{"a":{"b":[1]}}', 3, 1000, 5000)
+    twin = room.copy()
+    assert (twin.seq, twin.max_bytes, twin.max_memory) == (3, 1000, 5000)
+    assert (twin.to_json(), twin.memory_size()) == (room.to_json(), room.memory_size())
+    assert twin.apply(P({"op": "add", "path": "/a/b/-", "value": 2}), 4)
+    assert room.to_json() == b'{"a":{"b":[1]}}' and room.seq == 3
+    assert twin.to_json() == b'{"a":{"b":[1,2]}}'
+    with pytest.raises(engines.TooLarge, match="memory"):
+        twin.check(M({f"k{i}": 0 for i in range(100)}))

@@ -25,11 +25,26 @@ STALL_GOAL_MS = 50.0
 RSS_MARGIN = 64 * MiB  # the interpreter, the engine, one message in flight, allocator slack
 
 
+# RSS per byte of --max-state-memory that one room's state may take: the state itself
+# (maps and arrays grow by doubling, and the delta being applied is parsed beside it) and
+# the copy a room checks against while deltas are queued (room.py `_check_job`, made by
+# `RoomState.copy`). Measured with tests/test_room_offloop.py's sequence of small deltas of
+# many small members: +108 MiB at a 16 MiB limit, +229 MiB at 64 MiB (slope 2.5x).
+ROOM_RSS_PER_MEMORY = 4
+
+
+def room_budget(c: Config) -> int:
+    """One room's state at its limits: ROOM_RSS_PER_MEMORY x --max-state-memory (the
+    engine's estimate of the parsed state, docs/operations.md), and its cached JSON and
+    MessagePack snapshots (--max-state-bytes each)."""
+    return ROOM_RSS_PER_MEMORY * c.max_state_memory + 2 * c.max_state_bytes
+
+
 def rss_budget(n: int, c: Config) -> int:
     """What the configured limits allow class `n` to hold, above the relay's idle RSS
-    (docs/operations.md lists each limit). A state is counted four times: the document,
-    its cached JSON and MessagePack snapshots, and a delta being applied."""
-    state = 4 * c.max_state_bytes
+    (docs/operations.md lists each limit): a room's state as `room_budget`, a message in
+    flight at 4x its size."""
+    state = room_budget(c)
     message = 4 * c.max_message_bytes
     return {
         1: state,
