@@ -169,6 +169,10 @@ def table(rows: list[Row], title: str) -> str:
     return "\n".join(out)
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def parse_classes(text: str) -> list[int]:
     picked: list[int] = []
     for part in text.split(","):
@@ -192,7 +196,9 @@ async def amain(args: argparse.Namespace) -> int:
         f"# hostile harness: {platform.node()}, {os.cpu_count()} CPUs, Python"
         f" {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    print(f"# relay flags: {' '.join(extra) or '(defaults)'}; classes {args.classes}\n")
+    print(f"# relay flags: {' '.join(extra) or '(defaults)'}; classes {args.classes}")
+    # The machine is shared: stalls mean little without its load (docs/benchmarks.md).
+    print(f"# load average at the start: {_load()}\n")
     for backend in backends:
         redis: Redis | None = None
         flags: list[str] = []
@@ -214,7 +220,7 @@ async def amain(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             print(table(rows, f"{backend} backend"))
-            print()
+            print(f"\n# load average after the {backend} backend: {_load()}\n")
         finally:
             if redis is not None:
                 await redis.stop()
