@@ -254,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
         "would pass this [KASAGI_MAX_STATE_BYTES]",
     )
     add(
+        "--max-state-memory",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_MAX_STATE_MEMORY", None),
+        help="a delta is refused with too_large when the engine's memory estimate of the "
+        "room's state (JSON plus 72 bytes per node, 48 per object member) would pass this; "
+        "default 8x --max-state-bytes [KASAGI_MAX_STATE_MEMORY]",
+    )
+    add(
         "--send-queue-bytes",
         metavar="SIZE",
         type=_size,
@@ -457,6 +466,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         compaction_interval_s=a.compaction_interval,
         max_message_bytes=a.max_message_bytes,
         max_state_bytes=a.max_state_bytes,
+        max_state_memory=(
+            8 * a.max_state_bytes if a.max_state_memory is None else a.max_state_memory
+        ),
         send_queue_bytes=a.send_queue_bytes,
         rate_limit=a.rate_limit,
         rate_burst=a.rate_burst,

@@ -46,6 +46,9 @@ class Config:
     # Limits.
     max_message_bytes: int = 1 * MiB
     max_state_bytes: int = 8 * MiB
+    # The engine's memory estimate of a room's state (its JSON plus 72 bytes per node and
+    # 48 per object member; docs/operations.md). The CLI default is 8x --max-state-bytes.
+    max_state_memory: int = 64 * MiB
     send_queue_bytes: int = 1 * MiB
     rate_limit: float = 200.0  # messages per second per connection, sustained
     rate_burst: int = 400  # messages a connection may send at once

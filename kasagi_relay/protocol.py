@@ -326,16 +326,19 @@ def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, i
     return fields, spans
 
 
-def _msgpack_json(data: bytes, rid: RequestId | None) -> bytes:
+def _msgpack_json(data: bytes, rid: RequestId | None, left: list[int]) -> bytes:
     """MessagePack -> JSON by the engine (GIL released), in memory of the output's size; raises
-    DeltaError, or BadRequest past MAX_CONTAINERS arrays and maps (the engine stops there,
+    DeltaError, or BadRequest past the arrays and maps `left[0]` allows (what the members
+    converted before left of MAX_CONTAINERS: the cap is per message; the engine stops there,
     so a frame of a million empty arrays costs no more than its first 100,000)."""
     try:
-        return delta.msgpack_to_json(data, MAX_CONTAINERS)
+        out, used = delta.msgpack_to_json_counted(data, left[0])
     except delta.DeltaError as exc:
         if "arrays and objects" in str(exc):
             raise BadRequest("bad_message", _TOO_MANY_CONTAINERS, rid) from None
         raise
+    left[0] -= used
+    return out
 
 
 def _bad_msgpack(exc: delta.DeltaError) -> bool:
@@ -348,13 +351,14 @@ def _bad_msgpack(exc: delta.DeltaError) -> bool:
 def _parse_msgpack(data: bytes) -> Request:
     fields, spans = _msgpack_top(data)
     rid = _request_id(fields, MSGPACK)
+    left = [MAX_CONTAINERS - 1]  # the message's own map is one
     # Members nobody reads must still be MessagePack with a JSON form (string keys, UTF-8),
     # as on the JSON subprotocol: no message means two things.
     for name, (start, end) in spans.items():
         if name in _KINDS or name in _SCALARS:
             continue
         try:
-            _msgpack_json(data[start:end], rid)
+            _msgpack_json(data[start:end], rid, left)
         except delta.DeltaError:
             raise BadRequest(
                 "bad_message", f"member {_short(name)} has no JSON form", rid
@@ -363,7 +367,7 @@ def _parse_msgpack(data: bytes) -> Request:
     def source(kind: str) -> bytes:
         start, end = spans[kind]
         try:
-            body = _msgpack_json(data[start:end], None)
+            body = _msgpack_json(data[start:end], None, left)
         except delta.DeltaError as exc:
             if _bad_msgpack(exc):
                 raise BadRequest("bad_message", str(exc)) from None

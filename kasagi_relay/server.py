@@ -61,6 +61,7 @@ class Relay:
             idle_s=config.room_idle_s,
             tick_s=config.tick_ms / 1000,
             max_state_bytes=config.max_state_bytes,
+            max_state_memory=config.max_state_memory,
         )
         self.service = RoomService(self.registry, self.backend, self.metrics)
         self.admission = Admission(
@@ -82,6 +83,7 @@ class Relay:
             history_age_s=config.history_age_s,
             history_bytes=config.history_bytes,
             max_state_bytes=config.max_state_bytes,
+            max_state_memory=config.max_state_memory,
         )
         # Every member's queue together: one bound for the relay (docs/operations.md).
         self.budget = SendBudget(config.send_budget_bytes)

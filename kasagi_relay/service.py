@@ -132,10 +132,11 @@ class RoomService:
             if seq is None:
                 if isinstance(exc, delta.TooLarge):
                     # The rooms hold the limit (the engine enforces it exactly).
-                    limit = self.registry.max_state_bytes
-                    raise BadRequest(
-                        "too_large", f"the room's state would pass {limit} bytes"
-                    ) from None
+                    reason = f"the room's state would pass {self.registry.max_state_bytes} bytes"
+                    if "memory" in str(exc):  # --max-state-memory (the engine's estimate)
+                        memory = self.registry.max_state_memory
+                        reason = f"the room's state would pass {memory} bytes of memory"
+                    raise BadRequest("too_large", reason) from None
                 raise BadRequest("bad_patch", str(exc)) from None
             return seq
         self.inflight += 1

@@ -65,11 +65,18 @@ CLOSE_POLICY: Final = 1008
 # A message refused by the rate limit is answered with its id only when finding the id is
 # cheap: larger messages are answered without one, never decoded.
 PEEK_MAX_BYTES: Final = 4096
-# A connection yields to the event loop after this many messages or bytes served in a row.
-YIELD_MESSAGES: Final = 32
+# A connection yields to the event loop after this many messages, bytes or seconds served in
+# a row. Small, because another connection's delta on the Redis backend waits for several
+# loop turns (its frame, the publish's reply, the task's wake-up), and each turn includes
+# whatever a flooding connection does in it: with 32 messages a turn and 16 KiB fed to the
+# parser at a time, a member sending a delta every 10 ms fell behind during a flood of
+# pipelined refused messages and waited 0.35-2.2 s for acks; with 4 and 4 KiB, 21-117 ms
+# (benches/hostile class 4, Redis, a loaded 2-core machine; docs/benchmarks.md).
+YIELD_MESSAGES: Final = 4
 YIELD_BYTES: Final = 256 * 1024
-# Input handed to websockets' parser at a time (at most ~2,700 frames: ~15 ms of parsing).
-FEED_SLICE: Final = 16 * 1024
+YIELD_S: Final = 0.001
+# Input handed to websockets' parser at a time (at most ~700 frames: ~4 ms of parsing).
+FEED_SLICE: Final = 4 * 1024
 # A message larger than this is parsed in a worker thread: protocol.parse reads big messages
 # with the engine, the GIL released, so the event loop serves the other connections meanwhile.
 PARSE_IN_THREAD_BYTES: Final = 16 * 1024
@@ -383,16 +390,23 @@ class Session:
         self._arm_idle(self.config.idle_timeout_s)
         served = 0
         served_bytes = 0
+        since = time.perf_counter()
         try:
             async for message in conn:
                 await self.handle(message)
                 served += 1
                 served_bytes += len(message)
-                if served >= YIELD_MESSAGES or served_bytes >= YIELD_BYTES:
+                now = time.perf_counter()
+                if (
+                    served >= YIELD_MESSAGES
+                    or served_bytes >= YIELD_BYTES
+                    or now - since >= YIELD_S
+                ):
                     # Pipelined messages are served without awaiting anything that
                     # suspends: let the other connections have the loop.
                     served = served_bytes = 0
                     await asyncio.sleep(0)
+                    since = time.perf_counter()
         except ConnectionClosed:
             pass
         finally:
