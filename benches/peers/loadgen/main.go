@@ -28,7 +28,6 @@ import (
 	"io"
 	"math"
 	"net"
-	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -111,6 +110,7 @@ var (
 	measuring  atomic.Bool
 	stopping   atomic.Bool
 	delivered  atomic.Int64 // deliveries inside the window
+	frames     atomic.Int64 // messages (or merged frames) received inside the window
 	published  atomic.Int64 // publishes sent inside the window
 	acked      atomic.Int64 // acks received inside the window
 	errorsSeen atomic.Int64
@@ -198,6 +198,7 @@ func deliver(msg []byte, covered int64) {
 		covered = keys
 	}
 	delivered.Add(covered)
+	frames.Add(1)
 }
 
 // ---- WebSocket helpers --------------------------------------------------------------------
@@ -507,40 +508,83 @@ func nchanMember(room string) (member, error) {
 	return &centConn{w}, nil
 }
 
-type nchanPub struct{ client *http.Client }
-
-var nchanTransport = &http.Transport{
-	MaxIdleConns: 0, MaxIdleConnsPerHost: 100000, MaxConnsPerHost: 0, DisableCompression: true,
-	DialContext: (&net.Dialer{Timeout: 30 * time.Second}).DialContext,
+// nchanPub is one keep-alive HTTP/1.1 connection with the window's POSTs pipelined on it
+// (nginx answers pipelined requests in order), so that the publisher side costs the load
+// generator a write and a short parse per publish, as the WebSocket adapters do.
+type nchanPub struct {
+	conn net.Conn
+	ids  chan int64 // ids in flight, in request order
+	wmu  sync.Mutex
+	host string
 }
 
 func nchanPublisher() (publisher, error) {
-	return &nchanPub{client: &http.Client{Transport: nchanTransport, Timeout: 30 * time.Second}}, nil
+	u := strings.TrimPrefix(*pubURL, "http://")
+	conn, err := net.DialTimeout("tcp", u, 30*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("nchan publisher: %v", err)
+	}
+	n := &nchanPub{conn: conn, ids: make(chan int64, 1<<16), host: u}
+	go n.readLoop()
+	return n, nil
 }
 
-// publish runs the POST in its own goroutine: the window bounds how many are in flight, and
-// each in-flight POST holds its own keep-alive connection (HTTP/1.1 does not pipeline here).
-func (n *nchanPub) publish(id int64, room string, data []byte) error {
-	go func() {
-		resp, err := n.client.Post(*pubURL+"/pub/"+room, "application/json", bytes.NewReader(data))
+func (n *nchanPub) readLoop() {
+	r := bufio.NewReaderSize(n.conn, 16384)
+	for {
+		status, err := r.ReadSlice('\n')
 		if err != nil {
 			if !stopping.Load() {
-				fail(err)
+				fail(fmt.Errorf("nchan publisher: %v", err))
 			}
-			acknowledge(id)
 			return
 		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		_ = resp.Body.Close()
-		if resp.StatusCode/100 != 2 && !stopping.Load() {
-			fail(fmt.Errorf("nchan publish: HTTP %d", resp.StatusCode))
+		ok := len(status) > 12 && status[9] == '2'
+		length := int64(0)
+		for {
+			h, err := r.ReadSlice('\n')
+			if err != nil {
+				if !stopping.Load() {
+					fail(err)
+				}
+				return
+			}
+			if len(h) <= 2 {
+				break
+			}
+			if len(h) > 16 && bytes.EqualFold(h[:15], []byte("Content-Length:")) {
+				length, _ = parseInt(bytes.TrimSpace(h[15:]))
+			}
 		}
-		acknowledge(id)
-	}()
-	return nil
+		if _, err := r.Discard(int(length)); err != nil {
+			return
+		}
+		if !ok && !stopping.Load() {
+			fail(fmt.Errorf("nchan publish: %s", bytes.TrimSpace(status)))
+		}
+		acknowledge(<-n.ids)
+	}
 }
 
-func (n *nchanPub) close() {}
+func (n *nchanPub) publish(id int64, room string, data []byte) error {
+	msg := make([]byte, 0, len(data)+160)
+	msg = append(msg, "POST /pub/"...)
+	msg = append(msg, room...)
+	msg = append(msg, " HTTP/1.1\r\nHost: "...)
+	msg = append(msg, n.host...)
+	msg = append(msg, "\r\nContent-Type: application/json\r\nContent-Length: "...)
+	msg = strconv.AppendInt(msg, int64(len(data)), 10)
+	msg = append(msg, "\r\n\r\n"...)
+	msg = append(msg, data...)
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	n.ids <- id
+	_, err := n.conn.Write(msg)
+	return err
+}
+
+func (n *nchanPub) close() { _ = n.conn.Close() }
+
 
 // -- socket.io (Engine.IO v4 over WebSocket; events join(room), pub(room, data) -> d(data)) --
 
@@ -809,6 +853,7 @@ func main() {
 		"published_per_s": float64(published.Load()) / elapsed,
 		"acked_per_s":     float64(acked.Load()) / elapsed,
 		"delivered_per_s": float64(delivered.Load()) / elapsed,
+		"frames_per_s":    float64(frames.Load()) / elapsed,
 		"deliver_p50_ms":  deliverLat.quantile(0.5),
 		"deliver_p99_ms":  deliverLat.quantile(0.99),
 		"ack_p50_ms":      ackLat.quantile(0.5),
