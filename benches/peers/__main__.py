@@ -64,8 +64,9 @@ class LoadError(RuntimeError):
     pass
 
 
-def load(ctx: Ctx, srv: systems.Server, *flags: str, room_prefix: str = "r") -> Metrics:
-    """One loadgen run against `srv`; the server's (and Redis') CPU over the measured window."""
+def load(ctx: Ctx, srv: systems.Server, *flags: str, room_prefix: str = "r") -> list[Metrics]:
+    """One loadgen process against `srv`: the metrics of each of its steps (one unless -rates),
+    with the server's (and Redis') CPU over each step's measured window."""
     argv = [
         *systems.pin(ctx.load_core), str(ctx.loadgen),
         "-system", srv.system, "-url", srv.url, "-pub-url", srv.pub_url,
@@ -73,19 +74,28 @@ def load(ctx: Ctx, srv: systems.Server, *flags: str, room_prefix: str = "r") -> 
         "-timeout", str(ctx.timeout), "-room-prefix", room_prefix, *flags,
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killer = threading.Timer(ctx.timeout + ctx.warmup + ctx.duration + 60, proc.kill)
+    killer = threading.Timer(ctx.timeout + 12 * (ctx.warmup + ctx.duration + 1) + 60, proc.kill)
     killer.start()
-    marks: dict[str, tuple[float, float, float]] = {}
-    last = ""
+    steps: list[Metrics] = []
+    mark: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    span: tuple[float, float, float] = (1.0, 0.0, 0.0)
     try:
         assert proc.stdout is not None
         pids, rpids = srv.pids(), srv.redis_pids()
         for line in proc.stdout:
             line = line.strip()
-            if line in ("MEASURE_START", "MEASURE_END"):
-                marks[line] = (time.monotonic(), systems.cpu_seconds(pids), systems.cpu_seconds(rpids))
-            elif line:
-                last = line
+            sample = (time.monotonic(), systems.cpu_seconds(pids), systems.cpu_seconds(rpids))
+            if line == "MEASURE_START":
+                mark = sample
+            elif line == "MEASURE_END":
+                span = (sample[0] - mark[0], sample[1] - mark[1], sample[2] - mark[2])
+            elif line.startswith("{"):
+                m: Metrics = json.loads(line)
+                m["server_cpu"] = span[1] / span[0]  # cores
+                m["redis_cpu"] = span[2] / span[0]
+                m["server_cpu_s"] = span[1]
+                m["redis_cpu_s"] = span[2]
+                steps.append(m)
         proc.wait()
     finally:
         killer.cancel()
@@ -93,24 +103,22 @@ def load(ctx: Ctx, srv: systems.Server, *flags: str, room_prefix: str = "r") -> 
             proc.kill()
             proc.wait()
     err = proc.stderr.read() if proc.stderr else ""
-    if proc.returncode != 0 or not last.startswith("{"):
+    if proc.returncode != 0 or not steps:
         raise LoadError(f"loadgen exited with {proc.returncode}: {err.strip()[-800:]}")
     if srv.proc.poll() is not None:
         raise LoadError(f"the server exited with {srv.proc.returncode} during the run")
-    m: Metrics = json.loads(last)
-    (t0, c0, r0), (t1, c1, r1) = marks["MEASURE_START"], marks["MEASURE_END"]
-    m["server_cpu"] = (c1 - c0) / (t1 - t0)  # cores
-    m["redis_cpu"] = (r1 - r0) / (t1 - t0)
-    m["server_cpu_s"] = c1 - c0
-    m["redis_cpu_s"] = r1 - r0
-    return m
+    return steps
+
+
+def doubling(start: float, count: int) -> str:
+    return ",".join(f"{start * 2**i:g}" for i in range(count))
 
 
 # ---- scenarios: each returns the metrics of one system, one repeat -------------------------
 
 
 def ingest(ctx: Ctx, srv: systems.Server) -> Metrics:
-    m = load(ctx, srv, "-rooms", "200", "-members", "0", "-publishers", "200", "-window", "4")
+    (m,) = load(ctx, srv, "-rooms", "200", "-members", "0", "-publishers", "200", "-window", "4")
     acks = max(m["acked"], 1)
     return {
         "acked_per_s": m["acked_per_s"],
@@ -124,40 +132,53 @@ def ingest(ctx: Ctx, srv: systems.Server) -> Metrics:
 
 
 def fanout(members: int) -> Callable[[Ctx, systems.Server], Metrics]:
+    """Capacity by doubling the publish rate (25/s up) until the members fall behind; the best
+    delivered rate of the steps is the max. Then, on fresh connections, half of the capacity
+    (frames/s / members publishes/s: one frame per delta) and a fixed 50 publishes/s."""
+
     def run(ctx: Ctx, srv: systems.Server) -> Metrics:
         n = str(members)
-        top = load(ctx, srv, "-rooms", "1", "-members", n, "-publishers", "1", "-window", "1", room_prefix="max")
-        half_rate = max(1.0, 0.5 * top["frames_per_s"] / members)
-        half = load(ctx, srv, "-rooms", "1", "-members", n, "-rate", f"{half_rate:.1f}", room_prefix="half")
-        fixed = load(ctx, srv, "-rooms", "1", "-members", n, "-rate", "50", room_prefix="fixed")
+        start = 25.0 * 1000 / members
+        search = load(
+            ctx, srv, "-rooms", "1", "-members", n, "-window", "16",
+            "-search", "-rates", doubling(start, 9), room_prefix="max",
+        )  # fmt: skip
+        top_delivered = max(m["delivered_per_s"] for m in search)
+        top_frames = max(m["frames_per_s"] for m in search)
+        half_rate = max(1.0, 0.5 * top_frames / members)
+        half, fixed = load(
+            ctx, srv, "-rooms", "1", "-members", n, "-window", "16",
+            "-rates", f"{half_rate:.1f},50", room_prefix="half",
+        )  # fmt: skip
         return {
-            "delivered_per_s": top["delivered_per_s"],
-            "frames_per_s": top["frames_per_s"],
+            "delivered_per_s": top_delivered,
+            "frames_per_s": top_frames,
             "half_rate": half_rate,
             "half_p99_ms": half["deliver_p99_ms"],
-            "fixed50_cpu": fixed["server_cpu"] + fixed["redis_cpu"],
+            "fixed50_cpu": fixed["server_cpu"],
             "fixed50_p99_ms": fixed["deliver_p99_ms"],
-            "loadgen_cpu": top["loadgen_cpu"],
-            "errors": top["errors"] + half["errors"] + fixed["errors"],
-            "raw": {"max": top, "half": half, "fixed50": fixed},
+            "loadgen_cpu": max(m["loadgen_cpu"] for m in search),
+            "errors": sum(m["errors"] for m in [*search, half, fixed]),
+            "raw": {"search": search, "half": half, "fixed50": fixed},
         }
 
     return run
 
 
 def rooms(ctx: Ctx, srv: systems.Server) -> Metrics:
-    shape = ["-rooms", "1000", "-members", "10", "-publishers", "50"]
-    top = load(ctx, srv, *shape, "-window", "1", room_prefix="max")
-    fixed = load(ctx, srv, *shape, "-rate", "3000", room_prefix="fixed")
+    """Capacity by doubling the total publish rate (500/s up); then p99 at 3,000 publishes/s."""
+    shape = ["-rooms", "1000", "-members", "10", "-publishers", "50", "-window", "16"]
+    search = load(ctx, srv, *shape, "-search", "-rates", doubling(500, 8), room_prefix="max")
+    (fixed,) = load(ctx, srv, *shape, "-rate", "3000", room_prefix="fixed")
     return {
-        "delivered_per_s": top["delivered_per_s"],
-        "frames_per_s": top["frames_per_s"],
+        "delivered_per_s": max(m["delivered_per_s"] for m in search),
+        "frames_per_s": max(m["frames_per_s"] for m in search),
         "fixed_p99_ms": fixed["deliver_p99_ms"],
         "fixed_delivered_per_s": fixed["delivered_per_s"],
         "fixed_cpu": fixed["server_cpu"],
-        "loadgen_cpu": top["loadgen_cpu"],
-        "errors": top["errors"] + fixed["errors"],
-        "raw": {"max": top, "fixed": fixed},
+        "loadgen_cpu": max(m["loadgen_cpu"] for m in search),
+        "errors": sum(m["errors"] for m in [*search, fixed]),
+        "raw": {"search": search, "fixed": fixed},
     }
 
 

@@ -16,6 +16,10 @@
 // key it covers; every covered delta counts as one delivery, and those whose key was
 // overwritten get the oldest time in the frame (so merged latencies are, if anything, low).
 //
+// -rates R1,R2,...: one step per rate on the same connections, one JSON line (and one
+// MEASURE_START/MEASURE_END pair) per step; with -search it stops after the first step whose
+// members did not keep up, so that doubling rates find the capacity in one process.
+//
 // -mode idle: connect -members members to one room, print "READY", hold until stdin closes.
 package main
 
@@ -47,6 +51,8 @@ var (
 	members    = flag.Int("members", 0, "members per room")
 	publishers = flag.Int("publishers", 1, "publishers")
 	rate       = flag.Float64("rate", 0, "total publishes/s (0: as fast as the window allows)")
+	rates      = flag.String("rates", "", "comma-separated rates: one measured step each, same connections")
+	search     = flag.Bool("search", false, "with -rates: stop after the first step that does not keep up")
 	window     = flag.Int("window", 4, "unacknowledged publishes per publisher")
 	warmup     = flag.Float64("warmup", 1, "seconds before measuring")
 	duration   = flag.Float64("duration", 3, "seconds measured")
@@ -747,7 +753,19 @@ func die(format string, a ...any) {
 
 func main() {
 	flag.Parse()
-	deadline := time.AfterFunc(time.Duration((*timeout+*warmup+*duration+30)*float64(time.Second)), func() {
+	steps := []float64{*rate}
+	if *rates != "" {
+		steps = steps[:0]
+		for _, f := range strings.Split(*rates, ",") {
+			v, err := strconv.ParseFloat(f, 64)
+			if err != nil {
+				die("bad -rates: %v", err)
+			}
+			steps = append(steps, v)
+		}
+	}
+	perStep := *warmup + *duration + 1
+	deadline := time.AfterFunc(time.Duration((*timeout+float64(len(steps))*perStep+30)*float64(time.Second)), func() {
 		die("timed out")
 	})
 	defer deadline.Stop()
@@ -774,8 +792,42 @@ func main() {
 	if err != nil {
 		die("connecting publishers: %v", err)
 	}
+	for k, r := range steps {
+		res := step(ps, r, say)
+		res["connect_seconds"] = connectSeconds
+		b, _ := json.Marshal(res)
+		say(string(b))
+		// -search: stop at the first step that did not keep up (members got < 90 % of the
+		// deliveries offered, the p99 passed 500 ms, or errors); it measured the overload.
+		if *search && r > 0 && k < len(steps)-1 {
+			expected := r * float64(*members)
+			if res["delivered_per_s"].(float64) < 0.9*expected || res["deliver_p99_ms"].(float64) > 500 || res["errors"].(int64) > 0 {
+				break
+			}
+		}
+		time.Sleep(300 * time.Millisecond) // let the last step's stragglers arrive, unmeasured
+	}
+	stopping.Store(true)
+	for _, p := range ps {
+		p.close()
+	}
+	for _, m := range ms {
+		m.close()
+	}
+}
 
-	var nextID atomic.Int64
+var nextID atomic.Int64
+
+// step publishes at `rate` (0: window-paced) for -warmup + -duration seconds and returns what
+// was measured in the -duration window.
+func step(ps []publisher, rate float64, say func(string)) map[string]any {
+	delivered.Store(0)
+	frames.Store(0)
+	published.Store(0)
+	acked.Store(0)
+	errorsSeen.Store(0)
+	deliverLat = hist{}
+	ackLat = hist{}
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
 	runStart := now()
@@ -786,8 +838,8 @@ func main() {
 			room := roomName(i % *rooms)
 			win := make(chan struct{}, *window)
 			var period float64
-			if *rate > 0 {
-				period = float64(*publishers) / *rate * 1e9
+			if rate > 0 {
+				period = float64(*publishers) / rate * 1e9
 			}
 			// Spread the publishers' schedules over one period.
 			offset := int64(period * float64(i) / float64(*publishers))
@@ -835,18 +887,12 @@ func main() {
 	elapsed := time.Since(t1).Seconds()
 	say("MEASURE_END")
 	cpuUsed := cpuNow() - cpuStart
-	stopping.Store(true)
 	close(stop)
-	for _, p := range ps {
-		p.close()
-	}
-	for _, m := range ms {
-		m.close()
-	}
+	wg.Wait()
 	res := map[string]any{
 		"system":          *system,
+		"rate":            rate,
 		"seconds":         elapsed,
-		"connect_seconds": connectSeconds,
 		"published":       published.Load(),
 		"acked":           acked.Load(),
 		"delivered":       delivered.Load(),
@@ -864,9 +910,7 @@ func main() {
 	if e := lastError.Load(); e != nil {
 		res["last_error"] = e
 	}
-	b, _ := json.Marshal(res)
-	say(string(b))
-	wg.Wait()
+	return res
 }
 
 // cpuNow is this process's user+system CPU seconds (from /proc/self/stat), to report whether
