@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benches.peers import build, systems
+from . import build, systems
 
 OUT = systems.REPO / ".benchmarks" / "peers"
 
@@ -73,7 +73,9 @@ def load(ctx: Ctx, srv: systems.Server, *flags: str, room_prefix: str = "r") -> 
         "-warmup", str(ctx.warmup), "-duration", str(ctx.duration),
         "-timeout", str(ctx.timeout), "-room-prefix", room_prefix, *flags,
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     killer = threading.Timer(ctx.timeout + 12 * (ctx.warmup + ctx.duration + 1) + 60, proc.kill)
     killer.start()
     steps: list[Metrics] = []
@@ -117,8 +119,11 @@ def doubling(start: float, count: int) -> str:
 # ---- scenarios: each returns the metrics of one system, one repeat -------------------------
 
 
-def ingest(ctx: Ctx, srv: systems.Server) -> Metrics:
-    (m,) = load(ctx, srv, "-rooms", "200", "-members", "0", "-publishers", "200", "-window", "4")
+def ingest(ctx: Ctx, name: str) -> Metrics:
+    with systems.server(name, ctx.server_core) as srv:
+        (m,) = load(
+            ctx, srv, "-rooms", "200", "-members", "0", "-publishers", "200", "-window", "4"
+        )
     acks = max(m["acked"], 1)
     return {
         "acked_per_s": m["acked_per_s"],
@@ -131,25 +136,30 @@ def ingest(ctx: Ctx, srv: systems.Server) -> Metrics:
     }
 
 
-def fanout(members: int) -> Callable[[Ctx, systems.Server], Metrics]:
-    """Capacity by doubling the publish rate (25/s up) until the members fall behind; the best
-    delivered rate of the steps is the max. Then, on fresh connections, half of the capacity
-    (frames/s / members publishes/s: one frame per delta) and a fixed 50 publishes/s."""
+def fanout(members: int) -> Callable[[Ctx, str], Metrics]:
+    """Three phases, each on a fresh server (an overloaded step leaves a backlog behind): a
+    fixed 50 publishes/s (CPU, p99); capacity by doubling the publish rate from 25/s (x 1,000 /
+    members) until the members fall behind, the best delivered rate of the steps being the
+    max; half of the capacity (frames/s / members publishes/s: one frame per delta) for p99."""
 
-    def run(ctx: Ctx, srv: systems.Server) -> Metrics:
+    def run(ctx: Ctx, name: str) -> Metrics:
         n = str(members)
         start = 25.0 * 1000 / members
-        search = load(
-            ctx, srv, "-rooms", "1", "-members", n, "-window", "16",
-            "-search", "-rates", doubling(start, 9), room_prefix="max",
-        )  # fmt: skip
+        # Each phase on a fresh server: an overloaded step leaves a backlog behind.
+        with systems.server(name, ctx.server_core) as srv:
+            (fixed,) = load(ctx, srv, "-rooms", "1", "-members", n, "-window", "16", "-rate", "50")
+        with systems.server(name, ctx.server_core) as srv:
+            search = load(
+                ctx, srv, "-rooms", "1", "-members", n, "-window", "16",
+                "-search", "-rates", doubling(start, 9),
+            )  # fmt: skip
         top_delivered = max(m["delivered_per_s"] for m in search)
         top_frames = max(m["frames_per_s"] for m in search)
         half_rate = max(1.0, 0.5 * top_frames / members)
-        half, fixed = load(
-            ctx, srv, "-rooms", "1", "-members", n, "-window", "16",
-            "-rates", f"{half_rate:.1f},50", room_prefix="half",
-        )  # fmt: skip
+        with systems.server(name, ctx.server_core) as srv:
+            (half,) = load(
+                ctx, srv, "-rooms", "1", "-members", n, "-window", "16", "-rate", f"{half_rate:.1f}"
+            )
         return {
             "delivered_per_s": top_delivered,
             "frames_per_s": top_frames,
@@ -165,11 +175,14 @@ def fanout(members: int) -> Callable[[Ctx, systems.Server], Metrics]:
     return run
 
 
-def rooms(ctx: Ctx, srv: systems.Server) -> Metrics:
-    """Capacity by doubling the total publish rate (500/s up); then p99 at 3,000 publishes/s."""
+def rooms(ctx: Ctx, name: str) -> Metrics:
+    """p99 at 3,000 publishes/s; then (on a fresh server) capacity by doubling the total
+    publish rate from 500/s."""
     shape = ["-rooms", "1000", "-members", "10", "-publishers", "50", "-window", "16"]
-    search = load(ctx, srv, *shape, "-search", "-rates", doubling(500, 8), room_prefix="max")
-    (fixed,) = load(ctx, srv, *shape, "-rate", "3000", room_prefix="fixed")
+    with systems.server(name, ctx.server_core) as srv:
+        (fixed,) = load(ctx, srv, *shape, "-rate", "3000")
+    with systems.server(name, ctx.server_core) as srv:
+        search = load(ctx, srv, *shape, "-search", "-rates", doubling(500, 8))
     return {
         "delivered_per_s": max(m["delivered_per_s"] for m in search),
         "frames_per_s": max(m["frames_per_s"] for m in search),
@@ -182,7 +195,12 @@ def rooms(ctx: Ctx, srv: systems.Server) -> Metrics:
     }
 
 
-def idle(ctx: Ctx, srv: systems.Server) -> Metrics:
+def idle(ctx: Ctx, name: str) -> Metrics:
+    with systems.server(name, ctx.server_core) as srv:
+        return idle_on(ctx, srv)
+
+
+def idle_on(ctx: Ctx, srv: systems.Server) -> Metrics:
     n = 1000 if ctx.quick else 5000
 
     def hold(count: int, prefix: str) -> int:
@@ -191,7 +209,9 @@ def idle(ctx: Ctx, srv: systems.Server) -> Metrics:
             "-mode", "idle", "-rooms", "1", "-members", str(count), "-room-prefix", prefix,
             "-timeout", str(ctx.timeout),
         ]  # fmt: skip
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         killer = threading.Timer(ctx.timeout + 30, proc.kill)
         killer.start()
         try:
@@ -218,11 +238,17 @@ def idle(ctx: Ctx, srv: systems.Server) -> Metrics:
 
 
 MEMORY = ["kasagi", "centrifuge", "nchan", "socketio"]
-SCENARIOS: dict[str, tuple[Callable[[Ctx, systems.Server], Metrics], list[str]]] = {
+SCENARIOS: dict[str, tuple[Callable[[Ctx, str], Metrics], list[str]]] = {
     "ingest": (ingest, MEMORY),
     "ingest-redis": (
         ingest,
-        ["kasagi+redis", "kasagi+redis/replica", "centrifuge+redis", "nchan+redis", "socketio+redis"],
+        [
+            "kasagi+redis",
+            "kasagi+redis/replica",
+            "centrifuge+redis",
+            "nchan+redis",
+            "socketio+redis",
+        ],
     ),
     "fanout-1000": (fanout(1000), MEMORY),
     "fanout-5000": (fanout(5000), MEMORY),
@@ -240,26 +266,68 @@ HEADS = ["kasagi-relay", "Centrifuge", "Nchan (nginx)", "python-socketio"]
 
 # (label, scenario, metric, system suffix, format, higher is better)
 ROWS: list[tuple[str, str, str, str, str, bool]] = [
-    ("ingest: 200 publishers, own room each, acked/s, memory", "ingest", "acked_per_s", "", "int", True),
+    (
+        "ingest: 200 publishers, own room each, acked/s, memory",
+        "ingest",
+        "acked_per_s",
+        "",
+        "int",
+        True,
+    ),
     ("same, server CPU per ack", "ingest", "cpu_us_per_ack", "", "us", False),
     ("same, ack p99", "ingest", "ack_p99_ms", "", "ms", False),
-    ("ingest with Redis (kasagi `--ack leader`), acked/s", "ingest-redis", "acked_per_s", "+redis", "int", True),
+    (
+        "ingest with Redis (kasagi `--ack leader`), acked/s",
+        "ingest-redis",
+        "acked_per_s",
+        "+redis",
+        "int",
+        True,
+    ),
     ("same, server CPU per ack", "ingest-redis", "cpu_us_per_ack", "+redis", "us", False),
     ("same, Redis CPU per ack", "ingest-redis", "redis_cpu_us_per_ack", "+redis", "us", False),
     ("same, ack p99", "ingest-redis", "ack_p99_ms", "+redis", "ms", False),
-    ("kasagi `--ack replica` (a real replica), acked/s", "ingest-redis", "acked_per_s", "+redis/replica", "int", True),
+    (
+        "kasagi `--ack replica` (a real replica), acked/s",
+        "ingest-redis",
+        "acked_per_s",
+        "+redis/replica",
+        "int",
+        True,
+    ),
     ("same, server CPU per ack", "ingest-redis", "cpu_us_per_ack", "+redis/replica", "us", False),
     ("same, ack p99", "ingest-redis", "ack_p99_ms", "+redis/replica", "ms", False),
     ("1 room x 1,000 members: max deliveries/s", "fanout-1000", "delivered_per_s", "", "int", True),
     ("same, frames/s (kasagi merges)", "fanout-1000", "frames_per_s", "", "int", True),
     ("same, p99 at half load", "fanout-1000", "half_p99_ms", "", "ms", False),
-    ("same, server CPU at 50 publishes/s (cores)", "fanout-1000", "fixed50_cpu", "", "cores", False),
+    (
+        "same, server CPU at 50 publishes/s (cores)",
+        "fanout-1000",
+        "fixed50_cpu",
+        "",
+        "cores",
+        False,
+    ),
     ("same, p99 at 50 publishes/s", "fanout-1000", "fixed50_p99_ms", "", "ms", False),
     ("1 room x 5,000 members: max deliveries/s", "fanout-5000", "delivered_per_s", "", "int", True),
     ("same, p99 at half load", "fanout-5000", "half_p99_ms", "", "ms", False),
-    ("1 room x 1,000 members, with Redis: max deliveries/s", "fanout-redis-1000", "delivered_per_s", "+redis", "int", True),
+    (
+        "1 room x 1,000 members, with Redis: max deliveries/s",
+        "fanout-redis-1000",
+        "delivered_per_s",
+        "+redis",
+        "int",
+        True,
+    ),
     ("same, p99 at half load", "fanout-redis-1000", "half_p99_ms", "+redis", "ms", False),
-    ("1,000 rooms x 10 members, 50 publishers: max deliveries/s", "rooms", "delivered_per_s", "", "int", True),
+    (
+        "1,000 rooms x 10 members, 50 publishers: max deliveries/s",
+        "rooms",
+        "delivered_per_s",
+        "",
+        "int",
+        True,
+    ),
     ("same, p99 at a fixed 3,000 publishes/s", "rooms", "fixed_p99_ms", "", "ms", False),
     ("same, server CPU at 3,000 publishes/s (cores)", "rooms", "fixed_cpu", "", "cores", False),
     ("idle memory per connection", "idle", "kib_per_conn", "", "kib", False),
@@ -282,9 +350,13 @@ def fmt(v: float | None, kind: str) -> str:
     return str(v)
 
 
-def median_of(results: dict[str, dict[str, list[Metrics]]], scenario: str, system: str, metric: str) -> float | None:
+def median_of(
+    results: dict[str, dict[str, list[Metrics]]], scenario: str, system: str, metric: str
+) -> float | None:
     runs = results.get(scenario, {}).get(system, [])
-    values = [r[metric] for r in runs if "error" not in r and r.get(metric) is not None and r[metric] >= 0]
+    values = [
+        r[metric] for r in runs if "error" not in r and r.get(metric) is not None and r[metric] >= 0
+    ]
     return statistics.median(values) if values else None
 
 
@@ -324,17 +396,37 @@ def machine() -> str:
     with contextlib.suppress(OSError, IndexError):
         kib = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f", {kib / 2**20:.0f} GiB"
-    return f"{model}, {os.cpu_count()} CPUs{mem}, Python {sys.version.split()[0]}, load {os.getloadavg()[0]:.1f}"
+    py = sys.version.split()[0]
+    return f"{model}, {os.cpu_count()} CPUs{mem}, Python {py}, load {os.getloadavg()[0]:.1f}"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m benches.peers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 repeat, short windows, no 5,000-member fan-out")
-    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="run only these (repeatable)")
-    ap.add_argument("--systems", default="", help="comma-separated system names to keep (default: all)")
-    ap.add_argument("--repeats", type=int, default=None, help="repeats per scenario (default 3, --quick 1)")
-    ap.add_argument("--duration", type=float, default=None, help="measured seconds per run (default 4, --quick 2)")
-    ap.add_argument("--no-pin", action="store_true", help="do not pin server and load to separate cores")
+    ap = argparse.ArgumentParser(
+        prog="python -m benches.peers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="1 repeat, short windows, no 5,000-member fan-out"
+    )
+    ap.add_argument(
+        "--scenario", action="append", choices=sorted(SCENARIOS), help="run only these (repeatable)"
+    )
+    ap.add_argument(
+        "--systems", default="", help="comma-separated system names to keep (default: all)"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="repeats per scenario (default 3, --quick 1)"
+    )
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measured seconds per run (default 4, --quick 2)",
+    )
+    ap.add_argument(
+        "--no-pin", action="store_true", help="do not pin server and load to separate cores"
+    )
     a = ap.parse_args()
 
     repeats = a.repeats or (1 if a.quick else 3)
@@ -375,14 +467,17 @@ def main() -> int:
             for name in names:
                 t = time.monotonic()
                 try:
-                    with systems.server(name, ctx.server_core) as srv:
-                        m = fn(ctx, srv)
+                    m = fn(ctx, name)
                 except (LoadError, RuntimeError, OSError) as e:
                     m = {"error": str(e)}
                 results[scenario][name].append(m)
                 brief = {k: round(v, 2) for k, v in m.items() if isinstance(v, float)}
                 status = m.get("error") or brief
-                print(f"[{scenario} {rep + 1}/{repeats}] {name} ({time.monotonic() - t:.0f} s): {status}", file=sys.stderr)
+                print(
+                    f"[{scenario} {rep + 1}/{repeats}] {name}"
+                    f" ({time.monotonic() - t:.0f} s): {status}",
+                    file=sys.stderr,
+                )
 
     md = table(results)
     header = (
@@ -394,13 +489,17 @@ def main() -> int:
         for name, runs in per.items():
             for r in runs:
                 if "error" in r:
-                    notes.append(f"- {scenario} / {name} failed: {r['error'].splitlines()[0][:300]}")
+                    notes.append(
+                        f"- {scenario} / {name} failed: {r['error'].splitlines()[0][:300]}"
+                    )
                 elif r.get("errors"):
                     notes.append(f"- {scenario} / {name}: {r['errors']} client-side errors")
     print(f"\n{header}\n\n{md}\n" + ("\n".join(notes) + "\n" if notes else ""))
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = f"{started:%Y%m%dT%H%M%S}"
-    (OUT / f"{stamp}.json").write_text(json.dumps({"header": header, "results": results, "missing": missing}, indent=1))
+    (OUT / f"{stamp}.json").write_text(
+        json.dumps({"header": header, "results": results, "missing": missing}, indent=1)
+    )
     (OUT / f"{stamp}.md").write_text(f"{header}\n\n{md}\n" + "\n".join(notes) + "\n")
     print(f"raw results: {OUT / stamp}.json", file=sys.stderr)
     return 0

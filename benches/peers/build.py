@@ -68,7 +68,9 @@ def _go_build(name: str) -> Path:
 
 def loadgen() -> Path:
     if not (GOCODE / "src/github.com/gorilla/websocket").is_dir():
-        raise Missing("gorilla/websocket sources missing: install golang-github-gorilla-websocket-dev")
+        raise Missing(
+            "gorilla/websocket sources missing: install golang-github-gorilla-websocket-dev"
+        )
     return _go_build("loadgen")
 
 
@@ -82,9 +84,13 @@ def centrifuge() -> Path:
 
 
 def nginx() -> Path:
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    path = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
     if path is None or not NCHAN_MODULE.exists():
-        raise Missing("nginx with Nchan missing: install libnginx-mod-nchan (benches/peers/setup.sh)")
+        raise Missing(
+            "nginx with Nchan missing: install libnginx-mod-nchan (benches/peers/setup.sh)"
+        )
     return Path(path)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benches.peers import build
+from . import build
 
 REPO = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -131,7 +131,9 @@ def redis(tmp: Path, core: int | None, replica_of: int | None = None) -> Iterato
     ]  # fmt: skip
     if replica_of is not None:
         argv += ["--replicaof", "127.0.0.1", str(replica_of)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
     try:
         wait_port(port, proc, log)
         if replica_of is not None:
@@ -145,7 +147,10 @@ def _wait_replica_link(port: int, within: float = 20.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         r = subprocess.run(
-            ["redis-cli", "-p", str(port), "info", "replication"], capture_output=True, text=True, check=False
+            ["redis-cli", "-p", str(port), "info", "replication"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if "master_link_status:up" in r.stdout:
             return
@@ -212,7 +217,10 @@ def _raise_nofile() -> None:
 def server(name: str, core: int | None) -> Iterator[Server]:
     """Start system `name` (with its Redis, if any) and stop everything on exit."""
     adapter, backend, extra = SYSTEMS[name]
-    with tempfile.TemporaryDirectory(prefix=f"peers-{adapter}-") as t, contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"peers-{adapter}-") as t,
+        contextlib.ExitStack() as stack,
+    ):
         tmp = Path(t)
         reds: list[Redis] = []
         if backend == "redis":
@@ -238,7 +246,15 @@ def server(name: str, core: int | None) -> Iterator[Server]:
             url = f"ws://127.0.0.1:{port}/connection/websocket"
         elif adapter == "nchan":
             conf = nchan_conf(tmp, port, reds[0].port if reds else None)
-            argv = [str(build.nginx()), "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")]
+            argv = [
+                str(build.nginx()),
+                "-p",
+                str(tmp),
+                "-c",
+                str(conf),
+                "-e",
+                str(tmp / "error.log"),
+            ]
             url = f"ws://127.0.0.1:{port}"
             pub_url = f"http://127.0.0.1:{port}"
             log = tmp / "error.log"

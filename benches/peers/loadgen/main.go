@@ -219,6 +219,7 @@ type wsConn struct {
 
 func dial(url string, subprotocol string) (*wsConn, error) {
 	d := *dialer
+	d.HandshakeTimeout = time.Duration(*timeout * float64(time.Second))
 	if subprotocol != "" {
 		d.Subprotocols = []string{subprotocol}
 	}
