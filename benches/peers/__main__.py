@@ -112,6 +112,14 @@ def load(ctx: Ctx, srv: systems.Server, *flags: str, room_prefix: str = "r") -> 
     return steps
 
 
+def per_1k(m: Metrics) -> float | None:
+    """Server CPU (with its Redis) per 1,000 deliveries: robust to other load on the machine,
+    which lowers rates but not the CPU time a delivery costs."""
+    if not m["delivered"]:
+        return None
+    return float((m["server_cpu_s"] + m["redis_cpu_s"]) / m["delivered"] * 1e9)
+
+
 def doubling(start: float, count: int) -> str:
     return ",".join(f"{start * 2**i:g}" for i in range(count))
 
@@ -166,6 +174,7 @@ def fanout(members: int) -> Callable[[Ctx, str], Metrics]:
             "half_rate": half_rate,
             "half_p99_ms": half["deliver_p99_ms"],
             "fixed50_cpu": fixed["server_cpu"],
+            "fixed50_us_per_1k": per_1k(fixed),
             "fixed50_p99_ms": fixed["deliver_p99_ms"],
             "loadgen_cpu": max(m["loadgen_cpu"] for m in search),
             "errors": sum(m["errors"] for m in [*search, half, fixed]),
@@ -189,6 +198,7 @@ def rooms(ctx: Ctx, name: str) -> Metrics:
         "fixed_p99_ms": fixed["deliver_p99_ms"],
         "fixed_delivered_per_s": fixed["delivered_per_s"],
         "fixed_cpu": fixed["server_cpu"],
+        "fixed_us_per_1k": per_1k(fixed),
         "loadgen_cpu": max(m["loadgen_cpu"] for m in search),
         "errors": sum(m["errors"] for m in [*search, fixed]),
         "raw": {"search": search, "fixed": fixed},
@@ -330,6 +340,15 @@ ROWS: list[tuple[str, str, str, str, str, bool]] = [
     ),
     ("same, p99 at a fixed 3,000 publishes/s", "rooms", "fixed_p99_ms", "", "ms", False),
     ("same, server CPU at 3,000 publishes/s (cores)", "rooms", "fixed_cpu", "", "cores", False),
+    ("same, server CPU per 1,000 deliveries", "rooms", "fixed_us_per_1k", "", "us", False),
+    (
+        "same, deliveries/s reached at 3,000 publishes/s (30,000 offered)",
+        "rooms",
+        "fixed_delivered_per_s",
+        "",
+        "int",
+        True,
+    ),
     ("idle memory per connection", "idle", "kib_per_conn", "", "kib", False),
 ]
 
@@ -383,6 +402,13 @@ def table(results: dict[str, dict[str, list[Metrics]]]) -> str:
             ratios.append(f"{k / p:.2f}x" if k is not None and p else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
+
+
+def busy_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    return sum(f) - idle, sum(f)
 
 
 def machine() -> str:
@@ -459,6 +485,7 @@ def main() -> int:
 
     results: dict[str, dict[str, list[Metrics]]] = {}
     started = datetime.now(UTC)
+    busy0 = busy_jiffies()
     for scenario in chosen:
         fn, names = SCENARIOS[scenario]
         names = [n for n in names if n not in missing and (not keep or n in keep)]
@@ -480,9 +507,13 @@ def main() -> int:
                 )
 
     md = table(results)
+    busy1 = busy_jiffies()
+    ncpu = os.cpu_count() or 1
+    busy = (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1) * ncpu
     header = (
         f"peers run {started:%Y-%m-%d %H:%M} UTC, {machine()}, repeats {repeats}, "
-        f"{duration:g} s windows, {'server core 0 / load core 1' if pinned else 'not pinned'}"
+        f"{duration:g} s windows, {'server core 0 / load core 1' if pinned else 'not pinned'}, "
+        f"all processes together kept {busy:.2f} of {ncpu} CPUs busy on average over the run"
     )
     notes = [f"- {n}: not run: {why.splitlines()[0]}" for n, why in missing.items()]
     for scenario, per in results.items():
