@@ -277,9 +277,31 @@ def server(name: str, core: int | None) -> Iterator[Server]:
             )
         try:
             wait_port(port, proc, log)
+            if adapter == "nchan" and reds:
+                _wait_nchan_redis(port, log)
             yield Server(adapter, url, proc, pub_url, reds)
         finally:
             stop(proc)
+
+
+def _wait_nchan_redis(port: int, log: Path, within: float = 30.0) -> None:
+    """Nchan answers 503 until its Redis connection is up: publish until it does not."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/pub/ready", data=b"{}", method="POST"
+        )
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),
+            urllib.request.urlopen(req, timeout=5) as r,
+        ):
+            if r.status // 100 == 2:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"Nchan did not reach its Redis within {within:.0f} s: {tail(log)}")
 
 
 def nchan_conf(tmp: Path, port: int, redis_port: int | None) -> Path:
