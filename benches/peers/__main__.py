@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -444,6 +445,10 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs{mem}, Python {py}, load {os.getloadavg()[0]:.1f}"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benches.peers",
@@ -472,6 +477,8 @@ def main() -> int:
         "--no-pin", action="store_true", help="do not pin server and load to separate cores"
     )
     a = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so that every server is stopped by its `with` block.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     repeats = a.repeats or (1 if a.quick else 3)
     duration = a.duration or (2.0 if a.quick else 4.0)
