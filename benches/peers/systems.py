@@ -306,7 +306,8 @@ def _wait_nchan_redis(port: int, log: Path, within: float = 30.0) -> None:
 
 def nchan_conf(tmp: Path, port: int, redis_port: int | None) -> Path:
     """nginx.conf for Nchan: one worker, WebSocket subscribers at /sub/ROOM, HTTP publishers at
-    /pub/ROOM, everything (pid, logs, temp dirs) under `tmp`, run as the current user."""
+    /pub/ROOM keeping 1,000 messages per channel for 600 s (the relay's history defaults),
+    everything (pid, logs, temp dirs) under `tmp`, run as the current user."""
     upstream, use = "", ""
     if redis_port is not None:
         upstream = f"upstream redis_server {{ nchan_redis_server redis://127.0.0.1:{redis_port}; }}"
@@ -329,6 +330,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     keepalive_requests 1000000;
+    nchan_max_reserved_memory 512m;
     {upstream}
     server {{
         listen 127.0.0.1:{port};
@@ -340,7 +342,8 @@ http {{
         location ~ ^/pub/(\\w+)$ {{
             nchan_publisher http;
             nchan_channel_id $1;
-            nchan_message_buffer_length 10;
+            nchan_message_buffer_length 1000;
+            nchan_message_timeout 600s;
             {use}
         }}
     }}

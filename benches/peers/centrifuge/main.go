@@ -1,7 +1,8 @@
 // A minimal Centrifuge server for the peer benchmark (benches/peers): the JSON protocol over
 // WebSocket at /connection/websocket, anonymous clients, subscribe and publish allowed to every
 // client (OnSubscribe, OnPublish), the memory broker or -redis HOST:PORT for the Redis broker.
-// No history and no presence, as the relay's rooms in the benchmark keep no presence either.
+// Publications are kept in history like the relay keeps deltas (-history 1000 for 600 s: the
+// relay's defaults), so that an ack means the same: stored. No presence.
 //
 // Build (GOPATH mode, offline, against Debian's golang-*-dev packages): see benches/peers/build.py.
 package main
@@ -16,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/centrifugal/centrifuge"
 )
@@ -23,6 +25,8 @@ import (
 func main() {
 	addr := flag.String("addr", "127.0.0.1:0", "listen address")
 	redisAddr := flag.String("redis", "", "Redis HOST:PORT for the Redis broker (empty: memory broker)")
+	historySize := flag.Int("history", 1000, "publications kept per channel (0: none)")
+	historyTTL := flag.Duration("history-ttl", 600*time.Second, "and for this long")
 	flag.Parse()
 
 	cfg := centrifuge.DefaultConfig
@@ -40,7 +44,9 @@ func main() {
 			cb(centrifuge.SubscribeReply{}, nil)
 		})
 		client.OnPublish(func(e centrifuge.PublishEvent, cb centrifuge.PublishCallback) {
-			cb(centrifuge.PublishReply{}, nil)
+			cb(centrifuge.PublishReply{Options: centrifuge.PublishOptions{
+				HistorySize: *historySize, HistoryTTL: *historyTTL,
+			}}, nil)
 		})
 	})
 	if *redisAddr != "" {
