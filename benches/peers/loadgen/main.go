@@ -3,7 +3,8 @@
 // WebSocket subscribers + HTTP POST publishers, socket.io over Engine.IO v4 WebSocket).
 //
 // One run: -rooms R rooms of -members M members each, -publishers P publishers (publisher i
-// sends to room i % R; publishers are not members), publishing as fast as a window of -window
+// sends to rooms i, i+P, i+2P, ... in turn, or to room i % R when P >= R; publishers are not
+// members), publishing as fast as a window of -window
 // unacknowledged publishes allows (-rate 0) or at a fixed total -rate per second. After
 // -warmup seconds it measures for -duration seconds and prints one JSON line with counts,
 // rates and latency percentiles. It prints "MEASURE_START" / "MEASURE_END" lines when the
@@ -840,7 +841,12 @@ func step(ps []publisher, rate float64, say func(string)) map[string]any {
 		wg.Add(1)
 		go func(i int, p publisher) {
 			defer wg.Done()
-			room := roomName(i % *rooms)
+			// Publisher i takes rooms i, i+P, i+2P, ... in turn (every room gets publishes
+			// when there are more rooms than publishers), or room i % R.
+			var mine []string
+			for r := i % *rooms; r < *rooms; r += *publishers {
+				mine = append(mine, roomName(r))
+			}
 			win := make(chan struct{}, *window)
 			var period float64
 			if rate > 0 {
@@ -873,7 +879,7 @@ func step(ps []publisher, rate float64, say func(string)) map[string]any {
 				if measuring.Load() {
 					published.Add(1)
 				}
-				if err := p.publish(id, room, payload(n, ts)); err != nil {
+				if err := p.publish(id, mine[n%len(mine)], payload(n, ts)); err != nil {
 					if !stopping.Load() {
 						fail(err)
 					}
