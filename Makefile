@@ -72,13 +72,13 @@ KIT_UP = $(KIT_STATE) \
 	--redis-server "$(REDIS_SERVER)" --relay "$(RELAY)" --relay-args "$(RELAY_ARGS)"
 
 .PHONY: help up status failover-test down clean sentinel-status cli-sentinel logs \
-	cluster-up cluster-status cluster-failover-test cluster-down test bench wheel
+	cluster-up cluster-status cluster-failover-test cluster-down test bench bench-peers wheel
 
 help:
 	$(SAY_MODE)
 	@echo "kit:     make up | status | sentinel-status | cli-sentinel | failover-test | down | clean"
 	@echo "cluster: make cluster-up | cluster-status | cluster-failover-test | cluster-down (local)"
-	@echo "project: make test | bench | wheel"
+	@echo "project: make test | bench | bench-peers [PEERS_ARGS=--quick] | wheel"
 	@echo "local-mode variables: REDIS_PORT REPLICA_1_PORT REPLICA_2_PORT SENTINEL_1_PORT"
 	@echo "  SENTINEL_2_PORT SENTINEL_3_PORT RELAY_PORT STATE_DIR DOWN_AFTER_MS RELAY RELAY_ARGS"
 
@@ -189,6 +189,13 @@ test:
 bench:
 	$(SAY_MODE)
 	.venv/bin/pytest benches/ --benchmark-only
+
+# kasagi-relay against Centrifuge, Nchan and python-socketio (docs/benchmarks.md "Peers");
+# setup.sh installs the peers from Debian and pip first. PEERS_ARGS=--quick for a short run.
+PEERS_ARGS ?=
+bench-peers:
+	PYTHON=.venv/bin/python sh benches/peers/setup.sh
+	.venv/bin/python -m benches.peers $(PEERS_ARGS)
 
 wheel:
 	$(SAY_MODE)
