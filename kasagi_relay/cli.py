@@ -31,6 +31,8 @@ _D = Config()
 EXIT_FORCED = 1
 # Below this many open files the relay warns at start-up: each connection is one descriptor.
 LOW_OPEN_FILES = 4096
+# --workers: a bound on what a typo can start (one process, one event loop each).
+MAX_WORKERS = 256
 
 _SIZE = re.compile(r"(?i)\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*")
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -106,6 +108,12 @@ def _sentinels(text: str) -> tuple[tuple[str, int], ...]:
     if not out:
         raise argparse.ArgumentTypeError("expected host:port,host:port,...")
     return tuple(out)
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return _int_range(1, MAX_WORKERS)(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -381,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = never [KASAGI_FRAME_TIMEOUT]",
     )
     add(
+        "--workers",
+        metavar="N",
+        type=_workers,
+        default=env("KASAGI_WORKERS", _D.workers),
+        help="relay processes serving the port, each with its own event loop and backend "
+        "connections, restarted if they die; auto = one per CPU. Needs --redis, --sentinels "
+        "or --cluster (docs/operations.md) [KASAGI_WORKERS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -401,6 +418,11 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
+    if a.workers > 1 and not (a.redis or a.sentinels or a.cluster):
+        parser.error(
+            "--workers needs --redis, --sentinels or --cluster: with the memory backend "
+            "each worker would hold its own rooms"
+        )
     return Config(
         host=a.host,
         port=a.port,
@@ -435,6 +457,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         trusted_proxies=a.trusted_proxies,
         idle_timeout_s=a.idle_timeout,
         frame_timeout_s=a.frame_timeout,
+        workers=a.workers,
         log_level=a.log_level,
         log_format=a.log_format,
     )
@@ -560,6 +583,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ImportError) as exc:
         print(f"kasagi-relay: error: {exc}", file=sys.stderr)
         return 2
+    if config.workers > 1:
+        from kasagi_relay.workers import supervise
+
+        return supervise(config)
     import uvloop
 
     return uvloop.run(serve(config, backend))

@@ -77,6 +77,9 @@ class Config:
     room_idle_s: float = 60.0
     shutdown_timeout_s: float = 10.0
 
+    # Relay processes serving the port (kasagi_relay/workers.py); 1 = this process alone.
+    workers: int = 1
+
     log_level: str = "info"
     log_format: str = "text"
 
