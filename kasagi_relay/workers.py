@@ -457,6 +457,19 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
     return 0
 
 
+class _WorkerTag(logging.Filter):
+    """Prefixes a worker's lines with its index: the workers share the parent's stderr."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.prefix = f"worker {index}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(logger.name):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
 def _worker_main() -> int:
     # Ctrl-C reaches the whole process group; the parent relays it as one SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -465,6 +478,8 @@ def _worker_main() -> int:
     from kasagi_relay.cli import setup_logging
 
     setup_logging(config)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(index))
     import uvloop
 
     code: int = uvloop.run(_serve(config, index, ready_fd))

@@ -20,6 +20,7 @@ import pytest
 import trustme
 from websockets.exceptions import ConnectionClosed
 
+from kasagi_relay.cli import parse_config
 from kasagi_relay.workers import WORKER_HEADER
 from testkit.redis import Topology, redis_server  # noqa: F401
 from testkit.relay import REPO, Client, RelayProcess, connect_client, relay_env, relay_process
@@ -98,6 +99,18 @@ async def publish(writer: Client, room: str, count: int, tag: str) -> list[int]:
         assert ack is not None
         seqs.append(ack["seq"])
     return seqs
+
+
+def test_workers_flag() -> None:
+    redis = ("--redis", "redis://127.0.0.1:6379/0")
+    assert parse_config([*redis]).workers == 1
+    assert parse_config([*redis, "--workers", "3"]).workers == 3
+    assert parse_config([*redis, "--workers", "auto"]).workers == len(os.sched_getaffinity(0))
+    for bad in ("0", "-1", "257", "many"):
+        with pytest.raises(SystemExit) as exc:
+            parse_config([*redis, "--workers", bad])
+        assert exc.value.code == 2
+    assert parse_config(["--workers", "1"]).workers == 1  # memory backend, one process
 
 
 def test_memory_backend_refuses_several_workers() -> None:
