@@ -2,13 +2,14 @@
 same load, same machine, in one run (ratios, not absolute numbers: the machine is shared).
 
     .venv/bin/python -m benches.workers [--seconds 10] [--rooms 20] [--members 25]
-        [--window 8] [--layouts 1,2] [--json out.json]
+        [--writers 4] [--window 8] [--layouts 1,2] [--json out.json]
 
 One redis-server (`--redis`, ack leader) and, per layout, the real command line
 (`python -m kasagi_relay --workers N`). The load generator is this process (uvloop, raw
 sockets, so that it costs as little as it can): per room, `--members` members that join and
-then only read, and one writer that keeps `--window` deltas in flight (the next one goes
-when an ack comes back). Connections are spread over the workers by the kernel
+then only read, and `--writers` writers that each keep `--window` deltas in flight (the
+next one goes when an ack comes back; the relay handles one connection's requests in order,
+so it is the writers that make requests concurrent). Connections are spread over the workers by the kernel
 (SO_REUSEPORT), so a room's members sit on both workers.
 
 Deltas delivered are counted from the members' streams: a member's last seen `seq` at the
@@ -195,10 +196,11 @@ async def run_layout(redis_url: str, workers: int, args: argparse.Namespace) -> 
         await asyncio.sleep(1.0)  # every join answered before the writers start
         for r in range(args.rooms):
             room = f"bench-{workers}-{r}"
-            writer = WriterProto(room, args.window)
-            await loop.create_connection(lambda w=writer: w, "127.0.0.1", port)  # type: ignore[misc]
-            await writer.open
-            writers.append(writer)
+            for _ in range(args.writers):
+                writer = WriterProto(room, args.window)
+                await loop.create_connection(lambda w=writer: w, "127.0.0.1", port)  # type: ignore[misc]
+                await writer.open
+                writers.append(writer)
         await asyncio.sleep(args.warmup)
         pids = tree(proc.proc.pid)
         seq0 = [m.seq for m in members]
@@ -243,6 +245,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rooms", type=int, default=20)
     p.add_argument("--members", type=int, default=25, help="members per room")
+    p.add_argument("--writers", type=int, default=4, help="writers per room")
     p.add_argument("--window", type=int, default=8, help="deltas in flight per writer")
     p.add_argument("--layouts", default="1,2", help="worker counts to compare")
     p.add_argument("--json", help="write the results here too")
