@@ -9,8 +9,8 @@ One redis-server (`--redis`, ack leader) and, per layout, the real command line
 sockets, so that it costs as little as it can): per room, `--members` members that join and
 then only read, and `--writers` writers that each keep `--window` deltas in flight (the
 next one goes when an ack comes back; the relay handles one connection's requests in order,
-so it is the writers that make requests concurrent). Connections are spread over the workers by the kernel
-(SO_REUSEPORT), so a room's members sit on both workers.
+so it is the writers that make requests concurrent). Connections are spread over the
+workers by the kernel (SO_REUSEPORT), so a room's members sit on both workers.
 
 Deltas delivered are counted from the members' streams: a member's last seen `seq` at the
 end of the window minus the one at its start (frames that merge several deltas count each
