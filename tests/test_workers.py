@@ -279,3 +279,30 @@ async def test_sighup_reloads_tls_in_every_worker(
         for clients in by_pid.values():
             assert (await clients[0].join("r"))["t"] == "joined"
         assert proc.returncode is None
+
+
+async def test_workers_stop_when_the_parent_is_killed(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """A SIGKILLed parent cannot relay anything: each worker sees its stdin close and stops
+    gracefully on its own (members get 1001), leaving no orphan serving the port."""
+    async with workers_relay(redis_server) as proc, contextlib.AsyncExitStack() as stack:
+        by_pid = await on_both_workers(proc.url, stack, per_worker=1)
+        members = [c for clients in by_pid.values() for c in clients]
+        for member in members:
+            await member.join("r")
+        proc.proc.kill()
+        for member in members:
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(15):
+                    while True:
+                        await member.ws.recv()
+            assert member.ws.close_code == 1001
+        async with asyncio.timeout(15):
+            for pid in by_pid:
+                while True:
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        break
+                    await asyncio.sleep(0.05)
