@@ -180,9 +180,11 @@ class _Supervisor:
         _mark_dead(proc.pid, self.state_dir)
         self.write_state()
         if self.stopping:
-            level = logging.INFO if code == 0 else logging.WARNING
+            # -SIGTERM: a worker still starting up, before it handles the signal itself.
+            clean = code in (0, -signal.SIGTERM)
+            level = logging.INFO if clean else logging.WARNING
             logger.log(level, "worker %d (pid %d) %s", w.index, proc.pid, _describe(code))
-            if code != 0:
+            if not clean:
                 self.forced = True
             return
         if not self.serving:
