@@ -175,6 +175,18 @@ class WriterProto(RawClient):
             self.send()
 
 
+async def deltas_per_frame(port: int) -> float:
+    """The relay's mean deltas per broadcast frame since it started (its /metrics: every
+    worker's, with --workers)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    body = await reader.read()
+    writer.close()
+    values = dict(re.findall(rb"^kasagi_deltas_per_frame_(sum|count) (\S+)$", body, re.M))
+    count = float(values.get(b"count", 0))
+    return float(values.get(b"sum", 0)) / count if count else 0.0
+
+
 async def run_layout(redis_url: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     flags = [
@@ -211,6 +223,7 @@ async def run_layout(redis_url: str, workers: int, args: argparse.Namespace) -> 
         t0 = time.monotonic()
         await asyncio.sleep(args.seconds)
         elapsed = time.monotonic() - t0
+        merged = await deltas_per_frame(port)
         delivered = sum(m.seq for m in members) - sum(seq0)
         acks = sum(w.acks for w in writers) - acks0
         out = {
@@ -219,6 +232,7 @@ async def run_layout(redis_url: str, workers: int, args: argparse.Namespace) -> 
             "delivered_per_s": delivered / elapsed,
             "acks_per_s": acks / elapsed,
             "fanout": delivered / acks if acks else 0.0,
+            "deltas_per_frame": merged,
             "cpu_relay": (sum(cpu_seconds(p) for p in pids) - relay0) / elapsed,
             "cpu_redis": (cpu_seconds(args.redis_pid) - redis0) / elapsed,
             "cpu_loadgen": (self_cpu() - gen0) / elapsed,
