@@ -129,6 +129,37 @@ def test_memory_backend_refuses_several_workers() -> None:
     assert len(lines) == 1 and "--workers needs --redis" in lines[0], proc.stderr
 
 
+def test_a_taken_port_is_one_error(redis_server: Topology) -> None:  # noqa: F811
+    """The parent reserves the port before any worker starts: a port another process
+    listens on is the same one-line error, exit 1, as without workers."""
+    import socket
+    import subprocess
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kasagi_relay",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "--redis",
+                redis_url(redis_server),
+            ],
+            env=relay_env(),
+            cwd=str(REPO),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], proc.stderr
+
+
 async def test_members_on_both_workers_get_every_delta_in_order(
     redis_server: Topology,  # noqa: F811
 ) -> None:
