@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,6 @@ class _Supervisor:
         self.stopping = False
         self.forced = False
         self.failed: int | None = None  # a worker died before the relay started
-        self.signals: list[int] = []
         self.env = dict(os.environ)
         self.env["PROMETHEUS_MULTIPROC_DIR"] = str(state_dir)
         # The worker imports this package from where the parent did.
@@ -349,7 +349,7 @@ def _state(state_dir: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _health_extra(state_dir: str) -> Any:
+def _health_extra(state_dir: str) -> Callable[[dict[str, object]], dict[str, object]]:
     def extra(health: dict[str, object]) -> dict[str, object]:
         state = _state(state_dir)
         return {
@@ -366,14 +366,14 @@ def _health_extra(state_dir: str) -> Any:
     return extra
 
 
-def _render_all(state_dir: str) -> Any:
+def _render_all(state_dir: str) -> Callable[[], bytes]:
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
     from prometheus_client.multiprocess import MultiProcessCollector
     from prometheus_client.registry import Collector
 
     class _Workers(Collector):
-        def collect(self) -> Any:
+        def collect(self) -> Iterator[Metric]:
             state = _state(state_dir)
             yield GaugeMetricFamily(
                 "kasagi_workers", "Worker processes serving now.", len(state.get("pids", []))
@@ -420,7 +420,7 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
 
     def render_fresh() -> bytes:
         relay.metrics.send_queue_bytes.set(relay._send_queue_total())
-        return bytes(render())
+        return render()
 
     relay.metrics.multiprocess = render_fresh
     try:
