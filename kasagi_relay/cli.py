@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="password for Redis (prefer the variable: flags show in ps) [KASAGI_REDIS_PASSWORD]",
     )
     add(
+        "--redis-tls-ca",
+        metavar="PATH",
+        default=env("KASAGI_REDIS_TLS_CA", None),
+        help="with --cluster: connect to the nodes over TLS (their tls-port), verifying them "
+        "with this PEM CA bundle (--redis takes a rediss:// URL instead) [KASAGI_REDIS_TLS_CA]",
+    )
+    add(
         "--sentinel-password",
         metavar="PASSWORD",
         default=env("KASAGI_SENTINEL_PASSWORD", None),
@@ -418,6 +425,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
+    if a.redis_tls_ca and not a.cluster:
+        parser.error("--redis-tls-ca applies to --cluster (with --redis use a rediss:// URL)")
     if a.workers > 1 and not (a.redis or a.sentinels or a.cluster):
         parser.error(
             "--workers needs --redis, --sentinels or --cluster: with the memory backend "
@@ -434,6 +443,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         master=a.master,
         redis_password=a.redis_password,
         sentinel_password=a.sentinel_password,
+        redis_tls_ca=a.redis_tls_ca or None,
         ack=a.ack,
         tick_ms=a.tick_ms,
         history=a.history,

@@ -30,6 +30,8 @@ class Config:
     cluster: tuple[tuple[str, int], ...] = ()
     master: str = "kasagi-master"
     redis_password: str | None = None
+    # --cluster over TLS: the CA bundle (PEM) that signed the nodes' certificates.
+    redis_tls_ca: str | None = None
     sentinel_password: str | None = None
     # None means "the default for the backend": replica with Sentinels or a Cluster,
     # leader otherwise.
