@@ -102,6 +102,12 @@ class ShardView:
     replicas: tuple[Addr, ...]
 
 
+# redis-py's connect timeout includes the TLS handshake, and a burst of new pooled
+# connections (many rooms' first writes at once) queues its handshakes on a busy host: three
+# test processes at once on 2 CPUs went past 1 s (tests/backends/test_redis_cluster_tls.py).
+TLS_CONNECT_TIMEOUT_S = 3.0
+
+
 def parse_shards(reply: Any, tls: bool = False) -> list[ShardView]:
     """CLUSTER SHARDS (Redis >= 7.0) as views; shards without slots or a primary are left
     out (a node being added, a shard whose primary failed and has no replica). `tls`: the
@@ -194,7 +200,7 @@ class ClusterRouter:
         wait_timeout_ms: int = 1000,
         op_timeout_s: float = 10.0,
         socket_timeout_s: float = 2.0,
-        connect_timeout_s: float = 1.0,
+        connect_timeout_s: float | None = None,
         probe_interval_s: float = 0.5,
         probe_timeout_s: float = 1.0,
         poll_interval_s: float = 1.0,
@@ -213,7 +219,7 @@ class ClusterRouter:
             "wait_timeout_ms": wait_timeout_ms,
             "op_timeout_s": op_timeout_s,
             "socket_timeout_s": socket_timeout_s,
-            "connect_timeout_s": connect_timeout_s,
+            "connect_timeout_s": connect_timeout_s or (TLS_CONNECT_TIMEOUT_S if tls else 1.0),
         }
         self.op_timeout_s = op_timeout_s
         self.probe_interval_s = probe_interval_s
