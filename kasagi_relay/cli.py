@@ -31,6 +31,8 @@ _D = Config()
 EXIT_FORCED = 1
 # Below this many open files the relay warns at start-up: each connection is one descriptor.
 LOW_OPEN_FILES = 4096
+# --workers: a bound on what a typo can start (one process, one event loop each).
+MAX_WORKERS = 256
 
 _SIZE = re.compile(r"(?i)\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*")
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -106,6 +108,12 @@ def _sentinels(text: str) -> tuple[tuple[str, int], ...]:
     if not out:
         raise argparse.ArgumentTypeError("expected host:port,host:port,...")
     return tuple(out)
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return _int_range(1, MAX_WORKERS)(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PASSWORD",
         default=env("KASAGI_REDIS_PASSWORD", None),
         help="password for Redis (prefer the variable: flags show in ps) [KASAGI_REDIS_PASSWORD]",
+    )
+    add(
+        "--redis-tls-ca",
+        metavar="PATH",
+        default=env("KASAGI_REDIS_TLS_CA", None),
+        help="with --cluster: connect to the nodes over TLS (their tls-port), verifying them "
+        "with this PEM CA bundle (--redis takes a rediss:// URL instead) [KASAGI_REDIS_TLS_CA]",
     )
     add(
         "--sentinel-password",
@@ -422,6 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
         "get 503 [KASAGI_API_MAX_REQUESTS]",
     )
     add(
+        "--workers",
+        metavar="N",
+        type=_workers,
+        default=env("KASAGI_WORKERS", _D.workers),
+        help="relay processes serving the port, each with its own event loop and backend "
+        "connections, restarted if they die; auto = one per CPU. Needs --redis, --sentinels "
+        "or --cluster (docs/operations.md) [KASAGI_WORKERS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -448,6 +472,13 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         api_keys = _api_keys(a.api_key, a.api_key_file)
     except ValueError as exc:
         parser.error(str(exc))
+    if a.redis_tls_ca and not a.cluster:
+        parser.error("--redis-tls-ca applies to --cluster (with --redis use a rediss:// URL)")
+    if a.workers > 1 and not (a.redis or a.sentinels or a.cluster):
+        parser.error(
+            "--workers needs --redis, --sentinels or --cluster: with the memory backend "
+            "each worker would hold its own rooms"
+        )
     return Config(
         host=a.host,
         port=a.port,
@@ -459,6 +490,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         master=a.master,
         redis_password=a.redis_password,
         sentinel_password=a.sentinel_password,
+        redis_tls_ca=a.redis_tls_ca or None,
         ack=a.ack,
         tick_ms=a.tick_ms,
         history=a.history,
@@ -488,6 +520,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         api_keys=api_keys,
         api_timeout_s=a.api_timeout,
         api_max_requests=a.api_max_requests,
+        workers=a.workers,
         log_level=a.log_level,
         log_format=a.log_format,
     )
@@ -636,6 +669,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ImportError) as exc:
         print(f"kasagi-relay: error: {exc}", file=sys.stderr)
         return 2
+    if config.workers > 1:
+        from kasagi_relay.workers import supervise
+
+        return supervise(config)
     import uvloop
 
     return uvloop.run(serve(config, backend))

@@ -30,6 +30,8 @@ class Config:
     cluster: tuple[tuple[str, int], ...] = ()
     master: str = "kasagi-master"
     redis_password: str | None = None
+    # --cluster over TLS: the CA bundle (PEM) that signed the nodes' certificates.
+    redis_tls_ca: str | None = None
     sentinel_password: str | None = None
     # None means "the default for the backend": replica with Sentinels or a Cluster,
     # leader otherwise.
@@ -87,6 +89,9 @@ class Config:
     close_timeout_s: float = 5.0
     room_idle_s: float = 60.0
     shutdown_timeout_s: float = 10.0
+
+    # Relay processes serving the port (kasagi_relay/workers.py); 1 = this process alone.
+    workers: int = 1
 
     log_level: str = "info"
     log_format: str = "text"

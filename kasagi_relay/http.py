@@ -43,6 +43,8 @@ class HttpRoutes:
         self.metrics = metrics
         self.admission = admission
         self.shutting_down = shutting_down
+        # Fields added to /healthz (kasagi_relay/workers.py: the whole relay's workers).
+        self.health_extra: Callable[[dict[str, object]], dict[str, object]] | None = None
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -86,6 +88,8 @@ class HttpRoutes:
             self.metrics.backend_errors.inc()
             health = {"ok": False, "error": str(exc) or type(exc).__name__}
         health = {**health, "backend": health.get("backend", self.backend.name)}
+        if self.health_extra is not None:
+            health = self.health_extra(health)
         if self.shutting_down():
             health["ok"] = False
             health["shutting_down"] = True

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -88,6 +89,9 @@ class Relay:
         # Every member's queue together: one bound for the relay (docs/operations.md).
         self.budget = SendBudget(config.send_budget_bytes)
         self.metrics.track_send_queue(self._send_queue_total)
+        # Extra keyword arguments for websockets' serve() (a worker of --workers N passes
+        # reuse_port and a process_response that names it: kasagi_relay/workers.py).
+        self.serve_options: dict[str, Any] = {}
 
     @property
     def rooms(self) -> dict[str, Room]:
@@ -144,6 +148,7 @@ class Relay:
             ping_interval=cfg.ping_interval_s,
             close_timeout=cfg.close_timeout_s,
             ssl=self._tls,
+            **self.serve_options,
         )
         self.compactor.start()
         self.registry.start()

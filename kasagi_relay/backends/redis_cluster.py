@@ -102,9 +102,16 @@ class ShardView:
     replicas: tuple[Addr, ...]
 
 
-def parse_shards(reply: Any) -> list[ShardView]:
+# redis-py's connect timeout includes the TLS handshake, and a burst of new pooled
+# connections (many rooms' first writes at once) queues its handshakes on a busy host: three
+# test processes at once on 2 CPUs went past 1 s (tests/backends/test_redis_cluster_tls.py).
+TLS_CONNECT_TIMEOUT_S = 3.0
+
+
+def parse_shards(reply: Any, tls: bool = False) -> list[ShardView]:
     """CLUSTER SHARDS (Redis >= 7.0) as views; shards without slots or a primary are left
-    out (a node being added, a shard whose primary failed and has no replica)."""
+    out (a node being added, a shard whose primary failed and has no replica). `tls`: the
+    nodes' `tls-port`, where they have one (a node with both lists both)."""
     out: list[ShardView] = []
     for raw in reply:
         shard = _fields(raw)
@@ -117,7 +124,8 @@ def parse_shards(reply: Any) -> list[ShardView]:
             node = _fields(rawnode)
             nid = _text(node.get("id", ""))
             ids.add(nid)
-            addr = (_text(node.get("ip") or node.get("endpoint")), int(node.get("port", 0)))
+            port = (node.get("tls-port") if tls else None) or node.get("port", 0)
+            addr = (_text(node.get("ip") or node.get("endpoint")), int(port))
             if _text(node.get("role", "")) == "master":
                 if _text(node.get("health", "online")) != "fail" or primary is None:
                     primary = (nid, addr)
@@ -192,23 +200,26 @@ class ClusterRouter:
         wait_timeout_ms: int = 1000,
         op_timeout_s: float = 10.0,
         socket_timeout_s: float = 2.0,
-        connect_timeout_s: float = 1.0,
+        connect_timeout_s: float | None = None,
         probe_interval_s: float = 0.5,
         probe_timeout_s: float = 1.0,
         poll_interval_s: float = 1.0,
         node_timeout_s: float = 0.5,
+        tls: dict[str, Any] | None = None,
     ) -> None:
         if not seeds:
             raise ValueError("at least one cluster node address is needed")
         self.seeds = [(str(h), int(p)) for h, p in seeds]
         self.password = password
         self.username = username
+        # SSLConnection options (--redis-tls-ca): TLS to every node, on its tls-port.
+        self.tls = tls
         self.ack: AckLevel = ack
         self.link_options: dict[str, Any] = {
             "wait_timeout_ms": wait_timeout_ms,
             "op_timeout_s": op_timeout_s,
             "socket_timeout_s": socket_timeout_s,
-            "connect_timeout_s": connect_timeout_s,
+            "connect_timeout_s": connect_timeout_s or (TLS_CONNECT_TIMEOUT_S if tls else 1.0),
         }
         self.op_timeout_s = op_timeout_s
         self.probe_interval_s = probe_interval_s
@@ -233,13 +244,13 @@ class ClusterRouter:
     # ------------------------------------------------------------------ connections
 
     def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
-        return addr_pool(addr, options, self.password, self.username)
+        return addr_pool(addr, options, self.password, self.username, self.tls)
 
     def _node_client(self, addr: Addr) -> Redis:
         client = self._clients.get(addr)
         if client is None:
             client = self._clients[addr] = quick_client(
-                addr, self.node_timeout_s, self.password, self.username
+                addr, self.node_timeout_s, self.password, self.username, self.tls
             )
         return client
 
@@ -253,7 +264,8 @@ class ClusterRouter:
 
     async def _ask(self, addr: Addr) -> list[ShardView] | None:
         try:
-            return parse_shards(await command(self._node_client(addr), "CLUSTER", "SHARDS"))
+            reply = await command(self._node_client(addr), "CLUSTER", "SHARDS")
+            return parse_shards(reply, tls=self.tls is not None)
         except (AuthenticationError, AuthorizationError):
             raise  # a wrong password is a configuration error: say so
         except Exception as exc:

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, SSLConnection
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -64,17 +64,28 @@ logger = logging.getLogger("kasagi_relay.backends.redis")
 
 
 def addr_pool(
-    addr: Addr, options: dict[str, Any], password: str | None, username: str | None = None
+    addr: Addr,
+    options: dict[str, Any],
+    password: str | None,
+    username: str | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> ConnectionPool:
     """The pool of a master link to a node found by address (a Sentinel's or a Cluster's
-    answer), with the link's options (MasterLink.pool_options)."""
+    answer), with the link's options (MasterLink.pool_options); `tls`: SSLConnection's
+    options (ssl_ca_certs, ...) to speak TLS to the node."""
+    if tls is not None:
+        options = {**options, **tls, "connection_class": SSLConnection}
     return BlockingConnectionPool(
         host=addr[0], port=addr[1], password=password, username=username, **options
     )
 
 
 def quick_client(
-    addr: Addr, timeout_s: float, password: str | None, username: str | None = None
+    addr: Addr,
+    timeout_s: float,
+    password: str | None,
+    username: str | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> Redis:
     """A client for asking a node (a Sentinel, a Cluster node) a question: short timeouts
     and no retries, so that one silent node costs one timeout and the others are asked."""
@@ -86,6 +97,7 @@ def quick_client(
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
+        **({"ssl": True, **tls} if tls is not None else {}),
     )
 
 
