@@ -108,6 +108,35 @@ def _sentinels(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= value <= hi:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    out = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not out:
+        raise argparse.ArgumentTypeError("expected * or ORIGIN,ORIGIN,...")
+    return out
+
+
+def _secret_file(parser: argparse.ArgumentParser, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(64 * 1024)
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"cannot read --jwt-secret-file: {getattr(exc, 'strerror', None) or exc}")
+    return text[:-1] if text.endswith("\n") else text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, as every other error of the relay; --help has the details.
@@ -381,6 +410,77 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = never [KASAGI_FRAME_TIMEOUT]",
     )
     add(
+        "--jwt-secret",
+        metavar="SECRET",
+        default=env("KASAGI_JWT_SECRET", None),
+        help="HMAC key of connection tokens (HS256/384/512), at least 32 bytes; prefer the "
+        "variable or --jwt-secret-file: flags show in ps [KASAGI_JWT_SECRET]",
+    )
+    add(
+        "--jwt-secret-file",
+        metavar="PATH",
+        default=env("KASAGI_JWT_SECRET_FILE", None),
+        help="read the HMAC key from this file (one trailing newline is dropped) "
+        "[KASAGI_JWT_SECRET_FILE]",
+    )
+    add(
+        "--jwt-public-key",
+        metavar="PATH",
+        default=env("KASAGI_JWT_PUBLIC_KEY", None),
+        help="PEM public key of connection tokens: RSA (RS*/PS*), EC (ES*) or Ed25519/Ed448 "
+        "(EdDSA) [KASAGI_JWT_PUBLIC_KEY]",
+    )
+    add(
+        "--jwks",
+        metavar="PATH|URL",
+        default=env("KASAGI_JWKS", None),
+        help="a JWKS file or https URL; keys chosen by kid, fetched again on an unknown kid "
+        "at most every 10 s [KASAGI_JWKS]",
+    )
+    add(
+        "--jwt-audience",
+        metavar="AUD",
+        default=env("KASAGI_JWT_AUDIENCE", None),
+        help="tokens must carry this aud [KASAGI_JWT_AUDIENCE]",
+    )
+    add(
+        "--jwt-issuer",
+        metavar="ISS",
+        default=env("KASAGI_JWT_ISSUER", None),
+        help="tokens must carry this iss [KASAGI_JWT_ISSUER]",
+    )
+    add(
+        "--jwt-leeway",
+        metavar="SECONDS",
+        type=_float_range(0, 10),
+        default=env("KASAGI_JWT_LEEWAY", _D.jwt_leeway_s),
+        help="clock leeway on exp, nbf and iat, at most 10 [KASAGI_JWT_LEEWAY]",
+    )
+    add(
+        "--auth-timeout",
+        metavar="SECONDS",
+        type=_float_range(0.1, 300),
+        default=env("KASAGI_AUTH_TIMEOUT", _D.auth_timeout_s),
+        help="with a JWT key: a connection not authenticated within this is closed with "
+        "1008 [KASAGI_AUTH_TIMEOUT]",
+    )
+    add(
+        "--auth",
+        choices=("none",),
+        default=env("KASAGI_AUTH", None),
+        help="none: serve anonymously on a non-loopback address (without a JWT key the "
+        "relay refuses to, unless told so) [KASAGI_AUTH]",
+    )
+    add(
+        "--allowed-origins",
+        metavar="ORIGIN,...",
+        type=_origins,
+        default=env("KASAGI_ALLOWED_ORIGINS", "*"),
+        help="browser origins allowed to connect, e.g. https://app.example.com; * any; "
+        "other origins (null too) get 403; handshakes without Origin are allowed "
+        "[KASAGI_ALLOWED_ORIGINS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -401,7 +501,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
-    return Config(
+    secret = a.jwt_secret or None
+    if a.jwt_secret_file:
+        if secret is not None:
+            parser.error("--jwt-secret and --jwt-secret-file are exclusive")
+        secret = _secret_file(parser, a.jwt_secret_file)
+    config = Config(
         host=a.host,
         port=a.port,
         tls_cert=a.tls_cert or None,
@@ -435,9 +540,23 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         trusted_proxies=a.trusted_proxies,
         idle_timeout_s=a.idle_timeout,
         frame_timeout_s=a.frame_timeout,
+        jwt_secret=secret,
+        jwt_public_key=a.jwt_public_key or None,
+        jwks=a.jwks or None,
+        jwt_audience=a.jwt_audience or None,
+        jwt_issuer=a.jwt_issuer or None,
+        jwt_leeway_s=a.jwt_leeway,
+        auth_timeout_s=a.auth_timeout,
+        auth_none=a.auth == "none",
+        allowed_origins=a.allowed_origins,
         log_level=a.log_level,
         log_format=a.log_format,
     )
+    try:
+        config.check_access()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return config
 
 
 class _JsonFormatter(logging.Formatter):
