@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 from kasagi_relay._version import __version__
 from kasagi_relay.backends.base import Backend
@@ -574,8 +574,30 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class RedactSecrets(logging.Filter):
+    """Logs never carry a token (docs/operations.md, "Identity"): at debug level websockets
+    logs request lines, headers and frames; query strings, Authorization values and
+    anything shaped like a JWT are replaced before a line is written."""
+
+    _PATTERNS: Final = (
+        (re.compile(r"(?i)(authorization:\s*)[^\r\n'\"]+"), r"\1[redacted]"),
+        (re.compile(r"(/[^\s?'\"]*)\?[^\s'\"]+"), r"\1?[redacted]"),
+        (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[token]"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for pattern, replacement in self._PATTERNS:
+            redacted = pattern.sub(replacement, redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactSecrets())
     if config.log_format == "json":
         formatter: logging.Formatter = _JsonFormatter()
     else:
