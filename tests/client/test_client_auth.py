@@ -81,7 +81,7 @@ async def test_4001_reconnects_with_a_fresh_token_and_resumes() -> None:
         changes = aiter(room)
         await anext(changes)
         async with asyncio.timeout(10):
-            while not c.disconnects:
+            while not c.disconnects:  # noqa: ASYNC110 - the client appends it
                 await asyncio.sleep(0.05)
         assert c.disconnects == [4001]
         assert await room.send(merge={"after": 1}) == 2
