@@ -1,0 +1,155 @@
+"""What identity costs: connection setup rate and delta throughput of a relay with
+`--jwt-secret` against one without, same load, in one run (rounds alternate, medians).
+
+    .venv/bin/python -m benches.auth_cost [--rounds 3] [--connections 400] [--seconds 4]
+        [--clients 16] [--window 8] [--json out.json]
+
+Two relay subprocesses (the real command line, memory backend, 127.0.0.1): `anonymous`,
+and `jwt` (KASAGI_JWT_SECRET). One client process (this one) drives both:
+
+- setup: `--connections` connections, 32 at a time, each until it is usable: connect, (jwt:
+  send `auth` with a fresh HS256 token), join a room, read `joined`. Reported as connections
+  per second.
+- deltas: `--clients` connections, each in its own room, each keeping `--window` deltas in
+  flight for `--seconds`. Reported as acks per second.
+
+The goal (issue 10): deltas with a token >= 0.9x the anonymous rate; a verified token costs
+once per connection, so setup shows the verification's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import jwt
+from websockets.asyncio.client import ClientConnection, connect
+
+from testkit.relay import relay_process
+
+SECRET = "bench-" + "x" * 42
+PARALLEL = 32
+
+
+def mint(sub: str) -> str:
+    claims = {"sub": sub, "exp": int(time.time()) + 3600, "rooms": {"*": "rw"}}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def open_usable(url: str, authed: bool, room: str) -> ClientConnection:
+    ws = await connect(url, subprotocols=["kasagi.v1.json"], compression=None)  # type: ignore[list-item]
+    if authed:
+        await ws.send(json.dumps({"t": "auth", "token": mint(room)}))
+    await ws.send(json.dumps({"t": "join", "room": room}))
+    while True:
+        reply = json.loads(await ws.recv())
+        if reply["t"] == "joined":
+            return ws
+        if reply["t"] == "error":
+            raise RuntimeError(reply)
+
+
+async def setup_rate(url: str, authed: bool, connections: int) -> float:
+    gate = asyncio.Semaphore(PARALLEL)
+
+    async def one(i: int) -> None:
+        async with gate:
+            ws = await open_usable(url, authed, f"setup-{i % 50}")
+            await ws.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return connections / (time.perf_counter() - start)
+
+
+async def delta_rate(url: str, authed: bool, clients: int, window: int, seconds: float) -> float:
+    sockets = [await open_usable(url, authed, f"deltas-{i}") for i in range(clients)]
+    stop = time.monotonic() + seconds
+    acks = 0
+
+    async def drive(ws: ClientConnection, room: str) -> None:
+        nonlocal acks
+        n = 0
+        inflight = 0
+        while True:
+            while inflight < window and time.monotonic() < stop:
+                n += 1
+                await ws.send(json.dumps({"t": "delta", "room": room, "merge": {"n": n}}))
+                inflight += 1
+            if inflight == 0:
+                return
+            reply = json.loads(await ws.recv())
+            if reply["t"] == "ack":
+                inflight -= 1
+                if time.monotonic() < stop:
+                    acks += 1
+            elif reply["t"] == "error":
+                raise RuntimeError(reply)
+
+    start = time.monotonic()
+    await asyncio.gather(*(drive(ws, f"deltas-{i}") for i, ws in enumerate(sockets)))
+    elapsed = min(time.monotonic(), stop) - start
+    for ws in sockets:
+        await ws.close()
+    return acks / elapsed
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    common = ("--rate-limit", "0", "--rate-bytes", "0", "--max-connections-per-address", "0")
+    results: dict[str, dict[str, list[float]]] = {
+        "anonymous": {"setup": [], "deltas": []},
+        "jwt": {"setup": [], "deltas": []},
+    }
+    async with (
+        relay_process(*common) as anon,
+        relay_process(*common, env={"KASAGI_JWT_SECRET": SECRET}) as auth,
+    ):
+        targets = {"anonymous": (anon.url, False), "jwt": (auth.url, True)}
+        await setup_rate(anon.url, False, 50)  # warm-up
+        await setup_rate(auth.url, True, 50)
+        for r in range(args.rounds):
+            order = ["anonymous", "jwt"] if r % 2 == 0 else ["jwt", "anonymous"]
+            for name in order:
+                url, authed = targets[name]
+                results[name]["setup"].append(await setup_rate(url, authed, args.connections))
+                results[name]["deltas"].append(
+                    await delta_rate(url, authed, args.clients, args.window, args.seconds)
+                )
+    summary: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "args": vars(args),
+    }
+    for name, runs in results.items():
+        summary[name] = {k: round(statistics.median(v), 1) for k, v in runs.items()}
+        summary[name]["runs"] = {k: [round(x, 1) for x in v] for k, v in runs.items()}
+    for kind in ("setup", "deltas"):
+        summary[f"{kind}_ratio"] = round(summary["jwt"][kind] / summary["anonymous"][kind], 3)
+    return summary
+
+
+def cli() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--connections", type=int, default=400)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    summary = asyncio.run(main(args))
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    cli()
