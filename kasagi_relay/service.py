@@ -1,12 +1,13 @@
 """The room service: what a client may do to a room, whatever transport carried the request.
 
-The WebSocket session (session.py) calls it today, the HTTP API will tomorrow. Nothing here
+The WebSocket session (session.py) calls it, and the HTTP API. Nothing here
 knows about sockets: requests come in as arguments, failures go out as `BadRequest` with
 the error code of docs/protocol.md.
 
 Where a delta goes (docs/design.md):
 - parsed and validated by protocol.parse (session.py calls it), then here:
-- authorized in `authorize` (every request passes until identity lands, next issue),
+- authorized in `authorize` against the caller's `Identity` (its token's grants; every
+  right on an anonymous relay),
 - checked against the room's state and the size limit (`publish`, room.check),
 - ordered by the backend (`backend.publish` gives it its seq), merged into the room's
   state when it comes back from the backend (room.py), and sent to the members by

@@ -28,6 +28,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from kasagi_relay.server import Relay
 from testkit.relay import (
+    JSON,
+    MSGPACK,
     Client,
     connect_client,
     raw_connect,
@@ -94,8 +96,9 @@ def metric(relay: Relay, reason: str) -> float:
 # --------------------------------------------------------------------------- the basics
 
 
-async def test_an_authenticated_connection_is_served() -> None:
-    async with auth_relay() as relay, connect_client(relay.url) as c:
+@pytest.mark.parametrize("codec", [JSON, MSGPACK])
+async def test_an_authenticated_connection_is_served(codec: str) -> None:
+    async with auth_relay() as relay, connect_client(relay.url, codec) as c:
         exp = int(time.time()) + 600
         reply = await authed(c, token(exp=exp, info={"name": "Alice"}))
         assert reply == {"t": "authed", "id": 1, "sub": "alice", "exp": exp}
