@@ -579,6 +579,8 @@ class Session:
             logging.INFO, "connection %s: authentication failed (%s)", self.remote, reason
         )
         self._error(BadRequest("unauthorized", message, rid))
+        # Requests queued behind the token are not served with the identity held so far.
+        self.authed = False
         self.forget()
         self.close(CLOSE_POLICY, "authentication failed")
 
@@ -594,6 +596,7 @@ class Session:
         self._expiry_timer = None
         self.metrics.auth_failures.labels("expired").inc()
         self._error(BadRequest("unauthorized", "token expired"))
+        self.authed = False
         self.forget()
         self.close(CLOSE_TOKEN_EXPIRED, "token expired")
 

@@ -519,3 +519,85 @@ async def test_start_up_rule() -> None:
         assert proc.url
     async with relay_process("--host", "0.0.0.0", env={"KASAGI_JWT_SECRET": SECRET}) as proc:
         assert proc.url
+
+
+# --------------------------------------------------------------------------- 10,000 of them
+
+
+async def _handshake(port: int) -> tuple[socket.socket, bytes]:
+    """A bare WebSocket handshake read in chunks (raw_connect reads a byte at a time)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = (
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await loop.sock_recv(sock, 4096)
+        assert chunk, "closed during the handshake"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head[:100]
+    return sock, rest
+
+
+async def _close_code(sock: socket.socket, data: bytes) -> int | None:
+    loop = asyncio.get_running_loop()
+    while True:
+        if len(data) >= 4 and data[0] & 0x0F == 0x8:
+            return int.from_bytes(data[2:4], "big")
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            return None
+        data += chunk
+
+
+async def test_ten_thousand_connections_that_never_authenticate() -> None:
+    """Issue 10's count, on a relay subprocess: each is closed with 1008 at its timeout, the
+    relay lets go of every one, and an authenticated member keeps getting its acks."""
+    count = 10_000
+    args = ("--auth-timeout", "3", "--max-connections", "0", "--max-connections-per-address", "0")
+    async with relay_process(*args, env={"KASAGI_JWT_SECRET": SECRET}) as proc:
+        port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
+        async with connect_client(proc.url) as member:
+            await authed(member, token())
+            await member.join("lobby")
+            gate = asyncio.Semaphore(100)
+
+            async def one() -> int | None:
+                async with gate:
+                    sock, rest = await _handshake(port)
+                try:
+                    async with asyncio.timeout(60):
+                        return await _close_code(sock, rest)
+                finally:
+                    sock.close()
+
+            everyone = asyncio.gather(*(one() for _ in range(count)))
+            acks = 0
+            while not everyone.done():
+                assert await member.delta("lobby", merge={"n": acks}) is not None
+                acks += 1
+                await asyncio.sleep(0.1)
+            codes = await everyone
+            assert codes == [1008] * count
+            assert acks > 10
+            metrics = await asyncio.to_thread(_scrape, proc.url)
+            assert 'kasagi_auth_failures_total{reason="missing"} 10000.0' in metrics
+            async with asyncio.timeout(10):
+                while "kasagi_connections 1.0" not in metrics:
+                    await asyncio.sleep(0.2)
+                    metrics = await asyncio.to_thread(_scrape, proc.url)
+            assert await member.delta("lobby", merge={"still": True}) is not None
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    http_url = url.replace("ws://", "http://").replace("/ws", "/metrics")
+    with urllib.request.urlopen(http_url, timeout=5) as reply:
+        return str(reply.read().decode())
