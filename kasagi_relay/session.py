@@ -536,6 +536,8 @@ class Session:
         """Authenticate, or refresh (docs/protocol.md, "Identity")."""
         if self.auth is None:
             raise BadRequest("bad_message", "this relay has no JWT key: connections are anonymous")
+        if self.conn.protocol.state is not State.OPEN:
+            return  # closing (a failed token before it): nothing more is checked
         try:
             identity = await self.auth.authenticate(req.token)
         except AuthError as exc:
@@ -581,6 +583,10 @@ class Session:
         self._error(BadRequest("unauthorized", message, rid))
         # Requests queued behind the token are not served with the identity held so far.
         self.authed = False
+        for timer in (self._auth_timer, self._expiry_timer):
+            if timer is not None:
+                timer.cancel()
+        self._auth_timer = self._expiry_timer = None
         self.forget()
         self.close(CLOSE_POLICY, "authentication failed")
 
