@@ -601,3 +601,16 @@ def _scrape(url: str) -> str:
     http_url = url.replace("ws://", "http://").replace("/ws", "/metrics")
     with urllib.request.urlopen(http_url, timeout=5) as reply:
         return str(reply.read().decode())
+
+
+async def test_an_auth_flood_is_rate_limited() -> None:
+    """Each `auth` costs a signature check: past a burst of 5 a connection gets
+    `rate_limited` (nothing checked) and stays authenticated."""
+    async with auth_relay() as relay, connect_client(relay.url) as c:
+        for i in range(5):
+            await authed(c, token(), rid=i)
+        await c.send({"t": "auth", "token": token(), "id": 99})
+        error = await c.expect("error")
+        assert error["code"] == "rate_limited" and error["id"] == 99
+        await c.join("lobby")
+        assert await c.delta("lobby", merge={"still": "served"}) is not None

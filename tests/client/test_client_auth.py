@@ -46,7 +46,7 @@ async def test_get_token_refreshes_before_expiry(kind: str) -> None:
     def fresh() -> str:
         nonlocal calls
         calls += 1
-        return token(ttl=1.5)
+        return token(ttl=3)
 
     async def fresh_async() -> str:
         return fresh()
@@ -54,7 +54,7 @@ async def test_get_token_refreshes_before_expiry(kind: str) -> None:
     source: Any = fresh if kind == "sync" else fresh_async
     async with relay() as r, Client(r.url, get_token=source) as c:
         room = await c.join("lobby")
-        deadline = time.time() + 4  # well past the first tokens' exp
+        deadline = time.time() + 5.5  # past the first two tokens' exp
         n = 0
         while time.time() < deadline:
             await room.send(merge={"n": n})
