@@ -640,14 +640,23 @@ async def serve(config: Config, backend: Backend) -> int:
     from kasagi_relay import delta
 
     ack = f", ack {config.ack_level}" if config.backend_name != "memory" else ""
+    if config.jwt_secret is not None:
+        identity = "tokens: --jwt-secret"
+    elif config.jwt_public_key is not None:
+        identity = "tokens: --jwt-public-key"
+    elif config.jwks is not None:
+        identity = "tokens: --jwks"
+    else:
+        identity = "anonymous"
     logger.info(
-        "kasagi-relay %s serving %s (%s backend%s, tick %d ms, %s engine)",
+        "kasagi-relay %s serving %s (%s backend%s, tick %d ms, %s engine, %s)",
         __version__,
         relay.url,
         config.backend_name,
         ack,
         config.tick_ms,
         delta.IMPLEMENTATION,
+        identity,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

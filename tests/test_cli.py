@@ -164,6 +164,7 @@ async def test_no_arguments_serves_memory_and_says_so_in_one_line() -> None:
         lines = [line for line in proc.stderr_lines if "serving" in line]
         assert len(lines) == 1
         assert "ws://127.0.0.1:" in lines[0] and "memory backend" in lines[0]
+        assert "anonymous" in lines[0]
         async with connect_client(proc.url) as c:
             assert (await c.join("lobby"))["state"] == {}
         assert await proc.terminate() == 0

@@ -521,6 +521,8 @@ async def test_start_up_rule() -> None:
         assert proc.url
     async with relay_process("--host", "0.0.0.0", env={"KASAGI_JWT_SECRET": SECRET}) as proc:
         assert proc.url
+        serving = next(line for line in proc.stderr_lines if "serving" in line)
+        assert "tokens: --jwt-secret" in serving and SECRET not in serving
 
 
 # --------------------------------------------------------------------------- 10,000 of them
