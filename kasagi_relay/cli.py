@@ -283,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
         "would pass this [KASAGI_MAX_STATE_BYTES]",
     )
     add(
+        "--max-state-memory",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_MAX_STATE_MEMORY", None),
+        help="a delta is refused with too_large when the engine's memory estimate of the "
+        "room's state (JSON plus 72 bytes per node, 48 per object member) would pass this; "
+        "default 8x --max-state-bytes [KASAGI_MAX_STATE_MEMORY]",
+    )
+    add(
         "--send-queue-bytes",
         metavar="SIZE",
         type=_size,
@@ -481,6 +490,38 @@ def build_parser() -> argparse.ArgumentParser:
         "[KASAGI_ALLOWED_ORIGINS]",
     )
     add(
+        "--api-key",
+        metavar="KEY,...",
+        default=None,
+        help="enable the HTTP API (/api/...) for requests with `Authorization: Bearer KEY`; "
+        "several keys, comma-separated, are all accepted (to rotate one out). Prefer the "
+        "variable or --api-key-file: flags show in ps [KASAGI_API_KEY]",
+    )
+    add(
+        "--api-key-file",
+        metavar="PATH",
+        default=env("KASAGI_API_KEY_FILE", None),
+        help="read API keys from this file too: one per line (or comma-separated) "
+        "[KASAGI_API_KEY_FILE]",
+    )
+    add(
+        "--api-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_API_TIMEOUT", _D.api_timeout_s),
+        help="an API request must arrive whole (headers and body) within this of the "
+        "connection opening or of the previous response; an idle keep-alive connection is "
+        "closed then [KASAGI_API_TIMEOUT]",
+    )
+    add(
+        "--api-max-requests",
+        metavar="N",
+        type=_int_range(1),
+        default=env("KASAGI_API_MAX_REQUESTS", _D.api_max_requests),
+        help="API requests served at once (reading their bodies included); past it they "
+        "get 503 [KASAGI_API_MAX_REQUESTS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -501,6 +542,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
+    if not a.api_timeout > 0:
+        parser.error("--api-timeout must be more than 0")
+    try:
+        api_keys = _api_keys(a.api_key, a.api_key_file)
+    except ValueError as exc:
+        parser.error(str(exc))
     secret = a.jwt_secret or None
     if a.jwt_secret_file:
         if secret is not None:
@@ -524,6 +571,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         compaction_interval_s=a.compaction_interval,
         max_message_bytes=a.max_message_bytes,
         max_state_bytes=a.max_state_bytes,
+        max_state_memory=(
+            8 * a.max_state_bytes if a.max_state_memory is None else a.max_state_memory
+        ),
         send_queue_bytes=a.send_queue_bytes,
         rate_limit=a.rate_limit,
         rate_burst=a.rate_burst,
@@ -549,6 +599,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         auth_timeout_s=a.auth_timeout,
         auth_none=a.auth == "none",
         allowed_origins=a.allowed_origins,
+        api_keys=api_keys,
+        api_timeout_s=a.api_timeout,
+        api_max_requests=a.api_max_requests,
         log_level=a.log_level,
         log_format=a.log_format,
     )
@@ -557,6 +610,29 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     except ConfigError as exc:
         parser.error(str(exc))
     return config
+
+
+def _api_keys(flag: str | None, path: str | None) -> tuple[str, ...]:
+    """The API keys of --api-key (else KASAGI_API_KEY) and --api-key-file. Kept out of
+    argparse's defaults, which --help prints."""
+    text = flag if flag is not None else os.environ.get("KASAGI_API_KEY", "")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text += "," + f.read().replace("\n", ",")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--api-key-file: cannot read {path}: {exc}") from None
+    keys: list[str] = []
+    for item in text.split(","):
+        key = item.strip()
+        if not key:
+            continue
+        # Sent as a header value: visible ASCII, no spaces (nor commas, the separator).
+        if not all("!" <= c <= "~" for c in key):
+            raise ValueError("an API key must be printable ASCII without spaces")
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
 
 
 class _JsonFormatter(logging.Formatter):

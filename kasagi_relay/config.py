@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kasagi_relay.domain import AckLevel
 
@@ -47,6 +47,9 @@ class Config:
     # Limits.
     max_message_bytes: int = 1 * MiB
     max_state_bytes: int = 8 * MiB
+    # The engine's memory estimate of a room's state (its JSON plus 72 bytes per node and
+    # 48 per object member; docs/operations.md). The CLI default is 8x --max-state-bytes.
+    max_state_memory: int = 64 * MiB
     send_queue_bytes: int = 1 * MiB
     rate_limit: float = 200.0  # messages per second per connection, sustained
     rate_burst: int = 400  # messages a connection may send at once
@@ -71,6 +74,14 @@ class Config:
     idle_timeout_s: float = 10.0
     # A frame whose bytes are not all in within this closes its connection (1008).
     frame_timeout_s: float = 10.0
+
+    # The HTTP API (docs/protocol.md, "HTTP API"): off without a key; several keys let one
+    # be rotated out. A request must arrive whole (headers and body), and an idle keep-alive
+    # connection send its next one, within api_timeout_s; past api_max_requests requests
+    # served at once, more get 503.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never in a log line
+    api_timeout_s: float = 10.0
+    api_max_requests: int = 64
 
     # Connection housekeeping.
     ping_interval_s: float | None = 20.0

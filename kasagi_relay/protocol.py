@@ -41,6 +41,7 @@ __all__ = [
     "encode_joined",
     "encode_left",
     "parse",
+    "parse_delta_body",
     "peek_id",
     "split_delta_doc",
 ]
@@ -249,6 +250,14 @@ def _loads(text: str) -> object:
 
 
 def _parse_json(text: str, codec: Codec) -> Request:
+    # The engine reads the delta from the message itself (other members are ignored), by its
+    # own rules (depth, numbers), rather than from a re-serialization of ours.
+    return _parse_object(_json_top(text), lambda kind: text, codec)
+
+
+def _json_top(text: str) -> Mapping[str, object]:
+    """The top-level members of a JSON message (past INLINE_JSON_CHARS only the scalars:
+    see parse)."""
     if len(text) > INLINE_JSON_CHARS:
         _check_containers(text)
         try:
@@ -256,15 +265,25 @@ def _parse_json(text: str, codec: Codec) -> Request:
         except delta.DeltaError as exc:
             raise BadRequest("bad_message", f"message is not valid JSON: {exc}") from None
         fields, _ = _msgpack_top(packed)
-        return _parse_object(fields, lambda kind: text, codec)
+        return fields
     obj = _loads(text)
     if not isinstance(obj, dict):
         raise BadRequest("bad_message", "message must be an object")
     if len(obj) > MAX_MEMBERS:  # the same limit on both codecs
         raise BadRequest("bad_message", _TOO_MANY_MEMBERS)
-    # The engine reads the delta from the message itself (other members are ignored), by its
-    # own rules (depth, numbers), rather than from a re-serialization of ours.
-    return _parse_object(obj, lambda kind: text, codec)
+    return obj
+
+
+def parse_delta_body(data: bytes, room: str) -> Delta:
+    """A delta for `room` from the body of an HTTP API request (docs/protocol.md, "HTTP
+    API"): a UTF-8 JSON object with `patch` or `merge` and an optional `key`, checked
+    exactly as a `delta` message (`t`, `room` and `id`, if present, are ignored).
+
+    Cost: as parse(), so a caller may run it in a worker thread for a big body."""
+    if not valid_room(room):
+        raise BadRequest("bad_room", f"invalid room name {_short(room)}")
+    text = _utf8(data)
+    return _parse_delta(_json_top(text), lambda kind: text, room, None)
 
 
 def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, int]]]:
@@ -318,16 +337,19 @@ def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, i
     return fields, spans
 
 
-def _msgpack_json(data: bytes, rid: RequestId | None) -> bytes:
+def _msgpack_json(data: bytes, rid: RequestId | None, left: list[int]) -> bytes:
     """MessagePack -> JSON by the engine (GIL released), in memory of the output's size; raises
-    DeltaError, or BadRequest past MAX_CONTAINERS arrays and maps (the engine stops there,
+    DeltaError, or BadRequest past the arrays and maps `left[0]` allows (what the members
+    converted before left of MAX_CONTAINERS: the cap is per message; the engine stops there,
     so a frame of a million empty arrays costs no more than its first 100,000)."""
     try:
-        return delta.msgpack_to_json(data, MAX_CONTAINERS)
+        out, used = delta.msgpack_to_json_counted(data, left[0])
     except delta.DeltaError as exc:
         if "arrays and objects" in str(exc):
             raise BadRequest("bad_message", _TOO_MANY_CONTAINERS, rid) from None
         raise
+    left[0] -= used
+    return out
 
 
 def _bad_msgpack(exc: delta.DeltaError) -> bool:
@@ -340,13 +362,14 @@ def _bad_msgpack(exc: delta.DeltaError) -> bool:
 def _parse_msgpack(data: bytes) -> Request:
     fields, spans = _msgpack_top(data)
     rid = _request_id(fields, MSGPACK)
+    left = [MAX_CONTAINERS - 1]  # the message's own map is one
     # Members nobody reads must still be MessagePack with a JSON form (string keys, UTF-8),
     # as on the JSON subprotocol: no message means two things.
     for name, (start, end) in spans.items():
         if name in _KINDS or name in _SCALARS:
             continue
         try:
-            _msgpack_json(data[start:end], rid)
+            _msgpack_json(data[start:end], rid, left)
         except delta.DeltaError:
             raise BadRequest(
                 "bad_message", f"member {_short(name)} has no JSON form", rid
@@ -355,7 +378,7 @@ def _parse_msgpack(data: bytes) -> Request:
     def source(kind: str) -> bytes:
         start, end = spans[kind]
         try:
-            body = _msgpack_json(data[start:end], None)
+            body = _msgpack_json(data[start:end], None, left)
         except delta.DeltaError as exc:
             if _bad_msgpack(exc):
                 raise BadRequest("bad_message", str(exc)) from None

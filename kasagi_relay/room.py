@@ -67,10 +67,13 @@ SMALL_STATE = 64 * 1024
 GROWTH = 8
 
 
-async def load_state(backend: Backend, room: str, max_bytes: int = 0) -> delta.RoomState:
+async def load_state(
+    backend: Backend, room: str, max_bytes: int = 0, max_memory: int = 0
+) -> delta.RoomState:
     """The room's state from its snapshot and the ops after it (the engine works in a
-    worker thread: natively it releases the GIL). `max_bytes` is --max-state-bytes: a delta
-    that would take the state past it is a no-op, here as on every relay."""
+    worker thread: natively it releases the GIL). `max_bytes` is --max-state-bytes and
+    `max_memory` --max-state-memory: a delta that would take the state past either is a
+    no-op, here as on every relay."""
     for _ in range(5):
         snap = await backend.snapshots.read_snapshot(room)
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
@@ -81,9 +84,10 @@ async def load_state(backend: Backend, room: str, max_bytes: int = 0) -> delta.R
     else:
         raise RuntimeError(f"room {room}: history keeps moving past the snapshot")
     if ops:
-        data = await asyncio.to_thread(delta.compact, data, [op.delta for op in ops], max_bytes)
+        deltas = [op.delta for op in ops]
+        data = await asyncio.to_thread(delta.compact, data, deltas, max_bytes, max_memory)
         base_seq = ops[-1].seq
-    return await asyncio.to_thread(delta.RoomState, data, base_seq, max_bytes)
+    return await asyncio.to_thread(delta.RoomState, data, base_seq, max_bytes, max_memory)
 
 
 def _small(docs: list[bytes], size: int | None) -> bool:
@@ -147,7 +151,8 @@ def _check_job(
         if head is None:
             # A second copy of the state, made only when checks need the queued ops, then
             # kept up to date while they keep needing it (see Room._applied).
-            head = _advance(delta.RoomState(state.to_json(), state.seq, state.max_bytes), ops)
+            # A clone, not a parse of to_json(): the parser's peak was 2.4x the state.
+            head = _advance(state.copy(), ops)
             if head is None:
                 raise RuntimeError("the queued ops do not apply to a copy of the state")
         target = head
@@ -206,12 +211,13 @@ class Replay:
 
 
 class Room:
-    """One room: `ensure_loaded`, `check` before a publish, `on_op` for
-    what the backend delivers, `join` / `leave` for members, `idle` / `close` for the
-    registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
+    """One room: `ensure_loaded`, `check` before a publish, `on_op` for what the backend
+    delivers, `join` / `leave` for members, `read` for the HTTP API, `idle` / `close` for
+    the registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
     `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS); `max_bytes`
-    (--max-state-bytes) bounds the state: the engine keeps its exact size and refuses
-    (check) or skips (apply) a delta that would pass it."""
+    (--max-state-bytes) and `max_memory` (--max-state-memory) bound the state: the engine
+    keeps its exact size and memory estimate and refuses (check) or skips (apply) a delta
+    that would pass either."""
 
     def __init__(
         self,
@@ -222,12 +228,14 @@ class Room:
         tick_s: float = 0.0,
         recent_bytes: int = RECENT_BYTES,
         max_bytes: int = 0,
+        max_memory: int = 0,
     ) -> None:
         self.name = name
         self.backend = backend
         self.metrics = metrics
         self.tick_s = tick_s
         self.max_bytes = max_bytes
+        self.max_memory = max_memory
         self.state: delta.RoomState | None = None
         self.seq = 0  # state's seq, readable without touching the state
         self.last_seq = 0
@@ -261,6 +269,8 @@ class Room:
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Reads (the HTTP API) waiting for the state to reach a seq this relay acknowledged.
+        self._readers: list[tuple[int, asyncio.Future[None]]] = []
 
     def __repr__(self) -> str:
         return f"<Room {self.name} seq={self.seq} last={self.last_seq} members={len(self.members)}>"
@@ -291,7 +301,7 @@ class Room:
     async def _load(self) -> None:
         # Subscribe first: whatever is published while we read is held, not lost.
         await self.backend.feed.subscribe(self.name)
-        state = await load_state(self.backend, self.name, self.max_bytes)
+        state = await load_state(self.backend, self.name, self.max_bytes, self.max_memory)
         if self._closed:
             return
         async with self._engine:
@@ -315,6 +325,7 @@ class Room:
         self._recent_size = 0
         self.state = state
         self.seq = self.last_seq = state.seq
+        self._wake_readers()
 
     # ------------------------------------------------------------------ ordering
 
@@ -445,7 +456,7 @@ class Room:
 
     async def _reset(self) -> None:
         """History no longer reaches our last seq: reload and send members a `reset`."""
-        state = await load_state(self.backend, self.name, self.max_bytes)
+        state = await load_state(self.backend, self.name, self.max_bytes, self.max_memory)
         if self._closed:
             return
         async with self._engine:
@@ -575,6 +586,8 @@ class Room:
         if self.state is not None:
             self._size = self.state.json_size()  # O(1): the engine keeps it
         self.seq = ops[-1].seq
+        if self._readers:
+            self._wake_readers()
         if self._encoded:
             self._encoded = {}  # members still reading the previous version hold it
         self._remember(ops)
@@ -665,6 +678,46 @@ class Room:
                     member.send_payload(payload, prefix, suffix)
                 self.members[member] = None
                 return
+
+    async def read(self, wait_s: float = 1.0) -> tuple[int, Payload]:
+        """The state as JSON and its seq, for the HTTP API: the encoding joiners of this
+        version share (made off the loop unless the state is small). It includes every
+        delta this relay acknowledged in the room (a client reads its own writes), waiting
+        up to `wait_s` for them to be applied (a tick, at most)."""
+        self.last_active = time.monotonic()  # before any await: not idle, not evicted
+        self._joining += 1  # a reader, like a joiner, keeps the room loaded meanwhile
+        try:
+            await self.ensure_loaded()
+            target = self.acked_seq
+            if self.seq < target:
+                fut = asyncio.get_running_loop().create_future()
+                self._readers.append((target, fut))
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await fut
+                except TimeoutError:
+                    pass  # served as it is
+                finally:
+                    self._readers = [(t, f) for t, f in self._readers if f is not fut]
+            while True:
+                await self.ensure_loaded()
+                async with self._engine:
+                    state = self.state
+                    if state is None:
+                        continue  # lost while we waited (a failed apply): read after reload
+                    return self.seq, await self._encoding(state, JSON)
+        finally:
+            self._joining -= 1
+
+    def _wake_readers(self) -> None:
+        still = []
+        for target, fut in self._readers:
+            if target <= self.seq:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._readers = still
 
     async def _missed(self, since: int) -> list[Op] | None:
         """The ops since+1 .. seq, or None when history cannot serve them. The last op

@@ -1,11 +1,12 @@
 """The room service: what a client may do to a room, whatever transport carried the request.
 
-The WebSocket session (session.py) calls it, and the HTTP API. Nothing here
+The WebSocket session (session.py) and the HTTP API (api.py) call it. Nothing here
 knows about sockets: requests come in as arguments, failures go out as `BadRequest` with
 the error code of docs/protocol.md.
 
 Where a delta goes (docs/design.md):
-- parsed and validated by protocol.parse (session.py calls it), then here:
+- parsed and validated by protocol.parse (session.py calls it; api.py calls
+  protocol.parse_delta_body, the same checks), then here:
 - authorized in `authorize` against the caller's `Identity` (its token's grants; every
   right on an anonymous relay),
 - checked against the room's state and the size limit (`publish`, room.check),
@@ -33,7 +34,7 @@ from kasagi_relay.domain import (
     Right,
     delta_digest,
 )
-from kasagi_relay.fanout import Member
+from kasagi_relay.fanout import Member, Payload
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
 from kasagi_relay.registry import RoomRegistry
@@ -50,7 +51,7 @@ KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
 # under a key is refused before it reaches the backend.
 KEY_CACHE_SIZE: Final = 100_000
 
-Action = Literal["join", "publish"]
+Action = Literal["join", "publish", "read"]
 # docs/protocol.md, "Idempotency keys": with identity a key is stored as `<sub>\x1f<key>`,
 # so two users' keys never meet; anonymous keys are stored as sent. (A client key holds no
 # \x1f in practice, and if it did it would only collide with itself under the same sub.)
@@ -147,10 +148,11 @@ class RoomService:
             if seq is None:
                 if isinstance(exc, delta.TooLarge):
                     # The rooms hold the limit (the engine enforces it exactly).
-                    limit = self.registry.max_state_bytes
-                    raise BadRequest(
-                        "too_large", f"the room's state would pass {limit} bytes"
-                    ) from None
+                    reason = f"the room's state would pass {self.registry.max_state_bytes} bytes"
+                    if "memory" in str(exc):  # --max-state-memory (the engine's estimate)
+                        memory = self.registry.max_state_memory
+                        reason = f"the room's state would pass {memory} bytes of memory"
+                    raise BadRequest("too_large", reason) from None
                 raise BadRequest("bad_patch", str(exc)) from None
             return seq
         self.inflight += 1
@@ -191,6 +193,18 @@ class RoomService:
             return False
         self.metrics.members.inc()
         return True
+
+    async def read(self, room: str, who: Identity = ANONYMOUS) -> tuple[int, Payload]:
+        """The room's state as JSON and its seq (the HTTP API's GET): the room is loaded
+        as for a join, and the state's cached encoding is shared with joiners."""
+        self._check_open()
+        self.authorize("read", room, who)
+        try:
+            r = await self.registry.load(room)
+            return await r.read()
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
 
     def leave(self, member: Member, room: str) -> None:
         """Take `member` off the room's stream (nothing if it is not a member)."""

@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from kasagi_relay.cli import parse_config
+from kasagi_relay.config import Config
 from testkit.relay import REPO, connect_client, relay_env, relay_process
 
 
@@ -129,6 +130,12 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KASAGI_MAX_LOADED_ROOMS", "0")
     assert parse_config([]).max_loaded_rooms == 0
     assert parse_config(["--max-loaded-rooms", "50"]).max_loaded_rooms == 50
+    # --max-state-memory defaults to 8x --max-state-bytes, whichever way that is set.
+    assert parse_config([]).max_state_memory == 64 * 1024 * 1024 == Config().max_state_memory
+    assert parse_config(["--max-state-bytes", "1MiB"]).max_state_memory == 8 * 1024 * 1024
+    assert parse_config(["--max-state-memory", "3MiB"]).max_state_memory == 3 * 1024 * 1024
+    monkeypatch.setenv("KASAGI_MAX_STATE_MEMORY", "2MiB")
+    assert parse_config([]).max_state_memory == 2 * 1024 * 1024
     c = parse_config(["--sentinels", "a:1,b:2"])
     assert c.sentinels == (("a", 1), ("b", 2)) and c.ack_level == "replica"
     assert parse_config(["--sentinels", "a:1", "--ack", "all"]).ack_level == "all"
