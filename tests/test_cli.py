@@ -90,6 +90,7 @@ def test_help_explains_every_flag() -> None:
         (["--tls-cert", "/nonexistent/chain.pem"], None, "no such file: /nonexistent/chain.pem"),
         ([], {"KASAGI_TLS_KEY": "key.pem"}, "--tls-key needs --tls-cert"),
         (["--host", "0.0.0.0"], None, "refusing to serve anonymously on 0.0.0.0"),
+        (["--host", "0.0.0.0", "--api-key", "k" * 24], None, "refusing to serve anonymously"),
         ([], {"KASAGI_HOST": "10.1.2.3"}, "--auth none"),
         (["--auth", "none"], {"KASAGI_JWT_SECRET": "s" * 32}, "contradict"),
         (["--jwt-secret", "s" * 32, "--jwks", "keys.json"], None, "only one of"),
