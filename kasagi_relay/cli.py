@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 from kasagi_relay._version import __version__
 from kasagi_relay.backends.base import Backend
@@ -114,6 +114,35 @@ def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     return _int_range(1, MAX_WORKERS)(text)
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= value <= hi:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    out = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not out:
+        raise argparse.ArgumentTypeError("expected * or ORIGIN,ORIGIN,...")
+    return out
+
+
+def _secret_file(parser: argparse.ArgumentParser, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(64 * 1024)
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"cannot read --jwt-secret-file: {getattr(exc, 'strerror', None) or exc}")
+    return text[:-1] if text.endswith("\n") else text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -405,6 +434,77 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = never [KASAGI_FRAME_TIMEOUT]",
     )
     add(
+        "--jwt-secret",
+        metavar="SECRET",
+        default=env("KASAGI_JWT_SECRET", None),
+        help="HMAC key of connection tokens (HS256/384/512), at least 32 bytes; prefer the "
+        "variable or --jwt-secret-file: flags show in ps [KASAGI_JWT_SECRET]",
+    )
+    add(
+        "--jwt-secret-file",
+        metavar="PATH",
+        default=env("KASAGI_JWT_SECRET_FILE", None),
+        help="read the HMAC key from this file (one trailing newline is dropped) "
+        "[KASAGI_JWT_SECRET_FILE]",
+    )
+    add(
+        "--jwt-public-key",
+        metavar="PATH",
+        default=env("KASAGI_JWT_PUBLIC_KEY", None),
+        help="PEM public key of connection tokens: RSA (RS*/PS*), EC (ES*) or Ed25519/Ed448 "
+        "(EdDSA) [KASAGI_JWT_PUBLIC_KEY]",
+    )
+    add(
+        "--jwks",
+        metavar="PATH|URL",
+        default=env("KASAGI_JWKS", None),
+        help="a JWKS file or https URL; keys chosen by kid, fetched again on an unknown kid "
+        "at most every 10 s [KASAGI_JWKS]",
+    )
+    add(
+        "--jwt-audience",
+        metavar="AUD",
+        default=env("KASAGI_JWT_AUDIENCE", None),
+        help="tokens must carry this aud [KASAGI_JWT_AUDIENCE]",
+    )
+    add(
+        "--jwt-issuer",
+        metavar="ISS",
+        default=env("KASAGI_JWT_ISSUER", None),
+        help="tokens must carry this iss [KASAGI_JWT_ISSUER]",
+    )
+    add(
+        "--jwt-leeway",
+        metavar="SECONDS",
+        type=_float_range(0, 10),
+        default=env("KASAGI_JWT_LEEWAY", _D.jwt_leeway_s),
+        help="clock leeway on exp, nbf and iat, at most 10 [KASAGI_JWT_LEEWAY]",
+    )
+    add(
+        "--auth-timeout",
+        metavar="SECONDS",
+        type=_float_range(0.1, 300),
+        default=env("KASAGI_AUTH_TIMEOUT", _D.auth_timeout_s),
+        help="with a JWT key: a connection not authenticated within this is closed with "
+        "1008 [KASAGI_AUTH_TIMEOUT]",
+    )
+    add(
+        "--auth",
+        choices=("none",),
+        default=env("KASAGI_AUTH", None),
+        help="none: serve anonymously on a non-loopback address (without a JWT key the "
+        "relay refuses to, unless told so) [KASAGI_AUTH]",
+    )
+    add(
+        "--allowed-origins",
+        metavar="ORIGIN,...",
+        type=_origins,
+        default=env("KASAGI_ALLOWED_ORIGINS", "*"),
+        help="browser origins allowed to connect, e.g. https://app.example.com; * any; "
+        "other origins (null too) get 403; handshakes without Origin are allowed "
+        "[KASAGI_ALLOWED_ORIGINS]",
+    )
+    add(
         "--api-key",
         metavar="KEY,...",
         default=None,
@@ -479,7 +579,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
             "--workers needs --redis, --sentinels or --cluster: with the memory backend "
             "each worker would hold its own rooms"
         )
-    return Config(
+    secret = a.jwt_secret or None
+    if a.jwt_secret_file:
+        if secret is not None:
+            parser.error("--jwt-secret and --jwt-secret-file are exclusive")
+        secret = _secret_file(parser, a.jwt_secret_file)
+    config = Config(
         host=a.host,
         port=a.port,
         tls_cert=a.tls_cert or None,
@@ -517,6 +622,15 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         trusted_proxies=a.trusted_proxies,
         idle_timeout_s=a.idle_timeout,
         frame_timeout_s=a.frame_timeout,
+        jwt_secret=secret,
+        jwt_public_key=a.jwt_public_key or None,
+        jwks=a.jwks or None,
+        jwt_audience=a.jwt_audience or None,
+        jwt_issuer=a.jwt_issuer or None,
+        jwt_leeway_s=a.jwt_leeway,
+        auth_timeout_s=a.auth_timeout,
+        auth_none=a.auth == "none",
+        allowed_origins=a.allowed_origins,
         api_keys=api_keys,
         api_timeout_s=a.api_timeout,
         api_max_requests=a.api_max_requests,
@@ -524,6 +638,11 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         log_level=a.log_level,
         log_format=a.log_format,
     )
+    try:
+        config.check_access()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return config
 
 
 def _api_keys(flag: str | None, path: str | None) -> tuple[str, ...]:
@@ -564,8 +683,30 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class RedactSecrets(logging.Filter):
+    """Logs never carry a token (docs/operations.md, "Identity"): at debug level websockets
+    logs request lines, headers and frames; query strings, Authorization values and
+    anything shaped like a JWT are replaced before a line is written."""
+
+    _PATTERNS: Final = (
+        (re.compile(r"(?i)(authorization:\s*)[^\r\n'\"]+"), r"\1[redacted]"),
+        (re.compile(r"(/[^\s?'\"]*)\?[^\s'\"]+"), r"\1?[redacted]"),
+        (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[token]"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for pattern, replacement in self._PATTERNS:
+            redacted = pattern.sub(replacement, redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactSecrets())
     if config.log_format == "json":
         formatter: logging.Formatter = _JsonFormatter()
     else:
@@ -608,14 +749,23 @@ async def serve(config: Config, backend: Backend) -> int:
     from kasagi_relay import delta
 
     ack = f", ack {config.ack_level}" if config.backend_name != "memory" else ""
+    if config.jwt_secret is not None:
+        identity = "tokens: --jwt-secret"
+    elif config.jwt_public_key is not None:
+        identity = "tokens: --jwt-public-key"
+    elif config.jwks is not None:
+        identity = "tokens: --jwks"
+    else:
+        identity = "anonymous"
     logger.info(
-        "kasagi-relay %s serving %s (%s backend%s, tick %d ms, %s engine)",
+        "kasagi-relay %s serving %s (%s backend%s, tick %d ms, %s engine, %s)",
         __version__,
         relay.url,
         config.backend_name,
         ack,
         config.tick_ms,
         delta.IMPLEMENTATION,
+        identity,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 
 from kasagi_relay.domain import AckLevel
@@ -93,6 +94,20 @@ class Config:
     # Relay processes serving the port (kasagi_relay/workers.py); 1 = this process alone.
     workers: int = 1
 
+    # Identity (docs/protocol.md, "Identity"; docs/operations.md): one JWT key source. With
+    # none the relay is anonymous, which cli.py allows only on loopback or with --auth none.
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # PEM file
+    jwks: str | None = None  # a file, or an https URL
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: float = 5.0
+    # A connection that has not authenticated within this is closed (1008).
+    auth_timeout_s: float = 5.0
+    auth_none: bool = False  # --auth none: anonymous on any address, on purpose
+    # Origins a browser handshake may come from; "*" any. No Origin header: always allowed.
+    allowed_origins: tuple[str, ...] = ("*",)
+
     log_level: str = "info"
     log_format: str = "text"
 
@@ -101,6 +116,10 @@ class Config:
         if self.ack is not None:
             return self.ack
         return "replica" if self.sentinels or self.cluster else "leader"
+
+    @property
+    def jwt_configured(self) -> bool:
+        return any(k is not None for k in (self.jwt_secret, self.jwt_public_key, self.jwks))
 
     @property
     def backend_name(self) -> str:
@@ -112,8 +131,31 @@ class Config:
             return "redis"
         return "memory"
 
+    def check_access(self) -> None:
+        """docs/operations.md, "Identity": anonymous only on loopback or when asked for;
+        ConfigError (one line, exit 2) otherwise."""
+        keys = [k for k in (self.jwt_secret, self.jwt_public_key, self.jwks) if k is not None]
+        if len(keys) > 1:
+            raise ConfigError("give only one of --jwt-secret, --jwt-public-key and --jwks")
+        if keys and self.auth_none:
+            raise ConfigError("--auth none and a JWT key contradict each other: drop one")
+        if not keys and not self.auth_none and not _loopback(self.host):
+            raise ConfigError(
+                f"refusing to serve anonymously on {self.host}: give a JWT key "
+                "(--jwt-secret, --jwt-public-key or --jwks), or --auth none to allow it"
+            )
+
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):

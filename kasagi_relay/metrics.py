@@ -105,6 +105,14 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "kasagi_auth_failures",
+            "Connections refused or closed because authentication failed, by reason "
+            "(auth.REASONS: missing, malformed, algorithm, signature, unknown_kid, expired, "
+            "not_yet_valid, audience, issuer, claims, sub_changed).",
+            ["reason"],
+            registry=r,
+        )
         self.resets = Counter("kasagi_resets", "Room resets sent to members.", registry=r)
         self.bad_input = Counter(
             "kasagi_bad_input",

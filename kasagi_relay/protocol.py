@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import msgpack
@@ -24,6 +24,7 @@ __all__ = [
     "JSON",
     "MSGPACK",
     "SUBPROTOCOLS",
+    "Auth",
     "BadRequest",
     "Codec",
     "Delta",
@@ -35,6 +36,7 @@ __all__ = [
     "RequestId",
     "delta_doc",
     "encode_ack",
+    "encode_authed",
     "encode_error",
     "encode_joined",
     "encode_left",
@@ -93,7 +95,16 @@ class Delta:
         return delta_doc(self.kind, self.body)
 
 
-Request = Join | Leave | Delta
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """`{"t":"auth","token":T}`: authenticate, or refresh (docs/protocol.md, "Identity")."""
+
+    token: str = field(repr=False)  # never in a log line
+    id: RequestId | None = None
+    room: None = None  # no room: replies carry none
+
+
+Request = Join | Leave | Delta | Auth
 
 
 class BadRequest(Exception):
@@ -143,7 +154,7 @@ _MP_MAP: Final = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _MP_CONTAINER: Final = _MP_MAP | frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 _MP_STR: Final = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}
 # Top-level members read as values; every other member is only checked, never built.
-_SCALARS: Final = frozenset(("t", "room", "id", "since", "key"))
+_SCALARS: Final = frozenset(("t", "room", "id", "since", "key", "token"))
 _KINDS: Final = ("patch", "merge")
 
 
@@ -417,8 +428,13 @@ def _parse_object(obj: Mapping[str, object], source: _Source, codec: Codec) -> R
     t = obj.get("t")
     if t is None:
         raise BadRequest("bad_message", "missing field t", rid)
-    if t not in ("join", "leave", "delta"):
+    if t not in ("join", "leave", "delta", "auth"):
         raise BadRequest("bad_message", f"unknown message type {_short(t)}", rid)
+    if t == "auth":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadRequest("bad_message", "auth needs a token (a string)", rid)
+        return Auth(token, rid)
     if "room" not in obj:
         raise BadRequest("bad_message", "missing field room", rid)
     room = obj["room"]
@@ -522,9 +538,22 @@ def encode_ack(codec: Codec, room: str, seq: int, rid: RequestId | None) -> byte
     return _payload(codec, fields)
 
 
-def encode_left(codec: Codec, room: str, rid: RequestId | None) -> bytes:
+def encode_left(
+    codec: Codec, room: str, rid: RequestId | None, code: ErrorCode | None = None
+) -> bytes:
+    """`left`; with `code` when the relay left the room for the client (`forbidden`: a
+    refreshed token no longer reads it)."""
     fields = _with_id("left", rid)
     fields["room"] = room
+    if code is not None:
+        fields["code"] = code
+    return _payload(codec, fields)
+
+
+def encode_authed(codec: Codec, sub: str, exp: float, rid: RequestId | None) -> bytes:
+    fields = _with_id("authed", rid)
+    fields["sub"] = sub
+    fields["exp"] = int(exp) if float(exp).is_integer() else exp
     return _payload(codec, fields)
 
 

@@ -29,12 +29,14 @@ from websockets.typing import Subprotocol
 from kasagi_relay import protocol, tls
 from kasagi_relay.admission import Admission
 from kasagi_relay.api import ApiServer
+from kasagi_relay.auth import Verifier
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.backends.factory import build_backend
 from kasagi_relay.compaction import Compactor
 from kasagi_relay.config import Config, ConfigError
 from kasagi_relay.fanout import Member, SendBudget
 from kasagi_relay.http import HttpRoutes
+from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import JSON, SUBPROTOCOLS, Codec
 from kasagi_relay.registry import RoomRegistry
@@ -51,7 +53,11 @@ class Relay:
     """A running relay. `await relay.start()`, then `await relay.stop()` (or `async with`)."""
 
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        config.check_access()
         self.config = config
+        # Identity (auth.py, jwks.py): None on an anonymous relay.
+        verifier = Verifier.from_config(config)
+        self.auth = Authenticator(verifier, config.jwks) if verifier is not None else None
         self._tls = tls.server_context(config)
         self.backend = backend if backend is not None else build_backend(config)
         self.metrics = Metrics()
@@ -69,7 +75,12 @@ class Relay:
             config.max_connections, config.max_connections_per_address, config.trusted_proxies
         )
         self.routes = HttpRoutes(
-            self.backend, self.metrics, self.admission, lambda: self.service.closing
+            self.backend,
+            self.metrics,
+            self.admission,
+            lambda: self.service.closing,
+            auth=self.auth,
+            allowed_origins=config.allowed_origins,
         )
         self.api = ApiServer(config, self.service, self.metrics, self.admission)
         self.sessions: set[Session] = set()
@@ -132,6 +143,8 @@ class Relay:
         return True
 
     async def start(self) -> None:
+        if self.auth is not None:
+            await self.auth.start()
         self.backend.feed.set_listener(self.registry)
         await self.backend.start()
         cfg = self.config
@@ -210,7 +223,9 @@ class Relay:
             conn.request.headers = Headers()
         if conn.response is not None:
             conn.response.headers = Headers()
-        session = Session(conn, codec, self.service, self.config, self.metrics, self._member)
+        session = Session(
+            conn, codec, self.service, self.config, self.metrics, self._member, self.auth
+        )
         self.sessions.add(session)
         self.metrics.connections.inc()
         try:

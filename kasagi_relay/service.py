@@ -7,7 +7,8 @@ the error code of docs/protocol.md.
 Where a delta goes (docs/design.md):
 - parsed and validated by protocol.parse (session.py calls it; api.py calls
   protocol.parse_delta_body, the same checks), then here:
-- authorized in `authorize` (every request passes until identity lands, next issue),
+- authorized in `authorize` against the caller's `Identity` (its token's grants; every
+  right on an anonymous relay),
 - checked against the room's state and the size limit (`publish`, room.check),
 - ordered by the backend (`backend.publish` gives it its seq), merged into the room's
   state when it comes back from the backend (room.py), and sent to the members by
@@ -38,7 +39,7 @@ from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
 from kasagi_relay.registry import RoomRegistry
 
-__all__ = ["KEY_CONFLICT", "RoomService"]
+__all__ = ["KEY_CONFLICT", "KEY_SCOPE_SEPARATOR", "RoomService", "scoped_key"]
 
 # docs/protocol.md (v1.1): the same idempotency key with another delta. protocol.ErrorCode
 # gains the literal in the same wave; until both land this names it in one place (cast
@@ -51,6 +52,17 @@ KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
 KEY_CACHE_SIZE: Final = 100_000
 
 Action = Literal["join", "publish", "read"]
+# docs/protocol.md, "Idempotency keys": with identity a key is stored as `<sub>\x1f<key>`,
+# so two users' keys never meet; anonymous keys are stored as sent. (A client key holds no
+# \x1f in practice, and if it did it would only collide with itself under the same sub.)
+KEY_SCOPE_SEPARATOR: Final = "\x1f"
+
+
+def scoped_key(key: str | None, who: Identity) -> str | None:
+    """The idempotency key as stored (the key cache, the backend): scoped by `sub`."""
+    if key is None or who.sub is None:
+        return key
+    return who.sub + KEY_SCOPE_SEPARATOR + key
 
 
 class RoomService:
@@ -97,6 +109,8 @@ class RoomService:
         self._check_open()
         self.authorize("publish", room, who)
         digest = delta_digest(kind, body) if key is not None else ""
+        client_key = key
+        key = scoped_key(key, who)
         if key is not None:
             known = self._known_key(room, key, digest)
             if known is not None:
@@ -107,7 +121,9 @@ class RoomService:
             self.metrics.backend_errors.inc()
             raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
         except KeyConflict as exc:
-            raise BadRequest(KEY_CONFLICT, str(exc)) from None
+            raise BadRequest(
+                KEY_CONFLICT, f"key {client_key!r} was used for another delta (seq {exc.seq})"
+            ) from None
         if key is not None:
             self._remember_key(room, key, seq, digest)
         return seq
@@ -233,5 +249,6 @@ class RoomService:
             return None
         seq, stored, _ = hit
         if stored != digest:
-            raise BadRequest(KEY_CONFLICT, f"key {key!r} was used for another delta (seq {seq})")
+            shown = key.rpartition(KEY_SCOPE_SEPARATOR)[2]
+            raise BadRequest(KEY_CONFLICT, f"key {shown!r} was used for another delta (seq {seq})")
         return seq

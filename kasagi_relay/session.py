@@ -41,9 +41,11 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from kasagi_relay import protocol
+from kasagi_relay.auth import AuthError
 from kasagi_relay.config import Config
 from kasagi_relay.domain import ANONYMOUS, Identity
 from kasagi_relay.fanout import CLOSE_TOO_SLOW, Member
+from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import Metrics, ThrottledLog
 from kasagi_relay.protocol import BadRequest, Codec
 from kasagi_relay.ratelimit import RateLimiter, Verdict
@@ -52,6 +54,7 @@ from kasagi_relay.service import RoomService
 __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_POLICY",
+    "CLOSE_TOKEN_EXPIRED",
     "HttpTakeover",
     "MemberFactory",
     "RelayConnection",
@@ -62,6 +65,11 @@ logger = logging.getLogger("kasagi_relay.session")
 
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
+# v1.1: the token expired without a refresh; reconnect with a fresh one.
+CLOSE_TOKEN_EXPIRED: Final = 4001
+# `auth` messages per connection: a burst, then one per this many seconds (rate_limited).
+AUTH_BURST: Final = 5
+AUTH_REFILL_S: Final = 10.0
 # A message refused by the rate limit is answered with its id only when finding the id is
 # cheap: larger messages are answered without one, never decoded.
 PEEK_MAX_BYTES: Final = 4096
@@ -121,6 +129,7 @@ class Guard:
         "frame_timeout_s",
         "frame_timer",
         "head",
+        "identity",
         "on_lost",
         "partial_since",
         "session",
@@ -136,6 +145,8 @@ class Guard:
         self.feeding: asyncio.Handle | None = None
         self.partial_since: float | None = None
         self.frame_timer: asyncio.TimerHandle | None = None
+        # Who the handshake's Authorization header authenticated (http.py), if it did.
+        self.identity: Identity | None = None
         # The first bytes, until they say whether websockets or an HttpTakeover serves the
         # connection; None once decided.
         self.head: bytearray | None = None
@@ -327,8 +338,13 @@ class Session:
     """The relay side of one client connection."""
 
     __slots__ = (
+        "_auth_credit",
+        "_auth_timer",
+        "_expiry_timer",
         "_idle_since",
         "_idle_timer",
+        "auth",
+        "authed",
         "codec",
         "config",
         "conn",
@@ -349,6 +365,7 @@ class Session:
         config: Config,
         metrics: Metrics,
         make_member: MemberFactory,
+        auth: Authenticator | None = None,
     ) -> None:
         self.conn = conn
         self.codec: Codec = codec
@@ -361,7 +378,15 @@ class Session:
         # shows and `joined` gives the connection itself.
         self.identity: Identity = ANONYMOUS
         self.conn_id = secrets.token_urlsafe(12)
+        # With JWT keys (`auth`), nothing but `auth` is served until a token was accepted.
+        self.auth = auth
+        self.authed = auth is None
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        # A token check costs 0.1-0.6 ms of CPU: `auth` messages have their own budget
+        # (AUTH_BURST at once, then one per AUTH_REFILL_S), so a refresh flood costs little.
         now = time.monotonic()
+        self._auth_credit = (float(AUTH_BURST), now)
         self.limiter = RateLimiter(
             rate=config.rate_limit,
             burst=config.rate_burst,
@@ -387,6 +412,13 @@ class Session:
         if isinstance(conn, RelayConnection):
             conn.guard.session = self
             conn.guard.frame_timeout_s = self.config.frame_timeout_s
+            if conn.guard.identity is not None:
+                self._authenticated(conn.guard.identity)
+                conn.guard.identity = None
+        if not self.authed:
+            self._auth_timer = asyncio.get_running_loop().call_later(
+                self.config.auth_timeout_s, self._auth_due
+            )
         self._arm_idle(self.config.idle_timeout_s)
         served = 0
         served_bytes = 0
@@ -411,8 +443,9 @@ class Session:
             pass
         finally:
             self.forget()
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            for timer in (self._idle_timer, self._auth_timer, self._expiry_timer):
+                if timer is not None:
+                    timer.cancel()
             self.metrics.closes.labels(_ended_with(conn)).inc()
 
     def forget(self) -> None:
@@ -538,6 +571,11 @@ class Session:
                 )
 
     async def _dispatch(self, request: protocol.Request, received: float) -> None:
+        if isinstance(request, protocol.Auth):
+            await self._auth(request)
+            return
+        if not self.authed:
+            raise BadRequest("unauthorized", "authenticate first: send auth with a token")
         if isinstance(request, protocol.Delta):
             self._idle_since = time.monotonic()
             seq = await self.service.publish(
@@ -570,13 +608,96 @@ class Session:
                 self._idle_since = time.monotonic()
         self.member.send(protocol.encode_left(self.codec, req.room, req.id))
 
+    # ------------------------------------------------------------------ identity
+
+    async def _auth(self, req: protocol.Auth) -> None:
+        """Authenticate, or refresh (docs/protocol.md, "Identity")."""
+        if self.auth is None:
+            raise BadRequest("bad_message", "this relay has no JWT key: connections are anonymous")
+        if self.conn.protocol.state is not State.OPEN:
+            return  # closing (a failed token before it): nothing more is checked
+        credit, since = self._auth_credit
+        now = time.monotonic()
+        credit = min(float(AUTH_BURST), credit + (now - since) / AUTH_REFILL_S)
+        if credit < 1:
+            self._auth_credit = (credit, now)
+            raise BadRequest("rate_limited", f"at most one auth per {AUTH_REFILL_S:g} s")
+        self._auth_credit = (credit - 1, now)
+        try:
+            identity = await self.auth.authenticate(req.token)
+        except AuthError as exc:
+            self._auth_failed(exc.reason, exc.message, req.id)
+            return
+        if self.authed and identity.sub != self.identity.sub:
+            self._auth_failed("sub_changed", "a refresh must keep the sub", req.id)
+            return
+        if self.conn.protocol.state is not State.OPEN:
+            return  # closed while the token was checked (a JWKS fetch)
+        self._authenticated(identity)
+        self.member.send(
+            protocol.encode_authed(self.codec, identity.sub or "", identity.exp or 0, req.id)
+        )
+
+    def _authenticated(self, identity: Identity) -> None:
+        """Take `identity` on: leave the rooms it no longer reads, re-arm the expiry."""
+        self.identity = identity
+        self.authed = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        for name in sorted(self.rooms):
+            if not identity.can("r", name):
+                self.rooms.discard(name)
+                self.service.leave(self.member, name)
+                self.member.send(protocol.encode_left(self.codec, name, None, "forbidden"))
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if identity.exp is not None:
+            assert self.auth is not None
+            delay = identity.exp + self.auth.verifier.leeway_s - time.time()
+            self._expiry_timer = asyncio.get_running_loop().call_later(
+                max(0.0, delay), self._expired
+            )
+
+    def _auth_failed(self, reason: str, message: str, rid: protocol.RequestId | None) -> None:
+        self.metrics.auth_failures.labels(reason).inc()
+        _input_log.log(
+            logging.INFO, "connection %s: authentication failed (%s)", self.remote, reason
+        )
+        self._error(BadRequest("unauthorized", message, rid))
+        # Requests queued behind the token are not served with the identity held so far.
+        self.authed = False
+        for timer in (self._auth_timer, self._expiry_timer):
+            if timer is not None:
+                timer.cancel()
+        self._auth_timer = self._expiry_timer = None
+        self.forget()
+        self.close(CLOSE_POLICY, "authentication failed")
+
+    def _auth_due(self) -> None:
+        self._auth_timer = None
+        if self.authed:
+            return
+        self.metrics.auth_failures.labels("missing").inc()
+        _input_log.log(logging.INFO, "connection %s: no token in time", self.remote)
+        self.close(CLOSE_POLICY, "authentication timed out")
+
+    def _expired(self) -> None:
+        self._expiry_timer = None
+        self.metrics.auth_failures.labels("expired").inc()
+        self._error(BadRequest("unauthorized", "token expired"))
+        self.authed = False
+        self.forget()
+        self.close(CLOSE_TOKEN_EXPIRED, "token expired")
+
     def _check_reply_fields(self, request: protocol.Request) -> None:
         """The reply echoes the request's id: one that cannot be encoded is refused before
         anything is done (a stored delta must never be answered `internal`)."""
         if request.id is None or self.codec == protocol.JSON:
             return  # JSON replies escape any string and write any integer
         try:
-            protocol.encode_left(self.codec, request.room, request.id)
+            protocol.encode_left(self.codec, request.room or "", request.id)
         except _ENCODE_ERRORS:
             request_id = request.id
             raise BadRequest(

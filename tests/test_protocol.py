@@ -559,3 +559,32 @@ def test_property_arbitrary_input_raises_only_bad_request(data: str | bytes, cod
         else:
             _all_replies(codec, req)
         peek_id(attempt, codec)
+
+
+def test_auth_requests_and_replies() -> None:
+    from kasagi_relay.protocol import Auth, encode_authed
+
+    token = "eyJ.a.b"
+    assert parse(json.dumps({"t": "auth", "token": token, "id": 3}), JSON) == Auth(token, 3)
+    packed = msgpack.packb({"t": "auth", "token": token}, use_bin_type=True)
+    assert parse(packed, MSGPACK) == Auth(token)
+    assert token not in repr(Auth(token))  # never in a log line
+    big = "x" * (INLINE_JSON_CHARS + 10)  # read by the engine's path, as a scalar
+    assert parse(json.dumps({"t": "auth", "token": big}), JSON) == Auth(big)
+    for bad in ({"t": "auth"}, {"t": "auth", "token": 5}, {"t": "auth", "token": ""}):
+        with pytest.raises(BadRequest) as info:
+            parse(json.dumps({**bad, "id": 1}), JSON)
+        assert info.value.code == "bad_message" and info.value.id == 1
+    assert json.loads(encode_authed(JSON, "alice", 1800000000.0, 4)) == {
+        "t": "authed",
+        "id": 4,
+        "sub": "alice",
+        "exp": 1800000000,
+    }
+    assert msgpack.unpackb(encode_authed(MSGPACK, "bob", 1.5, None)) == {
+        "t": "authed",
+        "sub": "bob",
+        "exp": 1.5,
+    }
+    left = json.loads(encode_left(JSON, "r", None, "forbidden"))
+    assert left == {"t": "left", "room": "r", "code": "forbidden"}

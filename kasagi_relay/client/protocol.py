@@ -2,8 +2,10 @@
 
 Nothing here touches a socket or an event loop (docs/protocol.md describes the messages):
 
-- `encode_join`, `encode_leave`, `encode_delta` build one request for a subprotocol;
-- `parse` turns one received WebSocket message into a typed reply (`Joined`, `Left`, `Ack`,
+- `encode_auth`, `encode_join`, `encode_leave`, `encode_delta` build one request for a
+  subprotocol;
+- `parse` turns one received WebSocket message into a typed reply (`Authed`, `Joined`,
+  `Left`, `Ack`,
   `ErrorReply`, `DeltaFrame`, `Reset`, or `Other` for types this client does not know,
   which the protocol says to ignore);
 - `RoomStream` is one room's `(seq, state)`: it applies a `delta` whose `from` is `seq + 1`
@@ -28,6 +30,7 @@ __all__ = [
     "SUBPROTOCOLS",
     "Ack",
     "Applied",
+    "Authed",
     "DeltaFrame",
     "ErrorReply",
     "Format",
@@ -40,6 +43,7 @@ __all__ = [
     "Reply",
     "Reset",
     "RoomStream",
+    "encode_auth",
     "encode_delta",
     "encode_join",
     "encode_leave",
@@ -75,6 +79,16 @@ def _encode(fmt: Format, message: dict[str, Any]) -> str | bytes:
     if fmt == "msgpack":
         return bytes(msgpack.packb(message, use_bin_type=True))
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_auth(fmt: Format, token: str, id: RequestId | None = None) -> str | bytes:
+    """`auth`: authenticate the connection, or refresh its token (docs/protocol.md)."""
+    if not isinstance(token, str) or not token:
+        raise ValueError("a token is a non-empty string")
+    message: dict[str, Any] = {"t": "auth", "token": token}
+    if id is not None:
+        message["id"] = id
+    return _encode(fmt, message)
 
 
 def encode_join(
@@ -154,6 +168,15 @@ class Left:
 
 
 @dataclass(frozen=True, slots=True)
+class Authed:
+    """The relay accepted a token: who the connection is and until when (Unix seconds)."""
+
+    sub: str
+    exp: float
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     room: str
     seq: int
@@ -198,7 +221,7 @@ class Other:
     fields: dict[str, Any]
 
 
-Reply = Joined | Left | Ack | ErrorReply | DeltaFrame | Reset | Other
+Reply = Authed | Joined | Left | Ack | ErrorReply | DeltaFrame | Reset | Other
 
 
 def _decode(data: str | bytes) -> dict[str, Any]:
@@ -250,6 +273,11 @@ def parse(data: str | bytes) -> Reply:
         if "state" not in obj:
             raise ProtocolError("joined: neither state nor resumed")
         return Joined(_room(obj), _seq(obj, "seq"), json_bytes(obj["state"]), _id(obj))
+    if t == "authed":
+        sub, exp = obj.get("sub"), obj.get("exp")
+        if not isinstance(sub, str) or isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise ProtocolError("authed: sub and exp required")
+        return Authed(sub, float(exp), _id(obj))
     if t == "ack":
         return Ack(_room(obj), _seq(obj, "seq"), _id(obj))
     if t == "error":
