@@ -381,6 +381,30 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = never [KASAGI_FRAME_TIMEOUT]",
     )
     add(
+        "--presence-refresh",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_PRESENCE_REFRESH", _D.presence_refresh_s),
+        help="how often the relay re-writes its members' presence entries "
+        "[KASAGI_PRESENCE_REFRESH]",
+    )
+    add(
+        "--presence-ttl",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_PRESENCE_TTL", _D.presence_ttl_s),
+        help="a presence entry not refreshed within this is taken out (its relay died) and "
+        "its presence_leave sent; more than --presence-refresh [KASAGI_PRESENCE_TTL]",
+    )
+    add(
+        "--max-presence-members",
+        metavar="N",
+        type=_int_range(0),
+        default=env("KASAGI_MAX_PRESENCE_MEMBERS", _D.max_presence_members),
+        help="members listed in one presence reply (count and users stay exact, the reply "
+        "says truncated); 0 = no limit [KASAGI_MAX_PRESENCE_MEMBERS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -401,6 +425,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
+    if not 0 < a.presence_refresh < a.presence_ttl:
+        parser.error("--presence-refresh must be positive and less than --presence-ttl")
     return Config(
         host=a.host,
         port=a.port,
@@ -435,6 +461,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         trusted_proxies=a.trusted_proxies,
         idle_timeout_s=a.idle_timeout,
         frame_timeout_s=a.frame_timeout,
+        presence_refresh_s=a.presence_refresh,
+        presence_ttl_s=a.presence_ttl,
+        max_presence_members=a.max_presence_members,
         log_level=a.log_level,
         log_format=a.log_format,
     )

@@ -71,6 +71,14 @@ class Config:
     # A frame whose bytes are not all in within this closes its connection (1008).
     frame_timeout_s: float = 10.0
 
+    # Presence (docs/protocol.md): each relay re-writes its members' entries every
+    # presence_refresh_s; an entry not refreshed within presence_ttl_s is taken out (its
+    # relay died) and its presence_leave sent. A presence reply lists at most
+    # max_presence_members members (count and users stay exact; 0 = no limit).
+    presence_refresh_s: float = 20.0
+    presence_ttl_s: float = 60.0
+    max_presence_members: int = 10_000
+
     # Connection housekeeping.
     ping_interval_s: float | None = 20.0
     close_timeout_s: float = 5.0

@@ -118,6 +118,17 @@ class Metrics:
             registry=r,
         )
 
+        self.presence_entries = Gauge(
+            "kasagi_presence_entries",
+            "Presence entries this relay holds (its members' memberships, every room).",
+            registry=r,
+        )
+        self.presence_events = Counter(
+            "kasagi_presence_events",
+            "presence_join and presence_leave messages sent to members.",
+            registry=r,
+        )
+
     def track_send_queue(self, total: Callable[[], float]) -> None:
         """Computed at scrape time: summing every buffer on each write would cost more."""
         self.send_queue_bytes.set_function(total)
