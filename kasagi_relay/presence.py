@@ -65,15 +65,21 @@ class _Local:
     last: asyncio.Future[None] | None = None
 
 
+_Event = tuple[str, str, str, dict[str, Any]]
+
+
 @dataclass(slots=True)
 class _Watch:
     """A room with members of this relay that asked for events."""
 
     listeners: dict[Member, str] = field(default_factory=dict)  # writer -> its conn
-    known: dict[str, str] = field(default_factory=dict)  # conn -> j of joins delivered
+    # The room's members as this relay knows them: conn -> (j, member).
+    known: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     gone: OrderedDict[tuple[str, str], float] = field(default_factory=OrderedDict)
-    # Event logs of the reads in flight: (kind, conn, member).
-    reads: list[list[tuple[str, str, dict[str, Any]]]] = field(default_factory=list)
+    # Event logs of the reads in flight: (kind, conn, j, member).
+    reads: list[list[_Event]] = field(default_factory=list)
+    # Set while the room is being subscribed (joiners meanwhile wait for it).
+    ready: asyncio.Future[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,18 @@ class PresenceView:
 def _entry(conn: str, who: Identity) -> bytes:
     doc = {"conn": conn, "sub": who.sub, "info": dict(who.info), "j": secrets.token_hex(6)}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _parse(entry: bytes) -> tuple[str, str, dict[str, Any]] | None:
+    """(conn, j, wire member) of one stored entry; None when malformed."""
+    try:
+        doc = json.loads(entry)
+        conn, j = doc["conn"], str(doc.get("j", ""))
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(conn, str):
+        return None
+    return conn, j, {"conn": conn, "sub": doc.get("sub"), "info": doc.get("info", {})}
 
 
 def _decode(entries: list[bytes]) -> dict[str, dict[str, Any]]:
@@ -135,6 +153,7 @@ class PresenceHub:
         self._tasks: set[asyncio.Future[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._refresh_now = asyncio.Event()
+        self._resynced = False
         # room -> its refresh under way (a remove waits for it)
         self._refreshing: dict[str, asyncio.Future[None]] = {}
         presence.set_listener(self)
@@ -240,16 +259,29 @@ class PresenceHub:
                 logger.error("presence: %s", exc, exc_info=exc)
 
     async def _watch(self, room: str) -> None:
-        if room in self.watches:
+        held = self.watches.get(room)
+        if held is not None:
+            if held.ready is not None:
+                # Subscribing for another joiner: ready when it is.
+                await asyncio.shield(held.ready)
             return
-        self.watches[room] = _Watch()
+        watch = self.watches[room] = _Watch()
+        ready = watch.ready = asyncio.get_running_loop().create_future()
         try:
             await self.presence.subscribe(room)
-        except BaseException:
-            watch = self.watches.get(room)
-            if watch is not None and not watch.listeners:
+            # Who is there already, so that a resync can tell what it missed.
+            await self._reconcile(room, watch, deliver=False)
+            ready.set_result(None)
+        except BaseException as exc:
+            if self.watches.get(room) is watch and not watch.listeners:
                 del self.watches[room]
+            ready.set_exception(
+                exc if isinstance(exc, Exception) else BackendUnavailable("cancelled")
+            )
+            ready.exception()  # retrieved: nobody else may wait for it
             raise
+        finally:
+            watch.ready = None
 
     async def _unsubscribe(self, room: str) -> None:
         if room not in self.watches:
@@ -269,7 +301,7 @@ class PresenceHub:
             # This relay's own joins and leaves so far are in the answer.
             await asyncio.gather(*pending, return_exceptions=True)
         watch = self.watches.get(room)
-        log: list[tuple[str, str, dict[str, Any]]] = []
+        log: list[_Event] = []
         if watch is not None:
             watch.reads.append(log)
         try:
@@ -282,7 +314,7 @@ class PresenceHub:
             members = await asyncio.to_thread(_decode, raw)
         else:
             members = _decode(raw)
-        for kind, conn, doc in log:
+        for kind, conn, _, doc in log:
             if kind == "leave":
                 members.pop(conn, None)
             else:
@@ -300,31 +332,41 @@ class PresenceHub:
 
     def on_presence(self, room: str, kind: str, entry: bytes) -> None:
         watch = self.watches.get(room)
-        if watch is None:
+        if watch is None or kind not in ("join", "leave"):
             return
-        try:
-            doc = json.loads(entry)
-            conn, j = doc.pop("conn"), str(doc.pop("j", ""))
-            if not isinstance(conn, str):
-                return
-        except (ValueError, KeyError, TypeError, AttributeError):
+        parsed = _parse(entry)
+        if parsed is None:
             logger.warning("room %s: malformed presence entry ignored", room)
             return
-        member = {"conn": conn, "sub": doc.get("sub"), "info": doc.get("info", {})}
+        conn, j, member = parsed
+        self._event(room, watch, kind, conn, j, member, deliver=True)
+
+    def _event(
+        self,
+        room: str,
+        watch: _Watch,
+        kind: str,
+        conn: str,
+        j: str,
+        member: dict[str, Any],
+        *,
+        deliver: bool,
+    ) -> None:
         if (conn, j) in watch.gone:
             return
+        held = watch.known.get(conn)
         if kind == "join":
-            if watch.known.get(conn) == j:
+            if held is not None and held[0] == j:
                 return
-            watch.known[conn] = j
-        elif kind == "leave":
-            if watch.known.get(conn) == j:
+            watch.known[conn] = (j, member)
+        else:
+            if held is not None and held[0] == j:
                 del watch.known[conn]
             self._bury(watch, conn, j)
-        else:
-            return
         for log in watch.reads:
-            log.append((kind, conn, member))
+            log.append((kind, conn, j, member))
+        if not deliver:
+            return
         payloads: dict[Codec, bytes] = {}
         sent = 0
         for writer, own in list(watch.listeners.items()):
@@ -356,6 +398,34 @@ class PresenceHub:
 
     def on_presence_resync(self) -> None:
         self._refresh_now.set()
+        self._resynced = True
+
+    async def _reconcile(self, room: str, watch: _Watch, *, deliver: bool) -> None:
+        """Read the room's members and send the joins and leaves this relay has not seen
+        (events lost while the subscription was being re-made)."""
+        log: list[_Event] = []
+        watch.reads.append(log)
+        try:
+            raw = await self.presence.members(room)
+        finally:
+            with contextlib.suppress(ValueError):
+                watch.reads.remove(log)
+        current: dict[str, tuple[str, dict[str, Any]]] = {}
+        for entry in raw:
+            parsed = _parse(entry)
+            if parsed is not None:
+                current[parsed[0]] = (parsed[1], parsed[2])
+        for kind, conn, j, member in log:
+            if kind == "leave":
+                if current.get(conn, ("",))[0] == j:
+                    del current[conn]
+            else:
+                current[conn] = (j, member)
+        for conn, (j, member) in list(watch.known.items()):
+            if current.get(conn, ("",))[0] != j:
+                self._event(room, watch, "leave", conn, j, member, deliver=deliver)
+        for conn, (j, member) in current.items():
+            self._event(room, watch, "join", conn, j, member, deliver=deliver)
 
     # ------------------------------------------------------------------ refresh
 
@@ -365,7 +435,16 @@ class PresenceHub:
                 async with asyncio.timeout(self.refresh_s):
                     await self._refresh_now.wait()
             self._refresh_now.clear()
+            resynced, self._resynced = self._resynced, False
             await self.refresh()
+            if resynced:
+                for room, watch in list(self.watches.items()):
+                    try:
+                        await self._reconcile(room, watch, deliver=True)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        logger.warning("presence resync of %s: %s", room, exc)
 
     async def refresh(self) -> None:
         """Re-write every entry this relay holds (one call per room and batch)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from kit.topology import call
 from testkit.redis import Topology, redis_server, sentinel_topology  # noqa: F401
 from testkit.relay import (
     MSGPACK,
@@ -55,7 +56,7 @@ async def event(client: Client, t: str, conn: str, within: float = 5.0) -> list[
     before it."""
 
     def match(m: dict[str, Any]) -> bool:
-        return m["t"] == t and m["member"]["conn"] == conn
+        return bool(m["t"] == t and m["member"]["conn"] == conn)
 
     seen = _seen.setdefault(id(client), [])
     for i, m in enumerate(seen):
@@ -79,6 +80,12 @@ async def agree(clients: list[Client], room: str, want: set[str], within: float)
         if time.monotonic() > deadline:
             raise AssertionError(f"want {sorted(want)}, got {[sorted(conns(r)) for r in replies]}")
         await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def clients(*urls: str) -> AsyncIterator[list[Client]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(connect_client(u)) for u in urls]
 
 
 # --------------------------------------------------------------------------- in process
@@ -137,13 +144,14 @@ async def test_bad_presence_requests_get_their_error_codes() -> None:
 
 
 async def test_a_reply_past_max_presence_members_is_truncated_with_exact_counts() -> None:
-    async with start_relay(max_presence_members=2) as relay:
-        async with contextlib.AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(connect_client(relay.url)) for _ in range(4)]
-            for c in clients:
-                await c.join("r")
-            reply = await presence(clients[0], "r")
-            assert (len(reply["members"]), reply["count"], reply["truncated"]) == (2, 4, True)
+    async with (
+        start_relay(max_presence_members=2) as relay,
+        clients(*[relay.url] * 4) as members,
+    ):
+        for c in members:
+            await c.join("r")
+        reply = await presence(members[0], "r")
+        assert (len(reply["members"]), reply["count"], reply["truncated"]) == (2, 4, True)
 
 
 async def test_a_member_dropped_with_1013_gives_presence_leave() -> None:
@@ -174,12 +182,6 @@ async def test_a_member_dropped_with_1013_gives_presence_leave() -> None:
 
 def redis_args(topo: Topology) -> list[str]:
     return ["--redis", f"redis://127.0.0.1:{topo.servers[0].port}/0", *FAST]
-
-
-@contextlib.asynccontextmanager
-async def clients(*urls: str) -> AsyncIterator[list[Client]]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(connect_client(u)) for u in urls]
 
 
 @pytest.mark.timeout(90)
@@ -289,9 +291,14 @@ async def test_presence_recovers_after_a_master_failover(
         # SIGKILL: whatever the master had not replicated is lost with it.
         topo.signal(topo.master(), signal.SIGKILL)
         await asyncio.to_thread(topo.wait_master_change, old, 30)
-        t0 = time.monotonic()
-        # Entries re-written by their relays: both lists whole again.
+        # Both relays on the new master, lists whole (the replicas had the entries).
         await agree([a, b], "room", everyone, within=20)
+        # A master that lacks the entries (lost in a failover): their relays write them
+        # again within one refresh (1 s here).
+        new = topo.master_addr()
+        assert call(new[1], "DEL", "room:{room}:presence", "room:{room}:presence-exp") == 2
+        assert (await presence(a, "room"))["count"] < len(everyone)
+        await agree([a, b], "room", everyone, within=1 + 1)
         # Still live after the failover: a leave on relay two reaches relay one's member.
         await d.send({"t": "leave", "room": "room"})
         await event(a, "presence_leave", ids[d], within=10)
