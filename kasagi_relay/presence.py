@@ -100,7 +100,13 @@ class PresenceView:
 
 def _entry(conn: str, who: Identity) -> bytes:
     doc = {"conn": conn, "sub": who.sub, "info": dict(who.info), "j": secrets.token_hex(6)}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (valid JSON, no UTF-8 form) would make the entry unencodable
+        # on MessagePack for every member who reads it: stored replaced instead.
+        return text.encode("utf-8", "replace")
 
 
 def _parse(entry: bytes) -> tuple[str, str, dict[str, Any]] | None:
