@@ -381,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = never [KASAGI_FRAME_TIMEOUT]",
     )
     add(
+        "--presence",
+        choices=("on", "off"),
+        default=env("KASAGI_PRESENCE", "on"),
+        help="off: no presence (no entry written per join, `presence` answered "
+        "unavailable) [KASAGI_PRESENCE]",
+    )
+    add(
         "--presence-refresh",
         metavar="SECONDS",
         type=_seconds,
@@ -461,6 +468,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         trusted_proxies=a.trusted_proxies,
         idle_timeout_s=a.idle_timeout,
         frame_timeout_s=a.frame_timeout,
+        presence=a.presence == "on",
         presence_refresh_s=a.presence_refresh,
         presence_ttl_s=a.presence_ttl,
         max_presence_members=a.max_presence_members,

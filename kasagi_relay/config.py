@@ -75,6 +75,9 @@ class Config:
     # presence_refresh_s; an entry not refreshed within presence_ttl_s is taken out (its
     # relay died) and its presence_leave sent. A presence reply lists at most
     # max_presence_members members (count and users stay exact; 0 = no limit).
+    # False: no presence entries nor events (`presence` is `unavailable`), no Redis write
+    # per join.
+    presence: bool = True
     presence_refresh_s: float = 20.0
     presence_ttl_s: float = 60.0
     max_presence_members: int = 10_000

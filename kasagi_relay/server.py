@@ -69,7 +69,12 @@ class Relay:
             ttl_s=config.presence_ttl_s,
             max_members=config.max_presence_members,
         )
-        self.service = RoomService(self.registry, self.backend, self.metrics, self.presence)
+        self.service = RoomService(
+            self.registry,
+            self.backend,
+            self.metrics,
+            self.presence if config.presence else None,
+        )
         self.admission = Admission(
             config.max_connections, config.max_connections_per_address, config.trusted_proxies
         )
@@ -151,7 +156,8 @@ class Relay:
         )
         self.compactor.start()
         self.registry.start()
-        self.presence.start()
+        if self.config.presence:
+            self.presence.start()
 
     async def __aenter__(self) -> Relay:
         await self.start()

@@ -216,7 +216,7 @@ class RoomService:
         self._check_open()
         self.authorize("presence", room, who)
         if self.presence_hub is None:
-            raise BadRequest("unavailable", "presence is not served by this relay")
+            raise BadRequest("unavailable", "presence is off on this relay (--presence off)")
         try:
             return await self.presence_hub.view(room)
         except BackendUnavailable as exc:

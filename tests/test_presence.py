@@ -303,3 +303,13 @@ async def test_presence_recovers_after_a_master_failover(
         await d.send({"t": "leave", "room": "room"})
         await event(a, "presence_leave", ids[d], within=10)
         await agree([a, b], "room", everyone - {ids[d]}, within=5)
+
+
+async def test_presence_off_writes_nothing_and_answers_unavailable() -> None:
+    async with start_relay(presence=False) as relay, clients(relay.url, relay.url) as (a, b):
+        assert (await a.join("r", presence=True))["conn"]
+        await b.join("r")
+        await a.nothing()  # no events
+        await a.send({"t": "presence", "room": "r", "id": 1})
+        assert (await a.expect("error"))["code"] == "unavailable"
+        assert relay.metrics.presence_entries._value.get() == 0
