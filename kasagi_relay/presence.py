@@ -80,6 +80,8 @@ class _Watch:
     reads: list[list[_Event]] = field(default_factory=list)
     # Set while the room is being subscribed (joiners meanwhile wait for it).
     ready: asyncio.Future[None] | None = None
+    # Since when no member of this relay watches the room (None: some do).
+    idle_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,7 @@ class PresenceHub:
         watch = self.watches.get(room)
         if local is not None and local.events and watch is not None:
             watch.listeners[member] = local.conn
+            watch.idle_since = None
 
     def leave(self, room: str, member: Member) -> None:
         """`member` is no longer in `room`: its leave goes out in the background."""
@@ -219,11 +222,12 @@ class PresenceHub:
         if entries is not None and not entries:
             del self.local[room]
         watch = self.watches.get(room)
-        if watch is not None:
-            watch.listeners.pop(member, None)
-            if not watch.listeners:
-                del self.watches[room]
-                self._spawn(self._unsubscribe(room))
+        if watch is not None and member in watch.listeners:
+            del watch.listeners[member]
+        if watch is not None and not watch.listeners and watch.idle_since is None:
+            # Kept subscribed for a while (rejoins are common): the refresh loop
+            # unsubscribes rooms nobody has watched for a refresh period.
+            watch.idle_since = time.monotonic()
         if local is None:
             return
         self.metrics.presence_entries.dec()
@@ -267,11 +271,12 @@ class PresenceHub:
     async def _watch(self, room: str) -> None:
         held = self.watches.get(room)
         if held is not None:
+            held.idle_since = None  # not unsubscribed under this joiner
             if held.ready is not None:
                 # Subscribing for another joiner: ready when it is.
                 await asyncio.shield(held.ready)
             return
-        watch = self.watches[room] = _Watch()
+        watch = self.watches[room] = _Watch(idle_since=time.monotonic())
         ready = watch.ready = asyncio.get_running_loop().create_future()
         try:
             await self.presence.subscribe(room)
@@ -289,9 +294,14 @@ class PresenceHub:
         finally:
             watch.ready = None
 
-    async def _unsubscribe(self, room: str) -> None:
-        if room not in self.watches:
-            await self.presence.unsubscribe(room)
+    async def _drop_idle_watches(self) -> None:
+        now = time.monotonic()
+        for room, watch in list(self.watches.items()):
+            since = watch.idle_since
+            if since is not None and now - since >= self.refresh_s and watch.ready is None:
+                del self.watches[room]
+                with contextlib.suppress(Exception):
+                    await self.presence.unsubscribe(room)
 
     # ------------------------------------------------------------------ reads
 
@@ -443,6 +453,7 @@ class PresenceHub:
             self._refresh_now.clear()
             resynced, self._resynced = self._resynced, False
             await self.refresh()
+            await self._drop_idle_watches()
             if resynced:
                 for room, watch in list(self.watches.items()):
                     try:

@@ -125,13 +125,17 @@ class ChannelFeed:
             if left <= 0:
                 raise BackendUnavailable(f"cannot subscribe to {room}: no master")
             ps = self._pubsub
+            # Taken before sending: a confirmation read while the command is sent pulses
+            # this one (taken after, the wait would sleep its whole timeout).
+            pulse = self._confirm_pulse
             if self.ready.is_set() and ps is not None and sent_on is not ps:
                 sent_on = ps
                 try:
                     await self._subscribe(ps, [channel])
                 except Exception as exc:
                     self.doubt(f"subscribe failed: {exc}")
-            pulse = self._confirm_pulse
+            if channel in self._confirmed and self.ready.is_set():
+                return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, 0.25)):
                     await pulse.wait()
