@@ -4,7 +4,8 @@ against the same relay with `--presence off`, and the time of a `presence` reque
 room of 5,000 members.
 
     .venv/bin/python -m benches.presence_cost [--clients 400] [--room-size 10]
-        [--seconds 5] [--members 5000] [--requests 50] [--json out.json]
+        [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000] [--requests 50]
+        [--json out.json]
 
 Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI); the clients
 are raw websockets clients in this process (JSON). Measured per mode:
@@ -12,9 +13,10 @@ are raw websockets clients in this process (JSON). Measured per mode:
   waiting for `joined`, leaving, waiting for `left`, in a loop for `--seconds`: joins/s.
   With presence on, each join and leave also writes the entry in Redis and sends a
   presence event to every other member of the room (they all asked for events);
-- delta throughput: one room of `--room-size` x 10 members, one writer with 32 deltas in
-  flight for `--seconds`: deltas acknowledged per second, and delta frames received by
-  the members per second.
+- delta throughput: one room of `--delta-members` members (all asking for presence events
+  when on), one writer with 32 deltas in flight for `--seconds`: deltas acknowledged per
+  second, and delta frames received by the members per second.
+The modes alternate `--rounds` times; the medians are reported, with every run.
 Then, with presence on, `--members` entries written into one room (through the relay's
 own backend role, as relays write them) and `--requests` `presence` requests timed from
 send to reply (p50, p99), with the reply's size.
@@ -106,7 +108,7 @@ async def delta_rate(url: str, members: int, seconds: float, on: bool) -> tuple[
                     frames += 1
 
         readers = [asyncio.create_task(member(ws)) for ws in conns]
-        await asyncio.sleep(0.5)  # the presence events of the joins are read by now
+        await asyncio.sleep(2.0)  # the presence events of the joins are read by now
         frames = 0
         acks = 0
         window = asyncio.Semaphore(32)
@@ -174,6 +176,8 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--members", type=int, default=5000)
     ap.add_argument("--requests", type=int, default=50)
+    ap.add_argument("--delta-members", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     out: dict[str, Any] = {
@@ -187,20 +191,23 @@ async def main() -> None:
                 "--redis", redis_url, "--rate-limit", "0", "--rate-bytes", "0",
                 "--max-connections-per-address", "0",
             ]  # fmt: skip
-            results: dict[str, dict[str, float]] = {}
-            # Alternate the modes twice so a noisy moment does not favour one.
-            for mode in ("off", "on", "off", "on"):
+            runs: dict[str, dict[str, list[float]]] = {}
+            # The modes alternate, `--rounds` times each, and the median of each is kept,
+            # so a noisy moment on a shared machine does not favour one.
+            for mode in ("off", "on") * a.rounds:
                 on = mode == "on"
                 async with relay_process(*base, "--presence", mode, env={}) as proc:
                     joins = await join_rate(proc.url, a.clients, a.room_size, a.seconds, on)
-                    acks, frames = await delta_rate(proc.url, a.room_size * 10, a.seconds, on)
-                r = results.setdefault(
-                    mode, {"joins_per_s": 0.0, "acks_per_s": 0.0, "frames_per_s": 0.0}
-                )
-                r["joins_per_s"] += joins / 2
-                r["acks_per_s"] += acks / 2
-                r["frames_per_s"] += frames / 2
+                    acks, frames = await delta_rate(proc.url, a.delta_members, a.seconds, on)
+                r = runs.setdefault(mode, {"joins_per_s": [], "acks_per_s": [], "frames_per_s": []})
+                r["joins_per_s"].append(joins)
+                r["acks_per_s"].append(acks)
+                r["frames_per_s"].append(frames)
                 print(mode, round(joins), round(acks), round(frames), flush=True)
+            results = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in runs.items()}
+            out["runs"] = {
+                m: {k: [round(x) for x in v] for k, v in r.items()} for m, r in runs.items()
+            }
             out["modes"] = {m: {k: round(v, 1) for k, v in r.items()} for m, r in results.items()}
             out["ratio_on_off"] = {
                 k: round(results["on"][k] / results["off"][k], 3) for k in results["on"]

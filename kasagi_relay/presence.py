@@ -5,9 +5,10 @@ compact JSON `{"conn":C,"sub":S,"info":{...},"j":J}`, where `j` is random per jo
 connection that leaves and joins again is a new member, and a stale copy of an old entry
 is told from it). The hub (one per relay):
 
-- writes an entry when a member joins (`add`, awaited before its `joined`) and removes it
-  when the member leaves, closes, is dropped (1013) or the relay stops (`leave`, in the
-  background). The operations of one member run in order: a remove waits for its add, so
+- writes an entry when a member joins (`add`, in the background: a `presence` read waits
+  for this relay's writes under way) and removes it when the member leaves, closes, is
+  dropped (1013) or the relay stops (`leave`, in the background); a joiner that asked for
+  events is subscribed (`watch`) before its `joined`. The operations of one member run in order: a remove waits for its add, so
   the backend announces a member's join before its leave;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
   subscription was re-made: a new master may lack them), which also makes the backend
@@ -190,12 +191,18 @@ class PresenceHub:
     def holds(self, room: str, member: Member) -> bool:
         return member in self.local.get(room, {})
 
-    async def join(self, room: str, member: Member, conn: str, who: Identity, events: bool) -> None:
-        """Make `member` present in `room` (stored before this returns, unless the backend
-        is unavailable: then the next refresh stores it). A second join of the same
-        member keeps its entry: no event."""
-        if events:
-            await self._watch(room)
+    async def watch(self, room: str) -> None:
+        """Subscribe to the room's events (before a joiner that asked for them gets its
+        `joined`, so that it misses none after it)."""
+        await self._watch(room)
+
+    def join(self, room: str, member: Member, conn: str, who: Identity, events: bool) -> None:
+        """Make `member` present in `room`: its entry is written in the background (a
+        `presence` read on this relay waits for it; on an unavailable backend the next
+        refresh writes it). A second join of the same member keeps its entry: no event."""
+        watch = self.watches.get(room)
+        if events and watch is not None:
+            watch.idle_since = None  # a listener is on its way (listen)
         entries = self.local.setdefault(room, {})
         held = entries.get(member)
         if held is not None:
@@ -203,9 +210,7 @@ class PresenceHub:
             return
         local = entries[member] = _Local(conn, _entry(conn, who), events)
         self.metrics.presence_entries.inc()
-        task = self._chain(local, lambda: self.presence.add(room, conn, local.entry, self.ttl_s))
-        with contextlib.suppress(BackendUnavailable):
-            await asyncio.shield(task)
+        self._chain(local, lambda: self.presence.add(room, conn, local.entry, self.ttl_s))
 
     def listen(self, room: str, member: Member) -> None:
         """From now on `member` gets the room's events (after its `joined`)."""

@@ -168,19 +168,24 @@ class RoomService:
         False when the member went away meanwhile (it is not a member then).
 
         With `conn` (the connection's id, given in `joined`) the member is present in the
-        room (stored before its `joined`); `presence` also sends it the room's
-        presence_join / presence_leave events from its `joined` on."""
+        room (its entry written meanwhile; this relay's `presence` reads wait for it);
+        `presence` also sends it the room's presence_join / presence_leave events from its
+        `joined` on."""
         self._check_open()
         self.authorize("join", room, who)
         hub = self.presence_hub if conn is not None else None
         held = hub is not None and hub.holds(room, member)
         try:
+            if hub is not None and presence:
+                # Before the room is loaded: nothing may await between the load and the
+                # room's join (a loaded room without a member or a join can be unloaded).
+                await hub.watch(room)
             r = await self.registry.load(room)
             if member in r.members:
                 r.leave(member)
                 self.metrics.members.dec()
             if hub is not None and conn is not None:
-                await hub.join(room, member, conn, who, presence)
+                hub.join(room, member, conn, who, presence)
             await r.join(member, since, rid, conn)
         except BackendUnavailable as exc:
             if hub is not None and not held:
