@@ -8,8 +8,9 @@ is told from it). The hub (one per relay):
 - writes an entry when a member joins (`add`, in the background: a `presence` read waits
   for this relay's writes under way) and removes it when the member leaves, closes, is
   dropped (1013) or the relay stops (`leave`, in the background); a joiner that asked for
-  events is subscribed (`watch`) before its `joined`. The operations of one member run in order: a remove waits for its add, so
-  the backend announces a member's join before its leave;
+  events is subscribed (`watch`) before its `joined`. The operations of one member run
+  in order: a remove waits for its add, so the backend announces a member's join before
+  its leave;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
   subscription was re-made: a new master may lack them), which also makes the backend
   take out the entries of relays that stopped refreshing (dead) and announce their leave;
