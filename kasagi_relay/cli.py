@@ -412,6 +412,38 @@ def build_parser() -> argparse.ArgumentParser:
         "says truncated); 0 = no limit [KASAGI_MAX_PRESENCE_MEMBERS]",
     )
     add(
+        "--api-key",
+        metavar="KEY,...",
+        default=None,
+        help="enable the HTTP API (/api/...) for requests with `Authorization: Bearer KEY`; "
+        "several keys, comma-separated, are all accepted (to rotate one out). Prefer the "
+        "variable or --api-key-file: flags show in ps [KASAGI_API_KEY]",
+    )
+    add(
+        "--api-key-file",
+        metavar="PATH",
+        default=env("KASAGI_API_KEY_FILE", None),
+        help="read API keys from this file too: one per line (or comma-separated) "
+        "[KASAGI_API_KEY_FILE]",
+    )
+    add(
+        "--api-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_API_TIMEOUT", _D.api_timeout_s),
+        help="an API request must arrive whole (headers and body) within this of the "
+        "connection opening or of the previous response; an idle keep-alive connection is "
+        "closed then [KASAGI_API_TIMEOUT]",
+    )
+    add(
+        "--api-max-requests",
+        metavar="N",
+        type=_int_range(1),
+        default=env("KASAGI_API_MAX_REQUESTS", _D.api_max_requests),
+        help="API requests served at once (reading their bodies included); past it they "
+        "get 503 [KASAGI_API_MAX_REQUESTS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -434,6 +466,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error("--redis, --sentinels and --cluster are exclusive")
     if not 0 < a.presence_refresh < a.presence_ttl:
         parser.error("--presence-refresh must be positive and less than --presence-ttl")
+    if not a.api_timeout > 0:
+        parser.error("--api-timeout must be more than 0")
+    try:
+        api_keys = _api_keys(a.api_key, a.api_key_file)
+    except ValueError as exc:
+        parser.error(str(exc))
     return Config(
         host=a.host,
         port=a.port,
@@ -472,9 +510,35 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         presence_refresh_s=a.presence_refresh,
         presence_ttl_s=a.presence_ttl,
         max_presence_members=a.max_presence_members,
+        api_keys=api_keys,
+        api_timeout_s=a.api_timeout,
+        api_max_requests=a.api_max_requests,
         log_level=a.log_level,
         log_format=a.log_format,
     )
+
+
+def _api_keys(flag: str | None, path: str | None) -> tuple[str, ...]:
+    """The API keys of --api-key (else KASAGI_API_KEY) and --api-key-file. Kept out of
+    argparse's defaults, which --help prints."""
+    text = flag if flag is not None else os.environ.get("KASAGI_API_KEY", "")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text += "," + f.read().replace("\n", ",")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--api-key-file: cannot read {path}: {exc}") from None
+    keys: list[str] = []
+    for item in text.split(","):
+        key = item.strip()
+        if not key:
+            continue
+        # Sent as a header value: visible ASCII, no spaces (nor commas, the separator).
+        if not all("!" <= c <= "~" for c in key):
+            raise ValueError("an API key must be printable ASCII without spaces")
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
 
 
 class _JsonFormatter(logging.Formatter):

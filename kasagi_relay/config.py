@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kasagi_relay.domain import AckLevel
 
@@ -81,6 +81,14 @@ class Config:
     presence_refresh_s: float = 20.0
     presence_ttl_s: float = 60.0
     max_presence_members: int = 10_000
+
+    # The HTTP API (docs/protocol.md, "HTTP API"): off without a key; several keys let one
+    # be rotated out. A request must arrive whole (headers and body), and an idle keep-alive
+    # connection send its next one, within api_timeout_s; past api_max_requests requests
+    # served at once, more get 503.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never in a log line
+    api_timeout_s: float = 10.0
+    api_max_requests: int = 64
 
     # Connection housekeeping.
     ping_interval_s: float | None = 20.0

@@ -84,7 +84,7 @@ class Metrics:
         self.forbidden = Counter(
             "kasagi_forbidden",
             "Requests refused with `forbidden` because the identity's grants lack the "
-            "right, by action (join, publish).",
+            "right, by action (join, publish, read).",
             ["action"],
             registry=r,
         )
@@ -109,6 +109,13 @@ class Metrics:
             "WebSocket connections ended, by the close code the relay sent first "
             "(peer: the client closed first; abnormal: no close frame either way).",
             ["code"],
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "kasagi_api_requests",
+            "HTTP API requests answered, by route (deltas, state, presence, other) and "
+            "HTTP status.",
+            ["route", "status"],
             registry=r,
         )
         self.ack_latency = Histogram(

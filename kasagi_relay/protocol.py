@@ -43,6 +43,7 @@ __all__ = [
     "encode_presence",
     "encode_presence_event",
     "parse",
+    "parse_delta_body",
     "peek_id",
     "split_delta_doc",
 ]
@@ -252,6 +253,14 @@ def _loads(text: str) -> object:
 
 
 def _parse_json(text: str, codec: Codec) -> Request:
+    # The engine reads the delta from the message itself (other members are ignored), by its
+    # own rules (depth, numbers), rather than from a re-serialization of ours.
+    return _parse_object(_json_top(text), lambda kind: text, codec)
+
+
+def _json_top(text: str) -> Mapping[str, object]:
+    """The top-level members of a JSON message (past INLINE_JSON_CHARS only the scalars:
+    see parse)."""
     if len(text) > INLINE_JSON_CHARS:
         _check_containers(text)
         try:
@@ -259,15 +268,25 @@ def _parse_json(text: str, codec: Codec) -> Request:
         except delta.DeltaError as exc:
             raise BadRequest("bad_message", f"message is not valid JSON: {exc}") from None
         fields, _ = _msgpack_top(packed)
-        return _parse_object(fields, lambda kind: text, codec)
+        return fields
     obj = _loads(text)
     if not isinstance(obj, dict):
         raise BadRequest("bad_message", "message must be an object")
     if len(obj) > MAX_MEMBERS:  # the same limit on both codecs
         raise BadRequest("bad_message", _TOO_MANY_MEMBERS)
-    # The engine reads the delta from the message itself (other members are ignored), by its
-    # own rules (depth, numbers), rather than from a re-serialization of ours.
-    return _parse_object(obj, lambda kind: text, codec)
+    return obj
+
+
+def parse_delta_body(data: bytes, room: str) -> Delta:
+    """A delta for `room` from the body of an HTTP API request (docs/protocol.md, "HTTP
+    API"): a UTF-8 JSON object with `patch` or `merge` and an optional `key`, checked
+    exactly as a `delta` message (`t`, `room` and `id`, if present, are ignored).
+
+    Cost: as parse(), so a caller may run it in a worker thread for a big body."""
+    if not valid_room(room):
+        raise BadRequest("bad_room", f"invalid room name {_short(room)}")
+    text = _utf8(data)
+    return _parse_delta(_json_top(text), lambda kind: text, room, None)
 
 
 def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, int]]]:

@@ -206,9 +206,9 @@ class Replay:
 
 
 class Room:
-    """One room: `ensure_loaded`, `check` before a publish, `on_op` for
-    what the backend delivers, `join` / `leave` for members, `idle` / `close` for the
-    registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
+    """One room: `ensure_loaded`, `check` before a publish, `on_op` for what the backend
+    delivers, `join` / `leave` for members, `read` for the HTTP API, `idle` / `close` for
+    the registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
     `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS); `max_bytes`
     (--max-state-bytes) bounds the state: the engine keeps its exact size and refuses
     (check) or skips (apply) a delta that would pass it."""
@@ -261,6 +261,8 @@ class Room:
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Reads (the HTTP API) waiting for the state to reach a seq this relay acknowledged.
+        self._readers: list[tuple[int, asyncio.Future[None]]] = []
 
     def __repr__(self) -> str:
         return f"<Room {self.name} seq={self.seq} last={self.last_seq} members={len(self.members)}>"
@@ -315,6 +317,7 @@ class Room:
         self._recent_size = 0
         self.state = state
         self.seq = self.last_seq = state.seq
+        self._wake_readers()
 
     # ------------------------------------------------------------------ ordering
 
@@ -575,6 +578,8 @@ class Room:
         if self.state is not None:
             self._size = self.state.json_size()  # O(1): the engine keeps it
         self.seq = ops[-1].seq
+        if self._readers:
+            self._wake_readers()
         if self._encoded:
             self._encoded = {}  # members still reading the previous version hold it
         self._remember(ops)
@@ -672,6 +677,46 @@ class Room:
                     member.send_payload(payload, prefix, suffix)
                 self.members[member] = None
                 return
+
+    async def read(self, wait_s: float = 1.0) -> tuple[int, Payload]:
+        """The state as JSON and its seq, for the HTTP API: the encoding joiners of this
+        version share (made off the loop unless the state is small). It includes every
+        delta this relay acknowledged in the room (a client reads its own writes), waiting
+        up to `wait_s` for them to be applied (a tick, at most)."""
+        self.last_active = time.monotonic()  # before any await: not idle, not evicted
+        self._joining += 1  # a reader, like a joiner, keeps the room loaded meanwhile
+        try:
+            await self.ensure_loaded()
+            target = self.acked_seq
+            if self.seq < target:
+                fut = asyncio.get_running_loop().create_future()
+                self._readers.append((target, fut))
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await fut
+                except TimeoutError:
+                    pass  # served as it is
+                finally:
+                    self._readers = [(t, f) for t, f in self._readers if f is not fut]
+            while True:
+                await self.ensure_loaded()
+                async with self._engine:
+                    state = self.state
+                    if state is None:
+                        continue  # lost while we waited (a failed apply): read after reload
+                    return self.seq, await self._encoding(state, JSON)
+        finally:
+            self._joining -= 1
+
+    def _wake_readers(self) -> None:
+        still = []
+        for target, fut in self._readers:
+            if target <= self.seq:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._readers = still
 
     async def _missed(self, since: int) -> list[Op] | None:
         """The ops since+1 .. seq, or None when history cannot serve them. The last op

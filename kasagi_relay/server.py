@@ -3,6 +3,7 @@
 The parts, one role each (docs/design.md):
 - http.py: the HTTP routes (/healthz, /metrics) and the handshake's admission
   (admission.py: --max-connections, --max-connections-per-address);
+- api.py: the HTTP API (/api/...), on connections session.RelayConnection hands over;
 - session.py: one WebSocket connection: input guards, rate limit, dispatch; it holds a
   fanout.Member, the writer rooms broadcast to (built in `Relay._member`, one place);
 - service.py: the transport-free room service (authorize, check, publish, join, leave,
@@ -27,6 +28,7 @@ from websockets.typing import Subprotocol
 
 from kasagi_relay import protocol, tls
 from kasagi_relay.admission import Admission
+from kasagi_relay.api import ApiServer
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.backends.factory import build_backend
 from kasagi_relay.compaction import Compactor
@@ -81,6 +83,7 @@ class Relay:
         self.routes = HttpRoutes(
             self.backend, self.metrics, self.admission, lambda: self.service.closing
         )
+        self.api = ApiServer(config, self.service, self.metrics, self.admission)
         self.sessions: set[Session] = set()
         self.server: Server | None = None
         self._stopped: asyncio.Event | None = None
@@ -144,7 +147,7 @@ class Relay:
             self._handler,
             cfg.host,
             cfg.port,
-            create_connection=RelayConnection,
+            create_connection=_connection_class(self.api),
             subprotocols=[Subprotocol(p) for p in SUBPROTOCOLS],
             select_subprotocol=_select_subprotocol,
             process_request=self.routes.process_request,
@@ -179,6 +182,7 @@ class Relay:
             left = await self.service.drain(cfg.shutdown_timeout_s)
             if left:
                 logger.warning("shutdown: %d acks still in flight", left)
+            await self.api.close(cfg.close_timeout_s)
             for session in list(self.sessions):
                 session.close(CLOSE_GOING_AWAY, "relay shutting down")
             if self.server is not None:
@@ -228,6 +232,15 @@ class Relay:
         finally:
             self.sessions.discard(session)
             self.metrics.connections.dec()
+
+
+def _connection_class(api: ApiServer) -> type[RelayConnection]:
+    """RelayConnection handing /api/ connections to this relay's `api`."""
+
+    class Connection(RelayConnection):
+        takeover = api
+
+    return Connection
 
 
 def _select_subprotocol(

@@ -1,11 +1,12 @@
 """The room service: what a client may do to a room, whatever transport carried the request.
 
-The WebSocket session (session.py) calls it today, the HTTP API will tomorrow. Nothing here
+The WebSocket session (session.py) and the HTTP API (api.py) call it. Nothing here
 knows about sockets: requests come in as arguments, failures go out as `BadRequest` with
 the error code of docs/protocol.md.
 
 Where a delta goes (docs/design.md):
-- parsed and validated by protocol.parse (session.py calls it), then here:
+- parsed and validated by protocol.parse (session.py calls it; api.py calls
+  protocol.parse_delta_body, the same checks), then here:
 - authorized in `authorize` (every request passes until identity lands, next issue),
 - checked against the room's state and the size limit (`publish`, room.check),
 - ordered by the backend (`backend.publish` gives it its seq), merged into the room's
@@ -32,7 +33,7 @@ from kasagi_relay.domain import (
     Right,
     delta_digest,
 )
-from kasagi_relay.fanout import Member
+from kasagi_relay.fanout import Member, Payload
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.presence import PresenceHub, PresenceView
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
@@ -50,7 +51,7 @@ KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
 # under a key is refused before it reaches the backend.
 KEY_CACHE_SIZE: Final = 100_000
 
-Action = Literal["join", "publish", "presence"]
+Action = Literal["join", "publish", "read", "presence"]
 
 
 class RoomService:
@@ -205,6 +206,18 @@ class RoomService:
             hub.listen(room, member)
         self.metrics.members.inc()
         return True
+
+    async def read(self, room: str, who: Identity = ANONYMOUS) -> tuple[int, Payload]:
+        """The room's state as JSON and its seq (the HTTP API's GET): the room is loaded
+        as for a join, and the state's cached encoding is shared with joiners."""
+        self._check_open()
+        self.authorize("read", room, who)
+        try:
+            r = await self.registry.load(room)
+            return await r.read()
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
 
     def leave(self, member: Member, room: str) -> None:
         """Take `member` off the room's stream (nothing if it is not a member) and out of

@@ -10,7 +10,10 @@ coming in (docs/operations.md lists each limit):
 - a frame (or fragmented message) whose bytes stay incomplete for --frame-timeout
   closes the connection with 1008, which frees what it buffered;
 - whatever websockets writes by itself (pongs) counts against the member's send queue;
-- after a close that discards the peer's input, a peer that keeps sending is cut off.
+- after a close that discards the peer's input, a peer that keeps sending is cut off;
+- a connection whose first request websockets does not serve (the HTTP API: websockets
+  parses only GET requests without a body) is handed, transport and bytes, to the server
+  that claims it (`HttpTakeover`, api.py) before websockets reads anything.
 
 `Session` reads the messages, checks the rate limit before decoding anything, parses each
 request (protocol.parse; a big one in a worker thread) and hands it to the room service
@@ -30,7 +33,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -49,6 +52,7 @@ from kasagi_relay.service import RoomService
 __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_POLICY",
+    "HttpTakeover",
     "MemberFactory",
     "RelayConnection",
     "Session",
@@ -87,6 +91,19 @@ MemberFactory = Callable[[ServerConnection, Codec, Callable[[Member], None]], Me
 _input_log = ThrottledLog(logger)
 
 
+class HttpTakeover(Protocol):
+    """Another HTTP server on the relay's port (api.ApiServer)."""
+
+    def claims(self, head: bytes | bytearray) -> bool | None:
+        """Whether a connection whose first bytes are `head` is its own (None: not known
+        yet, wait for more)."""
+        ...
+
+    def take_over(self, transport: asyncio.Transport, head: bytes) -> None:
+        """Serve the connection from now on; `head` is what it sent so far."""
+        ...
+
+
 class Guard:
     """The relay's state of one connection, in one object: websockets' connection has ~27
     attributes, and past 30 CPython stops sharing the keys of instance dicts (1.3 KiB more
@@ -98,6 +115,7 @@ class Guard:
         "feeding",
         "frame_timeout_s",
         "frame_timer",
+        "head",
         "on_lost",
         "partial_since",
         "session",
@@ -113,14 +131,30 @@ class Guard:
         self.feeding: asyncio.Handle | None = None
         self.partial_since: float | None = None
         self.frame_timer: asyncio.TimerHandle | None = None
+        # The first bytes, until they say whether websockets or an HttpTakeover serves the
+        # connection; None once decided.
+        self.head: bytearray | None = None
 
 
 class RelayConnection(ServerConnection):
     """websockets' ServerConnection with the relay's input guards (module docstring)."""
 
+    # Set on the relay's subclass (server.py): who serves the connections whose first
+    # request websockets does not. None: websockets reads every connection.
+    takeover: ClassVar[HttpTakeover | None] = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.guard = Guard()
+        if self.takeover is not None:
+            self.guard.head = bytearray()
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        await super().handshake(*args, **kwargs)
+        if self.transport.get_protocol() is not self:
+            # An HttpTakeover has the transport (_first_bytes): end websockets' handler
+            # task here, as a cancellation, since its other ways out abort the transport.
+            raise asyncio.CancelledError
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -141,6 +175,10 @@ class RelayConnection(ServerConnection):
     # ------------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
+        if self.guard.head is not None:
+            data = self._first_bytes(data)
+            if not data:
+                return
         if self.guard.discarding is not None:
             self.guard.discarding += len(data)
             if self.guard.discarding > DISCARD_MAX_BYTES:
@@ -150,6 +188,25 @@ class RelayConnection(ServerConnection):
             self.guard.backlog += data
             return
         self._feed(data)
+
+    def _first_bytes(self, data: bytes) -> bytes:
+        """What websockets is to read of the connection's first bytes: nothing while the
+        request line is incomplete, nor once an HttpTakeover took the connection."""
+        head, takeover = self.guard.head, self.takeover
+        assert head is not None and takeover is not None
+        head += data
+        claimed = takeover.claims(head)
+        if claimed is None:
+            return b""
+        self.guard.head = None
+        if not claimed:
+            return bytes(head)
+        takeover.take_over(self.transport, bytes(head))
+        # websockets' handshake waits for a request it will never parse: wake it, it finds
+        # none, and `handshake` ends its task.
+        if not self.request_rcvd.done():
+            self.request_rcvd.set_result(None)
+        return b""
 
     def _feed(self, data: bytes | bytearray) -> None:
         if len(data) > FEED_SLICE:

@@ -313,3 +313,16 @@ async def test_presence_off_writes_nothing_and_answers_unavailable() -> None:
         await a.send({"t": "presence", "room": "r", "id": 1})
         assert (await a.expect("error"))["code"] == "unavailable"
         assert relay.metrics.presence_entries._value.get() == 0
+
+
+async def test_the_http_api_lists_the_same_members() -> None:
+    from tests.test_api import KEY, call
+
+    async with start_relay(api_keys=(KEY,)) as relay, clients(relay.url, relay.url) as (a, b):
+        ids = {(await c.join("r"))["conn"] for c in (a, b)}
+        reply = await call(relay.port, "GET", "/api/rooms/r/presence")
+        assert reply.status == 200
+        body = reply.json()
+        assert (body["room"], body["count"], body["users"]) == ("r", 2, 0)
+        assert {m["conn"] for m in body["members"]} == ids
+        assert (await call(relay.port, "GET", "/api/rooms/r/presence", key=None)).status == 401

@@ -30,6 +30,7 @@ from kasagi_relay.protocol import (
     encode_joined,
     encode_left,
     parse,
+    parse_delta_body,
     peek_id,
 )
 
@@ -114,6 +115,31 @@ def test_bad_requests_carry_id_and_room() -> None:
     assert (err.code, err.id, err.room) == ("bad_message", 9, "a")
     err = bad('{"t":"join","room":"a:b","id":"q"}')
     assert (err.code, err.id, err.room) == ("bad_room", "q", None)
+
+
+def test_delta_body_of_the_http_api() -> None:
+    """An HTTP API body is a `delta` message without t/room/id, checked the same way (big
+    bodies on the engine's path too)."""
+    d = parse_delta_body(b'{"merge":{"a":1},"key":"k1","t":"x","id":[1]}', "r")
+    assert (d.room, d.kind, d.body, d.key, d.id) == ("r", "merge", b'{"a":1}', "k1", None)
+    big = json.dumps({"patch": [{"op": "add", "path": "/s", "value": "x" * INLINE_JSON_CHARS}]})
+    assert parse_delta_body(big.encode(), "r").kind == "patch"
+    for body, code in [
+        (b"", "bad_message"),
+        (b"[]", "bad_message"),
+        (b"\xff", "bad_message"),
+        (b'{"key":"k"}', "bad_message"),
+        (b'{"merge":{},"key":""}', "bad_message"),
+        (b'{"patch":[],"merge":{}}', "bad_patch"),
+        (b'{"patch":[{"op":"nope"}]}', "bad_patch"),
+        (('{"merge":{},"pad":"' + "x" * INLINE_JSON_CHARS + '",}').encode(), "bad_message"),
+    ]:
+        with pytest.raises(BadRequest) as info:
+            parse_delta_body(body, "r")
+        assert info.value.code == code, body[:40]
+    with pytest.raises(BadRequest) as info:
+        parse_delta_body(b'{"merge":{}}', "a:b")
+    assert info.value.code == "bad_room"
 
 
 def test_msgpack_bad_input() -> None:
