@@ -4,7 +4,7 @@ room's state over plain HTTP/1.1, on the relay's port, with `Authorization: Bear
     POST /api/rooms/{R}/deltas   {"patch": [...]} | {"merge": {...}}, optional "key"
                                  -> 200 {"seq": N}, at the durability of an `ack`
     GET  /api/rooms/{R}          -> 200 {"seq": N, "state": {...}}
-    GET  /api/rooms/{R}/presence -> reserved for presence (see `_presence`)
+    GET  /api/rooms/{R}/presence -> {"room","members","count","users"} (docs/protocol.md, presence)
 
 Transport: websockets' server parses only GET requests without a body. A connection whose
 first request line names a path under /api/ is therefore taken over before websockets
@@ -53,6 +53,7 @@ from kasagi_relay.domain import Identity, valid_room
 from kasagi_relay.metrics import Metrics, ThrottledLog
 from kasagi_relay.protocol import BadRequest
 from kasagi_relay.service import RoomService
+from kasagi_relay.session import PRESENCE_INLINE_MEMBERS
 
 __all__ = ["API_IDENTITY", "ApiServer", "claims"]
 
@@ -433,11 +434,17 @@ class _Connection:
         await self._respond(200, [b'{"seq":%d,"state":' % seq, *payload.parts, b"}\n"], "state")
 
     async def _presence(self, request: h11.Request, room: str) -> None:
-        # PRESENCE: GET /api/rooms/{R}/presence is wired here by the lead once presence
-        # lands (the `presence` engineer's room service call; same reply shape as the
-        # `presence` message, without `t` and `id`). Until then: 404.
+        # The `presence` message's reply without `t` and `id` (docs/protocol.md, presence).
         self._method(request, b"GET")
-        raise _Reply(404, "not_found", "presence is not available on this relay yet")
+        if not valid_room(room):
+            raise BadRequest("bad_room", f"invalid room name {room[:40]!r}")
+        reply = await self.api.service.presence(room, API_IDENTITY)
+        members = reply.get("members")
+        if isinstance(members, list) and len(members) > PRESENCE_INLINE_MEMBERS:
+            body = await asyncio.to_thread(_compact_json, reply)
+        else:
+            body = _compact_json(reply)
+        await self._respond(200, [body, b"\n"], "presence")
 
     # ------------------------------------------------------------------ writing
 
@@ -523,3 +530,7 @@ def _content_length(request: h11.Request) -> int | None:
         if name == b"content-length":
             return int(value)  # h11 checked it is a number
     return None
+
+
+def _compact_json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

@@ -505,6 +505,37 @@ def build_parser() -> argparse.ArgumentParser:
         "[KASAGI_ALLOWED_ORIGINS]",
     )
     add(
+        "--presence",
+        choices=("on", "off"),
+        default=env("KASAGI_PRESENCE", "on"),
+        help="off: no presence (no entry written per join, `presence` answered "
+        "unavailable) [KASAGI_PRESENCE]",
+    )
+    add(
+        "--presence-refresh",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_PRESENCE_REFRESH", _D.presence_refresh_s),
+        help="how often the relay re-writes its members' presence entries "
+        "[KASAGI_PRESENCE_REFRESH]",
+    )
+    add(
+        "--presence-ttl",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_PRESENCE_TTL", _D.presence_ttl_s),
+        help="a presence entry not refreshed within this is taken out (its relay died) and "
+        "its presence_leave sent; more than --presence-refresh [KASAGI_PRESENCE_TTL]",
+    )
+    add(
+        "--max-presence-members",
+        metavar="N",
+        type=_int_range(0),
+        default=env("KASAGI_MAX_PRESENCE_MEMBERS", _D.max_presence_members),
+        help="members listed in one presence reply (count and users stay exact, the reply "
+        "says truncated); 0 = no limit [KASAGI_MAX_PRESENCE_MEMBERS]",
+    )
+    add(
         "--api-key",
         metavar="KEY,...",
         default=None,
@@ -566,6 +597,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
+    if not 0 < a.presence_refresh < a.presence_ttl:
+        parser.error("--presence-refresh must be positive and less than --presence-ttl")
     if not a.api_timeout > 0:
         parser.error("--api-timeout must be more than 0")
     try:
@@ -631,6 +664,10 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         auth_timeout_s=a.auth_timeout,
         auth_none=a.auth == "none",
         allowed_origins=a.allowed_origins,
+        presence=a.presence == "on",
+        presence_refresh_s=a.presence_refresh,
+        presence_ttl_s=a.presence_ttl,
+        max_presence_members=a.max_presence_members,
         api_keys=api_keys,
         api_timeout_s=a.api_timeout,
         api_max_requests=a.api_max_requests,

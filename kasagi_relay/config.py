@@ -77,6 +77,17 @@ class Config:
     # A frame whose bytes are not all in within this closes its connection (1008).
     frame_timeout_s: float = 10.0
 
+    # Presence (docs/protocol.md): each relay re-writes its members' entries every
+    # presence_refresh_s; an entry not refreshed within presence_ttl_s is taken out (its
+    # relay died) and its presence_leave sent. A presence reply lists at most
+    # max_presence_members members (count and users stay exact; 0 = no limit).
+    # False: no presence entries nor events (`presence` is `unavailable`), no Redis write
+    # per join.
+    presence: bool = True
+    presence_refresh_s: float = 20.0
+    presence_ttl_s: float = 60.0
+    max_presence_members: int = 10_000
+
     # The HTTP API (docs/protocol.md, "HTTP API"): off without a key; several keys let one
     # be rotated out. A request must arrive whole (headers and body), and an idle keep-alive
     # connection send its next one, within api_timeout_s; past api_max_requests requests

@@ -153,6 +153,17 @@ class Metrics:
         # values (prometheus-client's multiprocess mode) instead of this registry's.
         self.multiprocess: Callable[[], bytes] | None = None
 
+        self.presence_entries = Gauge(
+            "kasagi_presence_entries",
+            "Presence entries this relay holds (its members' memberships, every room).",
+            registry=r,
+        )
+        self.presence_events = Counter(
+            "kasagi_presence_events",
+            "presence_join and presence_leave messages sent to members.",
+            registry=r,
+        )
+
     def track_send_queue(self, total: Callable[[], float]) -> None:
         """Computed at scrape time: summing every buffer on each write would cost more."""
         self.send_queue_bytes.set_function(total)

@@ -1,7 +1,8 @@
 """The wire protocol of docs/protocol.md, Sans-I/O: messages in, typed requests out; replies out.
 
 Nothing here touches a socket or an event loop. `parse` turns one WebSocket message into a
-`Join`, `Leave` or `Delta` request, or raises `BadRequest` carrying the error to send back.
+`Join`, `Leave`, `Delta` or `PresenceRequest` request, or raises `BadRequest` carrying the
+error to send back.
 The `encode_*` functions build reply payloads for one subprotocol; `DeltaFrame` builds the
 `delta`/`reset` payloads that fan out to many members by concatenating bytes around what
 the engine already encoded, so the room state and the delta are never parsed again.
@@ -32,6 +33,7 @@ __all__ = [
     "ErrorCode",
     "Join",
     "Leave",
+    "PresenceRequest",
     "Request",
     "RequestId",
     "delta_doc",
@@ -40,6 +42,8 @@ __all__ = [
     "encode_error",
     "encode_joined",
     "encode_left",
+    "encode_presence",
+    "encode_presence_event",
     "parse",
     "parse_delta_body",
     "peek_id",
@@ -74,6 +78,16 @@ class Join:
     room: str
     since: int | None = None
     id: RequestId | None = None
+    # v1.1: also deliver presence_join / presence_leave of the room's other members.
+    presence: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceRequest:
+    """v1.1 `{"t":"presence","room":R}`: every member of the room on every relay."""
+
+    room: str
+    id: RequestId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +118,7 @@ class Auth:
     room: None = None  # no room: replies carry none
 
 
-Request = Join | Leave | Delta | Auth
+Request = Join | Leave | Delta | Auth | PresenceRequest
 
 
 class BadRequest(Exception):
@@ -154,7 +168,7 @@ _MP_MAP: Final = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _MP_CONTAINER: Final = _MP_MAP | frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 _MP_STR: Final = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}
 # Top-level members read as values; every other member is only checked, never built.
-_SCALARS: Final = frozenset(("t", "room", "id", "since", "key", "token"))
+_SCALARS: Final = frozenset(("t", "room", "id", "since", "key", "token", "presence"))
 _KINDS: Final = ("patch", "merge")
 
 
@@ -428,7 +442,7 @@ def _parse_object(obj: Mapping[str, object], source: _Source, codec: Codec) -> R
     t = obj.get("t")
     if t is None:
         raise BadRequest("bad_message", "missing field t", rid)
-    if t not in ("join", "leave", "delta", "auth"):
+    if t not in ("join", "leave", "delta", "auth", "presence"):
         raise BadRequest("bad_message", f"unknown message type {_short(t)}", rid)
     if t == "auth":
         token = obj.get("token")
@@ -449,9 +463,16 @@ def _parse_object(obj: Mapping[str, object], source: _Source, codec: Codec) -> R
             raise BadRequest(
                 "bad_message", "since must be an integer within 0 .. 2**64-1", rid, room
             )
-        return Join(room, since, rid)
+        presence = obj.get("presence", False)
+        if presence is None:
+            presence = False
+        if not isinstance(presence, bool):
+            raise BadRequest("bad_message", "presence must be true or false", rid, room)
+        return Join(room, since, rid, presence)
     if t == "leave":
         return Leave(room, rid)
+    if t == "presence":
+        return PresenceRequest(room, rid)
     return _parse_delta(obj, source, room, rid)
 
 
@@ -557,6 +578,32 @@ def encode_authed(codec: Codec, sub: str, exp: float, rid: RequestId | None) -> 
     return _payload(codec, fields)
 
 
+def encode_presence(
+    codec: Codec,
+    room: str,
+    members: list[dict[str, object]],
+    count: int,
+    users: int,
+    rid: RequestId | None,
+    truncated: bool = False,
+) -> bytes:
+    """The `presence` reply; `truncated` when `members` lists fewer than `count`
+    (--max-presence-members)."""
+    fields = _with_id("presence", rid)
+    fields["room"] = room
+    fields["members"] = members
+    fields["count"] = count
+    fields["users"] = users
+    if truncated:
+        fields["truncated"] = True
+    return _payload(codec, fields)
+
+
+def encode_presence_event(codec: Codec, kind: str, room: str, member: dict[str, object]) -> bytes:
+    """`presence_join` / `presence_leave` (`kind` "join" / "leave") of one member."""
+    return _payload(codec, {"t": "presence_" + kind, "room": room, "member": member})
+
+
 def encode_error(
     codec: Codec,
     code: ErrorCode,
@@ -583,11 +630,15 @@ def encode_joined(
     seq: int,
     rid: RequestId | None,
     state: delta.RoomState | None,
+    conn: str | None = None,
 ) -> bytes:
-    """`joined` with the full state (`state` given, its seq is `seq`) or `resumed` (None)."""
+    """`joined` with the full state (`state` given, its seq is `seq`) or `resumed` (None);
+    `conn`, the connection's id (v1.1, presence), when given."""
     fields = _with_id("joined", rid)
     fields["room"] = room
     fields["seq"] = seq
+    if conn is not None:
+        fields["conn"] = conn
     if state is None:
         fields["resumed"] = True
         return _payload(codec, fields)

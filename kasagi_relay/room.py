@@ -640,17 +640,22 @@ class Room:
 
     # ------------------------------------------------------------------ members
 
-    async def join(self, member: Member, since: int | None, rid: RequestId | None) -> None:
+    async def join(
+        self, member: Member, since: int | None, rid: RequestId | None, conn: str | None = None
+    ) -> None:
         """Send `joined` (full state, or resumed + the missed deltas) and add the member.
-        A big state or replay is written as the member reads (fanout.Member.send_stream)."""
+        A big state or replay is written as the member reads (fanout.Member.send_stream).
+        `conn`, the connection's id, goes into `joined` (v1.1, presence)."""
         self.last_active = time.monotonic()  # before any await: not idle, not evicted
         self._joining += 1
         try:
-            await self._join(member, since, rid)
+            await self._join(member, since, rid, conn)
         finally:
             self._joining -= 1
 
-    async def _join(self, member: Member, since: int | None, rid: RequestId | None) -> None:
+    async def _join(
+        self, member: Member, since: int | None, rid: RequestId | None, conn: str | None
+    ) -> None:
         while True:
             await self.ensure_loaded()
             missed: list[Op] | None = None
@@ -664,7 +669,7 @@ class Room:
                 # added: it sees exactly the stream after what it is sent here.
                 if missed is not None and (missed[-1].seq if missed else since) == self.seq:
                     assert since is not None
-                    member.send(encode_joined(member.codec, self.name, since, rid, None))
+                    member.send(encode_joined(member.codec, self.name, since, rid, None, conn))
                     if missed:
                         member.send_stream(Replay(self.name, missed, member.codec, member.opcode))
                 else:
@@ -674,6 +679,8 @@ class Room:
                         fields["id"] = rid
                     fields["room"] = self.name
                     fields["seq"] = self.seq
+                    if conn is not None:
+                        fields["conn"] = conn
                     prefix, suffix = _message_parts(member.codec, fields)
                     member.send_payload(payload, prefix, suffix)
                 self.members[member] = None

@@ -10,7 +10,8 @@ The parts, one role each (docs/design.md):
   idempotency keys);
 - registry.py: the rooms loaded on this relay (load, least-recently-used unload, sweep);
   it is the backend's listener, and room.py orders and merges each room's deltas;
-- compaction.py: snapshots and history trimming.
+- compaction.py: snapshots and history trimming;
+- presence.py: this relay's members' presence entries and the presence events.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from kasagi_relay.fanout import Member, SendBudget
 from kasagi_relay.http import HttpRoutes
 from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import Metrics
+from kasagi_relay.presence import PresenceHub
 from kasagi_relay.protocol import JSON, SUBPROTOCOLS, Codec
 from kasagi_relay.registry import RoomRegistry
 from kasagi_relay.room import Room
@@ -70,7 +72,19 @@ class Relay:
             max_state_bytes=config.max_state_bytes,
             max_state_memory=config.max_state_memory,
         )
-        self.service = RoomService(self.registry, self.backend, self.metrics)
+        self.presence = PresenceHub(
+            self.backend.presence,
+            self.metrics,
+            refresh_s=config.presence_refresh_s,
+            ttl_s=config.presence_ttl_s,
+            max_members=config.max_presence_members,
+        )
+        self.service = RoomService(
+            self.registry,
+            self.backend,
+            self.metrics,
+            self.presence if config.presence else None,
+        )
         self.admission = Admission(
             config.max_connections, config.max_connections_per_address, config.trusted_proxies
         )
@@ -165,6 +179,8 @@ class Relay:
         )
         self.compactor.start()
         self.registry.start()
+        if self.config.presence:
+            self.presence.start()
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -197,6 +213,9 @@ class Relay:
                     for session in list(self.sessions):
                         session.conn.transport.abort()
                     await self.server.wait_closed()
+            # Every member is gone by now: their presence_leave goes out before the backend
+            # closes (what does not make it in time expires with --presence-ttl).
+            await self.presence.close()
             await self.compactor.stop()
             await self.registry.close()
             await self.backend.close()

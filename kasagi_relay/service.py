@@ -36,6 +36,7 @@ from kasagi_relay.domain import (
 )
 from kasagi_relay.fanout import Member, Payload
 from kasagi_relay.metrics import Metrics
+from kasagi_relay.presence import PresenceHub, PresenceView
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
 from kasagi_relay.registry import RoomRegistry
 
@@ -51,7 +52,7 @@ KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
 # under a key is refused before it reaches the backend.
 KEY_CACHE_SIZE: Final = 100_000
 
-Action = Literal["join", "publish", "read"]
+Action = Literal["join", "publish", "read", "presence"]
 # docs/protocol.md, "Idempotency keys": with identity a key is stored as `<sub>\x1f<key>`,
 # so two users' keys never meet; anonymous keys are stored as sent. (A client key holds no
 # \x1f in practice, and if it did it would only collide with itself under the same sub.)
@@ -73,10 +74,13 @@ class RoomService:
         registry: RoomRegistry,
         backend: Backend,
         metrics: Metrics,
+        presence: PresenceHub | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
         self.metrics = metrics
+        # Who is in each room (docs/protocol.md, presence); None: presence not served.
+        self.presence_hub = presence
         self.closing = False
         self.inflight = 0
         self._inflight_done = asyncio.Event()
@@ -173,24 +177,50 @@ class RoomService:
         since: int | None,
         rid: RequestId | None,
         who: Identity = ANONYMOUS,
+        *,
+        conn: str | None = None,
+        presence: bool = False,
     ) -> bool:
         """Send `member` the room's `joined` (full state, or resumed and the deltas after
         `since`) and add it to the room's stream; a second join restarts the stream.
-        False when the member went away meanwhile (it is not a member then)."""
+        False when the member went away meanwhile (it is not a member then).
+
+        With `conn` (the connection's id, given in `joined`) the member is present in the
+        room (its entry written meanwhile; this relay's `presence` reads wait for it);
+        `presence` also sends it the room's presence_join / presence_leave events from its
+        `joined` on."""
         self._check_open()
         self.authorize("join", room, who)
+        hub = self.presence_hub if conn is not None else None
+        held = hub is not None and hub.holds(room, member)
         try:
+            if hub is not None and presence:
+                # Before the room is loaded: nothing may await between the load and the
+                # room's join (a loaded room without a member or a join can be unloaded).
+                await hub.watch(room)
             r = await self.registry.load(room)
             if member in r.members:
                 r.leave(member)
                 self.metrics.members.dec()
-            await r.join(member, since, rid)
+            if hub is not None and conn is not None:
+                hub.join(room, member, conn, who, presence)
+            await r.join(member, since, rid, conn)
         except BackendUnavailable as exc:
+            if hub is not None and not held:
+                hub.leave(room, member)
             self.metrics.backend_errors.inc()
             raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+        except BaseException:
+            if hub is not None and not held:
+                hub.leave(room, member)
+            raise
         if not member.is_open():
             r.leave(member)
+            if hub is not None:
+                hub.leave(room, member)
             return False
+        if hub is not None:
+            hub.listen(room, member)
         self.metrics.members.inc()
         return True
 
@@ -207,11 +237,32 @@ class RoomService:
             raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
 
     def leave(self, member: Member, room: str) -> None:
-        """Take `member` off the room's stream (nothing if it is not a member)."""
+        """Take `member` off the room's stream (nothing if it is not a member) and out of
+        the room's presence (its presence_leave goes to the others)."""
         r = self.registry.get(room)
         if r is not None and member in r.members:
             r.leave(member)
             self.metrics.members.dec()
+        if self.presence_hub is not None:
+            self.presence_hub.leave(room, member)
+
+    async def presence_view(self, room: str, who: Identity = ANONYMOUS) -> PresenceView:
+        """Every member of `room` on every relay (needs `r`): one backend read."""
+        self._check_open()
+        self.authorize("presence", room, who)
+        if self.presence_hub is None:
+            raise BadRequest("unavailable", "presence is off on this relay (--presence off)")
+        try:
+            return await self.presence_hub.view(room)
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+
+    async def presence(self, room: str, who: Identity = ANONYMOUS) -> dict[str, object]:
+        """`presence_view` as a JSON-able object: {"room", "members", "count", "users"}
+        (and "truncated": true past --max-presence-members), for the HTTP API."""
+        view = await self.presence_view(room, who)
+        return {"room": room, **view.to_json()}
 
     def _check_open(self) -> None:
         if self.closing:

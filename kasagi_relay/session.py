@@ -92,6 +92,8 @@ PARSE_IN_THREAD_BYTES: Final = 16 * 1024
 # is read and thrown away; past this much the TCP connection is aborted rather than read on.
 DISCARD_MAX_BYTES: Final = 1024 * 1024
 _CONTROL: Final = (Opcode.PING, Opcode.PONG)
+# A presence reply listing more members than this is encoded in a worker thread.
+PRESENCE_INLINE_MEMBERS: Final = 500
 # Failures of encoding a reply field a client chose (an id of 2**70, a lone surrogate in
 # MessagePack): the client's doing, not a bug.
 _ENCODE_ERRORS: Final = (OverflowError, ValueError, TypeError, UnicodeEncodeError)
@@ -585,6 +587,8 @@ class Session:
             self.metrics.ack_latency.observe(time.perf_counter() - received)
         elif isinstance(request, protocol.Join):
             await self._join(request)
+        elif isinstance(request, protocol.PresenceRequest):
+            await self._presence(request)
         else:
             self._leave(request)
 
@@ -595,10 +599,30 @@ class Session:
             # Each membership holds a place in the room's fan-out and keeps the room loaded:
             # without a cap one connection could hold every room of the relay.
             raise BadRequest("forbidden", f"a connection may be a member of at most {limit} rooms")
-        if await self.service.join(self.member, req.room, req.since, req.id, self.identity):
+        if await self.service.join(
+            self.member,
+            req.room,
+            req.since,
+            req.id,
+            self.identity,
+            conn=self.conn_id,
+            presence=req.presence,
+        ):
             self.rooms.add(req.room)
         else:
             self.rooms.discard(req.room)
+
+    async def _presence(self, req: protocol.PresenceRequest) -> None:
+        view = await self.service.presence_view(req.room, self.identity)
+        args = (self.codec, req.room, view.members, view.count, view.users, req.id, view.truncated)
+        if len(view.members) > PRESENCE_INLINE_MEMBERS:
+            payload = await asyncio.to_thread(protocol.encode_presence, *args)
+        else:
+            payload = protocol.encode_presence(*args)
+        # A big reply costs the relay what a big message would: it counts in the
+        # connection's byte rate (--rate-bytes), so repeated requests are refused soon.
+        self.limiter.charge(len(payload), time.monotonic())
+        self.member.send(payload)
 
     def _leave(self, req: protocol.Leave) -> None:
         if req.room in self.rooms:

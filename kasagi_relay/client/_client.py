@@ -150,17 +150,35 @@ class _Pending:
     future: asyncio.Future[None] | None = None
 
 
+@dataclass(eq=False)
+class _PresenceFetch:
+    """A `presence` request waiting for its reply on the current connection."""
+
+    room: Room
+    future: asyncio.Future[list[dict[str, Any]]]
+
+
 class Room:
     """A joined room: `state`, `seq`, `async for change in room`, `send`, `leave`.
 
     Made by `Client.join`. Every change from the join on is kept for iteration, so none is
     missed by an `async for` that starts later; as deltas, not states, so a room nobody
     iterates costs their bytes only. Past `max_queue_bytes` of changes not yet taken, they
-    are dropped and the iteration gets one "reset" change with the state of that moment."""
+    are dropped and the iteration gets one "reset" change with the state of that moment.
 
-    def __init__(self, client: Client, name: str, max_queue_bytes: int) -> None:
+    Presence (joined with `presence=True`): `presence` maps each member's `conn` to its
+    `{"conn","sub","info"}`, read with `fetch_presence` after each `joined` (also after a
+    reconnect) and kept current from the presence_join / presence_leave events; `conn` is
+    this connection's own id (from `joined`)."""
+
+    def __init__(
+        self, client: Client, name: str, max_queue_bytes: int, presence: bool = False
+    ) -> None:
         self._client = client
         self.name = name
+        self.wants_presence = presence
+        self.presence: dict[str, dict[str, Any]] = {}
+        self.conn: str | None = None
         self._stream = protocol.RoomStream(name)
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # The iteration's own copy of the state, behind `_stream` by the queued changes; it
@@ -212,6 +230,17 @@ class Room:
     async def leave(self) -> None:
         """Leave the room; iteration over it ends (after the changes already here)."""
         await self._client._leave(self)
+
+    async def fetch_presence(self) -> list[dict[str, Any]]:
+        """Every member of the room on every relay (`{"conn","sub","info"}` each), read
+        now; `presence` is replaced by it. Raises RelayError (forbidden, unavailable)."""
+        return await self._client._fetch_presence(self)
+
+    def _on_presence(self, event: protocol.PresenceEvent) -> None:
+        if event.joined:
+            self.presence[event.conn] = event.member
+        else:
+            self.presence.pop(event.conn, None)
 
     def __aiter__(self) -> Room:
         return self
@@ -348,7 +377,7 @@ class Client:
         self._ws: ClientConnection | None = None
         self._live = False
         self._ids = itertools.count(1)
-        self._requests: dict[RequestId, _Outgoing | _Pending] = {}
+        self._requests: dict[RequestId, _Outgoing | _Pending | _PresenceFetch] = {}
         self._unacked: dict[str, _Outgoing] = {}
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -441,19 +470,35 @@ class Client:
                     await task
         self._fail(ClientClosed("client closed"))
 
-    async def join(self, room: str) -> Room:
-        """Join `room` and return it once its state is here (a full `joined`)."""
+    async def join(self, room: str, *, presence: bool = False) -> Room:
+        """Join `room` and return it once its state is here (a full `joined`). With
+        `presence`, `Room.presence` is read and kept current too (it is read before this
+        returns)."""
         self._check_usable()
         await self._ensure_connected()
         existing = self.rooms.get(room)
         if existing is None:
             protocol.encode_join(self.format, room)  # ValueError for a bad name, here
-            existing = Room(self, room, self.max_queue_bytes)
+            existing = Room(self, room, self.max_queue_bytes, presence)
             self.rooms[room] = existing
             if self._live:
                 await self._send_join(existing)
         await asyncio.shield(existing._ready)
+        if presence and not existing.wants_presence:
+            existing.wants_presence = True
+            await self._send_join(existing)
+        if existing.wants_presence:
+            await existing.fetch_presence()
         return existing
+
+    async def _fetch_presence(self, room: Room) -> list[dict[str, Any]]:
+        self._check_usable()
+        await self._ensure_connected()
+        rid = next(self._ids)
+        future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._requests[rid] = _PresenceFetch(room, future)
+        await self._write(protocol.encode_presence(self.format, room.name, rid))
+        return await asyncio.shield(future)
 
     # ------------------------------------------------------------------ requests
 
@@ -476,7 +521,11 @@ class Client:
         rid = next(self._ids)
         room._stream.rejoin_sent()
         self._requests[rid] = _Pending("join", room)
-        await self._write(protocol.encode_join(self.format, room.name, room._stream.since(), rid))
+        await self._write(
+            protocol.encode_join(
+                self.format, room.name, room._stream.since(), rid, room.wants_presence
+            )
+        )
 
     async def send(
         self,
@@ -645,6 +694,12 @@ class Client:
             self._refresh.cancel()
             self._refresh = None
         for pending in self._requests.values():
+            if isinstance(pending, _PresenceFetch):
+                # Read again after the room is joined again; this caller learns it now.
+                if not pending.future.done():
+                    pending.future.set_exception(RelayError("unavailable", "connection lost"))
+                    pending.future.exception()
+                continue
             future = pending.future if isinstance(pending, _Pending) else None
             if future is not None and not future.done():
                 future.set_result(None)
@@ -668,7 +723,7 @@ class Client:
         if self._failed is None and not isinstance(exc, ClientClosed):
             self._failed = exc
         for pending in self._requests.values():
-            future = pending.future
+            future: asyncio.Future[Any] | None = pending.future
             if future is not None and not future.done():
                 future.set_exception(exc)
                 future.exception()
@@ -706,6 +761,7 @@ class Client:
             room = self.rooms.get(reply.room)
             if room is None:
                 return
+            room.conn = reply.conn
             first = not room._ready.done()
             try:
                 joined = room._stream.on_joined(reply)
@@ -726,6 +782,19 @@ class Client:
             room._unavailable = 0
             if first:
                 room._ready.set_result(None)
+            elif room.wants_presence:
+                # Joined again (a reconnect): who is there now, events from here on.
+                self._spawn(self._refetch(room))
+        elif isinstance(reply, protocol.PresenceEvent):
+            room = self.rooms.get(reply.room)
+            if room is not None and room.wants_presence:
+                room._on_presence(reply)
+        elif isinstance(reply, protocol.Presence):
+            request = self._requests.pop(reply.id, None) if reply.id is not None else None
+            if isinstance(request, _PresenceFetch):
+                request.room.presence = {m["conn"]: m for m in reply.members}
+                if not request.future.done():
+                    request.future.set_result(reply.members)
         elif isinstance(reply, protocol.Reset):
             room = self.rooms.get(reply.room)
             if room is None:
@@ -782,6 +851,11 @@ class Client:
             return
         request = self._requests.pop(reply.id, None) if reply.id is not None else None
         error = RelayError(reply.code, reply.message, reply.room)
+        if isinstance(request, _PresenceFetch):
+            if not request.future.done():
+                request.future.set_exception(error)
+                request.future.exception()
+            return
         if isinstance(request, _Outgoing):
             if request.future.done():
                 return
@@ -811,6 +885,10 @@ class Client:
         await asyncio.sleep(backoff_delay(out.unavailable - 1, self.min_delay, self.max_delay))
         if self._unacked.get(out.key) is out and self._live:
             await self._transmit(out)
+
+    async def _refetch(self, room: Room) -> None:
+        with contextlib.suppress(KasagiError):
+            await room.fetch_presence()
 
     async def _retry_join(self, room: Room) -> None:
         await asyncio.sleep(backoff_delay(room._unavailable - 1, self.min_delay, self.max_delay))
