@@ -12,8 +12,10 @@ command reaches it (docs/design.md, storage).
   pipelined with it: nothing (`leader`), `WAIT 1` (`replica`) or `WAIT n` for every
   connected replica (`all`). WAIT counts replicas that acknowledged this connection's own
   last write, which is why it must share the FCALL's connection (and why the library writes
-  something even when it finds an idempotency key: see kasagi.lua). A call whose outcome is
-  unknown (connection lost after sending) is retried only when it is idempotent (keyed).
+  something even when it finds an idempotency key: see kasagi.lua). The durable FCALLs of
+  one loop turn share the pipeline and its one WAIT (`_batched`): one round trip, not one per
+  publish. A call whose outcome is unknown (connection lost after sending) is retried only
+  when it is idempotent (keyed).
 
 A Cluster router would hold one link per shard and pick it by the room's hash slot; the
 store and the feed only ask a link for commands.
