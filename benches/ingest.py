@@ -1,6 +1,7 @@
 """The publish path against itself: a baseline commit and this tree, same load, one run.
 
-    .venv/bin/python -m benches.ingest [--baseline main] [--repeats 3] [--duration 3]
+    .venv/bin/python -m benches.ingest [--baseline main] [--baseline-native SO]
+        [--repeats 3] [--duration 3]
         [--scenarios ingest-memory,ingest-redis-leader,ingest-redis-replica,rooms]
         [--loadgen PATH] [--json out.json]
 
@@ -86,9 +87,12 @@ def pin(core: int) -> list[str]:
 def redis_servers(replicas: int) -> Iterator[int]:
     """A fresh redis-server (and `replicas` replicas of it), no persistence; its port."""
     procs: list[subprocess.Popen[bytes]] = []
+    tmp = tempfile.TemporaryDirectory(prefix="kasagi-ingest-redis-")
     try:
         port = free_port()
+        # A full resync writes an RDB even with --save "": into a scratch directory.
         base = ["redis-server", "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+        base += ["--dir", tmp.name]
         master = subprocess.Popen([*pin(0), *base, "--port", str(port)], stdout=subprocess.DEVNULL)
         procs.append(master)
         wait_port(port, master)
@@ -113,6 +117,7 @@ def redis_servers(replicas: int) -> Iterator[int]:
     finally:
         for p in reversed(procs):
             stop(p)
+        tmp.cleanup()
 
 
 @contextlib.contextmanager
@@ -185,11 +190,11 @@ def scenario(name: str, tree: Path, loadgen: Path, duration: float) -> dict[str,
     }
 
 
-def baseline_tree(ref: str, into: Path) -> Path:
-    """`ref` of this repository as files in `into`, with this tree's built engine."""
+def baseline_tree(ref: str, into: Path, native: Path) -> Path:
+    """`ref` of this repository as files in `into`, with the built engine `native` (it
+    must match the Python of `ref`: this tree's when the engine did not change)."""
     archive = subprocess.run(["git", "archive", ref], cwd=REPO, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    native = REPO / "kasagi_relay" / "_native.abi3.so"
     if native.exists():
         shutil.copy(native, into / "kasagi_relay" / native.name)
     return into
@@ -206,6 +211,11 @@ def find_loadgen(given: str | None) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", default="main", help="git ref to compare with")
+    ap.add_argument(
+        "--baseline-native",
+        default=str(REPO / "kasagi_relay" / "_native.abi3.so"),
+        help="the built engine for the baseline (default: this tree's)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -215,7 +225,8 @@ def main() -> None:
     loadgen = find_loadgen(a.loadgen)
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="kasagi-baseline-") as tmp:
-        trees = {"before": baseline_tree(a.baseline, Path(tmp)), "after": REPO}
+        before = baseline_tree(a.baseline, Path(tmp), Path(a.baseline_native))
+        trees = {"before": before, "after": REPO}
         for name in a.scenarios.split(","):
             per: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
             for _ in range(a.repeats):
