@@ -12,8 +12,10 @@ command reaches it (docs/design.md, storage).
   pipelined with it: nothing (`leader`), `WAIT 1` (`replica`) or `WAIT n` for every
   connected replica (`all`). WAIT counts replicas that acknowledged this connection's own
   last write, which is why it must share the FCALL's connection (and why the library writes
-  something even when it finds an idempotency key: see kasagi.lua). A call whose outcome is
-  unknown (connection lost after sending) is retried only when it is idempotent (keyed).
+  something even when it finds an idempotency key: see kasagi.lua). The durable FCALLs of
+  one loop turn share the pipeline and its one WAIT (`_batched`): one round trip, not one per
+  publish. A call whose outcome is unknown (connection lost after sending) is retried only
+  when it is idempotent (keyed).
 
 A Cluster router would hold one link per shard and pick it by the room's hash slot; the
 store and the feed only ask a link for commands.
@@ -151,6 +153,28 @@ class _Fenced(Exception):
     """A write's reply came back after a failover began: its WAIT proves nothing."""
 
 
+# The most FCALLs one pipeline carries: past it a batch goes out at once and the next
+# one starts (bounds one round trip's bytes and its reply time).
+MAX_BATCH = 256
+
+
+class _Batch:
+    """Durable FCALLs that go out together (MasterLink._batched)."""
+
+    __slots__ = ("fcalls", "futures", "launched", "needed", "pool")
+
+    def __init__(self, pool: ConnectionPool, needed: int) -> None:
+        self.pool = pool
+        self.needed = needed
+        self.fcalls: list[Sequence[Any]] = []
+        self.futures: list[asyncio.Future[tuple[Any, Any]]] = []
+        self.launched = False
+
+    def add(self, fcall: Sequence[Any], fut: asyncio.Future[tuple[Any, Any]]) -> None:
+        self.fcalls.append(fcall)
+        self.futures.append(fut)
+
+
 class Locator(Protocol):
     """Where the master is: one URL, or what the Sentinels say."""
 
@@ -203,6 +227,8 @@ class MasterLink:
         self._fence_gen = 0
         self._cleanup: set[asyncio.Future[None]] = set()
         self._replicas_cache: tuple[float, int] = (0.0, 0)
+        # The durable FCALLs of this loop turn, per (pool, replicas to wait for).
+        self._batches: dict[tuple[int, int], _Batch] = {}
         self.switches = 0  # master changes seen (tests and /healthz)
 
     # ------------------------------------------------------------------ connections
@@ -408,6 +434,57 @@ class MasterLink:
         finally:
             await pool.release(conn)
 
+    async def _batched(
+        self, pool: ConnectionPool, fcall: Sequence[Any], needed: int
+    ) -> tuple[Any, Any]:
+        """`fcall` in this loop turn's batch for (`pool`, `needed`): every durable FCALL
+        issued in one turn of the loop goes out as ONE pipeline on one connection, followed
+        by one `WAIT needed` that covers them all (WAIT waits for the replication offset
+        of the connection's last write). (its reply, the WAIT's reply or None); a failure
+        of the round trip is raised to every call of the batch, each of which then decides
+        alone whether it may retry (durable_fcall)."""
+        key = (id(pool), needed)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch(pool, needed)
+            asyncio.get_running_loop().call_soon(self._launch, key, batch)
+        fut: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
+        batch.add(fcall, fut)
+        if len(batch.fcalls) >= MAX_BATCH:
+            self._launch(key, batch)
+        return await fut
+
+    def _launch(self, key: tuple[int, int], batch: _Batch) -> None:
+        if self._batches.get(key) is batch:
+            del self._batches[key]
+        if batch.launched:
+            return
+        batch.launched = True
+        task = asyncio.ensure_future(self._run_batch(batch))
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        commands: list[Sequence[Any]] = list(batch.fcalls)
+        if batch.needed:
+            commands.append(("WAIT", batch.needed, self.wait_timeout_ms))
+        try:
+            replies = await self._roundtrip(batch.pool, commands)
+        except BaseException as exc:
+            for fut in batch.futures:
+                if not fut.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        fut.cancel()
+                    else:
+                        fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        confirmed = replies[-1] if batch.needed else None
+        for fut, reply in zip(batch.futures, replies, strict=False):
+            if not fut.done():
+                fut.set_result((reply, confirmed))
+
     async def durable_fcall(self, fcall: Sequence[Any], *, idempotent: bool) -> Any:
         """`fcall` on the master followed by WAIT for the ack level, retried against the
         current master until op_timeout_s; its reply once durable. A call whose outcome is
@@ -423,25 +500,24 @@ class MasterLink:
                 pool, client = self._pool, self.client()
                 assert pool is not None
                 needed = await self._needed_replicas(client)
-                commands: list[Sequence[Any]] = [fcall]
-                if needed:
-                    commands.append(("WAIT", needed, self.wait_timeout_ms))
                 fence_gen = self._fence_gen
-                replies = await self._roundtrip(pool, commands)
+                result, confirmed = await self._batched(pool, fcall, needed)
                 if fence_gen != self._fence_gen:
                     # A failover started while this write was in flight: the replica that
                     # confirmed it may not be the one being promoted. Not acknowledged.
                     raise _Fenced("a failover started during the write")
-                result = replies[0]
                 if isinstance(result, ResponseError):
                     raise result
-                if needed and result is not None:  # None: nothing stored, nothing to wait for
-                    confirmed = replies[1]
-                    if isinstance(confirmed, Exception) or int(confirmed) < needed:
-                        raise BackendUnavailable(
-                            f"seq {result} reached {confirmed} of {needed} replica(s) within "
-                            f"{self.wait_timeout_ms} ms: not acknowledged, retry with the key"
-                        )
+                # result None: nothing stored, nothing to wait for.
+                if (
+                    needed
+                    and result is not None
+                    and (isinstance(confirmed, Exception) or int(confirmed) < needed)
+                ):
+                    raise BackendUnavailable(
+                        f"seq {result} reached {confirmed} of {needed} replica(s) within "
+                        f"{self.wait_timeout_ms} ms: not acknowledged, retry with the key"
+                    )
                 return result
             except ResponseError as exc:
                 if function_missing(exc):

@@ -500,3 +500,39 @@ async def test_a_server_turned_replica_is_retried_until_it_takes_writes_again(
         assert await asyncio.wait_for(publish, 10) == 1
     finally:
         await r.aclose()
+
+
+async def test_concurrent_publishes_go_out_together_and_fail_alone(tmp_path: Path) -> None:
+    """Publishes issued in one loop turn share one pipeline and one WAIT (redis_link's
+    batches): each still gets its own seq, in its own room's order, durable on the replica
+    when acknowledged; a key conflict among them fails that publish only."""
+    with running_topology(tmp_path / "r", sentinels=False) as topo:
+        replica = topo.add_server("replica", topo.servers[0].addr)
+        poll(lambda: topo.replicas_online(topo.servers[0]) == 1, 10, "replica online")
+        b = RedisBackend(url(topo), ack="replica", wait_timeout_ms=1000, op_timeout_s=3.0)
+        await b.start()
+        try:
+            assert await b.publish("c0", "merge", b'{"k":1}', key="used") == 1
+            rooms = [f"c{i % 20}" for i in range(100)]
+            calls = [
+                b.publish(room, "merge", json.dumps({"n": n}).encode())
+                for n, room in enumerate(rooms)
+            ]
+            calls.append(b.publish("c0", "merge", b'{"k":2}', key="used"))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert isinstance(results[-1], KeyConflict)
+            assert not [r for r in results[:-1] if isinstance(r, BaseException)]
+            r = aioredis.Redis(port=replica.port)
+            for i in range(20):
+                room = f"c{i}"
+                seqs = [s for s, name in zip(results[:-1], rooms, strict=True) if name == room]
+                first = 2 if i == 0 else 1
+                assert seqs == list(range(first, first + 5))  # gathered in order, room by room
+                entries = await r.xrange(f"room:{{{room}}}:ops") or []
+                # On the replica once acknowledged, in the order of their seqs.
+                assert [json.loads((e[1] or {})[b"d"])["n"] for e in entries[first - 1 :]] == [
+                    n for n, name in enumerate(rooms) if name == room
+                ]
+            await r.aclose()
+        finally:
+            await b.close()
