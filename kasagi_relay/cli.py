@@ -393,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("KASAGI_LOG_FORMAT", _D.log_format),
         help="json: one JSON object per line [KASAGI_LOG_FORMAT]",
     )
+    add(
+        "--no-inspector",
+        dest="inspector",
+        action="store_false",
+        help="do not serve the inspector page (/, /inspector) nor /kasagi-client.js (404)",
+    )
     return p
 
 
@@ -437,6 +443,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         frame_timeout_s=a.frame_timeout,
         log_level=a.log_level,
         log_format=a.log_format,
+        inspector=a.inspector,
     )
 
 

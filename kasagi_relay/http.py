@@ -3,7 +3,9 @@
 /ws is the WebSocket endpoint: here it only decides whether the handshake may go on
 (503 while shutting down or past --max-connections / --max-connections-per-address).
 /healthz is the backend's health as JSON (503 when not ok), /metrics Prometheus text;
-anything else is 404. docs/operations.md documents the endpoints.
+/, /inspector, /inspector.js and /kasagi-client.js the inspector page and the browser
+client (inspector.py; 404 with --no-inspector); anything else is 404.
+docs/operations.md documents the endpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from kasagi_relay.admission import Admission
 from kasagi_relay.backends.base import Backend
+from kasagi_relay.inspector import Inspector
 from kasagi_relay.metrics import CONTENT_TYPE, Metrics, ThrottledLog
 from kasagi_relay.session import RelayConnection
 
@@ -38,11 +41,13 @@ class HttpRoutes:
         metrics: Metrics,
         admission: Admission,
         shutting_down: Callable[[], bool],
+        inspector: Inspector | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.admission = admission
         self.shutting_down = shutting_down
+        self.inspector = inspector
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -54,6 +59,8 @@ class HttpRoutes:
             return await self._health()
         if path == "/metrics":
             return response(200, self.metrics.render(), CONTENT_TYPE)
+        if self.inspector is not None and (page := self.inspector.answer(path, request)):
+            return page
         return response(404, b"not found: try /ws, /healthz or /metrics\n", "text/plain")
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:

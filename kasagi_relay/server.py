@@ -32,6 +32,7 @@ from kasagi_relay.compaction import Compactor
 from kasagi_relay.config import Config, ConfigError
 from kasagi_relay.fanout import Member, SendBudget
 from kasagi_relay.http import HttpRoutes
+from kasagi_relay.inspector import Inspector
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import JSON, SUBPROTOCOLS, Codec
 from kasagi_relay.registry import RoomRegistry
@@ -65,7 +66,11 @@ class Relay:
             config.max_connections, config.max_connections_per_address, config.trusted_proxies
         )
         self.routes = HttpRoutes(
-            self.backend, self.metrics, self.admission, lambda: self.service.closing
+            self.backend,
+            self.metrics,
+            self.admission,
+            lambda: self.service.closing,
+            Inspector() if config.inspector else None,
         )
         self.sessions: set[Session] = set()
         self.server: Server | None = None

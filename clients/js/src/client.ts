@@ -59,9 +59,8 @@ export interface ChangeInfo {
   /** The frame covers the room's deltas `from`..`seq`. */
   from: number;
   seq: number;
+  /** As the relay sent it: only effective changes (docs/protocol.md). */
   delta: Delta;
-  /** False when the delta failed at its position: a no-op for every party. */
-  applied: boolean;
 }
 
 export interface RoomOptions {
@@ -556,7 +555,7 @@ export class Client extends Emitter<ClientEvents> {
         if (room === undefined) return;
         const step = room.stream.onDelta(reply.from, reply.seq, reply.delta);
         if (step.kind === "applied") {
-          room.fire("change", room.state, { from: step.from, seq: step.seq, delta: step.delta, applied: step.ok });
+          room.fire("change", room.state, { from: step.from, seq: step.seq, delta: step.delta });
         } else if (step.kind === "rejoin") {
           this.gaps.push(`${room.name}: ${step.reason}`);
           this.sendJoin(room);

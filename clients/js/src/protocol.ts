@@ -167,7 +167,7 @@ export function parse(data: unknown): Reply {
 
 /** What `RoomStream` asks its caller to do or tell. */
 export type Step =
-  | { kind: "applied"; from: number; seq: number; delta: Delta; ok: boolean }
+  | { kind: "applied"; from: number; seq: number; delta: Delta }
   | { kind: "replaced"; seq: number; reset: boolean }
   | { kind: "rejoin"; since: number | null; reason: string }
   | { kind: "ignored" };
@@ -230,15 +230,21 @@ export class RoomStream {
       this.waiting = true;
       return { kind: "rejoin", since: this.seq, reason: `frame from ${from} after seq ${this.seq}` };
     }
-    let ok = true;
+    // docs/protocol.md: frames carry only effective changes (a delta that failed at its
+    // position comes as an empty patch, `test` ops are left out), so a frame is applied
+    // without judging anything; any `test` op is skipped, not evaluated. A frame that does
+    // not apply means this state is not the relay's: only a full join puts it right.
+    let next: Json;
     try {
-      this.state = applyDelta(this.state, delta);
+      next = applyDelta(this.state, "patch" in delta ? { patch: delta.patch.filter((op) => op.op !== "test") } : delta);
     } catch (error) {
-      // docs/protocol.md: a delta that fails at its position is a no-op for every party.
       if (!(error instanceof PatchError)) throw error;
-      ok = false;
+      this.full = true;
+      this.waiting = true;
+      return { kind: "rejoin", since: null, reason: `frame ${from}..${seq} does not apply: ${error.message}` };
     }
+    this.state = next;
     this.seq = seq;
-    return { kind: "applied", from, seq, delta, ok };
+    return { kind: "applied", from, seq, delta };
   }
 }

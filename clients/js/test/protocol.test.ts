@@ -21,13 +21,21 @@ describe("RoomStream (docs/protocol.md, client behaviour)", () => {
     assert.equal(s.onDelta(7, 7, { merge: { a: 3 } }).kind, "rejoin");
   });
 
-  it("treats a delta that fails at its position as a no-op and moves on", () => {
+  it("applies frames without judging test ops; a frame that does not apply asks for a full join", () => {
     const s = new RoomStream();
-    s.onJoined(0, {});
-    const step = s.onDelta(1, 1, { patch: [{ op: "remove", path: "/missing" }] });
-    assert.deepEqual(step, { kind: "applied", from: 1, seq: 1, delta: { patch: [{ op: "remove", path: "/missing" }] }, ok: false });
-    assert.equal(s.seq, 1);
-    assert.deepEqual(s.state, {});
+    s.onJoined(0, { a: 1 });
+    // The relay leaves test ops out of frames; one that came anyway is not evaluated.
+    const patch = [{ op: "test" as const, path: "/a", value: 99 }, { op: "add" as const, path: "/b", value: 2 }];
+    assert.deepEqual(s.onDelta(1, 1, { patch }), { kind: "applied", from: 1, seq: 1, delta: { patch } });
+    assert.deepEqual(s.state, { a: 1, b: 2 });
+    // A delta that failed at its position comes as an empty patch: applied, seq moves on.
+    assert.equal(s.onDelta(2, 2, { patch: [] }).kind, "applied");
+    assert.equal(s.seq, 2);
+    const step = s.onDelta(3, 3, { patch: [{ op: "remove", path: "/missing" }] });
+    assert.equal(step.kind, "rejoin");
+    assert.equal(step.kind === "rejoin" && step.since, null);
+    assert.deepEqual(s.state, { a: 1, b: 2 });
+    assert.equal(s.since(), null);
   });
 
   it("asks for a full join when resumed at a seq it does not hold", () => {
