@@ -1764,7 +1764,7 @@ function checkRoom(room) {
 function joinMessage(room, since, id, presence) {
   const message = { t: "join", room, id };
   if (since !== null) message["since"] = since;
-  if (presence !== void 0) message["presence"] = presence;
+  if (presence === true) message["presence"] = true;
   return message;
 }
 function checkDelta(delta) {
@@ -1810,6 +1810,13 @@ function idField(obj) {
   const id = obj["id"];
   return typeof id === "number" || typeof id === "string" ? id : void 0;
 }
+function memberField(value) {
+  if (!isObject(value) || typeof value["conn"] !== "string") {
+    throw new ProtocolError("presence: a member needs a conn");
+  }
+  const sub = value["sub"];
+  return { conn: value["conn"], sub: typeof sub === "string" ? sub : null, info: value["info"] ?? {} };
+}
 function optionalString(value) {
   return typeof value === "string" ? value : void 0;
 }
@@ -1849,8 +1856,23 @@ function parse(data) {
       return { t, room: roomField(obj), seq: seqField(obj, "seq"), state: obj["state"] };
     case "left":
       return { t, room: roomField(obj), id: idField(obj), code: optionalString(obj["code"]) };
-    case "presence":
-      return { t, room: roomField(obj), members: obj["members"] ?? [] };
+    case "presence": {
+      const members = obj["members"];
+      if (!Array.isArray(members)) throw new ProtocolError("presence: members must be an array");
+      return { t, room: roomField(obj), members: members.map(memberField), id: idField(obj) };
+    }
+    case "presence_join":
+    case "presence_leave":
+      return { t, room: roomField(obj), member: memberField(obj["member"]) };
+    case "authed": {
+      const exp = obj["exp"];
+      return {
+        t,
+        sub: optionalString(obj["sub"]) ?? null,
+        exp: typeof exp === "number" && Number.isFinite(exp) ? exp : void 0,
+        id: idField(obj)
+      };
+    }
     default:
       if (typeof t !== "string") throw new ProtocolError("a message needs a type t");
       return { t: "other", type: t, message: obj };
@@ -1983,7 +2005,7 @@ var Room = class extends Emitter {
   client;
   name;
   options;
-  /** The members, as the relay's presence reports them (v1.1; empty until then). */
+  /** The members (with the `presence` option), as the relay's presence reports them. */
   members = [];
   /** @internal */
   stream = new RoomStream();
@@ -2013,6 +2035,10 @@ var Room = class extends Emitter {
   send(delta, options = {}) {
     return this.client.sendDelta(this.name, delta, options);
   }
+  /** Asks the relay who is in the room now (any relay of the deployment); needs no join. */
+  presence() {
+    return this.client.requestPresence(this);
+  }
   /** Leaves the room; its state stays readable, and a later `join()` resumes from it. */
   leave() {
     return this.client.leaveRoom(this);
@@ -2023,6 +2049,7 @@ var Room = class extends Emitter {
   }
 };
 var AUTH = /* @__PURE__ */ Symbol("auth");
+var REFRESH_MARGIN_MS = 3e4;
 var Client = class extends Emitter {
   url;
   format;
@@ -2048,6 +2075,7 @@ var Client = class extends Emitter {
   attempt = 0;
   nextId = 1;
   closed = false;
+  authTimer = null;
   statusValue = "disconnected";
   waiters = [];
   constructor(url, options = {}) {
@@ -2120,6 +2148,65 @@ var Client = class extends Emitter {
       this.requests.set(id, { kind: "leave", room, done });
       this.write({ t: "leave", room: room.name, id }, id);
     });
+  }
+  /** @internal */
+  async requestPresence(room) {
+    if (this.closed) throw new ClientClosedError("client is closed");
+    await this.connect();
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.requests.set(id, {
+        kind: "presence",
+        room,
+        done: (result) => {
+          if (result instanceof Error) reject(result);
+          else resolve(result);
+        }
+      });
+      this.write({ t: "presence", room: room.name, id }, id);
+    });
+  }
+  /** The members of a room joined with `presence`, read again after every (re)join. */
+  followPresence(room) {
+    const id = this.nextId++;
+    this.requests.set(id, {
+      kind: "presence",
+      room,
+      // A relay without presence answers bad_message: the room just has no members list.
+      done: () => void 0
+    });
+    this.write({ t: "presence", room: room.name, id }, id);
+  }
+  /** Sends the `auth` message again with a fresh token before the current one expires. */
+  scheduleRefresh(exp) {
+    if (this.authTimer !== null) {
+      clearTimeout(this.authTimer);
+      this.timers.delete(this.authTimer);
+    }
+    this.authTimer = null;
+    const getToken = this.options.getToken;
+    const ws = this.ws;
+    if (getToken === void 0 || ws === null) return;
+    const left = exp * 1e3 - Date.now();
+    const wait = Math.max(1e3, left - Math.min(REFRESH_MARGIN_MS, left / 2));
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      this.authTimer = null;
+      void (async () => {
+        let token;
+        try {
+          token = await getToken();
+        } catch (error) {
+          this.emit("error", new KasagiError(`getToken failed: ${String(error)}`));
+          return;
+        }
+        if (ws !== this.ws || !this.live || ws.readyState !== OPEN) return;
+        this.sentOrder.push(AUTH);
+        ws.send(encodeMessage(this.format, { t: "auth", token }));
+      })();
+    }, wait);
+    this.authTimer = timer;
+    this.timers.add(timer);
   }
   /** @internal */
   async sendDelta(roomName, delta, options) {
@@ -2263,7 +2350,13 @@ var Client = class extends Emitter {
     this.sentOrder = [];
     for (const pending of this.requests.values()) {
       if (pending.kind === "leave") pending.done();
+      else if (pending.kind === "presence") pending.done(new ConnectionError("connection lost"));
     }
+    if (this.authTimer !== null) {
+      clearTimeout(this.authTimer);
+      this.timers.delete(this.authTimer);
+    }
+    this.authTimer = null;
     this.requests.clear();
     for (const room of this.rooms.values()) room.stream.rejoinSent();
   }
@@ -2358,6 +2451,7 @@ var Client = class extends Emitter {
           return;
         }
         room.unavailable = 0;
+        if (room.options.presence === true) this.followPresence(room);
         const ready = room.ready;
         if (ready !== null) {
           room.ready = null;
@@ -2375,12 +2469,31 @@ var Client = class extends Emitter {
         return;
       }
       case "presence": {
-        const room = this.rooms.get(reply.room);
-        if (room === void 0) return;
+        const id = this.answered(reply.id);
+        const pending = id === void 0 ? void 0 : this.requests.get(id);
+        if (pending?.kind === "presence") {
+          this.requests.delete(id);
+          pending.done(reply.members);
+        }
+        const room = this.handles.get(reply.room);
+        if (room?.options.presence !== true) return;
         room.members = reply.members;
-        room.fire("presence", reply.members);
+        room.fire("presence", room.members);
         return;
       }
+      case "presence_join":
+      case "presence_leave": {
+        const room = this.rooms.get(reply.room);
+        if (room?.options.presence !== true) return;
+        const others = room.members.filter((m) => m.conn !== reply.member.conn);
+        room.members = reply.t === "presence_join" ? [...others, reply.member] : others;
+        room.fire("presence", room.members);
+        return;
+      }
+      case "authed":
+        this.answered(reply.id);
+        if (reply.exp !== void 0) this.scheduleRefresh(reply.exp);
+        return;
       case "left": {
         const id = this.answered(reply.id);
         const pending = id === void 0 ? void 0 : this.requests.get(id);
@@ -2420,6 +2533,11 @@ var Client = class extends Emitter {
       return;
     }
     const pending = id === void 0 ? void 0 : this.requests.get(id);
+    if (pending?.kind === "presence") {
+      this.requests.delete(id);
+      pending.done(error);
+      return;
+    }
     if (pending?.kind === "join") {
       this.requests.delete(id);
       const room = pending.room;

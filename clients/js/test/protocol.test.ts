@@ -32,8 +32,8 @@ describe("RoomStream (docs/protocol.md, client behaviour)", () => {
     assert.equal(s.onDelta(2, 2, { patch: [] }).kind, "applied");
     assert.equal(s.seq, 2);
     const step = s.onDelta(3, 3, { patch: [{ op: "remove", path: "/missing" }] });
-    assert.equal(step.kind, "rejoin");
-    assert.equal(step.kind === "rejoin" && step.since, null);
+    assert.ok(step.kind === "rejoin" && step.reason.startsWith("frame 3..3 does not apply"), JSON.stringify(step));
+    assert.deepEqual({ ...step, reason: "" }, { kind: "rejoin", since: null, reason: "" });
     assert.deepEqual(s.state, { a: 1, b: 2 });
     assert.equal(s.since(), null);
   });
