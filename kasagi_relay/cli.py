@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-inspector",
         dest="inspector",
         action="store_false",
-        help="do not serve the inspector page (/, /inspector) nor /kasagi-client.js (404)",
+        default=os.environ.get("KASAGI_NO_INSPECTOR", "") in ("", "0"),
+        help="do not serve the inspector page (/, /inspector) nor /kasagi-client.js: 404 "
+        "[KASAGI_NO_INSPECTOR=1]",
     )
     return p
 

@@ -51,6 +51,7 @@ def test_help_explains_every_flag() -> None:
         ("--log-format", "KASAGI_LOG_FORMAT"),
         ("--max-rooms", "KASAGI_MAX_ROOMS"),
         ("--max-loaded-rooms", "KASAGI_MAX_LOADED_ROOMS"),
+        ("--no-inspector", "KASAGI_NO_INSPECTOR"),
     ]:
         assert flag in text and env in text, flag
     assert "ws://127.0.0.1:8765/ws" in text

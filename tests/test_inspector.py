@@ -60,8 +60,13 @@ async def test_page_script_and_client_with_their_types_and_etags() -> None:
             assert (await fetch(base + path))[0] == 404
 
 
-async def test_no_inspector_serves_none_of_it() -> None:
+async def test_no_inspector_serves_none_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KASAGI_NO_INSPECTOR", raising=False)
     assert parse_config(["--no-inspector"]).inspector is False
+    assert parse_config([]).inspector is True
+    monkeypatch.setenv("KASAGI_NO_INSPECTOR", "1")
+    assert parse_config([]).inspector is False
+    monkeypatch.setenv("KASAGI_NO_INSPECTOR", "0")
     assert parse_config([]).inspector is True
     async with start_relay(parse_config(["--no-inspector"])) as relay:
         base = http_base(relay.url)

@@ -204,27 +204,33 @@ describe("in Chromium", { skip: existsSync(CHROMIUM) ? false : `no ${CHROMIUM}` 
     try {
       relay = await startRelay(args);
       const page = await open(relay, "reset", "A", { minDelay: 50, maxDelay: 500 });
+      await page.evaluate(async () => {
+        await (globalThis as unknown as { t: { room: { send(d: object): Promise<unknown> } } }).t.room.send({
+          merge: { log: [] },
+        });
+      });
       await page.evaluate(() => { (globalThis as unknown as PageApi).sendMany(1, 10); });
       await page.evaluate(() => (globalThis as unknown as PageApi).sent());
-      await untilAll([page], (s) => s.seq === 10, "seq 10");
+      await untilAll([page], (s) => s.seq === 11, "seq 11");
       await relay.stop("SIGKILL");
       // Meanwhile the room moves on through the other relay, which snapshots it and trims
       // its history past what the page holds.
       const room = writer.room("reset");
       await room.join();
-      for (let i = 11; i <= 60; i++) await room.send({ merge: { B: i } });
-      await until(() => redisCli(redis, "HGET", "room:{reset}:snapshot", "seq") === "60", "a snapshot at 60");
+      for (let i = 12; i <= 61; i++) await room.send({ merge: { B: i } });
+      await until(() => redisCli(redis, "HGET", "room:{reset}:snapshot", "seq") === "61", "a snapshot at 61");
       relay = await startRelay(args, relay.port);
-      const [snap] = (await untilAll([page], (s) => s.seq === 60, "seq 60")) as [Snapshot];
-      assert.deepEqual(snap.rec.resets, [60]);
+      const [snap] = (await untilAll([page], (s) => s.seq === 61, "seq 61")) as [Snapshot];
+      assert.deepEqual(snap.rec.resets, [61]);
       assert.deepEqual(snap.rec.breaks, []);
       assert.deepEqual(snap.state, room.state);
       // And the stream goes on from there.
-      await page.evaluate(() => { (globalThis as unknown as PageApi).sendMany(61, 62); });
-      await until(() => room.seq === 62, "seq 62 at the other relay");
-      const [later] = (await untilAll([page], (s) => s.seq === 62, "seq 62")) as [Snapshot];
+      await page.evaluate(() => { (globalThis as unknown as PageApi).sendMany(62, 63); });
+      await until(() => room.seq === 63, "seq 63 at the other relay");
+      const [later] = (await untilAll([page], (s) => s.seq === 63, "seq 63")) as [Snapshot];
       assert.deepEqual(later.state, room.state);
-      assert.deepEqual(later.rec.seqs.filter((q) => q > 10), [61, 62]);
+      assert.deepEqual(later.rec.seqs.filter((q) => q > 11), [62, 63]);
+      assert.deepEqual(later.state.log, ["A2", "A4", "A6", "A8", "A10", "A62"]);
       await page.close();
     } finally {
       writer.close();
