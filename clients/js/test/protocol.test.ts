@@ -58,6 +58,22 @@ describe("RoomStream (docs/protocol.md, client behaviour)", () => {
 });
 
 describe("parse", () => {
+  it("reads presence replies and events, and authed", () => {
+    const member = { conn: "c1", sub: null, info: {} };
+    assert.deepEqual(parse(JSON.stringify({ t: "presence", id: 3, room: "r", members: [member], count: 1, users: 0 })), {
+      t: "presence", room: "r", id: 3, members: [member],
+    });
+    assert.deepEqual(parse(JSON.stringify({ t: "presence_join", room: "r", member: { conn: "c2", sub: "u", info: { a: 1 } } })), {
+      t: "presence_join", room: "r", member: { conn: "c2", sub: "u", info: { a: 1 } },
+    });
+    assert.deepEqual(parse(JSON.stringify({ t: "presence_leave", room: "r", member: { conn: "c2" } })), {
+      t: "presence_leave", room: "r", member: { conn: "c2", sub: null, info: {} },
+    });
+    assert.throws(() => parse(JSON.stringify({ t: "presence_join", room: "r", member: {} })), ProtocolError);
+    assert.throws(() => parse(JSON.stringify({ t: "presence", room: "r", members: {} })), ProtocolError);
+    assert.deepEqual(parse(JSON.stringify({ t: "authed", sub: "u", exp: 99 })), { t: "authed", sub: "u", exp: 99, id: undefined });
+  });
+
   it("reads JSON text frames and MessagePack binary frames alike", () => {
     const msg = { t: "delta", room: "r", from: 1, seq: 2, merge: { a: 1 } };
     const expected = { t: "delta", room: "r", from: 1, seq: 2, delta: { merge: { a: 1 } } };
