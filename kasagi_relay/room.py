@@ -237,7 +237,7 @@ class Replay:
         return await asyncio.to_thread(self._encode, op)
 
     def _encode(self, op: Op) -> bytes:
-        # `op` was judged (Room.recent, Room._judged): a failed one is an empty patch.
+        # `op` was judged (Room.recent, Room._missed): a failed one is an empty patch.
         message = DeltaFrame(self._room, op.seq, op.seq, _effective(_op_doc(op)))
         return frame(self._opcode, message.payload(self._codec))
 
