@@ -72,13 +72,13 @@ KIT_UP = $(KIT_STATE) \
 	--redis-server "$(REDIS_SERVER)" --relay "$(RELAY)" --relay-args "$(RELAY_ARGS)"
 
 .PHONY: help up status failover-test down clean sentinel-status cli-sentinel logs \
-	cluster-up cluster-status cluster-failover-test cluster-down test bench wheel
+	cluster-up cluster-status cluster-failover-test cluster-down test bench bench-peers wheel
 
 help:
 	$(SAY_MODE)
 	@echo "kit:     make up | status | sentinel-status | cli-sentinel | failover-test | down | clean"
-	@echo "cluster: make cluster-up | cluster-status | cluster-failover-test | cluster-down (local)"
-	@echo "project: make test | bench | wheel"
+	@echo "cluster: make cluster-up | cluster-status | cluster-failover-test | cluster-down"
+	@echo "project: make test | bench | bench-peers [PEERS_ARGS=--quick] | wheel"
 	@echo "local-mode variables: REDIS_PORT REPLICA_1_PORT REPLICA_2_PORT SENTINEL_1_PORT"
 	@echo "  SENTINEL_2_PORT SENTINEL_3_PORT RELAY_PORT STATE_DIR DOWN_AFTER_MS RELAY RELAY_ARGS"
 
@@ -160,25 +160,55 @@ clean:
 
 endif
 
-# ============================== Redis Cluster kit (local processes) ==========================
-# Local processes in both modes (no compose file for the cluster yet): kit/clusterkit.py.
+# ============================== Redis Cluster kit ============================================
+# docker mode: docker-compose.cluster.yml (6 nodes, a one-shot cluster-init, the relay on
+# $(CLUSTER_RELAY_PORT)); local mode: local redis-server processes (kit/clusterkit.py).
 
+CLUSTER_COMPOSE = docker-compose.cluster.yml
 CLUSTER_KIT = $(PYTHON) -m kit.clusterkit --state-dir "$(CLUSTER_STATE_DIR)"
 
+ifeq ($(MODE),docker)
+
 cluster-up:
-	@echo "mode: local (the cluster kit runs local redis-server processes, state in $(CLUSTER_STATE_DIR))"
+	$(SAY_MODE)
+	$(COMPOSE) -f $(CLUSTER_COMPOSE) up -d --build
+	@sh kit/cluster-compose.sh wait
+	@echo "Relay: ws://localhost:$(CLUSTER_RELAY_PORT)/ws  health http://localhost:$(CLUSTER_RELAY_PORT)/healthz"
+
+cluster-status:
+	$(SAY_MODE)
+	@$(COMPOSE) -f $(CLUSTER_COMPOSE) ps
+	@sh kit/cluster-compose.sh status
+
+cluster-failover-test:
+	$(SAY_MODE)
+	@sh kit/cluster-compose.sh failover-test
+
+cluster-down:
+	$(SAY_MODE)
+	$(COMPOSE) -f $(CLUSTER_COMPOSE) down
+
+else
+
+cluster-up:
+	$(SAY_MODE)
 	@$(CLUSTER_KIT) up --ports $(CLUSTER_PORTS) --relay-port $(CLUSTER_RELAY_PORT) \
 		--node-timeout-ms $(CLUSTER_NODE_TIMEOUT_MS) --redis-server "$(REDIS_SERVER)" \
 		--redis-cli "$(REDIS_CLI)" --relay "$(RELAY)" --relay-args "$(RELAY_ARGS)"
 
 cluster-status:
+	$(SAY_MODE)
 	@$(CLUSTER_KIT) status
 
 cluster-failover-test:
+	$(SAY_MODE)
 	@$(CLUSTER_KIT) failover-test
 
 cluster-down:
+	$(SAY_MODE)
 	@$(CLUSTER_KIT) down
+
+endif
 
 # ============================== project ======================================================
 
@@ -189,6 +219,13 @@ test:
 bench:
 	$(SAY_MODE)
 	.venv/bin/pytest benches/ --benchmark-only
+
+# kasagi-relay against Centrifuge, Nchan and python-socketio (docs/benchmarks.md "Peers");
+# setup.sh installs the peers from Debian and pip first. PEERS_ARGS=--quick for a short run.
+PEERS_ARGS ?=
+bench-peers:
+	PYTHON=.venv/bin/python sh benches/peers/setup.sh
+	.venv/bin/python -m benches.peers $(PEERS_ARGS)
 
 wheel:
 	$(SAY_MODE)

@@ -30,6 +30,14 @@ Limits (exact rules in `rust/apply.rs` and `_pydelta.py`; docs/design.md):
   at every op of a patch, before anything is cloned: a state never passes its limit, not
   even in the middle of a patch. The state's size is kept exact incrementally:
   `json_size()` is O(1) and never serialises.
+- Memory limit: `RoomState(max_memory=...)` and `compact(..., max_memory=...)` (0 = none).
+  The same rule for the state's memory estimate, `memory_size()`: its compact JSON length
+  plus `NODE_BYTES` per node (scalar or container) and `MEMBER_BYTES` per object member,
+  the engine's parsed representation (a `serde_json::Value` per node, an IndexMap entry
+  and hash index per member). Kept exact incrementally like the size (O(1) to read); a
+  copy is measured before it is cloned. Past it: `TooLarge` "... take about N bytes of
+  memory, past its limit of M". Both engines compute the same estimate, so refuse the
+  same deltas.
 
 Which calls may cost time in the size of the STATE (run them off the event loop, e.g.
 `asyncio.to_thread`; all of them release the GIL while they work):
@@ -53,6 +61,8 @@ IMPLEMENTATION: str
 MAX_DEPTH: int
 WORK_BASE: int
 WORK_PER_BYTE: int
+NODE_BYTES: int
+MEMBER_BYTES: int
 
 class DeltaError(ValueError): ...
 
@@ -76,13 +86,20 @@ def merge(ds: Sequence[bytes | str]) -> bytes:
 def diff(a: bytes | str, b: bytes | str) -> bytes:
     """A `{"patch": [...]}` delta taking `a` to `b`, small when the change is small."""
 
-def compact(state: bytes | str, ds: Sequence[bytes | str], max_bytes: int = 0) -> bytes:
+def compact(
+    state: bytes | str, ds: Sequence[bytes | str], max_bytes: int = 0, max_memory: int = 0
+) -> bytes:
     """Apply `ds` in order to `state`; a delta that fails at its position is a no-op: the
-    state a RoomState(state, max_bytes=max_bytes) reaches by applying `ds` one by one (same
-    work budget, same size limit), so a room loads from snapshot + ops exactly."""
+    state a RoomState(state, max_bytes=max_bytes, max_memory=max_memory) reaches by applying
+    `ds` one by one (same work budget, same limits), so a room loads from snapshot + ops exactly."""
 
 def json_to_msgpack(doc: bytes | str) -> bytes:
     """Re-encode a JSON document as MessagePack."""
+
+def msgpack_to_json_counted(data: bytes, budget: int) -> tuple[bytes, int]:
+    """`msgpack_to_json` under an exact budget of arrays and maps (an int >= 0; 0: none
+    may be read), returning the JSON and how many it read, so that the members of one
+    message share one budget (protocol.py)."""
 
 def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
     """Re-encode a MessagePack document as JSON (maps must have string keys; a repeated key
@@ -96,13 +113,18 @@ class RoomState:
     Applying a small delta costs time in the size of the delta, not of the state; the
     encoded snapshots are cached until the next change."""
 
-    def __init__(self, state: bytes | str = b"{}", seq: int = 0, max_bytes: int = 0) -> None:
+    def __init__(
+        self, state: bytes | str = b"{}", seq: int = 0, max_bytes: int = 0, max_memory: int = 0
+    ) -> None:
         """`max_bytes` (an int >= 0; 0 = no limit): deltas that would take the state past it
-        fail (TooLarge). A state already larger loads, and may shrink."""
+        fail (TooLarge). A state already larger loads, and may shrink. `max_memory`: the
+        same for `memory_size()`."""
     @property
     def seq(self) -> int: ...
     @property
     def max_bytes(self) -> int: ...
+    @property
+    def max_memory(self) -> int: ...
     def check(self, d: bytes | str) -> None:
         """Raise DeltaError when `d` is malformed, would fail on the current state or needs
         too much work, TooLarge when it would take the state past max_bytes. Changes
@@ -126,6 +148,12 @@ class RoomState:
         """The state as MessagePack; cached until the next change."""
     def json_size(self) -> int:
         """len(self.to_json()), kept exact as deltas apply: O(1), never serialises."""
+    def memory_size(self) -> int:
+        """The memory estimate of the state (see Limits above), kept exact: O(1)."""
+    def copy(self) -> RoomState:
+        """An independent room with the same state, seq and limits (a clone of the parsed
+        state: no parse, so about the state's memory once, not the parser's peak; costs
+        time in the size of the state, GIL released)."""
 
 # Not part of the engine API: the relay's broadcast loop (kasagi_relay/fanout.py), Unix only.
 

@@ -49,6 +49,10 @@ Limits (the native engine's rules, `rust/apply.rs`; docs/design.md)
   fails with TooLarge (a DeltaError), checked after every op of a patch (the native engine
   checks before each op that grows the state: the same decisions), so a state never passes
   its limit, not even in the middle of a patch.
+- Memory limit (RoomState(max_memory=...), compact(..., max_memory=...); 0 = none): the
+  same rule for the native engine's memory estimate of the state, its JSON length plus
+  NODE_BYTES per node and MEMBER_BYTES per object member (`_weight`), whichever engine
+  runs, so that both refuse the same deltas; TooLarge "... take about N bytes of memory".
 
 merge(ds)
 - Patches concatenate, then collapse (see `_collapse`): test ops dropped; a replace or
@@ -75,7 +79,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import msgpack
 
@@ -100,6 +104,8 @@ IMPLEMENTATION: Final = "python"
 MAX_DEPTH: Final = 128
 WORK_BASE: Final = 16_384
 WORK_PER_BYTE: Final = 32
+NODE_BYTES: Final = 72
+MEMBER_BYTES: Final = 48
 _TOO_MUCH_WORK: Final = "delta needs too much work"
 
 Json: TypeAlias = Any
@@ -393,10 +399,42 @@ def _deltas(ds: Sequence[bytes | str]) -> list[bytes | str]:
     return items
 
 
-def _max_arg(max_bytes: int) -> int:
+def _max_arg(max_bytes: int, name: str = "max_bytes") -> int:
     if type(max_bytes) is not int or not 0 <= max_bytes <= _U64_MAX:
-        raise ValueError(f"max_bytes must be an integer in [0, 2**64), not {max_bytes!r}")
+        raise ValueError(f"{name} must be an integer in [0, 2**64), not {max_bytes!r}")
     return max_bytes
+
+
+class _Limits(NamedTuple):
+    """A state's limits (0: none): its compact JSON length and its memory estimate."""
+
+    max_bytes: int = 0
+    max_memory: int = 0
+
+
+_NO_LIMITS: Final = _Limits()
+
+
+def _weight(v: Json) -> int:
+    """The structure part of the native engine's memory estimate (rust/json.rs `weight`)."""
+    if isinstance(v, list):
+        return NODE_BYTES + sum(_weight(x) for x in v)
+    if isinstance(v, dict):
+        return NODE_BYTES + sum(MEMBER_BYTES + _weight(x) for x in v.values())
+    return NODE_BYTES
+
+
+class _Size(NamedTuple):
+    json: int
+    weight: int
+
+    @property
+    def memory(self) -> int:
+        return self.json + self.weight
+
+
+def _size_of(root: Json, out: bytes | None = None) -> _Size:
+    return _Size(len(_dumps(root) if out is None else out), _weight(root))
 
 
 def _seq_arg(seq: int) -> int:
@@ -510,9 +548,20 @@ def _swap_pop(d: dict[str, Json], k: str) -> tuple[Json, str | None]:
     return v, last
 
 
-def _check_size(old: int, new: int, max_bytes: int) -> None:
-    if max_bytes and new > max_bytes and new > old:
-        raise TooLarge(f"the delta would make the state {new} bytes, past its limit of {max_bytes}")
+def _check_size(old: _Size, new: _Size, lim: _Limits, label: str = "") -> None:
+    """TooLarge when `new` passes a limit and is larger than `old` (rust/apply.rs
+    `limit_error`: the JSON length first, then the memory estimate)."""
+    if lim.max_bytes and new.json > lim.max_bytes and new.json > old.json:
+        raise TooLarge(
+            f"{label}the delta would make the state {new.json} bytes, "
+            f"past its limit of {lim.max_bytes}"
+        )
+    m, max_memory = new.memory, lim.max_memory
+    if max_memory and m > max_memory and m > old.memory:
+        raise TooLarge(
+            f"{label}the delta would make the state take about {m} bytes of memory, "
+            f"past its limit of {max_memory}"
+        )
 
 
 def _get(root: Json, toks: Iterable[str]) -> Json:
@@ -642,21 +691,17 @@ def _apply_op(doc: _Doc, op: _Op, log: Undo | None, work: _Work) -> None:
 
 
 def _apply_ops(
-    doc: _Doc, ops: Sequence[_Op], log: Undo | None, budget: int, max_bytes: int = 0
+    doc: _Doc, ops: Sequence[_Op], log: Undo | None, budget: int, lim: _Limits = _NO_LIMITS
 ) -> None:
     """All ops or (with a log, after rollback by the caller) none; raises DeltaError."""
     work = _Work(budget)
-    start = len(_dumps(doc.root)) if max_bytes else 0
+    limited = lim != _NO_LIMITS
+    start = _size_of(doc.root) if limited else _Size(0, 0)
     for op in ops:
         try:
             _apply_op(doc, op, log, work)
-            if max_bytes:
-                new = len(_dumps(doc.root))
-                if new > max_bytes and new > start:
-                    raise TooLarge(
-                        f"{op.label()}: the delta would make the state {new} bytes, "
-                        f"past its limit of {max_bytes}"
-                    )
+            if limited:
+                _check_size(start, _size_of(doc.root), lim, f"{op.label()}: ")
         except _Fail as exc:
             raise DeltaError(f"{op.label()}: {exc}") from None
 
@@ -900,29 +945,30 @@ def diff(a: bytes | str, b: bytes | str) -> bytes:
 
 
 def _apply_limited(
-    doc: _Doc, kind: str, body: Json, log: Undo, budget: int, max_bytes: int, old_size: int
+    doc: _Doc, kind: str, body: Json, log: Undo, budget: int, lim: _Limits, old_size: _Size
 ) -> bytes | None:
-    """Apply one parsed delta atomically under the work budget and size limit (old_size:
-    the state's JSON length before, read only with a limit). Raises DeltaError (TooLarge
-    included) with doc unchanged. Returns the new state's JSON when it was made (a limit)."""
+    """Apply one parsed delta atomically under the work budget and limits (old_size: the
+    state's size before, read only with a limit). Raises DeltaError (TooLarge included)
+    with doc unchanged. Returns the new state's JSON when it was made (a limit)."""
+    limited = lim != _NO_LIMITS
     if kind == "merge":
-        if not max_bytes:
+        if not limited:
             doc.root = _merge_apply(doc.root, body)
             return None
         root = _merge_apply(_clone(doc.root), body)
         merged = _dumps(root)
-        _check_size(old_size, len(merged), max_bytes)
+        _check_size(old_size, _size_of(root, merged), lim)
         doc.root = root
         return merged
     # One op other than move fails before it changes anything: no undo log needed. With a
     # limit, a patch that applied may still be rolled back (TooLarge).
-    needs_log = max_bytes or len(body) > 1 or (body and body[0].op == "move")
+    needs_log = limited or len(body) > 1 or (body and body[0].op == "move")
     out: bytes | None = None
     try:
-        _apply_ops(doc, body, log if needs_log else None, budget, max_bytes)
-        if max_bytes:
+        _apply_ops(doc, body, log if needs_log else None, budget, lim)
+        if limited:
             out = _dumps(doc.root)
-            _check_size(old_size, len(out), max_bytes)
+            _check_size(old_size, _size_of(doc.root, out), lim)
     except DeltaError:
         _rollback(doc, log)
         raise
@@ -930,22 +976,24 @@ def _apply_limited(
     return out
 
 
-def compact(state: bytes | str, ds: Sequence[bytes | str], max_bytes: int = 0) -> bytes:
+def compact(
+    state: bytes | str, ds: Sequence[bytes | str], max_bytes: int = 0, max_memory: int = 0
+) -> bytes:
     """Apply `ds` in order; a delta that is malformed or fails at its position (too much
     work and TooLarge included) is a no-op."""
     todo = _deltas(ds)
-    max_bytes = _max_arg(max_bytes)
+    lim = _Limits(_max_arg(max_bytes), _max_arg(max_memory, "max_memory"))
     doc = _Doc(_loads(state, "state"))
-    size = len(_dumps(doc.root)) if max_bytes else 0
+    size = _size_of(doc.root) if lim != _NO_LIMITS else _Size(0, 0)
     log: Undo = []
     for d in todo:
         try:
             kind, body = _parse_delta(d)
-            out = _apply_limited(doc, kind, body, log, _budget(d), max_bytes, size)
+            out = _apply_limited(doc, kind, body, log, _budget(d), lim, size)
         except DeltaError:
             continue
         if out is not None:
-            size = len(out)
+            size = _size_of(doc.root, out)
     return _dumps(doc.root)
 
 
@@ -987,26 +1035,36 @@ class _TooManyContainers(Exception):
 def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
     """Re-encode a MessagePack document as JSON (maps must have string keys); past
     `max_containers` arrays and maps (0 = no limit), DeltaError at once."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"expected bytes, not {type(data).__name__}")
     if type(max_containers) is not int or not 0 <= max_containers <= _U64_MAX:
         raise ValueError(
             f"max_containers must be a non-negative integer below 2**64, not {max_containers!r}"
         )
-    hooks: dict[str, Any] = {}
-    if max_containers:
-        count = 0
+    return _msgpack_to_json(data, max_containers or _U64_MAX)[0]
 
-        # Called as each container is complete: the unpacking stops at the first one past
-        # the cap, so at most max_containers of them are ever built.
-        def counted(x: Any) -> Any:
-            nonlocal count
-            count += 1
-            if count > max_containers:
-                raise _TooManyContainers
-            return x
 
-        hooks = {"list_hook": counted, "object_hook": counted}
+def msgpack_to_json_counted(data: bytes, budget: int) -> tuple[bytes, int]:
+    """msgpack_to_json under an exact budget of arrays and maps (0: none), and how many it
+    read: one budget for every member of a message."""
+    if type(budget) is not int or not 0 <= budget <= _U64_MAX:
+        raise ValueError(f"budget must be a non-negative integer below 2**64, not {budget!r}")
+    return _msgpack_to_json(data, budget)
+
+
+def _msgpack_to_json(data: bytes, max_containers: int) -> tuple[bytes, int]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"expected bytes, not {type(data).__name__}")
+    count = 0
+
+    # Called as each container is complete: the unpacking stops at the first one past
+    # the cap, so at most max_containers of them are ever built.
+    def counted(x: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > max_containers:
+            raise _TooManyContainers
+        return x
+
+    hooks: dict[str, Any] = {"list_hook": counted, "object_hook": counted}
     try:
         v = msgpack.unpackb(data, raw=False, strict_map_key=False, **hooks)
     except _TooManyContainers:
@@ -1017,7 +1075,7 @@ def msgpack_to_json(data: bytes, max_containers: int = 0) -> bytes:
         raise DeltaError(f"MessagePack: invalid data: {exc}") from None
     _check_from_msgpack(v)
     try:
-        return _dumps(v)
+        return _dumps(v), count
     except UnicodeEncodeError:  # pragma: no cover - msgpack rejects bad UTF-8 already
         raise DeltaError("MessagePack: invalid UTF-8 in a string") from None
 
@@ -1047,9 +1105,11 @@ class RoomState:
 
     __slots__ = ("_doc", "_failed", "_json", "_log", "_max", "_msgpack", "_seq")
 
-    def __init__(self, state: bytes | str = b"{}", seq: int = 0, max_bytes: int = 0) -> None:
+    def __init__(
+        self, state: bytes | str = b"{}", seq: int = 0, max_bytes: int = 0, max_memory: int = 0
+    ) -> None:
         self._seq = _seq_arg(seq)
-        self._max = _max_arg(max_bytes)
+        self._max = _Limits(_max_arg(max_bytes), _max_arg(max_memory, "max_memory"))
         self._doc = _Doc(_loads(state, "state"))
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
@@ -1062,13 +1122,17 @@ class RoomState:
 
     @property
     def max_bytes(self) -> int:
-        return self._max
+        return self._max.max_bytes
+
+    @property
+    def max_memory(self) -> int:
+        return self._max.max_memory
 
     def __repr__(self) -> str:
         return f"<RoomState seq={self._seq}>"
 
-    def _old_size(self) -> int:
-        return self.json_size() if self._max else 0
+    def _old_size(self) -> _Size:
+        return _size_of(self._doc.root, self.to_json()) if self._max != _NO_LIMITS else _Size(0, 0)
 
     def check(self, d: bytes | str) -> None:
         """DeltaError when d is malformed, would fail now or needs too much work; TooLarge
@@ -1076,14 +1140,14 @@ class RoomState:
         kind, body = _parse_delta(d)
         old = self._old_size()
         if kind == "merge":
-            if self._max:
-                new = len(_dumps(_merge_apply(_clone(self._doc.root), body)))
+            if self._max != _NO_LIMITS:
+                new = _size_of(_merge_apply(_clone(self._doc.root), body))
                 _check_size(old, new, self._max)
             return
         try:
             _apply_ops(self._doc, body, self._log, _budget(d), self._max)
-            if self._max:
-                _check_size(old, len(_dumps(self._doc.root)), self._max)
+            if self._max != _NO_LIMITS:
+                _check_size(old, _size_of(self._doc.root), self._max)
         finally:
             _rollback(self._doc, self._log)
 
@@ -1155,3 +1219,15 @@ class RoomState:
 
     def json_size(self) -> int:
         return len(self.to_json())
+
+    def copy(self) -> RoomState:
+        """An independent room with the same state, seq and limits."""
+        other = RoomState.__new__(RoomState)
+        other._seq, other._max = self._seq, self._max
+        other._doc = _Doc(_clone(self._doc.root))
+        other._json, other._msgpack, other._log = self._json, None, []
+        return other
+
+    def memory_size(self) -> int:
+        """The native engine's memory estimate of the state (see Limits above)."""
+        return len(self.to_json()) + _weight(self._doc.root)

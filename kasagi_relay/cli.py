@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 from kasagi_relay._version import __version__
 from kasagi_relay.backends.base import Backend
@@ -31,6 +31,8 @@ _D = Config()
 EXIT_FORCED = 1
 # Below this many open files the relay warns at start-up: each connection is one descriptor.
 LOW_OPEN_FILES = 4096
+# --workers: a bound on what a typo can start (one process, one event loop each).
+MAX_WORKERS = 256
 
 _SIZE = re.compile(r"(?i)\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*")
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -106,6 +108,41 @@ def _sentinels(text: str) -> tuple[tuple[str, int], ...]:
     if not out:
         raise argparse.ArgumentTypeError("expected host:port,host:port,...")
     return tuple(out)
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return _int_range(1, MAX_WORKERS)(text)
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= value <= hi:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    out = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not out:
+        raise argparse.ArgumentTypeError("expected * or ORIGIN,ORIGIN,...")
+    return out
+
+
+def _secret_file(parser: argparse.ArgumentParser, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(64 * 1024)
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"cannot read --jwt-secret-file: {getattr(exc, 'strerror', None) or exc}")
+    return text[:-1] if text.endswith("\n") else text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="password for Redis (prefer the variable: flags show in ps) [KASAGI_REDIS_PASSWORD]",
     )
     add(
+        "--redis-tls-ca",
+        metavar="PATH",
+        default=env("KASAGI_REDIS_TLS_CA", None),
+        help="with --cluster: connect to the nodes over TLS (their tls-port), verifying them "
+        "with this PEM CA bundle (--redis takes a rediss:// URL instead) [KASAGI_REDIS_TLS_CA]",
+    )
+    add(
         "--sentinel-password",
         metavar="PASSWORD",
         default=env("KASAGI_SENTINEL_PASSWORD", None),
@@ -252,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("KASAGI_MAX_STATE_BYTES", _D.max_state_bytes),
         help="a delta is refused with too_large when the room's state JSON plus the delta "
         "would pass this [KASAGI_MAX_STATE_BYTES]",
+    )
+    add(
+        "--max-state-memory",
+        metavar="SIZE",
+        type=_size,
+        default=env("KASAGI_MAX_STATE_MEMORY", None),
+        help="a delta is refused with too_large when the engine's memory estimate of the "
+        "room's state (JSON plus 72 bytes per node, 48 per object member) would pass this; "
+        "default 8x --max-state-bytes [KASAGI_MAX_STATE_MEMORY]",
     )
     add(
         "--send-queue-bytes",
@@ -381,6 +434,149 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = never [KASAGI_FRAME_TIMEOUT]",
     )
     add(
+        "--jwt-secret",
+        metavar="SECRET",
+        default=env("KASAGI_JWT_SECRET", None),
+        help="HMAC key of connection tokens (HS256/384/512), at least 32 bytes; prefer the "
+        "variable or --jwt-secret-file: flags show in ps [KASAGI_JWT_SECRET]",
+    )
+    add(
+        "--jwt-secret-file",
+        metavar="PATH",
+        default=env("KASAGI_JWT_SECRET_FILE", None),
+        help="read the HMAC key from this file (one trailing newline is dropped) "
+        "[KASAGI_JWT_SECRET_FILE]",
+    )
+    add(
+        "--jwt-public-key",
+        metavar="PATH",
+        default=env("KASAGI_JWT_PUBLIC_KEY", None),
+        help="PEM public key of connection tokens: RSA (RS*/PS*), EC (ES*) or Ed25519/Ed448 "
+        "(EdDSA) [KASAGI_JWT_PUBLIC_KEY]",
+    )
+    add(
+        "--jwks",
+        metavar="PATH|URL",
+        default=env("KASAGI_JWKS", None),
+        help="a JWKS file or https URL; keys chosen by kid, fetched again on an unknown kid "
+        "at most every 10 s [KASAGI_JWKS]",
+    )
+    add(
+        "--jwt-audience",
+        metavar="AUD",
+        default=env("KASAGI_JWT_AUDIENCE", None),
+        help="tokens must carry this aud [KASAGI_JWT_AUDIENCE]",
+    )
+    add(
+        "--jwt-issuer",
+        metavar="ISS",
+        default=env("KASAGI_JWT_ISSUER", None),
+        help="tokens must carry this iss [KASAGI_JWT_ISSUER]",
+    )
+    add(
+        "--jwt-leeway",
+        metavar="SECONDS",
+        type=_float_range(0, 10),
+        default=env("KASAGI_JWT_LEEWAY", _D.jwt_leeway_s),
+        help="clock leeway on exp, nbf and iat, at most 10 [KASAGI_JWT_LEEWAY]",
+    )
+    add(
+        "--auth-timeout",
+        metavar="SECONDS",
+        type=_float_range(0.1, 300),
+        default=env("KASAGI_AUTH_TIMEOUT", _D.auth_timeout_s),
+        help="with a JWT key: a connection not authenticated within this is closed with "
+        "1008 [KASAGI_AUTH_TIMEOUT]",
+    )
+    add(
+        "--auth",
+        choices=("none",),
+        default=env("KASAGI_AUTH", None),
+        help="none: serve anonymously on a non-loopback address (without a JWT key the "
+        "relay refuses to, unless told so) [KASAGI_AUTH]",
+    )
+    add(
+        "--allowed-origins",
+        metavar="ORIGIN,...",
+        type=_origins,
+        default=env("KASAGI_ALLOWED_ORIGINS", "*"),
+        help="browser origins allowed to connect, e.g. https://app.example.com; * any; "
+        "other origins (null too) get 403; handshakes without Origin are allowed "
+        "[KASAGI_ALLOWED_ORIGINS]",
+    )
+    add(
+        "--presence",
+        choices=("on", "off"),
+        default=env("KASAGI_PRESENCE", "on"),
+        help="off: no presence (no entry written per join, `presence` answered "
+        "unavailable) [KASAGI_PRESENCE]",
+    )
+    add(
+        "--presence-refresh",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_PRESENCE_REFRESH", _D.presence_refresh_s),
+        help="how often the relay re-writes its members' presence entries "
+        "[KASAGI_PRESENCE_REFRESH]",
+    )
+    add(
+        "--presence-ttl",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_PRESENCE_TTL", _D.presence_ttl_s),
+        help="a presence entry not refreshed within this is taken out (its relay died) and "
+        "its presence_leave sent; more than --presence-refresh [KASAGI_PRESENCE_TTL]",
+    )
+    add(
+        "--max-presence-members",
+        metavar="N",
+        type=_int_range(0),
+        default=env("KASAGI_MAX_PRESENCE_MEMBERS", _D.max_presence_members),
+        help="members listed in one presence reply (count and users stay exact, the reply "
+        "says truncated); 0 = no limit [KASAGI_MAX_PRESENCE_MEMBERS]",
+    )
+    add(
+        "--api-key",
+        metavar="KEY,...",
+        default=None,
+        help="enable the HTTP API (/api/...) for requests with `Authorization: Bearer KEY`; "
+        "several keys, comma-separated, are all accepted (to rotate one out). Prefer the "
+        "variable or --api-key-file: flags show in ps [KASAGI_API_KEY]",
+    )
+    add(
+        "--api-key-file",
+        metavar="PATH",
+        default=env("KASAGI_API_KEY_FILE", None),
+        help="read API keys from this file too: one per line (or comma-separated) "
+        "[KASAGI_API_KEY_FILE]",
+    )
+    add(
+        "--api-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=env("KASAGI_API_TIMEOUT", _D.api_timeout_s),
+        help="an API request must arrive whole (headers and body) within this of the "
+        "connection opening or of the previous response; an idle keep-alive connection is "
+        "closed then [KASAGI_API_TIMEOUT]",
+    )
+    add(
+        "--api-max-requests",
+        metavar="N",
+        type=_int_range(1),
+        default=env("KASAGI_API_MAX_REQUESTS", _D.api_max_requests),
+        help="API requests served at once (reading their bodies included); past it they "
+        "get 503 [KASAGI_API_MAX_REQUESTS]",
+    )
+    add(
+        "--workers",
+        metavar="N",
+        type=_workers,
+        default=env("KASAGI_WORKERS", _D.workers),
+        help="relay processes serving the port, each with its own event loop and backend "
+        "connections, restarted if they die; auto = one per CPU. Needs --redis, --sentinels "
+        "or --cluster (docs/operations.md) [KASAGI_WORKERS]",
+    )
+    add(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         type=str.lower,
@@ -409,7 +605,27 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = parser.parse_args(argv)
     if sum(bool(x) for x in (a.redis, a.sentinels, a.cluster)) > 1:
         parser.error("--redis, --sentinels and --cluster are exclusive")
-    return Config(
+    if not 0 < a.presence_refresh < a.presence_ttl:
+        parser.error("--presence-refresh must be positive and less than --presence-ttl")
+    if not a.api_timeout > 0:
+        parser.error("--api-timeout must be more than 0")
+    try:
+        api_keys = _api_keys(a.api_key, a.api_key_file)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if a.redis_tls_ca and not a.cluster:
+        parser.error("--redis-tls-ca applies to --cluster (with --redis use a rediss:// URL)")
+    if a.workers > 1 and not (a.redis or a.sentinels or a.cluster):
+        parser.error(
+            "--workers needs --redis, --sentinels or --cluster: with the memory backend "
+            "each worker would hold its own rooms"
+        )
+    secret = a.jwt_secret or None
+    if a.jwt_secret_file:
+        if secret is not None:
+            parser.error("--jwt-secret and --jwt-secret-file are exclusive")
+        secret = _secret_file(parser, a.jwt_secret_file)
+    config = Config(
         host=a.host,
         port=a.port,
         tls_cert=a.tls_cert or None,
@@ -420,6 +636,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         master=a.master,
         redis_password=a.redis_password,
         sentinel_password=a.sentinel_password,
+        redis_tls_ca=a.redis_tls_ca or None,
         ack=a.ack,
         tick_ms=a.tick_ms,
         history=a.history,
@@ -427,6 +644,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         compaction_interval_s=a.compaction_interval,
         max_message_bytes=a.max_message_bytes,
         max_state_bytes=a.max_state_bytes,
+        max_state_memory=(
+            8 * a.max_state_bytes if a.max_state_memory is None else a.max_state_memory
+        ),
         send_queue_bytes=a.send_queue_bytes,
         rate_limit=a.rate_limit,
         rate_burst=a.rate_burst,
@@ -443,10 +663,55 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         trusted_proxies=a.trusted_proxies,
         idle_timeout_s=a.idle_timeout,
         frame_timeout_s=a.frame_timeout,
+        jwt_secret=secret,
+        jwt_public_key=a.jwt_public_key or None,
+        jwks=a.jwks or None,
+        jwt_audience=a.jwt_audience or None,
+        jwt_issuer=a.jwt_issuer or None,
+        jwt_leeway_s=a.jwt_leeway,
+        auth_timeout_s=a.auth_timeout,
+        auth_none=a.auth == "none",
+        allowed_origins=a.allowed_origins,
+        presence=a.presence == "on",
+        presence_refresh_s=a.presence_refresh,
+        presence_ttl_s=a.presence_ttl,
+        max_presence_members=a.max_presence_members,
+        api_keys=api_keys,
+        api_timeout_s=a.api_timeout,
+        api_max_requests=a.api_max_requests,
+        workers=a.workers,
         log_level=a.log_level,
         log_format=a.log_format,
         inspector=a.inspector,
     )
+    try:
+        config.check_access()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return config
+
+
+def _api_keys(flag: str | None, path: str | None) -> tuple[str, ...]:
+    """The API keys of --api-key (else KASAGI_API_KEY) and --api-key-file. Kept out of
+    argparse's defaults, which --help prints."""
+    text = flag if flag is not None else os.environ.get("KASAGI_API_KEY", "")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text += "," + f.read().replace("\n", ",")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--api-key-file: cannot read {path}: {exc}") from None
+    keys: list[str] = []
+    for item in text.split(","):
+        key = item.strip()
+        if not key:
+            continue
+        # Sent as a header value: visible ASCII, no spaces (nor commas, the separator).
+        if not all("!" <= c <= "~" for c in key):
+            raise ValueError("an API key must be printable ASCII without spaces")
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -464,8 +729,30 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class RedactSecrets(logging.Filter):
+    """Logs never carry a token (docs/operations.md, "Identity"): at debug level websockets
+    logs request lines, headers and frames; query strings, Authorization values and
+    anything shaped like a JWT are replaced before a line is written."""
+
+    _PATTERNS: Final = (
+        (re.compile(r"(?i)(authorization:\s*)[^\r\n'\"]+"), r"\1[redacted]"),
+        (re.compile(r"(/[^\s?'\"]*)\?[^\s'\"]+"), r"\1?[redacted]"),
+        (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[token]"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for pattern, replacement in self._PATTERNS:
+            redacted = pattern.sub(replacement, redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactSecrets())
     if config.log_format == "json":
         formatter: logging.Formatter = _JsonFormatter()
     else:
@@ -508,14 +795,23 @@ async def serve(config: Config, backend: Backend) -> int:
     from kasagi_relay import delta
 
     ack = f", ack {config.ack_level}" if config.backend_name != "memory" else ""
+    if config.jwt_secret is not None:
+        identity = "tokens: --jwt-secret"
+    elif config.jwt_public_key is not None:
+        identity = "tokens: --jwt-public-key"
+    elif config.jwks is not None:
+        identity = "tokens: --jwks"
+    else:
+        identity = "anonymous"
     logger.info(
-        "kasagi-relay %s serving %s (%s backend%s, tick %d ms, %s engine)",
+        "kasagi-relay %s serving %s (%s backend%s, tick %d ms, %s engine, %s)",
         __version__,
         relay.url,
         config.backend_name,
         ack,
         config.tick_ms,
         delta.IMPLEMENTATION,
+        identity,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -569,6 +865,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ImportError) as exc:
         print(f"kasagi-relay: error: {exc}", file=sys.stderr)
         return 2
+    if config.workers > 1:
+        from kasagi_relay.workers import supervise
+
+        return supervise(config)
     import uvloop
 
     return uvloop.run(serve(config, backend))

@@ -44,11 +44,13 @@ async def compact_room(
     keep_from: int = 0,
     history_bytes: int = 0,
     max_state_bytes: int = 0,
+    max_state_memory: int = 0,
 ) -> Snapshot | None:
     """One compaction of `room`; the new snapshot, or None when there was nothing new.
 
     `max_state_bytes` must be the relays' --max-state-bytes: a delta that would take the
-    state past it is a no-op in the rooms, so it must be one in the snapshot too.
+    state past it is a no-op in the rooms, so it must be one in the snapshot too; the same
+    for `max_state_memory` (--max-state-memory).
 
     Raises RoomLocked when the room's lock is held elsewhere: that is not the same as
     "nothing new", since the holder may have died before covering the history.
@@ -64,7 +66,9 @@ async def compact_room(
             await backend.snapshots.trim(room, keep_from, history, history_bytes)
             return None
         deltas = [op.delta for op in ops]
-        data = await asyncio.to_thread(delta.compact, data, deltas, max_state_bytes)
+        data = await asyncio.to_thread(
+            delta.compact, data, deltas, max_state_bytes, max_state_memory
+        )
         new = Snapshot(ops[-1].seq, data, snap.tick if snap is not None else 0)
         written = await backend.snapshots.write_snapshot(room, new)
         await backend.snapshots.trim(room, keep_from, history, history_bytes)
@@ -85,6 +89,7 @@ class Compactor:
         history_age_s: float,
         history_bytes: int = 0,
         max_state_bytes: int = 0,
+        max_state_memory: int = 0,
     ) -> None:
         """`rooms()` gives (name, last seq seen) of the rooms this relay holds;
         `history_bytes` bounds each room's history by bytes of deltas (0: no limit);
@@ -97,6 +102,7 @@ class Compactor:
         self.history_age_s = history_age_s
         self.history_bytes = history_bytes
         self.max_state_bytes = max_state_bytes
+        self.max_state_memory = max_state_memory
         self._marks: dict[str, deque[tuple[float, int]]] = {}
         self._compacted: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -144,6 +150,7 @@ class Compactor:
                     keep_from=keep_from,
                     history_bytes=self.history_bytes,
                     max_state_bytes=self.max_state_bytes,
+                    max_state_memory=self.max_state_memory,
                 )
             except RoomLocked:
                 # Not marked as done: after a failover the lock of a compaction that died

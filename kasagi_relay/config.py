@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 
 from kasagi_relay.domain import AckLevel
 
@@ -30,6 +31,8 @@ class Config:
     cluster: tuple[tuple[str, int], ...] = ()
     master: str = "kasagi-master"
     redis_password: str | None = None
+    # --cluster over TLS: the CA bundle (PEM) that signed the nodes' certificates.
+    redis_tls_ca: str | None = None
     sentinel_password: str | None = None
     # None means "the default for the backend": replica with Sentinels or a Cluster,
     # leader otherwise.
@@ -46,6 +49,9 @@ class Config:
     # Limits.
     max_message_bytes: int = 1 * MiB
     max_state_bytes: int = 8 * MiB
+    # The engine's memory estimate of a room's state (its JSON plus 72 bytes per node and
+    # 48 per object member; docs/operations.md). The CLI default is 8x --max-state-bytes.
+    max_state_memory: int = 64 * MiB
     send_queue_bytes: int = 1 * MiB
     rate_limit: float = 200.0  # messages per second per connection, sustained
     rate_burst: int = 400  # messages a connection may send at once
@@ -71,11 +77,47 @@ class Config:
     # A frame whose bytes are not all in within this closes its connection (1008).
     frame_timeout_s: float = 10.0
 
+    # Presence (docs/protocol.md): each relay re-writes its members' entries every
+    # presence_refresh_s; an entry not refreshed within presence_ttl_s is taken out (its
+    # relay died) and its presence_leave sent. A presence reply lists at most
+    # max_presence_members members (count and users stay exact; 0 = no limit).
+    # False: no presence entries nor events (`presence` is `unavailable`), no Redis write
+    # per join.
+    presence: bool = True
+    presence_refresh_s: float = 20.0
+    presence_ttl_s: float = 60.0
+    max_presence_members: int = 10_000
+
+    # The HTTP API (docs/protocol.md, "HTTP API"): off without a key; several keys let one
+    # be rotated out. A request must arrive whole (headers and body), and an idle keep-alive
+    # connection send its next one, within api_timeout_s; past api_max_requests requests
+    # served at once, more get 503.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never in a log line
+    api_timeout_s: float = 10.0
+    api_max_requests: int = 64
+
     # Connection housekeeping.
     ping_interval_s: float | None = 20.0
     close_timeout_s: float = 5.0
     room_idle_s: float = 60.0
     shutdown_timeout_s: float = 10.0
+
+    # Relay processes serving the port (kasagi_relay/workers.py); 1 = this process alone.
+    workers: int = 1
+
+    # Identity (docs/protocol.md, "Identity"; docs/operations.md): one JWT key source. With
+    # none the relay is anonymous, which cli.py allows only on loopback or with --auth none.
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # PEM file
+    jwks: str | None = None  # a file, or an https URL
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: float = 5.0
+    # A connection that has not authenticated within this is closed (1008).
+    auth_timeout_s: float = 5.0
+    auth_none: bool = False  # --auth none: anonymous on any address, on purpose
+    # Origins a browser handshake may come from; "*" any. No Origin header: always allowed.
+    allowed_origins: tuple[str, ...] = ("*",)
 
     log_level: str = "info"
     log_format: str = "text"
@@ -89,6 +131,10 @@ class Config:
         return "replica" if self.sentinels or self.cluster else "leader"
 
     @property
+    def jwt_configured(self) -> bool:
+        return any(k is not None for k in (self.jwt_secret, self.jwt_public_key, self.jwks))
+
+    @property
     def backend_name(self) -> str:
         if self.sentinels:
             return "sentinel"
@@ -98,8 +144,31 @@ class Config:
             return "redis"
         return "memory"
 
+    def check_access(self) -> None:
+        """docs/operations.md, "Identity": anonymous only on loopback or when asked for;
+        ConfigError (one line, exit 2) otherwise."""
+        keys = [k for k in (self.jwt_secret, self.jwt_public_key, self.jwks) if k is not None]
+        if len(keys) > 1:
+            raise ConfigError("give only one of --jwt-secret, --jwt-public-key and --jwks")
+        if keys and self.auth_none:
+            raise ConfigError("--auth none and a JWT key contradict each other: drop one")
+        if not keys and not self.auth_none and not _loopback(self.host):
+            raise ConfigError(
+                f"refusing to serve anonymously on {self.host}: give a JWT key "
+                "(--jwt-secret, --jwt-public-key or --jwks), or --auth none to allow it"
+            )
+
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 __all__ = [
     "IMPLEMENTATION",
     "MAX_DEPTH",
+    "MEMBER_BYTES",
+    "NODE_BYTES",
     "WORK_BASE",
     "WORK_PER_BYTE",
     "DeltaError",
@@ -25,6 +27,7 @@ __all__ = [
     "json_to_msgpack",
     "merge",
     "msgpack_to_json",
+    "msgpack_to_json_counted",
     "validate",
 ]
 
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
     from kasagi_relay._native import (
         IMPLEMENTATION,
         MAX_DEPTH,
+        MEMBER_BYTES,
+        NODE_BYTES,
         WORK_BASE,
         WORK_PER_BYTE,
         DeltaError,
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
         json_to_msgpack,
         merge,
         msgpack_to_json,
+        msgpack_to_json_counted,
         validate,
     )
 else:

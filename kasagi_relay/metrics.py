@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,9 +44,24 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.connections = Gauge("kasagi_connections", "Open WebSocket connections.", registry=r)
-        self.rooms = Gauge("kasagi_rooms", "Rooms cached by this relay.", registry=r)
-        self.members = Gauge("kasagi_members", "Room memberships on this relay.", registry=r)
+        # `livesum`: with --workers N (prometheus-client's multiprocess mode) a gauge is the
+        # sum over the running workers; outside that mode it is ignored.
+        live: Final = "livesum"
+        self.connections = Gauge(
+            "kasagi_connections",
+            "Open WebSocket connections.",
+            registry=r,
+            multiprocess_mode=live,
+        )
+        self.rooms = Gauge(
+            "kasagi_rooms", "Rooms cached by this relay.", registry=r, multiprocess_mode=live
+        )
+        self.members = Gauge(
+            "kasagi_members",
+            "Room memberships on this relay.",
+            registry=r,
+            multiprocess_mode=live,
+        )
         self.deltas_in = Counter(
             "kasagi_deltas_in", "Deltas received from clients and acknowledged.", registry=r
         )
@@ -69,6 +85,7 @@ class Metrics:
             "kasagi_send_queue_bytes",
             "Bytes waiting in the send buffers of all connections.",
             registry=r,
+            multiprocess_mode=live,
         )
         self.dropped_members = Counter(
             "kasagi_dropped_members",
@@ -84,8 +101,16 @@ class Metrics:
         self.forbidden = Counter(
             "kasagi_forbidden",
             "Requests refused with `forbidden` because the identity's grants lack the "
-            "right, by action (join, publish).",
+            "right, by action (join, publish, read).",
             ["action"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "kasagi_auth_failures",
+            "Connections refused or closed because authentication failed, by reason "
+            "(auth.REASONS: missing, malformed, algorithm, signature, unknown_kid, expired, "
+            "not_yet_valid, audience, issuer, claims, sub_changed).",
+            ["reason"],
             registry=r,
         )
         self.resets = Counter("kasagi_resets", "Room resets sent to members.", registry=r)
@@ -111,10 +136,31 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.api_requests = Counter(
+            "kasagi_api_requests",
+            "HTTP API requests answered, by route (deltas, state, presence, other) and "
+            "HTTP status.",
+            ["route", "status"],
+            registry=r,
+        )
         self.ack_latency = Histogram(
             "kasagi_ack_latency_seconds",
             "Time from receiving a delta to sending its ack.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Set by kasagi_relay.workers in a worker of --workers N: renders every worker's
+        # values (prometheus-client's multiprocess mode) instead of this registry's.
+        self.multiprocess: Callable[[], bytes] | None = None
+
+        self.presence_entries = Gauge(
+            "kasagi_presence_entries",
+            "Presence entries this relay holds (its members' memberships, every room).",
+            registry=r,
+        )
+        self.presence_events = Counter(
+            "kasagi_presence_events",
+            "presence_join and presence_leave messages sent to members.",
             registry=r,
         )
 
@@ -123,6 +169,8 @@ class Metrics:
         self.send_queue_bytes.set_function(total)
 
     def render(self) -> bytes:
+        if self.multiprocess is not None:
+            return self.multiprocess()
         return generate_latest(self.registry)
 
 

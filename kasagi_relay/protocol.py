@@ -1,7 +1,8 @@
 """The wire protocol of docs/protocol.md, Sans-I/O: messages in, typed requests out; replies out.
 
 Nothing here touches a socket or an event loop. `parse` turns one WebSocket message into a
-`Join`, `Leave` or `Delta` request, or raises `BadRequest` carrying the error to send back.
+`Join`, `Leave`, `Delta` or `PresenceRequest` request, or raises `BadRequest` carrying the
+error to send back.
 The `encode_*` functions build reply payloads for one subprotocol; `DeltaFrame` builds the
 `delta`/`reset` payloads that fan out to many members by concatenating bytes around what
 the engine already encoded, so the room state and the delta are never parsed again.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import msgpack
@@ -24,6 +25,7 @@ __all__ = [
     "JSON",
     "MSGPACK",
     "SUBPROTOCOLS",
+    "Auth",
     "BadRequest",
     "Codec",
     "Delta",
@@ -31,14 +33,19 @@ __all__ = [
     "ErrorCode",
     "Join",
     "Leave",
+    "PresenceRequest",
     "Request",
     "RequestId",
     "delta_doc",
     "encode_ack",
+    "encode_authed",
     "encode_error",
     "encode_joined",
     "encode_left",
+    "encode_presence",
+    "encode_presence_event",
     "parse",
+    "parse_delta_body",
     "peek_id",
     "split_delta_doc",
 ]
@@ -71,6 +78,16 @@ class Join:
     room: str
     since: int | None = None
     id: RequestId | None = None
+    # v1.1: also deliver presence_join / presence_leave of the room's other members.
+    presence: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceRequest:
+    """v1.1 `{"t":"presence","room":R}`: every member of the room on every relay."""
+
+    room: str
+    id: RequestId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +109,16 @@ class Delta:
         return delta_doc(self.kind, self.body)
 
 
-Request = Join | Leave | Delta
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """`{"t":"auth","token":T}`: authenticate, or refresh (docs/protocol.md, "Identity")."""
+
+    token: str = field(repr=False)  # never in a log line
+    id: RequestId | None = None
+    room: None = None  # no room: replies carry none
+
+
+Request = Join | Leave | Delta | Auth | PresenceRequest
 
 
 class BadRequest(Exception):
@@ -142,7 +168,7 @@ _MP_MAP: Final = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _MP_CONTAINER: Final = _MP_MAP | frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 _MP_STR: Final = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}
 # Top-level members read as values; every other member is only checked, never built.
-_SCALARS: Final = frozenset(("t", "room", "id", "since", "key"))
+_SCALARS: Final = frozenset(("t", "room", "id", "since", "key", "token", "presence"))
 _KINDS: Final = ("patch", "merge")
 
 
@@ -238,6 +264,14 @@ def _loads(text: str) -> object:
 
 
 def _parse_json(text: str, codec: Codec) -> Request:
+    # The engine reads the delta from the message itself (other members are ignored), by its
+    # own rules (depth, numbers), rather than from a re-serialization of ours.
+    return _parse_object(_json_top(text), lambda kind: text, codec)
+
+
+def _json_top(text: str) -> Mapping[str, object]:
+    """The top-level members of a JSON message (past INLINE_JSON_CHARS only the scalars:
+    see parse)."""
     if len(text) > INLINE_JSON_CHARS:
         _check_containers(text)
         try:
@@ -245,15 +279,25 @@ def _parse_json(text: str, codec: Codec) -> Request:
         except delta.DeltaError as exc:
             raise BadRequest("bad_message", f"message is not valid JSON: {exc}") from None
         fields, _ = _msgpack_top(packed)
-        return _parse_object(fields, lambda kind: text, codec)
+        return fields
     obj = _loads(text)
     if not isinstance(obj, dict):
         raise BadRequest("bad_message", "message must be an object")
     if len(obj) > MAX_MEMBERS:  # the same limit on both codecs
         raise BadRequest("bad_message", _TOO_MANY_MEMBERS)
-    # The engine reads the delta from the message itself (other members are ignored), by its
-    # own rules (depth, numbers), rather than from a re-serialization of ours.
-    return _parse_object(obj, lambda kind: text, codec)
+    return obj
+
+
+def parse_delta_body(data: bytes, room: str) -> Delta:
+    """A delta for `room` from the body of an HTTP API request (docs/protocol.md, "HTTP
+    API"): a UTF-8 JSON object with `patch` or `merge` and an optional `key`, checked
+    exactly as a `delta` message (`t`, `room` and `id`, if present, are ignored).
+
+    Cost: as parse(), so a caller may run it in a worker thread for a big body."""
+    if not valid_room(room):
+        raise BadRequest("bad_room", f"invalid room name {_short(room)}")
+    text = _utf8(data)
+    return _parse_delta(_json_top(text), lambda kind: text, room, None)
 
 
 def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, int]]]:
@@ -307,16 +351,19 @@ def _msgpack_top(data: bytes) -> tuple[dict[str, object], dict[str, tuple[int, i
     return fields, spans
 
 
-def _msgpack_json(data: bytes, rid: RequestId | None) -> bytes:
+def _msgpack_json(data: bytes, rid: RequestId | None, left: list[int]) -> bytes:
     """MessagePack -> JSON by the engine (GIL released), in memory of the output's size; raises
-    DeltaError, or BadRequest past MAX_CONTAINERS arrays and maps (the engine stops there,
+    DeltaError, or BadRequest past the arrays and maps `left[0]` allows (what the members
+    converted before left of MAX_CONTAINERS: the cap is per message; the engine stops there,
     so a frame of a million empty arrays costs no more than its first 100,000)."""
     try:
-        return delta.msgpack_to_json(data, MAX_CONTAINERS)
+        out, used = delta.msgpack_to_json_counted(data, left[0])
     except delta.DeltaError as exc:
         if "arrays and objects" in str(exc):
             raise BadRequest("bad_message", _TOO_MANY_CONTAINERS, rid) from None
         raise
+    left[0] -= used
+    return out
 
 
 def _bad_msgpack(exc: delta.DeltaError) -> bool:
@@ -329,13 +376,14 @@ def _bad_msgpack(exc: delta.DeltaError) -> bool:
 def _parse_msgpack(data: bytes) -> Request:
     fields, spans = _msgpack_top(data)
     rid = _request_id(fields, MSGPACK)
+    left = [MAX_CONTAINERS - 1]  # the message's own map is one
     # Members nobody reads must still be MessagePack with a JSON form (string keys, UTF-8),
     # as on the JSON subprotocol: no message means two things.
     for name, (start, end) in spans.items():
         if name in _KINDS or name in _SCALARS:
             continue
         try:
-            _msgpack_json(data[start:end], rid)
+            _msgpack_json(data[start:end], rid, left)
         except delta.DeltaError:
             raise BadRequest(
                 "bad_message", f"member {_short(name)} has no JSON form", rid
@@ -344,7 +392,7 @@ def _parse_msgpack(data: bytes) -> Request:
     def source(kind: str) -> bytes:
         start, end = spans[kind]
         try:
-            body = _msgpack_json(data[start:end], None)
+            body = _msgpack_json(data[start:end], None, left)
         except delta.DeltaError as exc:
             if _bad_msgpack(exc):
                 raise BadRequest("bad_message", str(exc)) from None
@@ -394,8 +442,13 @@ def _parse_object(obj: Mapping[str, object], source: _Source, codec: Codec) -> R
     t = obj.get("t")
     if t is None:
         raise BadRequest("bad_message", "missing field t", rid)
-    if t not in ("join", "leave", "delta"):
+    if t not in ("join", "leave", "delta", "auth", "presence"):
         raise BadRequest("bad_message", f"unknown message type {_short(t)}", rid)
+    if t == "auth":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadRequest("bad_message", "auth needs a token (a string)", rid)
+        return Auth(token, rid)
     if "room" not in obj:
         raise BadRequest("bad_message", "missing field room", rid)
     room = obj["room"]
@@ -410,9 +463,16 @@ def _parse_object(obj: Mapping[str, object], source: _Source, codec: Codec) -> R
             raise BadRequest(
                 "bad_message", "since must be an integer within 0 .. 2**64-1", rid, room
             )
-        return Join(room, since, rid)
+        presence = obj.get("presence", False)
+        if presence is None:
+            presence = False
+        if not isinstance(presence, bool):
+            raise BadRequest("bad_message", "presence must be true or false", rid, room)
+        return Join(room, since, rid, presence)
     if t == "leave":
         return Leave(room, rid)
+    if t == "presence":
+        return PresenceRequest(room, rid)
     return _parse_delta(obj, source, room, rid)
 
 
@@ -499,10 +559,49 @@ def encode_ack(codec: Codec, room: str, seq: int, rid: RequestId | None) -> byte
     return _payload(codec, fields)
 
 
-def encode_left(codec: Codec, room: str, rid: RequestId | None) -> bytes:
+def encode_left(
+    codec: Codec, room: str, rid: RequestId | None, code: ErrorCode | None = None
+) -> bytes:
+    """`left`; with `code` when the relay left the room for the client (`forbidden`: a
+    refreshed token no longer reads it)."""
     fields = _with_id("left", rid)
     fields["room"] = room
+    if code is not None:
+        fields["code"] = code
     return _payload(codec, fields)
+
+
+def encode_authed(codec: Codec, sub: str, exp: float, rid: RequestId | None) -> bytes:
+    fields = _with_id("authed", rid)
+    fields["sub"] = sub
+    fields["exp"] = int(exp) if float(exp).is_integer() else exp
+    return _payload(codec, fields)
+
+
+def encode_presence(
+    codec: Codec,
+    room: str,
+    members: list[dict[str, object]],
+    count: int,
+    users: int,
+    rid: RequestId | None,
+    truncated: bool = False,
+) -> bytes:
+    """The `presence` reply; `truncated` when `members` lists fewer than `count`
+    (--max-presence-members)."""
+    fields = _with_id("presence", rid)
+    fields["room"] = room
+    fields["members"] = members
+    fields["count"] = count
+    fields["users"] = users
+    if truncated:
+        fields["truncated"] = True
+    return _payload(codec, fields)
+
+
+def encode_presence_event(codec: Codec, kind: str, room: str, member: dict[str, object]) -> bytes:
+    """`presence_join` / `presence_leave` (`kind` "join" / "leave") of one member."""
+    return _payload(codec, {"t": "presence_" + kind, "room": room, "member": member})
 
 
 def encode_error(
@@ -531,11 +630,15 @@ def encode_joined(
     seq: int,
     rid: RequestId | None,
     state: delta.RoomState | None,
+    conn: str | None = None,
 ) -> bytes:
-    """`joined` with the full state (`state` given, its seq is `seq`) or `resumed` (None)."""
+    """`joined` with the full state (`state` given, its seq is `seq`) or `resumed` (None);
+    `conn`, the connection's id (v1.1, presence), when given."""
     fields = _with_id("joined", rid)
     fields["room"] = room
     fields["seq"] = seq
+    if conn is not None:
+        fields["conn"] = conn
     if state is None:
         fields["resumed"] = True
         return _payload(codec, fields)

@@ -93,6 +93,11 @@ class RateLimiter:
         self.refused_since: float | None = None
         self._last_refused = 0.0
 
+    def charge(self, nbytes: int, now: float) -> None:
+        """Count `nbytes` of work done for the connection (a big reply it asked for) in
+        its byte rate: past the burst, its next messages are refused until it pays."""
+        self._bytes.charge(nbytes, now)
+
     def admit(self, nbytes: int, now: float) -> Verdict:
         """One message or control frame of `nbytes`: may it be served?"""
         allowed = not self._bytes.in_debt(now) and self._messages.take(1.0, now)

@@ -30,6 +30,7 @@ class RoomRegistry:
         idle_s: float,
         tick_s: float,
         max_state_bytes: int = 0,
+        max_state_memory: int = 0,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
@@ -37,6 +38,7 @@ class RoomRegistry:
         self.idle_s = idle_s
         self.tick_s = tick_s
         self.max_state_bytes = max_state_bytes
+        self.max_state_memory = max_state_memory
         self.rooms: dict[str, Room] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -72,6 +74,7 @@ class RoomRegistry:
             self.metrics,
             tick_s=self.tick_s,
             max_bytes=self.max_state_bytes,
+            max_memory=self.max_state_memory,
         )
         self.metrics.rooms.set(len(self.rooms))
         return room

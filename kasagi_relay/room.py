@@ -67,19 +67,21 @@ SMALL_STATE = 64 * 1024
 GROWTH = 8
 
 
-async def load_state(backend: Backend, room: str, max_bytes: int = 0) -> delta.RoomState:
+async def load_state(
+    backend: Backend, room: str, max_bytes: int = 0, max_memory: int = 0
+) -> delta.RoomState:
     """The room's state from its snapshot and the ops after it (see `load_judged`)."""
-    return (await load_judged(backend, room, max_bytes))[0]
+    return (await load_judged(backend, room, max_bytes, max_memory))[0]
 
 
 async def load_judged(
-    backend: Backend, room: str, max_bytes: int = 0
+    backend: Backend, room: str, max_bytes: int = 0, max_memory: int = 0
 ) -> tuple[delta.RoomState, list[Op]]:
     """The room's state from its snapshot and the ops after it (the engine works in a
     worker thread: natively it releases the GIL), and the last RECENT_OPS of those ops as
     judged at their position (`_judge`), to serve resumes. `max_bytes` is
-    --max-state-bytes: a delta that would take the state past it is a no-op, here as on
-    every relay."""
+    --max-state-bytes and `max_memory` --max-state-memory: a delta that would take the
+    state past either is a no-op, here as on every relay."""
     for _ in range(5):
         snap = await backend.snapshots.read_snapshot(room)
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
@@ -92,8 +94,10 @@ async def load_judged(
     older, recent = ops[:-RECENT_OPS], ops[-RECENT_OPS:]
 
     def work() -> tuple[delta.RoomState, list[Op]]:
-        base = delta.compact(data, [op.delta for op in older], max_bytes) if older else data
-        state = delta.RoomState(base, older[-1].seq if older else base_seq, max_bytes)
+        deltas = [op.delta for op in older]
+        base = delta.compact(data, deltas, max_bytes, max_memory) if older else data
+        seq = older[-1].seq if older else base_seq
+        state = delta.RoomState(base, seq, max_bytes, max_memory)
         return state, _judge(state, recent)
 
     return await asyncio.to_thread(work)
@@ -187,7 +191,8 @@ def _check_job(
         if head is None:
             # A second copy of the state, made only when checks need the queued ops, then
             # kept up to date while they keep needing it (see Room._applied).
-            head = _advance(delta.RoomState(state.to_json(), state.seq, state.max_bytes), ops)
+            # A clone, not a parse of to_json(): the parser's peak was 2.4x the state.
+            head = _advance(state.copy(), ops)
             if head is None:
                 raise RuntimeError("the queued ops do not apply to a copy of the state")
         target = head
@@ -247,12 +252,13 @@ class Replay:
 
 
 class Room:
-    """One room: `ensure_loaded`, `check` before a publish, `on_op` for
-    what the backend delivers, `join` / `leave` for members, `idle` / `close` for the
-    registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
+    """One room: `ensure_loaded`, `check` before a publish, `on_op` for what the backend
+    delivers, `join` / `leave` for members, `read` for the HTTP API, `idle` / `close` for
+    the registry. `seq` is the seq members have been sent up to, `last_seq` the last op known.
     `recent_bytes` bounds the recent ops kept for resumes (with RECENT_OPS); `max_bytes`
-    (--max-state-bytes) bounds the state: the engine keeps its exact size and refuses
-    (check) or skips (apply) a delta that would pass it."""
+    (--max-state-bytes) and `max_memory` (--max-state-memory) bound the state: the engine
+    keeps its exact size and memory estimate and refuses (check) or skips (apply) a delta
+    that would pass either."""
 
     def __init__(
         self,
@@ -263,12 +269,14 @@ class Room:
         tick_s: float = 0.0,
         recent_bytes: int = RECENT_BYTES,
         max_bytes: int = 0,
+        max_memory: int = 0,
     ) -> None:
         self.name = name
         self.backend = backend
         self.metrics = metrics
         self.tick_s = tick_s
         self.max_bytes = max_bytes
+        self.max_memory = max_memory
         self.state: delta.RoomState | None = None
         self.seq = 0  # state's seq, readable without touching the state
         self.last_seq = 0
@@ -302,6 +310,8 @@ class Room:
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Reads (the HTTP API) waiting for the state to reach a seq this relay acknowledged.
+        self._readers: list[tuple[int, asyncio.Future[None]]] = []
 
     def __repr__(self) -> str:
         return f"<Room {self.name} seq={self.seq} last={self.last_seq} members={len(self.members)}>"
@@ -332,7 +342,7 @@ class Room:
     async def _load(self) -> None:
         # Subscribe first: whatever is published while we read is held, not lost.
         await self.backend.feed.subscribe(self.name)
-        state, judged = await load_judged(self.backend, self.name, self.max_bytes)
+        state, judged = await load_judged(self.backend, self.name, self.max_bytes, self.max_memory)
         if self._closed:
             return
         async with self._engine:
@@ -358,6 +368,7 @@ class Room:
         self.state = state
         self.seq = self.last_seq = state.seq
         self._remember(judged)
+        self._wake_readers()
 
     # ------------------------------------------------------------------ ordering
 
@@ -488,7 +499,7 @@ class Room:
 
     async def _reset(self) -> None:
         """History no longer reaches our last seq: reload and send members a `reset`."""
-        state, judged = await load_judged(self.backend, self.name, self.max_bytes)
+        state, judged = await load_judged(self.backend, self.name, self.max_bytes, self.max_memory)
         if self._closed:
             return
         async with self._engine:
@@ -618,6 +629,8 @@ class Room:
         if self.state is not None:
             self._size = self.state.json_size()  # O(1): the engine keeps it
         self.seq = ops[-1].seq
+        if self._readers:
+            self._wake_readers()
         if self._encoded:
             self._encoded = {}  # members still reading the previous version hold it
         self._remember(ops)
@@ -670,17 +683,22 @@ class Room:
 
     # ------------------------------------------------------------------ members
 
-    async def join(self, member: Member, since: int | None, rid: RequestId | None) -> None:
+    async def join(
+        self, member: Member, since: int | None, rid: RequestId | None, conn: str | None = None
+    ) -> None:
         """Send `joined` (full state, or resumed + the missed deltas) and add the member.
-        A big state or replay is written as the member reads (fanout.Member.send_stream)."""
+        A big state or replay is written as the member reads (fanout.Member.send_stream).
+        `conn`, the connection's id, goes into `joined` (v1.1, presence)."""
         self.last_active = time.monotonic()  # before any await: not idle, not evicted
         self._joining += 1
         try:
-            await self._join(member, since, rid)
+            await self._join(member, since, rid, conn)
         finally:
             self._joining -= 1
 
-    async def _join(self, member: Member, since: int | None, rid: RequestId | None) -> None:
+    async def _join(
+        self, member: Member, since: int | None, rid: RequestId | None, conn: str | None
+    ) -> None:
         while True:
             await self.ensure_loaded()
             missed: list[Op] | None = None
@@ -694,7 +712,7 @@ class Room:
                 # added: it sees exactly the stream after what it is sent here.
                 if missed is not None and (missed[-1].seq if missed else since) == self.seq:
                     assert since is not None
-                    member.send(encode_joined(member.codec, self.name, since, rid, None))
+                    member.send(encode_joined(member.codec, self.name, since, rid, None, conn))
                     if missed:
                         member.send_stream(Replay(self.name, missed, member.codec, member.opcode))
                 else:
@@ -704,10 +722,52 @@ class Room:
                         fields["id"] = rid
                     fields["room"] = self.name
                     fields["seq"] = self.seq
+                    if conn is not None:
+                        fields["conn"] = conn
                     prefix, suffix = _message_parts(member.codec, fields)
                     member.send_payload(payload, prefix, suffix)
                 self.members[member] = None
                 return
+
+    async def read(self, wait_s: float = 1.0) -> tuple[int, Payload]:
+        """The state as JSON and its seq, for the HTTP API: the encoding joiners of this
+        version share (made off the loop unless the state is small). It includes every
+        delta this relay acknowledged in the room (a client reads its own writes), waiting
+        up to `wait_s` for them to be applied (a tick, at most)."""
+        self.last_active = time.monotonic()  # before any await: not idle, not evicted
+        self._joining += 1  # a reader, like a joiner, keeps the room loaded meanwhile
+        try:
+            await self.ensure_loaded()
+            target = self.acked_seq
+            if self.seq < target:
+                fut = asyncio.get_running_loop().create_future()
+                self._readers.append((target, fut))
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await fut
+                except TimeoutError:
+                    pass  # served as it is
+                finally:
+                    self._readers = [(t, f) for t, f in self._readers if f is not fut]
+            while True:
+                await self.ensure_loaded()
+                async with self._engine:
+                    state = self.state
+                    if state is None:
+                        continue  # lost while we waited (a failed apply): read after reload
+                    return self.seq, await self._encoding(state, JSON)
+        finally:
+            self._joining -= 1
+
+    def _wake_readers(self) -> None:
+        still = []
+        for target, fut in self._readers:
+            if target <= self.seq:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._readers = still
 
     async def _missed(self, since: int) -> list[Op] | None:
         """The ops since+1 .. seq, or None when history cannot serve them. The last op
@@ -752,11 +812,12 @@ class Room:
         )
         if ops is None or len(ops) != seq - base_seq or (ops and ops[-1].seq != seq):
             return None
-        max_bytes = self.max_bytes
+        max_bytes, max_memory = self.max_bytes, self.max_memory
 
         def work() -> delta.RoomState:
-            base = delta.compact(data, [op.delta for op in ops], max_bytes) if ops else data
-            return delta.RoomState(base, seq, max_bytes)
+            deltas = [op.delta for op in ops]
+            base = delta.compact(data, deltas, max_bytes, max_memory) if ops else data
+            return delta.RoomState(base, seq, max_bytes, max_memory)
 
         return await asyncio.to_thread(work)
 

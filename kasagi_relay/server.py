@@ -3,13 +3,15 @@
 The parts, one role each (docs/design.md):
 - http.py: the HTTP routes (/healthz, /metrics) and the handshake's admission
   (admission.py: --max-connections, --max-connections-per-address);
+- api.py: the HTTP API (/api/...), on connections session.RelayConnection hands over;
 - session.py: one WebSocket connection: input guards, rate limit, dispatch; it holds a
   fanout.Member, the writer rooms broadcast to (built in `Relay._member`, one place);
 - service.py: the transport-free room service (authorize, check, publish, join, leave,
   idempotency keys);
 - registry.py: the rooms loaded on this relay (load, least-recently-used unload, sweep);
   it is the backend's listener, and room.py orders and merges each room's deltas;
-- compaction.py: snapshots and history trimming.
+- compaction.py: snapshots and history trimming;
+- presence.py: this relay's members' presence entries and the presence events.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -26,6 +29,8 @@ from websockets.typing import Subprotocol
 
 from kasagi_relay import protocol, tls
 from kasagi_relay.admission import Admission
+from kasagi_relay.api import ApiServer
+from kasagi_relay.auth import Verifier
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.backends.factory import build_backend
 from kasagi_relay.compaction import Compactor
@@ -33,7 +38,9 @@ from kasagi_relay.config import Config, ConfigError
 from kasagi_relay.fanout import Member, SendBudget
 from kasagi_relay.http import HttpRoutes
 from kasagi_relay.inspector import Inspector
+from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import Metrics
+from kasagi_relay.presence import PresenceHub
 from kasagi_relay.protocol import JSON, SUBPROTOCOLS, Codec
 from kasagi_relay.registry import RoomRegistry
 from kasagi_relay.room import Room
@@ -49,7 +56,11 @@ class Relay:
     """A running relay. `await relay.start()`, then `await relay.stop()` (or `async with`)."""
 
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        config.check_access()
         self.config = config
+        # Identity (auth.py, jwks.py): None on an anonymous relay.
+        verifier = Verifier.from_config(config)
+        self.auth = Authenticator(verifier, config.jwks) if verifier is not None else None
         self._tls = tls.server_context(config)
         self.backend = backend if backend is not None else build_backend(config)
         self.metrics = Metrics()
@@ -60,8 +71,21 @@ class Relay:
             idle_s=config.room_idle_s,
             tick_s=config.tick_ms / 1000,
             max_state_bytes=config.max_state_bytes,
+            max_state_memory=config.max_state_memory,
         )
-        self.service = RoomService(self.registry, self.backend, self.metrics)
+        self.presence = PresenceHub(
+            self.backend.presence,
+            self.metrics,
+            refresh_s=config.presence_refresh_s,
+            ttl_s=config.presence_ttl_s,
+            max_members=config.max_presence_members,
+        )
+        self.service = RoomService(
+            self.registry,
+            self.backend,
+            self.metrics,
+            self.presence if config.presence else None,
+        )
         self.admission = Admission(
             config.max_connections, config.max_connections_per_address, config.trusted_proxies
         )
@@ -70,8 +94,11 @@ class Relay:
             self.metrics,
             self.admission,
             lambda: self.service.closing,
-            Inspector() if config.inspector else None,
+            auth=self.auth,
+            allowed_origins=config.allowed_origins,
+            inspector=Inspector() if config.inspector else None,
         )
+        self.api = ApiServer(config, self.service, self.metrics, self.admission)
         self.sessions: set[Session] = set()
         self.server: Server | None = None
         self._stopped: asyncio.Event | None = None
@@ -84,10 +111,14 @@ class Relay:
             history_age_s=config.history_age_s,
             history_bytes=config.history_bytes,
             max_state_bytes=config.max_state_bytes,
+            max_state_memory=config.max_state_memory,
         )
         # Every member's queue together: one bound for the relay (docs/operations.md).
         self.budget = SendBudget(config.send_budget_bytes)
         self.metrics.track_send_queue(self._send_queue_total)
+        # Extra keyword arguments for websockets' serve() (a worker of --workers N passes
+        # reuse_port and a process_response that names it: kasagi_relay/workers.py).
+        self.serve_options: dict[str, Any] = {}
 
     @property
     def rooms(self) -> dict[str, Room]:
@@ -128,6 +159,8 @@ class Relay:
         return True
 
     async def start(self) -> None:
+        if self.auth is not None:
+            await self.auth.start()
         self.backend.feed.set_listener(self.registry)
         await self.backend.start()
         cfg = self.config
@@ -135,7 +168,7 @@ class Relay:
             self._handler,
             cfg.host,
             cfg.port,
-            create_connection=RelayConnection,
+            create_connection=_connection_class(self.api),
             subprotocols=[Subprotocol(p) for p in SUBPROTOCOLS],
             select_subprotocol=_select_subprotocol,
             process_request=self.routes.process_request,
@@ -144,9 +177,12 @@ class Relay:
             ping_interval=cfg.ping_interval_s,
             close_timeout=cfg.close_timeout_s,
             ssl=self._tls,
+            **self.serve_options,
         )
         self.compactor.start()
         self.registry.start()
+        if self.config.presence:
+            self.presence.start()
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -168,6 +204,7 @@ class Relay:
             left = await self.service.drain(cfg.shutdown_timeout_s)
             if left:
                 logger.warning("shutdown: %d acks still in flight", left)
+            await self.api.close(cfg.close_timeout_s)
             for session in list(self.sessions):
                 session.close(CLOSE_GOING_AWAY, "relay shutting down")
             if self.server is not None:
@@ -178,6 +215,9 @@ class Relay:
                     for session in list(self.sessions):
                         session.conn.transport.abort()
                     await self.server.wait_closed()
+            # Every member is gone by now: their presence_leave goes out before the backend
+            # closes (what does not make it in time expires with --presence-ttl).
+            await self.presence.close()
             await self.compactor.stop()
             await self.registry.close()
             await self.backend.close()
@@ -204,7 +244,9 @@ class Relay:
             conn.request.headers = Headers()
         if conn.response is not None:
             conn.response.headers = Headers()
-        session = Session(conn, codec, self.service, self.config, self.metrics, self._member)
+        session = Session(
+            conn, codec, self.service, self.config, self.metrics, self._member, self.auth
+        )
         self.sessions.add(session)
         self.metrics.connections.inc()
         try:
@@ -214,6 +256,15 @@ class Relay:
         finally:
             self.sessions.discard(session)
             self.metrics.connections.dec()
+
+
+def _connection_class(api: ApiServer) -> type[RelayConnection]:
+    """RelayConnection handing /api/ connections to this relay's `api`."""
+
+    class Connection(RelayConnection):
+        takeover = api
+
+    return Connection
 
 
 def _select_subprotocol(

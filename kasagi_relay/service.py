@@ -1,12 +1,14 @@
 """The room service: what a client may do to a room, whatever transport carried the request.
 
-The WebSocket session (session.py) calls it today, the HTTP API will tomorrow. Nothing here
+The WebSocket session (session.py) and the HTTP API (api.py) call it. Nothing here
 knows about sockets: requests come in as arguments, failures go out as `BadRequest` with
 the error code of docs/protocol.md.
 
 Where a delta goes (docs/design.md):
-- parsed and validated by protocol.parse (session.py calls it), then here:
-- authorized in `authorize` (every request passes until identity lands, next issue),
+- parsed and validated by protocol.parse (session.py calls it; api.py calls
+  protocol.parse_delta_body, the same checks), then here:
+- authorized in `authorize` against the caller's `Identity` (its token's grants; every
+  right on an anonymous relay),
 - checked against the room's state and the size limit (`publish`, room.check),
 - ordered by the backend (`backend.publish` gives it its seq), merged into the room's
   state when it comes back from the backend (room.py), and sent to the members by
@@ -32,12 +34,13 @@ from kasagi_relay.domain import (
     Right,
     delta_digest,
 )
-from kasagi_relay.fanout import Member
+from kasagi_relay.fanout import Member, Payload
 from kasagi_relay.metrics import Metrics
+from kasagi_relay.presence import PresenceHub, PresenceView
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
 from kasagi_relay.registry import RoomRegistry
 
-__all__ = ["KEY_CONFLICT", "RoomService"]
+__all__ = ["KEY_CONFLICT", "KEY_SCOPE_SEPARATOR", "RoomService", "scoped_key"]
 
 # docs/protocol.md (v1.1): the same idempotency key with another delta. protocol.ErrorCode
 # gains the literal in the same wave; until both land this names it in one place (cast
@@ -49,7 +52,18 @@ KEY_CONFLICT: Final = cast(ErrorCode, _KEY_CONFLICT_NAME)
 # under a key is refused before it reaches the backend.
 KEY_CACHE_SIZE: Final = 100_000
 
-Action = Literal["join", "publish"]
+Action = Literal["join", "publish", "read", "presence"]
+# docs/protocol.md, "Idempotency keys": with identity a key is stored as `<sub>\x1f<key>`,
+# so two users' keys never meet; anonymous keys are stored as sent. (A client key holds no
+# \x1f in practice, and if it did it would only collide with itself under the same sub.)
+KEY_SCOPE_SEPARATOR: Final = "\x1f"
+
+
+def scoped_key(key: str | None, who: Identity) -> str | None:
+    """The idempotency key as stored (the key cache, the backend): scoped by `sub`."""
+    if key is None or who.sub is None:
+        return key
+    return who.sub + KEY_SCOPE_SEPARATOR + key
 
 
 class RoomService:
@@ -60,10 +74,13 @@ class RoomService:
         registry: RoomRegistry,
         backend: Backend,
         metrics: Metrics,
+        presence: PresenceHub | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
         self.metrics = metrics
+        # Who is in each room (docs/protocol.md, presence); None: presence not served.
+        self.presence_hub = presence
         self.closing = False
         self.inflight = 0
         self._inflight_done = asyncio.Event()
@@ -96,6 +113,8 @@ class RoomService:
         self._check_open()
         self.authorize("publish", room, who)
         digest = delta_digest(kind, body) if key is not None else ""
+        client_key = key
+        key = scoped_key(key, who)
         if key is not None:
             known = self._known_key(room, key, digest)
             if known is not None:
@@ -106,7 +125,9 @@ class RoomService:
             self.metrics.backend_errors.inc()
             raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
         except KeyConflict as exc:
-            raise BadRequest(KEY_CONFLICT, str(exc)) from None
+            raise BadRequest(
+                KEY_CONFLICT, f"key {client_key!r} was used for another delta (seq {exc.seq})"
+            ) from None
         if key is not None:
             self._remember_key(room, key, seq, digest)
         return seq
@@ -131,10 +152,11 @@ class RoomService:
             if seq is None:
                 if isinstance(exc, delta.TooLarge):
                     # The rooms hold the limit (the engine enforces it exactly).
-                    limit = self.registry.max_state_bytes
-                    raise BadRequest(
-                        "too_large", f"the room's state would pass {limit} bytes"
-                    ) from None
+                    reason = f"the room's state would pass {self.registry.max_state_bytes} bytes"
+                    if "memory" in str(exc):  # --max-state-memory (the engine's estimate)
+                        memory = self.registry.max_state_memory
+                        reason = f"the room's state would pass {memory} bytes of memory"
+                    raise BadRequest("too_large", reason) from None
                 raise BadRequest("bad_patch", str(exc)) from None
             return seq
         self.inflight += 1
@@ -155,33 +177,92 @@ class RoomService:
         since: int | None,
         rid: RequestId | None,
         who: Identity = ANONYMOUS,
+        *,
+        conn: str | None = None,
+        presence: bool = False,
     ) -> bool:
         """Send `member` the room's `joined` (full state, or resumed and the deltas after
         `since`) and add it to the room's stream; a second join restarts the stream.
-        False when the member went away meanwhile (it is not a member then)."""
+        False when the member went away meanwhile (it is not a member then).
+
+        With `conn` (the connection's id, given in `joined`) the member is present in the
+        room (its entry written meanwhile; this relay's `presence` reads wait for it);
+        `presence` also sends it the room's presence_join / presence_leave events from its
+        `joined` on."""
         self._check_open()
         self.authorize("join", room, who)
+        hub = self.presence_hub if conn is not None else None
+        held = hub is not None and hub.holds(room, member)
         try:
+            if hub is not None and presence:
+                # Before the room is loaded: nothing may await between the load and the
+                # room's join (a loaded room without a member or a join can be unloaded).
+                await hub.watch(room)
             r = await self.registry.load(room)
             if member in r.members:
                 r.leave(member)
                 self.metrics.members.dec()
-            await r.join(member, since, rid)
+            if hub is not None and conn is not None:
+                hub.join(room, member, conn, who, presence)
+            await r.join(member, since, rid, conn)
         except BackendUnavailable as exc:
+            if hub is not None and not held:
+                hub.leave(room, member)
             self.metrics.backend_errors.inc()
             raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+        except BaseException:
+            if hub is not None and not held:
+                hub.leave(room, member)
+            raise
         if not member.is_open():
             r.leave(member)
+            if hub is not None:
+                hub.leave(room, member)
             return False
+        if hub is not None:
+            hub.listen(room, member)
         self.metrics.members.inc()
         return True
 
+    async def read(self, room: str, who: Identity = ANONYMOUS) -> tuple[int, Payload]:
+        """The room's state as JSON and its seq (the HTTP API's GET): the room is loaded
+        as for a join, and the state's cached encoding is shared with joiners."""
+        self._check_open()
+        self.authorize("read", room, who)
+        try:
+            r = await self.registry.load(room)
+            return await r.read()
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+
     def leave(self, member: Member, room: str) -> None:
-        """Take `member` off the room's stream (nothing if it is not a member)."""
+        """Take `member` off the room's stream (nothing if it is not a member) and out of
+        the room's presence (its presence_leave goes to the others)."""
         r = self.registry.get(room)
         if r is not None and member in r.members:
             r.leave(member)
             self.metrics.members.dec()
+        if self.presence_hub is not None:
+            self.presence_hub.leave(room, member)
+
+    async def presence_view(self, room: str, who: Identity = ANONYMOUS) -> PresenceView:
+        """Every member of `room` on every relay (needs `r`): one backend read."""
+        self._check_open()
+        self.authorize("presence", room, who)
+        if self.presence_hub is None:
+            raise BadRequest("unavailable", "presence is off on this relay (--presence off)")
+        try:
+            return await self.presence_hub.view(room)
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+
+    async def presence(self, room: str, who: Identity = ANONYMOUS) -> dict[str, object]:
+        """`presence_view` as a JSON-able object: {"room", "members", "count", "users"}
+        (and "truncated": true past --max-presence-members), for the HTTP API."""
+        view = await self.presence_view(room, who)
+        return {"room": room, **view.to_json()}
 
     def _check_open(self) -> None:
         if self.closing:
@@ -219,5 +300,6 @@ class RoomService:
             return None
         seq, stored, _ = hit
         if stored != digest:
-            raise BadRequest(KEY_CONFLICT, f"key {key!r} was used for another delta (seq {seq})")
+            shown = key.rpartition(KEY_SCOPE_SEPARATOR)[2]
+            raise BadRequest(KEY_CONFLICT, f"key {shown!r} was used for another delta (seq {seq})")
         return seq

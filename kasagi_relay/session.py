@@ -10,7 +10,10 @@ coming in (docs/operations.md lists each limit):
 - a frame (or fragmented message) whose bytes stay incomplete for --frame-timeout
   closes the connection with 1008, which frees what it buffered;
 - whatever websockets writes by itself (pongs) counts against the member's send queue;
-- after a close that discards the peer's input, a peer that keeps sending is cut off.
+- after a close that discards the peer's input, a peer that keeps sending is cut off;
+- a connection whose first request websockets does not serve (the HTTP API: websockets
+  parses only GET requests without a body) is handed, transport and bytes, to the server
+  that claims it (`HttpTakeover`, api.py) before websockets reads anything.
 
 `Session` reads the messages, checks the rate limit before decoding anything, parses each
 request (protocol.parse; a big one in a worker thread) and hands it to the room service
@@ -30,7 +33,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -38,9 +41,11 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from kasagi_relay import protocol
+from kasagi_relay.auth import AuthError
 from kasagi_relay.config import Config
 from kasagi_relay.domain import ANONYMOUS, Identity
 from kasagi_relay.fanout import CLOSE_TOO_SLOW, Member
+from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import Metrics, ThrottledLog
 from kasagi_relay.protocol import BadRequest, Codec
 from kasagi_relay.ratelimit import RateLimiter, Verdict
@@ -49,6 +54,8 @@ from kasagi_relay.service import RoomService
 __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_POLICY",
+    "CLOSE_TOKEN_EXPIRED",
+    "HttpTakeover",
     "MemberFactory",
     "RelayConnection",
     "Session",
@@ -58,14 +65,26 @@ logger = logging.getLogger("kasagi_relay.session")
 
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
+# v1.1: the token expired without a refresh; reconnect with a fresh one.
+CLOSE_TOKEN_EXPIRED: Final = 4001
+# `auth` messages per connection: a burst, then one per this many seconds (rate_limited).
+AUTH_BURST: Final = 5
+AUTH_REFILL_S: Final = 10.0
 # A message refused by the rate limit is answered with its id only when finding the id is
 # cheap: larger messages are answered without one, never decoded.
 PEEK_MAX_BYTES: Final = 4096
-# A connection yields to the event loop after this many messages or bytes served in a row.
-YIELD_MESSAGES: Final = 32
+# A connection yields to the event loop after this many messages, bytes or seconds served in
+# a row. Small, because another connection's delta on the Redis backend waits for several
+# loop turns (its frame, the publish's reply, the task's wake-up), and each turn includes
+# whatever a flooding connection does in it: with 32 messages a turn and 16 KiB fed to the
+# parser at a time, a member sending a delta every 10 ms fell behind during a flood of
+# pipelined refused messages and waited 0.35-2.2 s for acks; with 4 and 4 KiB, 21-117 ms
+# (benches/hostile class 4, Redis, a loaded 2-core machine; docs/benchmarks.md).
+YIELD_MESSAGES: Final = 4
 YIELD_BYTES: Final = 256 * 1024
-# Input handed to websockets' parser at a time (at most ~2,700 frames: ~15 ms of parsing).
-FEED_SLICE: Final = 16 * 1024
+YIELD_S: Final = 0.001
+# Input handed to websockets' parser at a time (at most ~700 frames: ~4 ms of parsing).
+FEED_SLICE: Final = 4 * 1024
 # A message larger than this is parsed in a worker thread: protocol.parse reads big messages
 # with the engine, the GIL released, so the event loop serves the other connections meanwhile.
 PARSE_IN_THREAD_BYTES: Final = 16 * 1024
@@ -73,6 +92,8 @@ PARSE_IN_THREAD_BYTES: Final = 16 * 1024
 # is read and thrown away; past this much the TCP connection is aborted rather than read on.
 DISCARD_MAX_BYTES: Final = 1024 * 1024
 _CONTROL: Final = (Opcode.PING, Opcode.PONG)
+# A presence reply listing more members than this is encoded in a worker thread.
+PRESENCE_INLINE_MEMBERS: Final = 500
 # Failures of encoding a reply field a client chose (an id of 2**70, a lone surrogate in
 # MessagePack): the client's doing, not a bug.
 _ENCODE_ERRORS: Final = (OverflowError, ValueError, TypeError, UnicodeEncodeError)
@@ -83,6 +104,19 @@ _NOT_INPUT: Final = frozenset({"unavailable", "internal"})
 MemberFactory = Callable[[ServerConnection, Codec, Callable[[Member], None]], Member]
 
 _input_log = ThrottledLog(logger)
+
+
+class HttpTakeover(Protocol):
+    """Another HTTP server on the relay's port (api.ApiServer)."""
+
+    def claims(self, head: bytes | bytearray) -> bool | None:
+        """Whether a connection whose first bytes are `head` is its own (None: not known
+        yet, wait for more)."""
+        ...
+
+    def take_over(self, transport: asyncio.Transport, head: bytes) -> None:
+        """Serve the connection from now on; `head` is what it sent so far."""
+        ...
 
 
 class Guard:
@@ -96,6 +130,8 @@ class Guard:
         "feeding",
         "frame_timeout_s",
         "frame_timer",
+        "head",
+        "identity",
         "on_lost",
         "partial_since",
         "session",
@@ -111,14 +147,32 @@ class Guard:
         self.feeding: asyncio.Handle | None = None
         self.partial_since: float | None = None
         self.frame_timer: asyncio.TimerHandle | None = None
+        # Who the handshake's Authorization header authenticated (http.py), if it did.
+        self.identity: Identity | None = None
+        # The first bytes, until they say whether websockets or an HttpTakeover serves the
+        # connection; None once decided.
+        self.head: bytearray | None = None
 
 
 class RelayConnection(ServerConnection):
     """websockets' ServerConnection with the relay's input guards (module docstring)."""
 
+    # Set on the relay's subclass (server.py): who serves the connections whose first
+    # request websockets does not. None: websockets reads every connection.
+    takeover: ClassVar[HttpTakeover | None] = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.guard = Guard()
+        if self.takeover is not None:
+            self.guard.head = bytearray()
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        await super().handshake(*args, **kwargs)
+        if self.transport.get_protocol() is not self:
+            # An HttpTakeover has the transport (_first_bytes): end websockets' handler
+            # task here, as a cancellation, since its other ways out abort the transport.
+            raise asyncio.CancelledError
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -139,6 +193,10 @@ class RelayConnection(ServerConnection):
     # ------------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
+        if self.guard.head is not None:
+            data = self._first_bytes(data)
+            if not data:
+                return
         if self.guard.discarding is not None:
             self.guard.discarding += len(data)
             if self.guard.discarding > DISCARD_MAX_BYTES:
@@ -148,6 +206,25 @@ class RelayConnection(ServerConnection):
             self.guard.backlog += data
             return
         self._feed(data)
+
+    def _first_bytes(self, data: bytes) -> bytes:
+        """What websockets is to read of the connection's first bytes: nothing while the
+        request line is incomplete, nor once an HttpTakeover took the connection."""
+        head, takeover = self.guard.head, self.takeover
+        assert head is not None and takeover is not None
+        head += data
+        claimed = takeover.claims(head)
+        if claimed is None:
+            return b""
+        self.guard.head = None
+        if not claimed:
+            return bytes(head)
+        takeover.take_over(self.transport, bytes(head))
+        # websockets' handshake waits for a request it will never parse: wake it, it finds
+        # none, and `handshake` ends its task.
+        if not self.request_rcvd.done():
+            self.request_rcvd.set_result(None)
+        return b""
 
     def _feed(self, data: bytes | bytearray) -> None:
         if len(data) > FEED_SLICE:
@@ -263,8 +340,13 @@ class Session:
     """The relay side of one client connection."""
 
     __slots__ = (
+        "_auth_credit",
+        "_auth_timer",
+        "_expiry_timer",
         "_idle_since",
         "_idle_timer",
+        "auth",
+        "authed",
         "codec",
         "config",
         "conn",
@@ -285,6 +367,7 @@ class Session:
         config: Config,
         metrics: Metrics,
         make_member: MemberFactory,
+        auth: Authenticator | None = None,
     ) -> None:
         self.conn = conn
         self.codec: Codec = codec
@@ -297,7 +380,15 @@ class Session:
         # shows and `joined` gives the connection itself.
         self.identity: Identity = ANONYMOUS
         self.conn_id = secrets.token_urlsafe(12)
+        # With JWT keys (`auth`), nothing but `auth` is served until a token was accepted.
+        self.auth = auth
+        self.authed = auth is None
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        # A token check costs 0.1-0.6 ms of CPU: `auth` messages have their own budget
+        # (AUTH_BURST at once, then one per AUTH_REFILL_S), so a refresh flood costs little.
         now = time.monotonic()
+        self._auth_credit = (float(AUTH_BURST), now)
         self.limiter = RateLimiter(
             rate=config.rate_limit,
             burst=config.rate_burst,
@@ -323,25 +414,40 @@ class Session:
         if isinstance(conn, RelayConnection):
             conn.guard.session = self
             conn.guard.frame_timeout_s = self.config.frame_timeout_s
+            if conn.guard.identity is not None:
+                self._authenticated(conn.guard.identity)
+                conn.guard.identity = None
+        if not self.authed:
+            self._auth_timer = asyncio.get_running_loop().call_later(
+                self.config.auth_timeout_s, self._auth_due
+            )
         self._arm_idle(self.config.idle_timeout_s)
         served = 0
         served_bytes = 0
+        since = time.perf_counter()
         try:
             async for message in conn:
                 await self.handle(message)
                 served += 1
                 served_bytes += len(message)
-                if served >= YIELD_MESSAGES or served_bytes >= YIELD_BYTES:
+                now = time.perf_counter()
+                if (
+                    served >= YIELD_MESSAGES
+                    or served_bytes >= YIELD_BYTES
+                    or now - since >= YIELD_S
+                ):
                     # Pipelined messages are served without awaiting anything that
                     # suspends: let the other connections have the loop.
                     served = served_bytes = 0
                     await asyncio.sleep(0)
+                    since = time.perf_counter()
         except ConnectionClosed:
             pass
         finally:
             self.forget()
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            for timer in (self._idle_timer, self._auth_timer, self._expiry_timer):
+                if timer is not None:
+                    timer.cancel()
             self.metrics.closes.labels(_ended_with(conn)).inc()
 
     def forget(self) -> None:
@@ -467,6 +573,11 @@ class Session:
                 )
 
     async def _dispatch(self, request: protocol.Request, received: float) -> None:
+        if isinstance(request, protocol.Auth):
+            await self._auth(request)
+            return
+        if not self.authed:
+            raise BadRequest("unauthorized", "authenticate first: send auth with a token")
         if isinstance(request, protocol.Delta):
             self._idle_since = time.monotonic()
             seq = await self.service.publish(
@@ -476,6 +587,8 @@ class Session:
             self.metrics.ack_latency.observe(time.perf_counter() - received)
         elif isinstance(request, protocol.Join):
             await self._join(request)
+        elif isinstance(request, protocol.PresenceRequest):
+            await self._presence(request)
         else:
             self._leave(request)
 
@@ -486,10 +599,30 @@ class Session:
             # Each membership holds a place in the room's fan-out and keeps the room loaded:
             # without a cap one connection could hold every room of the relay.
             raise BadRequest("forbidden", f"a connection may be a member of at most {limit} rooms")
-        if await self.service.join(self.member, req.room, req.since, req.id, self.identity):
+        if await self.service.join(
+            self.member,
+            req.room,
+            req.since,
+            req.id,
+            self.identity,
+            conn=self.conn_id,
+            presence=req.presence,
+        ):
             self.rooms.add(req.room)
         else:
             self.rooms.discard(req.room)
+
+    async def _presence(self, req: protocol.PresenceRequest) -> None:
+        view = await self.service.presence_view(req.room, self.identity)
+        args = (self.codec, req.room, view.members, view.count, view.users, req.id, view.truncated)
+        if len(view.members) > PRESENCE_INLINE_MEMBERS:
+            payload = await asyncio.to_thread(protocol.encode_presence, *args)
+        else:
+            payload = protocol.encode_presence(*args)
+        # A big reply costs the relay what a big message would: it counts in the
+        # connection's byte rate (--rate-bytes), so repeated requests are refused soon.
+        self.limiter.charge(len(payload), time.monotonic())
+        self.member.send(payload)
 
     def _leave(self, req: protocol.Leave) -> None:
         if req.room in self.rooms:
@@ -499,13 +632,96 @@ class Session:
                 self._idle_since = time.monotonic()
         self.member.send(protocol.encode_left(self.codec, req.room, req.id))
 
+    # ------------------------------------------------------------------ identity
+
+    async def _auth(self, req: protocol.Auth) -> None:
+        """Authenticate, or refresh (docs/protocol.md, "Identity")."""
+        if self.auth is None:
+            raise BadRequest("bad_message", "this relay has no JWT key: connections are anonymous")
+        if self.conn.protocol.state is not State.OPEN:
+            return  # closing (a failed token before it): nothing more is checked
+        credit, since = self._auth_credit
+        now = time.monotonic()
+        credit = min(float(AUTH_BURST), credit + (now - since) / AUTH_REFILL_S)
+        if credit < 1:
+            self._auth_credit = (credit, now)
+            raise BadRequest("rate_limited", f"at most one auth per {AUTH_REFILL_S:g} s")
+        self._auth_credit = (credit - 1, now)
+        try:
+            identity = await self.auth.authenticate(req.token)
+        except AuthError as exc:
+            self._auth_failed(exc.reason, exc.message, req.id)
+            return
+        if self.authed and identity.sub != self.identity.sub:
+            self._auth_failed("sub_changed", "a refresh must keep the sub", req.id)
+            return
+        if self.conn.protocol.state is not State.OPEN:
+            return  # closed while the token was checked (a JWKS fetch)
+        self._authenticated(identity)
+        self.member.send(
+            protocol.encode_authed(self.codec, identity.sub or "", identity.exp or 0, req.id)
+        )
+
+    def _authenticated(self, identity: Identity) -> None:
+        """Take `identity` on: leave the rooms it no longer reads, re-arm the expiry."""
+        self.identity = identity
+        self.authed = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        for name in sorted(self.rooms):
+            if not identity.can("r", name):
+                self.rooms.discard(name)
+                self.service.leave(self.member, name)
+                self.member.send(protocol.encode_left(self.codec, name, None, "forbidden"))
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if identity.exp is not None:
+            assert self.auth is not None
+            delay = identity.exp + self.auth.verifier.leeway_s - time.time()
+            self._expiry_timer = asyncio.get_running_loop().call_later(
+                max(0.0, delay), self._expired
+            )
+
+    def _auth_failed(self, reason: str, message: str, rid: protocol.RequestId | None) -> None:
+        self.metrics.auth_failures.labels(reason).inc()
+        _input_log.log(
+            logging.INFO, "connection %s: authentication failed (%s)", self.remote, reason
+        )
+        self._error(BadRequest("unauthorized", message, rid))
+        # Requests queued behind the token are not served with the identity held so far.
+        self.authed = False
+        for timer in (self._auth_timer, self._expiry_timer):
+            if timer is not None:
+                timer.cancel()
+        self._auth_timer = self._expiry_timer = None
+        self.forget()
+        self.close(CLOSE_POLICY, "authentication failed")
+
+    def _auth_due(self) -> None:
+        self._auth_timer = None
+        if self.authed:
+            return
+        self.metrics.auth_failures.labels("missing").inc()
+        _input_log.log(logging.INFO, "connection %s: no token in time", self.remote)
+        self.close(CLOSE_POLICY, "authentication timed out")
+
+    def _expired(self) -> None:
+        self._expiry_timer = None
+        self.metrics.auth_failures.labels("expired").inc()
+        self._error(BadRequest("unauthorized", "token expired"))
+        self.authed = False
+        self.forget()
+        self.close(CLOSE_TOKEN_EXPIRED, "token expired")
+
     def _check_reply_fields(self, request: protocol.Request) -> None:
         """The reply echoes the request's id: one that cannot be encoded is refused before
         anything is done (a stored delta must never be answered `internal`)."""
         if request.id is None or self.codec == protocol.JSON:
             return  # JSON replies escape any string and write any integer
         try:
-            protocol.encode_left(self.codec, request.room, request.id)
+            protocol.encode_left(self.codec, request.room or "", request.id)
         except _ENCODE_ERRORS:
             request_id = request.id
             raise BadRequest(

@@ -947,12 +947,34 @@ class ClusterTopology(Topology):
     of this process (stopped by PID like the other topologies)."""
 
     node_timeout_ms: int = 1000
+    # (certificate, key, CA) PEM files: every node also listens for TLS clients on a port of
+    # its own (tls_ports), the bus and replication speak TLS, and the plain port stays for
+    # the launcher's own checks (CLUSTER SHARDS lists both ports of each node).
+    tls: tuple[str, str, str] | None = None
+    tls_ports: dict[str, int] = field(default_factory=dict)
 
     def add_cluster_node(self, name: str) -> Node:
         node = self._node(name)
         text = cluster_conf(
             node.port, free_port(), self.root, name, self.password, self.node_timeout_ms
         )
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            self.tls_ports[name] = free_port()
+            text += (
+                "\n".join(
+                    [
+                        f"tls-port {self.tls_ports[name]}",
+                        f"tls-cert-file {cert}",
+                        f"tls-key-file {key}",
+                        f"tls-ca-cert-file {ca}",
+                        "tls-auth-clients no",
+                        "tls-cluster yes",
+                        "tls-replication yes",
+                    ]
+                )
+                + "\n"
+            )
         node.conf.write_text(text)
         self._spawn(node)
         return node
@@ -1131,14 +1153,15 @@ def start_cluster(
     replicas: int = 1,
     password: str | None = None,
     node_timeout_ms: int = 1000,
+    tls: tuple[str, str, str] | None = None,
 ) -> ClusterTopology:
     """`primaries` x (1 + `replicas`) `redis-server --cluster-enabled yes` nodes joined by
     `redis-cli --cluster create`, ready (every slot served, replicas streaming); the caller
-    stops it."""
+    stops it. `tls`: (certificate, key, CA) PEM files, see ClusterTopology.tls."""
     if not os.path.exists(REDIS_SERVER):
         raise LaunchError(f"redis-server not found at {REDIS_SERVER}")
     root.mkdir(parents=True, exist_ok=True)
-    topo = ClusterTopology(root, password, node_timeout_ms=node_timeout_ms)
+    topo = ClusterTopology(root, password, node_timeout_ms=node_timeout_ms, tls=tls)
     try:
         nodes = [topo.add_cluster_node(f"node{i}") for i in range(primaries * (1 + replicas))]
         for node in nodes:

@@ -85,6 +85,8 @@ pub struct Limits {
     pub work: u64,
     /// Maximum state size in bytes of compact JSON; 0: no limit.
     pub max_bytes: u64,
+    /// Maximum memory estimate of the state ([`Size::memory`]); 0: no limit.
+    pub max_memory: u64,
 }
 
 impl Limits {
@@ -92,6 +94,7 @@ impl Limits {
     pub const NONE: Limits = Limits {
         work: u64::MAX,
         max_bytes: 0,
+        max_memory: 0,
     };
 
     /// The limits of a delta of `delta_len` bytes applied to a state capped at `max_bytes`.
@@ -99,6 +102,53 @@ impl Limits {
         Limits {
             work: work_budget(delta_len),
             max_bytes,
+            max_memory: 0,
+        }
+    }
+
+    /// The same with a memory limit (0: none).
+    pub fn with_memory(self, max_memory: u64) -> Limits {
+        Limits { max_memory, ..self }
+    }
+}
+
+/// What the size accounting keeps of a document: its exact compact-JSON length and the
+/// structure part of its memory estimate ([`json::weight`]); both are additive over the
+/// nodes, so every op knows what it adds and drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Size {
+    pub json: u64,
+    pub weight: u64,
+}
+
+impl Size {
+    pub const ZERO: Size = Size { json: 0, weight: 0 };
+
+    /// The size of `v` (O(nodes)).
+    pub fn of(v: &Value) -> Size {
+        Size {
+            json: json::len(v),
+            weight: json::weight(v),
+        }
+    }
+
+    /// The memory estimate of the engine's representation: JSON bytes (strings and keys
+    /// are held as such) plus the structure ([`json::NODE_BYTES`]).
+    pub fn memory(self) -> u64 {
+        self.json.saturating_add(self.weight)
+    }
+
+    fn plus(self, o: Size) -> Size {
+        Size {
+            json: self.json.saturating_add(o.json),
+            weight: self.weight.saturating_add(o.weight),
+        }
+    }
+
+    fn minus(self, o: Size) -> Size {
+        Size {
+            json: self.json.saturating_sub(o.json),
+            weight: self.weight.saturating_sub(o.weight),
         }
     }
 }
@@ -110,6 +160,21 @@ pub fn size_error(old: u64, new: u64, max_bytes: u64) -> Option<DeltaError> {
     }
     Some(DeltaError::too_large(format!(
         "the delta would make the state {new} bytes, past its limit of {max_bytes}"
+    )))
+}
+
+/// The TooLarge error for a state going from `old` to `new` under `lim` (the JSON length
+/// limit, then the memory limit: each refuses a state past it AND larger than before).
+pub fn limit_error(old: Size, new: Size, lim: Limits) -> Option<DeltaError> {
+    if let Some(e) = size_error(old.json, new.json, lim.max_bytes) {
+        return Some(e);
+    }
+    let (o, n, max) = (old.memory(), new.memory(), lim.max_memory);
+    if max == 0 || n <= max || n <= o {
+        return None;
+    }
+    Some(DeltaError::too_large(format!(
+        "the delta would make the state take about {n} bytes of memory, past its limit of {max}"
     )))
 }
 
@@ -147,10 +212,10 @@ struct Ctx<'l, 'a> {
     log: Option<&'l mut Vec<Undo<'a>>>,
     bounded: bool,
     work: u64,
-    size: u64,
-    /// The size before the patch, and the limit (0: none).
-    start: u64,
-    max_bytes: u64,
+    size: Size,
+    /// The size before the patch, and the limits.
+    start: Size,
+    lim: Limits,
 }
 
 /// Why an op did not apply: it fails (an error of the patch, too much work included), or,
@@ -199,21 +264,25 @@ impl<'a> Ctx<'_, 'a> {
         self.work -= units;
         Ok(())
     }
-    /// The value's JSON length, charged to the budget (the walk stops at the budget).
-    fn charge_len(&mut self, v: &Value) -> std::result::Result<u64, Fail> {
+    /// The value's size, its JSON length charged to the budget (the walk stops at the
+    /// budget; the structure walk after it then visits at most that many nodes).
+    fn charge_len(&mut self, v: &Value) -> std::result::Result<Size, Fail> {
         let n = json::len_bounded(v, self.work).ok_or(TOO_MUCH_WORK)?;
         self.charge(n)?;
-        Ok(n)
+        Ok(Size {
+            json: n,
+            weight: json::weight(v),
+        })
     }
-    /// Account for an op about to add `added` bytes of JSON and drop `dropped`; called
-    /// BEFORE the change (and before anything is cloned), so that a state never passes
-    /// its limit, not even in the middle of a patch.
-    fn grow(&mut self, added: u64, dropped: u64) -> std::result::Result<(), Fail> {
-        self.set_size(self.size.saturating_add(added).saturating_sub(dropped))
+    /// Account for an op about to add `added` and drop `dropped`; called BEFORE the
+    /// change (and before anything is cloned), so that a state never passes its limits,
+    /// not even in the middle of a patch.
+    fn grow(&mut self, added: Size, dropped: Size) -> std::result::Result<(), Fail> {
+        self.set_size(self.size.plus(added).minus(dropped))
     }
-    fn set_size(&mut self, new: u64) -> std::result::Result<(), Fail> {
-        if new > self.size {
-            if let Some(e) = size_error(self.start, new, self.max_bytes) {
+    fn set_size(&mut self, new: Size) -> std::result::Result<(), Fail> {
+        if new.json > self.size.json || new.memory() > self.size.memory() {
+            if let Some(e) = limit_error(self.start, new, self.lim) {
                 return Err(Fail::Large(e));
             }
         }
@@ -261,7 +330,7 @@ fn add_at<'a>(
     doc: &mut Value,
     tokens: &'a [String],
     value: &mut Option<Value>,
-    vlen: Option<u64>,
+    vlen: Option<Size>,
     ctx: &mut Ctx<'_, 'a>,
 ) -> std::result::Result<(), Fail> {
     let Some(v) = value.as_ref() else {
@@ -269,7 +338,7 @@ fn add_at<'a>(
     };
     let Some((last, parent_tokens)) = tokens.split_last() else {
         ctx.bound(|| small(doc))?;
-        ctx.set_size(vlen.unwrap_or_else(|| json::len(v)))?;
+        ctx.set_size(vlen.unwrap_or_else(|| Size::of(v)))?;
         let Some(v) = value.take() else {
             return Ok(());
         };
@@ -277,13 +346,13 @@ fn add_at<'a>(
         ctx.push(Undo::Restore { tokens, old });
         return Ok(());
     };
-    let vl = vlen.unwrap_or(0);
+    let vl = vlen.unwrap_or(Size::ZERO);
     match get_mut(doc, parent_tokens)? {
         Value::Object(m) => {
             if let Some(slot) = m.get_mut(last.as_str()) {
                 ctx.bound(|| small(slot))?;
                 // Not charged: see the module doc (what a delta drops).
-                ctx.grow(vl, json::len(slot))?;
+                ctx.grow(vl, Size::of(slot))?;
                 if let Some(v) = value.take() {
                     let old = std::mem::replace(slot, v);
                     ctx.push(Undo::Restore { tokens, old });
@@ -291,7 +360,11 @@ fn add_at<'a>(
             } else {
                 // Appending to a large map may reallocate (and rehash) it whole.
                 ctx.bound(|| m.len() < SMALL_NODES)?;
-                ctx.grow(json::str_len(last) + 1 + vl + u64::from(!m.is_empty()), 0)?;
+                let member = Size {
+                    json: json::str_len(last) + 1 + u64::from(!m.is_empty()),
+                    weight: json::MEMBER_BYTES,
+                };
+                ctx.grow(member.plus(vl), Size::ZERO)?;
                 if let Some(v) = value.take() {
                     m.insert(last.clone(), v);
                     ctx.push(Undo::ObjRemove {
@@ -305,7 +378,11 @@ fn add_at<'a>(
             let i = array_index(last, a.len(), true)?;
             ctx.bound(|| a.len() < SMALL_NODES)?;
             ctx.charge((a.len() - i) as u64)?;
-            ctx.grow(vl + u64::from(!a.is_empty()), 0)?;
+            let comma = Size {
+                json: u64::from(!a.is_empty()),
+                weight: 0,
+            };
+            ctx.grow(vl.plus(comma), Size::ZERO)?;
             if let Some(v) = value.take() {
                 a.insert(i, v);
                 ctx.push(Undo::ArrRemove {
@@ -323,7 +400,7 @@ fn add_at<'a>(
 /// besides its own (member name, `:`, `,`).
 struct Removed {
     value: Value,
-    overhead: u64,
+    overhead: Size,
     index: usize,
     moved: Option<String>,
     from_object: bool,
@@ -381,7 +458,10 @@ fn remove_at(
             } else {
                 None
             };
-            let overhead = json::str_len(last) + 1 + u64::from(m.len() > 1);
+            let overhead = Size {
+                json: json::str_len(last) + 1 + u64::from(m.len() > 1),
+                weight: json::MEMBER_BYTES,
+            };
             let value = m.swap_remove(last.as_str()).ok_or(NOT_FOUND)?;
             Ok(Removed {
                 value,
@@ -395,7 +475,10 @@ fn remove_at(
             let index = array_index(last, a.len(), false)?;
             ctx.bound(|| a.len() <= SMALL_NODES && small(&a[index]))?;
             ctx.charge((a.len() - 1 - index) as u64)?;
-            let overhead = u64::from(a.len() > 1);
+            let overhead = Size {
+                json: u64::from(a.len() > 1),
+                weight: 0,
+            };
             Ok(Removed {
                 value: a.remove(index),
                 overhead,
@@ -416,13 +499,13 @@ fn apply_one<'a>(
     match op {
         Op::Add { path, value } => {
             check_depth(path.tokens.len(), value)?;
-            let vlen = json::len(value);
+            let vlen = Size::of(value);
             add_at(doc, &path.tokens, &mut Some(value.clone()), Some(vlen), ctx)
         }
         Op::Remove { path } => {
             let r = remove_at(doc, &path.tokens, ctx)?;
             // Not charged: see the module doc (what a delta drops).
-            ctx.grow(0, r.overhead + json::len(&r.value))?;
+            ctx.grow(Size::ZERO, r.overhead.plus(Size::of(&r.value)))?;
             if ctx.on() {
                 let u = Removed::undo(&path.tokens, r.index, r.from_object, r.moved, Some(r.value));
                 ctx.push(u);
@@ -436,9 +519,9 @@ fn apply_one<'a>(
             let old_len = if path.is_root() {
                 ctx.size
             } else {
-                json::len(slot)
+                Size::of(slot)
             };
-            ctx.grow(json::len(value), old_len)?;
+            ctx.grow(Size::of(value), old_len)?;
             let old = std::mem::replace(slot, value.clone());
             ctx.push(Undo::Restore {
                 tokens: &path.tokens,
@@ -465,7 +548,7 @@ fn apply_one<'a>(
                 Fail::Op(e) => Fail::Op(format!("\"from\" {}: {e}", from.raw)),
                 u => u,
             })?;
-            ctx.grow(0, r.overhead)?;
+            ctx.grow(Size::ZERO, r.overhead)?;
             let mut carried = Some(r.value);
             if ctx.on() {
                 // The value travels without a copy: undoing the add half takes it out and
@@ -531,15 +614,15 @@ fn run_ops<'a>(
     log: Option<&mut Vec<Undo<'a>>>,
     bounded: bool,
     lim: Limits,
-    size: u64,
-) -> std::result::Result<Result<u64>, Unbounded> {
+    size: Size,
+) -> std::result::Result<Result<Size>, Unbounded> {
     let mut ctx = Ctx {
         log,
         bounded,
         work: lim.work,
         size,
         start: size,
-        max_bytes: lim.max_bytes,
+        lim,
     };
     for (i, op) in ops.iter().enumerate() {
         match apply_one(doc, op, &mut ctx) {
@@ -552,14 +635,14 @@ fn run_ops<'a>(
             }
         }
     }
-    Ok(size_error(size, ctx.size, lim.max_bytes).map_or(Ok(ctx.size), Err))
+    Ok(limit_error(size, ctx.size, lim).map_or(Ok(ctx.size), Err))
 }
 
 /// Apply `ops` in place, atomically, under `lim`; `size` (the document's exact JSON length)
 /// is updated on success. `keep` false: roll back even on success (a check).
 fn patch_in_place(
     doc: &mut Value,
-    size: &mut u64,
+    size: &mut Size,
     ops: &[Op],
     lim: Limits,
     bounded: bool,
@@ -568,7 +651,7 @@ fn patch_in_place(
     // A single op other than move fails before it changes anything; with no size limit
     // and nothing to undo, it needs no log.
     let single = matches!(ops, [op] if !matches!(op, Op::Move { .. }));
-    if single && keep && lim.max_bytes == 0 {
+    if single && keep && lim.max_bytes == 0 && lim.max_memory == 0 {
         let r = run_ops(doc, ops, None, bounded, lim, *size)?;
         return Ok(r.map(|new| *size = new));
     }
@@ -588,13 +671,13 @@ fn patch_in_place(
 
 /// Apply `ops` atomically under `lim`: on error the document (and `size`) are exactly as
 /// before. Errors: a failing op, too much work, or TooLarge.
-pub fn apply_patch(doc: &mut Value, size: &mut u64, ops: &[Op], lim: Limits) -> Result<()> {
+pub fn apply_patch(doc: &mut Value, size: &mut Size, ops: &[Op], lim: Limits) -> Result<()> {
     // Not bounded, so never Err(Unbounded).
     patch_in_place(doc, size, ops, lim, false, true).unwrap_or(Ok(()))
 }
 
 /// What `apply_patch` would do, changing nothing.
-pub fn check_patch(doc: &mut Value, size: u64, ops: &[Op], lim: Limits) -> Result<()> {
+pub fn check_patch(doc: &mut Value, size: Size, ops: &[Op], lim: Limits) -> Result<()> {
     let mut s = size;
     patch_in_place(doc, &mut s, ops, lim, false, false).unwrap_or(Ok(()))
 }
@@ -612,7 +695,7 @@ pub fn check_patch(doc: &mut Value, size: u64, ops: &[Op], lim: Limits) -> Resul
 /// [`SMALL_NODES`] per op.
 pub fn apply_patch_bounded(
     doc: &mut Value,
-    size: &mut u64,
+    size: &mut Size,
     ops: &[Op],
     lim: Limits,
 ) -> std::result::Result<Result<()>, Unbounded> {
@@ -621,7 +704,7 @@ pub fn apply_patch_bounded(
 
 /// Apply `ops` atomically in place, without limits (tests and the RFC conformance suite).
 pub fn apply_patch_atomic(doc: &mut Value, ops: &[Op]) -> Result<()> {
-    let mut size = 0;
+    let mut size = Size::ZERO;
     apply_patch(doc, &mut size, ops, Limits::NONE)
 }
 
@@ -632,8 +715,8 @@ pub fn apply_ops<'a>(
     ops: &'a [Op],
     undo: Option<&mut Vec<Undo<'a>>>,
 ) -> Result<()> {
-    run_ops(doc, ops, undo, false, Limits::NONE, 0)
-        .unwrap_or(Ok(0))
+    run_ops(doc, ops, undo, false, Limits::NONE, Size::ZERO)
+        .unwrap_or(Ok(Size::ZERO))
         .map(|_| ())
 }
 
@@ -758,16 +841,47 @@ pub fn merge_growth(target: Option<&Value>, patch: &Value) -> i64 {
     d + (n - 1).max(0) - (n0 - 1).max(0)
 }
 
-/// Apply a delta atomically in place under `lim`; `size` is the document's exact JSON
-/// length, updated on success.
-pub fn apply_delta_limited(doc: &mut Value, size: &mut u64, d: &Delta, lim: Limits) -> Result<()> {
+/// weight(merge_apply(target, patch)) - weight(target) ([`json::weight`]; a missing
+/// target weighs 0), without applying it: the structure twin of [`merge_growth`].
+pub fn merge_weight_growth(target: Option<&Value>, patch: &Value) -> i64 {
+    let w = |v: &Value| json::weight(v) as i64;
+    let Value::Object(pm) = patch else {
+        return w(patch) - target.map_or(0, w);
+    };
+    let (m, mut d) = match target {
+        Some(Value::Object(m)) => (Some(m), 0),
+        // Replaced by `{}`, then merged into.
+        t => (None, json::NODE_BYTES as i64 - t.map_or(0, w)),
+    };
+    let member = json::MEMBER_BYTES as i64;
+    for (k, v) in pm {
+        match (m.and_then(|m| m.get(k.as_str())), v) {
+            (None, Value::Null) => {}
+            (Some(old), Value::Null) => d -= member + w(old),
+            (Some(old), v) => d += merge_weight_growth(Some(old), v),
+            (None, v) => d += member + merge_weight_growth(None, v),
+        }
+    }
+    d
+}
+
+/// The size `doc` would have after the merge patch `p` (O(size of `p` plus what it drops)).
+fn merged_size(doc: &Value, size: Size, p: &Value) -> Size {
+    let add = |n: u64, d: i64| (n as i64).saturating_add(d).max(0) as u64;
+    Size {
+        json: add(size.json, merge_growth(Some(doc), p)),
+        weight: add(size.weight, merge_weight_growth(Some(doc), p)),
+    }
+}
+
+/// Apply a delta atomically in place under `lim`; `size` is the document's exact size,
+/// updated on success.
+pub fn apply_delta_limited(doc: &mut Value, size: &mut Size, d: &Delta, lim: Limits) -> Result<()> {
     match d {
         Delta::Patch(ops) => apply_patch(doc, size, ops, lim),
         Delta::Merge(p) => {
-            let new = (*size as i64)
-                .saturating_add(merge_growth(Some(doc), p))
-                .max(0) as u64;
-            if let Some(e) = size_error(*size, new, lim.max_bytes) {
+            let new = merged_size(doc, *size, p);
+            if let Some(e) = limit_error(*size, new, lim) {
                 return Err(e);
             }
             merge_apply(doc, p);
@@ -778,18 +892,13 @@ pub fn apply_delta_limited(doc: &mut Value, size: &mut u64, d: &Delta, lim: Limi
 }
 
 /// What `apply_delta_limited` would do, changing nothing.
-pub fn check_delta(doc: &mut Value, size: u64, d: &Delta, lim: Limits) -> Result<()> {
+pub fn check_delta(doc: &mut Value, size: Size, d: &Delta, lim: Limits) -> Result<()> {
     match d {
         Delta::Patch(ops) => check_patch(doc, size, ops, lim),
         // A merge patch always applies; only its size can refuse it (and measuring what it
         // drops costs the size of that).
-        Delta::Merge(_) if lim.max_bytes == 0 => Ok(()),
-        Delta::Merge(p) => {
-            let new = (size as i64)
-                .saturating_add(merge_growth(Some(doc), p))
-                .max(0) as u64;
-            size_error(size, new, lim.max_bytes).map_or(Ok(()), Err)
-        }
+        Delta::Merge(_) if lim.max_bytes == 0 && lim.max_memory == 0 => Ok(()),
+        Delta::Merge(p) => limit_error(size, merged_size(doc, size, p), lim).map_or(Ok(()), Err),
     }
 }
 
@@ -811,9 +920,16 @@ pub fn apply_bytes(state: &[u8], d: &[u8]) -> Result<Vec<u8>> {
     match &delta {
         // A failure discards `doc`, so no undo log is needed; no size limit, so the size
         // is not needed either (only root replacements read it).
-        Delta::Patch(ops) => run_ops(&mut doc, ops, None, false, Limits::for_delta(d.len(), 0), 0)
-            .unwrap_or(Ok(0))
-            .map(|_| ())?,
+        Delta::Patch(ops) => run_ops(
+            &mut doc,
+            ops,
+            None,
+            false,
+            Limits::for_delta(d.len(), 0),
+            Size::ZERO,
+        )
+        .unwrap_or(Ok(Size::ZERO))
+        .map(|_| ())?,
         Delta::Merge(p) => merge_apply(&mut doc, p),
     }
     Ok(json::to_vec(&doc))
@@ -1124,7 +1240,7 @@ mod tests {
         let doc = json!({"a": {"x": 1, "y": [1, 2]}, "big": big, "list": [1, 2, 3]});
         let bounded = |patch: Value| {
             let mut d = doc.clone();
-            let mut size = json::len(&d);
+            let mut size = Size::of(&d);
             let r = apply_patch_bounded(&mut d, &mut size, &ops(patch.clone()), Limits::NONE);
             (r, d)
         };
@@ -1177,15 +1293,120 @@ mod tests {
         let Delta::Patch(ops) = parse_delta(&bytes).unwrap() else {
             unreachable!()
         };
-        let mut size = sized(doc);
+        let mut size = Size::of(doc);
         let r = apply_patch(
             doc,
             &mut size,
             &ops,
             Limits::for_delta(bytes.len(), max_bytes),
         );
-        assert_eq!(size, sized(doc), "size accounting");
+        assert_eq!(size.json, sized(doc), "size accounting");
+        assert_eq!(size, Size::of(doc), "memory accounting");
         r
+    }
+
+    /// `limited` under a memory limit only.
+    fn limited_memory(doc: &mut Value, patch: Value, max_memory: u64) -> Result<()> {
+        let bytes = json::to_vec(&json!({ "patch": patch }));
+        let Delta::Patch(ops) = parse_delta(&bytes).unwrap() else {
+            unreachable!()
+        };
+        let mut size = Size::of(doc);
+        let lim = Limits::for_delta(bytes.len(), 0).with_memory(max_memory);
+        let r = apply_patch(doc, &mut size, &ops, lim);
+        assert_eq!(size, Size::of(doc), "memory accounting");
+        r
+    }
+
+    #[test]
+    fn memory_accounting_is_exact_for_every_op() {
+        let doc = json!({"a": {"x": 1, "y": [1, {"z": "s"}]}, "b": [], "c": "str"});
+        for patch in [
+            json!([{"op": "add", "path": "/a/n", "value": {"p": [1, 2, {}]}}]),
+            json!([{"op": "add", "path": "/b/0", "value": [[], {}]}, {"op": "add", "path": "/b/-", "value": 1}]),
+            json!([{"op": "remove", "path": "/a/y"}]),
+            json!([{"op": "remove", "path": "/a/y/1"}]),
+            json!([{"op": "replace", "path": "/c", "value": {"q": {"r": 1}}}]),
+            json!([{"op": "replace", "path": "", "value": [1, 2]}]),
+            json!([{"op": "add", "path": "", "value": {"k": {}}}]),
+            json!([{"op": "add", "path": "/a", "value": 1}]),
+            json!([{"op": "move", "from": "/a/y", "path": "/b/0"}]),
+            json!([{"op": "move", "from": "/a/y/1", "path": "/n"}]),
+            json!([{"op": "copy", "from": "/a", "path": "/a2"}]),
+            json!([{"op": "copy", "from": "/a", "path": "/b/0"}]),
+            json!([{"op": "copy", "from": "/a", "path": "/c"}]),
+            json!([{"op": "add", "path": "/x", "value": 1}, {"op": "remove", "path": "/nope"}]),
+        ] {
+            let mut d = doc.clone();
+            let _ = limited_memory(&mut d, patch.clone(), 0);
+            let mut d2 = doc.clone();
+            let _ = limited(&mut d2, patch, 0);
+        }
+        let docs = [
+            json!({"a": 1, "b": {"c": [1, 2], "d": "x"}, "e": null}),
+            json!([1, 2]),
+            json!("s"),
+        ];
+        let patches = [
+            json!({"a": null, "b": {"c": null, "n": {"m": null, "o": [1]}}}),
+            json!({"new": {"deep": {"er": [1]}}, "a": 2.5}),
+            json!([1]),
+            json!({"b": 1}),
+        ];
+        for doc in &docs {
+            for p in &patches {
+                let mut d = doc.clone();
+                merge_apply(&mut d, p);
+                let want = json::weight(&d) as i64 - json::weight(doc) as i64;
+                assert_eq!(merge_weight_growth(Some(doc), p), want, "{doc} + {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn many_small_members_pass_the_memory_limit_not_the_json_one() {
+        // 200 members of 1-byte values: ~1.4 KB of JSON, ~24 KB of structure.
+        let doc = json!({});
+        let patch: Vec<Value> = (0..200)
+            .map(|i| json!({"op": "add", "path": format!("/{i}"), "value": 0}))
+            .collect();
+        let json_len = {
+            let mut d = doc.clone();
+            limited(&mut d, Value::Array(patch.clone()), 0).unwrap();
+            sized(&d)
+        };
+        let mut d = doc.clone();
+        let max = 100 * (json::NODE_BYTES + json::MEMBER_BYTES);
+        let e = limited_memory(&mut d, Value::Array(patch.clone()), max).unwrap_err();
+        assert!(e.is_too_large() && e.message().contains("memory"), "{e}");
+        // Refused at the op that passes it (the JSON bytes count too), before op 100.
+        assert!(e.message().starts_with("op 9"), "{e}");
+        assert_eq!(d, doc);
+        assert!(json_len * 5 < max, "{json_len}");
+        // A copy is measured before it is cloned.
+        let mut d = json!({"o": {}});
+        let fill: Vec<Value> = (0..50)
+            .map(|i| json!({"op": "add", "path": format!("/o/{i}"), "value": 0}))
+            .collect();
+        limited_memory(&mut d, Value::Array(fill), 0).unwrap();
+        let before = Size::of(&d).memory();
+        let e = limited_memory(
+            &mut d,
+            json!([{"op": "copy", "from": "/o", "path": "/p"}]),
+            before + 100,
+        )
+        .unwrap_err();
+        assert!(e.is_too_large(), "{e}");
+        // Merge patches too; a state above the limit may shrink.
+        let mut size = Size::of(&d);
+        let m = Delta::Merge(json!({"o": {"0": null, "1": null}}));
+        let lim = Limits::for_delta(0, 0).with_memory(1);
+        apply_delta_limited(&mut d, &mut size, &m, lim).unwrap();
+        let m = Delta::Merge(json!({"q": 1}));
+        assert!(apply_delta_limited(&mut d, &mut size, &m, lim)
+            .unwrap_err()
+            .is_too_large());
+        assert_eq!(size, Size::of(&d));
     }
 
     #[test]
@@ -1331,12 +1552,12 @@ mod tests {
         .unwrap();
         // Merge patches: measured before they apply.
         let mut d = json!({"a": "x"});
-        let mut size = sized(&d);
+        let mut size = Size::of(&d);
         let m = Delta::Merge(json!({"b": "y".repeat(100)}));
         let e = apply_delta_limited(&mut d, &mut size, &m, Limits::for_delta(0, 50)).unwrap_err();
         assert!(e.is_too_large());
         assert_eq!(d, json!({"a": "x"}));
-        assert_eq!(size, sized(&d));
+        assert_eq!(size, Size::of(&d));
     }
 
     #[test]

@@ -78,11 +78,23 @@ pub fn json_to_msgpack(doc: &[u8]) -> Result<Vec<u8>> {
 /// at once. A map that repeats a key keeps the key's first position and its last value, as
 /// `from_msgpack` (and Python's dict) do.
 pub fn msgpack_to_json(data: &[u8], max_containers: u64) -> Result<Vec<u8>> {
+    let limit = if max_containers == 0 {
+        u64::MAX
+    } else {
+        max_containers
+    };
+    msgpack_to_json_counted(data, limit).map(|(out, _)| out)
+}
+
+/// [`msgpack_to_json`] under an exact container budget (0: none may be read) that also
+/// returns how many arrays and maps it read: one budget shared by the members of a message
+/// (protocol.py converts each member separately and passes what the ones before left).
+pub fn msgpack_to_json_counted(data: &[u8], budget: u64) -> Result<(Vec<u8>, u64)> {
     let mut t = Transcoder {
         rd: data,
         out: Vec::with_capacity(data.len().saturating_add(16)),
         containers: 0,
-        max_containers,
+        max_containers: budget,
         entries: Vec::new(),
         index: Vec::new(),
     };
@@ -90,7 +102,7 @@ pub fn msgpack_to_json(data: &[u8], max_containers: u64) -> Result<Vec<u8>> {
     if !t.rd.is_empty() {
         return Err(err("trailing bytes after the document"));
     }
-    Ok(t.out)
+    Ok((t.out, t.containers))
 }
 
 /// The error past `max_containers`; protocol.py recognises "arrays and objects".
@@ -117,6 +129,7 @@ struct Transcoder<'a> {
     rd: &'a [u8],
     out: Vec<u8>,
     containers: u64,
+    /// Containers that may be read (u64::MAX: no limit).
     max_containers: u64,
     /// The distinct keys of every map being written, innermost map last.
     entries: Vec<Entry<'a>>,
@@ -167,7 +180,7 @@ impl<'a> Transcoder<'a> {
             return Err(err(&format!("nested deeper than {MAX_DEPTH} levels")));
         }
         self.containers += 1;
-        if self.max_containers != 0 && self.containers > self.max_containers {
+        if self.containers > self.max_containers {
             return Err(too_many_containers(self.max_containers));
         }
         Ok(())
@@ -620,6 +633,17 @@ mod tests {
         assert!(msgpack_to_json(b"\x92\x80\x80", 3).is_ok());
         assert!(msgpack_to_json(b"\x92\x80\x80", 2).is_err());
         assert!(msgpack_to_json(b"\x92\x01\xa1x", 1).is_ok());
+        // The counted form: an exact budget (0: no container at all) and the count.
+        assert_eq!(
+            msgpack_to_json_counted(b"\x92\x80\x80", 3).unwrap(),
+            (b"[{},{}]".to_vec(), 3)
+        );
+        assert!(msgpack_to_json_counted(b"\x92\x80\x80", 2).is_err());
+        assert_eq!(
+            msgpack_to_json_counted(b"\x01", 0).unwrap(),
+            (b"1".to_vec(), 0)
+        );
+        assert!(msgpack_to_json_counted(b"\x90", 0).is_err());
         // It stops at once: a million arrays with the count past the cap early, then a
         // truncation that would be another error if it read on.
         let mut big = arrays(1_000_000);

@@ -234,18 +234,19 @@ fn py_diff<'py>(
 }
 
 #[pyfunction(name = "compact")]
-#[pyo3(signature = (state, ds, max_bytes = 0))]
+#[pyo3(signature = (state, ds, max_bytes = 0, max_memory = 0))]
 fn py_compact<'py>(
     py: Python<'py>,
     state: &Bound<'py, PyAny>,
     ds: &Bound<'py, PyAny>,
     max_bytes: u64,
+    max_memory: u64,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let state = input(state, "state")?;
     let held = items(ds)?;
     let inputs = inputs(py, &held, |_, d| lenient(d))?;
     let out = py
-        .detach(|| compact::compact_bytes(&state, &inputs, max_bytes))
+        .detach(|| compact::compact_bytes(&state, &inputs, max_bytes, max_memory))
         .map_err(to_py)?;
     bytes_out(py, out)
 }
@@ -278,6 +279,23 @@ fn py_msgpack_to_json<'py>(
         .detach(|| codec::msgpack_to_json(&data, max))
         .map_err(to_py)?;
     bytes_out(py, out)
+}
+
+#[pyfunction(name = "msgpack_to_json_counted")]
+fn py_msgpack_to_json_counted<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    budget: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyBytes>, u64)> {
+    if data.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err("expected bytes, not str"));
+    }
+    let budget = non_negative(budget, "budget")?;
+    let data = input(data, "data")?;
+    let (out, used) = py
+        .detach(|| codec::msgpack_to_json_counted(&data, budget))
+        .map_err(to_py)?;
+    Ok((bytes_out(py, out)?, used))
 }
 
 /// An int (not a bool) >= 0 that fits u64, else ValueError naming `what`.
@@ -327,8 +345,10 @@ struct RoomState {
     /// `json_size` and `seq` read them without waiting for the mutex (which long work holds
     /// with the GIL released; waiting for it with the GIL held would stall every thread).
     size: AtomicU64,
+    memory: AtomicU64,
     seq: AtomicU64,
     max_bytes: u64,
+    max_memory: u64,
 }
 
 impl RoomState {
@@ -347,6 +367,7 @@ impl RoomState {
 
     fn publish(&self, room: &Room) {
         self.size.store(room.size(), Ordering::Release);
+        self.memory.store(room.memory(), Ordering::Release);
         self.seq.store(room.seq(), Ordering::Release);
     }
 
@@ -388,12 +409,13 @@ impl RoomState {
 #[pymethods]
 impl RoomState {
     #[new]
-    #[pyo3(signature = (state = None, seq = None, max_bytes = 0))]
+    #[pyo3(signature = (state = None, seq = None, max_bytes = 0, max_memory = 0))]
     fn new(
         py: Python<'_>,
         state: Option<&Bound<'_, PyAny>>,
         seq: Option<&Bound<'_, PyAny>>,
         max_bytes: u64,
+        max_memory: u64,
     ) -> PyResult<Self> {
         let seq = match seq {
             Some(s) => seq_arg(s)?,
@@ -404,12 +426,14 @@ impl RoomState {
             None => Cow::Borrowed(b"{}"),
         };
         let room = py
-            .detach(|| Room::with_max_bytes(&state, seq, max_bytes))
+            .detach(|| Room::with_limits(&state, seq, max_bytes, max_memory))
             .map_err(to_py)?;
         Ok(RoomState {
             size: AtomicU64::new(room.size()),
+            memory: AtomicU64::new(room.memory()),
             seq: AtomicU64::new(room.seq()),
             max_bytes,
+            max_memory,
             inner: Mutex::new(Inner {
                 room,
                 json: None,
@@ -430,6 +454,11 @@ impl RoomState {
     #[getter]
     fn max_bytes(&self) -> u64 {
         self.max_bytes
+    }
+
+    #[getter]
+    fn max_memory(&self) -> u64 {
+        self.max_memory
     }
 
     fn check(&self, py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -507,6 +536,29 @@ impl RoomState {
     fn json_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
+
+    /// A clone of the parsed state (GIL released): no parse, so no parser buffers, and
+    /// the copy's maps and arrays are allocated at their exact sizes (room.py's check
+    /// copy; parsing `to_json()` again took 2.4x the state's memory at its peak).
+    fn copy(&self, py: Python<'_>) -> RoomState {
+        let room = py.detach(|| self.lock().room.clone());
+        RoomState {
+            size: AtomicU64::new(room.size()),
+            memory: AtomicU64::new(room.memory()),
+            seq: AtomicU64::new(room.seq()),
+            max_bytes: self.max_bytes,
+            max_memory: self.max_memory,
+            inner: Mutex::new(Inner {
+                room,
+                json: None,
+                msgpack: None,
+            }),
+        }
+    }
+
+    fn memory_size(&self) -> u64 {
+        self.memory.load(Ordering::Acquire)
+    }
 }
 
 /// `send_frame(fds, frame)`: the broadcast loop of `kasagi_relay/fanout.py` (rust/fanout.rs).
@@ -530,6 +582,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TooLarge", py.get_type::<TooLarge>())?;
     m.add("WORK_BASE", crate::apply::WORK_BASE)?;
     m.add("WORK_PER_BYTE", crate::apply::WORK_PER_BYTE)?;
+    m.add("NODE_BYTES", crate::json::NODE_BYTES)?;
+    m.add("MEMBER_BYTES", crate::json::MEMBER_BYTES)?;
     m.add_class::<RoomState>()?;
     m.add_function(wrap_pyfunction!(py_validate, m)?)?;
     m.add_function(wrap_pyfunction!(py_apply, m)?)?;
@@ -538,6 +592,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_compact, m)?)?;
     m.add_function(wrap_pyfunction!(py_json_to_msgpack, m)?)?;
     m.add_function(wrap_pyfunction!(py_msgpack_to_json, m)?)?;
+    m.add_function(wrap_pyfunction!(py_msgpack_to_json_counted, m)?)?;
     #[cfg(unix)]
     m.add_function(wrap_pyfunction!(py_send_frame, m)?)?;
     Ok(())

@@ -3,7 +3,7 @@
 //! back a delta (the undo log of [`crate::apply`] restores it exactly). The binding caches
 //! the encoded snapshots; `version` tells it when they are stale.
 
-use crate::apply::{self, Limits};
+use crate::apply::{self, Limits, Size};
 use crate::delta::{self, Delta, Op};
 use crate::error::{DeltaError, Result};
 use crate::json;
@@ -16,10 +16,13 @@ pub struct Room {
     doc: Value,
     seq: u64,
     version: u64,
-    /// len(to_json()), kept exact by every change (see `crate::apply`, size accounting).
-    size: u64,
+    /// len(to_json()) and the structure part of the memory estimate, kept exact by every
+    /// change (see `crate::apply`, size accounting).
+    size: Size,
     /// 0: no limit; else deltas that would take the state past it fail as TooLarge.
     max_bytes: u64,
+    /// The same for the memory estimate ([`Size::memory`]).
+    max_memory: u64,
     /// The seqs of the last `apply_batch` that failed at their position (no-ops), so the
     /// relay can replay them as empty patches.
     failed: Vec<u64>,
@@ -37,19 +40,27 @@ impl Room {
     /// A room whose deltas may not take the state past `max_bytes` (0: no limit). A state
     /// already past it loads (and may shrink).
     pub fn with_max_bytes(state: &[u8], seq: u64, max_bytes: u64) -> Result<Room> {
+        Room::with_limits(state, seq, max_bytes, 0)
+    }
+
+    /// A room under both limits (0: none); a state already past either loads (and may
+    /// shrink).
+    pub fn with_limits(state: &[u8], seq: u64, max_bytes: u64, max_memory: u64) -> Result<Room> {
         let doc = json::parse(state).map_err(|e| e.context("state"))?;
         let mut room = Room::from_value(doc, seq);
         room.max_bytes = max_bytes;
+        room.max_memory = max_memory;
         Ok(room)
     }
 
     pub fn from_value(doc: Value, seq: u64) -> Room {
         Room {
-            size: json::len(&doc),
+            size: Size::of(&doc),
             doc,
             seq,
             version: 0,
             max_bytes: 0,
+            max_memory: 0,
             failed: Vec::new(),
         }
     }
@@ -69,15 +80,24 @@ impl Room {
 
     /// `to_json().len()`, O(1).
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.json
+    }
+
+    /// The memory estimate of the state ([`Size::memory`]), O(1).
+    pub fn memory(&self) -> u64 {
+        self.size.memory()
     }
 
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
     }
 
+    pub fn max_memory(&self) -> u64 {
+        self.max_memory
+    }
+
     fn limits(&self, delta_len: usize) -> Limits {
-        Limits::for_delta(delta_len, self.max_bytes)
+        Limits::for_delta(delta_len, self.max_bytes).with_memory(self.max_memory)
     }
 
     /// Err when `d` is malformed, would fail now, needs too much work, or would take the
@@ -344,5 +364,34 @@ mod tests {
         );
         assert_eq!(r.to_json(), br#"{"s":"xxxxxxxxxx","c":"xxxxxxxxxx"}"#);
         assert_eq!(r.size(), r.to_json().len() as u64);
+    }
+
+    #[test]
+    fn max_memory_in_check_apply_and_batch() {
+        let one = json::NODE_BYTES + json::MEMBER_BYTES;
+        let mut r = Room::with_limits(b"{}", 0, 0, json::NODE_BYTES + 2 + 2 * (one + 6)).unwrap();
+        assert_eq!(r.memory(), json::NODE_BYTES + 2);
+        let add = |k: &str| format!(r#"{{"patch":[{{"op":"add","path":"/{k}","value":1}}]}}"#);
+        // {"a":1}: 7 bytes, one member.
+        assert_eq!(r.apply(add("a").as_bytes(), 1), Ok(true));
+        assert_eq!(r.memory(), json::NODE_BYTES + 7 + one);
+        assert_eq!(r.apply(add("b").as_bytes(), 2), Ok(true));
+        assert!(r.check(add("c").as_bytes()).unwrap_err().is_too_large());
+        assert_eq!(r.apply(add("c").as_bytes(), 3), Ok(false));
+        assert!(r.check(br#"{"merge":{"c":1}}"#).unwrap_err().is_too_large());
+        r.check(br#"{"merge":{"a":null,"c":1}}"#).unwrap();
+        let out = r
+            .apply_batch(
+                &[
+                    br#"{"merge":{"c":1}}"#.as_slice(),
+                    br#"{"merge":{"a":null}}"#,
+                ],
+                5,
+            )
+            .unwrap();
+        assert_eq!(out, br#"{"merge":{"a":null}}"#);
+        assert_eq!(r.to_json(), br#"{"b":1}"#);
+        let fresh = Room::new(&r.to_json(), 0).unwrap();
+        assert_eq!(r.memory(), fresh.memory());
     }
 }

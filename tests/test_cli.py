@@ -7,12 +7,14 @@ import contextlib
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from kasagi_relay.cli import parse_config
+from kasagi_relay.config import Config
 from testkit.relay import REPO, connect_client, relay_env, relay_process
 
 
@@ -52,6 +54,16 @@ def test_help_explains_every_flag() -> None:
         ("--max-rooms", "KASAGI_MAX_ROOMS"),
         ("--max-loaded-rooms", "KASAGI_MAX_LOADED_ROOMS"),
         ("--no-inspector", "KASAGI_NO_INSPECTOR"),
+        ("--jwt-secret", "KASAGI_JWT_SECRET"),
+        ("--jwt-secret-file", "KASAGI_JWT_SECRET_FILE"),
+        ("--jwt-public-key", "KASAGI_JWT_PUBLIC_KEY"),
+        ("--jwks", "KASAGI_JWKS"),
+        ("--jwt-audience", "KASAGI_JWT_AUDIENCE"),
+        ("--jwt-issuer", "KASAGI_JWT_ISSUER"),
+        ("--jwt-leeway", "KASAGI_JWT_LEEWAY"),
+        ("--auth-timeout", "KASAGI_AUTH_TIMEOUT"),
+        ("--auth", "KASAGI_AUTH"),
+        ("--allowed-origins", "KASAGI_ALLOWED_ORIGINS"),
     ]:
         assert flag in text and env in text, flag
     assert "ws://127.0.0.1:8765/ws" in text
@@ -78,6 +90,18 @@ def test_help_explains_every_flag() -> None:
         (["--cluster", "nohostport"], None, "host:port"),
         (["--tls-cert", "/nonexistent/chain.pem"], None, "no such file: /nonexistent/chain.pem"),
         ([], {"KASAGI_TLS_KEY": "key.pem"}, "--tls-key needs --tls-cert"),
+        (["--host", "0.0.0.0"], None, "refusing to serve anonymously on 0.0.0.0"),
+        (["--host", "0.0.0.0", "--api-key", "k" * 24], None, "refusing to serve anonymously"),
+        ([], {"KASAGI_HOST": "10.1.2.3"}, "--auth none"),
+        (["--auth", "none"], {"KASAGI_JWT_SECRET": "s" * 32}, "contradict"),
+        (["--jwt-secret", "s" * 32, "--jwks", "keys.json"], None, "only one of"),
+        (["--jwt-secret", "short"], None, "at least 32 bytes"),
+        (["--jwt-secret-file", "/nonexistent/secret"], None, "--jwt-secret-file"),
+        (["--jwt-public-key", "/nonexistent/key.pem"], None, "--jwt-public-key"),
+        (["--jwks", "http://idp.example/jwks"], None, "https"),
+        (["--jwt-leeway", "11"], None, "--jwt-leeway"),
+        (["--auth-timeout", "0"], None, "--auth-timeout"),
+        (["--auth", "maybe"], None, "--auth"),
     ],
 )
 def test_bad_flag_or_value_is_one_line_and_exit_2(
@@ -108,12 +132,38 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KASAGI_MAX_LOADED_ROOMS", "0")
     assert parse_config([]).max_loaded_rooms == 0
     assert parse_config(["--max-loaded-rooms", "50"]).max_loaded_rooms == 50
+    # --max-state-memory defaults to 8x --max-state-bytes, whichever way that is set.
+    assert parse_config([]).max_state_memory == 64 * 1024 * 1024 == Config().max_state_memory
+    assert parse_config(["--max-state-bytes", "1MiB"]).max_state_memory == 8 * 1024 * 1024
+    assert parse_config(["--max-state-memory", "3MiB"]).max_state_memory == 3 * 1024 * 1024
+    monkeypatch.setenv("KASAGI_MAX_STATE_MEMORY", "2MiB")
+    assert parse_config([]).max_state_memory == 2 * 1024 * 1024
     c = parse_config(["--sentinels", "a:1,b:2"])
     assert c.sentinels == (("a", 1), ("b", 2)) and c.ack_level == "replica"
     assert parse_config(["--sentinels", "a:1", "--ack", "all"]).ack_level == "all"
     c = parse_config(["--cluster", "a:1,b:2"])
     assert c.cluster == (("a", 1), ("b", 2)) and c.ack_level == "replica"
     assert c.backend_name == "cluster"
+
+
+def test_identity_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("KASAGI_HOST", "KASAGI_JWT_SECRET", "KASAGI_AUTH", "KASAGI_ALLOWED_ORIGINS"):
+        monkeypatch.delenv(name, raising=False)
+    c = parse_config([])
+    assert not c.jwt_configured and not c.auth_none and c.allowed_origins == ("*",)
+    assert (c.auth_timeout_s, c.jwt_leeway_s) == (5.0, 5.0)
+    for host in ("localhost", "127.0.0.2", "::1", "[::1]"):
+        assert parse_config(["--host", host]).host == host  # loopback: anonymous is fine
+    assert parse_config(["--host", "0.0.0.0", "--auth", "none"]).auth_none
+    secret = tmp_path / "secret"
+    secret.write_text("f" * 40 + "\n")
+    c = parse_config(["--host", "0.0.0.0", "--jwt-secret-file", str(secret)])
+    assert c.jwt_secret == "f" * 40
+    monkeypatch.setenv("KASAGI_JWT_SECRET", "e" * 32)
+    monkeypatch.setenv("KASAGI_ALLOWED_ORIGINS", "https://a.example, https://b.example")
+    c = parse_config(["--host", "0.0.0.0", "--auth-timeout", "2.5"])
+    assert c.jwt_secret == "e" * 32 and c.auth_timeout_s == 2.5
+    assert c.allowed_origins == ("https://a.example", "https://b.example")
 
 
 async def test_no_arguments_serves_memory_and_says_so_in_one_line() -> None:
@@ -123,6 +173,7 @@ async def test_no_arguments_serves_memory_and_says_so_in_one_line() -> None:
         lines = [line for line in proc.stderr_lines if "serving" in line]
         assert len(lines) == 1
         assert "ws://127.0.0.1:" in lines[0] and "memory backend" in lines[0]
+        assert "anonymous" in lines[0]
         async with connect_client(proc.url) as c:
             assert (await c.join("lobby"))["state"] == {}
         assert await proc.terminate() == 0

@@ -311,6 +311,21 @@ def test_msgpack_to_json_container_cap(engines: ModuleType) -> None:
         engines.msgpack_to_json(_empty_arrays(1_000_000), 100_000)
 
 
+def test_msgpack_to_json_counted_shares_one_budget(engines: ModuleType) -> None:
+    # An exact budget (0: no container at all) and the count, so that the members of one
+    # message share MAX_CONTAINERS (protocol.py).
+    data = msgpack.packb([{}, {"a": []}])
+    assert engines.msgpack_to_json_counted(data, 4) == (b'[{},{"a":[]}]', 4)
+    assert engines.msgpack_to_json_counted(data, 10) == (b'[{},{"a":[]}]', 4)
+    with pytest.raises(engines.DeltaError, match="at most 3 arrays and objects"):
+        engines.msgpack_to_json_counted(data, 3)
+    assert engines.msgpack_to_json_counted(msgpack.packb("[{"), 0) == (b'"[{"', 0)
+    with pytest.raises(engines.DeltaError, match="at most 0 arrays and objects"):
+        engines.msgpack_to_json_counted(b"\x90", 0)
+    with pytest.raises(ValueError, match="budget must be a non-negative integer"):
+        engines.msgpack_to_json_counted(b"\x90", -1)
+
+
 @pytest.mark.parametrize("bad_cap", [-1, 2**64, True, 1.5, "3"])
 def test_msgpack_to_json_cap_must_be_a_non_negative_int(engines: ModuleType, bad_cap: Any) -> None:
     with pytest.raises(ValueError, match="max_containers must be a non-negative integer"):

@@ -216,6 +216,120 @@ def test_json_size_is_exact_through_every_kind_of_change(engines: ModuleType) ->
         assert room.json_size() == len(room.to_json()), d
 
 
+# --------------------------------------------------------------------------- memory limit
+
+
+def weight(engines: ModuleType, v: Any) -> int:
+    """The structure part of the engine's memory estimate, computed here from its rule."""
+    if isinstance(v, list):
+        return int(engines.NODE_BYTES) + sum(weight(engines, x) for x in v)
+    if isinstance(v, dict):
+        member = int(engines.MEMBER_BYTES)
+        return int(engines.NODE_BYTES) + sum(member + weight(engines, x) for x in v.values())
+    return int(engines.NODE_BYTES)
+
+
+def memory_of(engines: ModuleType, doc: bytes) -> int:
+    return len(doc) + weight(engines, json.loads(doc))
+
+
+def test_memory_size_is_exact_through_every_kind_of_change(engines: ModuleType) -> None:
+    room = engines.RoomState('{"a":[1,{"b":2}],"o":{"x":{"q":null}},"s":"str"}')
+    assert room.memory_size() == memory_of(engines, room.to_json())
+    deltas = [
+        P({"op": "add", "path": "/n", "value": {"p": [1, 2, {}]}}),
+        P({"op": "remove", "path": "/a/1"}),
+        P({"op": "move", "from": "/o/x", "path": "/a/0"}),
+        P(copy("/n", "/a/-"), copy("/n", "/m")),
+        P({"op": "replace", "path": "/s", "value": [[], {"t": 1}]}),
+        M({"o": None, "n": {"p": None, "q": {"r": [1]}}, "z": {"y": None}}),
+        P({"op": "replace", "path": "", "value": {"r": [1, {"s": "t"}]}}),
+    ]
+    for seq, d in enumerate(deltas, 1):
+        assert room.apply(d, seq), d
+        assert room.memory_size() == memory_of(engines, room.to_json()), d
+
+
+def test_many_small_members_are_refused_by_the_memory_limit(engines: ModuleType) -> None:
+    # The class 2 shape of #11: an object of many small members takes far more memory than
+    # its JSON (each member a map entry and a value node); max_bytes alone lets it grow.
+    one = int(engines.NODE_BYTES + engines.MEMBER_BYTES)
+    limit = 3_000 * one
+    room = engines.RoomState(b"{}", 0, 10**9, limit)
+    assert room.max_memory == limit
+    seq = 0
+    refused = 0
+    for start in range(0, 6_000, 500):
+        seq += 1
+        piece = M({f"k{i}": i for i in range(start, start + 500)})
+        ok = True
+        try:
+            room.check(piece)
+        except engines.TooLarge as exc:
+            assert "bytes of memory, past its limit of" in str(exc)
+            refused += 1
+            ok = False
+        assert room.apply(piece, seq) is ok
+        assert room.memory_size() <= limit
+        assert room.memory_size() == memory_of(engines, room.to_json())
+    assert refused > 0 and room.json_size() < limit // 10
+    # Patches are refused at the op that would pass it, changing nothing; a state past its
+    # limit may shrink; compact skips the same deltas.
+    before = room.to_json()
+    adds = P(*({"op": "add", "path": f"/z{i}", "value": 0} for i in range(1000)))
+    with pytest.raises(engines.TooLarge, match="memory"):
+        room.check(adds)
+    seq += 1
+    assert room.apply(adds, seq) is False
+    assert room.to_json() == before
+    seq += 1
+    assert room.apply(P({"op": "remove", "path": "/k0"}), seq)
+    ds = [M({f"k{i}": i for i in range(start, start + 500)}) for start in range(0, 6_000, 500)]
+    fresh = engines.RoomState(b"{}", 0, 0, limit)
+    for i, d in enumerate(ds, 1):
+        fresh.apply(d, i)
+    whole = engines.compact(b"{}", ds, 0, limit)
+    assert whole == fresh.to_json()
+    assert memory_of(engines, whole) <= limit
+    assert len(json.loads(whole)) < 6_000
+
+
+def test_a_copy_is_refused_by_the_memory_limit_before_it_is_made(engines: ModuleType) -> None:
+    doc = compact_json({f"k{i}": [0, 0, 0] for i in range(200)})
+    limit = memory_of(engines, doc) + 1000
+    room = engines.RoomState(doc, 0, 0, limit)
+    attack = P(copy("", "/c"))
+    with pytest.raises(engines.TooLarge, match="memory"):
+        room.check(attack)
+    assert room.apply(attack, 1) is False
+    assert room.memory_size() == memory_of(engines, room.to_json())
+
+
+def test_both_engines_refuse_the_same_deltas_under_the_memory_limit(
+    pure: ModuleType, native: ModuleType
+) -> None:
+    rng = random.Random(11)
+    values: list[Any] = [0, "s", [], {}, [1, [2]], {"a": {"b": 1}}, "x" * 40]
+    for _ in range(30):
+        start = compact_json({f"k{i}": rng.choice(values) for i in range(rng.randrange(1, 8))})
+        limit = native.RoomState(start).memory_size() + rng.randrange(0, 600)
+        rooms = [e.RoomState(start, 0, 0, limit) for e in (pure, native)]
+        for seq in range(1, 15):
+            key = f"k{rng.randrange(10)}"
+            d = rng.choice(
+                [
+                    M({key: rng.choice([*values, None])}),
+                    P({"op": "add", "path": f"/{key}", "value": rng.choice(values)}),
+                    P({"op": "remove", "path": f"/{key}"}),
+                    P(copy(f"/{key}", f"/{key}c")),
+                ]
+            )
+            results = [r.apply(d, seq) for r in rooms]
+            assert results[0] == results[1], d
+            assert rooms[0].to_json() == rooms[1].to_json()
+            assert rooms[0].memory_size() == rooms[1].memory_size()
+
+
 def test_member_removal_moves_the_last_member_into_its_place(engines: ModuleType) -> None:
     state = b'{"a":1,"b":2,"c":3,"d":4}'
     assert engines.apply(state, M({"b": None})) == b'{"a":1,"d":4,"c":3}'
@@ -251,3 +365,15 @@ def test_large_object_removals_keep_the_documented_order(native: ModuleType) -> 
                 where[last] = i
     assert list(json.loads(room.to_json())) == keys
     assert room.json_size() == len(room.to_json())
+
+
+def test_copy_is_independent_and_keeps_the_limits(engines: ModuleType) -> None:
+    room = engines.RoomState('{"a":{"b":[1]}}', 3, 1000, 5000)
+    twin = room.copy()
+    assert (twin.seq, twin.max_bytes, twin.max_memory) == (3, 1000, 5000)
+    assert (twin.to_json(), twin.memory_size()) == (room.to_json(), room.memory_size())
+    assert twin.apply(P({"op": "add", "path": "/a/b/-", "value": 2}), 4)
+    assert room.to_json() == b'{"a":{"b":[1]}}' and room.seq == 3
+    assert twin.to_json() == b'{"a":{"b":[1,2]}}'
+    with pytest.raises(engines.TooLarge, match="memory"):
+        twin.check(M({f"k{i}": 0 for i in range(100)}))

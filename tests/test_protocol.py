@@ -30,6 +30,7 @@ from kasagi_relay.protocol import (
     encode_joined,
     encode_left,
     parse,
+    parse_delta_body,
     peek_id,
 )
 
@@ -114,6 +115,31 @@ def test_bad_requests_carry_id_and_room() -> None:
     assert (err.code, err.id, err.room) == ("bad_message", 9, "a")
     err = bad('{"t":"join","room":"a:b","id":"q"}')
     assert (err.code, err.id, err.room) == ("bad_room", "q", None)
+
+
+def test_delta_body_of_the_http_api() -> None:
+    """An HTTP API body is a `delta` message without t/room/id, checked the same way (big
+    bodies on the engine's path too)."""
+    d = parse_delta_body(b'{"merge":{"a":1},"key":"k1","t":"x","id":[1]}', "r")
+    assert (d.room, d.kind, d.body, d.key, d.id) == ("r", "merge", b'{"a":1}', "k1", None)
+    big = json.dumps({"patch": [{"op": "add", "path": "/s", "value": "x" * INLINE_JSON_CHARS}]})
+    assert parse_delta_body(big.encode(), "r").kind == "patch"
+    for body, code in [
+        (b"", "bad_message"),
+        (b"[]", "bad_message"),
+        (b"\xff", "bad_message"),
+        (b'{"key":"k"}', "bad_message"),
+        (b'{"merge":{},"key":""}', "bad_message"),
+        (b'{"patch":[],"merge":{}}', "bad_patch"),
+        (b'{"patch":[{"op":"nope"}]}', "bad_patch"),
+        (('{"merge":{},"pad":"' + "x" * INLINE_JSON_CHARS + '",}').encode(), "bad_message"),
+    ]:
+        with pytest.raises(BadRequest) as info:
+            parse_delta_body(body, "r")
+        assert info.value.code == code, body[:40]
+    with pytest.raises(BadRequest) as info:
+        parse_delta_body(b'{"merge":{}}', "a:b")
+    assert info.value.code == "bad_room"
 
 
 def test_msgpack_bad_input() -> None:
@@ -329,6 +355,40 @@ def test_too_many_containers_is_bad_message(codec: Any) -> None:
     assert parse(text, codec) == Delta("a", "merge", ('{"x":"' + "[" * n + '"}').encode())
 
 
+@pytest.mark.parametrize("codec", [JSON, MSGPACK])
+def test_the_container_cap_is_per_message_not_per_member(codec: Any) -> None:
+    # The message, its merge object and the array `x`, plus k empty arrays: exactly
+    # MAX_CONTAINERS passes, one more is bad_message, on both subprotocols alike.
+    def message(k: int, extra: int = 0) -> str | bytes:
+        if codec == JSON:
+            text = f',"pad":[{",".join(["[]"] * extra)}]' if extra else ""
+            return (
+                '{"t":"delta","room":"a"' + text + ',"merge":{"x":[' + ",".join(["[]"] * k) + "]}}"
+            )
+        arrays = b"\xdd" + k.to_bytes(4, "big") + b"\x90" * k
+        head = b"\x84" if extra else b"\x83"
+        pad = packm("pad") + b"\xdd" + extra.to_bytes(4, "big") + b"\x90" * extra if extra else b""
+        return (
+            head
+            + packm("t")
+            + packm("delta")
+            + packm("room")
+            + packm("a")
+            + pad
+            + packm("merge")
+            + b"\x81\xa1x"
+            + arrays
+        )
+
+    n = MAX_CONTAINERS - 3
+    assert isinstance(parse(message(n), codec), Delta)
+    assert "at most" in bad(message(n + 1), codec).message
+    # Split between two members, each well under the cap: refused all the same.
+    half = n // 2
+    assert isinstance(parse(message(half, n - half - 1), codec), Delta)
+    assert "at most" in bad(message(half, n - half), codec).message
+
+
 def test_a_megabyte_of_empty_arrays_is_refused_without_decoding_it() -> None:
     # 1 MiB of MessagePack empty arrays: refused (too many containers), and a bare array is
     # refused from its first byte; peek_id does not read a message this big at all.
@@ -359,7 +419,7 @@ def test_a_megabyte_frame_of_empty_arrays_is_bad_message(member: str) -> None:
     assert err.message == f"a message may hold at most {MAX_CONTAINERS} arrays and objects"
     assert err.id == 7
     # The same number of arrays, one less, is accepted.
-    ok = MAX_CONTAINERS - 2  # the merge object and the outer array count too
+    ok = MAX_CONTAINERS - 3  # the message, the merge object and the outer array count too
     fine = b"\xdd" + ok.to_bytes(4, "big") + b"\x90" * ok
     assert parse(_msgpack_delta_around(b"\x81\xa1x" + fine), MSGPACK) == Delta(
         "a", "merge", b'{"x":[' + b",".join([b"[]"] * ok) + b"]}"
@@ -499,3 +559,32 @@ def test_property_arbitrary_input_raises_only_bad_request(data: str | bytes, cod
         else:
             _all_replies(codec, req)
         peek_id(attempt, codec)
+
+
+def test_auth_requests_and_replies() -> None:
+    from kasagi_relay.protocol import Auth, encode_authed
+
+    token = "eyJ.a.b"
+    assert parse(json.dumps({"t": "auth", "token": token, "id": 3}), JSON) == Auth(token, 3)
+    packed = msgpack.packb({"t": "auth", "token": token}, use_bin_type=True)
+    assert parse(packed, MSGPACK) == Auth(token)
+    assert token not in repr(Auth(token))  # never in a log line
+    big = "x" * (INLINE_JSON_CHARS + 10)  # read by the engine's path, as a scalar
+    assert parse(json.dumps({"t": "auth", "token": big}), JSON) == Auth(big)
+    for bad in ({"t": "auth"}, {"t": "auth", "token": 5}, {"t": "auth", "token": ""}):
+        with pytest.raises(BadRequest) as info:
+            parse(json.dumps({**bad, "id": 1}), JSON)
+        assert info.value.code == "bad_message" and info.value.id == 1
+    assert json.loads(encode_authed(JSON, "alice", 1800000000.0, 4)) == {
+        "t": "authed",
+        "id": 4,
+        "sub": "alice",
+        "exp": 1800000000,
+    }
+    assert msgpack.unpackb(encode_authed(MSGPACK, "bob", 1.5, None)) == {
+        "t": "authed",
+        "sub": "bob",
+        "exp": 1.5,
+    }
+    left = json.loads(encode_left(JSON, "r", None, "forbidden"))
+    assert left == {"t": "left", "room": "r", "code": "forbidden"}

@@ -290,7 +290,9 @@ async def test_a_replay_goes_as_the_joiner_reads_and_stops_when_it_goes(
             [joined] = await reader.read(1)
             send_text(sock, json.dumps({"t": "join", "room": "r", "since": 0}))
             first = await reader.read(6, pause=0.01)
-            assert json.loads(first[0]) == {"t": "joined", "room": "r", "seq": 0, "resumed": True}
+            resumed = json.loads(first[0])
+            assert isinstance(resumed.pop("conn"), str)
+            assert resumed == {"t": "joined", "room": "r", "seq": 0, "resumed": True}
             assert [json.loads(b)["seq"] for b in first[1:]] == [1, 2, 3, 4, 5]
             await asyncio.sleep(0.3)
             # Only what fits the member's buffers was produced, not the whole history.
@@ -436,6 +438,7 @@ async def test_a_resume_from_before_the_recent_ops_the_room_keeps_is_exact() -> 
         assert sum(len(op.delta) for op in room.recent) <= RECENT_BYTES
         assert room.recent[0].seq > 4  # what follows is not served from memory
         resumed = await joiner.join("r", since=3)
+        assert isinstance(resumed.pop("conn"), str)
         assert resumed == {"t": "joined", "room": "r", "seq": 3, "resumed": True}
         for n in range(4, 41):
             m = await joiner.expect("delta")
@@ -443,3 +446,61 @@ async def test_a_resume_from_before_the_recent_ops_the_room_keeps_is_exact() -> 
         await writer.delta("r", merge={"n": 41})
         m = await joiner.expect("delta")
         assert (m["from"], m["merge"]) == (41, {"n": 41})
+
+
+def vm_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+async def test_small_deltas_of_many_small_members_stop_at_the_memory_limit() -> None:
+    """#11 item 1 (memory): a room's state in memory is a multiple of its JSON (an object of
+    400k small members, 6.3 MB of JSON, took 120 MiB), so --max-state-bytes alone let
+    small deltas of many small members push the relay's memory up ~20x past it. With
+    --max-state-memory the engine refuses the delta that would take its memory estimate
+    past the limit (too_large, with deltas pipelined so that the room also checks against
+    a copy with the queued ones applied), the relay's peak RSS stays within what the
+    limit allows (benches/hostile/harness.py `rss_budget`: 4x the limit for the state and
+    that copy, plus the encoded snapshots and a fixed margin; measured here +108 MiB for a
+    16 MiB limit, +229 MiB for 64 MiB), and another room is served throughout. Without
+    the limit the same sequence runs to 800k members (~100 MB estimated)."""
+    limit = 16 * MiB
+    async with relay_process("--max-state-memory", str(limit)) as proc:
+        pid = proc.proc.pid
+        base_kib = vm_kib(pid, "VmRSS")
+        refused: list[dict[str, Any]] = []
+        acked = 0
+        async with (
+            connect_client(proc.url) as writer,
+            connect_client(proc.url) as calm,
+            Pinger(calm, "calm") as pinger,
+        ):
+            batch, per = 4, 1_000
+            for start in range(0, 800_000, batch * per):
+                for b in range(batch):
+                    first = start + b * per
+                    members = {f"k{i}": 0 for i in range(first, first + per)}
+                    await writer.delta("many", merge={"o": members}, wait_ack=False)
+                for _ in range(batch):
+                    reply, _ = await writer.recv_until(lambda m: m.get("t") in ("ack", "error"))
+                    if reply["t"] == "ack":
+                        acked += 1
+                    else:
+                        refused.append(reply)
+                if refused:
+                    break
+            await asyncio.sleep(0.2)
+        peak_kib = vm_kib(pid, "VmHWM")
+    assert refused, f"{acked} deltas of {per} members acknowledged, none refused"
+    assert refused[0]["code"] == "too_large", refused[0]
+    assert "memory" in refused[0]["message"], refused[0]
+    # The state reached at most the limit: ~127k members at ~132 bytes each.
+    assert 50 <= acked <= 140, acked
+    state_json = acked * per * 12
+    budget = 4 * limit + 2 * state_json + 64 * MiB
+    assert (peak_kib - base_kib) * 1024 <= budget, ((peak_kib - base_kib) / 1024, budget / MiB)
+    assert pinger.acks > 10
+    assert pinger.worst < 2.0, pinger.worst

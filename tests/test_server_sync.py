@@ -69,6 +69,8 @@ async def test_members_see_each_others_deltas_in_order() -> None:
     ):
         for m in (a, b, c):
             joined = await m.join("game.1", id="j")
+            conn = joined.pop("conn")  # the connection's id (presence)
+            assert isinstance(conn, str) and conn
             assert joined == {"t": "joined", "id": "j", "room": "game.1", "seq": 0, "state": {}}
         # a and b interleave; every member sees one order, the sender its own deltas too.
         for i in range(10):
@@ -115,6 +117,7 @@ async def test_rejoin_with_since_gets_exactly_what_it_missed() -> None:
             await writer.delta("r", add(f"/k{i}", i))
         async with connect_client(relay.url) as m2:
             joined = await m2.join("r", since=last, id=5)
+            assert isinstance(joined.pop("conn"), str)
             assert joined == {"t": "joined", "id": 5, "room": "r", "seq": 3, "resumed": True}
             missed = await collect(m2, "r", 7)
             assert [(f["from"], f["seq"]) for f in missed] == [(4, 4), (5, 5), (6, 6), (7, 7)]

@@ -13,7 +13,8 @@ prints one row per class:
   (goal: at most 50 ms);
 - peak RSS: the relay's VmHWM (/proc/PID/status), against a budget computed from the
   relay's configured limits (`rss_budget` in harness.py: the relay's idle RSS, what the
-  limits relevant to the class allow, and a 64 MiB margin);
+  limits relevant to the class allow, a room's state counted from --max-state-memory and
+  --max-state-bytes as `room_budget`, and a 64 MiB margin);
 - alive: whether the relay process is still running after the attack (a dead relay is
   reported and the next class gets a new one anyway: every class starts a fresh relay, so
   each peak RSS is that class's own);

@@ -25,11 +25,26 @@ STALL_GOAL_MS = 50.0
 RSS_MARGIN = 64 * MiB  # the interpreter, the engine, one message in flight, allocator slack
 
 
+# RSS per byte of --max-state-memory that one room's state may take: the state itself
+# (maps and arrays grow by doubling, and the delta being applied is parsed beside it) and
+# the copy a room checks against while deltas are queued (room.py `_check_job`, made by
+# `RoomState.copy`). Measured with tests/test_room_offloop.py's sequence of small deltas of
+# many small members: +108 MiB at a 16 MiB limit, +229 MiB at 64 MiB (slope 2.5x).
+ROOM_RSS_PER_MEMORY = 4
+
+
+def room_budget(c: Config) -> int:
+    """One room's state at its limits: ROOM_RSS_PER_MEMORY x --max-state-memory (the
+    engine's estimate of the parsed state, docs/operations.md), and its cached JSON and
+    MessagePack snapshots (--max-state-bytes each)."""
+    return ROOM_RSS_PER_MEMORY * c.max_state_memory + 2 * c.max_state_bytes
+
+
 def rss_budget(n: int, c: Config) -> int:
     """What the configured limits allow class `n` to hold, above the relay's idle RSS
-    (docs/operations.md lists each limit). A state is counted four times: the document,
-    its cached JSON and MessagePack snapshots, and a delta being applied."""
-    state = 4 * c.max_state_bytes
+    (docs/operations.md lists each limit): a room's state as `room_budget`, a message in
+    flight at 4x its size."""
+    state = room_budget(c)
     message = 4 * c.max_message_bytes
     return {
         1: state,
@@ -154,6 +169,10 @@ def table(rows: list[Row], title: str) -> str:
     return "\n".join(out)
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def parse_classes(text: str) -> list[int]:
     picked: list[int] = []
     for part in text.split(","):
@@ -177,7 +196,9 @@ async def amain(args: argparse.Namespace) -> int:
         f"# hostile harness: {platform.node()}, {os.cpu_count()} CPUs, Python"
         f" {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    print(f"# relay flags: {' '.join(extra) or '(defaults)'}; classes {args.classes}\n")
+    print(f"# relay flags: {' '.join(extra) or '(defaults)'}; classes {args.classes}")
+    # The machine is shared: stalls mean little without its load (docs/benchmarks.md).
+    print(f"# load average at the start: {_load()}\n")
     for backend in backends:
         redis: Redis | None = None
         flags: list[str] = []
@@ -199,7 +220,7 @@ async def amain(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             print(table(rows, f"{backend} backend"))
-            print()
+            print(f"\n# load average after the {backend} backend: {_load()}\n")
         finally:
             if redis is not None:
                 await redis.stop()

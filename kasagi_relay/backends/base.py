@@ -8,7 +8,12 @@
   the short lock one compaction at a time holds.
 - The **feed** (`Feed`): live delivery of each delta to a `Listener`, per subscribed room,
   with a resync signal when the transport may have dropped something.
-- Presence will be a fourth role.
+- The **presence** (`Presence`): who is in a room on every relay. Each relay writes its
+  own members' entries (`add`, `remove`), re-writes them every refresh (`refresh`, which
+  also takes out the entries nobody refreshed within their time to live: a dead relay's),
+  reads a room's members in one round trip (`members`) and hears every room's join and
+  leave events (`subscribe`, a `PresenceListener`). Entries are opaque JSON bytes to the
+  backend (`{"conn","sub","info","j"}`, presence.py), keyed by connection id.
 
 Three implementations: `memory` (embedded, one process), `redis` (one server) and
 `sentinel` (discovery through Sentinels). Each composes the roles over shared parts (see
@@ -49,6 +54,8 @@ __all__ = [
     "Listener",
     "Log",
     "Op",
+    "Presence",
+    "PresenceListener",
     "Snapshot",
     "Snapshots",
     "valid_room",
@@ -132,6 +139,47 @@ class Feed(Protocol):
     async def unsubscribe(self, room: str) -> None: ...
 
 
+class PresenceListener(Protocol):
+    def on_presence(self, room: str, kind: str, entry: bytes) -> None:
+        """A member of a subscribed room joined (`kind` "join") or left ("leave", also
+        when its entry expired); `entry` is the JSON stored by `add`. Per room in the
+        order the backend applied them; duplicates are possible (a refresh after a
+        failover re-adds an entry the new master lacked): the relay drops them."""
+
+    def on_presence_resync(self) -> None:
+        """The event subscription may have missed events, or the master moved: the relay
+        re-writes its entries at once (a new master may lack them)."""
+
+
+class Presence(Protocol):
+    """Who is in each room, across every relay (docs/protocol.md, presence)."""
+
+    def set_listener(self, listener: PresenceListener) -> None: ...
+
+    async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
+        """Store `conn`'s entry for `ttl_s` and announce its join."""
+        ...
+
+    async def remove(self, room: str, conn: str, entry: bytes) -> None:
+        """Drop `conn`'s entry and announce its leave, only if the stored entry is still
+        `entry` (a newer join of the same connection is left alone)."""
+        ...
+
+    async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:
+        """Re-write this relay's entries of `room` (announcing those the store lacked) for
+        another `ttl_s`, and take out every entry of the room past its time to live,
+        announcing its leave."""
+        ...
+
+    async def members(self, room: str) -> list[bytes]:
+        """The entries of `room` (expired ones taken out first): one round trip."""
+        ...
+
+    async def subscribe(self, room: str) -> None: ...
+
+    async def unsubscribe(self, room: str) -> None: ...
+
+
 class Backend:
     """One store of record as its roles, with the lifecycle and the flat methods.
 
@@ -140,10 +188,18 @@ class Backend:
 
     name: str = "backend"
 
-    def __init__(self, log: Log, snapshots: Snapshots, feed: Feed) -> None:
+    def __init__(
+        self, log: Log, snapshots: Snapshots, feed: Feed, presence: Presence | None = None
+    ) -> None:
         self.log = log
         self.snapshots = snapshots
         self.feed = feed
+        if presence is None:
+            # Late import: memory.py builds on this module.
+            from kasagi_relay.backends.memory import MemoryPresence
+
+            presence = MemoryPresence()
+        self.presence: Presence = presence
 
     async def start(self) -> None:
         pass

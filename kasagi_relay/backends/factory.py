@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.backends.memory import MemoryBackend
 from kasagi_relay.config import Config, ConfigError
@@ -23,7 +25,14 @@ def build_backend(config: Config) -> Backend:
     if config.cluster:
         from kasagi_relay.backends.redis_cluster import ClusterBackend
 
-        return ClusterBackend(config.cluster, password=config.redis_password, ack=config.ack_level)
+        tls = None
+        if config.redis_tls_ca is not None:
+            if not os.path.isfile(config.redis_tls_ca):
+                raise ConfigError(f"--redis-tls-ca: no such file: {config.redis_tls_ca}")
+            tls = {"ssl_ca_certs": config.redis_tls_ca}
+        return ClusterBackend(
+            config.cluster, password=config.redis_password, ack=config.ack_level, tls=tls
+        )
     if config.redis:
         from kasagi_relay.backends.redis import RedisBackend
 

@@ -15,7 +15,10 @@ Its memory is bounded the way Redis bounds a room's keys (docs/operations.md, li
 - locks, subscriptions and rooms with nothing stored leave no entry behind.
 Expiry is amortized: each call pops what has expired from the front of the queues.
 
-The roles (`MemoryLog`, `MemorySnapshots`, `MemoryFeed`) share one `RoomTable`.
+The roles (`MemoryLog`, `MemorySnapshots`, `MemoryFeed`) share one `RoomTable`;
+`MemoryPresence` (the fourth role) keeps each room's entries with their expiry, as the
+Redis backends do (an entry not refreshed within its time to live is taken out, its leave
+announced, by the next refresh or read of the room).
 """
 
 from __future__ import annotations
@@ -33,11 +36,19 @@ from kasagi_relay.backends.base import (
     KeyConflict,
     Listener,
     Op,
+    PresenceListener,
     Snapshot,
 )
 from kasagi_relay.domain import delta_digest
 
-__all__ = ["MemoryBackend", "MemoryFeed", "MemoryLog", "MemorySnapshots", "RoomTable"]
+__all__ = [
+    "MemoryBackend",
+    "MemoryFeed",
+    "MemoryLog",
+    "MemoryPresence",
+    "MemorySnapshots",
+    "RoomTable",
+]
 
 logger = logging.getLogger("kasagi_relay.backends.memory")
 
@@ -255,6 +266,74 @@ class MemoryFeed:
         self._t.get(room)
 
 
+class MemoryPresence:
+    """The presence role in process: per room, conn -> (entry, expiry on the monotonic
+    clock); events go to the listener at once, for subscribed rooms."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, dict[str, tuple[bytes, float]]] = {}
+        self.subscribed: set[str] = set()
+        self.listener: PresenceListener | None = None
+
+    def set_listener(self, listener: PresenceListener) -> None:
+        self.listener = listener
+
+    def _announce(self, room: str, kind: str, entry: bytes) -> None:
+        if self.listener is not None and room in self.subscribed:
+            self.listener.on_presence(room, kind, entry)
+
+    async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
+        entries = self.rooms.setdefault(room, {})
+        old = entries.get(conn)
+        entries[conn] = (entry, time.monotonic() + ttl_s)
+        if old is None or old[0] != entry:
+            self._announce(room, "join", entry)
+
+    async def remove(self, room: str, conn: str, entry: bytes) -> None:
+        entries = self.rooms.get(room)
+        if entries is None:
+            return
+        held = entries.get(conn)
+        if held is None or held[0] != entry:
+            return
+        del entries[conn]
+        if not entries:
+            del self.rooms[room]
+        self._announce(room, "leave", entry)
+
+    async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:
+        expiry = time.monotonic() + ttl_s
+        stored = self.rooms.setdefault(room, {})
+        for conn, entry in entries.items():
+            old = stored.get(conn)
+            stored[conn] = (entry, expiry)
+            if old is None or old[0] != entry:
+                self._announce(room, "join", entry)
+        self._reap(room)
+
+    async def members(self, room: str) -> list[bytes]:
+        self._reap(room)
+        return [entry for entry, _ in self.rooms.get(room, {}).values()]
+
+    def _reap(self, room: str) -> None:
+        entries = self.rooms.get(room)
+        if entries is None:
+            return
+        now = time.monotonic()
+        gone = [conn for conn, (_, expiry) in entries.items() if expiry <= now]
+        for conn in gone:
+            entry, _ = entries.pop(conn)
+            self._announce(room, "leave", entry)
+        if not entries:
+            self.rooms.pop(room, None)
+
+    async def subscribe(self, room: str) -> None:
+        self.subscribed.add(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self.subscribed.discard(room)
+
+
 class MemoryBackend(Backend):
     name = "memory"
 
@@ -268,7 +347,12 @@ class MemoryBackend(Backend):
         self.table = RoomTable(
             key_ttl_s=key_ttl_s, room_ttl_s=room_ttl_s, history_bytes=history_bytes
         )
-        super().__init__(MemoryLog(self.table), MemorySnapshots(self.table), MemoryFeed(self.table))
+        super().__init__(
+            MemoryLog(self.table),
+            MemorySnapshots(self.table),
+            MemoryFeed(self.table),
+            MemoryPresence(),
+        )
 
     @property
     def _listener(self) -> Listener | None:

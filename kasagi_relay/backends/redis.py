@@ -8,7 +8,9 @@ A Redis backend is four parts, composed (docs/design.md, storage):
 - the **channel feed** (redis_feed.py) is the `Feed` role: one subscription for every
   room, its liveness probe, and the backfill signal after any doubt;
 - the **store** (redis_store.py) is the `Log` and `Snapshots` roles: the commands of the
-  `kasagi` Function library (kasagi.lua) and the reads, through the link.
+  `kasagi` Function library (kasagi.lua) and the reads, through the link;
+- the **presence** (redis_presence.py) is the fourth role: the `kasagi_presence` library
+  (presence.lua) through the same link, its events on a second channel feed.
 
 Errors: whatever cannot be promised raises BackendUnavailable; nothing is acknowledged
 that did not commit at the configured level. A Cluster router would hold one link per
@@ -35,6 +37,7 @@ from kasagi_relay.backends.redis_link import (
     Locator,
     MasterLink,
 )
+from kasagi_relay.backends.redis_presence import RedisPresence
 from kasagi_relay.backends.redis_store import RedisLog, RedisSnapshots, channel_key, room_keys
 
 __all__ = [
@@ -80,7 +83,12 @@ class RedisBase(Backend):
             self.link, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s
         )
         self.store_log = RedisLog(self.link, self.channel_feed.take_divergence)
-        super().__init__(self.store_log, RedisSnapshots(self.link), self.channel_feed)
+        self.redis_presence = RedisPresence(
+            self.link, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s
+        )
+        super().__init__(
+            self.store_log, RedisSnapshots(self.link), self.channel_feed, self.redis_presence
+        )
 
     # Views of the parts that tests and /healthz read.
 
@@ -113,16 +121,22 @@ class RedisBase(Backend):
             # Not fatal: the feed keeps trying and /healthz says 503 meanwhile.
             logger.warning("%s backend: no master at start-up (%s); retrying", self.name, exc)
         connected = self.link.addr is not None
-        await self.locator.watch(self.link, self.channel_feed.doubt)
+        await self.locator.watch(self.link, self._moved)
         self.channel_feed.start()
+        self.redis_presence.start()
         if connected:
             # Ready means subscribed too: the relay's first join must not miss a delta.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.link.op_timeout_s):
                     await self.channel_feed.ready.wait()
 
+    def _moved(self, reason: str) -> None:
+        self.channel_feed.doubt(reason)
+        self.redis_presence.feed.doubt(reason)
+
     async def close(self) -> None:
         await self.channel_feed.close()
+        await self.redis_presence.close()
         await self.locator.close()
         await self.link.close()
 

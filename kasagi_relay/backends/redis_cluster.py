@@ -16,7 +16,9 @@ same parts as the other Redis backends:
   `sunsubscribe` from the server). A shard keeps its identity across a failover (its
   promoted replica is recognised), so its link reconnects and its feed re-subscribes and
   signals a resync, as under Sentinel;
-- the **roles** (`ClusterLog`, `ClusterSnapshots`, `ClusterFeed`) pick the shard of the
+- the **roles** (`ClusterLog`, `ClusterSnapshots`, `ClusterFeed`, `ClusterPresence`: each
+  shard also has the presence role of redis_presence.py, its events on SSUBSCRIBE) pick
+  the shard of the
   room's slot for each call. MOVED (the slot moved for good) updates the map and retries
   on the new owner; ASK and TRYAGAIN (a slot being migrated) and CLUSTERDOWN retry with a
   short backoff until `op_timeout_s`. Neither reply means the command ran, so the retry
@@ -50,9 +52,10 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from kasagi_relay.backends.base import Backend, Listener
+from kasagi_relay.backends.base import Backend, Listener, PresenceListener
 from kasagi_relay.backends.redis_feed import ChannelFeed
 from kasagi_relay.backends.redis_link import Addr, MasterLink, addr_pool, command, quick_client
+from kasagi_relay.backends.redis_presence import RedisPresence
 from kasagi_relay.backends.redis_store import RedisLog, RedisSnapshots, room_keys
 from kasagi_relay.domain import AckLevel, BackendUnavailable, DeltaKind, Op, Snapshot
 
@@ -60,6 +63,7 @@ __all__ = [
     "ClusterBackend",
     "ClusterFeed",
     "ClusterLog",
+    "ClusterPresence",
     "ClusterRouter",
     "ClusterSnapshots",
     "Shard",
@@ -102,9 +106,16 @@ class ShardView:
     replicas: tuple[Addr, ...]
 
 
-def parse_shards(reply: Any) -> list[ShardView]:
+# redis-py's connect timeout includes the TLS handshake, and a burst of new pooled
+# connections (many rooms' first writes at once) queues its handshakes on a busy host: three
+# test processes at once on 2 CPUs went past 1 s (tests/backends/test_redis_cluster_tls.py).
+TLS_CONNECT_TIMEOUT_S = 3.0
+
+
+def parse_shards(reply: Any, tls: bool = False) -> list[ShardView]:
     """CLUSTER SHARDS (Redis >= 7.0) as views; shards without slots or a primary are left
-    out (a node being added, a shard whose primary failed and has no replica)."""
+    out (a node being added, a shard whose primary failed and has no replica). `tls`: the
+    nodes' `tls-port`, where they have one (a node with both lists both)."""
     out: list[ShardView] = []
     for raw in reply:
         shard = _fields(raw)
@@ -117,7 +128,8 @@ def parse_shards(reply: Any) -> list[ShardView]:
             node = _fields(rawnode)
             nid = _text(node.get("id", ""))
             ids.add(nid)
-            addr = (_text(node.get("ip") or node.get("endpoint")), int(node.get("port", 0)))
+            port = (node.get("tls-port") if tls else None) or node.get("port", 0)
+            addr = (_text(node.get("ip") or node.get("endpoint")), int(port))
             if _text(node.get("role", "")) == "master":
                 if _text(node.get("health", "online")) != "fail" or primary is None:
                     primary = (nid, addr)
@@ -176,6 +188,7 @@ class Shard:
     feed: ChannelFeed = field(init=False)
     log: RedisLog = field(init=False)
     snapshots: RedisSnapshots = field(init=False)
+    presence: RedisPresence = field(init=False)
     moved: Callable[[str], None] = field(default=lambda reason: None, init=False)
 
 
@@ -192,23 +205,26 @@ class ClusterRouter:
         wait_timeout_ms: int = 1000,
         op_timeout_s: float = 10.0,
         socket_timeout_s: float = 2.0,
-        connect_timeout_s: float = 1.0,
+        connect_timeout_s: float | None = None,
         probe_interval_s: float = 0.5,
         probe_timeout_s: float = 1.0,
         poll_interval_s: float = 1.0,
         node_timeout_s: float = 0.5,
+        tls: dict[str, Any] | None = None,
     ) -> None:
         if not seeds:
             raise ValueError("at least one cluster node address is needed")
         self.seeds = [(str(h), int(p)) for h, p in seeds]
         self.password = password
         self.username = username
+        # SSLConnection options (--redis-tls-ca): TLS to every node, on its tls-port.
+        self.tls = tls
         self.ack: AckLevel = ack
         self.link_options: dict[str, Any] = {
             "wait_timeout_ms": wait_timeout_ms,
             "op_timeout_s": op_timeout_s,
             "socket_timeout_s": socket_timeout_s,
-            "connect_timeout_s": connect_timeout_s,
+            "connect_timeout_s": connect_timeout_s or (TLS_CONNECT_TIMEOUT_S if tls else 1.0),
         }
         self.op_timeout_s = op_timeout_s
         self.probe_interval_s = probe_interval_s
@@ -229,17 +245,18 @@ class ClusterRouter:
         # Set by the feed role: called after every change of the map.
         self.on_remap: Callable[[], None] = lambda: None
         self.listener: Callable[[Shard], Listener] | None = None
+        self.presence_listener: PresenceListener | None = None
 
     # ------------------------------------------------------------------ connections
 
     def make_pool(self, addr: Addr, options: dict[str, Any]) -> ConnectionPool:
-        return addr_pool(addr, options, self.password, self.username)
+        return addr_pool(addr, options, self.password, self.username, self.tls)
 
     def _node_client(self, addr: Addr) -> Redis:
         client = self._clients.get(addr)
         if client is None:
             client = self._clients[addr] = quick_client(
-                addr, self.node_timeout_s, self.password, self.username
+                addr, self.node_timeout_s, self.password, self.username, self.tls
             )
         return client
 
@@ -253,7 +270,8 @@ class ClusterRouter:
 
     async def _ask(self, addr: Addr) -> list[ShardView] | None:
         try:
-            return parse_shards(await command(self._node_client(addr), "CLUSTER", "SHARDS"))
+            reply = await command(self._node_client(addr), "CLUSTER", "SHARDS")
+            return parse_shards(reply, tls=self.tls is not None)
         except (AuthenticationError, AuthorizationError):
             raise  # a wrong password is a configuration error: say so
         except Exception as exc:
@@ -338,9 +356,18 @@ class ClusterRouter:
         )
         shard.log = RedisLog(shard.link, shard.feed.take_divergence)
         shard.snapshots = RedisSnapshots(shard.link)
+        shard.presence = RedisPresence(
+            shard.link,
+            probe_interval_s=self.probe_interval_s,
+            probe_timeout_s=self.probe_timeout_s,
+            sharded=True,
+            slot_moved=lambda reason: self.refresh_soon(),
+        )
         self.shards.append(shard)
         if self.listener is not None:
             shard.feed.set_listener(self.listener(shard))
+        if self.presence_listener is not None:
+            shard.presence.set_listener(self.presence_listener)
         if self._started:
             task = asyncio.ensure_future(self._start_shard(shard, wait=False))
             self._starting.add(task)
@@ -372,8 +399,14 @@ class ClusterRouter:
             raise
         except Exception as exc:
             logger.warning("cluster shard %s: no primary yet (%s); retrying", shard.name, exc)
-        await shard.link.locator.watch(shard.link, shard.feed.doubt)
+
+        def moved(reason: str) -> None:
+            shard.feed.doubt(reason)
+            shard.presence.feed.doubt(reason)
+
+        await shard.link.locator.watch(shard.link, moved)
         shard.feed.start()
+        shard.presence.start()
         if wait and shard.link.addr is not None:
             # Ready means subscribed too: the relay's first join must not miss a delta.
             with contextlib.suppress(TimeoutError):
@@ -403,6 +436,7 @@ class ClusterRouter:
             starting.cancel()
         for shard in self.shards:
             await shard.feed.close()
+            await shard.presence.close()
             await shard.link.close()
         clients, self._clients = self._clients, {}
         for client in clients.values():
@@ -583,6 +617,87 @@ class ClusterFeed:
         self.homes.clear()
 
 
+class ClusterPresence:
+    """The `Presence` role: each room's calls and event subscription on its shard; a room
+    whose slot moved is subscribed on the new shard, then the relay reconciles (resync)."""
+
+    def __init__(self, router: ClusterRouter) -> None:
+        self.router = router
+        self.listener: PresenceListener | None = None
+        self.homes: dict[str, Shard] = {}
+        self._moving: set[asyncio.Task[None]] = set()
+        before = router.on_remap
+
+        def on_remap() -> None:
+            before()
+            self._remap()
+
+        router.on_remap = on_remap
+
+    def set_listener(self, listener: PresenceListener) -> None:
+        self.listener = listener
+        self.router.presence_listener = listener
+        for shard in self.router.shards:
+            shard.presence.set_listener(listener)
+
+    async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
+        await self.router.routed(room, lambda s: s.presence.add(room, conn, entry, ttl_s))
+
+    async def remove(self, room: str, conn: str, entry: bytes) -> None:
+        await self.router.routed(room, lambda s: s.presence.remove(room, conn, entry))
+
+    async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:
+        await self.router.routed(room, lambda s: s.presence.refresh(room, entries, ttl_s))
+
+    async def members(self, room: str) -> list[bytes]:
+        return await self.router.routed(room, lambda s: s.presence.members(room))
+
+    async def subscribe(self, room: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.router.op_timeout_s
+        while True:
+            shard = self.router.shard_for(room)
+            if shard is not None:
+                break
+            if loop.time() > deadline:
+                raise BackendUnavailable(f"cannot subscribe to {room}: no shard serves it")
+            self.router.refresh_soon()
+            await asyncio.sleep(0.05)
+        self.homes[room] = shard
+        await shard.presence.subscribe(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        shard = self.homes.pop(room, None)
+        if shard is not None:
+            await shard.presence.unsubscribe(room)
+
+    def _remap(self) -> None:
+        for room, shard in list(self.homes.items()):
+            new = self.router.shard_for(room)
+            if new is not None and new is not shard:
+                self.homes[room] = new
+                task = asyncio.ensure_future(self._move(room, shard, new))
+                self._moving.add(task)
+                task.add_done_callback(self._moving.discard)
+
+    async def _move(self, room: str, old: Shard, new: Shard) -> None:
+        with contextlib.suppress(Exception):
+            await old.presence.unsubscribe(room)
+        try:
+            await new.presence.subscribe(room)
+        except BackendUnavailable as exc:
+            logger.warning("room %s: presence on shard %s: %s", room, new.name, exc)
+        if self.listener is not None:
+            self.listener.on_presence_resync()
+
+    async def close(self) -> None:
+        for task in list(self._moving):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._moving, return_exceptions=True)
+        self.homes.clear()
+
+
 class ClusterBackend(Backend):
     """A Redis Cluster from any of its nodes (`--cluster host:port,...`)."""
 
@@ -600,7 +715,13 @@ class ClusterBackend(Backend):
         self.router = ClusterRouter(nodes, password=password, username=username, ack=ack, **options)
         self.cluster_log = ClusterLog(self.router)
         self.cluster_feed = ClusterFeed(self.router)
-        super().__init__(self.cluster_log, ClusterSnapshots(self.router), self.cluster_feed)
+        self.cluster_presence = ClusterPresence(self.router)
+        super().__init__(
+            self.cluster_log,
+            ClusterSnapshots(self.router),
+            self.cluster_feed,
+            self.cluster_presence,
+        )
 
     @property
     def ack(self) -> AckLevel:
@@ -614,6 +735,7 @@ class ClusterBackend(Backend):
 
     async def close(self) -> None:
         await self.cluster_feed.close()
+        await self.cluster_presence.close()
         await self.router.close()
 
     async def health(self) -> dict[str, object]:

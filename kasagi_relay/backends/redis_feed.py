@@ -15,6 +15,10 @@ share a slot), the probe channel stays a plain SUBSCRIBE, and a server-sent `sun
 of a room still wanted (its slot moved to another shard) or a MOVED reply is passed to
 `slot_moved`, so the cluster router re-homes the room (redis_cluster.py).
 
+The presence events of the rooms (`room:{R}:presence-events`) travel on a second feed of
+the same class, built with `channel`, `channel_re` and `on_message` (redis_presence.py):
+the same supervisor, probe and resync, carrying messages that are not deltas.
+
 After a re-subscription it also compares the last deltas it delivered with what the master
 stores: a delta published but lost in a failover makes the log's next read at or past it
 answer "trimmed" once (`take_divergence`), so the relay resets that room.
@@ -68,8 +72,18 @@ class ChannelFeed:
         probe_timeout_s: float = 1.0,
         sharded: bool = False,
         slot_moved: Callable[[str], None] | None = None,
+        channel: Callable[[str], str] = channel_key,
+        channel_re: re.Pattern[bytes] = _CHANNEL,
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_resync: Callable[[], None] | None = None,
     ) -> None:
         self.link = link
+        # Which channel a room has, and the raw delivery of another kind of message (not
+        # deltas: no seq, no history check) with its own resync signal.
+        self._channel_of = channel
+        self._channel_re = channel_re
+        self._on_message = on_message
+        self._on_resync = on_resync
         self.sharded = sharded
         self._slot_moved = slot_moved
         self.probe_interval_s = probe_interval_s
@@ -100,7 +114,7 @@ class ChannelFeed:
         """Returns once the room's channel is subscribed (so a read of the history after
         this misses nothing); BackendUnavailable when that cannot happen in time."""
         self.rooms.add(room)
-        channel = channel_key(room).encode()
+        channel = self._channel_of(room).encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.link.op_timeout_s
         sent_on: PubSub | None = None
@@ -111,13 +125,17 @@ class ChannelFeed:
             if left <= 0:
                 raise BackendUnavailable(f"cannot subscribe to {room}: no master")
             ps = self._pubsub
+            # Taken before sending: a confirmation read while the command is sent pulses
+            # this one (taken after, the wait would sleep its whole timeout).
+            pulse = self._confirm_pulse
             if self.ready.is_set() and ps is not None and sent_on is not ps:
                 sent_on = ps
                 try:
                     await self._subscribe(ps, [channel])
                 except Exception as exc:
                     self.doubt(f"subscribe failed: {exc}")
-            pulse = self._confirm_pulse
+            if channel in self._confirmed and self.ready.is_set():
+                return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, 0.25)):
                     await pulse.wait()
@@ -125,7 +143,7 @@ class ChannelFeed:
     async def unsubscribe(self, room: str) -> None:
         self.rooms.discard(room)
         self._recent.pop(room, None)
-        channel = channel_key(room).encode()
+        channel = self._channel_of(room).encode()
         self._confirmed.discard(channel)
         ps = self._pubsub
         if ps is not None and self.ready.is_set():
@@ -215,7 +233,7 @@ class ChannelFeed:
         try:
             self._pubsub = ps
             channels = [self._probe_channel.encode()] + [
-                channel_key(r).encode() for r in sorted(self.rooms)
+                self._channel_of(r).encode() for r in sorted(self.rooms)
             ]
             loop = asyncio.get_running_loop()
 
@@ -233,6 +251,10 @@ class ChannelFeed:
             self.ready.set()
             self.subscriptions += 1
             self._pulse()
+            if self._on_resync is not None:
+                self.resyncs += 1
+                with contextlib.suppress(Exception):
+                    self._on_resync()
             if self.rooms and self.listener is not None:
                 with contextlib.suppress(Exception):
                     await self._check_history()
@@ -329,7 +351,7 @@ class ChannelFeed:
         """A `sunsubscribe`: ours (unsubscribe), or the server's when the channel's slot
         left this shard; for a room still wanted, the router must re-home it."""
         raw = channel if isinstance(channel, bytes) else str(channel).encode()
-        m = _CHANNEL.fullmatch(raw)
+        m = self._channel_re.fullmatch(raw)
         if m is None or m.group(1).decode() not in self.rooms:
             return
         self._confirmed.discard(raw)
@@ -337,11 +359,19 @@ class ChannelFeed:
             self._slot_moved(f"the slot of room {m.group(1).decode()} moved")
 
     def _deliver(self, channel: bytes, data: bytes) -> None:
-        m = _CHANNEL.fullmatch(channel)
-        if m is None or self.listener is None:
+        m = self._channel_re.fullmatch(channel)
+        if m is None:
             return
         room = m.group(1).decode()
         if room not in self.rooms:
+            return
+        if self._on_message is not None:
+            try:
+                self._on_message(room, bytes(data))
+            except Exception:
+                logger.exception("listener failed on a message of %s", room)
+            return
+        if self.listener is None:
             return
         seq_m = _MSG_SEQ.match(data)
         try:

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, SSLConnection
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -50,6 +50,8 @@ __all__ = [
     "FUNCTION_VERSION",
     "LIBRARY",
     "NETWORK_ERRORS",
+    "PRESENCE_LIBRARY",
+    "PRESENCE_VERSION",
     "Addr",
     "Locator",
     "MasterLink",
@@ -64,17 +66,28 @@ logger = logging.getLogger("kasagi_relay.backends.redis")
 
 
 def addr_pool(
-    addr: Addr, options: dict[str, Any], password: str | None, username: str | None = None
+    addr: Addr,
+    options: dict[str, Any],
+    password: str | None,
+    username: str | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> ConnectionPool:
     """The pool of a master link to a node found by address (a Sentinel's or a Cluster's
-    answer), with the link's options (MasterLink.pool_options)."""
+    answer), with the link's options (MasterLink.pool_options); `tls`: SSLConnection's
+    options (ssl_ca_certs, ...) to speak TLS to the node."""
+    if tls is not None:
+        options = {**options, **tls, "connection_class": SSLConnection}
     return BlockingConnectionPool(
         host=addr[0], port=addr[1], password=password, username=username, **options
     )
 
 
 def quick_client(
-    addr: Addr, timeout_s: float, password: str | None, username: str | None = None
+    addr: Addr,
+    timeout_s: float,
+    password: str | None,
+    username: str | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> Redis:
     """A client for asking a node (a Sentinel, a Cluster node) a question: short timeouts
     and no retries, so that one silent node costs one timeout and the others are asked."""
@@ -86,6 +99,7 @@ def quick_client(
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
+        **({"ssl": True, **tls} if tls is not None else {}),
     )
 
 
@@ -96,6 +110,11 @@ LIBRARY = resources.files("kasagi_relay.backends").joinpath("kasagi.lua").read_t
 _VERSION = re.search(r"^local VERSION = '([^']+)'", LIBRARY, re.MULTILINE)
 assert _VERSION is not None, "kasagi.lua must define VERSION"
 FUNCTION_VERSION: str = _VERSION.group(1)
+# The presence library (presence.lua), loaded beside `kasagi` the same way.
+PRESENCE_LIBRARY = resources.files("kasagi_relay.backends").joinpath("presence.lua").read_text()
+_PRESENCE_VERSION = re.search(r"^local VERSION = '([^']+)'", PRESENCE_LIBRARY, re.MULTILINE)
+assert _PRESENCE_VERSION is not None, "presence.lua must define VERSION"
+PRESENCE_VERSION: str = _PRESENCE_VERSION.group(1)
 
 # Errors the server sends for a command it did NOT run: safe to retry as is.
 _REFUSED = ("READONLY", "NOREPLICAS", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
@@ -230,17 +249,21 @@ class MasterLink:
         await self.connect(await self.locator.resolve(), force_load=force_load)
 
     async def _ensure_library(self, client: Redis, *, force: bool = False) -> None:
-        """Load kasagi.lua unless this server already runs our version."""
-        if not force:
-            try:
-                have = await command(client, "FCALL_RO", "kasagi_version", 0)
-                if (have.decode() if isinstance(have, bytes) else str(have)) == FUNCTION_VERSION:
-                    return
-            except ResponseError as exc:
-                if not function_missing(exc):
-                    raise
-        await command(client, "FUNCTION", "LOAD", "REPLACE", LIBRARY)
-        logger.info("loaded the kasagi function library v%s", FUNCTION_VERSION)
+        """Load kasagi.lua (and presence.lua) unless this server already runs our version."""
+        for name, library, version in (
+            ("kasagi", LIBRARY, FUNCTION_VERSION),
+            ("kasagi_presence", PRESENCE_LIBRARY, PRESENCE_VERSION),
+        ):
+            if not force:
+                try:
+                    have = await command(client, "FCALL_RO", f"{name}_version", 0)
+                    if (have.decode() if isinstance(have, bytes) else str(have)) == version:
+                        continue
+                except ResponseError as exc:
+                    if not function_missing(exc):
+                        raise
+            await command(client, "FUNCTION", "LOAD", "REPLACE", library)
+            logger.info("loaded the %s function library v%s", name, version)
 
     async def _reload_library(self) -> None:
         with contextlib.suppress(NotSent, *NETWORK_ERRORS, ResponseError):

@@ -5,16 +5,23 @@ I/O around it: one connection from `websockets.asyncio.client`, one task reading
 a close that docs/protocol.md says to retry (1001, 1006, 1011, 1012, 1013, or the
 connection lost) a new connection after a full-jitter backoff, every room joined again with
 `since`, and every delta not yet acknowledged sent again with its idempotency key.
+
+With a token (`token=`, or `get_token=` called before every connection and every refresh)
+the first message of each connection is `auth`; the token is refreshed with `auth` on the
+same connection before it expires, and a close 4001 (token expired) reconnects with a
+fresh one. A 1008 (authentication failed) is never retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,7 +58,13 @@ MAX_DELAY_S: Final = 10.0
 # A joined state may be as big as the relay's --max-state-bytes (8 MiB by default).
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
-TokenSource = Callable[[], Awaitable[str]]
+# A callable giving a fresh token: sync or async.
+TokenSource = Callable[[], "str | Awaitable[str]"]
+# A token is refreshed after this share of its remaining lifetime, at most this long before
+# its exp (and never sooner than MIN_REFRESH_S after the last one).
+REFRESH_AT: Final = 2 / 3
+REFRESH_BEFORE_S: Final = 60.0
+MIN_REFRESH_S: Final = 0.5
 
 
 def backoff_delay(
@@ -137,17 +150,35 @@ class _Pending:
     future: asyncio.Future[None] | None = None
 
 
+@dataclass(eq=False)
+class _PresenceFetch:
+    """A `presence` request waiting for its reply on the current connection."""
+
+    room: Room
+    future: asyncio.Future[list[dict[str, Any]]]
+
+
 class Room:
     """A joined room: `state`, `seq`, `async for change in room`, `send`, `leave`.
 
     Made by `Client.join`. Every change from the join on is kept for iteration, so none is
     missed by an `async for` that starts later; as deltas, not states, so a room nobody
     iterates costs their bytes only. Past `max_queue_bytes` of changes not yet taken, they
-    are dropped and the iteration gets one "reset" change with the state of that moment."""
+    are dropped and the iteration gets one "reset" change with the state of that moment.
 
-    def __init__(self, client: Client, name: str, max_queue_bytes: int) -> None:
+    Presence (joined with `presence=True`): `presence` maps each member's `conn` to its
+    `{"conn","sub","info"}`, read with `fetch_presence` after each `joined` (also after a
+    reconnect) and kept current from the presence_join / presence_leave events; `conn` is
+    this connection's own id (from `joined`)."""
+
+    def __init__(
+        self, client: Client, name: str, max_queue_bytes: int, presence: bool = False
+    ) -> None:
         self._client = client
         self.name = name
+        self.wants_presence = presence
+        self.presence: dict[str, dict[str, Any]] = {}
+        self.conn: str | None = None
         self._stream = protocol.RoomStream(name)
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # The iteration's own copy of the state, behind `_stream` by the queued changes; it
@@ -199,6 +230,17 @@ class Room:
     async def leave(self) -> None:
         """Leave the room; iteration over it ends (after the changes already here)."""
         await self._client._leave(self)
+
+    async def fetch_presence(self) -> list[dict[str, Any]]:
+        """Every member of the room on every relay (`{"conn","sub","info"}` each), read
+        now; `presence` is replaced by it. Raises RelayError (forbidden, unavailable)."""
+        return await self._client._fetch_presence(self)
+
+    def _on_presence(self, event: protocol.PresenceEvent) -> None:
+        if event.joined:
+            self.presence[event.conn] = event.member
+        else:
+            self.presence.pop(event.conn, None)
 
     def __aiter__(self) -> Room:
         return self
@@ -280,8 +322,10 @@ class Client:
     `url`: one relay, or several (relays sharing rooms through one Redis): the first
     connection takes the first that answers, each reconnect attempt the next one.
     `format`: "json" (kasagi.v1.json) or "msgpack" (kasagi.v1.msgpack). `token` or
-    `get_token` (awaited before every connection) is sent as `Authorization: Bearer` for
-    relays with identity (v1.1); the relay of today ignores it. Reconnection: full-jitter
+    `get_token` (a callable, sync or async, called before every connection and before the
+    token expires) for relays with JWT keys: sent as the first message (`auth`) of every
+    connection and again to refresh it (`sub` and `token_exp` say what the relay
+    accepted); with a `get_token`, a close 4001 (expired) reconnects. Reconnection: full-jitter
     backoff between `min_delay` and `max_delay`; `max_attempts` consecutive failed attempts
     (None: no limit; a connection closed before the relay answered anything counts as a
     failed attempt) end the client with ConnectionFailed. A delta answered `unavailable`
@@ -333,7 +377,7 @@ class Client:
         self._ws: ClientConnection | None = None
         self._live = False
         self._ids = itertools.count(1)
-        self._requests: dict[RequestId, _Outgoing | _Pending] = {}
+        self._requests: dict[RequestId, _Outgoing | _Pending | _PresenceFetch] = {}
         self._unacked: dict[str, _Outgoing] = {}
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -343,6 +387,11 @@ class Client:
         # Closed while idle (1008 with nothing joined or pending): the next request connects.
         self._dormant = False
         self._waking: asyncio.Task[None] | None = None
+        # Identity: what the relay accepted, the pending `auth` request, the refresh timer.
+        self.sub: str | None = None
+        self.token_exp: float | None = None
+        self._auth_id: RequestId | None = None
+        self._refresh: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -411,7 +460,7 @@ class Client:
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.close()
-        tasks = [self._runner, self._waking, *self._tasks]
+        tasks = [self._runner, self._waking, self._refresh, *self._tasks]
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -421,19 +470,35 @@ class Client:
                     await task
         self._fail(ClientClosed("client closed"))
 
-    async def join(self, room: str) -> Room:
-        """Join `room` and return it once its state is here (a full `joined`)."""
+    async def join(self, room: str, *, presence: bool = False) -> Room:
+        """Join `room` and return it once its state is here (a full `joined`). With
+        `presence`, `Room.presence` is read and kept current too (it is read before this
+        returns)."""
         self._check_usable()
         await self._ensure_connected()
         existing = self.rooms.get(room)
         if existing is None:
             protocol.encode_join(self.format, room)  # ValueError for a bad name, here
-            existing = Room(self, room, self.max_queue_bytes)
+            existing = Room(self, room, self.max_queue_bytes, presence)
             self.rooms[room] = existing
             if self._live:
                 await self._send_join(existing)
         await asyncio.shield(existing._ready)
+        if presence and not existing.wants_presence:
+            existing.wants_presence = True
+            await self._send_join(existing)
+        if existing.wants_presence:
+            await existing.fetch_presence()
         return existing
+
+    async def _fetch_presence(self, room: Room) -> list[dict[str, Any]]:
+        self._check_usable()
+        await self._ensure_connected()
+        rid = next(self._ids)
+        future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._requests[rid] = _PresenceFetch(room, future)
+        await self._write(protocol.encode_presence(self.format, room.name, rid))
+        return await asyncio.shield(future)
 
     # ------------------------------------------------------------------ requests
 
@@ -456,7 +521,11 @@ class Client:
         rid = next(self._ids)
         room._stream.rejoin_sent()
         self._requests[rid] = _Pending("join", room)
-        await self._write(protocol.encode_join(self.format, room.name, room._stream.since(), rid))
+        await self._write(
+            protocol.encode_join(
+                self.format, room.name, room._stream.since(), rid, room.wants_presence
+            )
+        )
 
     async def send(
         self,
@@ -506,17 +575,21 @@ class Client:
 
     # ------------------------------------------------------------------ the connection
 
+    async def _fetch_token(self) -> str | None:
+        if self._get_token is None:
+            return self._token
+        token = self._get_token()
+        if inspect.isawaitable(token):
+            token = await token
+        return token
+
     async def _open(self) -> ClientConnection:
-        token = self._token
-        if self._get_token is not None:
-            token = await self._get_token()
-        headers = {"Authorization": f"Bearer {token}"} if token else None
+        token = await self._fetch_token()
         subprotocol = protocol.SUBPROTOCOLS[self.format]
         try:
             ws = await connect(
                 self.url,
                 subprotocols=[Subprotocol(subprotocol)],
-                additional_headers=headers,
                 open_timeout=self.open_timeout,
                 max_size=self.max_message_bytes,
                 # The relay encodes each frame once for every member: no per-connection
@@ -535,6 +608,13 @@ class Client:
         if ws.subprotocol != subprotocol and self.format == "msgpack":
             await ws.close()
             raise ConnectionFailed(f"the relay did not accept {subprotocol}")
+        if token:
+            # First on the connection: the relay serves nothing else before it. Joins and
+            # deltas may follow at once (one connection's requests are served in order).
+            rid = next(self._ids)
+            self._auth_id = rid
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(protocol.encode_auth(self.format, token, rid))
         return ws
 
     async def _run(self, ws: ClientConnection) -> None:
@@ -549,7 +629,12 @@ class Client:
                     code == TOKEN_EXPIRED and self._get_token is not None
                 )
                 reason = ws.close_reason or ""
-                if code == CLOSE_POLICY and not self.rooms and not self._unacked:
+                if (
+                    code == CLOSE_POLICY
+                    and not self.rooms
+                    and not self._unacked
+                    and not reason.startswith("authentication")
+                ):
                     # Nothing joined, nothing waiting: the relay's idle timeout (docs/
                     # operations.md) closes such connections with 1008. Not retried; the
                     # next join or send opens a new connection.
@@ -605,7 +690,16 @@ class Client:
 
     def _lost(self) -> None:
         self._live = False
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
         for pending in self._requests.values():
+            if isinstance(pending, _PresenceFetch):
+                # Read again after the room is joined again; this caller learns it now.
+                if not pending.future.done():
+                    pending.future.set_exception(RelayError("unavailable", "connection lost"))
+                    pending.future.exception()
+                continue
             future = pending.future if isinstance(pending, _Pending) else None
             if future is not None and not future.done():
                 future.set_result(None)
@@ -629,7 +723,7 @@ class Client:
         if self._failed is None and not isinstance(exc, ClientClosed):
             self._failed = exc
         for pending in self._requests.values():
-            future = pending.future
+            future: asyncio.Future[Any] | None = pending.future
             if future is not None and not future.done():
                 future.set_exception(exc)
                 future.exception()
@@ -644,7 +738,9 @@ class Client:
     # ------------------------------------------------------------------ replies
 
     async def _dispatch(self, reply: protocol.Reply) -> None:
-        if isinstance(reply, protocol.DeltaFrame):
+        if isinstance(reply, protocol.Authed):
+            self._on_authed(reply)
+        elif isinstance(reply, protocol.DeltaFrame):
             room = self.rooms.get(reply.room)
             if room is None:
                 return
@@ -665,6 +761,7 @@ class Client:
             room = self.rooms.get(reply.room)
             if room is None:
                 return
+            room.conn = reply.conn
             first = not room._ready.done()
             try:
                 joined = room._stream.on_joined(reply)
@@ -685,6 +782,19 @@ class Client:
             room._unavailable = 0
             if first:
                 room._ready.set_result(None)
+            elif room.wants_presence:
+                # Joined again (a reconnect): who is there now, events from here on.
+                self._spawn(self._refetch(room))
+        elif isinstance(reply, protocol.PresenceEvent):
+            room = self.rooms.get(reply.room)
+            if room is not None and room.wants_presence:
+                room._on_presence(reply)
+        elif isinstance(reply, protocol.Presence):
+            request = self._requests.pop(reply.id, None) if reply.id is not None else None
+            if isinstance(request, _PresenceFetch):
+                request.room.presence = {m["conn"]: m for m in reply.members}
+                if not request.future.done():
+                    request.future.set_result(reply.members)
         elif isinstance(reply, protocol.Reset):
             room = self.rooms.get(reply.room)
             if room is None:
@@ -704,9 +814,48 @@ class Client:
                 if room is not None:
                     room._end(RelayError(reply.code, "left by the relay", reply.room))
 
+    def _on_authed(self, reply: protocol.Authed) -> None:
+        if reply.id == self._auth_id:
+            self._auth_id = None
+        self.sub = reply.sub
+        self.token_exp = reply.exp
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
+        if self._get_token is None:
+            return  # a fixed token cannot be refreshed: the relay closes 4001 at its exp
+        remaining = reply.exp - time.time()
+        delay = max(MIN_REFRESH_S, remaining - min(REFRESH_BEFORE_S, remaining * (1 - REFRESH_AT)))
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_after(delay))
+
+    async def _refresh_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            token = await self._fetch_token()
+        except Exception:
+            logger.exception("get_token failed; the relay closes 4001 at the token's exp")
+            return
+        if not token or not self._live:
+            return
+        self._refresh = None
+        rid = next(self._ids)
+        self._auth_id = rid
+        await self._write(protocol.encode_auth(self.format, token, rid))
+
     def _on_error(self, reply: protocol.ErrorReply) -> None:
+        if reply.id is not None and reply.id == self._auth_id:
+            self._auth_id = None
+            # unauthorized: the relay closes with 1008 next, and the client ends with it.
+            # bad_message: a relay without JWT keys (anonymous): nothing to do.
+            logger.warning("the relay refused the token: %s %s", reply.code, reply.message)
+            return
         request = self._requests.pop(reply.id, None) if reply.id is not None else None
         error = RelayError(reply.code, reply.message, reply.room)
+        if isinstance(request, _PresenceFetch):
+            if not request.future.done():
+                request.future.set_exception(error)
+                request.future.exception()
+            return
         if isinstance(request, _Outgoing):
             if request.future.done():
                 return
@@ -736,6 +885,10 @@ class Client:
         await asyncio.sleep(backoff_delay(out.unavailable - 1, self.min_delay, self.max_delay))
         if self._unacked.get(out.key) is out and self._live:
             await self._transmit(out)
+
+    async def _refetch(self, room: Room) -> None:
+        with contextlib.suppress(KasagiError):
+            await room.fetch_presence()
 
     async def _retry_join(self, room: Room) -> None:
         await asyncio.sleep(backoff_delay(room._unavailable - 1, self.min_delay, self.max_delay))

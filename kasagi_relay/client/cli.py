@@ -1,5 +1,9 @@
 """`kasagi-client URL watch ROOM | send ROOM DELTA-JSON | state ROOM`: the relay by hand.
 
+`kasagi-client token --secret S --sub U --rooms '{"*":"rw"}' --ttl 3600` prints a
+development token (HS256) for a relay started with the same `--jwt-secret`; give it back
+with `--token` (or KASAGI_TOKEN).
+
 Every output line on stdout is one JSON object:
 
 - `state ROOM`: `{"room":R,"seq":N,"state":{...}}`, then exits.
@@ -19,15 +23,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
+import time
 from typing import Any
 
 from kasagi_relay.client._client import Client, Room
 from kasagi_relay.client.errors import KasagiError, RelayError
 from kasagi_relay.client.protocol import FORMATS
 
-__all__ = ["main"]
+__all__ = ["main", "mint_token"]
 
 # `send` and `state` give up on a relay that stays away; `watch` waits for it forever.
 ONE_SHOT_ATTEMPTS = 5
@@ -41,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", help="the relay's WebSocket URL, e.g. ws://127.0.0.1:8765/ws")
     p.add_argument("--format", choices=FORMATS, default="json", help="subprotocol (json)")
-    p.add_argument("--token", help="bearer token, for relays with identity (v1.1)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("KASAGI_TOKEN"),
+        help="a connection token (JWT) for relays with JWT keys, sent as `auth` [KASAGI_TOKEN]",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("watch", help="print the state, then every change, until Ctrl-C")
     w.add_argument("room")
@@ -121,7 +131,69 @@ async def _run(a: argparse.Namespace, doc: dict[str, Any] | None) -> None:
             await _watch(joined)
 
 
+def _token_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kasagi-client token",
+        description="Print a development connection token (HS256 JWT) for a relay run with "
+        "the same --jwt-secret. For production, tokens come from your own auth service.",
+        epilog='example: kasagi-client token --sub alice --rooms \'{"lobby":"rw"}\' --ttl 600',
+    )
+    p.add_argument(
+        "--secret",
+        default=os.environ.get("KASAGI_JWT_SECRET"),
+        help="the relay's --jwt-secret [KASAGI_JWT_SECRET]",
+    )
+    p.add_argument("--sub", required=True, help="the user id")
+    p.add_argument(
+        "--rooms", default='{"*":"rw"}', help='grants: pattern -> r, w or rw (\'{"*":"rw"}\')'
+    )
+    p.add_argument("--info", default=None, help="public JSON object shown in presence")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (3600)")
+    p.add_argument("--alg", choices=("HS256", "HS384", "HS512"), default="HS256")
+    return p
+
+
+def mint_token(
+    secret: str,
+    sub: str,
+    rooms: dict[str, str],
+    ttl: float,
+    info: dict[str, Any] | None = None,
+    alg: str = "HS256",
+    now: float | None = None,
+) -> str:
+    """A signed development token with the claims docs/protocol.md asks for."""
+    import jwt
+
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {"sub": sub, "rooms": rooms, "iat": issued, "exp": issued + int(ttl)}
+    if info is not None:
+        claims["info"] = info
+    return jwt.encode(claims, secret, algorithm=alg)
+
+
+def _token_main(argv: list[str]) -> int:
+    p = _token_parser()
+    a = p.parse_args(argv)
+    if not a.secret:
+        p.error("give --secret or KASAGI_JWT_SECRET")
+    try:
+        rooms = json.loads(a.rooms)
+        info = json.loads(a.info) if a.info is not None else None
+    except ValueError as exc:
+        p.error(f"not JSON: {exc}")
+    if not isinstance(rooms, dict) or (info is not None and not isinstance(info, dict)):
+        p.error("--rooms and --info must be JSON objects")
+    if a.ttl <= 0:
+        p.error("--ttl must be positive")
+    print(mint_token(a.secret, a.sub, rooms, a.ttl, info, a.alg))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["token"]:
+        return _token_main(args[1:])
     p = _parser()
     a = p.parse_args(argv)
     doc = _delta_arg(p, a.delta) if a.command == "send" else None

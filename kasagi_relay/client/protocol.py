@@ -2,10 +2,11 @@
 
 Nothing here touches a socket or an event loop (docs/protocol.md describes the messages):
 
-- `encode_join`, `encode_leave`, `encode_delta` build one request for a subprotocol;
-- `parse` turns one received WebSocket message into a typed reply (`Joined`, `Left`, `Ack`,
-  `ErrorReply`, `DeltaFrame`, `Reset`, or `Other` for types this client does not know,
-  which the protocol says to ignore);
+- `encode_auth`, `encode_join`, `encode_leave`, `encode_delta`, `encode_presence` build one
+  request for a subprotocol;
+- `parse` turns one received WebSocket message into a typed reply (`Authed`, `Joined`,
+  `Left`, `Ack`, `ErrorReply`, `DeltaFrame`, `Reset`, `Presence`, `PresenceEvent`, or
+  `Other` for types this client does not know, which the protocol says to ignore);
 - `RoomStream` is one room's `(seq, state)`: it applies a `delta` whose `from` is `seq + 1`
   with `kasagi_relay.delta` (the native engine, or the pure twin under
   `KASAGI_PURE_PYTHON=1`), replaces the state on a full `joined` and on `reset`, and answers
@@ -28,21 +29,26 @@ __all__ = [
     "SUBPROTOCOLS",
     "Ack",
     "Applied",
+    "Authed",
     "DeltaFrame",
     "ErrorReply",
     "Format",
     "Joined",
     "Left",
     "Other",
+    "Presence",
+    "PresenceEvent",
     "ProtocolError",
     "Rejoin",
     "Replaced",
     "Reply",
     "Reset",
     "RoomStream",
+    "encode_auth",
     "encode_delta",
     "encode_join",
     "encode_leave",
+    "encode_presence",
     "json_bytes",
     "parse",
 ]
@@ -77,9 +83,24 @@ def _encode(fmt: Format, message: dict[str, Any]) -> str | bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
+def encode_auth(fmt: Format, token: str, id: RequestId | None = None) -> str | bytes:
+    """`auth`: authenticate the connection, or refresh its token (docs/protocol.md)."""
+    if not isinstance(token, str) or not token:
+        raise ValueError("a token is a non-empty string")
+    message: dict[str, Any] = {"t": "auth", "token": token}
+    if id is not None:
+        message["id"] = id
+    return _encode(fmt, message)
+
+
 def encode_join(
-    fmt: Format, room: str, since: int | None = None, id: RequestId | None = None
+    fmt: Format,
+    room: str,
+    since: int | None = None,
+    id: RequestId | None = None,
+    presence: bool = False,
 ) -> str | bytes:
+    """A `join`; `presence` also asks for the room's presence_join / presence_leave."""
     if not valid_room(room):
         raise ValueError(f"not a valid room name: {room!r}")
     if since is not None and (isinstance(since, bool) or since < 0):
@@ -87,6 +108,18 @@ def encode_join(
     message: dict[str, Any] = {"t": "join", "room": room}
     if since is not None:
         message["since"] = since
+    if presence:
+        message["presence"] = True
+    if id is not None:
+        message["id"] = id
+    return _encode(fmt, message)
+
+
+def encode_presence(fmt: Format, room: str, id: RequestId | None = None) -> str | bytes:
+    """A `presence` request: every member of the room on every relay."""
+    if not valid_room(room):
+        raise ValueError(f"not a valid room name: {room!r}")
+    message: dict[str, Any] = {"t": "presence", "room": room}
     if id is not None:
         message["id"] = id
     return _encode(fmt, message)
@@ -140,6 +173,7 @@ class Joined:
     seq: int
     state: bytes | None  # compact JSON; None when resumed (the missed deltas follow)
     id: RequestId | None = None
+    conn: str | None = None  # this connection's id (v1.1), as presence shows it
 
     @property
     def resumed(self) -> bool:
@@ -151,6 +185,15 @@ class Left:
     room: str
     id: RequestId | None = None
     code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Authed:
+    """The relay accepted a token: who the connection is and until when (Unix seconds)."""
+
+    sub: str
+    exp: float
+    id: RequestId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +241,45 @@ class Other:
     fields: dict[str, Any]
 
 
-Reply = Joined | Left | Ack | ErrorReply | DeltaFrame | Reset | Other
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """The reply to `presence`: `members` (each `{"conn","sub","info"}`), `count`, `users`
+    (distinct non-null subs); `truncated` when the relay listed fewer than `count`."""
+
+    room: str
+    members: list[dict[str, Any]]
+    count: int
+    users: int
+    id: RequestId | None = None
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    """`presence_join` (`joined` True) or `presence_leave` of one member of a room."""
+
+    room: str
+    joined: bool
+    member: dict[str, Any]
+
+    @property
+    def conn(self) -> str:
+        conn: str = self.member["conn"]
+        return conn
+
+
+Reply = (
+    Authed
+    | Joined
+    | Left
+    | Ack
+    | ErrorReply
+    | DeltaFrame
+    | Reset
+    | Presence
+    | PresenceEvent
+    | Other
+)
 
 
 def _decode(data: str | bytes) -> dict[str, Any]:
@@ -232,6 +313,15 @@ def _id(obj: dict[str, Any]) -> RequestId | None:
     return value if isinstance(value, int | str) and not isinstance(value, bool) else None
 
 
+def _member(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("conn"), str)
+        and (value.get("sub") is None or isinstance(value.get("sub"), str))
+        and isinstance(value.get("info", {}), dict)
+    )
+
+
 def parse(data: str | bytes) -> Reply:
     """One message from the relay as a typed reply; ProtocolError if it is malformed."""
     obj = _decode(data)
@@ -245,11 +335,37 @@ def parse(data: str | bytes) -> Reply:
         doc = {"patch": obj["patch"]} if "patch" in obj else {"merge": obj["merge"]}
         return DeltaFrame(_room(obj), first, seq, json_bytes(doc))
     if t == "joined":
+        conn = obj.get("conn")
+        if conn is not None and not isinstance(conn, str):
+            raise ProtocolError("joined: conn must be a string")
         if obj.get("resumed"):
-            return Joined(_room(obj), _seq(obj, "seq"), None, _id(obj))
+            return Joined(_room(obj), _seq(obj, "seq"), None, _id(obj), conn)
         if "state" not in obj:
             raise ProtocolError("joined: neither state nor resumed")
-        return Joined(_room(obj), _seq(obj, "seq"), json_bytes(obj["state"]), _id(obj))
+        return Joined(_room(obj), _seq(obj, "seq"), json_bytes(obj["state"]), _id(obj), conn)
+    if t == "authed":
+        sub, exp = obj.get("sub"), obj.get("exp")
+        if not isinstance(sub, str) or isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise ProtocolError("authed: sub and exp required")
+        return Authed(sub, float(exp), _id(obj))
+    if t == "presence":
+        members = obj.get("members")
+        if not isinstance(members, list) or not all(_member(m) for m in members):
+            raise ProtocolError("presence: members must be a list of members")
+        return Presence(
+            _room(obj),
+            members,
+            _seq(obj, "count"),
+            _seq(obj, "users"),
+            _id(obj),
+            obj.get("truncated") is True,
+        )
+    if t in ("presence_join", "presence_leave"):
+        member = obj.get("member")
+        if not _member(member):
+            raise ProtocolError(f"{t}: member must be {{conn, sub, info}}")
+        assert isinstance(member, dict)
+        return PresenceEvent(_room(obj), t == "presence_join", member)
     if t == "ack":
         return Ack(_room(obj), _seq(obj, "seq"), _id(obj))
     if t == "error":

@@ -391,7 +391,13 @@ fn room_size_is_exact_and_limits_are_decided_alike_by_check_and_apply() {
         } else {
             0
         };
-        let mut room = Room::with_max_bytes(&json::to_vec(&s), 0, max).unwrap();
+        let memory = if r.chance(30) {
+            let m = Room::new(&json::to_vec(&s), 0).unwrap().memory();
+            m + r.below(400) as u64
+        } else {
+            0
+        };
+        let mut room = Room::with_limits(&json::to_vec(&s), 0, max, memory).unwrap();
         for seq in 1..=6 {
             let d = delta(&mut r, room.value()).to_json();
             let before = room.to_json();
@@ -403,6 +409,14 @@ fn room_size_is_exact_and_limits_are_decided_alike_by_check_and_apply() {
             assert_eq!(
                 room.size(),
                 now.len() as u64,
+                "{} then {}",
+                String::from_utf8_lossy(&before),
+                String::from_utf8_lossy(&d)
+            );
+            // So is the memory estimate: the same as measured on a fresh parse.
+            assert_eq!(
+                room.memory(),
+                Room::new(&now, 0).unwrap().memory(),
                 "{} then {}",
                 String::from_utf8_lossy(&before),
                 String::from_utf8_lossy(&d)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -242,13 +243,15 @@ async def test_changes_wait_for_a_late_iteration_and_a_backlog_collapses_to_a_re
 
 
 async def test_get_token_is_asked_before_every_connection() -> None:
-    """The seam for identity (v1.1): each connection carries a fresh bearer token. A fake
-    server (no relay of today reads tokens) records the header and closes with 1012."""
-    headers: list[str | None] = []
+    """Each connection starts with `auth` carrying a fresh token (docs/protocol.md,
+    "Identity"). A fake server records the first message and closes with 1012, which the
+    client retries (tests/client/test_client_auth.py has the real relay)."""
+    first: list[dict[str, Any]] = []
 
     async def handler(ws: ServerConnection) -> None:
-        assert ws.request is not None
-        headers.append(ws.request.headers.get("Authorization"))
+        message = json.loads(await ws.recv())
+        assert isinstance(message, dict)
+        first.append(message)
         await ws.close(1012, "restarting")
 
     tokens = iter(["t1", "t2", "t3"])
@@ -263,7 +266,7 @@ async def test_get_token_is_asked_before_every_connection() -> None:
             with pytest.raises(ConnectionFailed):
                 await c.join("r")
             assert c.disconnects == [1012, 1012, 1012]
-    assert headers == ["Bearer t1", "Bearer t2", "Bearer t3"]
+    assert [(m["t"], m["token"]) for m in first] == [("auth", t) for t in ("t1", "t2", "t3")]
 
 
 async def test_closed_while_idle_it_connects_again_on_the_next_request() -> None:

@@ -22,6 +22,8 @@ from kasagi_relay.client.protocol import (
     Joined,
     Left,
     Other,
+    Presence,
+    PresenceEvent,
     ProtocolError,
     Rejoin,
     Replaced,
@@ -109,10 +111,20 @@ def test_every_reply_parses_the_same_on_both_subprotocols(fmt: str) -> None:
     assert parse(wire(fmt, {"t": "reset", "room": "r", "seq": 8, "state": {}})) == Reset(
         "r", 8, b"{}"
     )
-    # Unknown types (v1.1 presence, ...) are handed on, not errors.
-    assert parse(wire(fmt, {"t": "presence", "room": "r"})) == Other(
-        "presence", {"t": "presence", "room": "r"}
+    # Unknown types are handed on, not errors.
+    assert parse(wire(fmt, {"t": "later", "room": "r"})) == Other(
+        "later", {"t": "later", "room": "r"}
     )
+    # v1.1 presence: the reply, the events, and `conn` in `joined`.
+    ann = {"conn": "c1", "sub": "u1", "info": {"n": "Ann"}}
+    reply = {"t": "presence", "id": 2, "room": "r", "members": [ann], "count": 1, "users": 1}
+    assert parse(wire(fmt, reply)) == Presence("r", [ann], 1, 1, 2)
+    event = parse(wire(fmt, {"t": "presence_leave", "room": "r", "member": ann}))
+    assert event == PresenceEvent("r", False, ann) and event.conn == "c1"
+    joined = parse(wire(fmt, {"t": "joined", "room": "r", "seq": 0, "conn": "c9", "state": {}}))
+    assert isinstance(joined, Joined) and joined.conn == "c9"
+    with pytest.raises(ProtocolError):
+        parse(wire(fmt, {"t": "presence_join", "room": "r", "member": {"sub": "u"}}))
 
 
 @pytest.mark.parametrize(

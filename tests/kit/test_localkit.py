@@ -231,6 +231,21 @@ def test_compose_relay_service(compose: dict[str, Any]) -> None:
     assert "/healthz" in " ".join(s["healthcheck"]["test"])
 
 
+def test_compose_relay_starts_on_its_non_loopback_address(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On 0.0.0.0 the relay wants a JWT key or an explicit --auth none (docs/operations.md,
+    "Identity"): the compose service's command and environment pass its start-up check."""
+    from kasagi_relay import cli
+
+    _, s = by_container(compose)["kasagi-relay"]
+    for name, value in s["environment"].items():
+        monkeypatch.setenv(name, str(value))
+    config = cli.parse_config([str(arg) for arg in s["command"]])
+    assert config.host == "0.0.0.0"
+    assert config.auth_none or config.jwt_configured
+
+
 def test_dockerfile_multi_stage() -> None:
     text = (REPO / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.M | re.I)

@@ -1,0 +1,145 @@
+"""The presence role (backends/base.py `Presence`) on the memory backend and on a real
+redis-server: the same semantics in both (add, remove, refresh, expiry with its leave
+events, one read per request), plus what only Redis shows (the keys under the room's hash
+tag, their own expiry, events on their own channel and not on the delta channel)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from kasagi_relay.backends.base import Backend
+from kasagi_relay.backends.memory import MemoryBackend
+from kasagi_relay.backends.redis import RedisBackend
+from testkit.redis import Topology, redis_server  # noqa: F401
+
+
+class Events:
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str, bytes]] = []
+        self.resyncs = 0
+
+    def on_presence(self, room: str, kind: str, entry: bytes) -> None:
+        self.got.append((room, kind, entry))
+
+    def on_presence_resync(self) -> None:
+        self.resyncs += 1
+
+
+async def until(pred: Callable[[], object], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+def redis_url(topo: Topology) -> str:
+    return f"redis://127.0.0.1:{topo.servers[0].port}/0"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        b: Backend = MemoryBackend()
+    else:
+        topo = request.getfixturevalue("redis_server")
+        b = RedisBackend(redis_url(topo), op_timeout_s=3.0)
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+E1 = b'{"conn":"c1","sub":"u1","info":{"n":"Ann"},"j":"a"}'
+E2 = b'{"conn":"c2","sub":null,"info":{},"j":"b"}'
+E2_AGAIN = b'{"conn":"c2","sub":null,"info":{},"j":"c"}'
+
+
+async def test_add_remove_members_and_their_events(backend: Backend) -> None:
+    p = backend.presence
+    events = Events()
+    p.set_listener(events)
+    await p.subscribe("r")
+    await p.add("r", "c1", E1, 60)
+    await p.add("r", "c2", E2, 60)
+    await p.add("r", "c1", E1, 60)  # the same entry again: no second join
+    assert sorted(await p.members("r")) == sorted([E1, E2])
+    assert await p.members("other") == []
+    # A remove of an entry that is no longer the stored one (a newer join) does nothing.
+    await p.add("r", "c2", E2_AGAIN, 60)
+    await p.remove("r", "c2", E2)
+    assert sorted(await p.members("r")) == sorted([E1, E2_AGAIN])
+    await p.remove("r", "c2", E2_AGAIN)
+    await p.remove("r", "c1", E1)
+    assert await p.members("r") == []
+    want = [
+        ("r", "join", E1),
+        ("r", "join", E2),
+        ("r", "join", E2_AGAIN),
+        ("r", "leave", E2_AGAIN),
+        ("r", "leave", E1),
+    ]
+    await until(lambda: len(events.got) >= len(want))
+    assert events.got == want
+    await p.unsubscribe("r")
+
+
+async def test_entries_not_refreshed_expire_with_their_leave(backend: Backend) -> None:
+    p = backend.presence
+    events = Events()
+    p.set_listener(events)
+    await p.subscribe("r")
+    # c1 belongs to a relay that stops refreshing (dead); c2 to one that refreshes.
+    await p.add("r", "c1", E1, 0.3)
+    await p.add("r", "c2", E2, 0.3)
+    deadline = time.monotonic() + 0.6
+    while time.monotonic() < deadline:
+        await p.refresh("r", {"c2": E2}, 0.3)
+        await asyncio.sleep(0.1)
+    # The live relay's refresh took the dead one's entry out and announced its leave.
+    assert await p.members("r") == [E2]
+    await until(lambda: ("r", "leave", E1) in events.got)
+    assert [e for e in events.got if e[1] == "leave"] == [("r", "leave", E1)]
+    # A refresh writes back an entry the store lost (a failover), announcing it again.
+    await p.remove("r", "c2", E2)
+    await p.refresh("r", {"c2": E2}, 60)
+    assert await p.members("r") == [E2]
+    await until(lambda: events.got.count(("r", "join", E2)) == 2)
+
+
+async def test_a_read_takes_out_expired_entries_even_without_a_refresh(backend: Backend) -> None:
+    p = backend.presence
+    await p.add("r", "c1", E1, 0.2)
+    await asyncio.sleep(0.3)
+    assert await p.members("r") == []
+
+
+async def test_redis_keys_share_the_rooms_hash_tag_and_expire(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    b = RedisBackend(redis_url(redis_server), op_timeout_s=3.0)
+    await b.start()
+    r = aioredis.Redis(port=redis_server.servers[0].port)
+    try:
+        deltas = r.pubsub()
+        await deltas.subscribe("room:{r}:channel")
+        await b.presence.add("r", "c1", E1, 30)
+        keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await r.keys("room:{r}:*"))
+        assert keys == ["room:{r}:presence", "room:{r}:presence-exp"]
+        for key in keys:
+            assert 0 < await r.pttl(key) <= 30_000
+        assert await r.hget("room:{r}:presence", "c1") == E1
+        # Nothing on the delta channel (other subscribers read it as deltas only).
+        await b.presence.remove("r", "c1", E1)
+        message = await deltas.get_message(ignore_subscribe_messages=True, timeout=0.3)
+        assert message is None
+        await deltas.aclose()  # type: ignore[no-untyped-call]
+    finally:
+        await r.aclose()
+        await b.close()

@@ -1,0 +1,328 @@
+"""Presence end to end (docs/protocol.md, presence): real relays, real WebSocket clients.
+
+In process on the memory backend: the messages, the events and who gets them, a member
+dropped with 1013. As subprocesses on one real redis-server and on a Sentinel topology
+(the real CLI and signals), with short presence periods (`--presence-refresh 1
+--presence-ttl 3`) so that the expiry of a dead relay's entries fits in a test: members on
+both relays see one list, leave / close / SIGTERM / SIGKILL give presence_leave, presence
+recovers after a master failover, and 1,000 members joining and leaving in a burst end
+with lists that agree with who is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from kit.topology import call
+from testkit.redis import Topology, redis_server, sentinel_topology  # noqa: F401
+from testkit.relay import (
+    MSGPACK,
+    Client,
+    connect_client,
+    raw_member,
+    read_frames,
+    relay_process,
+    start_relay,
+)
+
+FAST = ("--presence-refresh", "1", "--presence-ttl", "3")
+
+
+# Messages a helper read past while waiting for something else, per client, in order.
+_seen: dict[int, list[dict[str, Any]]] = {}
+
+
+async def presence(client: Client, room: str, rid: int | str = 1) -> dict[str, Any]:
+    await client.send({"t": "presence", "room": room, "id": rid})
+    reply, before = await client.recv_until(lambda m: m["t"] in ("presence", "error"))
+    _seen.setdefault(id(client), []).extend(before)
+    assert reply["t"] == "presence", reply
+    return reply
+
+
+def conns(reply: dict[str, Any]) -> set[str]:
+    return {m["conn"] for m in reply["members"]}
+
+
+async def event(client: Client, t: str, conn: str, within: float = 5.0) -> list[dict[str, Any]]:
+    """Wait for `t` about `conn` (or find it among what was read past); the messages
+    before it."""
+
+    def match(m: dict[str, Any]) -> bool:
+        return bool(m["t"] == t and m["member"]["conn"] == conn)
+
+    seen = _seen.setdefault(id(client), [])
+    for i, m in enumerate(seen):
+        if match(m):
+            before = seen[:i]
+            del seen[: i + 1]
+            return before
+    _, before = await client.recv_until(match, within)
+    before = seen + before
+    seen.clear()
+    return before
+
+
+async def agree(clients: list[Client], room: str, want: set[str], within: float) -> None:
+    """Until every client's `presence` lists exactly `want` (eventual across relays)."""
+    deadline = time.monotonic() + within
+    while True:
+        replies = [await presence(c, room) for c in clients]
+        if all(conns(r) == want and r["count"] == len(want) for r in replies):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"want {sorted(want)}, got {[sorted(conns(r)) for r in replies]}")
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def clients(*urls: str) -> AsyncIterator[list[Client]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(connect_client(u)) for u in urls]
+
+
+# --------------------------------------------------------------------------- in process
+
+
+async def test_members_events_and_conn_in_joined() -> None:
+    async with (
+        start_relay() as relay,
+        connect_client(relay.url) as watcher,
+        connect_client(relay.url, MSGPACK) as other,
+    ):
+        mine = await watcher.join("r", presence=True)
+        assert isinstance(mine["conn"], str) and mine["conn"]
+        theirs = await other.join("r")
+        assert theirs["conn"] != mine["conn"]
+        # The watcher hears of the other, never of itself.
+        joined = await watcher.expect("presence_join")
+        assert joined == {
+            "t": "presence_join",
+            "room": "r",
+            "member": {"conn": theirs["conn"], "sub": None, "info": {}},
+        }
+        reply = await presence(other, "r", rid="p")
+        assert reply["id"] == "p" and reply["count"] == 2 and reply["users"] == 0
+        assert conns(reply) == {mine["conn"], theirs["conn"]}
+        assert relay.metrics.presence_entries._value.get() == 2
+        # Leave, join again (a new member: its join is sent again), then close.
+        await other.send({"t": "leave", "room": "r"})
+        await other.expect("left")
+        assert (await watcher.expect("presence_leave"))["member"]["conn"] == theirs["conn"]
+        await other.join("r")
+        assert (await watcher.expect("presence_join"))["member"]["conn"] == theirs["conn"]
+        # A second join of a member is not a new member: no event.
+        await other.join("r")
+        await other.ws.close()
+        leave = await watcher.expect("presence_leave")
+        assert leave["member"]["conn"] == theirs["conn"]
+        await watcher.nothing()
+        assert conns(await presence(watcher, "r")) == {mine["conn"]}
+        assert relay.metrics.presence_events._value.get() == 4
+        assert relay.metrics.presence_entries._value.get() == 1
+
+
+async def test_bad_presence_requests_get_their_error_codes() -> None:
+    async with start_relay() as relay, connect_client(relay.url) as c:
+        await c.send({"t": "presence", "room": "no room", "id": 1})
+        assert (await c.expect("error"))["code"] == "bad_room"
+        await c.send({"t": "presence", "id": 2})
+        assert (await c.expect("error"))["code"] == "bad_message"
+        await c.send({"t": "join", "room": "r", "presence": "yes", "id": 3})
+        err = await c.expect("error")
+        assert (err["code"], err["id"]) == ("bad_message", 3)
+        # Presence needs no membership; an empty room has nobody.
+        reply = await presence(c, "empty")
+        assert (reply["members"], reply["count"], reply["users"]) == ([], 0, 0)
+
+
+async def test_a_reply_past_max_presence_members_is_truncated_with_exact_counts() -> None:
+    async with (
+        start_relay(max_presence_members=2) as relay,
+        clients(*[relay.url] * 4) as members,
+    ):
+        for c in members:
+            await c.join("r")
+        reply = await presence(members[0], "r")
+        assert (len(reply["members"]), reply["count"], reply["truncated"]) == (2, 4, True)
+
+
+async def test_a_member_dropped_with_1013_gives_presence_leave() -> None:
+    async with (
+        start_relay(send_queue_bytes=64 * 1024, close_timeout_s=10) as relay,
+        connect_client(relay.url) as writer,
+        connect_client(relay.url) as watcher,
+    ):
+        await watcher.join("r", presence=True)
+        stalled = await raw_member(relay.port, "r")
+        conn = (await watcher.expect("presence_join"))["member"]["conn"]
+        blob = "x" * 32000
+        n = 0
+        async with asyncio.timeout(30):
+            while not relay.metrics.dropped_members._value.get():
+                n += 1
+                await writer.delta("r", merge={"blob": blob, "n": n})
+        # The watcher reads on: the stalled member's leave is among what follows.
+        await event(watcher, "presence_leave", conn, within=10)
+        assert conn not in conns(await presence(writer, "r"))
+        frames = await read_frames(stalled)
+        stalled.close()
+        assert frames[-1][0] == 0x8
+
+
+# --------------------------------------------------------------------------- on Redis
+
+
+def redis_args(topo: Topology) -> list[str]:
+    return ["--redis", f"redis://127.0.0.1:{topo.servers[0].port}/0", *FAST]
+
+
+@pytest.mark.timeout(90)
+async def test_two_relays_on_one_redis_leave_close_sigterm_sigkill(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    args = redis_args(redis_server)
+    async with (
+        relay_process(*args) as one,
+        relay_process(*args) as two,
+        relay_process(*args) as doomed,
+        clients(one.url, two.url, one.url, two.url, doomed.url) as (a, b, c, d, e),
+    ):
+        ids = {}
+        for name, cl in zip("ab", (a, b), strict=True):
+            ids[name] = (await cl.join("room", presence=True))["conn"]
+        for name, cl in zip("cde", (c, d, e), strict=True):
+            ids[name] = (await cl.join("room"))["conn"]
+        everyone = set(ids.values())
+        # One list and one count on both relays.
+        await agree([a, b], "room", everyone, within=5)
+        # a (relay one) hears of b, c, d and e; b (relay two) of c, d, e.
+        for name in "bcde":
+            await event(a, "presence_join", ids[name])
+        # A leave, then a close, on relay two and on relay one.
+        await d.send({"t": "leave", "room": "room"})
+        await event(a, "presence_leave", ids["d"])
+        await event(b, "presence_leave", ids["d"])
+        await c.ws.close()
+        await event(a, "presence_leave", ids["c"])
+        await event(b, "presence_leave", ids["c"])
+        # A relay SIGKILLed with a member: its entry expires (TTL 3 s), a live relay
+        # takes it out and both relays' members hear the leave.
+        assert doomed.proc.returncode is None
+        doomed.proc.kill()
+        await doomed.proc.wait()
+        t0 = time.monotonic()
+        await event(a, "presence_leave", ids["e"], within=10)
+        await event(b, "presence_leave", ids["e"], within=10)
+        assert time.monotonic() - t0 < 3 + 1 + 2  # TTL + one refresh + slack
+        await agree([a, b], "room", {ids["a"], ids["b"]}, within=2)
+        # A relay stopped with SIGTERM: its members' leaves go out as it closes them.
+        assert await two.terminate(signal.SIGTERM) == 0
+        t0 = time.monotonic()
+        await event(a, "presence_leave", ids["b"], within=5)
+        assert time.monotonic() - t0 < 3  # not by expiry
+        assert conns(await presence(a, "room")) == {ids["a"]}
+
+
+@pytest.mark.timeout(120)
+async def test_a_burst_of_1000_members_on_two_relays_ends_with_lists_that_agree(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    args = [*redis_args(redis_server), "--max-connections-per-address", "0"]
+    async with relay_process(*args) as one, relay_process(*args) as two:
+        urls = [one.url, two.url]
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def member(i: int) -> tuple[Client, str]:
+                cl = await stack.enter_async_context(connect_client(urls[i % 2]))
+                return cl, (await cl.join("crowd"))["conn"]
+
+            watchers = [await stack.enter_async_context(connect_client(u)) for u in urls]
+            for w in watchers:
+                await w.join("crowd", presence=True)
+            made = await asyncio.gather(*(member(i) for i in range(1000)))
+            # Half of them go, at once: a third leave, the rest close their connections.
+            going = made[::2]
+
+            async def go(i: int, cl: Client) -> None:
+                if i % 3:
+                    await cl.ws.close()
+                else:
+                    await cl.send({"t": "leave", "room": "crowd"})
+
+            await asyncio.gather(*(go(i, cl) for i, (cl, _) in enumerate(going)))
+            want = {conn for _, conn in made[1::2]}
+            watcher_ids: set[str] = set()
+            for w in watchers:
+                reply = await presence(w, "crowd")
+                watcher_ids |= conns(reply) - {conn for _, conn in made}
+            assert len(watcher_ids) == 2
+            await agree(watchers, "crowd", want | watcher_ids, within=20)
+
+
+# --------------------------------------------------------------------------- Sentinel
+
+
+@pytest.mark.timeout(120)
+async def test_presence_recovers_after_a_master_failover(
+    sentinel_topology: Topology,  # noqa: F811
+) -> None:
+    topo = sentinel_topology
+    sentinels = ",".join(f"{h}:{p}" for h, p in topo.sentinel_addrs)
+    args = ["--sentinels", sentinels, "--master", topo.master_name, "--ack", "leader", *FAST]
+    async with (
+        relay_process(*args) as one,
+        relay_process(*args) as two,
+        clients(one.url, two.url, one.url, two.url) as (a, b, c, d),
+    ):
+        ids: dict[Client, str] = {}
+        for cl in (a, b, c, d):
+            ids[cl] = (await cl.join("room", presence=cl in (a, b)))["conn"]
+        everyone = set(ids.values())
+        await agree([a, b], "room", everyone, within=5)
+        old = topo.master_addr()
+        # SIGKILL: whatever the master had not replicated is lost with it.
+        topo.signal(topo.master(), signal.SIGKILL)
+        await asyncio.to_thread(topo.wait_master_change, old, 30)
+        # Both relays on the new master, lists whole (the replicas had the entries).
+        await agree([a, b], "room", everyone, within=20)
+        # A master that lacks the entries (lost in a failover): their relays write them
+        # again within one refresh (1 s here).
+        new = topo.master_addr()
+        assert call(new[1], "DEL", "room:{room}:presence", "room:{room}:presence-exp") == 2
+        assert (await presence(a, "room"))["count"] < len(everyone)
+        await agree([a, b], "room", everyone, within=1 + 1)
+        # Still live after the failover: a leave on relay two reaches relay one's member.
+        await d.send({"t": "leave", "room": "room"})
+        await event(a, "presence_leave", ids[d], within=10)
+        await agree([a, b], "room", everyone - {ids[d]}, within=5)
+
+
+async def test_presence_off_writes_nothing_and_answers_unavailable() -> None:
+    async with start_relay(presence=False) as relay, clients(relay.url, relay.url) as (a, b):
+        assert (await a.join("r", presence=True))["conn"]
+        await b.join("r")
+        await a.nothing()  # no events
+        await a.send({"t": "presence", "room": "r", "id": 1})
+        assert (await a.expect("error"))["code"] == "unavailable"
+        assert relay.metrics.presence_entries._value.get() == 0
+
+
+async def test_the_http_api_lists_the_same_members() -> None:
+    from tests.test_api import KEY, call
+
+    async with start_relay(api_keys=(KEY,)) as relay, clients(relay.url, relay.url) as (a, b):
+        ids = {(await c.join("r"))["conn"] for c in (a, b)}
+        reply = await call(relay.port, "GET", "/api/rooms/r/presence")
+        assert reply.status == 200
+        body = reply.json()
+        assert (body["room"], body["count"], body["users"]) == ("r", 2, 0)
+        assert {m["conn"] for m in body["members"]} == ids
+        assert (await call(relay.port, "GET", "/api/rooms/r/presence", key=None)).status == 401
