@@ -139,6 +139,9 @@ class RoomState:
         ONE delta, `{"patch": [...]}` or `{"merge": {...}}`, that takes the previous state to
         the new one. Always succeeds (it knows the state, so merge patches become concrete
         operations when needed). len(ds) must equal seq - self.seq, else ValueError."""
+    def failed(self) -> list[int]:
+        """The seqs among the last `apply_batch`'s deltas that failed at their position
+        (no-ops), in order: the relay replays them as `{"patch": []}`."""
     def to_json(self) -> bytes:
         """The state as compact JSON; cached until the next change."""
     def to_msgpack(self) -> bytes:

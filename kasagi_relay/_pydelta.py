@@ -1103,7 +1103,7 @@ def _merge_to_ops(target: Json, patch: Json, path: str, out: list[_Op]) -> None:
 class RoomState:
     """One room's state, parsed once and patched in place; encodings cached."""
 
-    __slots__ = ("_doc", "_json", "_log", "_max", "_msgpack", "_seq")
+    __slots__ = ("_doc", "_failed", "_json", "_log", "_max", "_msgpack", "_seq")
 
     def __init__(
         self, state: bytes | str = b"{}", seq: int = 0, max_bytes: int = 0, max_memory: int = 0
@@ -1114,6 +1114,7 @@ class RoomState:
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
         self._log: Undo = []
+        self._failed: list[int] = []
 
     @property
     def seq(self) -> int:
@@ -1179,15 +1180,18 @@ class RoomState:
             raise ValueError(f"{len(todo)} deltas cannot take seq {self._seq} to {seq}")
         applied: list[tuple[str, Json]] = []
         concrete: list[_Op] = []
-        for d in todo:
+        self._failed = []
+        for at, d in enumerate(todo, self._seq + 1):
             before: list[_Op] = []
             try:
                 kind, body = _parse_delta(d)
             except DeltaError:
+                self._failed.append(at)
                 continue
             if kind == "merge":
                 _merge_to_ops(self._doc.root, body, "", before)
             if self._apply_one(d) is None:
+                self._failed.append(at)
                 continue
             concrete.extend(before if kind == "merge" else body)
             applied.append((kind, body))
@@ -1198,6 +1202,10 @@ class RoomState:
             return _delta_bytes(_fold(applied))
         except DeltaError:
             return _delta_bytes(("patch", concrete))
+
+    def failed(self) -> list[int]:
+        """The seqs among the last apply_batch's deltas that failed (no-ops), in order."""
+        return list(self._failed)
 
     def to_json(self) -> bytes:
         if self._json is None:

@@ -589,6 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("KASAGI_LOG_FORMAT", _D.log_format),
         help="json: one JSON object per line [KASAGI_LOG_FORMAT]",
     )
+    add(
+        "--no-inspector",
+        dest="inspector",
+        action="store_false",
+        default=os.environ.get("KASAGI_NO_INSPECTOR", "") in ("", "0"),
+        help="do not serve the inspector page (/, /inspector) nor /kasagi-client.js: 404 "
+        "[KASAGI_NO_INSPECTOR=1]",
+    )
     return p
 
 
@@ -674,6 +682,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         workers=a.workers,
         log_level=a.log_level,
         log_format=a.log_format,
+        inspector=a.inspector,
     )
     try:
         config.check_access()

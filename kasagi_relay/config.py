@@ -121,6 +121,8 @@ class Config:
 
     log_level: str = "info"
     log_format: str = "text"
+    # The inspector page and /kasagi-client.js (kasagi_relay/inspector.py).
+    inspector: bool = True
 
     @property
     def ack_level(self) -> AckLevel:

@@ -5,7 +5,9 @@
 for an Origin not in --allowed-origins; 401 for an invalid `Authorization: Bearer` token,
 whose identity a valid one hands to the session).
 /healthz is the backend's health as JSON (503 when not ok), /metrics Prometheus text;
-anything else is 404. docs/operations.md documents the endpoints.
+/, /inspector, /inspector.js and /kasagi-client.js the inspector page and the browser
+client (inspector.py; 404 with --no-inspector); anything else is 404.
+docs/operations.md documents the endpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kasagi_relay.admission import Admission
 from kasagi_relay.auth import AuthError
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.domain import Identity
+from kasagi_relay.inspector import Inspector
 from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import CONTENT_TYPE, Metrics, ThrottledLog
 from kasagi_relay.session import RelayConnection
@@ -45,6 +48,7 @@ class HttpRoutes:
         shutting_down: Callable[[], bool],
         auth: Authenticator | None = None,
         allowed_origins: tuple[str, ...] = ("*",),
+        inspector: Inspector | None = None,
     ) -> None:
         self.auth = auth
         self.allowed_origins = frozenset(allowed_origins)
@@ -52,6 +56,7 @@ class HttpRoutes:
         self.metrics = metrics
         self.admission = admission
         self.shutting_down = shutting_down
+        self.inspector = inspector
         # Fields added to /healthz (kasagi_relay/workers.py: the whole relay's workers).
         self.health_extra: Callable[[dict[str, object]], dict[str, object]] | None = None
 
@@ -75,6 +80,8 @@ class HttpRoutes:
             return await self._health()
         if path == "/metrics":
             return response(200, self.metrics.render(), CONTENT_TYPE)
+        if self.inspector is not None and (page := self.inspector.answer(path, request)):
+            return page
         return response(404, b"not found: try /ws, /healthz or /metrics\n", "text/plain")
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:

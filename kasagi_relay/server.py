@@ -37,6 +37,7 @@ from kasagi_relay.compaction import Compactor
 from kasagi_relay.config import Config, ConfigError
 from kasagi_relay.fanout import Member, SendBudget
 from kasagi_relay.http import HttpRoutes
+from kasagi_relay.inspector import Inspector
 from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.presence import PresenceHub
@@ -95,6 +96,7 @@ class Relay:
             lambda: self.service.closing,
             auth=self.auth,
             allowed_origins=config.allowed_origins,
+            inspector=Inspector() if config.inspector else None,
         )
         self.api = ApiServer(config, self.service, self.metrics, self.admission)
         self.sessions: set[Session] = set()

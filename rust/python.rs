@@ -521,6 +521,10 @@ impl RoomState {
         bytes_out(py, out)
     }
 
+    fn failed(&self) -> Vec<u64> {
+        self.lock().room.failed().to_vec()
+    }
+
     fn to_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         self.snapshot(py, false)
     }

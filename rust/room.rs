@@ -23,6 +23,9 @@ pub struct Room {
     max_bytes: u64,
     /// The same for the memory estimate ([`Size::memory`]).
     max_memory: u64,
+    /// The seqs of the last `apply_batch` that failed at their position (no-ops), so the
+    /// relay can replay them as empty patches.
+    failed: Vec<u64>,
 }
 
 /// Misuse of the room API (a seq that does not fit): `ValueError` in Python.
@@ -58,6 +61,7 @@ impl Room {
             version: 0,
             max_bytes: 0,
             max_memory: 0,
+            failed: Vec::new(),
         }
     }
 
@@ -171,6 +175,11 @@ impl Room {
         Some(Ok(applied))
     }
 
+    /// The seqs among the last `apply_batch`'s deltas that failed (no-ops), in order.
+    pub fn failed(&self) -> &[u64] {
+        &self.failed
+    }
+
     /// Apply the deltas self.seq+1 ..= seq (failures are no-ops, as in `apply`) and return
     /// one delta taking the previous state to the new one: the fold of the deltas that
     /// applied (as `merge`), or when that does not exist, the collapsed concrete ops (merge
@@ -189,9 +198,11 @@ impl Room {
         }
         let mut applied: Vec<Delta> = Vec::new();
         let mut concrete: Vec<Op> = Vec::new();
-        for d in ds {
+        self.failed.clear();
+        for (at, d) in (self.seq + 1..).zip(ds) {
             let d = d.as_ref();
             let Ok(delta) = delta::parse_delta(d) else {
+                self.failed.push(at);
                 continue;
             };
             let lim = self.limits(d.len());
@@ -202,12 +213,14 @@ impl Room {
                     if apply::apply_delta_limited(&mut self.doc, &mut self.size, &delta, lim)
                         .is_err()
                     {
+                        self.failed.push(at);
                         continue;
                     }
                     concrete.extend(ops);
                 }
                 Delta::Patch(ops) => {
                     if apply::apply_patch(&mut self.doc, &mut self.size, ops, lim).is_err() {
+                        self.failed.push(at);
                         continue;
                     }
                     concrete.extend(ops.iter().cloned());
@@ -302,6 +315,7 @@ mod tests {
             r#"{"patch":[{"op":"remove","path":"/a"},{"op":"add","path":"/c","value":1},{"op":"remove","path":"/b/x"},{"op":"add","path":"/b/y","value":2}]}"#
         );
         assert_eq!(r.to_json(), br#"{"b":{"y":2},"c":1}"#);
+        assert_eq!(r.failed(), &[3]);
         let out = r
             .apply_batch(
                 &[
@@ -312,6 +326,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, br#"{"merge":{"q":null}}"#);
+        assert!(r.failed().is_empty());
         assert!(r.apply_batch(&[b"{}".as_slice()], 8).is_err());
         assert_eq!(r.apply_batch::<&[u8]>(&[], 6).unwrap(), br#"{"patch":[]}"#);
     }

@@ -53,6 +53,7 @@ def test_help_explains_every_flag() -> None:
         ("--log-format", "KASAGI_LOG_FORMAT"),
         ("--max-rooms", "KASAGI_MAX_ROOMS"),
         ("--max-loaded-rooms", "KASAGI_MAX_LOADED_ROOMS"),
+        ("--no-inspector", "KASAGI_NO_INSPECTOR"),
         ("--jwt-secret", "KASAGI_JWT_SECRET"),
         ("--jwt-secret-file", "KASAGI_JWT_SECRET_FILE"),
         ("--jwt-public-key", "KASAGI_JWT_PUBLIC_KEY"),

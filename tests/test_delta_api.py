@@ -398,6 +398,21 @@ def test_apply_batch(engines: ModuleType) -> None:
     assert room.to_json() == b'{"a":{"x":4},"l":[1,2,3]}'
     assert json.loads(out) == {"patch": [add("/l/-", 3), rep("/a/x", 4)]}
     assert engines.apply(state, out) == room.to_json()
+    assert room.failed() == [12, 13]  # what the relay replays as {"patch": []}
+
+
+def test_apply_batch_leaves_test_ops_out(engines: ModuleType) -> None:
+    """A merged frame carries only effective changes (docs/protocol.md): no `test`."""
+    room = engines.RoomState(b'{"a":1}', 0)
+    ds = [P({"op": "test", "path": "/a", "value": 1}, rep("/a", 2)), P(add("/b", 1))]
+    out = room.apply_batch(ds, 2)
+    assert json.loads(out) == {"patch": [rep("/a", 2), add("/b", 1)]}
+    assert room.failed() == []
+    # A later batch forgets the earlier one's failures.
+    room.apply_batch([P({"op": "test", "path": "/a", "value": 1})], 3)
+    assert room.failed() == [3]
+    room.apply_batch([P(add("/c", 1))], 4)
+    assert room.failed() == []
 
 
 def test_apply_batch_of_merge_patches(engines: ModuleType) -> None:

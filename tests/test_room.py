@@ -66,6 +66,25 @@ async def test_load_from_snapshot_and_ops() -> None:
     assert json.loads(state.to_json()) == expected(8)
 
 
+async def test_a_loaded_room_keeps_its_ops_since_the_snapshot_judged() -> None:
+    """Resumes after a load are served from memory, each op as members must get it: one that
+    failed at its position as an empty patch (docs/protocol.md, effective changes)."""
+    b, room, _ = await make()
+    for i in range(3):
+        await b.publish("r", "patch", add(i))
+    await compact_room(b, "r", history=100)
+    await b.publish("r", "patch", b'[{"op":"remove","path":"/nope"}]')
+    await b.publish(
+        "r", "patch", b'[{"op":"test","path":"/k0","value":0},{"op":"add","path":"/t","value":1}]'
+    )
+    state = await room.ensure_loaded()
+    assert state.seq == 5
+    assert [op.seq for op in room.recent] == [4, 5]
+    assert room.recent[0].delta == b'{"patch":[]}'
+    assert json.loads(room.recent[1].delta)["patch"][1] == {"op": "add", "path": "/t", "value": 1}
+    assert json.loads(state.to_json()) == {**expected(3), "t": 1}
+
+
 async def test_stream_duplicates_and_gap_backfill() -> None:
     b, room, fwd = await make()
     await room.ensure_loaded()

@@ -150,10 +150,22 @@ async def test_since_older_than_history_gets_full_state() -> None:
             joined = await m.join("r", since=2)
             assert "resumed" not in joined
             assert joined["seq"] == 10 and joined["state"] == {f"k{i}": i for i in range(10)}
-            resumed = await m.join("r", since=8)  # still in history
+            # Still in history, but before the snapshot: the relay cannot judge ops 9 and 10
+            # at their position (frames carry only effective changes): the full state.
+            again = await m.join("r", since=8)
+            assert "resumed" not in again and again["seq"] == 10
+            await w.delta("r", add("/k10", 10))
+            await w.delta("r", add("/k11", 11))
+            await collect(m, "r", 12)
+        relay.rooms["r"].recent.clear()
+        async with connect_client(relay.url) as m:
+            # After the snapshot: judged on the state rebuilt from it, then replayed.
+            resumed = await m.join("r", since=11)
             assert resumed["resumed"] is True
-            frames = await collect(m, "r", 10)
-            assert [(f["from"], f["seq"]) for f in frames] == [(9, 9), (10, 10)]
+            frames = await collect(m, "r", 12)
+            assert [(f["from"], f["seq"], f["patch"]) for f in frames] == [
+                (12, 12, add("/k11", 11))
+            ]
 
 
 async def test_same_idempotency_key_same_seq_one_broadcast() -> None:
@@ -455,3 +467,53 @@ async def test_gap_is_backfilled_and_lost_history_is_a_reset() -> None:
         await w.delta("r", add("/f", 6))
         f = await m.expect("delta")
         assert (f["from"], f["seq"]) == (10, 10)
+
+
+async def test_frames_carry_only_effective_changes() -> None:
+    """docs/protocol.md: a delta that failed at its position reaches members as an empty
+    patch, and `test` ops (judged by the relay) are left out of every frame: live, merged
+    and replayed, from the room's recent ops and from the backend's history alike."""
+
+    def test(path: str, value: Any) -> dict[str, Any]:
+        return {"op": "test", "path": path, "value": value}
+
+    rep = {"op": "replace", "path": "/a", "value": 2}
+    async with (
+        start_relay() as relay,
+        connect_client(relay.url) as w,
+        connect_client(relay.url) as m,
+    ):
+        await m.join("r")
+        await w.delta("r", add("/a", 1))
+        # Stored without the relay's check, as another service (or a relay that judged
+        # an older state) can: each fails at its position.
+        await relay.backend.publish("r", "patch", b'[{"op":"remove","path":"/zz"}]')
+        await w.delta("r", [test("/a", 1), rep])
+        await relay.backend.publish(
+            "r", "patch", json.dumps([test("/a", 1), *add("/b", 1)]).encode()
+        )
+        # Two at once, merged or not: the failed one and the test op leave nothing.
+        body = json.dumps([test("/a", 2), *add("/c", 3)]).encode()
+        await relay.backend.publish("r", "patch", b'[{"op":"remove","path":"/zz"}]')
+        await relay.backend.publish("r", "patch", body)
+        live = await collect(m, "r", 6)
+        state: Any = {}
+        for f in live:
+            assert all(op["op"] != "test" for op in f.get("patch", []))
+            state = apply_frame(state, f)
+        assert state == {"a": 2, "c": 3}
+        assert [(f["from"], f["seq"], f["patch"]) for f in live[:3]] == [
+            (1, 1, add("/a", 1)),
+            (2, 2, []),
+            (3, 3, [rep]),
+        ]
+        expected = [(2, 2, []), (3, 3, [rep]), (4, 4, []), (5, 5, []), (6, 6, add("/c", 3))]
+        async with connect_client(relay.url) as late:
+            assert (await late.join("r", since=1))["resumed"] is True
+            replay = await collect(late, "r", 6)
+            assert [(f["from"], f["seq"], f["patch"]) for f in replay] == expected
+        relay.rooms["r"].recent.clear()  # served from the backend's history now
+        async with connect_client(relay.url) as late:
+            assert (await late.join("r", since=1))["resumed"] is True
+            replay = await collect(late, "r", 6)
+            assert [(f["from"], f["seq"], f["patch"]) for f in replay] == expected

@@ -3,7 +3,7 @@ import eslint from "@eslint/js";
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["dist/", "build/", "node_modules/", "eslint.config.js"] },
+  { ignores: ["dist/", "build/", "node_modules/", "eslint.config.js", "scripts/"] },
   eslint.configs.recommended,
   ...tseslint.configs.strictTypeChecked,
   {

@@ -6,13 +6,10 @@
  * the deltas and by the frames: the relay merges what queues into one frame). `npm run bench`
  * (after `npm run build`); DELTAS, WRITERS, WINDOW to change the load.
  */
-import { readFileSync } from "node:fs";
-import { createServer } from "node:http";
 import { cpus } from "node:os";
-import { join } from "node:path";
 import { chromium } from "playwright-core";
 import { Client } from "../src/index.js";
-import { REPO, startRelay } from "../test/helpers.js";
+import { startRelay } from "../test/helpers.js";
 
 const DELTAS = Number(process.env["DELTAS"] ?? 20_000);
 const WRITERS = Number(process.env["WRITERS"] ?? 4);
@@ -20,7 +17,8 @@ const WRITERS = Number(process.env["WRITERS"] ?? 4);
 const WINDOW = Number(process.env["WINDOW"] ?? 100);
 const PLAYERS = 200;
 const CHROMIUM = process.env["CHROMIUM"] ?? "/usr/bin/chromium";
-const PAGE = `<!doctype html><script type="module">
+// Added to the relay's own /inspector page: it imports the relay's /kasagi-client.js.
+const HARNESS = `
 import { Client } from "/kasagi-client.js";
 window.start = async (url) => {
   const room = new Client(url).room("busy");
@@ -31,7 +29,7 @@ window.start = async (url) => {
   return room.seq;
 };
 window.ready = true;
-</script>`;
+`;
 
 interface PageWindow {
   ready?: boolean;
@@ -41,16 +39,7 @@ interface PageWindow {
 }
 
 const relay = await startRelay(["--rate-limit", "1000000", "--rate-burst", "1000000"]);
-const server = createServer((req, res) => {
-  if (req.url === "/kasagi-client.js") {
-    res.writeHead(200, { "content-type": "text/javascript" }).end(readFileSync(join(REPO, "clients/js/dist/kasagi-client.js")));
-  } else {
-    res.writeHead(200, { "content-type": "text/html" }).end(PAGE);
-  }
-});
-await new Promise<void>((done) => server.listen(0, "127.0.0.1", done));
-const address = server.address();
-const origin = `http://127.0.0.1:${typeof address === "object" && address !== null ? address.port : 0}`;
+const origin = `http://127.0.0.1:${relay.port}`;
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
 try {
   const setup = new Client(relay.url);
@@ -60,7 +49,8 @@ try {
   setup.close();
 
   const page = await browser.newPage();
-  await page.goto(origin + "/");
+  await page.goto(origin + "/inspector");
+  await page.addScriptTag({ type: "module", content: HARNESS });
   await page.waitForFunction(() => (globalThis as unknown as PageWindow).ready === true);
   const startSeq = await page.evaluate((url) => (globalThis as unknown as PageWindow).start(url), relay.url);
   const cdp = await page.context().newCDPSession(page);
@@ -122,6 +112,5 @@ try {
   );
 } finally {
   await browser.close();
-  server.close();
   await relay.stop();
 }

@@ -16,6 +16,7 @@ import type { Delta, Json } from "./patch.js";
 import {
   type Format,
   MAX_KEY_CHARS,
+  type Member,
   ProtocolError,
   type Reply,
   type RequestId,
@@ -59,14 +60,17 @@ export interface ChangeInfo {
   /** The frame covers the room's deltas `from`..`seq`. */
   from: number;
   seq: number;
+  /** As the relay sent it: only effective changes (docs/protocol.md). */
   delta: Delta;
-  /** False when the delta failed at its position: a no-op for every party. */
-  applied: boolean;
 }
 
 export interface RoomOptions {
-  /** This member's presence data (v1.1, sent with `join`; today's relay ignores it). */
-  presence?: Json;
+  /**
+   * Follow who is in the room (docs/protocol.md, presence): `room.members` is read when the
+   * join completes and kept up to date by the relay's `presence_join` / `presence_leave`;
+   * the `presence` event fires with the members each time they change.
+   */
+  presence?: boolean;
 }
 
 export type ClientEvents = {
@@ -77,7 +81,7 @@ export type ClientEvents = {
 export type RoomEvents = {
   change: (state: Json, info: ChangeInfo) => void;
   reset: (state: Json, info: { seq: number }) => void;
-  presence: (members: Json) => void;
+  presence: (members: Member[]) => void;
   error: (error: KasagiError) => void;
 };
 
@@ -139,8 +143,8 @@ function randomKey(): string {
 
 /** One room: its `state` and `seq`, kept in step with the relay while joined. */
 export class Room extends Emitter<RoomEvents> {
-  /** The members, as the relay's presence reports them (v1.1; empty until then). */
-  members: Json = [];
+  /** The members (with the `presence` option), as the relay's presence reports them. */
+  members: Member[] = [];
   /** @internal */
   readonly stream = new RoomStream();
   /** @internal the pending `join()`, until a `joined` or an error. */
@@ -183,6 +187,11 @@ export class Room extends Emitter<RoomEvents> {
     return this.client.sendDelta(this.name, delta, options);
   }
 
+  /** Asks the relay who is in the room now (any relay of the deployment); needs no join. */
+  presence(): Promise<Member[]> {
+    return this.client.requestPresence(this);
+  }
+
   /** Leaves the room; its state stays readable, and a later `join()` resumes from it. */
   leave(): Promise<void> {
     return this.client.leaveRoom(this);
@@ -197,7 +206,13 @@ export class Room extends Emitter<RoomEvents> {
 /** Stands for the `auth` message in the order of requests (it has no id). */
 const AUTH = Symbol("auth");
 
-type Pending = { kind: "join"; room: Room } | { kind: "leave"; room: Room; done: () => void };
+type Pending =
+  | { kind: "join"; room: Room }
+  | { kind: "leave"; room: Room; done: () => void }
+  | { kind: "presence"; room: Room; done: (result: Member[] | Error) => void };
+
+/** Refresh a token this long before it expires at most (and at half its life at least). */
+const REFRESH_MARGIN_MS = 30_000;
 
 /**
  * One connection to a relay, reconnected as docs/protocol.md's client behaviour says.
@@ -236,6 +251,7 @@ export class Client extends Emitter<ClientEvents> {
   private attempt = 0;
   private nextId = 1;
   private closed = false;
+  private authTimer: ReturnType<typeof setTimeout> | null = null;
   private statusValue: Status = "disconnected";
   private waiters: Deferred<undefined>[] = [];
 
@@ -318,6 +334,66 @@ export class Client extends Emitter<ClientEvents> {
       this.requests.set(id, { kind: "leave", room, done });
       this.write({ t: "leave", room: room.name, id }, id);
     });
+  }
+
+  /** @internal */
+  async requestPresence(room: Room): Promise<Member[]> {
+    if (this.closed) throw new ClientClosedError("client is closed");
+    await this.connect();
+    const id = this.nextId++;
+    return new Promise<Member[]>((resolve, reject) => {
+      this.requests.set(id, {
+        kind: "presence",
+        room,
+        done: (result) => { if (result instanceof Error) reject(result); else resolve(result); },
+      });
+      this.write({ t: "presence", room: room.name, id }, id);
+    });
+  }
+
+  /** The members of a room joined with `presence`, read again after every (re)join. */
+  private followPresence(room: Room): void {
+    const id = this.nextId++;
+    this.requests.set(id, {
+      kind: "presence",
+      room,
+      // A relay without presence answers bad_message: the room just has no members list.
+      done: () => undefined,
+    });
+    this.write({ t: "presence", room: room.name, id }, id);
+  }
+
+  /** Sends the `auth` message again with a fresh token before the current one expires. */
+  private scheduleRefresh(exp: number): void {
+    if (this.authTimer !== null) {
+      clearTimeout(this.authTimer);
+      this.timers.delete(this.authTimer);
+    }
+    this.authTimer = null;
+    const getToken = this.options.getToken;
+    const ws = this.ws;
+    if (getToken === undefined || ws === null) return;
+    const left = exp * 1000 - Date.now();
+    const wait = Math.max(1000, left - Math.min(REFRESH_MARGIN_MS, left / 2));
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      this.authTimer = null;
+      void (async () => {
+        let token: string;
+        try {
+          token = await getToken();
+        } catch (error) {
+          // Not fatal yet: the relay closes with 4001 at expiry, and reconnecting asks again.
+          this.emit("error", new KasagiError(`getToken failed: ${String(error)}`));
+          return;
+        }
+        if (ws !== this.ws || !this.live || ws.readyState !== OPEN) return;
+        this.sentOrder.push(AUTH);
+        ws.send(encodeMessage(this.format, { t: "auth", token }));
+      })();
+    }, wait);
+    this.authTimer = timer;
+    this.timers.add(timer);
   }
 
   /** @internal */
@@ -477,7 +553,13 @@ export class Client extends Emitter<ClientEvents> {
     this.sentOrder = [];
     for (const pending of this.requests.values()) {
       if (pending.kind === "leave") pending.done();
+      else if (pending.kind === "presence") pending.done(new ConnectionError("connection lost"));
     }
+    if (this.authTimer !== null) {
+      clearTimeout(this.authTimer);
+      this.timers.delete(this.authTimer);
+    }
+    this.authTimer = null;
     this.requests.clear();
     for (const room of this.rooms.values()) room.stream.rejoinSent();
   }
@@ -556,7 +638,7 @@ export class Client extends Emitter<ClientEvents> {
         if (room === undefined) return;
         const step = room.stream.onDelta(reply.from, reply.seq, reply.delta);
         if (step.kind === "applied") {
-          room.fire("change", room.state, { from: step.from, seq: step.seq, delta: step.delta, applied: step.ok });
+          room.fire("change", room.state, { from: step.from, seq: step.seq, delta: step.delta });
         } else if (step.kind === "rejoin") {
           this.gaps.push(`${room.name}: ${step.reason}`);
           this.sendJoin(room);
@@ -583,6 +665,7 @@ export class Client extends Emitter<ClientEvents> {
           return;
         }
         room.unavailable = 0;
+        if (room.options.presence === true) this.followPresence(room);
         const ready = room.ready;
         if (ready !== null) {
           room.ready = null;
@@ -600,12 +683,31 @@ export class Client extends Emitter<ClientEvents> {
         return;
       }
       case "presence": {
-        const room = this.rooms.get(reply.room);
-        if (room === undefined) return;
+        const id = this.answered(reply.id);
+        const pending = id === undefined ? undefined : this.requests.get(id);
+        if (pending?.kind === "presence") {
+          this.requests.delete(id as RequestId);
+          pending.done(reply.members);
+        }
+        const room = this.handles.get(reply.room);
+        if (room?.options.presence !== true) return;
         room.members = reply.members;
-        room.fire("presence", reply.members);
+        room.fire("presence", room.members);
         return;
       }
+      case "presence_join":
+      case "presence_leave": {
+        const room = this.rooms.get(reply.room);
+        if (room?.options.presence !== true) return;
+        const others = room.members.filter((m) => m.conn !== reply.member.conn);
+        room.members = reply.t === "presence_join" ? [...others, reply.member] : others;
+        room.fire("presence", room.members);
+        return;
+      }
+      case "authed":
+        this.answered(reply.id);
+        if (reply.exp !== undefined) this.scheduleRefresh(reply.exp);
+        return;
       case "left": {
         const id = this.answered(reply.id);
         const pending = id === undefined ? undefined : this.requests.get(id);
@@ -648,6 +750,11 @@ export class Client extends Emitter<ClientEvents> {
       return;
     }
     const pending = id === undefined ? undefined : this.requests.get(id);
+    if (pending?.kind === "presence") {
+      this.requests.delete(id as RequestId);
+      pending.done(error);
+      return;
+    }
     if (pending?.kind === "join") {
       this.requests.delete(id as RequestId);
       const room = pending.room;

@@ -42,12 +42,12 @@ export function joinMessage(
   room: string,
   since: number | null,
   id: RequestId,
-  presence?: Json,
+  presence?: boolean,
 ): Record<string, unknown> {
   const message: Record<string, unknown> = { t: "join", room, id };
   if (since !== null) message["since"] = since;
-  // Presence is planned for v1.1 (docs/protocol.md); today's relay ignores unknown fields.
-  if (presence !== undefined) message["presence"] = presence;
+  // docs/protocol.md, presence: members coming and going are sent to this connection.
+  if (presence === true) message["presence"] = true;
   return message;
 }
 
@@ -77,7 +77,9 @@ export type Reply =
   | { t: "error"; code: string; message: string; id: RequestId | undefined; room: string | undefined }
   | { t: "delta"; room: string; from: number; seq: number; delta: Delta }
   | { t: "reset"; room: string; seq: number; state: Json }
-  | { t: "presence"; room: string; members: Json }
+  | { t: "presence"; room: string; members: Member[]; id: RequestId | undefined }
+  | { t: "presence_join" | "presence_leave"; room: string; member: Member }
+  | { t: "authed"; sub: string | null; exp: number | undefined; id: RequestId | undefined }
   | { t: "other"; type: string; message: Record<string, unknown> };
 
 function decodeFrame(data: unknown): Record<string, unknown> {
@@ -111,6 +113,24 @@ function roomField(obj: Record<string, unknown>): string {
 function idField(obj: Record<string, unknown>): RequestId | undefined {
   const id = obj["id"];
   return typeof id === "number" || typeof id === "string" ? id : undefined;
+}
+
+/** One member of a room (docs/protocol.md, presence): a connection joined to it. */
+export interface Member {
+  /** A random id per connection. */
+  conn: string;
+  /** The user, from the connection's token; null when anonymous. */
+  sub: string | null;
+  /** Public data from the token (`info` claim); {} when none. */
+  info: Json;
+}
+
+function memberField(value: unknown): Member {
+  if (!isObject(value) || typeof value["conn"] !== "string") {
+    throw new ProtocolError("presence: a member needs a conn");
+  }
+  const sub = value["sub"];
+  return { conn: value["conn"], sub: typeof sub === "string" ? sub : null, info: value["info"] ?? {} };
 }
 
 function optionalString(value: unknown): string | undefined {
@@ -154,9 +174,23 @@ export function parse(data: unknown): Reply {
       return { t, room: roomField(obj), seq: seqField(obj, "seq"), state: obj["state"] as Json };
     case "left":
       return { t, room: roomField(obj), id: idField(obj), code: optionalString(obj["code"]) };
-    case "presence":
-      // v1.1 seam (docs/protocol.md, "Planned"): the shape is provisional.
-      return { t, room: roomField(obj), members: (obj["members"] ?? []) as Json };
+    case "presence": {
+      const members = obj["members"];
+      if (!Array.isArray(members)) throw new ProtocolError("presence: members must be an array");
+      return { t, room: roomField(obj), members: members.map(memberField), id: idField(obj) };
+    }
+    case "presence_join":
+    case "presence_leave":
+      return { t, room: roomField(obj), member: memberField(obj["member"]) };
+    case "authed": {
+      const exp = obj["exp"];
+      return {
+        t,
+        sub: optionalString(obj["sub"]) ?? null,
+        exp: typeof exp === "number" && Number.isFinite(exp) ? exp : undefined,
+        id: idField(obj),
+      };
+    }
     default:
       if (typeof t !== "string") throw new ProtocolError("a message needs a type t");
       return { t: "other", type: t, message: obj };
@@ -167,7 +201,7 @@ export function parse(data: unknown): Reply {
 
 /** What `RoomStream` asks its caller to do or tell. */
 export type Step =
-  | { kind: "applied"; from: number; seq: number; delta: Delta; ok: boolean }
+  | { kind: "applied"; from: number; seq: number; delta: Delta }
   | { kind: "replaced"; seq: number; reset: boolean }
   | { kind: "rejoin"; since: number | null; reason: string }
   | { kind: "ignored" };
@@ -230,15 +264,21 @@ export class RoomStream {
       this.waiting = true;
       return { kind: "rejoin", since: this.seq, reason: `frame from ${from} after seq ${this.seq}` };
     }
-    let ok = true;
+    // docs/protocol.md: frames carry only effective changes (a delta that failed at its
+    // position comes as an empty patch, `test` ops are left out), so a frame is applied
+    // without judging anything; any `test` op is skipped, not evaluated. A frame that does
+    // not apply means this state is not the relay's: only a full join puts it right.
+    let next: Json;
     try {
-      this.state = applyDelta(this.state, delta);
+      next = applyDelta(this.state, "patch" in delta ? { patch: delta.patch.filter((op) => op.op !== "test") } : delta);
     } catch (error) {
-      // docs/protocol.md: a delta that fails at its position is a no-op for every party.
       if (!(error instanceof PatchError)) throw error;
-      ok = false;
+      this.full = true;
+      this.waiting = true;
+      return { kind: "rejoin", since: null, reason: `frame ${from}..${seq} does not apply: ${error.message}` };
     }
+    this.state = next;
     this.seq = seq;
-    return { kind: "applied", from, seq, delta, ok };
+    return { kind: "applied", from, seq, delta };
   }
 }

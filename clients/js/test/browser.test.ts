@@ -1,27 +1,27 @@
 /**
  * The client in a real browser: headless Chromium (Debian's `chromium`, CHROMIUM to point
- * elsewhere) driven by playwright-core, pages on one room against a real relay.
+ * elsewhere) driven by playwright-core, pages on one room against real relays.
  *
- * The relay does not serve static pages yet (GET /kasagi-client.js and /inspector are #14's
- * second half), so the page and the browser build (dist/kasagi-client.js) come from a small
- * HTTP server on loopback. Chromium's local-network-access check blocks ws://127.0.0.1 from
- * public pages (such as those the driver injects); a page from a loopback origin may connect.
+ * Every page comes from the relay's own origin: its inspector page (/inspector), with the
+ * test's harness added as a module that imports the relay's /kasagi-client.js. Chromium's
+ * local-network-access check blocks ws://127.0.0.1 from public pages (such as those the
+ * driver injects); a page from the relay's loopback origin may connect.
  */
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
-import { createServer, type Server } from "node:http";
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { type Browser, chromium, type Page } from "playwright-core";
-import { REPO, type Redis, type Relay, startRedis, startRelay } from "./helpers.js";
+import { Client } from "../src/index.js";
+import { REPO, type Redis, type Relay, startRedis, startRelay, until } from "./helpers.js";
 
 const CHROMIUM = process.env["CHROMIUM"] ?? "/usr/bin/chromium";
-const BUNDLE = join(REPO, "clients/js/dist/kasagi-client.js");
 const NO_RATE_LIMIT = ["--rate-limit", "100000", "--rate-burst", "100000"];
+const RESULTS = join(REPO, "clients/js/test-results");
 
-// The page's side of the test, plain JavaScript on the bundle as a page would use it.
-const PAGE = `<!doctype html><meta charset="utf-8"><title>kasagi test</title>
-<script type="module">
+// The page's side of the test, plain JavaScript on the relay's client as a page would use it.
+const HARNESS = `
 import { Client } from "/kasagi-client.js";
 window.setup = async (url, roomName, writer, options) => {
   const client = new Client(url, options);
@@ -54,7 +54,17 @@ window.snapshot = () => ({
   seq: window.t.room.seq, state: window.t.room.state, rec: window.t.rec, status: window.t.client.status,
 });
 window.ready = true;
-</script>`;
+`;
+
+/** The relay's HTTP origin (it serves the pages on the WebSocket's port). */
+function originOf(relay: Relay): string {
+  return `http://127.0.0.1:${relay.port}`;
+}
+
+/** A Redis command's reply, through redis-cli. */
+function redisCli(redis: Redis, ...args: string[]): string {
+  return execFileSync(process.env["KASAGI_REDIS_CLI"] ?? "redis-cli", ["-p", String(redis.port), ...args]).toString().trim();
+}
 
 interface Snapshot {
   seq: number;
@@ -73,34 +83,23 @@ interface PageApi {
 
 
 describe("in Chromium", { skip: existsSync(CHROMIUM) ? false : `no ${CHROMIUM}` }, () => {
-  let server: Server;
   let browser: Browser;
-  let origin = "";
 
   before(async () => {
-    server = createServer((req, res) => {
-      if (req.url === "/kasagi-client.js") {
-        res.writeHead(200, { "content-type": "text/javascript" }).end(readFileSync(BUNDLE));
-      } else {
-        res.writeHead(200, { "content-type": "text/html" }).end(PAGE);
-      }
-    });
-    await new Promise<void>((done) => server.listen(0, "127.0.0.1", done));
-    const address = server.address();
-    origin = `http://127.0.0.1:${typeof address === "object" && address !== null ? address.port : 0}`;
     browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
   });
   after(async () => {
     await browser.close();
-    await new Promise<void>((done) => server.close(() => { done(); }));
   });
 
-  async function open(url: string, room: string, writer: string, options: object = {}): Promise<Page> {
+  async function open(relay: Relay, room: string, writer: string, options: object = {}): Promise<Page> {
     const page = await browser.newPage();
     page.on("pageerror", (error) => { console.error("page error:", error); });
-    await page.goto(origin + "/");
+    await page.goto(originOf(relay) + "/inspector");
+    await page.addScriptTag({ type: "module", content: HARNESS });
     await page.waitForFunction(() => (globalThis as unknown as PageApi).ready === true);
-    await page.evaluate(([u, r, w, o]) => (globalThis as unknown as PageApi).setup(u, r, w, o), [url, room, writer, options] as const);
+    // "/ws": the page's own relay, as any page served by it would say.
+    await page.evaluate(([r, w, o]) => (globalThis as unknown as PageApi).setup("/ws", r, w, o), [room, writer, options] as const);
     return page;
   }
 
@@ -122,13 +121,13 @@ describe("in Chromium", { skip: existsSync(CHROMIUM) ? false : `no ${CHROMIUM}` 
   it("two pages on one room converge after 1,000 deltas from each", async () => {
     const relay = await startRelay(NO_RATE_LIMIT);
     try {
-      const pa = await open(relay.url, "converge", "A");
+      const pa = await open(relay, "converge", "A");
       await pa.evaluate(async () => {
         await (globalThis as unknown as { t: { room: { send(d: object): Promise<unknown> } } }).t.room.send({
           merge: { log: [] },
         });
       });
-      const pb = await open(relay.url, "converge", "B");
+      const pb = await open(relay, "converge", "B");
       await Promise.all([pa, pb].map((p) => p.evaluate(() => { (globalThis as unknown as PageApi).sendMany(1, 1000); })));
       const seqs = (await Promise.all([pa, pb].map((p) => p.evaluate(() => (globalThis as unknown as PageApi).sent())))).flat();
       assert.equal(new Set(seqs).size, 2000);
@@ -155,13 +154,13 @@ describe("in Chromium", { skip: existsSync(CHROMIUM) ? false : `no ${CHROMIUM}` 
     try {
       relay = await startRelay(["--redis", redis.url, ...NO_RATE_LIMIT]);
       const fast = { minDelay: 50, maxDelay: 500 };
-      const pa = await open(relay.url, "restart", "A", fast);
+      const pa = await open(relay, "restart", "A", fast);
       await pa.evaluate(async () => {
         await (globalThis as unknown as { t: { room: { send(d: object): Promise<unknown> } } }).t.room.send({
           merge: { log: [] },
         });
       });
-      const pb = await open(relay.url, "restart", "B", { ...fast, format: "msgpack" });
+      const pb = await open(relay, "restart", "B", { ...fast, format: "msgpack" });
       const pages = [pa, pb];
       await Promise.all(pages.map((p) => p.evaluate(() => { (globalThis as unknown as PageApi).sendMany(1, 100); })));
       await Promise.all(pages.map((p) => p.evaluate(() => (globalThis as unknown as PageApi).sent())));
@@ -193,6 +192,107 @@ describe("in Chromium", { skip: existsSync(CHROMIUM) ? false : `no ${CHROMIUM}` 
     } finally {
       await relay?.stop("SIGKILL");
       await redis.stop();
+    }
+  });
+  it("a page whose resume the relay cannot serve gets the full state (reset) and goes on", async () => {
+    const redis: Redis = await startRedis();
+    const args = ["--redis", redis.url, ...NO_RATE_LIMIT];
+    let relay: Relay | undefined;
+    // A second relay that keeps 5 deltas of history and compacts every 0.2 s.
+    const other = await startRelay([...args, "--history", "5", "--compaction-interval", "0.2"]);
+    const writer = new Client(other.url);
+    try {
+      relay = await startRelay(args);
+      const page = await open(relay, "reset", "A", { minDelay: 50, maxDelay: 500 });
+      await page.evaluate(async () => {
+        await (globalThis as unknown as { t: { room: { send(d: object): Promise<unknown> } } }).t.room.send({
+          merge: { log: [] },
+        });
+      });
+      await page.evaluate(() => { (globalThis as unknown as PageApi).sendMany(1, 10); });
+      await page.evaluate(() => (globalThis as unknown as PageApi).sent());
+      await untilAll([page], (s) => s.seq === 11, "seq 11");
+      await relay.stop("SIGKILL");
+      // Meanwhile the room moves on through the other relay, which snapshots it and trims
+      // its history past what the page holds.
+      const room = writer.room("reset");
+      await room.join();
+      for (let i = 12; i <= 61; i++) await room.send({ merge: { B: i } });
+      await until(() => redisCli(redis, "HGET", "room:{reset}:snapshot", "seq") === "61", "a snapshot at 61");
+      relay = await startRelay(args, relay.port);
+      const [snap] = (await untilAll([page], (s) => s.seq === 61, "seq 61")) as [Snapshot];
+      assert.deepEqual(snap.rec.resets, [61]);
+      assert.deepEqual(snap.rec.breaks, []);
+      assert.deepEqual(snap.state, room.state);
+      // And the stream goes on from there.
+      await page.evaluate(() => { (globalThis as unknown as PageApi).sendMany(62, 63); });
+      await until(() => room.seq === 63, "seq 63 at the other relay");
+      const [later] = (await untilAll([page], (s) => s.seq === 63, "seq 63")) as [Snapshot];
+      assert.deepEqual(later.state, room.state);
+      assert.deepEqual(later.rec.seqs.filter((q) => q > 11), [62, 63]);
+      assert.deepEqual(later.state.log, ["A2", "A4", "A6", "A8", "A10", "A62"]);
+      await page.close();
+    } finally {
+      writer.close();
+      await relay?.stop("SIGKILL");
+      await other.stop();
+      await redis.stop();
+    }
+  });
+
+  it("the inspector page: two tabs follow a room live, send a delta, and a screenshot", async () => {
+    const relay = await startRelay(NO_RATE_LIMIT);
+    const writer = new Client(relay.url);
+    try {
+      const room = writer.room("lobby");
+      await room.join();
+      await room.send({
+        merge: { game: { round: 3, players: { alice: { hp: 10, pos: [1, 2] }, bob: { hp: 7, pos: [4, 2] } } } },
+      });
+      const tabs: Page[] = [];
+      for (let i = 0; i < 2; i++) {
+        const tab = await browser.newPage({ viewport: { width: 1100, height: 720 } });
+        tab.on("pageerror", (error) => { console.error("inspector page error:", error); });
+        await tab.goto(originOf(relay) + "/?room=lobby");
+        await tab.waitForSelector('#tree[data-seq="1"]');
+        tabs.push(tab);
+      }
+      const [a, b] = tabs as [Page, Page];
+      for (let hp = 9; hp >= 0; hp--) {
+        await room.send({ patch: [{ op: "replace", path: "/game/players/bob/hp", value: hp }] });
+      }
+      // A delta typed into one tab reaches the other (and every member).
+      await a.fill("#delta", '{"patch": [{"op": "add", "path": "/game/players/carol", "value": {"hp": 12}}]}');
+      await a.click("#send-button");
+      await a.waitForFunction(() => document.getElementById("result")?.textContent === "acknowledged as seq 12");
+      for (const tab of tabs) await tab.waitForSelector('#tree[data-seq="12"]');
+      await until(() => room.seq === 12, "seq 12 at the writer");
+      const text = async (tab: Page, id: string): Promise<string> => (await tab.textContent(`#${id}`)) ?? "";
+      assert.equal(await text(a, "tree"), await text(b, "tree"));
+      for (const word of ["alice", "carol", "round", "12"]) assert.ok((await text(b, "tree")).includes(word), word);
+      assert.deepEqual(await Promise.all(tabs.map((t) => text(t, "seq"))), ["12", "12"]);
+      assert.deepEqual(await Promise.all(tabs.map((t) => text(t, "status"))), ["connected", "connected"]);
+      assert.equal(await text(a, "room-name"), "lobby");
+      // What the relay refuses is shown, not thrown.
+      await b.fill("#delta", '{"patch": [{"op": "remove", "path": "/nobody"}]}');
+      await b.click("#send-button");
+      await b.waitForFunction(() => (document.getElementById("result")?.textContent ?? "").startsWith("bad_patch"));
+      await b.fill("#delta", "{not json");
+      await b.click("#send-button");
+      await b.waitForFunction(() => (document.getElementById("result")?.textContent ?? "").startsWith("not JSON"));
+      // Room data is text, never markup.
+      await room.send({ merge: { "<img src=x onerror=alert(1)>": "<b>bold</b>" } });
+      await a.waitForSelector('#tree[data-seq="13"]');
+      assert.equal(await a.$$eval("#tree img, #tree b", (els) => els.length), 0);
+      assert.ok((await text(a, "tree")).includes("<b>bold</b>"));
+      mkdirSync(RESULTS, { recursive: true });
+      const shot = join(RESULTS, "inspector.png");
+      await a.screenshot({ path: shot, fullPage: true });
+      assert.ok(statSync(shot).size > 10_000, "a screenshot with something in it");
+      await Promise.all(tabs.map((t) => t.close()));
+    } finally {
+      writer.close();
+      await relay.stop();
     }
   });
 });

@@ -1,13 +1,13 @@
 /**
  * Behaviour the real relay cannot be made to show on demand, against a FAKE relay (a `ws`
- * server speaking the protocol by hand): close 4001 (identity is v1.1, the relay has none
- * yet), a stream with a gap, and a `reset`. Everything else is tested against the real relay
- * in relay.test.ts.
+ * server speaking the protocol by hand): close 4001 and 1008, a token refreshed before it
+ * expires (the relay's identity is built on another branch), a stream with a gap, and a
+ * `reset`. Everything else is tested against the real relay in relay.test.ts.
  */
 import assert from "node:assert/strict";
 import type { IncomingMessage } from "node:http";
 import { after, before, describe, it } from "node:test";
-import { type WebSocket, WebSocketServer } from "ws";
+import { WebSocket, WebSocketServer } from "ws";
 import { Client, ConnectionError, type Json } from "../src/index.js";
 import { until } from "./helpers.js";
 
@@ -101,6 +101,42 @@ describe("against a fake relay", () => {
         ["change", { fresh: true, n: 11 }, 11],
       ]);
       assert.deepEqual(room.state, { fresh: true, n: 11 });
+    } finally {
+      c.close();
+    }
+  });
+  it("a page's token goes as the first message, is refreshed before exp, and 1008 is final", async () => {
+    connections = 0;
+    const got: Record<string, unknown>[] = [];
+    let socket: WebSocket | undefined;
+    handler = (ws) => {
+      socket = ws;
+      messages(ws, (m) => {
+        got.push(m);
+        if (m["t"] === "auth") {
+          // Expires in 2 s: refreshed 1 s before (half its life, under the 30 s margin).
+          ws.send(JSON.stringify({ t: "authed", sub: "u1", exp: Date.now() / 1000 + 2 }));
+        } else if (m["t"] === "join") {
+          ws.send(JSON.stringify({ t: "joined", id: m["id"], room: "r", seq: 0, state: {} }));
+        }
+      });
+    };
+    let tokens = 0;
+    // The WebSocket option stands for a browser's: no headers, so the token is a message.
+    const c = new Client(url, { minDelay: 10, maxDelay: 50, WebSocket, getToken: () => `t${++tokens}` });
+    const errors: unknown[] = [];
+    c.on("error", (e) => errors.push(e));
+    try {
+      await c.room("r").join();
+      assert.deepEqual(got.slice(0, 2).map((m) => [m["t"], m["token"]]), [["auth", "t1"], ["join", undefined]]);
+      await until(() => got.length === 3, "the refresh", 5000);
+      assert.deepEqual([got[2]?.["t"], got[2]?.["token"]], ["auth", "t2"]);
+      assert.equal(connections, 1); // refreshed in place
+      socket?.close(1008, "authentication failed");
+      await until(() => c.status === "disconnected", "disconnected");
+      await new Promise((r) => setTimeout(r, 200));
+      assert.equal(connections, 1); // never reconnected after 1008
+      assert.ok(errors.some((e) => e instanceof ConnectionError && e.closeCode === 1008));
     } finally {
       c.close();
     }

@@ -21,13 +21,21 @@ describe("RoomStream (docs/protocol.md, client behaviour)", () => {
     assert.equal(s.onDelta(7, 7, { merge: { a: 3 } }).kind, "rejoin");
   });
 
-  it("treats a delta that fails at its position as a no-op and moves on", () => {
+  it("applies frames without judging test ops; a frame that does not apply asks for a full join", () => {
     const s = new RoomStream();
-    s.onJoined(0, {});
-    const step = s.onDelta(1, 1, { patch: [{ op: "remove", path: "/missing" }] });
-    assert.deepEqual(step, { kind: "applied", from: 1, seq: 1, delta: { patch: [{ op: "remove", path: "/missing" }] }, ok: false });
-    assert.equal(s.seq, 1);
-    assert.deepEqual(s.state, {});
+    s.onJoined(0, { a: 1 });
+    // The relay leaves test ops out of frames; one that came anyway is not evaluated.
+    const patch = [{ op: "test" as const, path: "/a", value: 99 }, { op: "add" as const, path: "/b", value: 2 }];
+    assert.deepEqual(s.onDelta(1, 1, { patch }), { kind: "applied", from: 1, seq: 1, delta: { patch } });
+    assert.deepEqual(s.state, { a: 1, b: 2 });
+    // A delta that failed at its position comes as an empty patch: applied, seq moves on.
+    assert.equal(s.onDelta(2, 2, { patch: [] }).kind, "applied");
+    assert.equal(s.seq, 2);
+    const step = s.onDelta(3, 3, { patch: [{ op: "remove", path: "/missing" }] });
+    assert.ok(step.kind === "rejoin" && step.reason.startsWith("frame 3..3 does not apply"), JSON.stringify(step));
+    assert.deepEqual({ ...step, reason: "" }, { kind: "rejoin", since: null, reason: "" });
+    assert.deepEqual(s.state, { a: 1, b: 2 });
+    assert.equal(s.since(), null);
   });
 
   it("asks for a full join when resumed at a seq it does not hold", () => {
@@ -50,6 +58,22 @@ describe("RoomStream (docs/protocol.md, client behaviour)", () => {
 });
 
 describe("parse", () => {
+  it("reads presence replies and events, and authed", () => {
+    const member = { conn: "c1", sub: null, info: {} };
+    assert.deepEqual(parse(JSON.stringify({ t: "presence", id: 3, room: "r", members: [member], count: 1, users: 0 })), {
+      t: "presence", room: "r", id: 3, members: [member],
+    });
+    assert.deepEqual(parse(JSON.stringify({ t: "presence_join", room: "r", member: { conn: "c2", sub: "u", info: { a: 1 } } })), {
+      t: "presence_join", room: "r", member: { conn: "c2", sub: "u", info: { a: 1 } },
+    });
+    assert.deepEqual(parse(JSON.stringify({ t: "presence_leave", room: "r", member: { conn: "c2" } })), {
+      t: "presence_leave", room: "r", member: { conn: "c2", sub: null, info: {} },
+    });
+    assert.throws(() => parse(JSON.stringify({ t: "presence_join", room: "r", member: {} })), ProtocolError);
+    assert.throws(() => parse(JSON.stringify({ t: "presence", room: "r", members: {} })), ProtocolError);
+    assert.deepEqual(parse(JSON.stringify({ t: "authed", sub: "u", exp: 99 })), { t: "authed", sub: "u", exp: 99, id: undefined });
+  });
+
   it("reads JSON text frames and MessagePack binary frames alike", () => {
     const msg = { t: "delta", room: "r", from: 1, seq: 2, merge: { a: 1 } };
     const expected = { t: "delta", room: "r", from: 1, seq: 2, delta: { merge: { a: 1 } } };

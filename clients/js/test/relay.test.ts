@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { after, before, describe, it } from "node:test";
-import { Client, ConnectionError, type Format, type Json, RelayError, type Room, type Status } from "../src/index.js";
+import { Client, ConnectionError, type Delta, type Format, type Json, RelayError, type Room, type Status } from "../src/index.js";
 import { type Redis, type Relay, startRedis, startRelay, until } from "./helpers.js";
 
 const FAST = { minDelay: 50, maxDelay: 500 };
@@ -188,12 +188,12 @@ describe("the relay restarted under the clients (Redis backend)", () => {
     await redis.stop();
   });
 
-  it("treats a delta that fails at its position as a no-op, as the relay does", async () => {
+  it("gets only effective changes: a delta that failed at its position as an empty patch, no test ops", async () => {
     const relay = await startRelay(["--redis", redis.url]);
     const c = new Client(relay.url, { format: "msgpack" });
     // Published straight into the room's history, as another service may (docs/protocol.md,
-    // "Through Redis"): the relay checks nothing then, so the stream carries deltas that
-    // fail at their position, sent on as they were published.
+    // "Through Redis"): the relay checks nothing then, so these fail at their position, and
+    // the relay sends what they did (docs/protocol.md, frames carry only effective changes).
     const publish = (kind: string, body: unknown): void => {
       const r = "{fails}";
       execFileSync(process.env["KASAGI_REDIS_CLI"] ?? "redis-cli", [
@@ -204,16 +204,29 @@ describe("the relay restarted under the clients (Redis backend)", () => {
     try {
       const room = c.room("fails");
       await room.join();
-      const applied: [number, boolean][] = [];
-      room.on("change", (_state, { seq, applied: ok }) => applied.push([seq, ok]));
+      const frames: [number, number, Delta][] = [];
+      room.on("change", (_state, { from, seq, delta }) => frames.push([from, seq, delta]));
       await room.send({ merge: { a: 1, n: 1.5 } });
+      await until(() => room.seq === 1, "seq 1");
       publish("patch", [{ op: "remove", path: "/missing" }]);
+      await until(() => room.seq === 2, "seq 2");
       publish("patch", [{ op: "test", path: "/a", value: 2 }, { op: "add", path: "/b", value: 1 }]);
+      await until(() => room.seq === 3, "seq 3");
       publish("patch", [{ op: "test", path: "/a", value: 1.0 }, { op: "add", path: "/c", value: 1 }]);
+      await until(() => room.seq === 4, "seq 4");
       publish("patch", [{ op: "add", path: "/d", value: 1 }, { op: "remove", path: "/a/deeper" }]);
+      await until(() => room.seq === 5, "seq 5");
       publish("merge", { e: { f: null, g: 2 } });
       await until(() => room.seq === 6, "seq 6");
-      assert.deepEqual(applied, [[1, true], [2, false], [3, false], [4, true], [5, false], [6, true]]);
+      assert.deepEqual(frames, [
+        [1, 1, { merge: { a: 1, n: 1.5 } }],
+        [2, 2, { patch: [] }],
+        [3, 3, { patch: [] }],
+        [4, 4, { patch: [{ op: "add", path: "/c", value: 1 }] }],
+        [5, 5, { patch: [] }],
+        [6, 6, { merge: { e: { f: null, g: 2 } } }],
+      ]);
+      assert.deepEqual(c.gaps, []);
       assert.deepEqual(room.state, { a: 1, n: 1.5, c: 1, e: { g: 2 } });
       assert.deepEqual(await fresh(relay.url, "json", "fails"), room.state);
     } finally {
