@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fanout import harness  # benches/ is on sys.path (pytest's rootdir-relative import)
+from benches.fanout import harness
 from websockets.utils import apply_mask
 
 MEMBERS = int(os.environ.get("KASAGI_FANOUT_MEMBERS", "5000"))
