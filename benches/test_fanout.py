@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from benches.fanout import harness
 from websockets.utils import apply_mask
+
+from benches.fanout import harness
 
 MEMBERS = int(os.environ.get("KASAGI_FANOUT_MEMBERS", "5000"))
 LATENCY_MEMBERS = int(os.environ.get("KASAGI_FANOUT_LATENCY_MEMBERS", "300"))
