@@ -74,12 +74,12 @@ class RedisPresence:
             self.listener.on_presence_resync()
 
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
-        await self.link.fcall(
+        await self.link.batched_fcall(
             "presence add", "kasagi_presence_add", 3, *presence_keys(room), _ms(ttl_s), conn, entry
         )
 
     async def remove(self, room: str, conn: str, entry: bytes) -> None:
-        await self.link.fcall(
+        await self.link.batched_fcall(
             "presence remove", "kasagi_presence_remove", 3, *presence_keys(room), conn, entry
         )
 
