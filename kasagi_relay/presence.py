@@ -1,7 +1,7 @@
 """Presence on this relay: its members' entries in the backend, and the events to members.
 
 docs/protocol.md, presence. A member is one connection joined to a room; its entry is the
-compact JSON `{"conn":C,"sub":S,"info":{...},"j":J}`, where `j` is random per join (so a
+compact JSON `{"conn":C,"sub":S,"info":{...},"j":J}`, where `j` is unique per join (so a
 connection that leaves and joins again is a new member, and a stale copy of an old entry
 is told from it). The hub (one per relay):
 
@@ -11,6 +11,8 @@ is told from it). The hub (one per relay):
   events is subscribed (`watch`) before its `joined`. The operations of one member run
   in order: a remove waits for its add, so the backend announces a member's join before
   its leave;
+- re-writes a member's entries with its new `info` when its token is refreshed
+  (`reidentify`: same `j`, so no event), after the member's operations under way;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
   subscription was re-made: a new master may lack them), which also makes the backend
   take out the entries of relays that stopped refreshing (dead) and announce their leave;
