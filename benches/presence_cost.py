@@ -16,6 +16,8 @@ are raw websockets clients in this process (JSON). Measured per mode:
 - delta throughput: one room of `--delta-members` members (all asking for presence events
   when on), one writer with 32 deltas in flight for `--seconds`: deltas acknowledged per
   second, and delta frames received by the members per second.
+A third mode, `entries`: presence on but no member asks for events (`"presence": false`):
+what the entries alone cost (written and removed in Redis, no events sent).
 The modes alternate `--rounds` times; the medians are reported, with every run.
 Then, with presence on, `--members` entries written into one room (through the relay's
 own backend role, as relays write them) and `--requests` `presence` requests timed from
@@ -55,6 +57,15 @@ async def recv_type(ws: ClientConnection, t: str) -> None:
             text = data if isinstance(data, str) else data.decode()
             if text.startswith(head):
                 return
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def join_rate(url: str, clients: int, room_size: int, seconds: float, on: bool) -> float:
@@ -194,16 +205,30 @@ async def main() -> None:
             runs: dict[str, dict[str, list[float]]] = {}
             # The modes alternate, `--rounds` times each, and the median of each is kept,
             # so a noisy moment on a shared machine does not favour one.
-            for mode in ("off", "on") * a.rounds:
+            for mode in ("off", "on", "entries") * a.rounds:
                 on = mode == "on"
-                async with relay_process(*base, "--presence", mode, env={}) as proc:
+                flag = "off" if mode == "off" else "on"
+                async with relay_process(*base, "--presence", flag, env={}) as proc:
+                    cpu0 = cpu_seconds(proc.proc.pid)
                     joins = await join_rate(proc.url, a.clients, a.room_size, a.seconds, on)
+                    # The relay's CPU per join + leave cycle: what presence costs it,
+                    # less sensitive to the machine's load than the rates.
+                    cpu_us = (cpu_seconds(proc.proc.pid) - cpu0) / (joins * a.seconds) * 1e6
                     acks, frames = await delta_rate(proc.url, a.delta_members, a.seconds, on)
-                r = runs.setdefault(mode, {"joins_per_s": [], "acks_per_s": [], "frames_per_s": []})
+                r = runs.setdefault(
+                    mode,
+                    {
+                        "joins_per_s": [],
+                        "relay_cpu_us_per_join": [],
+                        "acks_per_s": [],
+                        "frames_per_s": [],
+                    },
+                )
                 r["joins_per_s"].append(joins)
+                r["relay_cpu_us_per_join"].append(cpu_us)
                 r["acks_per_s"].append(acks)
                 r["frames_per_s"].append(frames)
-                print(mode, round(joins), round(acks), round(frames), flush=True)
+                print(mode, round(joins), round(cpu_us), round(acks), round(frames), flush=True)
             results = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in runs.items()}
             out["runs"] = {
                 m: {k: [round(x) for x in v] for k, v in r.items()} for m, r in runs.items()
@@ -211,6 +236,9 @@ async def main() -> None:
             out["modes"] = {m: {k: round(v, 1) for k, v in r.items()} for m, r in results.items()}
             out["ratio_on_off"] = {
                 k: round(results["on"][k] / results["off"][k], 3) for k in results["on"]
+            }
+            out["ratio_entries_off"] = {
+                k: round(results["entries"][k] / results["off"][k], 3) for k in results["on"]
             }
             async with relay_process(*base, env={}) as proc:
                 out["presence_request"] = await presence_time(

@@ -1,7 +1,7 @@
 """Presence on this relay: its members' entries in the backend, and the events to members.
 
 docs/protocol.md, presence. A member is one connection joined to a room; its entry is the
-compact JSON `{"conn":C,"sub":S,"info":{...},"j":J}`, where `j` is random per join (so a
+compact JSON `{"conn":C,"sub":S,"info":{...},"j":J}`, where `j` is unique per join (so a
 connection that leaves and joins again is a new member, and a stale copy of an old entry
 is told from it). The hub (one per relay):
 
@@ -11,6 +11,8 @@ is told from it). The hub (one per relay):
   events is subscribed (`watch`) before its `joined`. The operations of one member run
   in order: a remove waits for its add, so the backend announces a member's join before
   its leave;
+- re-writes a member's entries with its new `info` when its token is refreshed
+  (`reidentify`: same `j`, so no event), after the member's operations under way;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
   subscription was re-made: a new master may lack them), which also makes the backend
   take out the entries of relays that stopped refreshing (dead) and announce their leave;
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import logging
 import secrets
@@ -102,15 +106,36 @@ class PresenceView:
         return out
 
 
-def _entry(conn: str, who: Identity) -> bytes:
-    doc = {"conn": conn, "sub": who.sub, "info": dict(who.info), "j": secrets.token_hex(6)}
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+# `j`: this process's random prefix and a counter, unique per join without a call to
+# the system's random source per join.
+_J_BASE: Final = secrets.token_hex(4)
+_J_SEQ = itertools.count()
+# Entry heads cached per connection (the identity they were made of): a member joining
+# and leaving rooms re-encodes nothing. Cleared whole past this size.
+HEADS_MAX: Final = 65_536
+
+
+def _head(conn: str, who: Identity) -> bytes:
+    """The entry up to its `j` value: `{"conn":C,"sub":S,"info":{...},"j":"`."""
+    doc = {"conn": conn, "sub": who.sub, "info": dict(who.info)}
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"j":"'
     try:
         return text.encode()
     except UnicodeEncodeError:
         # A lone surrogate (valid JSON, no UTF-8 form) would make the entry unencodable
         # on MessagePack for every member who reads it: stored replaced instead.
         return text.encode("utf-8", "replace")
+
+
+def _entry(conn: str, who: Identity, head: bytes | None = None) -> bytes:
+    if head is None:
+        head = _head(conn, who)
+    return b'%s%s%x"}' % (head, _J_BASE.encode(), next(_J_SEQ))
+
+
+def _with_head(entry: bytes, head: bytes) -> bytes:
+    """`entry` (same conn and `j`) with another head: the same member, new info."""
+    return head + entry[entry.rindex(b',"j":"') + 6 :]
 
 
 def _parse(entry: bytes) -> tuple[str, str, dict[str, Any]] | None:
@@ -166,6 +191,8 @@ class PresenceHub:
         self._resynced = False
         # room -> its refresh under way (a remove waits for it)
         self._refreshing: dict[str, asyncio.Future[None]] = {}
+        # conn -> (the identity, its entry head)
+        self._heads: dict[str, tuple[Identity, bytes]] = {}
         presence.set_listener(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -209,9 +236,38 @@ class PresenceHub:
         if held is not None:
             held.events = events
             return
-        local = entries[member] = _Local(conn, _entry(conn, who), events)
+        local = entries[member] = _Local(conn, _entry(conn, who, self._head(conn, who)), events)
         self.metrics.presence_entries.inc()
         self._chain(local, lambda: self.presence.add(room, conn, local.entry, self.ttl_s))
+
+    def _head(self, conn: str, who: Identity) -> bytes:
+        held = self._heads.get(conn)
+        if held is not None and held[0] is who:
+            return held[1]
+        if len(self._heads) >= HEADS_MAX:
+            self._heads.clear()
+        head = _head(conn, who)
+        self._heads[conn] = (who, head)
+        return head
+
+    def reidentify(self, member: Member, conn: str, who: Identity) -> None:
+        """`member`'s identity changed (a token refresh): its entries are re-written with
+        the new `info`, in the background, each after the member's operations under way.
+        The member stays the same (same `j`): no event; reads show the new info."""
+        head = self._head(conn, who)
+        for room, entries in self.local.items():
+            local = entries.get(member)
+            if local is None:
+                continue
+            entry = _with_head(local.entry, head)
+            if entry == local.entry:
+                continue
+            local.entry = entry
+            self._chain(
+                local,
+                functools.partial(self.presence.add, room, conn, entry, self.ttl_s),
+                self._refreshing.get(room),
+            )
 
     def listen(self, room: str, member: Member) -> None:
         """From now on `member` gets the room's events (after its `joined`)."""
@@ -250,7 +306,11 @@ class PresenceHub:
         op: Callable[[], Awaitable[None]],
         also: asyncio.Future[None] | None = None,
     ) -> asyncio.Future[None]:
-        previous = [f for f in (local.last, also) if f is not None]
+        previous = [f for f in (local.last, also) if f is not None and not f.done()]
+        if not previous:
+            # The common case (a join, a leave long after it): no wrapper coroutine.
+            task = local.last = self._spawn(op())
+            return task
 
         async def run() -> None:
             for f in previous:

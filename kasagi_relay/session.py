@@ -674,6 +674,10 @@ class Session:
                 self.rooms.discard(name)
                 self.service.leave(self.member, name)
                 self.member.send(protocol.encode_left(self.codec, name, None, "forbidden"))
+        hub = self.service.presence_hub
+        if hub is not None:
+            # A refreshed token may carry new `info`: the entries already written show it.
+            hub.reidentify(self.member, self.conn_id, identity)
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None

@@ -326,3 +326,40 @@ async def test_the_http_api_lists_the_same_members() -> None:
         assert (body["room"], body["count"], body["users"]) == ("r", 2, 0)
         assert {m["conn"] for m in body["members"]} == ids
         assert (await call(relay.port, "GET", "/api/rooms/r/presence", key=None)).status == 401
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_token_refresh_shows_its_new_info_without_an_event(
+    store: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    from tests.test_server_auth import SECRET, authed, token
+
+    over: dict[str, Any] = {"jwt_secret": SECRET}
+    if store == "redis":
+        topo = request.getfixturevalue("redis_server")
+        over["redis"] = f"redis://127.0.0.1:{topo.servers[0].port}/0"
+    async with start_relay(**over) as relay, clients(relay.url, relay.url) as (a, b):
+        await authed(a, token(sub="alice", info={"name": "Alice"}))
+        await authed(b, token(sub="bob"))
+        mine = (await a.join("r", presence=True))["conn"]
+        mine2 = (await a.join("r2"))["conn"]
+        theirs = (await b.join("r", presence=True))["conn"]
+        await event(a, "presence_join", theirs)
+        before = {m["conn"]: m["info"] for m in (await presence(b, "r"))["members"]}
+        assert before[mine] == {"name": "Alice"}
+        await authed(a, token(sub="alice", info={"name": "Alice 2"}), rid=2)
+        # The entries already written show the new info; still one member, no event.
+        for room in ("r", "r2"):
+            reply = await presence(b, room)
+            assert {m["conn"]: m["info"] for m in reply["members"]}[mine] == {"name": "Alice 2"}
+            assert reply["count"] == (2 if room == "r" else 1)
+        assert mine2 == mine
+        await b.nothing()
+        # Its leave still takes the (re-written) entry out, with one presence_leave.
+        await a.send({"t": "leave", "room": "r"})
+        await a.expect("left")
+        leave = await b.expect("presence_leave")
+        assert leave["member"]["conn"] == mine
+        assert conns(await presence(b, "r")) == {theirs}
+        await b.nothing()

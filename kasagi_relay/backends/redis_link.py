@@ -393,6 +393,22 @@ class MasterLink:
         """FCALL `args` (idempotent functions), retried like `retrying`."""
         return await self.retrying(what, lambda c: command(c, "FCALL", *args))
 
+    async def batched_fcall(self, what: str, *args: Any) -> Any:
+        """`fcall` for the many small idempotent calls of one loop turn (presence): they
+        share the turn's pipeline (`_batched`, no WAIT), one round trip for all of them,
+        in the order they were issued; each is retried alone like `retrying`."""
+
+        async def one(client: Redis) -> Any:
+            pool = self._pool
+            if pool is None:
+                raise NotSent("no master")
+            reply, _ = await self._batched(pool, ("FCALL", *args), 0)
+            if isinstance(reply, ResponseError):
+                raise reply
+            return reply
+
+        return await self.retrying(what, one)
+
     async def _needed_replicas(self, client: Redis) -> int:
         if self.ack == "leader":
             return 0

@@ -1,9 +1,11 @@
 """The presence role on Redis (one server, Sentinel; per shard in a Cluster).
 
 Commands are the functions of the `kasagi_presence` library (presence.lua) on the room's
-keys, through the master link: refused commands and a moved master are retried until the
-link's op timeout, without WAIT (presence is refreshed, not acknowledged: what a failover
-loses comes back with the next refresh, which a re-subscription triggers at once).
+keys, through the master link: adds and removes go in the pipeline of their loop turn
+(`MasterLink.batched_fcall`: one round trip for all of a turn's writes, every room);
+refused commands and a moved master are retried until the link's op timeout, without
+WAIT (presence is refreshed, not acknowledged: what a failover loses comes back with the
+next refresh, which a re-subscription triggers at once).
 Events come on `room:{R}:presence-events` through a second `ChannelFeed`, never on the
 rooms' delta channel (other KasagiEngine subscribers read that one as deltas only).
 """
@@ -74,12 +76,12 @@ class RedisPresence:
             self.listener.on_presence_resync()
 
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
-        await self.link.fcall(
+        await self.link.batched_fcall(
             "presence add", "kasagi_presence_add", 3, *presence_keys(room), _ms(ttl_s), conn, entry
         )
 
     async def remove(self, room: str, conn: str, entry: bytes) -> None:
-        await self.link.fcall(
+        await self.link.batched_fcall(
             "presence remove", "kasagi_presence_remove", 3, *presence_keys(room), conn, entry
         )
 
