@@ -457,6 +457,7 @@ class Session:
         self.rooms.clear()
 
     def close(self, code: int, reason: str, *, fail: bool = False) -> None:
+        self.member.flush_pending()  # acks of this turn go before the close frame
         timeout = self.config.close_timeout_s
         conn = self.conn
         if isinstance(conn, RelayConnection):
@@ -583,7 +584,8 @@ class Session:
             seq = await self.service.publish(
                 request.room, request.kind, request.body, request.key, self.identity
             )
-            self.member.send(protocol.encode_ack(self.codec, request.room, seq, request.id))
+            # Acks of one turn go out in one write (fanout.Member.send_soon).
+            self.member.send_soon(protocol.encode_ack(self.codec, request.room, seq, request.id))
             self.metrics.ack_latency.observe(time.perf_counter() - received)
         elif isinstance(request, protocol.Join):
             await self._join(request)
