@@ -498,7 +498,11 @@ class _Turn:
         self.handle = None
         for member in members:
             if member._pending is not None:
-                member.flush_pending()
+                try:
+                    member.flush_pending()
+                except Exception:
+                    # One connection's failure must not hold up the others' acks.
+                    logger.exception("writing the held frames of a member failed")
 
 
 _turn = _Turn()
