@@ -428,6 +428,10 @@ class Session:
         try:
             async for message in conn:
                 await self.handle(message)
+                if self.member._pending is not None and not conn.recv_messages.frames:
+                    # Nothing more to read now: the acks held so far go out at once, not
+                    # one loop iteration later (which a busy loop makes long).
+                    self.member.flush_pending()
                 served += 1
                 served_bytes += len(message)
                 now = time.perf_counter()
