@@ -39,7 +39,9 @@ publisher with several deltas in flight gets several acks in the same turn. On t
 backend the ack's `send` was the biggest single item of the publish path (py-spy, 14 % of
 the loop thread; docs/benchmarks.md "Publish path"). What a member holds this way is written
 before anything else is written to it (every other write flushes it first), so order is
-kept; it counts in `queued()` and goes through `Member.write`'s limit when written.
+kept; it counts in `queued()` and goes through `Member.write`'s limit when written. The
+session writes it once no further message is queued to read (session.Session.run), so what
+a member holds is bounded by the messages a session serves before it yields.
 """
 
 from __future__ import annotations
