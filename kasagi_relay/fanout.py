@@ -32,6 +32,16 @@ transport buffers it and nothing can be written in between: frame order is kept.
 is written directly only while its transport is open and not closing (a closing transport
 may already have closed the descriptor, whose number could then be reused) and is plain
 TCP (no TLS layer in the transport).
+
+Replies to a connection's own requests (acks) are written once per loop turn
+(`Member.send_soon`): every `transport.write` of uvloop is a `send` system call, and a
+publisher with several deltas in flight gets several acks in the same turn. On the memory
+backend the ack's `send` was the biggest single item of the publish path (py-spy, 14 % of
+the loop thread; docs/benchmarks.md "Publish path"). What a member holds this way is written
+before anything else is written to it (every other write flushes it first), so order is
+kept; it counts in `queued()` and goes through `Member.write`'s limit when written. The
+session writes it once no further message is queued to read (session.Session.run), so what
+a member holds is bounded by the messages a session serves before it yields.
 """
 
 from __future__ import annotations
@@ -258,6 +268,7 @@ class Member:
         "_backlog_bytes",
         "_counted",
         "_on_slow",
+        "_pending",
         "_pump",
         "backlog",
         "budget",
@@ -294,6 +305,8 @@ class Member:
         # None, or what waits behind a stream: frames (bytes) and streams, in order.
         self.backlog: deque[bytes | Stream] | None = None
         self._backlog_bytes = 0
+        # Frames held until the end of this loop turn (send_soon), or None.
+        self._pending: list[bytes] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._counted = 0  # what the budget last recorded for this member
         self.budget = budget
@@ -307,6 +320,8 @@ class Member:
         """Bytes held for this member: its transport's buffer, its backlog, and its share
         of the streams it is being sent."""
         total = self.transport.get_write_buffer_size() + self._backlog_bytes
+        if self._pending is not None:
+            total += sum(len(data) for data in self._pending)
         if self.backlog is not None:
             for item in self.backlog:
                 if not isinstance(item, bytes):
@@ -321,6 +336,7 @@ class Member:
         if self.dropped:
             return
         self.dropped = True
+        self._pending = None
         self._release()
         if self.budget is not None:
             # What it still holds is freed when its connection closes (within the close
@@ -331,6 +347,8 @@ class Member:
 
     def write(self, data: bytes) -> bool:
         """Write one complete frame; False (and the member is being dropped) when it cannot."""
+        if self._pending is not None:
+            self.flush_pending()
         if self.dropped or self.protocol.state is not OPEN:
             return False
         buffered = self.transport.get_write_buffer_size()
@@ -362,9 +380,33 @@ class Member:
         """Frame and write one payload of this member's subprotocol."""
         return self.write(frame(self.opcode, payload))
 
+    def send_soon(self, payload: bytes) -> bool:
+        """Frame `payload` and write it at the end of this loop turn, with whatever else is
+        sent this way in the turn: one `send` for all of them. False when the member is gone."""
+        if self.dropped or self.protocol.state is not OPEN:
+            return False
+        data = frame(self.opcode, payload)
+        if self.backlog is not None:
+            return self.write(data)  # behind the stream, in order
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            _turn.add(self)
+        else:
+            pending.append(data)
+        return True
+
+    def flush_pending(self) -> None:
+        """Write what `send_soon` holds now (before any other write to this member)."""
+        pending, self._pending = self._pending, None
+        if pending:
+            self.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
     def send_stream(self, stream: Stream) -> bool:
         """Queue a message produced as the member reads; what is sent to the member later
         goes after it. False (and the stream is closed) when the member is gone."""
+        if self._pending is not None:
+            self.flush_pending()
         if not self.is_open():
             stream.close()
             return False
@@ -433,6 +475,41 @@ class Member:
             self._pump = None
 
 
+class _Turn:
+    """The members holding frames from `Member.send_soon`, written by one callback at the
+    end of the loop turn (one handle for all of them, not one per member)."""
+
+    __slots__ = ("handle", "loop", "members")
+
+    def __init__(self) -> None:
+        self.members: list[Member] = []
+        self.handle: asyncio.Handle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, member: Member) -> None:
+        loop = asyncio.get_running_loop()
+        if self.handle is None or self.loop is not loop:
+            # A handle of another (closed) loop never runs: its members are dropped here.
+            self.members = []
+            self.loop = loop
+            self.handle = loop.call_soon(self.run)
+        self.members.append(member)
+
+    def run(self) -> None:
+        members, self.members = self.members, []
+        self.handle = None
+        for member in members:
+            if member._pending is not None:
+                try:
+                    member.flush_pending()
+                except Exception:
+                    # One connection's failure must not hold up the others' acks.
+                    logger.exception("writing the held frames of a member failed")
+
+
+_turn = _Turn()
+
+
 def direct_fd(conn: ServerConnection) -> int:
     """The socket a broadcast may write to directly, or -1 (TLS, or no socket)."""
     transport = conn.transport
@@ -465,6 +542,7 @@ def broadcast(members: Iterable[Member], message: DeltaFrame) -> tuple[int, int]
         if (
             not member.dropped
             and member.backlog is None
+            and member._pending is None
             and member.protocol._state is OPEN
             and len(data) <= member.limit
             and (buffered := transport.get_write_buffer_size()) <= member.limit

@@ -251,6 +251,42 @@ class Replay:
         self._bytes = 0
 
 
+class _Flushes:
+    """The rooms due for a flush at the end of this loop turn, flushed by one callback: with
+    many small rooms a handle per room per turn was part of the per-room overhead
+    (docs/benchmarks.md "Publish path")."""
+
+    __slots__ = ("handle", "loop", "rooms")
+
+    def __init__(self) -> None:
+        self.rooms: list[Room] = []
+        self.handle: asyncio.Handle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, room: Room) -> None:
+        loop = asyncio.get_running_loop()
+        if self.handle is None or self.loop is not loop:
+            # A handle of another (closed) loop never runs: its rooms are dropped here.
+            self.rooms = []
+            self.loop = loop
+            self.handle = loop.call_soon(self.run)
+        self.rooms.append(room)
+
+    def run(self) -> None:
+        rooms, self.rooms = self.rooms, []
+        self.handle = None
+        for room in rooms:
+            if room._flush_due:
+                try:
+                    room.flush()
+                except Exception:
+                    # One room's bug must not hold up the others' frames.
+                    logger.exception("room %s: flush failed", room.name)
+
+
+_flushes = _Flushes()
+
+
 class Room:
     """One room: `ensure_loaded`, `check` before a publish, `on_op` for what the backend
     delivers, `join` / `leave` for members, `read` for the HTTP API, `idle` / `close` for
@@ -292,6 +328,7 @@ class Room:
         # Joins under way: such a room has no member yet but must not be unloaded.
         self._joining = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._flush_due = False  # in `_flushes`, to be flushed at the end of this turn
         self._flushing: asyncio.Task[None] | None = None
         self._last_flush = 0.0
         self._closed = False
@@ -546,18 +583,20 @@ class Room:
     # ------------------------------------------------------------------ fan-out
 
     def _schedule_flush(self) -> None:
-        if self._flush_handle is not None:
+        if self._flush_handle is not None or self._flush_due:
             return
-        loop = asyncio.get_running_loop()
         if self.tick_s > 0:
             # At most one frame per tick: the first delta after a quiet tick goes at once.
+            loop = asyncio.get_running_loop()
             at = max(loop.time(), self._last_flush + self.tick_s)
             self._flush_handle = loop.call_at(at, self.flush)
         else:
             # Everything that arrives before the loop comes back here is merged.
-            self._flush_handle = loop.call_soon(self.flush)
+            self._flush_due = True
+            _flushes.add(self)
 
     def _cancel_flush(self) -> None:
+        self._flush_due = False
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -567,6 +606,7 @@ class Room:
         the work is small and nobody uses the state, else in a task that runs it off the
         loop (ops arriving meanwhile go in the next frame)."""
         self._flush_handle = None
+        self._flush_due = False
         if self._flushing is not None or not self.queue or self.state is None:
             return
         if not self._engine.locked() and self._inline_flush():

@@ -428,6 +428,10 @@ class Session:
         try:
             async for message in conn:
                 await self.handle(message)
+                if self.member._pending is not None and not conn.recv_messages.frames:
+                    # Nothing more to read now: the acks held so far go out at once, not
+                    # one loop iteration later (which a busy loop makes long).
+                    self.member.flush_pending()
                 served += 1
                 served_bytes += len(message)
                 now = time.perf_counter()
@@ -457,6 +461,7 @@ class Session:
         self.rooms.clear()
 
     def close(self, code: int, reason: str, *, fail: bool = False) -> None:
+        self.member.flush_pending()  # acks of this turn go before the close frame
         timeout = self.config.close_timeout_s
         conn = self.conn
         if isinstance(conn, RelayConnection):
@@ -583,7 +588,8 @@ class Session:
             seq = await self.service.publish(
                 request.room, request.kind, request.body, request.key, self.identity
             )
-            self.member.send(protocol.encode_ack(self.codec, request.room, seq, request.id))
+            # Acks of one turn go out in one write (fanout.Member.send_soon).
+            self.member.send_soon(protocol.encode_ack(self.codec, request.room, seq, request.id))
             self.metrics.ack_latency.observe(time.perf_counter() - received)
         elif isinstance(request, protocol.Join):
             await self._join(request)

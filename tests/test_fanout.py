@@ -4,6 +4,7 @@ raw WebSocket members that check every byte they receive."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
@@ -13,7 +14,15 @@ import pytest
 
 from kasagi_relay import delta, fanout
 from kasagi_relay.fanout import SendBudget
-from testkit.relay import connect_client, raw_member, read_frames, start_relay
+from testkit.relay import (
+    connect_client,
+    parse_frames,
+    raw_connect,
+    raw_member,
+    read_frames,
+    start_relay,
+    text_frame,
+)
 
 PATHS = ["native", "transport"]
 N = 160
@@ -170,3 +179,46 @@ def test_the_budget_recounts_before_it_drops() -> None:
     assert budget.total == 900
     budget.note(member, 1200)  # type: ignore[arg-type]
     assert budget.total == 0  # recounted: it holds nothing now
+
+
+async def test_pipelined_acks_are_coalesced_and_keep_their_order(write_path: str) -> None:
+    """Deltas pipelined in one TCP write by a member of their room: the acks of one loop turn
+    go out in one write (Member.send_soon), each before the delta frame that carries its seq,
+    in seq order, nothing lost or doubled."""
+    n = 20
+    async with start_relay() as relay:
+        sock = await raw_connect(relay.port)
+        try:
+            burst = [text_frame(b'{"t":"join","room":"r","id":"j"}')]
+            burst += [
+                text_frame(b'{"t":"delta","room":"r","id":%d,"merge":{"n":%d}}' % (i, i))
+                for i in range(1, n + 1)
+            ]
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(sock, b"".join(burst))
+            data = b""
+            messages: list[dict[str, object]] = []
+            async with asyncio.timeout(10):
+                # Until the ack and the delta frame of the last seq are in.
+                while sum(m["t"] == "ack" or m.get("seq") == n for m in messages) < n + 1:
+                    data += await loop.sock_recv(sock, 1 << 16)
+                    frames, used = parse_frames(data)
+                    data = data[used:]
+                    messages += [json.loads(body) for _, body in frames]
+        finally:
+            sock.close()
+        assert messages[0]["t"] == "joined"
+        acks: list[object] = []
+        covered: list[int] = []
+        for message in messages[1:]:
+            if message["t"] == "ack":
+                assert message["id"] == message["seq"]
+                acks.append(message["seq"])
+            else:
+                assert message["t"] == "delta", message
+                seq = message["seq"]
+                assert isinstance(seq, int)
+                assert acks and acks[-1] == seq  # its acks came first
+                covered.extend(range(len(covered) + 1, seq + 1))
+        assert acks == list(range(1, n + 1))
+        assert covered == list(range(1, n + 1))
