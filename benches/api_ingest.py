@@ -35,19 +35,10 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
+from testkit.proc import cpu_seconds
 from testkit.relay import relay_process
 
 KEY = "bench-api-key-0123456789"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 async def api_worker(port: int, i: int, end: float, lat: list[float]) -> None:

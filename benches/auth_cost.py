@@ -41,6 +41,7 @@ from typing import Any
 import jwt
 from websockets.asyncio.client import ClientConnection, connect
 
+from testkit.proc import cpu_seconds
 from testkit.relay import relay_process
 
 SECRET = "bench-" + "x" * 42
@@ -63,16 +64,6 @@ async def open_usable(url: str, authed: bool, room: str) -> ClientConnection:
             return ws
         if reply["t"] == "error":
             raise RuntimeError(reply)
-
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 async def setup_rate(url: str, authed: bool, connections: int) -> float:

@@ -29,17 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.topology import REDIS_SERVER, ClusterTopology, running_cluster
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+from testkit.proc import cpu_seconds
 
 
 async def worker(seeds: str, ack: str, rooms: int, concurrency: int, seconds: float) -> None:

@@ -38,18 +38,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from testkit.proc import cpu_seconds
+
 REPO = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
 SCENARIOS = ("ingest-memory", "ingest-redis-leader", "ingest-redis-replica", "rooms")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def free_port() -> int:

@@ -44,6 +44,7 @@ from kasagi_relay.backends.redis import RedisBackend
 from kasagi_relay.domain import Identity
 from kasagi_relay.presence import _entry
 from kit.topology import start_topology
+from testkit.proc import cpu_seconds
 from testkit.relay import relay_process
 
 
@@ -57,15 +58,6 @@ async def recv_type(ws: ClientConnection, t: str) -> None:
             text = data if isinstance(data, str) else data.decode()
             if text.startswith(head):
                 return
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def join_rate(url: str, clients: int, room_size: int, seconds: float, on: bool) -> float:

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from kit.topology import running_topology
+from testkit.proc import cpu_seconds
 from testkit.relay import relay_process
 
-TICKS = os.sysconf("SC_CLK_TCK")
 _SEQ = re.compile(rb'"seq":(\d+)[,}]')
 # A zero masking key: valid framing (RFC 6455 asks for an unpredictable key, which only
 # matters through proxies), and the payload goes out as is, with no per-byte work here.
@@ -48,14 +48,6 @@ def frame(payload: bytes) -> bytes:
     n = len(payload)
     assert n < 126
     return bytes((0x81, 0x80 | n)) + _ZERO_MASK + payload
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def tree(pid: int) -> list[int]:
