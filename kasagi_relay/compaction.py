@@ -1,11 +1,21 @@
 """Background compaction: fold each room's history into a snapshot, then trim the history.
 
-Per room, under a short backend lock (one relay at a time): read the snapshot and the ops
-after it, `delta.compact` them in a worker thread (the native engine releases the GIL),
-write the snapshot only if it is newer, then trim the history to the configured count, age
-and bytes (`history_bytes`, docs/operations.md) so that resumes keep working for recent
-members while a room of large deltas cannot hold more than its byte budget. The trim never
-passes the snapshot (the backend's rule), so the state is never lost.
+Per room, under a short backend lock (one relay at a time), one of two ways:
+
+- **from live state**, for a room this relay holds: its state is already the room's at its
+  seq, so its compact JSON (the engine's encoding, made off the loop) is written if newer
+  than the stored snapshot, guarded by the store (`Snapshots.write_live_snapshot`): only
+  while the history still holds, at that seq, the op the room applied last. After a
+  failover a relay may hold a delta the new master lost, and a snapshot of that state
+  would make every relay load it; the store refuses it and the pass falls back to:
+- **from the history**: read the snapshot and the ops after it, `delta.compact` them in a
+  worker thread (the native engine releases the GIL), write the snapshot only if it is
+  newer. Rooms this relay has not loaded (or whose last op it no longer keeps) go this way.
+
+Then trim the history to the configured count, age and bytes (`history_bytes`,
+docs/operations.md) so that resumes keep working for recent members while a room of large
+deltas cannot hold more than its byte budget. The trim never passes the snapshot (the
+backend's rule), so the state is never lost.
 
 The backend keeps no timestamps per op, so age is tracked here: each pass notes the room's
 last seq with the time; ops older than `history_age_s` are those up to the newest mark older
@@ -20,12 +30,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, Snapshot
 from kasagi_relay.metrics import Metrics
 
-__all__ = ["Compactor", "RoomLocked", "compact_room"]
+__all__ = ["Compactor", "LiveRoom", "RoomLocked", "compact_room"]
 
 logger = logging.getLogger("kasagi_relay.compaction")
 
@@ -34,6 +45,32 @@ LOCK_TTL_MS = 10_000
 
 class RoomLocked(Exception):
     """Another compaction of the room holds its lock (maybe a relay that died holding it)."""
+
+
+class LiveRoom(Protocol):
+    """A room this relay holds (room.Room), as compaction sees it."""
+
+    @property
+    def seq(self) -> int:
+        """The seq of the state, readable without touching it."""
+        ...
+
+    async def live_snapshot(self) -> tuple[int, bytes, str] | None:
+        """(seq, state as compact JSON, `domain.op_digest` of the op at that seq as the room
+        received it), the state exactly at that seq; None when the room cannot say (not
+        loaded, or it no longer keeps that op)."""
+        ...
+
+
+class Stats:
+    """How the passes went, per room compaction (tests and benches read them)."""
+
+    __slots__ = ("live", "refused", "replayed")
+
+    def __init__(self) -> None:
+        self.live = 0  # snapshots written from live state
+        self.refused = 0  # live states the store refused: compacted from the history
+        self.replayed = 0  # compactions from the history (snapshot + ops)
 
 
 async def compact_room(
@@ -45,8 +82,13 @@ async def compact_room(
     history_bytes: int = 0,
     max_state_bytes: int = 0,
     max_state_memory: int = 0,
+    live: LiveRoom | None = None,
+    stats: Stats | None = None,
 ) -> Snapshot | None:
     """One compaction of `room`; the new snapshot, or None when there was nothing new.
+
+    With `live` (the room as this relay holds it), from its state when the store takes it,
+    else from the history (the module's docstring).
 
     `max_state_bytes` must be the relays' --max-state-bytes: a delta that would take the
     state past it is a no-op in the rooms, so it must be one in the snapshot too; the same
@@ -59,6 +101,13 @@ async def compact_room(
     if token is None:
         raise RoomLocked(room)
     try:
+        if live is not None:
+            done, new = await _from_live(backend, room, live, stats)
+            if done:
+                await backend.snapshots.trim(room, keep_from, history, history_bytes)
+                return new
+        if stats is not None:
+            stats.replayed += 1
         snap = await backend.snapshots.read_snapshot(room)
         base_seq, data = (snap.seq, snap.data) if snap is not None else (0, b"{}")
         ops = await backend.log.read_ops(room, base_seq)
@@ -77,6 +126,40 @@ async def compact_room(
         await backend.snapshots.release_lock(room, token)
 
 
+async def _from_live(
+    backend: Backend, room: str, live: LiveRoom, stats: Stats | None
+) -> tuple[bool, Snapshot | None]:
+    """Compaction from `live` (the caller holds the lock): (True, the snapshot written or
+    None when nothing is newer than the stored one), or (False, None) when it must be
+    done from the history instead."""
+    stored = await backend.snapshots.snapshot_seq(room)
+    if live.seq <= stored:
+        # Nothing newer here (another relay compacted as far, or further: the room here
+        # lags behind it by at most what it has not applied yet).
+        return True, None
+    got = await live.live_snapshot()
+    if got is None:
+        return False, None
+    seq, data, op = got
+    if seq <= stored:
+        return True, None
+    new = Snapshot(seq, data)
+    written = await backend.snapshots.write_live_snapshot(room, new, op)
+    if written is None:
+        if stats is not None:
+            stats.refused += 1
+        logger.warning(
+            "room %s: the store no longer holds this relay's op %d (lost in a failover?): "
+            "compacting from the history",
+            room,
+            seq,
+        )
+        return False, None
+    if stats is not None and written:
+        stats.live += 1
+    return True, (new if written else None)
+
+
 class Compactor:
     def __init__(
         self,
@@ -90,10 +173,12 @@ class Compactor:
         history_bytes: int = 0,
         max_state_bytes: int = 0,
         max_state_memory: int = 0,
+        live: Callable[[str], LiveRoom | None] | None = None,
     ) -> None:
         """`rooms()` gives (name, last seq seen) of the rooms this relay holds;
         `history_bytes` bounds each room's history by bytes of deltas (0: no limit);
-        `max_state_bytes` is the rooms' state limit (see compact_room)."""
+        `max_state_bytes` is the rooms' state limit (see compact_room); `live(name)` the
+        room as this relay holds it, to compact from its state (None: from the history)."""
         self.backend = backend
         self.rooms = rooms
         self.metrics = metrics
@@ -103,6 +188,8 @@ class Compactor:
         self.history_bytes = history_bytes
         self.max_state_bytes = max_state_bytes
         self.max_state_memory = max_state_memory
+        self.live = live
+        self.stats = Stats()
         self._marks: dict[str, deque[tuple[float, int]]] = {}
         self._compacted: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -142,6 +229,7 @@ class Compactor:
             keep_from = self._keep_from(room, seq, now)
             if self._compacted.get(room) == seq:
                 continue
+            held = self.live(room) if self.live is not None else None
             try:
                 snap = await compact_room(
                     self.backend,
@@ -151,6 +239,8 @@ class Compactor:
                     history_bytes=self.history_bytes,
                     max_state_bytes=self.max_state_bytes,
                     max_state_memory=self.max_state_memory,
+                    live=held,
+                    stats=self.stats,
                 )
             except RoomLocked:
                 # Not marked as done: after a failover the lock of a compaction that died
@@ -161,7 +251,9 @@ class Compactor:
                 self.metrics.backend_errors.inc()
                 logger.warning("room %s: compaction failed: %s", room, exc)
                 continue
-            self._compacted[room] = seq
+            if held is None or held.seq >= seq:
+                # A live state behind `seq` (ops not applied yet) covered less: next pass.
+                self._compacted[room] = seq
             if snap is not None:
                 written += 1
         for gone in set(self._marks) - live:

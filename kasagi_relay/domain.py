@@ -26,6 +26,7 @@ __all__ = [
     "Right",
     "Snapshot",
     "delta_digest",
+    "op_digest",
     "valid_room",
 ]
 
@@ -49,6 +50,18 @@ def delta_digest(kind: DeltaKind, body: bytes) -> str:
     conflict, not a retry. SHA-1 because Redis Functions compute it too (`redis.sha1hex`
     of the same `kind:body` string), so every backend and relay agrees on it."""
     return hashlib.sha1(kind.encode() + b":" + body, usedforsecurity=False).hexdigest()
+
+
+def op_digest(seq: int, doc: bytes) -> str:
+    """The identity of the op stored at `seq`, whichever form the relay holds it in: `doc`
+    is its channel message `{"seq":N,"<kind>":<delta>}` (the Redis feed) or its delta
+    document `{"<kind>":<delta>}` (read back from the history, the memory backend), and
+    the digest is that of the message form (SHA-1 hex, which `kasagi_snapshot_live`
+    computes with `redis.sha1hex` from the stream entry). Compaction from a room's live
+    state sends it so that the store can refuse a state built on a delta it lost."""
+    if not doc.startswith(b'{"seq":'):
+        doc = b'{"seq":%d,' % seq + doc[1:]
+    return hashlib.sha1(doc, usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

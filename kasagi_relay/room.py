@@ -33,6 +33,7 @@ import msgpack
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, Op
+from kasagi_relay.domain import op_digest
 from kasagi_relay.fanout import Member, Payload, broadcast, frame
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import (
@@ -579,6 +580,28 @@ class Room:
             inline = self._size is not None and self._size <= SMALL_STATE
             payload = self._encoded[codec] = Payload([await self._run(encode, inline)])
         return payload
+
+    # ------------------------------------------------------------------ compaction
+
+    async def live_snapshot(self) -> tuple[int, bytes, str] | None:
+        """For compaction from this relay's state (compaction.LiveRoom): (seq, the state as
+        compact JSON, `op_digest` of the op at seq as received), exactly at seq since
+        `_engine` is held throughout; None when not loaded or when `recent` no longer holds
+        the op at seq (the store checks that op before taking the state). An op that
+        failed at its position is kept as an empty patch, so its digest differs from the
+        stored one and the store refuses: compaction then reads the history, as it must
+        for any other reason it cannot vouch for the state. The encoding is the engine's
+        (made off the loop unless small, and cached for joins of this version)."""
+        async with self._engine:
+            state = self.state
+            if state is None or self._closed or not self.recent:
+                return None
+            tip = self.recent[-1]
+            if tip.seq != self.seq:
+                return None
+            inline = self._size is not None and self._size <= SMALL_STATE
+            data = await self._run(state.to_json, inline)
+            return self.seq, data, op_digest(tip.seq, tip.delta)
 
     # ------------------------------------------------------------------ fan-out
 

@@ -112,6 +112,7 @@ class Relay:
             history_bytes=config.history_bytes,
             max_state_bytes=config.max_state_bytes,
             max_state_memory=config.max_state_memory,
+            live=self.registry.rooms.get,
         )
         # Every member's queue together: one bound for the relay (docs/operations.md).
         self.budget = SendBudget(config.send_budget_bytes)

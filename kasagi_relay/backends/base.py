@@ -3,8 +3,9 @@
 - The **log** (`Log`): a room's sequenced deltas. `publish` assigns the next seq, appends
   and announces atomically (with idempotency keys); `seen_key` answers a retry without
   publishing; `read_ops` and `last_seq` read the history back.
-- The **snapshots** (`Snapshots`): the compacted state of a room, written only when newer,
-  the trim of the history it covers (by count, age and bytes; never past the snapshot), and
+- The **snapshots** (`Snapshots`): the compacted state of a room, written only when newer
+  (from a relay's live state only while the history still holds the op it ends with), the
+  trim of the history it covers (by count, age and bytes; never past the snapshot), and
   the short lock one compaction at a time holds.
 - The **feed** (`Feed`): live delivery of each delta to a `Listener`, per subscribed room,
   with a resync signal when the transport may have dropped something.
@@ -111,6 +112,18 @@ class Snapshots(Protocol):
     async def write_snapshot(self, room: str, snapshot: Snapshot) -> bool:
         """Store the snapshot only when its seq is newer than the stored one; ValueError
         when it is past the room's seq."""
+        ...
+
+    async def snapshot_seq(self, room: str) -> int:
+        """The stored snapshot's seq (0: none), without reading its data."""
+        ...
+
+    async def write_live_snapshot(self, room: str, snapshot: Snapshot, op: str) -> bool | None:
+        """Store `snapshot` (a relay's live state; its tick is not stored: the stored one
+        stays) only when it is newer and the history still holds, at its seq, the op whose
+        `domain.op_digest` is `op`: True written, False not newer, None refused (that op
+        is not stored there, or the seq is past the room's: the state holds a delta the
+        store lost in a failover, and the caller compacts from the history instead)."""
         ...
 
     async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:

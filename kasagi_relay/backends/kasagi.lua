@@ -28,7 +28,7 @@ Bump VERSION whenever a function changes: relays compare it with `kasagi_version
 load their copy (FUNCTION LOAD REPLACE) on a master that lacks or differs from it.
 ]]
 
-local VERSION = '4'
+local VERSION = '5'
 -- docs/protocol.md: an idempotency key is remembered for 5 minutes.
 local KEY_TTL_MS = 300000
 -- Field of the keys hash holding the incremental pruning cursor (a NUL can't be typed
@@ -214,6 +214,54 @@ local function snapshot(keys, args)
   return 1
 end
 
+-- FCALL kasagi_snapshot_live 3 snapshot seq ops  snap-seq data op-digest
+--   -> 1 written, 0 not newer, -1 refused
+-- A relay's live state at snap-seq (compaction without reading the history back), written
+-- only while the stream still holds, at snap-seq, the op the relay applied last: op-digest
+-- is sha1 hex of that op's channel message {"seq":N,"<kind>":<delta>} (what
+-- kasagi_publish announced). After a failover a relay may hold a delta the new master
+-- never got (or stores another delta at its seq); storing that state would make every
+-- relay load it. Refused (-1) then, and when snap-seq is past the room's seq: the relay
+-- compacts from the history instead. The snapshot's tick is left as it was, as
+-- kasagi_snapshot is passed it back. Checked first: not newer than the stored snapshot
+-- (whose ops the trim may have dropped) is 0.
+local function snapshot_live(keys, args)
+  local snap_key, seq_key, ops_key = keys[1], keys[2], keys[3]
+  local snap_seq = tonumber(args[1])
+  if #keys ~= 3 or snap_seq == nil or snap_seq < 1 or args[2] == nil or args[3] == nil then
+    return redis.error_reply('ERR kasagi_snapshot_live: expected 3 keys (snapshot seq ops)' ..
+      ' and snap-seq data op-digest')
+  end
+  local stored = tonumber(redis.call('HGET', snap_key, 'seq') or '-1')
+  if snap_seq <= stored then
+    return 0
+  end
+  local last = tonumber(redis.call('GET', seq_key) or '0')
+  if snap_seq > last then
+    return -1
+  end
+  local id = snap_seq .. '-0'
+  local entries = redis.call('XRANGE', ops_key, id, id)
+  if #entries ~= 1 then
+    return -1
+  end
+  -- Read back as the relay does (redis_store._entry_op): a missing field is patch / null.
+  local kind, d = 'patch', 'null'
+  local fields = entries[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'k' then
+      kind = fields[i + 1]
+    elseif fields[i] == 'd' then
+      d = fields[i + 1]
+    end
+  end
+  if redis.sha1hex('{"seq":' .. snap_seq .. ',"' .. kind .. '":' .. d .. '}') ~= args[3] then
+    return -1
+  end
+  redis.call('HSET', snap_key, 'data', args[2], 'seq', snap_seq)
+  return 1
+end
+
 -- The first seq from which the ops' delta JSON totals at most `max_bytes`, from the
 -- running totals (a binary search: nothing of the history itself is read).
 local function bytes_cut(key, last, max_bytes)
@@ -279,6 +327,7 @@ end
 redis.register_function('kasagi_publish', publish)
 redis.register_function('kasagi_seen', seen)
 redis.register_function('kasagi_snapshot', snapshot)
+redis.register_function('kasagi_snapshot_live', snapshot_live)
 redis.register_function('kasagi_trim', trim)
 redis.register_function('kasagi_unlock', unlock)
 redis.register_function{

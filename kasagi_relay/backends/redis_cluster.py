@@ -516,6 +516,14 @@ class ClusterSnapshots:
     async def write_snapshot(self, room: str, snapshot: Snapshot) -> bool:
         return await self.router.routed(room, lambda s: s.snapshots.write_snapshot(room, snapshot))
 
+    async def snapshot_seq(self, room: str) -> int:
+        return await self.router.routed(room, lambda s: s.snapshots.snapshot_seq(room))
+
+    async def write_live_snapshot(self, room: str, snapshot: Snapshot, op: str) -> bool | None:
+        return await self.router.routed(
+            room, lambda s: s.snapshots.write_live_snapshot(room, snapshot, op)
+        )
+
     async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
         await self.router.routed(
             room, lambda s: s.snapshots.trim(room, keep_from, max_len, max_bytes)

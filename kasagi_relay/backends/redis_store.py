@@ -4,7 +4,8 @@ Writes go through the Redis Function library `kasagi` (kasagi.lua) on the master
 `kasagi_publish` assigns the seq, appends the `ops` stream entry `<seq>-0`, publishes
 `{"seq":N,...}` on the room's channel, records the idempotency key with the digest of its
 delta and the running byte total of the history (`sizes`, what `kasagi_trim` bounds the
-history by), atomically; `kasagi_seen`, `kasagi_snapshot`, `kasagi_trim` and
+history by), atomically; `kasagi_seen`, `kasagi_snapshot` (and `kasagi_snapshot_live`,
+which guards a relay's live state against a delta lost in a failover), `kasagi_trim` and
 `kasagi_unlock` do the rest. Reads are plain commands. Every command names the keys of
 one room only (one hash tag), so a Cluster router can route it by the room alone.
 """
@@ -169,6 +170,22 @@ class RedisSnapshots:
                 raise ValueError(str(exc)) from None
             raise
         return bool(int(written))
+
+    async def snapshot_seq(self, room: str) -> int:
+        k = room_keys(room)
+        raw = await self.link.retrying("snapshot_seq", lambda c: c.hget(k["snapshot"], "seq"))
+        return int(raw or 0)
+
+    async def write_live_snapshot(self, room: str, snapshot: Snapshot, op: str) -> bool | None:
+        # A function of library version 5: on a master still running an older library the
+        # call fails "Function not found", and `retrying` loads ours before trying again.
+        k = room_keys(room)
+        written = await self.link.fcall(
+            "write_live_snapshot", "kasagi_snapshot_live", 3, k["snapshot"], k["seq"], k["ops"],
+            snapshot.seq, snapshot.data, op,
+        )  # fmt: skip
+        answer = int(written)
+        return None if answer < 0 else bool(answer)
 
     async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:
         k = room_keys(room)

@@ -24,7 +24,7 @@ from kasagi_relay.backends.redis import RedisBackend
 from kasagi_relay.backends.redis_cluster import ClusterBackend
 from kasagi_relay.backends.sentinel import SentinelBackend
 from kasagi_relay.compaction import Compactor, RoomLocked, compact_room
-from kasagi_relay.domain import delta_digest
+from kasagi_relay.domain import delta_digest, op_digest
 from kasagi_relay.metrics import Metrics
 from testkit.redis import ClusterTopology, Topology, running_cluster, running_topology
 
@@ -290,6 +290,38 @@ async def test_compaction_folds_history_into_the_snapshot(storage: Backend) -> N
     assert snap2 is not None and snap2.seq == 12
     assert json.loads(snap2.data) == {f"k{i}": i for i in range(1, 10)}
     assert delta.RoomState(snap2.data, snap2.seq).seq == 12
+
+
+async def test_live_snapshot_only_on_the_stored_op(storage: Backend) -> None:
+    """`write_live_snapshot` (compaction from a relay's state): newer, and only while the
+    history holds at its seq the op the relay names; on a cluster, on the room's shard."""
+    log, snaps = storage.log, storage.snapshots
+    for i in range(4):
+        await log.publish("v", "patch", add(i))
+    ops = await log.read_ops("v", 0)
+    assert ops is not None and await snaps.snapshot_seq("v") == 0
+    state = delta.compact(b"{}", [op.delta for op in ops[:3]])
+    # The op at 3 as the feed delivers it and as the history gives it: one identity.
+    assert op_digest(3, b'{"seq":3,' + ops[2].delta[1:]) == op_digest(3, ops[2].delta)
+    assert (
+        await snaps.write_live_snapshot("v", Snapshot(3, state), op_digest(3, ops[1].delta)) is None
+    )
+    assert (
+        await snaps.write_live_snapshot("v", Snapshot(5, state), op_digest(5, ops[2].delta)) is None
+    )
+    assert await snaps.read_snapshot("v") is None
+    assert await snaps.write_live_snapshot("v", Snapshot(3, state), op_digest(3, ops[2].delta))
+    assert await snaps.snapshot_seq("v") == 3
+    snap = await snaps.read_snapshot("v")
+    assert snap is not None and (snap.seq, snap.data, snap.tick) == (3, state, 0)
+    # Not newer (whatever the op): False, nothing changed.
+    assert await snaps.write_live_snapshot("v", Snapshot(3, b"{}"), "0" * 40) is False
+    assert (
+        await snaps.write_live_snapshot("v", Snapshot(2, b"{}"), op_digest(2, ops[1].delta))
+        is False
+    )
+    snap = await snaps.read_snapshot("v")
+    assert snap is not None and snap.data == state
 
 
 async def test_compaction_trims_by_bytes(storage: Backend) -> None:
