@@ -587,17 +587,16 @@ class Room:
         """For compaction from this relay's state (compaction.LiveRoom): (seq, the state as
         compact JSON, `op_digest` of the op at seq as received), exactly at seq since
         `_engine` is held throughout; None when not loaded or when `recent` no longer holds
-        the op at seq (the store checks that op before taking the state). An op that
-        failed at its position is kept as an empty patch, so its digest differs from the
-        stored one and the store refuses: compaction then reads the history, as it must
-        for any other reason it cannot vouch for the state. The encoding is the engine's
-        (made off the loop unless small, and cached for joins of this version)."""
+        the op at seq as stored (the store checks that op before taking the state): one
+        that failed at its position is kept as an empty patch, not as it was stored, so
+        compaction reads the history instead. The encoding is the engine's (made off the
+        loop unless small, and cached for joins of this version)."""
         async with self._engine:
             state = self.state
             if state is None or self._closed or not self.recent:
                 return None
             tip = self.recent[-1]
-            if tip.seq != self.seq:
+            if tip.seq != self.seq or tip.delta == _EMPTY_PATCH:
                 return None
             inline = self._size is not None and self._size <= SMALL_STATE
             data = await self._run(state.to_json, inline)
