@@ -82,7 +82,7 @@ async def test_publish_key_schema(backend: RedisBackend, redis_server: Topology)
         if m and m["type"] == "message":
             msgs.append(json.loads(m["data"]))
     assert msgs == [{"seq": 1, "patch": json.loads(PATCH)}, {"seq": 2, "merge": {"b": 2}}]
-    assert (await r.fcall_ro("kasagi_version", 0)).decode() == FUNCTION_VERSION == "4"
+    assert (await r.fcall_ro("kasagi_version", 0)).decode() == FUNCTION_VERSION == "5"
     await sub.aclose()  # type: ignore[no-untyped-call]
     await r.aclose()
 
