@@ -5,7 +5,7 @@ Per room, under a short backend lock (one relay at a time), one of two ways:
 - **from live state**, for a room this relay holds: its state is already the room's at its
   seq, so its compact JSON (the engine's encoding, made off the loop) is written if newer
   than the stored snapshot, guarded by the store (`Snapshots.write_live_snapshot`): only
-  while the history still holds, at that seq, the op the room applied last. After a
+  while the history still holds the last ops the room applied, at their seqs. After a
   failover a relay may hold a delta the new master lost, and a snapshot of that state
   would make every relay load it; the store refuses it and the pass falls back to:
 - **from the history**: read the snapshot and the ops after it, `delta.compact` them in a
@@ -55,10 +55,11 @@ class LiveRoom(Protocol):
         """The seq of the state, readable without touching it."""
         ...
 
-    async def live_snapshot(self) -> tuple[int, bytes, str] | None:
-        """(seq, state as compact JSON, `domain.op_digest` of the op at that seq as the room
-        received it), the state exactly at that seq; None when the room cannot say (not
-        loaded, or it no longer keeps that op)."""
+    async def live_snapshot(self) -> tuple[int, bytes, list[str]] | None:
+        """(seq, state as compact JSON, `domain.op_digest`s of the last ops the room applied
+        as it received them, newest first: the op at seq, the one before...), the state
+        exactly at that seq; None when the room cannot say (not loaded, or it no longer
+        keeps the op at seq as stored)."""
         ...
 
 
@@ -140,17 +141,17 @@ async def _from_live(
     got = await live.live_snapshot()
     if got is None:
         return False, None
-    seq, data, op = got
+    seq, data, ops = got
     if seq <= stored:
         return True, None
     new = Snapshot(seq, data)
-    written = await backend.snapshots.write_live_snapshot(room, new, op)
+    written = await backend.snapshots.write_live_snapshot(room, new, ops)
     if written is None:
         if stats is not None:
             stats.refused += 1
         logger.warning(
-            "room %s: the store no longer holds this relay's op %d (lost in a failover?): "
-            "compacting from the history",
+            "room %s: the store no longer holds this relay's ops up to %d (lost in a "
+            "failover?): compacting from the history",
             room,
             seq,
         )

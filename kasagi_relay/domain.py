@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "ANONYMOUS",
     "IDEMPOTENCY_TTL_S",
+    "LIVE_DIGESTS",
     "ROOM_NAME",
     "AckLevel",
     "BackendUnavailable",
@@ -38,6 +39,8 @@ Right = Literal["r", "w"]
 ROOM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 # How long an idempotency key answers a retry with its first seq.
 IDEMPOTENCY_TTL_S: Final = 300
+# The most ops a live snapshot's store checks (kasagi.lua's MAX_DIGESTS in kasagi_snapshot_live).
+LIVE_DIGESTS: Final = 16
 
 
 def valid_room(name: object) -> bool:

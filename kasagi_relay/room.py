@@ -57,6 +57,10 @@ T = TypeVar("T")
 RECENT_OPS = 256
 RECENT_BYTES = 4 * 1024 * 1024
 _EMPTY_PATCH = b'{"patch":[]}'
+# The last ops a live snapshot names for the store to check (Room.live_snapshot): by count
+# (at most domain.LIVE_DIGESTS) and by bytes, which Redis hashes while it checks them.
+LIVE_OPS = 8
+LIVE_OPS_BYTES = 64 * 1024
 # RoomState.apply's inline bound (kasagi_relay/_native.pyi): deltas up to this size may
 # run on the loop thread.
 SMALL_DELTA = 4 * 1024
@@ -583,24 +587,37 @@ class Room:
 
     # ------------------------------------------------------------------ compaction
 
-    async def live_snapshot(self) -> tuple[int, bytes, str] | None:
+    async def live_snapshot(self) -> tuple[int, bytes, list[str]] | None:
         """For compaction from this relay's state (compaction.LiveRoom): (seq, the state as
-        compact JSON, `op_digest` of the op at seq as received), exactly at seq since
-        `_engine` is held throughout; None when not loaded or when `recent` no longer holds
-        the op at seq as stored (the store checks that op before taking the state): one
-        that failed at its position is kept as an empty patch, not as it was stored, so
-        compaction reads the history instead. The encoding is the engine's (made off the
-        loop unless small, and cached for joins of this version)."""
+        compact JSON, `op_digest`s of the last ops applied as received, newest first),
+        exactly at seq since `_engine` is held throughout; None when not loaded or when
+        `recent` no longer holds the op at seq as stored (the store checks those ops
+        before taking the state): one that failed at its position is kept as an empty
+        patch, so compaction reads the history instead. The ops checked are the last ones
+        up to LIVE_OPS and LIVE_OPS_BYTES (the op at seq always): lost ops of a failover are
+        the last ones a relay applied, and a delta stored again at its seq may repeat the
+        lost one byte for byte, one before it less likely so. The encoding is the engine's
+        (made off the loop unless small, and cached for joins of this version)."""
         async with self._engine:
             state = self.state
             if state is None or self._closed or not self.recent:
                 return None
-            tip = self.recent[-1]
-            if tip.seq != self.seq or tip.delta == _EMPTY_PATCH:
+            digests: list[str] = []
+            size = 0
+            expected = self.seq
+            for op in reversed(self.recent):
+                if op.seq != expected or op.delta == _EMPTY_PATCH:
+                    break
+                size += len(op.delta)
+                if digests and (len(digests) == LIVE_OPS or size > LIVE_OPS_BYTES):
+                    break
+                digests.append(op_digest(op.seq, op.delta))
+                expected -= 1
+            if not digests:
                 return None
             inline = self._size is not None and self._size <= SMALL_STATE
             data = await self._run(state.to_json, inline)
-            return self.seq, data, op_digest(tip.seq, tip.delta)
+            return self.seq, data, digests
 
     # ------------------------------------------------------------------ fan-out
 

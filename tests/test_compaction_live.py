@@ -1,8 +1,8 @@
 """Compaction from a room's live state (compaction.py), on the memory backend and on a real
 redis-server: the snapshot it writes is the one replaying the history gives; a room this
 relay does not hold is still compacted from the history; the store refuses a live state
-built on a delta it lost (a lost write and a new master, made for real in the stream) and
-the pass falls back to the history; a master running an older function library gets ours;
+built on deltas it lost (lost writes and a new master, made for real in the stream) and the
+pass falls back to the history; a master running an older function library gets ours;
 a late joiner of a real relay is served the compacted state.
 """
 
@@ -178,13 +178,17 @@ async def test_a_room_not_loaded_is_compacted_from_the_history(
     assert snap is not None and snap.seq == last and snap.data == want
 
 
-async def test_the_store_refuses_a_state_holding_a_lost_delta(topo: Topology) -> None:
-    """A delta acknowledged by the old master reached this relay (pub/sub) but not the
-    replica; the new master gives its seq to another delta. Made for real: the stream is
-    rebuilt without the last entry, as the replica held it, and another delta is published
-    through kasagi_publish (the room drops it: it already has that seq). Compaction from the
-    room's state must not store it: the store refuses, the pass replays the history, and
-    the snapshot is the new master's."""
+@pytest.mark.parametrize("repeated", [False, True], ids=["last-op-differs", "last-op-repeated"])
+async def test_the_store_refuses_a_state_holding_a_lost_delta(
+    topo: Topology, repeated: bool
+) -> None:
+    """Deltas acknowledged by the old master reached this relay (pub/sub) but not the
+    replica; the new master gives their seqs to other deltas. Made for real: the stream is
+    rebuilt without the lost entries, as the replica held it, and other deltas are published
+    through kasagi_publish (the room drops them: it already has those seqs). With
+    `repeated`, the last of them is byte for byte the last lost one (a heartbeat, say): only
+    the op before it differs. Compaction from the room's state must not store it: the
+    store refuses, the pass replays the history, and the snapshot is the new master's."""
     r = await raw(topo)
     await r.flushall()
     rooms = Rooms()
@@ -194,18 +198,20 @@ async def test_the_store_refuses_a_state_holding_a_lost_delta(topo: Topology) ->
     try:
         room = await loaded(backend, rooms, "f")
         last = await publish_mix(backend, "f", 9)
-        lost = await backend.log.publish("f", "merge", b'{"lost":true}')
+        await backend.log.publish("f", "merge", b'{"lost":true}')
+        lost = await backend.log.publish("f", "merge", b'{"beat":1}')
         await until(lambda: room.seq == lost)
-        # The new master: the history up to `last`, then another delta at `lost`'s seq.
+        # The new master: the history up to `last`, then other deltas at the lost seqs.
         entries = await r.xrange("room:{f}:ops")
         assert entries is not None
         await r.delete("room:{f}:ops", "room:{f}:sizes")
-        for entry_id, fields in entries[:-1]:
+        for entry_id, fields in entries[:-2]:
             assert entry_id is not None and fields is not None
             await r.xadd("room:{f}:ops", dict(fields.items()), id=entry_id)
         await r.set("room:{f}:seq", last)
-        other = await backend.log.publish("f", "merge", b'{"other":true}')
-        assert other == lost
+        await backend.log.publish("f", "merge", b'{"other":true}')
+        beat = b'{"beat":1}' if repeated else b'{"beat":2}'
+        assert await backend.log.publish("f", "merge", beat) == lost
         await asyncio.sleep(0.1)
         assert json.loads(room.state.to_json())["lost"] is True  # type: ignore[union-attr]
         comp = compactor(backend, {"f": lost}, rooms.rooms.get, history=1000)

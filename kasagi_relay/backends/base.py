@@ -29,10 +29,12 @@ the feed delivers what its transport gives it and says when it may have missed s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from kasagi_relay.domain import (
     IDEMPOTENCY_TTL_S,
+    LIVE_DIGESTS,
     ROOM_NAME,
     AckLevel,
     BackendUnavailable,
@@ -45,6 +47,7 @@ from kasagi_relay.domain import (
 
 __all__ = [
     "IDEMPOTENCY_TTL_S",
+    "LIVE_DIGESTS",
     "ROOM_NAME",
     "AckLevel",
     "Backend",
@@ -118,12 +121,15 @@ class Snapshots(Protocol):
         """The stored snapshot's seq (0: none), without reading its data."""
         ...
 
-    async def write_live_snapshot(self, room: str, snapshot: Snapshot, op: str) -> bool | None:
+    async def write_live_snapshot(
+        self, room: str, snapshot: Snapshot, ops: Sequence[str]
+    ) -> bool | None:
         """Store `snapshot` (a relay's live state; its tick is not stored: the stored one
-        stays) only when it is newer and the history still holds, at its seq, the op whose
-        `domain.op_digest` is `op`: True written, False not newer, None refused (that op
-        is not stored there, or the seq is past the room's: the state holds a delta the
-        store lost in a failover, and the caller compacts from the history instead)."""
+        stays) only when it is newer and the history still holds the last ops the relay
+        applied: `ops` are their `domain.op_digest`s, of seq `snapshot.seq`, the one before,
+        and so on (1 to LIVE_DIGESTS). True written, False not newer, None refused (one of
+        those ops is not stored there, or the seq is past the room's: the state holds a
+        delta the store lost in a failover, and the caller compacts from the history)."""
         ...
 
     async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:

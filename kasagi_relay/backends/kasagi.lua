@@ -214,23 +214,25 @@ local function snapshot(keys, args)
   return 1
 end
 
--- FCALL kasagi_snapshot_live 3 snapshot seq ops  snap-seq data op-digest
+-- FCALL kasagi_snapshot_live 3 snapshot seq ops  snap-seq data digest [digest...]
 --   -> 1 written, 0 not newer, -1 refused
 -- A relay's live state at snap-seq (compaction without reading the history back), written
--- only while the stream still holds, at snap-seq, the op the relay applied last: op-digest
--- is sha1 hex of that op's channel message {"seq":N,"<kind>":<delta>} (what
--- kasagi_publish announced). After a failover a relay may hold a delta the new master
--- never got (or stores another delta at its seq); storing that state would make every
--- relay load it. Refused (-1) then, and when snap-seq is past the room's seq: the relay
--- compacts from the history instead. The snapshot's tick is left as it was, as
--- kasagi_snapshot is passed it back. Checked first: not newer than the stored snapshot
--- (whose ops the trim may have dropped) is 0.
+-- only while the stream still holds the last ops the relay applied: the i-th digest is
+-- sha1 hex of the channel message {"seq":N,"<kind>":<delta>} (what kasagi_publish
+-- announced) of op snap-seq - (i - 1), at most MAX_DIGESTS of them. After a failover a
+-- relay may hold a delta the new master never got (or stores another delta at its seq);
+-- storing that state would make every relay load it. Refused (-1) then, and when snap-seq
+-- is past the room's seq: the relay compacts from the history instead. The snapshot's tick
+-- is left as it was, as kasagi_snapshot is passed it back. Checked first: not newer than
+-- the stored snapshot (whose ops the trim may have dropped) is 0.
+local MAX_DIGESTS = 16
 local function snapshot_live(keys, args)
   local snap_key, seq_key, ops_key = keys[1], keys[2], keys[3]
   local snap_seq = tonumber(args[1])
-  if #keys ~= 3 or snap_seq == nil or snap_seq < 1 or args[2] == nil or args[3] == nil then
+  local n = #args - 2
+  if #keys ~= 3 or snap_seq == nil or snap_seq < 1 or n < 1 or n > MAX_DIGESTS or n > snap_seq then
     return redis.error_reply('ERR kasagi_snapshot_live: expected 3 keys (snapshot seq ops)' ..
-      ' and snap-seq data op-digest')
+      ' and snap-seq data digest [digest...] (at most ' .. MAX_DIGESTS .. ', one per op)')
   end
   local stored = tonumber(redis.call('HGET', snap_key, 'seq') or '-1')
   if snap_seq <= stored then
@@ -240,23 +242,30 @@ local function snapshot_live(keys, args)
   if snap_seq > last then
     return -1
   end
-  local id = snap_seq .. '-0'
-  local entries = redis.call('XRANGE', ops_key, id, id)
-  if #entries ~= 1 then
+  local first = snap_seq - n + 1
+  local entries = redis.call('XRANGE', ops_key, first .. '-0', snap_seq .. '-0')
+  if #entries ~= n then
     return -1
   end
-  -- Read back as the relay does (redis_store._entry_op): a missing field is patch / null.
-  local kind, d = 'patch', 'null'
-  local fields = entries[1][2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'k' then
-      kind = fields[i + 1]
-    elseif fields[i] == 'd' then
-      d = fields[i + 1]
+  for i = 1, n do
+    local entry = entries[n - i + 1]
+    local seq = snap_seq - i + 1
+    if entry[1] ~= seq .. '-0' then
+      return -1
     end
-  end
-  if redis.sha1hex('{"seq":' .. snap_seq .. ',"' .. kind .. '":' .. d .. '}') ~= args[3] then
-    return -1
+    -- Read back as the relay does (redis_store._entry_op): a missing field is patch / null.
+    local kind, d = 'patch', 'null'
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'k' then
+        kind = fields[j + 1]
+      elseif fields[j] == 'd' then
+        d = fields[j + 1]
+      end
+    end
+    if redis.sha1hex('{"seq":' .. seq .. ',"' .. kind .. '":' .. d .. '}') ~= args[i + 2] then
+      return -1
+    end
   end
   redis.call('HSET', snap_key, 'data', args[2], 'seq', snap_seq)
   return 1

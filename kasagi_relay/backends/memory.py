@@ -27,6 +27,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kasagi_relay.backends.base import (
@@ -39,7 +40,7 @@ from kasagi_relay.backends.base import (
     PresenceListener,
     Snapshot,
 )
-from kasagi_relay.domain import delta_digest, op_digest
+from kasagi_relay.domain import LIVE_DIGESTS, delta_digest, op_digest
 
 __all__ = [
     "MemoryBackend",
@@ -231,18 +232,23 @@ class MemorySnapshots:
         r = self._t.get(room)
         return 0 if r is None or r.snapshot is None else r.snapshot.seq
 
-    async def write_live_snapshot(self, room: str, snapshot: Snapshot, op: str) -> bool | None:
+    async def write_live_snapshot(
+        self, room: str, snapshot: Snapshot, ops: Sequence[str]
+    ) -> bool | None:
         # Nothing here can lose a delta, but the rule is the store's (base.Snapshots), so
         # it is checked as on Redis: a caller's bug shows the same on both.
         r = self._t.get(room)
-        if r is None or snapshot.seq > r.seq or snapshot.seq < 1:
+        if not 1 <= len(ops) <= min(LIVE_DIGESTS, snapshot.seq):
+            raise ValueError(f"expected 1 to {LIVE_DIGESTS} op digests, one per op")
+        if r is None or snapshot.seq > r.seq:
             return None
         if r.snapshot is not None and snapshot.seq <= r.snapshot.seq:
             return False
         first = r.ops[0][0].seq if r.ops else r.seq + 1
-        at = snapshot.seq - first
-        if at < 0 or op_digest(snapshot.seq, r.ops[at][0].delta) != op:
-            return None
+        for i, digest in enumerate(ops):
+            seq = snapshot.seq - i
+            if seq < first or op_digest(seq, r.ops[seq - first][0].delta) != digest:
+                return None
         tick = r.snapshot.tick if r.snapshot is not None else 0
         r.snapshot = Snapshot(snapshot.seq, snapshot.data, tick)
         return True

@@ -519,9 +519,11 @@ class ClusterSnapshots:
     async def snapshot_seq(self, room: str) -> int:
         return await self.router.routed(room, lambda s: s.snapshots.snapshot_seq(room))
 
-    async def write_live_snapshot(self, room: str, snapshot: Snapshot, op: str) -> bool | None:
+    async def write_live_snapshot(
+        self, room: str, snapshot: Snapshot, ops: Sequence[str]
+    ) -> bool | None:
         return await self.router.routed(
-            room, lambda s: s.snapshots.write_live_snapshot(room, snapshot, op)
+            room, lambda s: s.snapshots.write_live_snapshot(room, snapshot, ops)
         )
 
     async def trim(self, room: str, keep_from: int, max_len: int, max_bytes: int = 0) -> None:

@@ -13,7 +13,7 @@ one room only (one hash tag), so a Cluster router can route it by the room alone
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -176,13 +176,15 @@ class RedisSnapshots:
         raw = await self.link.retrying("snapshot_seq", lambda c: c.hget(k["snapshot"], "seq"))
         return int(raw or 0)
 
-    async def write_live_snapshot(self, room: str, snapshot: Snapshot, op: str) -> bool | None:
+    async def write_live_snapshot(
+        self, room: str, snapshot: Snapshot, ops: Sequence[str]
+    ) -> bool | None:
         # A function of library version 5: on a master still running an older library the
         # call fails "Function not found", and `retrying` loads ours before trying again.
         k = room_keys(room)
         written = await self.link.fcall(
             "write_live_snapshot", "kasagi_snapshot_live", 3, k["snapshot"], k["seq"], k["ops"],
-            snapshot.seq, snapshot.data, op,
+            snapshot.seq, snapshot.data, *ops,
         )  # fmt: skip
         answer = int(written)
         return None if answer < 0 else bool(answer)

@@ -292,36 +292,41 @@ async def test_compaction_folds_history_into_the_snapshot(storage: Backend) -> N
     assert delta.RoomState(snap2.data, snap2.seq).seq == 12
 
 
-async def test_live_snapshot_only_on_the_stored_op(storage: Backend) -> None:
+async def test_live_snapshot_only_on_the_stored_ops(storage: Backend) -> None:
     """`write_live_snapshot` (compaction from a relay's state): newer, and only while the
-    history holds at its seq the op the relay names; on a cluster, on the room's shard."""
+    history holds the last ops the relay names, at their seqs; on a cluster, on the room's
+    shard."""
     log, snaps = storage.log, storage.snapshots
     for i in range(4):
         await log.publish("v", "patch", add(i))
     ops = await log.read_ops("v", 0)
     assert ops is not None and await snaps.snapshot_seq("v") == 0
     state = delta.compact(b"{}", [op.delta for op in ops[:3]])
+    digests = [op_digest(op.seq, op.delta) for op in ops]  # digests[i]: seq i + 1
     # The op at 3 as the feed delivers it and as the history gives it: one identity.
-    assert op_digest(3, b'{"seq":3,' + ops[2].delta[1:]) == op_digest(3, ops[2].delta)
-    assert (
-        await snaps.write_live_snapshot("v", Snapshot(3, state), op_digest(3, ops[1].delta)) is None
-    )
-    assert (
-        await snaps.write_live_snapshot("v", Snapshot(5, state), op_digest(5, ops[2].delta)) is None
-    )
+    assert op_digest(3, b'{"seq":3,' + ops[2].delta[1:]) == digests[2]
+    refused = [
+        (3, [digests[1]]),  # another op at 3
+        (3, [digests[2], digests[2]]),  # the op before it differs
+        (5, [digests[3]]),  # past the room's seq
+    ]
+    for seq, named in refused:
+        assert await snaps.write_live_snapshot("v", Snapshot(seq, state), named) is None
     assert await snaps.read_snapshot("v") is None
-    assert await snaps.write_live_snapshot("v", Snapshot(3, state), op_digest(3, ops[2].delta))
+    assert await snaps.write_live_snapshot("v", Snapshot(3, state), digests[2::-1])
     assert await snaps.snapshot_seq("v") == 3
     snap = await snaps.read_snapshot("v")
     assert snap is not None and (snap.seq, snap.data, snap.tick) == (3, state, 0)
-    # Not newer (whatever the op): False, nothing changed.
-    assert await snaps.write_live_snapshot("v", Snapshot(3, b"{}"), "0" * 40) is False
-    assert (
-        await snaps.write_live_snapshot("v", Snapshot(2, b"{}"), op_digest(2, ops[1].delta))
-        is False
-    )
+    # Not newer (whatever the ops): False, nothing changed.
+    assert await snaps.write_live_snapshot("v", Snapshot(3, b"{}"), ["0" * 40]) is False
+    assert await snaps.write_live_snapshot("v", Snapshot(2, b"{}"), [digests[1]]) is False
     snap = await snaps.read_snapshot("v")
     assert snap is not None and snap.data == state
+    # Once trimmed behind the snapshot, a live state of 4 naming op 3 is refused: the store
+    # can no longer vouch for it (the relay falls back to the history).
+    await snaps.trim("v", keep_from=4, max_len=1000)
+    assert await snaps.write_live_snapshot("v", Snapshot(4, b"{}"), digests[3:1:-1]) is None
+    assert await snaps.write_live_snapshot("v", Snapshot(4, b"{}"), [digests[3]])
 
 
 async def test_compaction_trims_by_bytes(storage: Backend) -> None:
