@@ -258,6 +258,8 @@ def _check_containers(text: str | bytes) -> None:
 # publish path, py-spy). Both are stateless between calls, as json's own defaults are.
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+# A string as _ENCODER writes it (ASCII-only, escaped, quoted).
+_json_str: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 
 def _loads(text: str) -> object:
@@ -560,10 +562,21 @@ def _with_id(t: str, rid: RequestId | None) -> dict[str, object]:
 
 
 def encode_ack(codec: Codec, room: str, seq: int, rid: RequestId | None) -> bytes:
+    if codec == JSON:
+        # One per delta: the bytes json.dumps writes for these fields, without building a
+        # dict and walking it (~4 % of the publish path). Strings go through the encoder's
+        # own escaping (ASCII-only, as _json_payload); an id is a str or an int (parse).
+        head = b'{"t":"ack","room":' if rid is None else _ack_head(rid)
+        return b"%s%s,\"seq\":%d}" % (head, _json_str(room).encode(), seq)
     fields = _with_id("ack", rid)
     fields["room"] = room
     fields["seq"] = seq
     return _payload(codec, fields)
+
+
+def _ack_head(rid: RequestId) -> bytes:
+    value = _json_str(rid) if isinstance(rid, str) else int.__repr__(rid)
+    return b'{"t":"ack","id":%s,"room":' % value.encode()
 
 
 def encode_left(
