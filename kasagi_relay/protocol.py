@@ -567,7 +567,7 @@ def encode_ack(codec: Codec, room: str, seq: int, rid: RequestId | None) -> byte
         # dict and walking it (~4 % of the publish path). Strings go through the encoder's
         # own escaping (ASCII-only, as _json_payload); an id is a str or an int (parse).
         head = b'{"t":"ack","room":' if rid is None else _ack_head(rid)
-        return b"%s%s,\"seq\":%d}" % (head, _json_str(room).encode(), seq)
+        return b'%s%s,"seq":%d}' % (head, _json_str(room).encode(), seq)
     fields = _with_id("ack", rid)
     fields["room"] = room
     fields["seq"] = seq
