@@ -475,14 +475,20 @@ class Room:
         if state is None or self._engine.locked():
             return False
         ops = self.queue
-        if ops:
-            if not _small([doc, *[op.delta for op in ops]], self._size):
+        size = self._size
+        if size is None or b'"copy"' in doc:
+            return False
+        total = len(doc)
+        for op in ops:  # _small, without building its list
+            total += len(op.delta)
+            if b'"copy"' in op.delta:
                 return False
+        if total > SMALL_DELTA or size + GROWTH * total > SMALL_STATE:
+            return False
+        if ops:
             self._head, error = _check_job(state, self._head, ops, doc)
             self._head_used = True
         else:
-            if not _small([doc], self._size):
-                return False
             try:
                 state.check(doc)
             except delta.DeltaError as exc:
