@@ -838,7 +838,8 @@ mod tests {
             ("neg".to_owned(), Scalar::Int(-3)),
         ];
         assert_eq!(fields, want);
-        let patch = br#"{"patch":[{"op":"add","path":"/a","value":1,"extra":2}],"room":"r","room":"s"}"#;
+        let patch =
+            br#"{"patch":[{"op":"add","path":"/a","value":1,"extra":2}],"room":"r","room":"s"}"#;
         let (fields, kind, body) = validate_request(patch).expect("a request");
         assert_eq!((kind, body), validate(patch).unwrap());
         assert_eq!(fields, vec![("room".to_owned(), Scalar::Str("s".into()))]);
