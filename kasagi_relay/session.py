@@ -32,6 +32,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, Protocol
 
@@ -425,7 +426,7 @@ class Session:
         served = 0
         served_bytes = 0
         since = time.perf_counter()
-        ready = _ready_message if isinstance(conn, RelayConnection) else _never_ready
+        ready = _ready_message if _queue_readable(conn) else _never_ready
         try:
             while True:
                 message = ready(conn)
@@ -779,6 +780,18 @@ def _ready_message(conn: ServerConnection) -> str | bytes | None:
     queue.popleft()
     assembler.maybe_resume()
     return message
+
+
+def _queue_readable(conn: ServerConnection) -> bool:
+    """Whether `_ready_message` may read this connection's queue: the relay's own connection
+    class, on a websockets whose assembler has the parts it uses (else `recv()` only)."""
+    assembler = getattr(conn, "recv_messages", None)
+    return (
+        isinstance(conn, RelayConnection)
+        and isinstance(getattr(getattr(assembler, "frames", None), "queue", None), deque)
+        and isinstance(getattr(assembler, "get_in_progress", None), bool)
+        and callable(getattr(assembler, "maybe_resume", None))
+    )
 
 
 def _never_ready(conn: ServerConnection) -> str | bytes | None:
