@@ -73,6 +73,16 @@ def validate(d: bytes | str) -> tuple[str, bytes]:
     """Check that `d` is a well-formed delta; return (kind, body) where kind is "patch" or
     "merge" and body is the compact JSON of the patch array / merge object."""
 
+def validate_request(
+    d: bytes | str,
+) -> tuple[dict[str, str | int | bool | None], str, bytes] | None:
+    """`validate` of a whole request message, with its other top-level members read in the
+    same parse: (those members in document order, a repeated one with its last value; kind;
+    body as `validate` gives it). None when the message is anything else: not valid, not an
+    object, no or both of "patch" and "merge", a member that is not a string, an integer
+    within -2**63 .. 2**64-1, a boolean or null, or a delta `validate` refuses. Never
+    raises but TypeError (not bytes or str)."""
+
 def apply(state: bytes | str, d: bytes | str) -> bytes:
     """Apply one delta to a state. RFC 6902 patches are atomic: on failure (too much work
     included) DeltaError. No size limit."""

@@ -98,6 +98,7 @@ __all__ = [
     "merge",
     "msgpack_to_json",
     "validate",
+    "validate_request",
 ]
 
 IMPLEMENTATION: Final = "python"
@@ -914,6 +915,35 @@ def validate(d: bytes | str) -> tuple[str, bytes]:
     kind, _ = _parse_delta_doc(doc, "delta")
     # The body as sent (compacted, unknown op members kept), like the native engine.
     return kind, _dumps(doc[kind])
+
+
+def validate_request(
+    d: bytes | str,
+) -> tuple[dict[str, str | int | bool | None], str, bytes] | None:
+    """`validate` of a whole request message and its other top-level members, or None
+    (see the native engine's stub)."""
+    try:
+        doc = _loads(d, "delta")
+    except DeltaError:
+        return None
+    if type(doc) is not dict or ("patch" in doc) == ("merge" in doc):
+        return None
+    fields: dict[str, str | int | bool | None] = {}
+    for k, v in doc.items():
+        if k == "patch" or k == "merge":
+            continue
+        # Integers past 64 bits and `-0` parse as floats here too.
+        if v is None or type(v) is str or type(v) is bool or type(v) is int:
+            fields[k] = v
+        else:
+            return None
+    kind = "patch" if "patch" in doc else "merge"
+    try:
+        if kind == "patch":
+            _parse_ops(doc["patch"])
+    except DeltaError:
+        return None
+    return fields, kind, _dumps(doc[kind])
 
 
 def apply(state: bytes | str, d: bytes | str) -> bytes:

@@ -29,6 +29,7 @@ __all__ = [
     "msgpack_to_json",
     "msgpack_to_json_counted",
     "validate",
+    "validate_request",
 ]
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         msgpack_to_json,
         msgpack_to_json_counted,
         validate,
+        validate_request,
     )
 else:
     if os.environ.get("KASAGI_PURE_PYTHON", "") not in ("", "0"):

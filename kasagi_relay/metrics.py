@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Final
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,7 +17,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    values,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "Metrics", "ThrottledLog"]
 
@@ -41,9 +45,86 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class Increments(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Observations(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Tally:
+    """A Counter's increments from the publish path, kept as a Python number and added to
+    the Counter when the registry is read: Counter.inc takes a lock, ~0.8 us, and the path
+    made several per delta (docs/benchmarks.md, "Publish path")."""
+
+    __slots__ = ("counter", "n")
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.n: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.n += amount
+
+    def fold(self) -> None:
+        if self.n:
+            n, self.n = self.n, 0
+            self.counter.inc(n)
+
+
+class _HistogramTally:
+    """A Histogram's observations kept as per-bucket counts and a sum, added to it when the
+    registry is read (Histogram.observe: ~1.7 us, two locks)."""
+
+    __slots__ = ("bounds", "counts", "histogram", "total")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self.bounds = tuple(histogram._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose bound is >= amount, as Histogram.observe picks it.
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+
+    def fold(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        hist = self.histogram
+        hist._sum.inc(self.total)
+        for bucket, n in zip(hist._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+        self.counts = [0] * len(counts)
+        self.total = 0.0
+
+
+class _Fold(Collector):
+    """Registered first, so that reading the registry adds what the tallies hold before any
+    metric is collected (/metrics shows the same values as with direct increments)."""
+
+    def __init__(self) -> None:
+        self.tallies: list[_Tally | _HistogramTally] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for tally in self.tallies:
+            tally.fold()
+        return iter(())
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # In prometheus-client's multiprocess mode (--workers N) every increment is written
+        # to a file another process reads: no tally there, the metrics are the real ones.
+        self._fold: _Fold | None = None
+        if values.ValueClass is values.MutexValue:
+            self._fold = _Fold()
+            r.register(self._fold)
         # `livesum`: with --workers N (prometheus-client's multiprocess mode) a gauge is the
         # sum over the running workers; outside that mode it is ignored.
         live: Final = "livesum"
@@ -62,11 +143,14 @@ class Metrics:
             registry=r,
             multiprocess_mode=live,
         )
-        self.deltas_in = Counter(
-            "kasagi_deltas_in", "Deltas received from clients and acknowledged.", registry=r
+        # Incremented once or more per delta: tallies (see _Tally).
+        self.deltas_in = self._tally(
+            Counter(
+                "kasagi_deltas_in", "Deltas received from clients and acknowledged.", registry=r
+            )
         )
-        self.ops_in = Counter(
-            "kasagi_ops_in", "Sequenced deltas received from the backend.", registry=r
+        self.ops_in = self._tally(
+            Counter("kasagi_ops_in", "Sequenced deltas received from the backend.", registry=r)
         )
         self.frames_out = Counter(
             "kasagi_frames_out", "WebSocket frames written to clients.", registry=r
@@ -75,11 +159,13 @@ class Metrics:
         self.broadcasts = Counter(
             "kasagi_broadcasts", "Delta frames fanned out to a room.", registry=r
         )
-        self.deltas_per_frame = Histogram(
-            "kasagi_deltas_per_frame",
-            "Deltas merged into one broadcast frame.",
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+        self.deltas_per_frame = self._histogram_tally(
+            Histogram(
+                "kasagi_deltas_per_frame",
+                "Deltas merged into one broadcast frame.",
+                buckets=_BATCH_BUCKETS,
+                registry=r,
+            )
         )
         self.send_queue_bytes = Gauge(
             "kasagi_send_queue_bytes",
@@ -143,11 +229,13 @@ class Metrics:
             ["route", "status"],
             registry=r,
         )
-        self.ack_latency = Histogram(
-            "kasagi_ack_latency_seconds",
-            "Time from receiving a delta to sending its ack.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.ack_latency = self._histogram_tally(
+            Histogram(
+                "kasagi_ack_latency_seconds",
+                "Time from receiving a delta to sending its ack.",
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            )
         )
         # Set by kasagi_relay.workers in a worker of --workers N: renders every worker's
         # values (prometheus-client's multiprocess mode) instead of this registry's.
@@ -163,6 +251,20 @@ class Metrics:
             "presence_join and presence_leave messages sent to members.",
             registry=r,
         )
+
+    def _tally(self, counter: Counter) -> Increments:
+        if self._fold is None:
+            return counter
+        tally = _Tally(counter)
+        self._fold.tallies.append(tally)
+        return tally
+
+    def _histogram_tally(self, histogram: Histogram) -> Observations:
+        if self._fold is None:
+            return histogram
+        tally = _HistogramTally(histogram)
+        self._fold.tallies.append(tally)
+        return tally
 
     def track_send_queue(self, total: Callable[[], float]) -> None:
         """Computed at scrape time: summing every buffer on each write would cost more."""

@@ -135,11 +135,15 @@ class RoomService:
     async def _publish(
         self, name: str, kind: DeltaKind, body: bytes, key: str | None, digest: str
     ) -> int:
-        room = await self.registry.load(name)
+        room = self.registry.get(name) or await self.registry.load(name)
         room.last_active = time.monotonic()  # before any await: not idle, not evicted
-        await room.ensure_loaded()
+        if room.state is None:
+            await room.ensure_loaded()
+        doc = delta_doc(kind, body)
         try:
-            await room.check(delta_doc(kind, body))
+            # Checked on the loop when small and free (most deltas), else off it.
+            if not room.check_now(doc):
+                await room.check(doc)
         except delta.DeltaError as exc:
             # A retry of a delta that was stored although its ack was lost (a dropped
             # connection, a failover, another relay) no longer applies: answer what the

@@ -54,8 +54,8 @@ use serde_json::{Map, Value};
 
 // The delta model and pointers moved to their own modules; re-exported for callers.
 pub use crate::delta::{
-    delta_from_value, merge_delta_json, parse_delta, parse_ops, patch_delta_json, validate, Delta,
-    Op,
+    delta_from_value, merge_delta_json, parse_delta, parse_ops, patch_delta_json, validate,
+    validate_request, Delta, Op, Scalar,
 };
 pub use crate::pointer::{get, get_mut, Pointer};
 

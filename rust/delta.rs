@@ -245,6 +245,57 @@ pub fn validate(input: &[u8]) -> Result<(&'static str, Vec<u8>)> {
     Ok((kind, bytes))
 }
 
+/// A member of a request message beside its delta (`validate_request`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Str(String),
+    Int(i64),
+    UInt(u64),
+    Bool(bool),
+    Null,
+}
+
+/// The members read from a request message: the others (in document order) and the
+/// delta as `validate` gives it.
+pub type Request = (Vec<(String, Scalar)>, &'static str, Vec<u8>);
+
+/// `validate` of a whole request message (`{"t":"delta","room":...,"merge":{...}}`), and
+/// its other top-level members from the same parse, so that the relay reads a small
+/// message once. None when the message is anything else: not valid, not an object, no or
+/// both delta members, a member that is not a string, an integer of 64 bits, a boolean or
+/// null, or a delta `validate` refuses. The caller then reads it the long way, which
+/// gives each of those its exact error.
+pub fn validate_request(input: &[u8]) -> Option<Request> {
+    let Ok(Value::Object(mut m)) = json::parse(input) else {
+        return None;
+    };
+    let (kind, body) = match (m.shift_remove("patch"), m.shift_remove("merge")) {
+        (Some(p), None) => ("patch", p),
+        (None, Some(b)) => ("merge", b),
+        _ => return None,
+    };
+    let mut fields = Vec::with_capacity(m.len());
+    for (k, v) in m {
+        let scalar = match v {
+            Value::String(s) => Scalar::Str(s),
+            Value::Bool(b) => Scalar::Bool(b),
+            Value::Null => Scalar::Null,
+            Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => Scalar::Int(i),
+                (None, Some(u)) => Scalar::UInt(u),
+                _ => return None, // a float (also `-0`): the long way
+            },
+            _ => return None,
+        };
+        fields.push((k, scalar));
+    }
+    let bytes = json::to_vec(&body);
+    if kind == "patch" {
+        parse_ops(body).ok()?;
+    }
+    Some((fields, kind, bytes))
+}
+
 /// Parse an RFC 6902 patch document (a JSON array of operation objects).
 pub fn parse_ops(body: Value) -> Result<Vec<Op>> {
     let Value::Array(items) = body else {
@@ -768,6 +819,64 @@ mod tests {
             let slow = json::parse(input).and_then(delta_from_value);
             assert_eq!(fast, slow, "{}", String::from_utf8_lossy(input));
         }
+    }
+
+    #[test]
+    fn validate_request_reads_the_delta_as_validate_and_the_other_members() {
+        let input = br#"{"t":"delta","id":7,"room":"a\u0062","key":null,"ok":true,"big":18446744073709551615,"neg":-3,"merge":{"x":1.50,"y":[1,{"z":null}]}}"#;
+        let (fields, kind, body) = validate_request(input).expect("a request");
+        assert_eq!((kind, body.clone()), validate(input).unwrap());
+        assert_eq!(kind, "merge");
+        assert_eq!(body, br#"{"x":1.5,"y":[1,{"z":null}]}"#.to_vec());
+        let want = vec![
+            ("t".to_owned(), Scalar::Str("delta".into())),
+            ("id".to_owned(), Scalar::Int(7)),
+            ("room".to_owned(), Scalar::Str("ab".into())),
+            ("key".to_owned(), Scalar::Null),
+            ("ok".to_owned(), Scalar::Bool(true)),
+            ("big".to_owned(), Scalar::UInt(u64::MAX)),
+            ("neg".to_owned(), Scalar::Int(-3)),
+        ];
+        assert_eq!(fields, want);
+        let patch =
+            br#"{"patch":[{"op":"add","path":"/a","value":1,"extra":2}],"room":"r","room":"s"}"#;
+        let (fields, kind, body) = validate_request(patch).expect("a request");
+        assert_eq!((kind, body), validate(patch).unwrap());
+        assert_eq!(fields, vec![("room".to_owned(), Scalar::Str("s".into()))]);
+    }
+
+    #[test]
+    fn validate_request_leaves_everything_else_to_the_long_way() {
+        let others: &[&[u8]] = &[
+            br#"{"t":"join","room":"r"}"#,
+            br#"{"t":"delta","patch":[],"merge":{}}"#,
+            br#"{"t":"delta","id":1.0,"merge":{}}"#,
+            br#"{"t":"delta","id":-0,"merge":{}}"#,
+            br#"{"t":"delta","id":18446744073709551616,"merge":{}}"#,
+            br#"{"t":"delta","id":[1],"merge":{}}"#,
+            br#"{"t":{"a":1},"merge":{}}"#,
+            br#"{"t":"delta","patch":{"op":"add"}}"#,
+            br#"{"t":"delta","patch":[{"op":"frob","path":"/a"}]}"#,
+            br#"{"t":"delta","merge":{"a":1e400}}"#,
+            br#"{"t":"delta","room":"\ud800","merge":{}}"#,
+            br#"{"t":"delta","merge":{}} x"#,
+            br#"[{"merge":{}}]"#,
+            b"{\"t\":\"\xff\",\"merge\":{}}",
+            b"",
+        ];
+        for input in others {
+            assert!(
+                validate_request(input).is_none(),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        let deep = format!(
+            "{{\"merge\":{}{}}}",
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert!(validate_request(deep.as_bytes()).is_none());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::room::Room;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
@@ -197,6 +197,42 @@ fn py_validate<'py>(
     let d = input(d, "delta")?;
     let (kind, body) = py.detach(|| apply::validate(&d)).map_err(to_py)?;
     Ok((kind.to_owned(), bytes_out(py, body)?))
+}
+
+/// Messages up to this size are read with the GIL held: releasing and taking it back costs
+/// more than reading them (and a worker thread may hold it for a while).
+const REQUEST_WITH_GIL: usize = 4096;
+
+#[pyfunction(name = "validate_request")]
+#[allow(clippy::type_complexity)]
+fn py_validate_request<'py>(
+    py: Python<'py>,
+    d: &Bound<'py, PyAny>,
+) -> PyResult<Option<(Bound<'py, PyDict>, String, Bound<'py, PyBytes>)>> {
+    let d = match arg_bytes(d) {
+        Ok(d) => d,
+        Err(None) => return Ok(None), // a lone surrogate: the long way says so
+        Err(Some(e)) => return Err(e),
+    };
+    let read = if d.len() <= REQUEST_WITH_GIL {
+        apply::validate_request(&d)
+    } else {
+        py.detach(|| apply::validate_request(&d))
+    };
+    let Some((fields, kind, body)) = read else {
+        return Ok(None);
+    };
+    let out = PyDict::new(py);
+    for (k, v) in fields {
+        match v {
+            apply::Scalar::Str(s) => out.set_item(k, s)?,
+            apply::Scalar::Int(i) => out.set_item(k, i)?,
+            apply::Scalar::UInt(u) => out.set_item(k, u)?,
+            apply::Scalar::Bool(b) => out.set_item(k, b)?,
+            apply::Scalar::Null => out.set_item(k, py.None())?,
+        }
+    }
+    Ok(Some((out, kind.to_owned(), bytes_out(py, body)?)))
 }
 
 #[pyfunction(name = "apply")]
@@ -586,6 +622,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MEMBER_BYTES", crate::json::MEMBER_BYTES)?;
     m.add_class::<RoomState>()?;
     m.add_function(wrap_pyfunction!(py_validate, m)?)?;
+    m.add_function(wrap_pyfunction!(py_validate_request, m)?)?;
     m.add_function(wrap_pyfunction!(py_apply, m)?)?;
     m.add_function(wrap_pyfunction!(py_merge, m)?)?;
     m.add_function(wrap_pyfunction!(py_diff, m)?)?;

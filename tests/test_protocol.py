@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
-from kasagi_relay import delta
+from kasagi_relay import delta, protocol
 from kasagi_relay.fanout import frame
 from kasagi_relay.protocol import (
     INLINE_JSON_CHARS,
@@ -21,6 +21,7 @@ from kasagi_relay.protocol import (
     MSGPACK,
     PEEK_MAX_BYTES,
     BadRequest,
+    Codec,
     Delta,
     DeltaFrame,
     Join,
@@ -588,3 +589,93 @@ def test_auth_requests_and_replies() -> None:
     }
     left = json.loads(encode_left(JSON, "r", None, "forbidden"))
     assert left == {"t": "left", "room": "r", "code": "forbidden"}
+
+
+# ----------------------------------------------------------------- one parse of a delta
+
+_ONE_PARSE = [
+    '{"t":"delta","id":7,"room":"r","merge":{"x":1.50}}',
+    '{"t":"delta","id":"x","room":"r","key":"k1","patch":[{"op":"add","path":"/a","value":1}]}',
+    '{"t":"delta","room":"r","patch":[{"op":"frob","path":"/a"}]}',
+    '{"t":"delta","room":"r","patch":[],"merge":{}}',
+    '{"t":"delta","room":"r"}',
+    '{"t":"delta","room":"bad room!","merge":{}}',
+    '{"t":"delta","merge":{}}',
+    '{"room":"r","merge":{}}',
+    '{"t":"nope","room":"r","merge":{}}',
+    '{"t":"delta","room":"r","key":"","merge":{}}',
+    '{"t":"delta","room":"r","key":7,"merge":{}}',
+    '{"t":"delta","room":"r","key":"' + "k" * 65 + '","merge":{}}',
+    '{"t":"delta","id":1.5,"room":"r","merge":{}}',
+    '{"t":"delta","id":true,"room":"r","merge":{}}',
+    '{"t":"delta","id":-9223372036854775808,"room":"r","merge":{}}',
+    '{"t":"delta","id":18446744073709551615,"room":"r","merge":{}}',
+    '{"t":"delta","id":18446744073709551616,"room":"r","merge":{}}',
+    '{"t":"delta","id":"' + "i" * 200 + '","room":"r","merge":{}}',
+    '{"t":"delta","id":1,"room":"r","room":"s","merge":{"a":1},"merge":{"b":2}}',
+    '{"t":"join","room":"r","since":3,"merge":{}}',
+    '{"t":"leave","room":"r","patch":[]}',
+    '{"t":"auth","token":"tok","merge":{}}',
+    '{"t":"delta","room":"r","merge":{"a":1e400}}',
+    '{"t":"delta","room":"r","merge":' + "[" * 130 + "]" * 130 + "}",
+    '{"t":"delta","room":"r","merge":{}' + "".join(f',"m{i}":1' for i in range(62)) + "}",
+    '{"t":"delta","room":"r","merge":{}' + "".join(f',"m{i}":1' for i in range(63)) + "}",
+    '{"t":"delta","room":"r","merge":' + "[{}]" * 0 + "[" + ",".join(["[]"] * 5000) + "]}",
+    ' {"t":"delta","room":"r","merge":null} ',
+]
+
+
+def _long_way(text: str) -> object:
+    """The reading of a message without the engine's one-parse path."""
+    try:
+        return protocol._parse_object(protocol._json_top(text), lambda kind: text, JSON)
+    except BadRequest as exc:
+        return ("error", exc.code, exc.message, exc.id, exc.room)
+
+
+def _parsed(data: str | bytes, codec: Codec = JSON) -> object:
+    try:
+        return parse(data, codec)
+    except BadRequest as exc:
+        return ("error", exc.code, exc.message, exc.id, exc.room)
+
+
+@pytest.mark.parametrize("text", _ONE_PARSE)
+def test_a_delta_read_in_one_parse_is_what_the_long_way_reads(text: str) -> None:
+    want = _long_way(text)
+    assert _parsed(text) == want
+    assert _parsed(text.encode()) == want  # a binary frame of JSON
+    assert _parsed(text, MSGPACK) == want  # text frames are JSON on either subprotocol
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["t", "id", "room", "key", "merge", "patch", "x"]),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(min_value=-(2**65), max_value=2**65),
+            st.floats(allow_nan=False),
+            st.text(max_size=5),
+            st.sampled_from(["delta", "r", "join"]),
+            st.lists(st.integers(), max_size=2),
+            st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+        ),
+    )
+)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_any_message_reads_the_same_either_way(fields: dict[str, Any]) -> None:
+    text = json.dumps(fields)
+    assert _parsed(text) == _long_way(text)
+
+
+def test_the_ack_is_what_json_dumps_writes() -> None:
+    for rid in (None, 0, -5, 2**64 - 1, -(2**63), "x", 'é\ud800"\\\n', ""):
+        for room in ("r", "a-b_c.d", "ü€"):
+            fields: dict[str, object] = {"t": "ack"}
+            if rid is not None:
+                fields["id"] = rid
+            fields["room"] = room
+            fields["seq"] = 2**63
+            want = json.dumps(fields, separators=(",", ":")).encode()
+            assert encode_ack(JSON, room, 2**63, rid) == want
