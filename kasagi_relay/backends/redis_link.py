@@ -459,12 +459,25 @@ class MasterLink:
             raise NotSent(str(exc) or type(exc).__name__) from exc
         try:
             packed = pack(commands)
+            parser = getattr(conn, "_parser", None)
+            writer = getattr(conn, "_writer", None)
+            if (
+                packed is not None
+                and writer is not None
+                and conn.is_connected
+                and isinstance(parser, _AsyncHiredisParser)
+                and parser._reader is not None
+            ):
+                # The lean path: one write and the replies straight from hiredis, within
+                # one socket timeout. redis-py's send wraps every write in wait_for (a
+                # task, and a loop turn, per round trip) and its reads cost per reply.
+                async with asyncio.timeout(self.socket_timeout_s):
+                    writer.write(packed)
+                    await writer.drain()
+                    return await self._read_replies(parser, len(commands))
             await conn.send_packed_command(
                 conn.pack_commands(commands) if packed is None else packed, check_health=False
             )
-            parser = getattr(conn, "_parser", None)
-            if isinstance(parser, _AsyncHiredisParser) and parser._reader is not None:
-                return await self._read_replies(parser, len(commands))
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -482,21 +495,20 @@ class MasterLink:
             await pool.release(conn)
 
     async def _read_replies(self, parser: _AsyncHiredisParser, n: int) -> list[Any]:
-        """`n` replies straight from the connection's hiredis reader, all within one
-        socket timeout (a frozen server: TimeoutError, a network error). Error replies
-        come back as the exceptions redis-py would raise (hiredis builds them)."""
+        """`n` replies straight from the connection's hiredis reader (the caller bounds
+        the wait). Error replies come back as the exceptions redis-py would raise
+        (hiredis builds them with redis-py's parse_error)."""
         reader = parser._reader
         assert reader is not None
         replies: list[Any] = []
-        async with asyncio.timeout(self.socket_timeout_s):
-            while len(replies) < n:
-                reply = reader.gets()
-                if reply is NOT_ENOUGH_DATA:
-                    await parser.read_from_socket()
-                    continue
-                if isinstance(reply, RedisConnectionError):
-                    raise reply
-                replies.append(reply)
+        while len(replies) < n:
+            reply = reader.gets()
+            if reply is NOT_ENOUGH_DATA:
+                await parser.read_from_socket()
+                continue
+            if isinstance(reply, RedisConnectionError):
+                raise reply
+            replies.append(reply)
         return replies
 
     async def _batched(
