@@ -186,14 +186,13 @@ MAX_BATCH = 256
 class _Batch:
     """Durable FCALLs that go out together (MasterLink._batched)."""
 
-    __slots__ = ("fcalls", "futures", "launched", "needed", "pool")
+    __slots__ = ("fcalls", "futures", "needed", "pool")
 
     def __init__(self, pool: ConnectionPool, needed: int) -> None:
         self.pool = pool
         self.needed = needed
         self.fcalls: list[Sequence[Any]] = []
         self.futures: list[asyncio.Future[tuple[Any, Any]]] = []
-        self.launched = False
 
     def add(self, fcall: Sequence[Any], fut: asyncio.Future[tuple[Any, Any]]) -> None:
         self.fcalls.append(fcall)
@@ -524,24 +523,26 @@ class MasterLink:
         batch = self._batches.get(key)
         if batch is None:
             batch = self._batches[key] = _Batch(pool, needed)
-            asyncio.get_running_loop().call_soon(self._launch, key, batch)
+            # The task's first step runs in the next loop turn, after every FCALL of this
+            # one joined the batch: it closes the batch and sends it at once (a callback
+            # that then started the task cost one more turn per round trip, and with it
+            # the whole turn's work: a broadcast to a large room, for instance).
+            task = asyncio.ensure_future(self._run_batch(key, batch))
+            self._cleanup.add(task)
+            task.add_done_callback(self._cleanup.discard)
         fut: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
         batch.add(fcall, fut)
         if len(batch.fcalls) >= MAX_BATCH:
-            self._launch(key, batch)
+            self._close(key, batch)
         return await fut
 
-    def _launch(self, key: tuple[int, int], batch: _Batch) -> None:
+    def _close(self, key: tuple[int, int], batch: _Batch) -> None:
+        """No more FCALLs join `batch`: the next ones start another."""
         if self._batches.get(key) is batch:
             del self._batches[key]
-        if batch.launched:
-            return
-        batch.launched = True
-        task = asyncio.ensure_future(self._run_batch(batch))
-        self._cleanup.add(task)
-        task.add_done_callback(self._cleanup.discard)
 
-    async def _run_batch(self, batch: _Batch) -> None:
+    async def _run_batch(self, key: tuple[int, int], batch: _Batch) -> None:
+        self._close(key, batch)
         commands: list[Sequence[Any]] = list(batch.fcalls)
         if batch.needed:
             commands.append(("WAIT", batch.needed, self.wait_timeout_ms))
