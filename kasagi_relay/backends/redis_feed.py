@@ -19,6 +19,11 @@ The presence events of the rooms (`room:{R}:presence-events`) travel on a second
 the same class, built with `channel`, `channel_re` and `on_message` (redis_presence.py):
 the same supervisor, probe and resync, carrying messages that are not deltas.
 
+The subscription's replies are read straight from the connection's hiredis reader (redis-py
+sends the commands): every complete reply one socket read brings is handled in one pass, so
+that the messages of one batch of publishes reach the rooms in one loop turn and merge into
+one frame.
+
 After a re-subscription it also compares the last deltas it delivered with what the master
 stores: a delta published but lost in a failover makes the log's next read at or past it
 answer "trimmed" once (`take_divergence`), so the relay resets that room.
@@ -274,7 +279,7 @@ class ChannelFeed:
             # machinery (a dict, a health check, a timeout per message). Commands
             # (SUBSCRIBE, PING...) still go out through `ps`; their replies come here.
             parser = getattr(ps.connection, "_parser", None)
-            reader = parser._reader if isinstance(parser, _AsyncHiredisParser) else None
+            lean = isinstance(parser, _AsyncHiredisParser)
             last_rx = loop.time()
             ping_at: float | None = None
             while not self._closing:
@@ -287,15 +292,17 @@ class ChannelFeed:
                     ping_at = now
                 elif ping_at is not None and now - ping_at > self.probe_timeout_s:
                     raise _Doubt(f"no reply on the subscription for {self.probe_timeout_s}s")
-                if reader is not None:
+                if lean:
+                    assert isinstance(parser, _AsyncHiredisParser)
                     # Every reply already buffered, then at most one read from the socket:
                     # what one read brings (many messages under load) is handled in one go.
-                    got = self._drain(reader)
+                    # The reader is looked up each time: a reconnect gives the parser a new one.
+                    got = self._drain(parser)
                     if not got:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(_READ_WAIT_S):
-                                await parser.read_from_socket()
-                        got = self._drain(reader)
+                                await parser.read_from_socket()  # type: ignore[no-untyped-call]
+                        got = self._drain(parser)
                     if got:
                         last_rx = loop.time()
                         ping_at = None
@@ -361,8 +368,11 @@ class ChannelFeed:
                     with contextlib.suppress(BaseException):
                         await t
 
-    def _drain(self, reader: Any) -> int:
-        """Handle every complete reply in the RESP reader's buffer; how many there were."""
+    def _drain(self, parser: _AsyncHiredisParser) -> int:
+        """Handle every complete reply in the parser's hiredis buffer; how many there were."""
+        reader = parser._reader
+        if reader is None:
+            raise RedisConnectionError("the subscription's connection is closed")
         n = 0
         deliver = self._deliver
         while True:

@@ -15,7 +15,9 @@ command reaches it (docs/design.md, storage).
   something even when it finds an idempotency key: see kasagi.lua). The durable FCALLs of
   one loop turn share the pipeline and its one WAIT (`_batched`): one round trip, not one per
   publish. A call whose outcome is unknown (connection lost after sending) is retried only
-  when it is idempotent (keyed).
+  when it is idempotent (keyed). The batch is packed once (`pack`), written straight to its
+  connection and its replies read from the connection's hiredis reader: a publisher waits
+  for this round trip, and every loop turn or Python object it costs shows per delta.
 
 A Cluster router would hold one link per shard and pick it by the room's hash slot; the
 store and the feed only ask a link for commands.
@@ -62,6 +64,7 @@ __all__ = [
     "addr_pool",
     "command",
     "function_missing",
+    "pack",
     "quick_client",
 ]
 
