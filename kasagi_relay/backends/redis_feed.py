@@ -19,6 +19,11 @@ The presence events of the rooms (`room:{R}:presence-events`) travel on a second
 the same class, built with `channel`, `channel_re` and `on_message` (redis_presence.py):
 the same supervisor, probe and resync, carrying messages that are not deltas.
 
+The subscription's replies are read straight from the connection's hiredis reader (redis-py
+sends the commands): every complete reply one socket read brings is handled in one pass, so
+that the messages of one batch of publishes reach the rooms in one loop turn and merge into
+one frame.
+
 After a re-subscription it also compares the last deltas it delivered with what the master
 stores: a delta published but lost in a failover makes the log's next read at or past it
 answer "trimmed" once (`take_divergence`), so the relay resets that room.
@@ -37,8 +42,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio.client import PubSub
 from redis.exceptions import AskError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from kasagi_relay.backends.base import Listener
 from kasagi_relay.backends.redis_link import MasterLink
@@ -52,6 +59,9 @@ logger = logging.getLogger("kasagi_relay.backends.redis")
 _CHANNEL = re.compile(rb"room:\{(.+)\}:channel")
 _MSG_SEQ = re.compile(rb'\{"seq":(\d+),')
 _RECENT = 64  # delivered deltas remembered per room to detect a lossy failover
+_NAMES_MAX = 65536  # channel names remembered (channel -> room) before starting over
+_READ_WAIT_S = 0.1  # the longest a read waits before the loop looks at its probe and doubts
+_MESSAGE_KINDS = frozenset((b"message", b"smessage"))
 
 
 class _Doubt(Exception):
@@ -92,6 +102,9 @@ class ChannelFeed:
         self.rooms: set[str] = set()
         # Last deltas delivered per room, and the first seq found lost after a failover.
         self._recent: dict[str, deque[tuple[int, bytes]]] = {}
+        # channel -> room (None: not a room channel), so that a message costs a dict
+        # lookup, not a regex match and a decode.
+        self._names: dict[bytes, str | None] = {}
         self._diverged: dict[str, int] = {}
         self._pubsub: PubSub | None = None
         self.ready = asyncio.Event()  # subscribed, every room confirmed
@@ -261,6 +274,12 @@ class ChannelFeed:
                 # Anything published while we were not subscribed is in `ops` only.
                 self.resyncs += 1
                 self.listener.on_resync(None)
+            # The lean reader: with hiredis (a dependency), replies are taken straight
+            # from the connection's RESP reader, skipping PubSub.get_message's per-message
+            # machinery (a dict, a health check, a timeout per message). Commands
+            # (SUBSCRIBE, PING...) still go out through `ps`; their replies come here.
+            parser = getattr(ps.connection, "_parser", None)
+            lean = isinstance(parser, _AsyncHiredisParser)
             last_rx = loop.time()
             ping_at: float | None = None
             while not self._closing:
@@ -273,7 +292,22 @@ class ChannelFeed:
                     ping_at = now
                 elif ping_at is not None and now - ping_at > self.probe_timeout_s:
                     raise _Doubt(f"no reply on the subscription for {self.probe_timeout_s}s")
-                message = await ps.get_message(timeout=0.1)
+                if lean:
+                    assert isinstance(parser, _AsyncHiredisParser)
+                    # Every reply already buffered, then at most one read from the socket:
+                    # what one read brings (many messages under load) is handled in one go.
+                    # The reader is looked up each time: a reconnect gives the parser a new one.
+                    got = self._drain(parser)
+                    if not got:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(_READ_WAIT_S):
+                                await parser.read_from_socket()  # type: ignore[no-untyped-call]
+                        got = self._drain(parser)
+                    if got:
+                        last_rx = loop.time()
+                        ping_at = None
+                    continue
+                message = await ps.get_message(timeout=_READ_WAIT_S)
                 if message is not None:
                     last_rx = loop.time()
                     ping_at = None
@@ -334,6 +368,29 @@ class ChannelFeed:
                     with contextlib.suppress(BaseException):
                         await t
 
+    def _drain(self, parser: _AsyncHiredisParser) -> int:
+        """Handle every complete reply in the parser's hiredis buffer; how many there were."""
+        reader = parser._reader
+        if reader is None:
+            raise RedisConnectionError("the subscription's connection is closed")
+        n = 0
+        deliver = self._deliver
+        while True:
+            reply = reader.gets()
+            if reply is NOT_ENOUGH_DATA:
+                return n
+            n += 1
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] in _MESSAGE_KINDS:
+                deliver(reply[1], reply[2])
+            elif isinstance(reply, list) and reply:
+                kind = reply[0]
+                self._handle({"type": kind, "channel": reply[1] if len(reply) > 1 else None})
+            elif isinstance(reply, RedisConnectionError):
+                raise reply
+            elif isinstance(reply, Exception):
+                # An error reply (a MOVED to an SSUBSCRIBE...): as get_message would raise.
+                raise reply
+
     def _handle(self, message: dict[str, Any] | None) -> None:
         if message is None:
             return
@@ -358,12 +415,21 @@ class ChannelFeed:
         if self._slot_moved is not None:
             self._slot_moved(f"the slot of room {m.group(1).decode()} moved")
 
-    def _deliver(self, channel: bytes, data: bytes) -> None:
+    def _room_of(self, channel: bytes) -> str | None:
+        try:
+            return self._names[channel]
+        except KeyError:
+            pass
         m = self._channel_re.fullmatch(channel)
-        if m is None:
-            return
-        room = m.group(1).decode()
-        if room not in self.rooms:
+        room = None if m is None else m.group(1).decode()
+        if len(self._names) >= _NAMES_MAX:
+            self._names.clear()
+        self._names[channel] = room
+        return room
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        room = self._room_of(channel)
+        if room is None or room not in self.rooms:
             return
         if self._on_message is not None:
             try:

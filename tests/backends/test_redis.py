@@ -536,3 +536,38 @@ async def test_concurrent_publishes_go_out_together_and_fail_alone(tmp_path: Pat
             await r.aclose()
         finally:
             await b.close()
+
+
+async def test_a_burst_reaches_the_feed_whole_and_in_order(backend: RedisBackend) -> None:
+    """More publishes than one pipeline carries (redis_link.MAX_BATCH), in rooms whose
+    names and deltas hold bytes that RESP frames by length (CRLF, `$`, `*`, non-ASCII):
+    each is stored as sent, and the feed (which takes every message one socket read
+    brings at once) hands the listener all of them, room by room in seq order, exactly
+    as stored."""
+    recorder = Recorder()
+    backend.set_listener(recorder)
+    rooms = ["plain", "caf\u00e9 \u65e5\u672c", "a$3*1:{x}"]
+    for room in rooms:
+        await backend.subscribe(room)
+    sent: dict[str, list[bytes]] = {room: [] for room in rooms}
+    calls = []
+    for n in range(600):
+        room = rooms[n % 3]
+        body = json.dumps({"n": n, "s": "x\r\n$5\r\n*2\r\n\u00e9" * (n % 7)}).encode()
+        sent[room].append(body)
+        calls.append(backend.publish(room, "merge", body))
+    await asyncio.gather(*calls)
+    await until(lambda: sum(len(v) for v in recorder.ops.values()) >= 600, what="600 deltas")
+    for room in rooms:
+        got = recorder.ops[room]
+        assert [op.seq for op in got] == list(range(1, 201))
+        stored = await backend.read_ops(room, 0) or []
+        # The channel's message is the stored entry with its seq in front.
+        assert [(op.seq, json.loads(op.delta)) for op in stored] == [
+            (op.seq, {k: v for k, v in json.loads(op.delta).items() if k != "seq"}) for op in got
+        ]
+        # Concurrent publishes have no order among themselves: each is stored once, as sent.
+        assert sorted(json.loads(op.delta)["merge"]["n"] for op in got) == sorted(
+            json.loads(b)["n"] for b in sent[room]
+        )
+        assert {json.dumps(json.loads(op.delta)["merge"]).encode() for op in got} == set(sent[room])
