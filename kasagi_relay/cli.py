@@ -19,6 +19,7 @@ from typing import Final, NoReturn, TypeVar
 from kasagi_relay._version import __version__
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.config import Config, ConfigError
+from kasagi_relay.gcpolicy import Collector
 
 __all__ = ["build_parser", "main", "parse_config"]
 
@@ -815,6 +816,8 @@ async def serve(config: Config, backend: Backend) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    collector = Collector()  # full collections scan only what is new (gcpolicy.py)
+    collector.start(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config.tls_cert is not None:
@@ -825,6 +828,7 @@ async def serve(config: Config, backend: Backend) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _exit_now)
     await relay.stop()
+    collector.stop()
     logger.info("stopped")
     return 0
 
