@@ -818,17 +818,19 @@ async def serve(config: Config, backend: Backend) -> int:
     loop = asyncio.get_running_loop()
     collector = Collector()  # full collections scan only what is new (gcpolicy.py)
     collector.start(loop)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if config.tls_cert is not None:
-        # Renewed certificates are picked up without dropping anyone.
-        loop.add_signal_handler(signal.SIGHUP, relay.reload_tls)
-    await stop.wait()
-    logger.info("shutting down (a second SIGTERM or SIGINT exits at once)")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _exit_now)
-    await relay.stop()
-    collector.stop()
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if config.tls_cert is not None:
+            # Renewed certificates are picked up without dropping anyone.
+            loop.add_signal_handler(signal.SIGHUP, relay.reload_tls)
+        await stop.wait()
+        logger.info("shutting down (a second SIGTERM or SIGINT exits at once)")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _exit_now)
+        await relay.stop()
+    finally:
+        collector.stop()  # also when cancelled (serve run inside another program)
     logger.info("stopped")
     return 0
 
