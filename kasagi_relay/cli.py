@@ -19,6 +19,7 @@ from typing import Final, NoReturn, TypeVar
 from kasagi_relay._version import __version__
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.config import Config, ConfigError
+from kasagi_relay.gcpolicy import Collector
 
 __all__ = ["build_parser", "main", "parse_config"]
 
@@ -815,16 +816,21 @@ async def serve(config: Config, backend: Backend) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if config.tls_cert is not None:
-        # Renewed certificates are picked up without dropping anyone.
-        loop.add_signal_handler(signal.SIGHUP, relay.reload_tls)
-    await stop.wait()
-    logger.info("shutting down (a second SIGTERM or SIGINT exits at once)")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _exit_now)
-    await relay.stop()
+    collector = Collector()  # full collections scan only what is new (gcpolicy.py)
+    collector.start(loop)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if config.tls_cert is not None:
+            # Renewed certificates are picked up without dropping anyone.
+            loop.add_signal_handler(signal.SIGHUP, relay.reload_tls)
+        await stop.wait()
+        logger.info("shutting down (a second SIGTERM or SIGINT exits at once)")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _exit_now)
+        await relay.stop()
+    finally:
+        collector.stop()  # also when cancelled (serve run inside another program)
     logger.info("stopped")
     return 0
 

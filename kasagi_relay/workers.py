@@ -399,6 +399,7 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
 
     from kasagi_relay.backends.factory import build_backend
     from kasagi_relay.cli import _exit_now, raise_open_files_limit
+    from kasagi_relay.gcpolicy import Collector
     from kasagi_relay.server import Relay
 
     state_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
@@ -432,6 +433,8 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
     os.write(ready_fd, _READY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    collector = Collector()  # full collections scan only what is new (gcpolicy.py)
+    collector.start(loop)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     if config.tls_cert is not None:
         loop.add_signal_handler(signal.SIGHUP, relay.reload_tls)
@@ -456,6 +459,7 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
     refresher.cancel()
     loop.add_signal_handler(signal.SIGTERM, _exit_now)
     await relay.stop()
+    collector.stop()
     return 0
 
 

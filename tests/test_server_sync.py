@@ -307,6 +307,31 @@ async def test_healthz_and_metrics() -> None:
             assert line in text, line
 
 
+async def test_fanout_counters_count_every_room_and_member() -> None:
+    # Rooms flushed in one loop turn are counted once per turn: the totals still hold
+    # every broadcast and every frame.
+    async with (
+        start_relay() as relay,
+        connect_client(relay.url) as a,
+        connect_client(relay.url) as b,
+        connect_client(relay.url) as p,
+    ):
+        rooms = ["c1", "c2", "c3"]
+        for room in rooms:
+            await a.join(room)
+            await b.join(room)
+        for i, room in enumerate(rooms):  # in flight together: likely flushed in one turn
+            await p.delta(room, add("/a", 1), id=i, wait_ack=False)
+        for _ in rooms:
+            await p.expect("ack")
+        for client in (a, b):
+            for _ in rooms:
+                await client.expect("delta")
+        text = relay.metrics.render()
+        assert b"kasagi_broadcasts_total 3.0" in text
+        assert b"kasagi_frames_out_total 6.0" in text
+
+
 async def test_two_relays_in_one_process_have_their_own_metrics() -> None:
     async with start_relay() as r1, start_relay() as r2, connect_client(r1.url) as a:
         await a.delta("x", add("/a", 1))
