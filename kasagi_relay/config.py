@@ -123,6 +123,9 @@ class Config:
     log_format: str = "text"
     # The inspector page and /kasagi-client.js (kasagi_relay/inspector.py).
     inspector: bool = True
+    # Garbage collection (gcpolicy.py): "freeze" scans only what is new once a second and runs
+    # a full collection when the heap doubles; "default" leaves CPython's own collections.
+    gc: str = "freeze"
 
     @property
     def ack_level(self) -> AckLevel:

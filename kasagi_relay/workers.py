@@ -433,8 +433,9 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
     os.write(ready_fd, _READY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    collector = Collector()  # full collections scan only what is new (gcpolicy.py)
-    collector.start(loop)
+    collector = Collector() if config.gc == "freeze" else None  # gcpolicy.py
+    if collector is not None:
+        collector.start(loop)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     if config.tls_cert is not None:
         loop.add_signal_handler(signal.SIGHUP, relay.reload_tls)
@@ -459,7 +460,8 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
     refresher.cancel()
     loop.add_signal_handler(signal.SIGTERM, _exit_now)
     await relay.stop()
-    collector.stop()
+    if collector is not None:
+        collector.stop()
     return 0
 
 

@@ -54,6 +54,7 @@ def test_help_explains_every_flag() -> None:
         ("--max-rooms", "KASAGI_MAX_ROOMS"),
         ("--max-loaded-rooms", "KASAGI_MAX_LOADED_ROOMS"),
         ("--no-inspector", "KASAGI_NO_INSPECTOR"),
+        ("--gc", "KASAGI_GC"),
         ("--jwt-secret", "KASAGI_JWT_SECRET"),
         ("--jwt-secret-file", "KASAGI_JWT_SECRET_FILE"),
         ("--jwt-public-key", "KASAGI_JWT_PUBLIC_KEY"),
@@ -132,6 +133,10 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KASAGI_MAX_LOADED_ROOMS", "0")
     assert parse_config([]).max_loaded_rooms == 0
     assert parse_config(["--max-loaded-rooms", "50"]).max_loaded_rooms == 50
+    assert parse_config([]).gc == "freeze"
+    monkeypatch.setenv("KASAGI_GC", "default")
+    assert parse_config([]).gc == "default"
+    assert parse_config(["--gc", "freeze"]).gc == "freeze"
     # --max-state-memory defaults to 8x --max-state-bytes, whichever way that is set.
     assert parse_config([]).max_state_memory == 64 * 1024 * 1024 == Config().max_state_memory
     assert parse_config(["--max-state-bytes", "1MiB"]).max_state_memory == 8 * 1024 * 1024
