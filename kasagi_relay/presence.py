@@ -48,7 +48,7 @@ from typing import Any, Final
 
 from kasagi_relay.backends.base import Presence, PresenceOp
 from kasagi_relay.domain import BackendUnavailable, Identity
-from kasagi_relay.fanout import Member
+from kasagi_relay.fanout import Member, broadcast
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import Codec, encode_presence_event
 
@@ -113,6 +113,26 @@ _J_SEQ = itertools.count()
 # Entry heads cached per connection (the identity they were made of): a member joining
 # and leaving rooms re-encodes nothing. Cleared whole past this size.
 HEADS_MAX: Final = 65_536
+
+
+class _EventFrame:
+    """One `presence_join` / `presence_leave`, encoded at most once per subprotocol."""
+
+    __slots__ = ("encoded", "kind", "member", "room")
+
+    def __init__(self, kind: str, room: str, member: dict[str, Any]) -> None:
+        self.kind = kind
+        self.room = room
+        self.member = member
+        self.encoded: dict[Codec, bytes] = {}
+
+    def payload(self, codec: Codec) -> bytes:
+        data = self.encoded.get(codec)
+        if data is None:
+            data = self.encoded[codec] = encode_presence_event(
+                codec, self.kind, self.room, self.member
+            )
+        return data
 
 
 def _head(conn: str, who: Identity) -> bytes:
@@ -474,22 +494,19 @@ class PresenceHub:
             log.append((kind, conn, j, member))
         if not deliver:
             return
-        payloads: dict[Codec, bytes] = {}
-        sent = 0
-        for writer, own in list(watch.listeners.items()):
-            if own == conn:
-                continue  # not about itself
-            payload = payloads.get(writer.codec)
-            if payload is None:
-                try:
-                    payload = payloads[writer.codec] = encode_presence_event(
-                        writer.codec, kind, room, member
-                    )
-                except (ValueError, TypeError, OverflowError):
-                    logger.warning("room %s: presence entry cannot be encoded", room)
-                    return
-            if writer.send(payload):
-                sent += 1
+        listeners = [writer for writer, own in watch.listeners.items() if own != conn]
+        if not listeners:
+            return
+        message = _EventFrame(kind, room, member)
+        try:
+            # Encoded once per subprotocol before anything is sent (all or nothing)...
+            for codec in {writer.codec for writer in listeners}:
+                message.payload(codec)
+        except (ValueError, TypeError, OverflowError):
+            logger.warning("room %s: presence entry cannot be encoded", room)
+            return
+        # ... and written like a delta (the native loop: one frame, many sockets, one call).
+        sent, _ = broadcast(listeners, message)
         if sent:
             self.metrics.presence_events.inc(sent)
 
