@@ -12,8 +12,9 @@ mode:
 - join rate: the compiled load generator of benches/peers (`-mode joins`, Go) opens
   `--clients` connections in rooms of `--room-size`, each one joining its room, waiting for
   `joined`, leaving, waiting for `left`, in a loop for `--seconds`: join+leave cycles/s, and
-  the relay's CPU per cycle over the same window (from /proc; the primary figure: it is what
-  presence costs the relay, whatever bounds the rate). With presence on, each join and leave
+  the relay's and Redis's CPU per cycle over the same window (from /proc; the primary
+  figures: they are what presence costs the relay and its core, whatever bounds the rate
+  on a shared machine). With presence on, each join and leave
   also writes the entry in Redis and sends a presence event to every other member of the
   room (they all asked for events). The relay and its Redis are pinned to core 0, the load
   generator to core 1 (`taskset`), so the client does not take the relay's CPU; its own CPU
@@ -80,10 +81,11 @@ def pin(pid: int, core: int) -> None:
 
 
 async def join_rate(
-    url: str, pid: int, clients: int, room_size: int, seconds: float, on: bool
+    url: str, pid: int, redis_pid: int, clients: int, room_size: int, seconds: float, on: bool
 ) -> dict[str, float]:
-    """The load generator's join+leave loop; cycles/s, the relay's CPU per cycle (us) and
-    the load generator's CPU share, over its measured window."""
+    """The load generator's join+leave loop; cycles/s, the relay's and Redis's CPU per
+    cycle (us; both on core 0) and the load generator's CPU share, over its measured
+    window."""
     rooms = max(1, clients // room_size)
     argv = [
         str(loadgen()), "-system", "kasagi", "-url", url, "-mode", "joins",
@@ -94,14 +96,14 @@ async def join_rate(
         argv = ["taskset", "-c", "1", *argv]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
-    cpu0 = cpu = 0.0
+    cpu0 = cpu = redis0 = redis = 0.0
     res: dict[str, Any] = {}
     async for raw in proc.stdout:
         line = raw.decode().strip()
         if line == "MEASURE_START":
-            cpu0 = cpu_seconds(pid)
+            cpu0, redis0 = cpu_seconds(pid), cpu_seconds(redis_pid)
         elif line == "MEASURE_END":
-            cpu = cpu_seconds(pid) - cpu0
+            cpu, redis = cpu_seconds(pid) - cpu0, cpu_seconds(redis_pid) - redis0
         elif line.startswith("{"):
             res = json.loads(line)
     if await proc.wait() != 0 or not res.get("cycles"):
@@ -111,6 +113,7 @@ async def join_rate(
     return {
         "joins_per_s": res["cycles_per_s"],
         "relay_cpu_us_per_join": cpu / res["cycles"] * 1e6,
+        "redis_cpu_us_per_join": redis / res["cycles"] * 1e6,
         "relay_cpu_share": cpu / res["seconds"],
         "loadgen_cpu_share": res["loadgen_cpu"],
         "events_per_s": res["events_per_s"],
@@ -237,7 +240,13 @@ async def main() -> None:
                 async with relay_process(*base, "--presence", flag, env={}) as proc:
                     pin(proc.proc.pid, 0)
                     joins = await join_rate(
-                        proc.url, proc.proc.pid, a.clients, a.room_size, a.seconds, on
+                        proc.url,
+                        proc.proc.pid,
+                        topo.servers[0].pid,
+                        a.clients,
+                        a.room_size,
+                        a.seconds,
+                        on,
                     )
                     acks, frames = await delta_rate(proc.url, a.delta_members, a.seconds, on)
                 r = runs.setdefault(mode, {})
