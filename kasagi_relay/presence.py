@@ -10,11 +10,12 @@ is told from it). The hub (one per relay):
   (`watch`) before its `joined`. The writes are queued, not awaited: ONE writer sends
   everything queued as one batch (`Presence.write`: one pipeline on Redis), and what is
   queued while a batch is under way goes in the next. One batch at a time, in queue
-  order, and refreshes between batches, never during one: a member's remove always
-  reaches the backend after its add (the backend announces its join before its leave)
-  and after any refresh that still held its entry. A `presence` read waits for the
-  writes queued before it. No task, future or retry loop per write: a failed batch is
-  retried whole by the backend (every write is safe to repeat);
+  order: a member's remove always reaches the backend after its add (the backend
+  announces its join before its leave). A batch that removes or replaces an entry a
+  refresh under way is writing waits for that refresh (else the refresh would write it
+  back). A `presence` read waits for the writes queued before it. No task, future or
+  retry loop per write: a failed batch is retried whole by the backend (every write is
+  safe to repeat);
 - re-writes a member's entries with its new `info` when its token is refreshed
   (`reidentify`: same `j`, so no event), queued like the rest;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
@@ -60,6 +61,9 @@ logger = logging.getLogger("kasagi_relay.presence")
 TOMBSTONES_MAX: Final = 100_000
 # A read of more entries than this is decoded in a worker thread.
 THREAD_ENTRIES: Final = 500
+# Writes per batch (one pipeline): bounds one round trip's size and the server's time on
+# it when thousands of members go at once (a relay stopping); the rest go next.
+BATCH_MAX: Final = 1000
 # How long close() waits for the writes queued (then the entries expire by TTL).
 CLOSE_TIMEOUT_S: Final = 5.0
 
@@ -329,9 +333,11 @@ class PresenceHub:
     async def _write_loop(self) -> None:
         try:
             while self._queue:
-                ops, self._queue = self._queue, []
-                done = self._sending_done = self._next_done
-                self._next_done = None
+                ops, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+                done = None
+                if not self._queue:  # the reads waiting for the queue wait for this batch
+                    done, self._next_done = self._next_done, None
+                self._sending_done = done
                 try:
                     while self._conflicts(ops):
                         await asyncio.shield(self._refreshing[2])  # type: ignore[index]
