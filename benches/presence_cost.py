@@ -7,15 +7,22 @@ room of 5,000 members.
         [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000] [--requests 50]
         [--json out.json]
 
-Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI); the clients
-are raw websockets clients in this process (JSON). Measured per mode:
-- join rate: `--clients` connections in rooms of `--room-size`, each one joining its room,
-  waiting for `joined`, leaving, waiting for `left`, in a loop for `--seconds`: joins/s.
-  With presence on, each join and leave also writes the entry in Redis and sends a
-  presence event to every other member of the room (they all asked for events);
+Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI). Measured per
+mode:
+- join rate: the compiled load generator of benches/peers (`-mode joins`, Go) opens
+  `--clients` connections in rooms of `--room-size`, each one joining its room, waiting for
+  `joined`, leaving, waiting for `left`, in a loop for `--seconds`: join+leave cycles/s, and
+  the relay's and Redis's CPU per cycle over the same window (from /proc; the primary
+  figures: they are what presence costs the relay and its core, whatever bounds the rate
+  on a shared machine). With presence on, each join and leave
+  also writes the entry in Redis and sends a presence event to every other member of the
+  room (they all asked for events). The relay and its Redis are pinned to core 0, the load
+  generator to core 1 (`taskset`), so the client does not take the relay's CPU; its own CPU
+  share is reported (near 1.0: the client bounded the rate);
 - delta throughput: one room of `--delta-members` members (all asking for presence events
   when on), one writer with 32 deltas in flight for `--seconds`: deltas acknowledged per
-  second, and delta frames received by the members per second.
+  second, and delta frames received by the members per second (websockets clients in this
+  process, which runs on core 1).
 A third mode, `entries`: presence on but no member asks for events (`"presence": false`):
 what the entries alone cost (written and removed in Redis, no events sent).
 The modes alternate `--rounds` times; the medians are reported, with every run.
@@ -32,7 +39,9 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +49,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from benches.peers.build import loadgen
 from kasagi_relay.backends.redis import RedisBackend
 from kasagi_relay.domain import Identity
 from kasagi_relay.presence import _entry
@@ -60,31 +70,54 @@ async def recv_type(ws: ClientConnection, t: str) -> None:
                 return
 
 
-async def join_rate(url: str, clients: int, room_size: int, seconds: float, on: bool) -> float:
-    async with contextlib.AsyncExitStack() as stack:
-        conns = [
-            await stack.enter_async_context(connect(url, compression=None, max_size=None))
-            for _ in range(clients)
-        ]
-        joins = 0
-        end = 0.0
+def pin(pid: int, core: int) -> None:
+    """Every thread of `pid` onto `core` (nothing without taskset or a second core)."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > core:
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", str(core), str(pid)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
-        async def loop(i: int, ws: ClientConnection) -> None:
-            nonlocal joins
-            room = f"j{i // room_size}"
-            join = json.dumps({"t": "join", "room": room, "presence": on})
-            leave = json.dumps({"t": "leave", "room": room})
-            while time.monotonic() < end:
-                await ws.send(join)
-                await recv_type(ws, "joined")
-                joins += 1
-                await ws.send(leave)
-                await recv_type(ws, "left")
 
-        end = time.monotonic() + seconds
-        t0 = time.monotonic()
-        await asyncio.gather(*(loop(i, ws) for i, ws in enumerate(conns)))
-        return joins / (time.monotonic() - t0)
+async def join_rate(
+    url: str, pid: int, redis_pid: int, clients: int, room_size: int, seconds: float, on: bool
+) -> dict[str, float]:
+    """The load generator's join+leave loop; cycles/s, the relay's and Redis's CPU per
+    cycle (us; both on core 0) and the load generator's CPU share, over its measured
+    window."""
+    rooms = max(1, clients // room_size)
+    argv = [
+        str(loadgen()), "-system", "kasagi", "-url", url, "-mode", "joins",
+        f"-presence={'true' if on else 'false'}", "-rooms", str(rooms),
+        "-members", str(room_size), "-warmup", "1", "-duration", str(seconds),
+    ]  # fmt: skip
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        argv = ["taskset", "-c", "1", *argv]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    cpu0 = cpu = redis0 = redis = 0.0
+    res: dict[str, Any] = {}
+    async for raw in proc.stdout:
+        line = raw.decode().strip()
+        if line == "MEASURE_START":
+            cpu0, redis0 = cpu_seconds(pid), cpu_seconds(redis_pid)
+        elif line == "MEASURE_END":
+            cpu, redis = cpu_seconds(pid) - cpu0, cpu_seconds(redis_pid) - redis0
+        elif line.startswith("{"):
+            res = json.loads(line)
+    if await proc.wait() != 0 or not res.get("cycles"):
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {res}")
+    if res.get("errors"):
+        raise RuntimeError(f"loadgen saw errors: {res}")
+    return {
+        "joins_per_s": res["cycles_per_s"],
+        "relay_cpu_us_per_join": cpu / res["cycles"] * 1e6,
+        "redis_cpu_us_per_join": redis / res["cycles"] * 1e6,
+        "relay_cpu_share": cpu / res["seconds"],
+        "loadgen_cpu_share": res["loadgen_cpu"],
+        "events_per_s": res["events_per_s"],
+    }
 
 
 async def delta_rate(url: str, members: int, seconds: float, on: bool) -> tuple[float, float]:
@@ -187,7 +220,11 @@ async def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
     }
     with tempfile.TemporaryDirectory() as tmp:
+        # This process (the delta clients) on core 1; the relays and Redis on core 0.
+        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+            os.sched_setaffinity(0, {1})
         topo = start_topology(Path(tmp) / "redis", sentinels=False)
+        pin(topo.servers[0].pid, 0)
         try:
             redis_url = f"redis://127.0.0.1:{topo.servers[0].port}/0"
             base = [
@@ -201,36 +238,35 @@ async def main() -> None:
                 on = mode == "on"
                 flag = "off" if mode == "off" else "on"
                 async with relay_process(*base, "--presence", flag, env={}) as proc:
-                    cpu0 = cpu_seconds(proc.proc.pid)
-                    joins = await join_rate(proc.url, a.clients, a.room_size, a.seconds, on)
-                    # The relay's CPU per join + leave cycle: what presence costs it,
-                    # less sensitive to the machine's load than the rates.
-                    cpu_us = (cpu_seconds(proc.proc.pid) - cpu0) / (joins * a.seconds) * 1e6
+                    pin(proc.proc.pid, 0)
+                    joins = await join_rate(
+                        proc.url,
+                        proc.proc.pid,
+                        topo.servers[0].pid,
+                        a.clients,
+                        a.room_size,
+                        a.seconds,
+                        on,
+                    )
                     acks, frames = await delta_rate(proc.url, a.delta_members, a.seconds, on)
-                r = runs.setdefault(
-                    mode,
-                    {
-                        "joins_per_s": [],
-                        "relay_cpu_us_per_join": [],
-                        "acks_per_s": [],
-                        "frames_per_s": [],
-                    },
-                )
-                r["joins_per_s"].append(joins)
-                r["relay_cpu_us_per_join"].append(cpu_us)
-                r["acks_per_s"].append(acks)
-                r["frames_per_s"].append(frames)
-                print(mode, round(joins), round(cpu_us), round(acks), round(frames), flush=True)
+                r = runs.setdefault(mode, {})
+                for k, v in {**joins, "acks_per_s": acks, "frames_per_s": frames}.items():
+                    r.setdefault(k, []).append(v)
+                print(mode, {k: round(v[-1], 2) for k, v in r.items()}, flush=True)
             results = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in runs.items()}
             out["runs"] = {
-                m: {k: [round(x) for x in v] for k, v in r.items()} for m, r in runs.items()
+                m: {k: [round(x, 2) for x in v] for k, v in r.items()} for m, r in runs.items()
             }
-            out["modes"] = {m: {k: round(v, 1) for k, v in r.items()} for m, r in results.items()}
+            out["modes"] = {m: {k: round(v, 2) for k, v in r.items()} for m, r in results.items()}
             out["ratio_on_off"] = {
-                k: round(results["on"][k] / results["off"][k], 3) for k in results["on"]
+                k: round(results["on"][k] / results["off"][k], 3)
+                for k in results["on"]
+                if results["off"][k]
             }
             out["ratio_entries_off"] = {
-                k: round(results["entries"][k] / results["off"][k], 3) for k in results["on"]
+                k: round(results["entries"][k] / results["off"][k], 3)
+                for k in results["on"]
+                if results["off"][k]
             }
             async with relay_process(*base, env={}) as proc:
                 out["presence_request"] = await presence_time(

@@ -520,7 +520,13 @@ def direct_fd(conn: ServerConnection) -> int:
     return fd
 
 
-def broadcast(members: Iterable[Member], message: DeltaFrame) -> tuple[int, int]:
+class Encoded(Protocol):
+    """A message encoded at most once per subprotocol (DeltaFrame, a presence event)."""
+
+    def payload(self, codec: Codec) -> bytes: ...
+
+
+def broadcast(members: Iterable[Member], message: DeltaFrame | Encoded) -> tuple[int, int]:
     """Write `message` to every member, encoding it at most once per subprotocol.
 
     Returns (frames written, bytes written)."""

@@ -5,14 +5,19 @@ compact JSON `{"conn":C,"sub":S,"info":{...},"j":J}`, where `j` is unique per jo
 connection that leaves and joins again is a new member, and a stale copy of an old entry
 is told from it). The hub (one per relay):
 
-- writes an entry when a member joins (`add`, in the background: a `presence` read waits
-  for this relay's writes under way) and removes it when the member leaves, closes, is
-  dropped (1013) or the relay stops (`leave`, in the background); a joiner that asked for
-  events is subscribed (`watch`) before its `joined`. The operations of one member run
-  in order: a remove waits for its add, so the backend announces a member's join before
-  its leave;
+- writes an entry when a member joins and removes it when the member leaves, closes, is
+  dropped (1013) or the relay stops; a joiner that asked for events is subscribed
+  (`watch`) before its `joined`. The writes are queued, not awaited: ONE writer sends
+  everything queued as one batch (`Presence.write`: one pipeline on Redis), and what is
+  queued while a batch is under way goes in the next. One batch at a time, in queue
+  order: a member's remove always reaches the backend after its add (the backend
+  announces its join before its leave). A batch that removes or replaces an entry a
+  refresh under way is writing waits for that refresh (else the refresh would write it
+  back). A `presence` read waits for the writes queued before it. No task, future or
+  retry loop per write: a failed batch is retried whole by the backend (every write is
+  safe to repeat);
 - re-writes a member's entries with its new `info` when its token is refreshed
-  (`reidentify`: same `j`, so no event), after the member's operations under way;
+  (`reidentify`: same `j`, so no event), queued like the rest;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
   subscription was re-made: a new master may lack them), which also makes the backend
   take out the entries of relays that stopped refreshing (dead) and announce their leave;
@@ -33,20 +38,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from kasagi_relay.backends.base import Presence
+from kasagi_relay.backends.base import Presence, PresenceOp
 from kasagi_relay.domain import BackendUnavailable, Identity
-from kasagi_relay.fanout import Member
+from kasagi_relay.fanout import Member, broadcast
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import Codec, encode_presence_event
 
@@ -58,7 +61,10 @@ logger = logging.getLogger("kasagi_relay.presence")
 TOMBSTONES_MAX: Final = 100_000
 # A read of more entries than this is decoded in a worker thread.
 THREAD_ENTRIES: Final = 500
-# How long close() waits for the removes under way (then the entries expire by TTL).
+# Writes per batch (one pipeline): bounds one round trip's size and the server's time on
+# it when thousands of members go at once (a relay stopping); the rest go next.
+BATCH_MAX: Final = 1000
+# How long close() waits for the writes queued (then the entries expire by TTL).
 CLOSE_TIMEOUT_S: Final = 5.0
 
 
@@ -67,8 +73,6 @@ class _Local:
     conn: str
     entry: bytes
     events: bool
-    # The member's last backend operation: the next one waits for it.
-    last: asyncio.Future[None] | None = None
 
 
 _Event = tuple[str, str, str, dict[str, Any]]
@@ -113,6 +117,26 @@ _J_SEQ = itertools.count()
 # Entry heads cached per connection (the identity they were made of): a member joining
 # and leaving rooms re-encodes nothing. Cleared whole past this size.
 HEADS_MAX: Final = 65_536
+
+
+class _EventFrame:
+    """One `presence_join` / `presence_leave`, encoded at most once per subprotocol."""
+
+    __slots__ = ("encoded", "kind", "member", "room")
+
+    def __init__(self, kind: str, room: str, member: dict[str, Any]) -> None:
+        self.kind = kind
+        self.room = room
+        self.member = member
+        self.encoded: dict[Codec, bytes] = {}
+
+    def payload(self, codec: Codec) -> bytes:
+        data = self.encoded.get(codec)
+        if data is None:
+            data = self.encoded[codec] = encode_presence_event(
+                codec, self.kind, self.room, self.member
+            )
+        return data
 
 
 def _head(conn: str, who: Identity) -> bytes:
@@ -185,12 +209,18 @@ class PresenceHub:
         # room -> writer -> its entry
         self.local: dict[str, dict[Member, _Local]] = {}
         self.watches: dict[str, _Watch] = {}
-        self._tasks: set[asyncio.Future[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._refresh_now = asyncio.Event()
         self._resynced = False
-        # room -> its refresh under way (a remove waits for it)
-        self._refreshing: dict[str, asyncio.Future[None]] = {}
+        # The writes not sent yet, in order, and the writer sending them (None: idle).
+        self._queue: list[PresenceOp] = []
+        self._writer: asyncio.Task[None] | None = None
+        # Resolved when the queued writes (next) / the batch under way (sending) are done:
+        # made only when a read waits for them.
+        self._next_done: asyncio.Future[None] | None = None
+        self._sending_done: asyncio.Future[None] | None = None
+        # The refresh under way: (room, the entries it writes, resolved when done).
+        self._refreshing: tuple[str, dict[str, bytes], asyncio.Future[None]] | None = None
         # conn -> (the identity, its entry head)
         self._heads: dict[str, tuple[Identity, bytes]] = {}
         presence.set_listener(self)
@@ -203,11 +233,12 @@ class PresenceHub:
             self._refresher.set_name("kasagi-presence-refresh")
 
     async def close(self) -> None:
-        """Wait (bounded) for the removes under way, then stop refreshing."""
-        if self._tasks:
+        """Wait (bounded) for the writes queued, then stop refreshing."""
+        writer = self._writer
+        if writer is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                    await asyncio.shield(writer)
         task, self._refresher = self._refresher, None
         if task is not None:
             task.cancel()
@@ -225,7 +256,7 @@ class PresenceHub:
         await self._watch(room)
 
     def join(self, room: str, member: Member, conn: str, who: Identity, events: bool) -> None:
-        """Make `member` present in `room`: its entry is written in the background (a
+        """Make `member` present in `room`: its entry is queued for the writer (a
         `presence` read on this relay waits for it; on an unavailable backend the next
         refresh writes it). A second join of the same member keeps its entry: no event."""
         watch = self.watches.get(room)
@@ -238,7 +269,7 @@ class PresenceHub:
             return
         local = entries[member] = _Local(conn, _entry(conn, who, self._head(conn, who)), events)
         self.metrics.presence_entries.inc()
-        self._chain(local, lambda: self.presence.add(room, conn, local.entry, self.ttl_s))
+        self._write((room, conn, local.entry, True))
 
     def _head(self, conn: str, who: Identity) -> bytes:
         held = self._heads.get(conn)
@@ -252,7 +283,7 @@ class PresenceHub:
 
     def reidentify(self, member: Member, conn: str, who: Identity) -> None:
         """`member`'s identity changed (a token refresh): its entries are re-written with
-        the new `info`, in the background, each after the member's operations under way.
+        the new `info`, queued after the member's writes.
         The member stays the same (same `j`): no event; reads show the new info."""
         head = self._head(conn, who)
         for room, entries in self.local.items():
@@ -263,11 +294,7 @@ class PresenceHub:
             if entry == local.entry:
                 continue
             local.entry = entry
-            self._chain(
-                local,
-                functools.partial(self.presence.add, room, conn, entry, self.ttl_s),
-                self._refreshing.get(room),
-            )
+            self._write((room, conn, entry, True))
 
     def listen(self, room: str, member: Member) -> None:
         """From now on `member` gets the room's events (after its `joined`)."""
@@ -278,7 +305,7 @@ class PresenceHub:
             watch.idle_since = None
 
     def leave(self, room: str, member: Member) -> None:
-        """`member` is no longer in `room`: its leave goes out in the background."""
+        """`member` is no longer in `room`: its remove is queued for the writer."""
         entries = self.local.get(room)
         local = entries.pop(member, None) if entries is not None else None
         if entries is not None and not entries:
@@ -293,46 +320,74 @@ class PresenceHub:
         if local is None:
             return
         self.metrics.presence_entries.dec()
-        # After a refresh of the room under way, which may hold this entry still.
-        self._chain(
-            local,
-            lambda: self.presence.remove(room, local.conn, local.entry),
-            self._refreshing.get(room),
-        )
+        self._write((room, local.conn, local.entry, False))
 
-    def _chain(
-        self,
-        local: _Local,
-        op: Callable[[], Awaitable[None]],
-        also: asyncio.Future[None] | None = None,
-    ) -> asyncio.Future[None]:
-        previous = [f for f in (local.last, also) if f is not None and not f.done()]
-        if not previous:
-            # The common case (a join, a leave long after it): no wrapper coroutine.
-            task = local.last = self._spawn(op())
-            return task
+    # ------------------------------------------------------------------ writes
 
-        async def run() -> None:
-            for f in previous:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(f)
-            await op()
+    def _write(self, op: PresenceOp) -> None:
+        self._queue.append(op)
+        if self._writer is None:
+            # Starts on the next turn of the loop: this turn's writes are one batch.
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
-        task = local.last = self._spawn(run())
-        return task
+    async def _write_loop(self) -> None:
+        try:
+            while self._queue:
+                ops, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+                done = None
+                if not self._queue:  # the reads waiting for the queue wait for this batch
+                    done, self._next_done = self._next_done, None
+                self._sending_done = done
+                try:
+                    while self._conflicts(ops):
+                        await asyncio.shield(self._refreshing[2])  # type: ignore[index]
+                    await self.presence.write(ops, self.ttl_s)
+                except asyncio.CancelledError:
+                    raise
+                except BackendUnavailable as exc:
+                    # Adds come back with the next refresh; removed entries expire.
+                    logger.warning("presence: %d write(s) lost: %s", len(ops), exc)
+                except Exception:
+                    logger.exception("presence: %d write(s) failed", len(ops))
+                finally:
+                    self._sending_done = None
+                    if done is not None and not done.done():
+                        done.set_result(None)
+        finally:
+            self._writer = None
+            # Cancelled (the loop is closing) with writes left: no read may wait for them.
+            for fut in (self._next_done, self._sending_done):
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            self._next_done = self._sending_done = None
 
-    def _spawn(self, aw: Awaitable[None]) -> asyncio.Future[None]:
-        task = asyncio.ensure_future(aw)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
+    def _conflicts(self, ops: list[PresenceOp]) -> bool:
+        """Whether `ops` must wait for the refresh under way: it writes an entry that one
+        of them removes or replaces (sent first, the refresh would write it back). Adds
+        of other entries go at once: the refresh does not touch them."""
+        refreshing = self._refreshing
+        if refreshing is None:
+            return False
+        room, batch, _ = refreshing
+        for op_room, conn, entry, add in ops:
+            if op_room == room:
+                held = batch.get(conn)
+                if held is not None and (not add or held != entry):
+                    return True
+        return False
 
-    def _done(self, task: asyncio.Future[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if not isinstance(exc, BackendUnavailable):
-                logger.error("presence: %s", exc, exc_info=exc)
+    def _written(self) -> asyncio.Future[None] | None:
+        """Resolved once every write queued so far is done; None when nothing is pending."""
+        if self._queue:
+            if self._next_done is None:
+                self._next_done = asyncio.get_running_loop().create_future()
+            return self._next_done
+        if self._writer is not None:
+            if self._sending_done is None:
+                # The batch under way has no future yet: wait for the writer instead.
+                return asyncio.ensure_future(asyncio.shield(self._writer))
+            return self._sending_done
+        return None
 
     async def _watch(self, room: str) -> None:
         held = self.watches.get(room)
@@ -374,14 +429,10 @@ class PresenceHub:
     async def view(self, room: str) -> PresenceView:
         """Every member of `room` on every relay: one backend read. BackendUnavailable
         when the backend cannot answer."""
-        pending = [
-            local.last
-            for local in self.local.get(room, {}).values()
-            if local.last is not None and not local.last.done()
-        ]
-        if pending:
+        written = self._written()
+        if written is not None:
             # This relay's own joins and leaves so far are in the answer.
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.shield(written)
         watch = self.watches.get(room)
         log: list[_Event] = []
         if watch is not None:
@@ -449,22 +500,19 @@ class PresenceHub:
             log.append((kind, conn, j, member))
         if not deliver:
             return
-        payloads: dict[Codec, bytes] = {}
-        sent = 0
-        for writer, own in list(watch.listeners.items()):
-            if own == conn:
-                continue  # not about itself
-            payload = payloads.get(writer.codec)
-            if payload is None:
-                try:
-                    payload = payloads[writer.codec] = encode_presence_event(
-                        writer.codec, kind, room, member
-                    )
-                except (ValueError, TypeError, OverflowError):
-                    logger.warning("room %s: presence entry cannot be encoded", room)
-                    return
-            if writer.send(payload):
-                sent += 1
+        listeners = [writer for writer, own in watch.listeners.items() if own != conn]
+        if not listeners:
+            return
+        message = _EventFrame(kind, room, member)
+        try:
+            # Encoded once per subprotocol before anything is sent (all or nothing)...
+            for codec in {writer.codec for writer in listeners}:
+                message.payload(codec)
+        except (ValueError, TypeError, OverflowError):
+            logger.warning("room %s: presence entry cannot be encoded", room)
+            return
+        # ... and written like a delta (the native loop: one frame, many sockets, one call).
+        sent, _ = broadcast(listeners, message)
         if sent:
             self.metrics.presence_events.inc(sent)
 
@@ -535,9 +583,11 @@ class PresenceHub:
             entries = self.local.get(room)
             if not entries:
                 continue
+            # The snapshot and the refresh go together: a remove or re-identification
+            # queued after it waits for the refresh (`_conflicts`).
             batch = {local.conn: local.entry for local in entries.values()}
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._refreshing[room] = done
+            self._refreshing = (room, batch, done)
             try:
                 await self.presence.refresh(room, batch, self.ttl_s)
             except asyncio.CancelledError:
@@ -547,6 +597,5 @@ class PresenceHub:
             except Exception:
                 logger.exception("presence refresh of %s failed", room)
             finally:
+                self._refreshing = None
                 done.set_result(None)
-                if self._refreshing.get(room) is done:
-                    del self._refreshing[room]

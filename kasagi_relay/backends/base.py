@@ -60,6 +60,7 @@ __all__ = [
     "Op",
     "Presence",
     "PresenceListener",
+    "PresenceOp",
     "Snapshot",
     "Snapshots",
     "valid_room",
@@ -170,10 +171,20 @@ class PresenceListener(Protocol):
         re-writes its entries at once (a new master may lack them)."""
 
 
+# One presence write: (room, conn, entry, True to add / False to remove).
+PresenceOp = tuple[str, str, bytes, bool]
+
+
 class Presence(Protocol):
     """Who is in each room, across every relay (docs/protocol.md, presence)."""
 
     def set_listener(self, listener: PresenceListener) -> None: ...
+
+    async def write(self, ops: Sequence[PresenceOp], ttl_s: float) -> None:
+        """`add` / `remove` each op, in order, as one batch (one round trip on Redis;
+        per shard in a Cluster). Every op is safe to repeat: a failed batch may have
+        been applied in part, and is retried whole."""
+        ...
 
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
         """Store `conn`'s entry for `ttl_s` and announce its join."""

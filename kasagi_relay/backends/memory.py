@@ -38,6 +38,7 @@ from kasagi_relay.backends.base import (
     Listener,
     Op,
     PresenceListener,
+    PresenceOp,
     Snapshot,
 )
 from kasagi_relay.domain import LIVE_DIGESTS, delta_digest, op_digest
@@ -307,6 +308,13 @@ class MemoryPresence:
     def _announce(self, room: str, kind: str, entry: bytes) -> None:
         if self.listener is not None and room in self.subscribed:
             self.listener.on_presence(room, kind, entry)
+
+    async def write(self, ops: Sequence[PresenceOp], ttl_s: float) -> None:
+        for room, conn, entry, add in ops:
+            if add:
+                await self.add(room, conn, entry, ttl_s)
+            else:
+                await self.remove(room, conn, entry)
 
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
         entries = self.rooms.setdefault(room, {})

@@ -52,7 +52,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from kasagi_relay.backends.base import Backend, Listener, PresenceListener
+from kasagi_relay.backends.base import Backend, Listener, PresenceListener, PresenceOp
 from kasagi_relay.backends.redis_feed import ChannelFeed
 from kasagi_relay.backends.redis_link import Addr, MasterLink, addr_pool, command, quick_client
 from kasagi_relay.backends.redis_presence import RedisPresence
@@ -655,6 +655,45 @@ class ClusterPresence:
 
     async def remove(self, room: str, conn: str, entry: bytes) -> None:
         await self.router.routed(room, lambda s: s.presence.remove(room, conn, entry))
+
+    async def write(self, ops: Sequence[PresenceOp], ttl_s: float) -> None:
+        """One pipeline per shard (the shards at once); a call a node redirected goes
+        again, alone and in order, to its room's shard (a room's calls stay in order:
+        they all share its slot, so the ones after a redirected one are redirected too)."""
+        shards: dict[int, tuple[Shard, list[PresenceOp]]] = {}
+        stray: list[PresenceOp] = []
+        for op in ops:
+            shard = self.router.shard_for(op[0])
+            if shard is None:
+                stray.append(op)
+            else:
+                shards.setdefault(id(shard), (shard, []))[1].append(op)
+
+        async def one_by_one(left: list[PresenceOp]) -> None:
+            for op in left:
+
+                def alone(shard: Shard, op: PresenceOp = op) -> Awaitable[None]:
+                    return shard.presence.write([op], ttl_s)
+
+                await self.router.routed(op[0], alone)
+
+        async def on(shard: Shard, shard_ops: list[PresenceOp]) -> None:
+            redirected = await shard.presence.write_some(shard_ops, ttl_s)
+            if redirected:
+                for _, exc in redirected:
+                    if isinstance(exc, MovedError):
+                        self.router._follow(exc)
+                self.router.refresh_soon()
+                await one_by_one([op for op, _ in redirected])
+
+        results = await asyncio.gather(
+            *(on(shard, shard_ops) for shard, shard_ops in shards.values()),
+            one_by_one(stray),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:
         await self.router.routed(room, lambda s: s.presence.refresh(room, entries, ttl_s))

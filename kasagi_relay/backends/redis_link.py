@@ -420,21 +420,48 @@ class MasterLink:
         """FCALL `args` (idempotent functions), retried like `retrying`."""
         return await self.retrying(what, lambda c: command(c, "FCALL", *args))
 
-    async def batched_fcall(self, what: str, *args: Any) -> Any:
-        """`fcall` for the many small idempotent calls of one loop turn (presence): they
-        share the turn's pipeline (`_batched`, no WAIT), one round trip for all of them,
-        in the order they were issued; each is retried alone like `retrying`."""
+    async def pipeline(self, what: str, packed: bytes, count: int) -> list[Any]:
+        """`count` idempotent commands, already packed as RESP (presence: many small
+        FCALLs of one batch), in one round trip on one connection, without WAIT; their
+        replies in order. The whole pipeline goes again, against the current master, when
+        one of them was refused or the connection failed, until op_timeout_s (each command
+        must be safe to repeat). Error replies that are not refusals come back in the list."""
 
-        async def one(client: Redis) -> Any:
+        async def one(client: Redis) -> list[Any]:
             pool = self._pool
             if pool is None:
                 raise NotSent("no master")
-            reply, _ = await self._batched(pool, ("FCALL", *args), 0)
-            if isinstance(reply, ResponseError):
-                raise reply
-            return reply
+            replies = await self._roundtrip_packed(pool, packed, count)
+            for reply in replies:
+                if isinstance(reply, ResponseError) and (
+                    function_missing(reply) or _refused(reply)
+                ):
+                    raise reply
+            return replies
 
         return await self.retrying(what, one)
+
+    async def _roundtrip_packed(self, pool: ConnectionPool, packed: bytes, count: int) -> list[Any]:
+        """`_roundtrip` for commands packed by the caller (no redis-py packing)."""
+        try:
+            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise NotSent(str(exc) or type(exc).__name__) from exc
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def _needed_replicas(self, client: Redis) -> int:
         if self.ack == "leader":

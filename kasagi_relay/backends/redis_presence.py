@@ -1,22 +1,29 @@
 """The presence role on Redis (one server, Sentinel; per shard in a Cluster).
 
 Commands are the functions of the `kasagi_presence` library (presence.lua) on the room's
-keys, through the master link: adds and removes go in the pipeline of their loop turn
-(`MasterLink.batched_fcall`: one round trip for all of a turn's writes, every room);
-refused commands and a moved master are retried until the link's op timeout, without
-WAIT (presence is refreshed, not acknowledged: what a failover loses comes back with the
-next refresh, which a re-subscription triggers at once).
+keys, through the master link: the adds and removes the relay queued while a write was
+under way go as ONE pipeline of FCALLs (`write`, packed here as RESP: no per-command
+packing by redis-py), in the order they were queued, without WAIT (presence is
+refreshed, not acknowledged: what a failover loses comes back with the next refresh,
+which a re-subscription triggers at once). A refused pipeline or a lost connection sends
+the whole pipeline again until the link's op timeout: every call is safe to repeat (an
+add of the stored entry announces nothing; a remove of an absent one neither, and a
+repeated event is dropped by the relays, which remember leaves).
 Events come on `room:{R}:presence-events` through a second `ChannelFeed`, never on the
 rooms' delta channel (other KasagiEngine subscribers read that one as deltas only).
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Final
 
-from kasagi_relay.backends.base import PresenceListener
+from redis.exceptions import AskError, ResponseError
+
+from kasagi_relay.backends.base import PresenceListener, PresenceOp
 from kasagi_relay.backends.redis_feed import ChannelFeed
 from kasagi_relay.backends.redis_link import MasterLink
 
@@ -26,6 +33,18 @@ _EVENTS: Final = re.compile(rb"room:\{(.+)\}:presence-events")
 _EVENT: Final = re.compile(rb'\{"e":"(join|leave)","m":(.*)\}', re.DOTALL)
 # Entries re-written per FCALL: bounds one call's arguments and time on the server.
 REFRESH_BATCH: Final = 500
+# Rooms whose packed keys are kept (a room's three keys as RESP bulk strings).
+KEYS_CACHE: Final = 4096
+
+logger = logging.getLogger("kasagi_relay.backends.redis")
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+_ADD_HEAD: Final = b"*9\r\n" + b"".join(map(_bulk, (b"FCALL", b"kasagi_presence_add", b"3")))
+_REMOVE_HEAD: Final = b"*8\r\n" + b"".join(map(_bulk, (b"FCALL", b"kasagi_presence_remove", b"3")))
 
 
 def presence_keys(room: str) -> tuple[str, str, str]:
@@ -49,6 +68,7 @@ class RedisPresence:
         slot_moved: Callable[[str], None] | None = None,
     ) -> None:
         self.link = link
+        self._keys: OrderedDict[str, bytes] = OrderedDict()
         self.listener: PresenceListener | None = None
         self.feed = ChannelFeed(
             link,
@@ -75,15 +95,53 @@ class RedisPresence:
         if self.listener is not None:
             self.listener.on_presence_resync()
 
+    def _packed_keys(self, room: str) -> bytes:
+        held = self._keys.get(room)
+        if held is None:
+            held = self._keys[room] = b"".join(_bulk(k.encode()) for k in presence_keys(room))
+            if len(self._keys) > KEYS_CACHE:
+                self._keys.popitem(last=False)
+        return held
+
+    async def write(self, ops: Sequence[PresenceOp], ttl_s: float) -> None:
+        redirected = await self.write_some(ops, ttl_s)
+        if redirected:
+            raise redirected[0][1]
+
+    async def write_some(
+        self, ops: Sequence[PresenceOp], ttl_s: float
+    ) -> list[tuple[PresenceOp, AskError]]:
+        """`write`; the calls a Cluster node sent elsewhere (MOVED, ASK: not run), in
+        order, for the router to send to their room's shard."""
+        if not ops:
+            return []
+        ttl = _bulk(b"%d" % _ms(ttl_s))
+        parts: list[bytes] = []
+        for room, conn, entry, add in ops:
+            if add:
+                parts += (_ADD_HEAD, self._packed_keys(room), ttl)
+            else:
+                parts += (_REMOVE_HEAD, self._packed_keys(room))
+            parts += (_bulk(conn.encode()), _bulk(entry))
+        replies = await self.link.pipeline("presence write", b"".join(parts), len(ops))
+        redirected: list[tuple[PresenceOp, AskError]] = []
+        for reply, op in zip(replies, ops, strict=True):
+            room, add = op[0], op[3]
+            if isinstance(reply, AskError):  # MovedError too
+                redirected.append((op, reply))
+            elif isinstance(reply, ResponseError):
+                # Not a refusal (those were retried): a bug or a hostile store; the
+                # other calls of the pipeline stand.
+                logger.warning(
+                    "room %s: presence %s refused: %s", room, "add" if add else "remove", reply
+                )
+        return redirected
+
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
-        await self.link.batched_fcall(
-            "presence add", "kasagi_presence_add", 3, *presence_keys(room), _ms(ttl_s), conn, entry
-        )
+        await self.write([(room, conn, entry, True)], ttl_s)
 
     async def remove(self, room: str, conn: str, entry: bytes) -> None:
-        await self.link.batched_fcall(
-            "presence remove", "kasagi_presence_remove", 3, *presence_keys(room), conn, entry
-        )
+        await self.write([(room, conn, entry, False)], 1.0)
 
     async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:
         keys = presence_keys(room)

@@ -90,6 +90,37 @@ async def test_add_remove_members_and_their_events(backend: Backend) -> None:
     await p.unsubscribe("r")
 
 
+async def test_one_batch_applies_its_writes_in_order_across_rooms(backend: Backend) -> None:
+    """`write`: one batch (one pipeline on Redis) of adds and removes in several rooms;
+    a member added and removed in the same batch is announced joined, then left, and
+    is gone; what a batch repeats (it is retried whole after a failure) changes nothing."""
+    p = backend.presence
+    events = Events()
+    p.set_listener(events)
+    for room in ("r", "s"):
+        await p.subscribe(room)
+    batch = [
+        ("r", "c1", E1, True),
+        ("s", "c2", E2, True),
+        ("r", "c1", E1, False),
+        ("s", "c2", E2, True),
+        ("r", "c2", E2_AGAIN, True),
+    ]
+    await p.write(batch, 60)
+    await p.write(batch, 60)  # the same batch again, as a retry sends it
+    assert await p.members("r") == [E2_AGAIN]
+    assert await p.members("s") == [E2]
+    await until(lambda: len(events.got) >= 6)
+    await asyncio.sleep(0.1)
+    by_room = {room: [(k, e) for r, k, e in events.got if r == room] for room in ("r", "s")}
+    # The retry announces c1 again (it was gone): relays drop a repeated join and leave.
+    first = [("join", E1), ("leave", E1), ("join", E2_AGAIN)]
+    again = [("join", E1), ("leave", E1)]
+    assert by_room["r"] == first + again
+    assert by_room["s"] == [("join", E2)]
+    await p.write([], 60)  # nothing to send: no round trip, no error
+
+
 async def test_entries_not_refreshed_expire_with_their_leave(backend: Backend) -> None:
     p = backend.presence
     events = Events()

@@ -68,6 +68,44 @@ async def test_entries_live_on_their_rooms_shard_and_events_arrive(
         await b.close()
 
 
+async def test_one_batch_spanning_the_shards_lands_on_each_rooms_shard_in_order(
+    cluster: ClusterTopology,
+) -> None:
+    """`write` of one batch over rooms on the three shards: one pipeline per shard, each
+    room's writes in order (added then removed: nothing left, join then leave announced)."""
+    b = ClusterBackend([cluster.servers[0].addr], op_timeout_s=5.0)
+    events = Events()
+    b.presence.set_listener(events)
+    await b.start()
+    try:
+        rooms = [f"batch{i}" for i in range(12)]
+        for room in rooms:
+            await b.presence.subscribe(room)
+        stay = {
+            room: b'{"conn":"s-%s","sub":null,"info":{},"j":"1"}' % room.encode() for room in rooms
+        }
+        go = {
+            room: b'{"conn":"g-%s","sub":null,"info":{},"j":"1"}' % room.encode() for room in rooms
+        }
+        batch = [(room, f"g-{room}", go[room], True) for room in rooms]
+        batch += [(room, f"s-{room}", stay[room], True) for room in rooms]
+        batch += [(room, f"g-{room}", go[room], False) for room in rooms]
+        await b.presence.write(batch, 30)
+        primaries = set()
+        for room in rooms:
+            primaries.add(cluster.primary_of_slot(room_slot(room)).port)
+            assert await b.presence.members(room) == [stay[room]]
+        assert len(primaries) == 3
+        deadline = time.monotonic() + 5
+        while len(events.got) < 3 * len(rooms) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        for room in rooms:
+            got = [(kind, entry) for r, kind, entry in events.got if r == room]
+            assert got == [("join", go[room]), ("join", stay[room]), ("leave", go[room])]
+    finally:
+        await b.close()
+
+
 async def test_two_relays_on_a_cluster_see_one_list(cluster: ClusterTopology) -> None:
     nodes = ",".join(f"{h}:{p}" for h, p in (n.addr for n in cluster.servers[:3]))
     args = ["--cluster", nodes, "--presence-refresh", "1", "--presence-ttl", "3"]

@@ -22,6 +22,11 @@
 // members did not keep up twice, so that doubling rates find the capacity in one process.
 //
 // -mode idle: connect -members members to one room, print "READY", hold until stdin closes.
+//
+// -mode joins (kasagi only): -rooms x -members connections, connection i of room i % -rooms;
+// each one joins its room (with "presence": true when -presence), waits for `joined`, leaves,
+// waits for `left`, in a loop. Other messages (presence events) are read and counted, not
+// decoded. One JSON line: join+leave cycles per second in the -duration window after -warmup.
 package main
 
 import (
@@ -47,7 +52,8 @@ var (
 	system     = flag.String("system", "kasagi", "kasagi | centrifuge | nchan | socketio")
 	wsURL      = flag.String("url", "", "WebSocket URL (nchan: base ws://host:port, /sub/ROOM is appended)")
 	pubURL     = flag.String("pub-url", "", "nchan: HTTP base URL for publishers (/pub/ROOM is appended)")
-	mode       = flag.String("mode", "run", "run | idle")
+	mode       = flag.String("mode", "run", "run | idle | joins")
+	presence   = flag.Bool("presence", false, "joins: join with \"presence\": true")
 	rooms      = flag.Int("rooms", 1, "rooms")
 	members    = flag.Int("members", 0, "members per room")
 	publishers = flag.Int("publishers", 1, "publishers")
@@ -773,6 +779,12 @@ func main() {
 	out := bufio.NewWriter(os.Stdout)
 	say := func(s string) { fmt.Fprintln(out, s); _ = out.Flush() }
 
+	if *mode == "joins" {
+		deadline.Stop()
+		b, _ := json.Marshal(joinCycles(say))
+		say(string(b))
+		return
+	}
 	t0 := time.Now()
 	ms, err := connectAll(*rooms**members, func(i int) (member, error) { return newMember(roomName(i % *rooms)) })
 	if err != nil {
@@ -935,4 +947,86 @@ func cpuNow() float64 {
 	u, _ := strconv.ParseFloat(f[11], 64)
 	s, _ := strconv.ParseFloat(f[12], 64)
 	return (u + s) / 100
+}
+
+// joinCycles runs -mode joins and returns what was measured in the -duration window.
+func joinCycles(say func(string)) map[string]any {
+	n := *rooms * *members
+	conns, err := connectAll(n, func(int) (*wsConn, error) { return dial(*wsURL, "kasagi.v1.json") })
+	if err != nil {
+		die("connecting: %v", err)
+	}
+	var cycles, events atomic.Int64
+	var wg sync.WaitGroup
+	joinedPrefix := []byte(`{"t":"joined"`)
+	leftPrefix := []byte(`{"t":"left"`)
+	errPrefix := []byte(`{"t":"error"`)
+	for i, w := range conns {
+		wg.Add(1)
+		go func(i int, w *wsConn) {
+			defer wg.Done()
+			room := roomName(i % *rooms)
+			join := []byte(`{"t":"join","room":"` + room + `","presence":` + strconv.FormatBool(*presence) + `}`)
+			leave := []byte(`{"t":"leave","room":"` + room + `"}`)
+			until := func(prefix []byte) bool {
+				for {
+					b, err := w.read()
+					if err != nil {
+						if !stopping.Load() {
+							fail(err)
+						}
+						return false
+					}
+					if bytes.HasPrefix(b, prefix) {
+						return true
+					}
+					if bytes.HasPrefix(b, errPrefix) {
+						fail(fmt.Errorf("kasagi: %s", b))
+					} else if measuring.Load() {
+						events.Add(1)
+					}
+				}
+			}
+			for !stopping.Load() {
+				if w.write(join) != nil || !until(joinedPrefix) {
+					return
+				}
+				if w.write(leave) != nil || !until(leftPrefix) {
+					return
+				}
+				if measuring.Load() {
+					cycles.Add(1)
+				}
+			}
+		}(i, w)
+	}
+	time.Sleep(time.Duration(*warmup * float64(time.Second)))
+	cpuStart := cpuNow()
+	measuring.Store(true)
+	say("MEASURE_START")
+	t1 := time.Now()
+	time.Sleep(time.Duration(*duration * float64(time.Second)))
+	measuring.Store(false)
+	elapsed := time.Since(t1).Seconds()
+	say("MEASURE_END")
+	cpuUsed := cpuNow() - cpuStart
+	stopping.Store(true)
+	for _, w := range conns {
+		_ = w.c.Close()
+	}
+	wg.Wait()
+	res := map[string]any{
+		"mode":         "joins",
+		"presence":     *presence,
+		"seconds":      elapsed,
+		"cycles":       cycles.Load(),
+		"cycles_per_s": float64(cycles.Load()) / elapsed,
+		"events_per_s": float64(events.Load()) / elapsed,
+		"errors":       errorsSeen.Load(),
+		"loadgen_cpu":  cpuUsed / elapsed,
+	}
+	if e := lastError.Load(); e != nil {
+		res["last_error"] = e
+	}
+	return res
 }
