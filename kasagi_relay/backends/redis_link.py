@@ -441,28 +441,6 @@ class MasterLink:
 
         return await self.retrying(what, one)
 
-    async def _roundtrip_packed(self, pool: ConnectionPool, packed: bytes, count: int) -> list[Any]:
-        """`_roundtrip` for commands packed by the caller (no redis-py packing)."""
-        try:
-            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            raise NotSent(str(exc) or type(exc).__name__) from exc
-        try:
-            await conn.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in range(count):
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
-
     async def _needed_replicas(self, client: Redis) -> int:
         if self.ack == "leader":
             return 0
@@ -482,12 +460,22 @@ class MasterLink:
         self, pool: ConnectionPool, commands: Sequence[Sequence[Any]]
     ) -> list[Any]:
         """Pipelined commands on ONE connection; error replies come back as exceptions."""
+        return await self._roundtrip_packed(pool, pack(commands), len(commands), commands)
+
+    async def _roundtrip_packed(
+        self,
+        pool: ConnectionPool,
+        packed: bytes | None,
+        count: int,
+        commands: Sequence[Sequence[Any]] = (),
+    ) -> list[Any]:
+        """`_roundtrip` for `count` commands already packed as RESP (presence packs its
+        own), or for `commands` redis-py must pack (`packed` None)."""
         try:
             conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise NotSent(str(exc) or type(exc).__name__) from exc
         try:
-            packed = pack(commands)
             parser = getattr(conn, "_parser", None)
             writer = getattr(conn, "_writer", None)
             if (
@@ -503,12 +491,12 @@ class MasterLink:
                 async with asyncio.timeout(self.socket_timeout_s):
                     writer.write(packed)
                     await writer.drain()
-                    return await self._read_replies(parser, len(commands))
+                    return await self._read_replies(parser, count)
             await conn.send_packed_command(
                 conn.pack_commands(commands) if packed is None else packed, check_health=False
             )
             replies: list[Any] = []
-            for _ in commands:
+            for _ in range(count):
                 try:
                     replies.append(await conn.read_response())
                 except ResponseError as exc:
