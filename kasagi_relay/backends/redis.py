@@ -155,7 +155,9 @@ class RedisBase(Backend):
         }
         try:
             is_master = await link.is_master()
-            out["ok"] = is_master and feed.ready.is_set() and link.fenced_since is None
+            out["ok"] = (
+                is_master and feed.ready.is_set() and feed.caught_up and link.fenced_since is None
+            )
             if not is_master:
                 out["error"] = "the server is not a master"
                 self.locator.check_master()

@@ -806,7 +806,7 @@ class ClusterBackend(Backend):
             }
             try:
                 is_master = await link.is_master()
-                entry["ok"] = is_master and feed.ready.is_set()
+                entry["ok"] = is_master and feed.ready.is_set() and feed.caught_up
                 if not is_master:
                     entry["error"] = "the server is not a primary"
             except Exception as exc:

@@ -108,6 +108,10 @@ class ChannelFeed:
         self._diverged: dict[str, int] = {}
         self._pubsub: PubSub | None = None
         self.ready = asyncio.Event()  # subscribed, every room confirmed
+        # ready, and the resync after it handed to the listener: what health reports (a
+        # relay is not healthy while its rooms have yet to hear that they may have missed
+        # something).
+        self.caught_up = False
         self._confirmed: set[bytes] = set()
         self._confirm_pulse = asyncio.Event()
         self._doubt_event = asyncio.Event()
@@ -274,6 +278,7 @@ class ChannelFeed:
                 # Anything published while we were not subscribed is in `ops` only.
                 self.resyncs += 1
                 self.listener.on_resync(None)
+            self.caught_up = True
             # The lean reader: with hiredis (a dependency), replies are taken straight
             # from the connection's RESP reader, skipping PubSub.get_message's per-message
             # machinery (a dict, a health check, a timeout per message). Commands
@@ -314,6 +319,7 @@ class ChannelFeed:
                     self._handle(message)
         finally:
             self.ready.clear()
+            self.caught_up = False
             self._pubsub = None
             self.link.background(ps.aclose())  # type: ignore[no-untyped-call]
 
