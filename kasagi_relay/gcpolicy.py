@@ -29,6 +29,7 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Final
 
 __all__ = ["Collector"]
@@ -44,9 +45,15 @@ class Collector:
     """Collect-and-freeze every `period_s`; a full collection when the heap has grown by
     `growth` times its size after the last one. One per process (the collector is)."""
 
-    def __init__(self, period_s: float = 1.0, growth: float = 1.0) -> None:
+    def __init__(
+        self,
+        period_s: float = 1.0,
+        growth: float = 1.0,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
         self.period_s = period_s
         self.growth = growth
+        self.observe = observe  # given each full collection's duration in seconds
         self.full_collections = 0
         self._base = 0
         self._handle: asyncio.TimerHandle | None = None
@@ -79,9 +86,12 @@ class Collector:
         gc.freeze()
         self._base = sys.getallocatedblocks()
         self.full_collections += 1
+        took = time.perf_counter() - started
+        if self.observe is not None:
+            self.observe(took)
         logger.debug(
             "full garbage collection: %d objects collected, %d blocks kept, %.0f ms",
             collected,
             self._base,
-            1000 * (time.perf_counter() - started),
+            1000 * took,
         )
