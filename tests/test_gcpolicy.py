@@ -80,3 +80,22 @@ async def test_a_relay_reports_its_full_collections_in_metrics() -> None:
             name = "kasagi_gc_full_collection_seconds_count "
             (line,) = [x for x in text.splitlines() if x.startswith(name)]
             assert float(line.split()[-1]) == expected, (flag, line)
+
+
+async def test_a_full_collection_that_finds_nothing_backs_off_and_garbage_resets_it() -> None:
+    gc.collect()
+    collector = Collector(growth=1.0)
+    collector.full()  # nothing to find here: the next one waits for twice the growth
+    assert collector.next_growth == 2.0
+    collector.full()
+    collector.full()
+    assert collector.next_growth == 4.0  # capped at MAX_BACKOFF x growth
+    holder = []
+    for _ in range(collector._base // 50):  # garbage: cycles, > 1 % of the heap's blocks
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        holder.append(a)
+    holder.clear()
+    collector.full()
+    assert collector.next_growth == 1.0
+    gc.unfreeze()
