@@ -14,6 +14,11 @@ so that both relays run in the same run on the same machine; the table gives med
   a real redis-server (`--ack leader`; `--ack replica` with one replica).
 - rooms: 1,000 rooms x 10 members, 50 publishers, max rate: deliveries/s; then a fixed
   3,000 publishes/s: delivery p99.
+- churn: the same 1,000 x 10 at a fixed 3,000 publishes/s, CHURN_RUNS load-generator runs
+  in a row on one relay, each with new connections (all 10,050 replaced per run): the
+  worst run's delivery p99, the relay's RSS after the last run, and the full garbage
+  collections it ran meanwhile (kasagi_gc_full_collection_seconds in /metrics; NaN on a
+  baseline without that metric).
 
 The load generator is the compiled one of benches/peers (`benches.peers.build.loadgen()`,
 Go), or `--loadgen PATH`. The relay and its Redis are pinned to core 0, the load generator
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,7 @@ from testkit.proc import cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("ingest-memory", "ingest-redis-leader", "ingest-redis-replica", "rooms")
+CHURN_RUNS = 6
 
 
 def free_port() -> int:
@@ -166,6 +174,8 @@ def scenario(name: str, tree: Path, loadgen: Path, duration: float) -> dict[str,
             "server CPU us/delivery": 1e6 * top["server_cpu_s"] / max(1, top["delivered"]),
             "p99 ms @3000/s": fixed["deliver_p99_ms"],
         }
+    if name == "churn":
+        return churn(tree, loadgen, timing)
     args = ["-rooms", "200", "-members", "0", "-publishers", "200", "-window", "4", *timing]
     with contextlib.ExitStack() as stack:
         extra: list[str] = []
@@ -180,6 +190,42 @@ def scenario(name: str, tree: Path, loadgen: Path, duration: float) -> dict[str,
         "server CPU us/ack": 1e6 * res["server_cpu_s"] / max(1, res["acked"]),
         "ack p99 ms": res["ack_p99_ms"],
     }
+
+
+def churn(tree: Path, loadgen: Path, timing: list[str]) -> dict[str, float]:
+    with relay(tree, []) as (port, pid):
+        url = f"ws://127.0.0.1:{port}/ws"
+        shape = ["-rooms", "1000", "-members", "10", "-publishers", "50", "-rate", "3000"]
+        before = full_collections(port)
+        p99s = [run_loadgen(loadgen, url, pid, [*shape, *timing])[-1]["deliver_p99_ms"]]
+        for _ in range(CHURN_RUNS - 1):
+            p99s.append(run_loadgen(loadgen, url, pid, [*shape, *timing])[-1]["deliver_p99_ms"])
+        after = full_collections(port)
+        rss = rss_mb(pid)
+    return {
+        "worst p99 ms @3000/s": max(p99s),
+        "relay RSS MB": rss,
+        "full collections": after[0] - before[0],
+        "full collection s": after[1] - before[1],
+    }
+
+
+def full_collections(port: int) -> tuple[float, float]:
+    """(count, seconds) of the relay's full collections so far; NaN without the metric."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    found = dict.fromkeys(("_count", "_sum"), math.nan)
+    for line in text.splitlines():
+        for suffix in found:
+            if line.startswith(f"kasagi_gc_full_collection_seconds{suffix} "):
+                found[suffix] = float(line.split()[-1])
+    return found["_count"], found["_sum"]
+
+
+def rss_mb(pid: int) -> float:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def baseline_tree(ref: str, into: Path, native: Path) -> Path:

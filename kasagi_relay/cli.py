@@ -825,7 +825,9 @@ async def serve(config: Config, backend: Backend) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    collector = Collector() if config.gc == "freeze" else None  # gcpolicy.py
+    collector = (  # gcpolicy.py
+        Collector(observe=relay.metrics.gc_full.observe) if config.gc == "freeze" else None
+    )
     if collector is not None:
         collector.start(loop)
     try:

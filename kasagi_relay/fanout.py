@@ -345,6 +345,11 @@ class Member:
             self._counted = 0
         self._on_slow(self)
 
+    def detach(self) -> None:
+        """Forget the owner's slow callback: its session has ended, and the callback (bound
+        to it) would keep the two in a reference cycle."""
+        self._on_slow = _ignore_slow
+
     def write(self, data: bytes) -> bool:
         """Write one complete frame; False (and the member is being dropped) when it cannot."""
         if self._pending is not None:
@@ -585,3 +590,7 @@ def broadcast(members: Iterable[Member], message: DeltaFrame | Encoded) -> tuple
             count += len(fds)
             total += len(data) * len(fds)
     return count, total
+
+
+def _ignore_slow(member: Member) -> None:
+    pass

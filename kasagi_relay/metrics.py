@@ -251,6 +251,14 @@ class Metrics:
             "presence_join and presence_leave messages sent to members.",
             registry=r,
         )
+        # The relay's own full collections (gcpolicy.py, --gc freeze): each stops every
+        # room for its duration, so operators see them here rather than only in a log.
+        self.gc_full = Histogram(
+            "kasagi_gc_full_collection_seconds",
+            "Full garbage collections of the relay's heap (--gc freeze) and their duration.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def _tally(self, counter: Counter) -> Increments:
         if self._fold is None:

@@ -173,6 +173,8 @@ class RelayConnection(ServerConnection):
         if self.transport.get_protocol() is not self:
             # An HttpTakeover has the transport (_first_bytes): end websockets' handler
             # task here, as a cancellation, since its other ways out abort the transport.
+            # The transport no longer calls connection_lost here: its cycles go now.
+            self._cut_cycles()
             raise asyncio.CancelledError
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,6 +192,22 @@ class RelayConnection(ServerConnection):
             on_lost, self.guard.on_lost = self.guard.on_lost, None
             on_lost()
         super().connection_lost(exc)
+        self._cut_cycles()
+
+    def _cut_cycles(self) -> None:
+        """Cut the connection's reference cycles once it has ended, so that reference
+        counting frees it when its handler ends: the relay freezes long-lived objects
+        (gcpolicy.py), and a cycle among frozen objects waits for a full collection, which
+        under member churn took seconds of every room's time."""
+        # Ours: the frame queue's resume callback, bound to this connection.
+        self.recv_messages.resume = _nothing
+        # websockets': its handshake's subprotocol selector, a closure over this
+        # connection, stays on the protocol for good; and when a connection ends without
+        # a closing handshake (a reset, a protocol error), the parser's exception holds
+        # the parser's frame, and so the protocol, in its traceback (never logged).
+        vars(self.protocol).pop("select_subprotocol", None)
+        if self.protocol.parser_exc is not None:
+            self.protocol.parser_exc.__traceback__ = None
 
     # ------------------------------------------------------------------ input
 
@@ -461,6 +479,16 @@ class Session:
                 if timer is not None:
                     timer.cancel()
             self.metrics.closes.labels(_ended_with(conn)).inc()
+            self._release()
+
+    def _release(self) -> None:
+        """Cut the references that make a finished session a cycle (the connection's guard
+        and the member's slow callback point back at it): reference counting then frees
+        it, rather than a full collection of the frozen heap (gcpolicy.py)."""
+        if isinstance(self.conn, RelayConnection):
+            self.conn.guard.session = None
+        self.member.detach()
+        self._idle_timer = self._auth_timer = self._expiry_timer = None
 
     def forget(self) -> None:
         """Leave every room (the connection is ending or being dropped)."""
@@ -755,6 +783,10 @@ class Session:
             # input by whoever refused the message): answered without them.
             payload = protocol.encode_error(self.codec, exc.code, exc.message)
         self.member.send(payload)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _ready_message(conn: ServerConnection) -> str | bytes | None:

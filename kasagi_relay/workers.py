@@ -433,7 +433,9 @@ async def _serve(config: Config, index: int, ready_fd: int) -> int:
     os.write(ready_fd, _READY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    collector = Collector() if config.gc == "freeze" else None  # gcpolicy.py
+    collector = (  # gcpolicy.py
+        Collector(observe=relay.metrics.gc_full.observe) if config.gc == "freeze" else None
+    )
     if collector is not None:
         collector.start(loop)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
