@@ -27,6 +27,7 @@ from kasagi_relay.metrics import Metrics
 from kasagi_relay.room import Room, load_state
 from testkit.redis import Topology, running_topology
 from testkit.relay import connect_client, start_relay
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,12 +47,6 @@ class Rooms:
         for name, r in self.rooms.items():
             if rooms is None or name in rooms:
                 r.start_backfill()
-
-
-async def until(pred: Callable[[], object], within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while not pred():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

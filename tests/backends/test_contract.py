@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from kasagi_relay.compaction import Compactor, RoomLocked, compact_room
 from kasagi_relay.domain import delta_digest, op_digest
 from kasagi_relay.metrics import Metrics
 from testkit.redis import ClusterTopology, Topology, running_cluster, running_topology
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,13 +44,6 @@ class Recorder:
 
     def on_resync(self, rooms: frozenset[str] | None) -> None:
         self.resyncs.append(rooms)
-
-
-async def until(pred: Callable[[], object], within: float = 5.0) -> None:
-    """Poll `pred` (delivery over Redis pub/sub is asynchronous) until true."""
-    async with asyncio.timeout(within):
-        while not pred():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 def add(i: int) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from kasagi_relay.backends.base import BackendUnavailable, KeyConflict, Op, Snap
 from kasagi_relay.backends.redis import FUNCTION_VERSION, RedisBackend
 from kasagi_relay.domain import delta_digest
 from testkit.redis import Topology, poll, redis_server, running_topology  # noqa: F401
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,13 +36,6 @@ class Recorder:
 
     def on_resync(self, rooms: frozenset[str] | None) -> None:
         self.resyncs.append(rooms)
-
-
-async def until(pred: Callable[[], object], within: float = 5.0, what: str = "condition") -> None:
-    """Poll `pred` (state that other tasks or processes change) until true."""
-    async with asyncio.timeout(within):
-        while not pred():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 def url(topo: Topology) -> str:

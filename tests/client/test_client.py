@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from kasagi_relay.client import (
 from kasagi_relay.client.protocol import Format
 from testkit.redis import Topology, running_topology
 from testkit.relay import connect_client, start_relay
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,13 +37,6 @@ FORMATS: list[Format] = ["json", "msgpack"]
 def redis_one(tmp_path: Path) -> Iterator[Topology]:
     with running_topology(tmp_path / "redis", sentinels=False) as topo:
         yield topo
-
-
-async def until(pred: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for something the client's reader task updates."""
-    async with asyncio.timeout(within):
-        while not pred():  # noqa: ASYNC110 (polls state another task updates)
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

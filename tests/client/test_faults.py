@@ -19,7 +19,7 @@ import contextlib
 import json
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from kasagi_relay.client.protocol import Format
 from testkit.failover import ROOM, read_history, relay_args, state_of, wait_healthy
 from testkit.redis import Topology, free_port, running_topology
 from testkit.relay import RelayProcess, relay_process, start_relay
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,15 +40,6 @@ pytestmark = pytest.mark.timeout(120)
 def redis_one(tmp_path: Path) -> Iterator[Topology]:
     with running_topology(tmp_path / "redis", sentinels=False) as topo:
         yield topo
-
-
-async def until(pred: Callable[[], bool], within: float, what: str) -> None:
-    try:
-        async with asyncio.timeout(within):
-            while not pred():  # noqa: ASYNC110 (polls state the client's reader updates)
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within:.0f} s waiting for {what}") from None
 
 
 class Recorder:
