@@ -22,8 +22,10 @@ same parts as the other Redis backends:
   room's slot for each call. MOVED (the slot moved for good) updates the map and retries
   on the new owner; ASK and TRYAGAIN (a slot being migrated) and CLUSTERDOWN retry with a
   short backoff until `op_timeout_s`. Neither reply means the command ran, so the retry
-  is safe even for an unkeyed publish. The feed moves a room whose slot moved to the new
-  shard's subscription and then tells the relay to backfill it from `ops`.
+  is safe even for an unkeyed publish. The feed and presence roles each keep their rooms'
+  subscriptions on the shards of their slots with one `Homing`: a room whose slot moved is
+  subscribed on the new shard, then the feed tells the relay to backfill it from `ops` and
+  presence to reconcile its lists.
 
 Nothing is acknowledged that did not reach the ack level on the room's shard. What a
 cluster cannot promise (a slot migrated and its new primary lost before its replica had
@@ -38,7 +40,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.crc import key_slot
@@ -242,7 +244,7 @@ class ClusterRouter:
         self._started = False
         self._counter = 0
         self.refreshes = 0  # slot maps that changed something (tests and /healthz)
-        # Set by the feed role: called after every change of the map.
+        # Called after every change of the map; each role's Homing chains itself on.
         self.on_remap: Callable[[], None] = lambda: None
         self.listener: Callable[[Shard], Listener] | None = None
         self.presence_listener: PresenceListener | None = None
@@ -557,21 +559,40 @@ class _ShardListener:
             )
 
 
-class ClusterFeed:
-    """The `Feed` role: each room subscribed on its shard's feed, moved with its slot."""
+class RoomSubscriptions(Protocol):
+    """What a shard-local role offers the homing: a room's subscription on that shard."""
 
-    def __init__(self, router: ClusterRouter) -> None:
+    async def subscribe(self, room: str) -> None: ...
+
+    async def unsubscribe(self, room: str) -> None: ...
+
+
+class Homing:
+    """Which shard carries each subscribed room, for one shard-local role (`local(shard)`:
+    the feed, the presence events). A room is subscribed on the shard of its slot; when
+    the map moves the slot, it is unsubscribed there, subscribed on the new shard, and
+    then `moved(room, new)` tells the role (to catch up on what it missed meanwhile)."""
+
+    def __init__(
+        self,
+        router: ClusterRouter,
+        role: str,
+        local: Callable[[Shard], RoomSubscriptions],
+        moved: Callable[[str, Shard], None],
+    ) -> None:
         self.router = router
-        self.listener: Listener | None = None
-        self.homes: dict[str, Shard] = {}  # room -> the shard whose feed carries it
+        self.role = role
+        self.local = local
+        self.moved = moved
+        self.homes: dict[str, Shard] = {}  # room -> the shard whose subscription carries it
         self._moving: set[asyncio.Task[None]] = set()
-        router.listener = lambda shard: _ShardListener(self, shard)
-        router.on_remap = self._remap
+        before = router.on_remap
 
-    def set_listener(self, listener: Listener) -> None:
-        self.listener = listener
-        for shard in self.router.shards:
-            shard.feed.set_listener(_ShardListener(self, shard))
+        def on_remap() -> None:
+            before()
+            self._remap()
+
+        router.on_remap = on_remap
 
     async def subscribe(self, room: str) -> None:
         loop = asyncio.get_running_loop()
@@ -585,17 +606,19 @@ class ClusterFeed:
                 await asyncio.sleep(0.05)
                 continue
             self.homes[room] = shard
-            await shard.feed.subscribe(room)
+            await self.local(shard).subscribe(room)
             if self.homes.get(room) is shard:
                 return
-            # Re-homed while subscribing: the move task subscribes it on the new shard.
+            # Unsubscribed meanwhile: done. Re-homed meanwhile (a move task runs): once
+            # more on the new home, so that the room is subscribed where its slot is when
+            # this returns.
             if room not in self.homes:
                 return
 
     async def unsubscribe(self, room: str) -> None:
         shard = self.homes.pop(room, None)
         if shard is not None:
-            await shard.feed.unsubscribe(room)
+            await self.local(shard).unsubscribe(room)
 
     def _remap(self) -> None:
         for room, shard in list(self.homes.items()):
@@ -607,17 +630,16 @@ class ClusterFeed:
                 task.add_done_callback(self._moving.discard)
 
     async def _move(self, room: str, old: Shard, new: Shard) -> None:
-        """The room's slot moved to `new`: subscribe there, then backfill (what was
-        published on `new` before the subscription is in its `ops`)."""
-        logger.info("room %s: slot moved from shard %s to %s", room, old.name, new.name)
+        logger.info(
+            "room %s: slot moved from shard %s to %s (%s)", room, old.name, new.name, self.role
+        )
         with contextlib.suppress(Exception):
-            await old.feed.unsubscribe(room)
+            await self.local(old).unsubscribe(room)
         try:
-            await new.feed.subscribe(room)
+            await self.local(new).subscribe(room)
         except BackendUnavailable as exc:
-            logger.warning("room %s: subscribing on shard %s: %s", room, new.name, exc)
-        if self.homes.get(room) is new and self.listener is not None:
-            self.listener.on_resync(frozenset({room}))
+            logger.warning("room %s: %s on shard %s: %s", room, self.role, new.name, exc)
+        self.moved(room, new)
 
     async def close(self) -> None:
         for task in list(self._moving):
@@ -627,6 +649,35 @@ class ClusterFeed:
         self.homes.clear()
 
 
+class ClusterFeed:
+    """The `Feed` role: each room subscribed on its shard's feed, moved with its slot."""
+
+    def __init__(self, router: ClusterRouter) -> None:
+        self.router = router
+        self.listener: Listener | None = None
+        self.homing = Homing(router, "feed", lambda shard: shard.feed, self._moved)
+        router.listener = lambda shard: _ShardListener(self, shard)
+
+    def set_listener(self, listener: Listener) -> None:
+        self.listener = listener
+        for shard in self.router.shards:
+            shard.feed.set_listener(_ShardListener(self, shard))
+
+    async def subscribe(self, room: str) -> None:
+        await self.homing.subscribe(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        await self.homing.unsubscribe(room)
+
+    def _moved(self, room: str, new: Shard) -> None:
+        # What was published on `new` before the subscription is in its `ops`: backfill.
+        if self.homing.homes.get(room) is new and self.listener is not None:
+            self.listener.on_resync(frozenset({room}))
+
+    async def close(self) -> None:
+        await self.homing.close()
+
+
 class ClusterPresence:
     """The `Presence` role: each room's calls and event subscription on its shard; a room
     whose slot moved is subscribed on the new shard, then the relay reconciles (resync)."""
@@ -634,15 +685,7 @@ class ClusterPresence:
     def __init__(self, router: ClusterRouter) -> None:
         self.router = router
         self.listener: PresenceListener | None = None
-        self.homes: dict[str, Shard] = {}
-        self._moving: set[asyncio.Task[None]] = set()
-        before = router.on_remap
-
-        def on_remap() -> None:
-            before()
-            self._remap()
-
-        router.on_remap = on_remap
+        self.homing = Homing(router, "presence", lambda shard: shard.presence, self._moved)
 
     def set_listener(self, listener: PresenceListener) -> None:
         self.listener = listener
@@ -702,49 +745,18 @@ class ClusterPresence:
         return await self.router.routed(room, lambda s: s.presence.members(room))
 
     async def subscribe(self, room: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.router.op_timeout_s
-        while True:
-            shard = self.router.shard_for(room)
-            if shard is not None:
-                break
-            if loop.time() > deadline:
-                raise BackendUnavailable(f"cannot subscribe to {room}: no shard serves it")
-            self.router.refresh_soon()
-            await asyncio.sleep(0.05)
-        self.homes[room] = shard
-        await shard.presence.subscribe(room)
+        await self.homing.subscribe(room)
 
     async def unsubscribe(self, room: str) -> None:
-        shard = self.homes.pop(room, None)
-        if shard is not None:
-            await shard.presence.unsubscribe(room)
+        await self.homing.unsubscribe(room)
 
-    def _remap(self) -> None:
-        for room, shard in list(self.homes.items()):
-            new = self.router.shard_for(room)
-            if new is not None and new is not shard:
-                self.homes[room] = new
-                task = asyncio.ensure_future(self._move(room, shard, new))
-                self._moving.add(task)
-                task.add_done_callback(self._moving.discard)
-
-    async def _move(self, room: str, old: Shard, new: Shard) -> None:
-        with contextlib.suppress(Exception):
-            await old.presence.unsubscribe(room)
-        try:
-            await new.presence.subscribe(room)
-        except BackendUnavailable as exc:
-            logger.warning("room %s: presence on shard %s: %s", room, new.name, exc)
+    def _moved(self, room: str, new: Shard) -> None:
+        # Events announced on `new` before the subscription are missed: reconcile.
         if self.listener is not None:
             self.listener.on_presence_resync()
 
     async def close(self) -> None:
-        for task in list(self._moving):
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._moving, return_exceptions=True)
-        self.homes.clear()
+        await self.homing.close()
 
 
 class ClusterBackend(Backend):
@@ -820,6 +832,6 @@ class ClusterBackend(Backend):
             "backend": self.name,
             "ack": self.router.ack,
             "slots_covered": covered,
-            "rooms": len(self.cluster_feed.homes),
+            "rooms": len(self.cluster_feed.homing.homes),
             "shards": shards,
         }
