@@ -1021,6 +1021,7 @@ class Room:
             not self.members
             and not self._joining
             and not self.queue
+            and not self._publishing  # its answers update acked_seq, which checks read
             and self._flushing is None
             and not self._engine.locked()
             and self._backfill is None
