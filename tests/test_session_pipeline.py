@@ -56,13 +56,13 @@ async def pause_writes(admin: aioredis.Redis, ms: int) -> None:
 
 async def test_burst_acked_in_order_with_seqs_in_order(redis_server: Topology) -> None:  # noqa: F811
     n = 3 * PIPELINE_DEPTH
-    async with redis_relay(redis_server) as (_, admin), connect_client(_.url) as c:
+    async with redis_relay(redis_server) as (relay, admin), connect_client(relay.url) as c:
         for i in range(n):
             await c.send(merge(i))
         acks = await replies(c, n)
         assert [a["t"] for a in acks] == ["ack"] * n
         assert [(a["id"], a["seq"]) for a in acks] == [(i, i + 1) for i in range(n)]
-        ops = await admin.xrange("room:{r}:ops")
+        ops: list[tuple[bytes, dict[bytes, bytes]]] = await admin.xrange("room:{r}:ops")  # type: ignore[assignment]
         assert [entry_id for entry_id, _ in ops] == [f"{i + 1}-0".encode() for i in range(n)]
         assert [fields[b"d"] for _, fields in ops] == [b'{"k%d":%d}' % (i, i) for i in range(n)]
 
