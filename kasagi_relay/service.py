@@ -112,7 +112,8 @@ class RoomService:
         A retry under the same key gets the first seq; another delta under a key already
         used is `key_conflict`, as are the errors of docs/protocol.md (bad_patch,
         too_large, unavailable)."""
-        return await (await self.start_publish(room, kind, body, key, who))
+        started = await self.start_publish(room, kind, body, key, who)
+        return started if isinstance(started, int) else await started
 
     async def start_publish(
         self,
@@ -122,11 +123,12 @@ class RoomService:
         key: str | None,
         who: Identity = ANONYMOUS,
         on_done: Callable[[asyncio.Future[int]], None] | None = None,
-    ) -> asyncio.Future[int]:
+    ) -> int | asyncio.Future[int]:
         """`publish` in two steps, so that one connection can have several deltas in
         flight (session.py): this coroutine does everything up to handing the delta to the
         backend (authorization, the key cache, the room's check) and raises what those
-        refuse; the future it returns holds the seq, or the BadRequest of the backend's
+        refuse; it returns the seq when it is known already (a known key, the memory
+        backend), else a future that holds the seq or the BadRequest of the backend's
         answer. Calls made one after another hand their deltas to the backend in that
         order, so they get seqs in that order. `on_done(future)` runs when the future is
         done, before the publish stops counting in `inflight` (a graceful shutdown sends
@@ -139,7 +141,7 @@ class RoomService:
         if key is not None:
             known = self._known_key(room, key, digest)
             if known is not None:
-                return _done(known, on_done)
+                return known
         try:
             return await self._start(room, kind, body, key, client_key, digest, on_done)
         except BackendUnavailable as exc:
@@ -157,7 +159,7 @@ class RoomService:
         client_key: str | None,
         digest: str,
         on_done: Callable[[asyncio.Future[int]], None] | None,
-    ) -> asyncio.Future[int]:
+    ) -> int | asyncio.Future[int]:
         room = self.registry.get(name) or await self.registry.load(name)
         room.last_active = time.monotonic()  # before any await: not idle, not evicted
         if room.state is None:
@@ -185,7 +187,7 @@ class RoomService:
                         reason = f"the room's state would pass {memory} bytes of memory"
                     raise BadRequest("too_large", reason) from None
                 raise BadRequest("bad_patch", str(exc)) from None
-            return _done(seq, on_done)
+            return seq
         # A backend whose publish never waits (the memory one) sequences a delta inline,
         # without a task (backends/memory.py, MemoryLog.publish_now).
         publish_now = getattr(self.backend.log, "publish_now", None)
@@ -196,7 +198,7 @@ class RoomService:
                 raise _key_conflict(client_key, exc) from None
             if now is not None:
                 self._published(room, key, now, digest)
-                return _done(now, on_done)
+                return now
         # From here on nothing awaits: the backend's call starts in a task created now, and
         # tasks start in the order they were created, so deltas handed over one after the
         # other join the backend's queue (the Redis link's batch) in that order.
@@ -377,15 +379,6 @@ class RoomService:
             shown = key.rpartition(KEY_SCOPE_SEPARATOR)[2]
             raise BadRequest(KEY_CONFLICT, f"key {shown!r} was used for another delta (seq {seq})")
         return seq
-
-
-def _done(seq: int, on_done: Callable[[asyncio.Future[int]], None] | None) -> asyncio.Future[int]:
-    """A publish answered without the backend (a known key): its future, already done."""
-    fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    fut.set_result(seq)
-    if on_done is not None:
-        fut.add_done_callback(on_done)
-    return fut
 
 
 def _key_conflict(client_key: str | None, exc: KeyConflict) -> BadRequest:

@@ -130,9 +130,9 @@ class HttpTakeover(Protocol):
 
 class _Reply:
     """A reply held back until the replies before it went out: a delta in flight (its
-    `pending` publish) or an error."""
+    `pending` publish), a delta's `seq` already known, or an error."""
 
-    __slots__ = ("error", "pending", "received", "request")
+    __slots__ = ("error", "pending", "received", "request", "seq")
 
     def __init__(
         self,
@@ -140,11 +140,13 @@ class _Reply:
         request: protocol.Request | None,
         received: float,
         error: BadRequest | None = None,
+        seq: int | None = None,
     ) -> None:
         self.pending = pending
         self.request = request
         self.received = received
         self.error = error
+        self.seq = seq
 
 
 class Guard:
@@ -619,10 +621,9 @@ class Session:
             raise BadRequest("unauthorized", "authenticate first: send auth with a token")
         if isinstance(request, protocol.Delta):
             self._idle_since = time.monotonic()
-            reply = _Reply(None, request, received)
             # Checked and handed to the backend now, in order; answered by `_answered`
             # when the backend's answer (and every reply before it) is in.
-            reply.pending = await self.service.start_publish(
+            started = await self.service.start_publish(
                 request.room,
                 request.kind,
                 request.body,
@@ -630,7 +631,13 @@ class Session:
                 self.identity,
                 self._answered,
             )
-            self._replies.append(reply)
+            if isinstance(started, int):
+                if not self._replies:
+                    self._ack(request, started, received)
+                    return
+                self._replies.append(_Reply(None, request, received, seq=started))
+            else:
+                self._replies.append(_Reply(started, request, received))
             self._answered()
             return
         if self._replies:
@@ -659,6 +666,9 @@ class Session:
                 self._error(reply.error)
             elif pending is not None:
                 self._answer(pending, reply)
+            elif reply.seq is not None:
+                assert isinstance(reply.request, protocol.Delta)
+                self._ack(reply.request, reply.seq, reply.received)
         waiter = self._replied
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -670,10 +680,7 @@ class Session:
             return  # the loop is going away
         exc = pending.exception()
         if exc is None:
-            seq = pending.result()
-            # Acks of one turn go out in one write (fanout.Member.send_soon).
-            self.member.send_soon(protocol.encode_ack(self.codec, request.room, seq, request.id))
-            self.metrics.ack_latency.observe(time.perf_counter() - reply.received)
+            self._ack(request, pending.result(), reply.received)
         elif isinstance(exc, BadRequest):
             if exc.code not in _NOT_INPUT:
                 self.input_refused(exc.code)
@@ -682,6 +689,11 @@ class Session:
             self._error(exc)
         else:
             self._internal(request, exc)
+
+    def _ack(self, request: protocol.Delta, seq: int, received: float) -> None:
+        # Acks of one turn go out in one write (fanout.Member.send_soon).
+        self.member.send_soon(protocol.encode_ack(self.codec, request.room, seq, request.id))
+        self.metrics.ack_latency.observe(time.perf_counter() - received)
 
     async def _wait_replies(self, most: int) -> None:
         """Until at most `most` replies are held back."""
