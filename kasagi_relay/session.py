@@ -609,7 +609,8 @@ class Session:
         except (ConnectionClosed, asyncio.CancelledError):
             raise
         except Exception as exc:
-            self._internal(request, exc)
+            with contextlib.suppress(Exception):
+                self._reply_error(self._internal(request, exc))
 
     async def _dispatch(self, request: protocol.Request, received: float) -> None:
         if isinstance(request, protocol.Auth):
@@ -688,7 +689,7 @@ class Session:
             exc.room = request.room
             self._error(exc)
         else:
-            self._internal(request, exc)
+            self._error(self._internal(request, exc))  # its turn: at the head of the queue
 
     def _ack(self, request: protocol.Delta, seq: int, received: float) -> None:
         # Acks of one turn go out in one write (fanout.Member.send_soon).
@@ -710,19 +711,14 @@ class Session:
         else:
             self._error(exc)
 
-    def _internal(self, request: protocol.Request, exc: BaseException) -> None:
-        # A bug on one request must not end the connection, nor touch others.
+    def _internal(self, request: protocol.Request, exc: BaseException) -> BadRequest:
+        """The `internal` error answering `request`, which failed with `exc` (a bug): it must
+        not end the connection, nor touch others."""
         logger.error("connection %s: request %r failed", self.remote, request, exc_info=exc)
         self.metrics.backend_errors.inc()
-        with contextlib.suppress(Exception):
-            self._reply_error(
-                BadRequest(
-                    "internal",
-                    f"internal error: {type(exc).__name__}",
-                    request.id,
-                    request.room,
-                )
-            )
+        return BadRequest(
+            "internal", f"internal error: {type(exc).__name__}", request.id, request.room
+        )
 
     async def _join(self, req: protocol.Join) -> None:
         rejoin = req.room in self.rooms
