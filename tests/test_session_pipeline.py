@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from kasagi_relay.backends.memory import MemoryBackend, MemoryLog, RoomTable
 from kasagi_relay.config import Config
+from kasagi_relay.domain import DeltaKind
 from kasagi_relay.server import Relay
 from kasagi_relay.session import PIPELINE_DEPTH
 from testkit.redis import Topology, redis_server  # noqa: F401
@@ -151,7 +153,7 @@ async def test_errors_come_back_in_position(redis_server: Topology) -> None:  # 
 
 async def test_join_after_a_burst_sees_all_of_it(redis_server: Topology) -> None:  # noqa: F811
     """A join sent right behind deltas still in Redis waits for them: its `joined` comes
-    after their acks and holds all of them."""
+    after their acks, and the joiner sees all of them."""
     n = 10
     async with redis_relay(redis_server) as (relay, admin), connect_client(relay.url) as c:
         await c.delta("r", merge={"warm": 1}, id="warm")
@@ -163,6 +165,56 @@ async def test_join_after_a_burst_sees_all_of_it(redis_server: Topology) -> None
         assert [(m["t"], m["id"]) for m in got] == [("ack", i) for i in range(n)] + [
             ("joined", "j")
         ]
+        # The state at `joined`, then the room's frames from there: every delta of the burst
+        # (acked means stored; one may reach the room through the channel after the join).
         joined = got[-1]
-        assert joined["seq"] == n + 1
-        assert joined["state"] == {"warm": 1, **{f"k{i}": i for i in range(n)}}
+        state, seq = joined["state"], joined["seq"]
+        while seq < n + 1:
+            frame = await c.expect("delta")
+            assert frame["from"] == seq + 1
+            state.update(frame["merge"])
+            seq = frame["seq"]
+        assert state == {"warm": 1, **{f"k{i}": i for i in range(n)}}
+
+
+class SlowLog(MemoryLog):
+    """The memory log answering each publish after a delay (a slow backend's round trip);
+    a delta whose body holds "bug" fails as a bug would (not an error of the protocol)."""
+
+    def __init__(self, table: RoomTable) -> None:
+        super().__init__(table)
+        self.delays: list[float] = []
+
+    async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
+        # Stored at once, in the order handed over; answered after this publish's delay.
+        seq = None if b"bug" in body else await super().publish(room, kind, body, key)
+        await asyncio.sleep(self.delays.pop(0) if self.delays else 0.0)
+        if seq is None:
+            raise RuntimeError("a bug in the backend")
+        return seq
+
+
+class SlowBackend(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log = self.slow = SlowLog(self.table)
+
+
+async def test_internal_error_comes_back_in_position(caplog: pytest.LogCaptureFixture) -> None:
+    """A publish that fails with a bug is answered `internal` at its position, although the
+    deltas after it were answered before it failed."""
+    backend = SlowBackend()
+    backend.slow.delays = [0.2, 0.3, 0.0, 0.0]
+    async with start_relay(backend=backend) as relay, connect_client(relay.url) as c:
+        await c.send(merge(1))
+        await c.send({"t": "delta", "room": "r", "merge": {"bug": 1}, "id": 2})
+        await c.send(merge(3))
+        await c.send(merge(4))
+        got = await replies(c, 4)
+        assert [(m["t"], m["id"], m.get("seq"), m.get("code")) for m in got] == [
+            ("ack", 1, 1, None),
+            ("error", 2, None, "internal"),
+            ("ack", 3, 2, None),
+            ("ack", 4, 3, None),
+        ]
+    assert "a bug in the backend" in caplog.text
