@@ -365,6 +365,12 @@ class Room:
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Publishes this relay handed to the backend and has no answer for yet, by ticket
+        # (in the order handed over: a connection pipelines its deltas, service.py), and
+        # checks waiting for every publish up to a ticket to be answered.
+        self._tickets = 0
+        self._publishing: dict[int, None] = {}
+        self._ticket_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Reads (the HTTP API) waiting for the state to reach a seq this relay acknowledged.
         self._readers: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -463,32 +469,76 @@ class Room:
 
     async def check(self, doc: bytes, wait_s: float = 1.0) -> None:
         """DeltaError when `doc` cannot apply to the room's latest state. A delta that
-        depends on one this relay just acknowledged waits (briefly) for it to arrive."""
+        depends on one this relay just acknowledged, or on one it has handed to the backend
+        and not heard back about (an earlier delta of a connection that pipelines them),
+        waits (briefly) for those to arrive, then is checked again."""
         await self.ensure_loaded()
         try:
             await self._check(doc)
             return
         except delta.DeltaError:
-            if self.last_seq >= self.acked_seq:
+            if self._settled():
                 raise
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((self.acked_seq, fut))
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(wait_s):
-                await fut
+                if self._publishing:
+                    # Every publish handed over before this check: answered (acked_seq then
+                    # counts the ones stored), not necessarily arrived.
+                    fut = loop.create_future()
+                    self._ticket_waiters.append((self._tickets, fut))
+                    try:
+                        await fut
+                    finally:
+                        self._ticket_waiters = [
+                            (t, f) for t, f in self._ticket_waiters if f is not fut
+                        ]
+                if self.last_seq < self.acked_seq:
+                    fut = loop.create_future()
+                    self._waiters.append((self.acked_seq, fut))
+                    try:
+                        await fut
+                    finally:
+                        self._waiters = [(t, f) for t, f in self._waiters if f is not fut]
         except TimeoutError:
             pass
-        finally:
-            self._waiters = [(t, f) for t, f in self._waiters if f is not fut]
         await self._check(doc)
+
+    def _settled(self) -> bool:
+        """No delta this relay acknowledged or handed to the backend is still to arrive: a
+        failed check is final."""
+        return self.last_seq >= self.acked_seq and not self._publishing
+
+    def begin_publish(self) -> int:
+        """A delta to this room is handed to the backend now; its ticket for `end_publish`."""
+        self._tickets += 1
+        self._publishing[self._tickets] = None
+        return self._tickets
+
+    def end_publish(self, ticket: int, seq: int | None) -> None:
+        """The backend answered the publish of `ticket`: stored at `seq`, or not (None)."""
+        if seq is not None:
+            self.note_acked(seq)
+        self._publishing.pop(ticket, None)
+        if self._ticket_waiters:
+            oldest = next(iter(self._publishing), None)
+            still = []
+            for limit, fut in self._ticket_waiters:
+                if oldest is None or oldest > limit:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((limit, fut))
+            self._ticket_waiters = still
 
     def check_now(self, doc: bytes) -> bool:
         """`check` on the loop, without a task switch, when that is allowed: the state is
         loaded, nobody holds `_engine` and the work is small (`_small`). True: `doc` applies
         to the latest state. False: not decided here, call `check` (also when the check
-        failed while a delta this relay acknowledged has yet to arrive: `check` waits for
-        it). Raises DeltaError as `check` does. Most small deltas are checked here: the
-        lock, the coroutines and the partial of `_check` were ~6 % of the publish path."""
+        failed while a delta this relay acknowledged or handed to the backend has yet to
+        arrive: `check` waits for it). Raises DeltaError as `check` does. Most small deltas
+        are checked here: the lock, the coroutines and the partial of `_check` were ~6 % of
+        the publish path."""
         state = self.state
         if state is None or self._engine.locked():
             return False
@@ -515,7 +565,7 @@ class Room:
                 return True
         if error is None:
             return True
-        if self.last_seq >= self.acked_seq:
+        if self._settled():
             raise error
         return False
 
@@ -971,6 +1021,7 @@ class Room:
             not self.members
             and not self._joining
             and not self.queue
+            and not self._publishing  # its answers update acked_seq, which checks read
             and self._flushing is None
             and not self._engine.locked()
             and self._backfill is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Final, Literal, cast
 
 from kasagi_relay import delta
@@ -39,6 +40,7 @@ from kasagi_relay.metrics import Metrics
 from kasagi_relay.presence import PresenceHub, PresenceView
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
 from kasagi_relay.registry import RoomRegistry
+from kasagi_relay.room import Room
 
 __all__ = ["KEY_CONFLICT", "KEY_SCOPE_SEPARATOR", "RoomService", "scoped_key"]
 
@@ -110,6 +112,27 @@ class RoomService:
         A retry under the same key gets the first seq; another delta under a key already
         used is `key_conflict`, as are the errors of docs/protocol.md (bad_patch,
         too_large, unavailable)."""
+        started = await self.start_publish(room, kind, body, key, who)
+        return started if isinstance(started, int) else await started
+
+    async def start_publish(
+        self,
+        room: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        who: Identity = ANONYMOUS,
+        on_done: Callable[[asyncio.Future[int]], None] | None = None,
+    ) -> int | asyncio.Future[int]:
+        """`publish` in two steps, so that one connection can have several deltas in
+        flight (session.py): this coroutine does everything up to handing the delta to the
+        backend (authorization, the key cache, the room's check) and raises what those
+        refuse; it returns the seq when it is known already (a known key, the memory
+        backend), else a future that holds the seq or the BadRequest of the backend's
+        answer. Calls made one after another hand their deltas to the backend in that
+        order, so they get seqs in that order. `on_done(future)` runs when the future is
+        done, before the publish stops counting in `inflight` (a graceful shutdown sends
+        the ack before it closes the connection)."""
         self._check_open()
         self.authorize("publish", room, who)
         digest = delta_digest(kind, body) if key is not None else ""
@@ -120,21 +143,23 @@ class RoomService:
             if known is not None:
                 return known
         try:
-            seq = await self._publish(room, kind, body, key, digest)
+            return await self._start(room, kind, body, key, client_key, digest, on_done)
         except BackendUnavailable as exc:
             self.metrics.backend_errors.inc()
             raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
         except KeyConflict as exc:
-            raise BadRequest(
-                KEY_CONFLICT, f"key {client_key!r} was used for another delta (seq {exc.seq})"
-            ) from None
-        if key is not None:
-            self._remember_key(room, key, seq, digest)
-        return seq
+            raise _key_conflict(client_key, exc) from None
 
-    async def _publish(
-        self, name: str, kind: DeltaKind, body: bytes, key: str | None, digest: str
-    ) -> int:
+    async def _start(
+        self,
+        name: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        client_key: str | None,
+        digest: str,
+        on_done: Callable[[asyncio.Future[int]], None] | None,
+    ) -> int | asyncio.Future[int]:
         room = self.registry.get(name) or await self.registry.load(name)
         room.last_active = time.monotonic()  # before any await: not idle, not evicted
         if room.state is None:
@@ -151,7 +176,7 @@ class RoomService:
             seq = None
             if key is not None:
                 # Raises KeyConflict for a key stored with another delta (caught in
-                # publish): the digest is compared, not only the key.
+                # start_publish): the digest is compared, not only the key.
                 seq = await self.backend.log.seen_key(name, key, kind, body)
             if seq is None:
                 if isinstance(exc, delta.TooLarge):
@@ -163,16 +188,63 @@ class RoomService:
                     raise BadRequest("too_large", reason) from None
                 raise BadRequest("bad_patch", str(exc)) from None
             return seq
+        # A backend whose publish never waits (the memory one) sequences a delta inline,
+        # without a task (backends/memory.py, MemoryLog.publish_now).
+        publish_now = getattr(self.backend.log, "publish_now", None)
+        if publish_now is not None:
+            try:
+                now: int | None = publish_now(name, kind, body, key)
+            except KeyConflict as exc:
+                raise _key_conflict(client_key, exc) from None
+            if now is not None:
+                self._published(room, key, now, digest)
+                return now
+        # From here on nothing awaits: the backend's call starts in a task created now, and
+        # tasks start in the order they were created, so deltas handed over one after the
+        # other join the backend's queue (the Redis link's batch) in that order.
         self.inflight += 1
+        ticket = room.begin_publish()
+        task = asyncio.get_running_loop().create_task(
+            self._send(room, kind, body, key, client_key, digest, ticket)
+        )
+        if on_done is not None:
+            task.add_done_callback(on_done)
+        task.add_done_callback(self._sent)  # after on_done: callbacks run in this order
+        return task
+
+    async def _send(
+        self,
+        room: Room,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        client_key: str | None,
+        digest: str,
+        ticket: int,
+    ) -> int:
+        seq: int | None = None
         try:
-            seq = await self.backend.log.publish(name, kind, body, key)
+            seq = await self.backend.log.publish(room.name, kind, body, key)
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.inc()
+            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
+        except KeyConflict as exc:
+            raise _key_conflict(client_key, exc) from None
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._inflight_done.set()
+            room.end_publish(ticket, seq)
+        self._published(room, key, seq, digest)
+        return seq
+
+    def _published(self, room: Room, key: str | None, seq: int, digest: str) -> None:
         room.note_acked(seq)
         self.metrics.deltas_in.inc()
-        return seq
+        if key is not None:
+            self._remember_key(room.name, key, seq, digest)
+
+    def _sent(self, task: asyncio.Future[int]) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self._inflight_done.set()
 
     async def join(
         self,
@@ -307,3 +379,9 @@ class RoomService:
             shown = key.rpartition(KEY_SCOPE_SEPARATOR)[2]
             raise BadRequest(KEY_CONFLICT, f"key {shown!r} was used for another delta (seq {seq})")
         return seq
+
+
+def _key_conflict(client_key: str | None, exc: KeyConflict) -> BadRequest:
+    return BadRequest(
+        KEY_CONFLICT, f"key {client_key!r} was used for another delta (seq {exc.seq})"
+    )

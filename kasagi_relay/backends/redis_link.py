@@ -254,6 +254,12 @@ class MasterLink:
         self._fence_gen = 0
         self._cleanup: set[asyncio.Future[None]] = set()
         self._replicas_cache: tuple[float, int] = (0.0, 0)
+        # The INFO under way that refreshes `_replicas_cache`, shared by every publish that
+        # needs it (they go on in the order they asked: see `_needed_replicas`).
+        self._replicas_info: asyncio.Future[Any] | None = None
+        # Held while a batch takes its connection: batches are written in the order they
+        # were closed, even when one of them waits for a new connection (see `_run_batch`).
+        self._batch_order = asyncio.Lock()
         # The durable FCALLs of this loop turn, per (pool, replicas to wait for).
         self._batches: dict[tuple[int, int], _Batch] = {}
         self.switches = 0  # master changes seen (tests and /healthz)
@@ -449,18 +455,33 @@ class MasterLink:
         now = asyncio.get_running_loop().time()
         at, count = self._replicas_cache
         if now - at > 1.0:
-            info = await client.info("replication")
+            # One INFO for all the publishes of the moment, which wake in the order they
+            # asked and join the batch in that order: one INFO each, on connections of
+            # their own, would let their answers reorder a connection's pipelined deltas.
+            info_task = self._replicas_info
+            if info_task is None:
+                info_task = self._replicas_info = asyncio.ensure_future(client.info("replication"))
+                info_task.add_done_callback(self._replicas_counted)
+            info = await asyncio.shield(info_task)
             count = int(info.get("connected_slaves", 0))
             self._replicas_cache = (now, count)
         # "all" never means "none": with no replica connected, nothing is durable beyond
         # the master, so the write must not be acknowledged as if it were.
         return max(1, count)
 
+    def _replicas_counted(self, task: asyncio.Future[Any]) -> None:
+        self._replicas_info = None
+        if not task.cancelled():
+            task.exception()  # retrieved: each publish that awaited it got it
+
     async def _roundtrip(
-        self, pool: ConnectionPool, commands: Sequence[Sequence[Any]]
+        self,
+        pool: ConnectionPool,
+        commands: Sequence[Sequence[Any]],
+        order: asyncio.Lock | None = None,
     ) -> list[Any]:
         """Pipelined commands on ONE connection; error replies come back as exceptions."""
-        return await self._roundtrip_packed(pool, pack(commands), len(commands), commands)
+        return await self._roundtrip_packed(pool, pack(commands), len(commands), commands, order)
 
     async def _roundtrip_packed(
         self,
@@ -468,11 +489,18 @@ class MasterLink:
         packed: bytes | None,
         count: int,
         commands: Sequence[Sequence[Any]] = (),
+        order: asyncio.Lock | None = None,
     ) -> list[Any]:
         """`_roundtrip` for `count` commands already packed as RESP (presence packs its
-        own), or for `commands` redis-py must pack (`packed` None)."""
+        own), or for `commands` redis-py must pack (`packed` None). With `order`, the
+        connection is taken holding that lock, and the lean path writes without an await
+        after it: round trips started in some order are written in that order."""
         try:
-            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            if order is None:
+                conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            else:
+                async with order:
+                    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise NotSent(str(exc) or type(exc).__name__) from exc
         try:
@@ -565,7 +593,11 @@ class MasterLink:
         if batch.needed:
             commands.append(("WAIT", batch.needed, self.wait_timeout_ms))
         try:
-            replies = await self._roundtrip(batch.pool, commands)
+            # In order: FCALLs of one connection's pipelined deltas may sit in consecutive
+            # batches, and Redis runs what reaches it first first. Without the lock a batch
+            # that opens a new connection was overtaken by the next one, which found a free
+            # connection at once.
+            replies = await self._roundtrip(batch.pool, commands, self._batch_order)
         except BaseException as exc:
             for fut in batch.futures:
                 if not fut.done():
