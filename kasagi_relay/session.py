@@ -83,8 +83,11 @@ PEEK_MAX_BYTES: Final = 4096
 # whatever a flooding connection does in it: with 32 messages a turn and 16 KiB fed to the
 # parser at a time, a member sending a delta every 10 ms fell behind during a flood of
 # pipelined refused messages and waited 0.35-2.2 s for acks; with 4 and 4 KiB, 21-117 ms
-# (benches/hostile class 4, Redis, a loaded 2-core machine; docs/benchmarks.md).
-YIELD_MESSAGES: Final = 4
+# (benches/hostile class 4, Redis, a loaded 2-core machine; docs/benchmarks.md). With the
+# 4 KiB feed slices and YIELD_S, 16 messages a turn kept that class's stall at 5-34 ms
+# (against 6-96 ms with 4 in the same runs), and a lone publisher's pipelined deltas merge
+# about twice as many per frame on Redis (one batch per turn, one frame per batch).
+YIELD_MESSAGES: Final = 16
 YIELD_BYTES: Final = 256 * 1024
 YIELD_S: Final = 0.001
 # Input handed to websockets' parser at a time (at most ~700 frames: ~4 ms of parsing).
