@@ -869,7 +869,7 @@ def _at_frame_start(proto: WsProtocol) -> bool:
     a header read in part leaves them in read_exact, perhaps with an empty buffer)."""
     if proto.state is not State.OPEN or proto.current_size is not None or proto.debug:
         return False
-    if proto.reader.buffer:
+    if proto.reader.buffer or proto.extensions:  # an extension may rewrite any data frame
         return False
     gen: Any = proto.parser
     while (inner := gen.gi_yieldfrom) is not None:
@@ -885,7 +885,13 @@ def _fast_frames_supported() -> bool:
         getattr(StreamReader.at_eof, "__code__", None) is not None
         and all(
             name in proto
-            for name in ("max_message_size", "max_fragment_size", "current_size", "parser")
+            for name in (
+                "max_message_size",
+                "max_fragment_size",
+                "current_size",
+                "parser",
+                "extensions",
+            )
         )
         and hasattr(Frame, "__dataclass_fields__")
     )
