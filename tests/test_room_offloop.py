@@ -124,15 +124,16 @@ class Pinger:
         self.room = room
         self.worst = 0.0
         self.acks = 0
+        self._last = time.perf_counter()
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
-        last = time.perf_counter()
+        self._last = time.perf_counter()
         while True:
             await self.client.delta(self.room, merge={"n": self.acks})
             now = time.perf_counter()
-            self.worst = max(self.worst, now - last)
-            last = now
+            self.worst = max(self.worst, now - self._last)
+            self._last = now
             self.acks += 1
             await asyncio.sleep(0.01)
 
@@ -143,6 +144,8 @@ class Pinger:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
+        # A wait still open counts too: a member stuck since its last ack is a stall.
+        self.worst = max(self.worst, time.perf_counter() - self._last)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -198,7 +201,9 @@ async def test_forty_joiners_of_a_big_room_that_never_read_share_one_state_and_g
                 # Read one at once: the relay aborts a dropped connection after
                 # close_timeout_s (and reading all 40 kernel buffers takes longer here).
                 frames = await read_all_frames(members[0])
-            assert pinger.acks > 10
+            # Served throughout: no gap between acks, nor after the last one, reached 2 s
+            # (how many acks that is depends on how long the phase took on this machine).
+            assert pinger.acks >= 1
             assert pinger.worst < 2.0, pinger.worst
         for m in members:
             m.close()
