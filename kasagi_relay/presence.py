@@ -15,7 +15,9 @@ is told from it). The hub (one per relay):
   refresh under way is writing waits for that refresh (else the refresh would write it
   back). A `presence` read waits for the writes queued before it. No task, future or
   retry loop per write: a failed batch is retried whole by the backend (every write is
-  safe to repeat);
+  safe to repeat). A leave whose join's add is still queued cancels it: neither is
+  sent, so nobody is told of a member already gone (the busier the relay, the longer a
+  batch waits, and the more of these short visits cost nothing);
 - re-writes a member's entries with its new `info` when its token is refreshed
   (`reidentify`: same `j`, so no event), queued like the rest;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
