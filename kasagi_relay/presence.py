@@ -231,8 +231,6 @@ class PresenceHub:
         self._refreshing: tuple[str, dict[str, bytes], asyncio.Future[None]] | None = None
         # conn -> (the identity, its entry head)
         self._heads: dict[str, tuple[Identity, bytes]] = {}
-        # Members whose join and leave cancelled each other before their add was sent.
-        self.coalesced = 0
         presence.set_listener(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -339,7 +337,6 @@ class PresenceHub:
             # relay announces a member that is already gone (events are at most once).
             # Under load batches grow, and so does what this saves.
             self._queue[local.slot - self._queue_base] = None
-            self.coalesced += 1
             return
         self._write((room, local.conn, local.entry, False))
 
