@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -53,7 +54,7 @@ from benches.peers.build import loadgen
 from kasagi_relay.backends.redis import RedisBackend
 from kasagi_relay.domain import Identity
 from kasagi_relay.presence import _entry
-from kit.topology import start_topology
+from kit.topology import call, start_topology
 from testkit.proc import cpu_seconds
 from testkit.relay import relay_process
 
@@ -80,12 +81,27 @@ def pin(pid: int, core: int) -> None:
         )
 
 
+def fcalls(port: int) -> int:
+    """FCALLs the server has run so far (INFO commandstats)."""
+    text = call(port, "INFO", "commandstats")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    m = re.search(r"cmdstat_fcall:calls=(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
 async def join_rate(
-    url: str, pid: int, redis_pid: int, clients: int, room_size: int, seconds: float, on: bool
+    url: str,
+    pid: int,
+    redis_pid: int,
+    redis_port: int,
+    clients: int,
+    room_size: int,
+    seconds: float,
+    on: bool,
 ) -> dict[str, float]:
     """The load generator's join+leave loop; cycles/s, the relay's and Redis's CPU per
-    cycle (us; both on core 0) and the load generator's CPU share, over its measured
-    window."""
+    cycle (us; both on core 0), Redis function calls and presence events per cycle, and
+    the load generator's CPU share, over its measured window."""
     rooms = max(1, clients // room_size)
     argv = [
         str(loadgen()), "-system", "kasagi", "-url", url, "-mode", "joins",
@@ -97,13 +113,16 @@ async def join_rate(
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     cpu0 = cpu = redis0 = redis = 0.0
+    calls0 = calls = 0
     res: dict[str, Any] = {}
     async for raw in proc.stdout:
         line = raw.decode().strip()
         if line == "MEASURE_START":
             cpu0, redis0 = cpu_seconds(pid), cpu_seconds(redis_pid)
+            calls0 = fcalls(redis_port)
         elif line == "MEASURE_END":
             cpu, redis = cpu_seconds(pid) - cpu0, cpu_seconds(redis_pid) - redis0
+            calls = fcalls(redis_port) - calls0
         elif line.startswith("{"):
             res = json.loads(line)
     if await proc.wait() != 0 or not res.get("cycles"):
@@ -117,10 +136,17 @@ async def join_rate(
         "relay_cpu_share": cpu / res["seconds"],
         "loadgen_cpu_share": res["loadgen_cpu"],
         "events_per_s": res["events_per_s"],
+        "events_per_join": res["events_per_s"] / res["cycles_per_s"],
+        "fcalls_per_join": calls / res["cycles"],
     }
 
 
-async def delta_rate(url: str, members: int, seconds: float, on: bool) -> tuple[float, float]:
+async def delta_rate(
+    url: str, pid: int, members: int, seconds: float, on: bool
+) -> tuple[float, float, float]:
+    """Deltas acknowledged/s, delta frames received/s by the members, and the relay's CPU
+    per delta frame received (us: what one frame to one member costs the relay, the
+    publish and ack shared among the members)."""
     async with contextlib.AsyncExitStack() as stack:
         conns = [
             await stack.enter_async_context(connect(url, compression=None, max_size=None))
@@ -158,6 +184,7 @@ async def delta_rate(url: str, members: int, seconds: float, on: bool) -> tuple[
                     window.release()
 
         acker = asyncio.create_task(read_acks())
+        cpu0 = cpu_seconds(pid)
         t0 = time.monotonic()
         end = t0 + seconds
         n = 0
@@ -167,10 +194,11 @@ async def delta_rate(url: str, members: int, seconds: float, on: bool) -> tuple[
             await writer.send(json.dumps({"t": "delta", "room": "d", "merge": {"n": n}}))
         elapsed = time.monotonic() - t0
         got_acks, got_frames = acks, frames
+        cpu = cpu_seconds(pid) - cpu0
         stop.set()
         acker.cancel()
         await asyncio.gather(*readers, acker, return_exceptions=True)
-        return got_acks / elapsed, got_frames / elapsed
+        return got_acks / elapsed, got_frames / elapsed, cpu / max(got_frames, 1) * 1e6
 
 
 async def presence_time(url: str, redis_url: str, members: int, requests: int) -> dict[str, Any]:
@@ -243,14 +271,23 @@ async def main() -> None:
                         proc.url,
                         proc.proc.pid,
                         topo.servers[0].pid,
+                        topo.servers[0].port,
                         a.clients,
                         a.room_size,
                         a.seconds,
                         on,
                     )
-                    acks, frames = await delta_rate(proc.url, a.delta_members, a.seconds, on)
+                    acks, frames, frame_us = await delta_rate(
+                        proc.url, proc.proc.pid, a.delta_members, a.seconds, on
+                    )
                 r = runs.setdefault(mode, {})
-                for k, v in {**joins, "acks_per_s": acks, "frames_per_s": frames}.items():
+                measured = {
+                    **joins,
+                    "acks_per_s": acks,
+                    "frames_per_s": frames,
+                    "relay_cpu_us_per_delta_frame": frame_us,
+                }
+                for k, v in measured.items():
                     r.setdefault(k, []).append(v)
                 print(mode, {k: round(v[-1], 2) for k, v in r.items()}, flush=True)
             results = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in runs.items()}
@@ -263,6 +300,13 @@ async def main() -> None:
                 for k in results["on"]
                 if results["off"][k]
             }
+            # What one presence event costs the relay: the CPU per cycle that events add
+            # over entries alone, per event frame sent; beside a delta frame's cost.
+            extra = (
+                results["on"]["relay_cpu_us_per_join"] - results["entries"]["relay_cpu_us_per_join"]
+            )
+            per_event = extra / max(results["on"]["events_per_join"], 1e-9)
+            out["relay_cpu_us_per_event_frame"] = round(per_event, 2)
             out["ratio_entries_off"] = {
                 k: round(results["entries"][k] / results["off"][k], 3)
                 for k in results["on"]

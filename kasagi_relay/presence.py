@@ -15,7 +15,9 @@ is told from it). The hub (one per relay):
   refresh under way is writing waits for that refresh (else the refresh would write it
   back). A `presence` read waits for the writes queued before it. No task, future or
   retry loop per write: a failed batch is retried whole by the backend (every write is
-  safe to repeat);
+  safe to repeat). A leave whose join's add is still queued cancels it: neither is
+  sent, so nobody is told of a member already gone (the busier the relay, the longer a
+  batch waits, and the more of these short visits cost nothing);
 - re-writes a member's entries with its new `info` when its token is refreshed
   (`reidentify`: same `j`, so no event), queued like the rest;
 - re-writes every entry it holds every `refresh_s` (and at once after the event
@@ -73,6 +75,9 @@ class _Local:
     conn: str
     entry: bytes
     events: bool
+    # Its join's add: an absolute position in the hub's queue (still queued while it is
+    # at or past the queue's base: then a leave cancels it; positions only grow).
+    slot: int = -1
 
 
 _Event = tuple[str, str, str, dict[str, Any]]
@@ -213,7 +218,10 @@ class PresenceHub:
         self._refresh_now = asyncio.Event()
         self._resynced = False
         # The writes not sent yet, in order, and the writer sending them (None: idle).
-        self._queue: list[PresenceOp] = []
+        # A slot is None when its add was cancelled by the member's leave (`leave`).
+        self._queue: list[PresenceOp | None] = []
+        # The absolute position of _queue[0] (positions count every write ever queued).
+        self._queue_base = 0
         self._writer: asyncio.Task[None] | None = None
         # Resolved when the queued writes (next) / the batch under way (sending) are done:
         # made only when a read waits for them.
@@ -269,7 +277,7 @@ class PresenceHub:
             return
         local = entries[member] = _Local(conn, _entry(conn, who, self._head(conn, who)), events)
         self.metrics.presence_entries.inc()
-        self._write((room, conn, local.entry, True))
+        local.slot = self._write((room, conn, local.entry, True))
 
     def _head(self, conn: str, who: Identity) -> bytes:
         held = self._heads.get(conn)
@@ -294,7 +302,11 @@ class PresenceHub:
             if entry == local.entry:
                 continue
             local.entry = entry
-            self._write((room, conn, entry, True))
+            if local.slot >= self._queue_base:
+                # Its join's add is not sent yet: it takes the new entry instead.
+                self._queue[local.slot - self._queue_base] = (room, conn, entry, True)
+            else:
+                self._write((room, conn, entry, True))
 
     def listen(self, room: str, member: Member) -> None:
         """From now on `member` gets the room's events (after its `joined`)."""
@@ -320,20 +332,31 @@ class PresenceHub:
         if local is None:
             return
         self.metrics.presence_entries.dec()
+        if local.slot >= self._queue_base:
+            # Its add is still queued (a batch is under way): neither goes out, so no
+            # relay announces a member that is already gone (events are at most once).
+            # Under load batches grow, and so does what this saves.
+            self._queue[local.slot - self._queue_base] = None
+            return
         self._write((room, local.conn, local.entry, False))
 
     # ------------------------------------------------------------------ writes
 
-    def _write(self, op: PresenceOp) -> None:
+    def _write(self, op: PresenceOp) -> int:
+        """Queue `op`; its absolute position in the queue."""
         self._queue.append(op)
         if self._writer is None:
             # Starts on the next turn of the loop: this turn's writes are one batch.
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        return self._queue_base + len(self._queue) - 1
 
     async def _write_loop(self) -> None:
         try:
             while self._queue:
-                ops, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+                taken, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+                # From here on these adds are sent: a leave no longer cancels them.
+                self._queue_base += len(taken)
+                ops = [op for op in taken if op is not None]
                 done = None
                 if not self._queue:  # the reads waiting for the queue wait for this batch
                     done, self._next_done = self._next_done, None
@@ -341,7 +364,8 @@ class PresenceHub:
                 try:
                     while self._conflicts(ops):
                         await asyncio.shield(self._refreshing[2])  # type: ignore[index]
-                    await self.presence.write(ops, self.ttl_s)
+                    if ops:
+                        await self.presence.write(ops, self.ttl_s)
                 except asyncio.CancelledError:
                     raise
                 except BackendUnavailable as exc:
@@ -584,8 +608,11 @@ class PresenceHub:
             if not entries:
                 continue
             # The snapshot and the refresh go together: a remove or re-identification
-            # queued after it waits for the refresh (`_conflicts`).
-            batch = {local.conn: local.entry for local in entries.values()}
+            # queued after it waits for the refresh (`_conflicts`). An entry whose add is
+            # still queued is left to that add: its leave may cancel the add, and must
+            # not find it written by the refresh.
+            base = self._queue_base
+            batch = {local.conn: local.entry for local in entries.values() if local.slot < base}
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._refreshing = (room, batch, done)
             try:

@@ -231,6 +231,41 @@ async def test_two_relays_on_one_redis_leave_close_sigterm_sigkill(
         assert conns(await presence(a, "room")) == {ids["a"]}
 
 
+@pytest.mark.timeout(60)
+async def test_a_member_gone_before_its_entry_was_sent_is_never_announced(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """A join and leave queued behind a presence write under way cancel each other: the
+    other relay's watcher hears nothing of that member (at most once: neither event),
+    Redis never holds it, and the members around it are announced as usual."""
+    port = redis_server.servers[0].port
+    args = redis_args(redis_server)
+    async with (
+        relay_process(*args) as one,
+        relay_process(*args) as two,
+        clients(two.url, one.url, one.url, one.url) as (w, x, y, z),
+    ):
+        iw = (await w.join("room", presence=True))["conn"]
+        # Writes wait on the server (well under the link's 2 s socket timeout): x's add
+        # is in flight meanwhile, and what one queues after it waits behind it.
+        call(port, "CLIENT", "PAUSE", "800", "WRITE")
+        ix = (await x.join("room"))["conn"]
+        await asyncio.sleep(0.2)
+        iy = (await y.join("room"))["conn"]
+        await y.send({"t": "leave", "room": "room"})
+        await y.recv_until(lambda m: m["t"] == "left")
+        iz = (await z.join("room"))["conn"]
+        before = await event(w, "presence_join", ix)
+        before += await event(w, "presence_join", iz)
+        assert conns(await presence(w, "room")) == {iw, ix, iz}
+        # Nothing about y was delivered, now or a while later.
+        await asyncio.sleep(0.5)
+        assert conns(await presence(w, "room")) == {iw, ix, iz}
+        seen = before + _seen.get(id(w), [])
+        about_y = [m for m in seen if m.get("member", {}).get("conn") == iy]
+        assert about_y == []
+
+
 @pytest.mark.timeout(120)
 async def test_a_burst_of_1000_members_on_two_relays_ends_with_lists_that_agree(
     redis_server: Topology,  # noqa: F811

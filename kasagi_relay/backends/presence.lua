@@ -19,7 +19,7 @@ In a Redis Cluster (cluster_enabled:1) events go out with SPUBLISH, as in `kasag
 Bump VERSION whenever a function changes.
 ]]
 
-local VERSION = '1'
+local VERSION = '2'
 -- Expired entries taken out per call: bounds one call's work (the rest go next call).
 local REAP_MAX = 1000
 
@@ -104,6 +104,44 @@ local function remove(keys, args)
   return 1
 end
 
+-- KEYS: the 3 keys; ARGV: ttl_ms, then triples kind ('a' add, 'r' remove), conn, entry:
+-- what `add` and `remove` do, in order, in one call (a relay's queued writes of one room:
+-- one function call, one TIME and one PEXPIRE of the keys for all of them).
+local function write(keys, args)
+  check(keys, 'kasagi_presence_write')
+  local ttl = ttl_of(args[1], 'kasagi_presence_write')
+  if (#args - 1) % 3 ~= 0 then
+    error('ERR kasagi_presence_write: expected ttl_ms then (kind, conn, entry) triples')
+  end
+  local now = nil
+  for i = 2, #args, 3 do
+    local kind, conn, entry = args[i], args[i + 1], args[i + 2]
+    local old = redis.call('HGET', keys[1], conn)
+    if kind == 'a' then
+      if now == nil then
+        now = now_ms()
+      end
+      redis.call('HSET', keys[1], conn, entry)
+      redis.call('ZADD', keys[2], now + ttl, conn)
+      if old ~= entry then
+        announce(keys[3], 'join', entry)
+      end
+    elseif kind == 'r' then
+      if old == entry then
+        redis.call('HDEL', keys[1], conn)
+        redis.call('ZREM', keys[2], conn)
+        announce(keys[3], 'leave', entry)
+      end
+    else
+      error('ERR kasagi_presence_write: kind must be a or r')
+    end
+  end
+  if now ~= nil then
+    keep(keys, ttl)
+  end
+  return 1
+end
+
 -- KEYS: the 3 keys; ARGV: ttl_ms, then conn, entry pairs (this relay's entries).
 local function refresh(keys, args)
   check(keys, 'kasagi_presence_refresh')
@@ -132,6 +170,7 @@ end
 
 redis.register_function('kasagi_presence_add', add)
 redis.register_function('kasagi_presence_remove', remove)
+redis.register_function('kasagi_presence_write', write)
 redis.register_function('kasagi_presence_refresh', refresh)
 redis.register_function('kasagi_presence_members', members)
 redis.register_function{

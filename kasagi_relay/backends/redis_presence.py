@@ -2,8 +2,10 @@
 
 Commands are the functions of the `kasagi_presence` library (presence.lua) on the room's
 keys, through the master link: the adds and removes the relay queued while a write was
-under way go as ONE pipeline of FCALLs (`write`, packed here as RESP: no per-command
-packing by redis-py), in the order they were queued, without WAIT (presence is
+under way go as ONE pipeline (`write`, packed here as RESP: no per-command packing by
+redis-py) of one `kasagi_presence_write` per room, each with that room's adds and
+removes in the order they were queued (one function call, not one per write), without
+WAIT (presence is
 refreshed, not acknowledged: what a failover loses comes back with the next refresh,
 which a re-subscription triggers at once). A refused pipeline or a lost connection sends
 the whole pipeline again until the link's op timeout: every call is safe to repeat (an
@@ -43,8 +45,8 @@ def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-_ADD_HEAD: Final = b"*9\r\n" + b"".join(map(_bulk, (b"FCALL", b"kasagi_presence_add", b"3")))
-_REMOVE_HEAD: Final = b"*8\r\n" + b"".join(map(_bulk, (b"FCALL", b"kasagi_presence_remove", b"3")))
+_WRITE: Final = b"".join(map(_bulk, (b"FCALL", b"kasagi_presence_write", b"3")))
+_KIND: Final = {True: _bulk(b"a"), False: _bulk(b"r")}
 
 
 def presence_keys(room: str) -> tuple[str, str, str]:
@@ -115,26 +117,29 @@ class RedisPresence:
         order, for the router to send to their room's shard."""
         if not ops:
             return []
+        # One FCALL per room, its writes in the order queued (rooms are independent).
+        rooms: dict[str, list[PresenceOp]] = {}
+        for op in ops:
+            held = rooms.get(op[0])
+            if held is None:
+                rooms[op[0]] = [op]
+            else:
+                held.append(op)
         ttl = _bulk(b"%d" % _ms(ttl_s))
         parts: list[bytes] = []
-        for room, conn, entry, add in ops:
-            if add:
-                parts += (_ADD_HEAD, self._packed_keys(room), ttl)
-            else:
-                parts += (_REMOVE_HEAD, self._packed_keys(room))
-            parts += (_bulk(conn.encode()), _bulk(entry))
-        replies = await self.link.pipeline("presence write", b"".join(parts), len(ops))
+        for room, room_ops in rooms.items():
+            parts += (b"*%d\r\n" % (7 + 3 * len(room_ops)), _WRITE, self._packed_keys(room), ttl)
+            for _, conn, entry, add in room_ops:
+                parts += (_KIND[add], _bulk(conn.encode()), _bulk(entry))
+        replies = await self.link.pipeline("presence write", b"".join(parts), len(rooms))
         redirected: list[tuple[PresenceOp, AskError]] = []
-        for reply, op in zip(replies, ops, strict=True):
-            room, add = op[0], op[3]
+        for reply, (room, room_ops) in zip(replies, rooms.items(), strict=True):
             if isinstance(reply, AskError):  # MovedError too
-                redirected.append((op, reply))
+                redirected += ((op, reply) for op in room_ops)
             elif isinstance(reply, ResponseError):
                 # Not a refusal (those were retried): a bug or a hostile store; the
                 # other calls of the pipeline stand.
-                logger.warning(
-                    "room %s: presence %s refused: %s", room, "add" if add else "remove", reply
-                )
+                logger.warning("room %s: presence write refused: %s", room, reply)
         return redirected
 
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
