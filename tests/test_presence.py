@@ -53,7 +53,8 @@ def conns(reply: dict[str, Any]) -> set[str]:
 
 async def event(client: Client, t: str, conn: str, within: float = 5.0) -> list[dict[str, Any]]:
     """Wait for `t` about `conn` (or find it among what was read past); the messages
-    before it."""
+    before it. Those stay held for later calls: events are ordered per member only (two
+    members' joins on two relays may come either way round)."""
 
     def match(m: dict[str, Any]) -> bool:
         return bool(m["t"] == t and m["member"]["conn"] == conn)
@@ -62,12 +63,11 @@ async def event(client: Client, t: str, conn: str, within: float = 5.0) -> list[
     for i, m in enumerate(seen):
         if match(m):
             before = seen[:i]
-            del seen[: i + 1]
+            del seen[i]
             return before
-    _, before = await client.recv_until(match, within)
-    before = seen + before
-    seen.clear()
-    return before
+    _, skipped = await client.recv_until(match, within)
+    seen.extend(skipped)
+    return list(seen)
 
 
 async def agree(clients: list[Client], room: str, want: set[str], within: float) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +16,7 @@ from kasagi_relay.backends.base import Backend
 from kasagi_relay.backends.memory import MemoryBackend
 from kasagi_relay.backends.redis import RedisBackend
 from testkit.redis import Topology, redis_server  # noqa: F401
+from testkit.wait import until
 
 
 class Events:
@@ -28,14 +29,6 @@ class Events:
 
     def on_presence_resync(self) -> None:
         self.resyncs += 1
-
-
-async def until(pred: Callable[[], object], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 def redis_url(topo: Topology) -> str:

@@ -4,24 +4,15 @@ and presence read again after a reconnect to another relay."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
 import pytest
 
 from kasagi_relay.client import Client
 from kasagi_relay.client.protocol import Format
 from testkit.redis import Topology, redis_server  # noqa: F401
 from testkit.relay import relay_process, start_relay
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def until(pred: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for something the client's reader task updates."""
-    async with asyncio.timeout(within):
-        while not pred():  # noqa: ASYNC110 (polls state another task updates)
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("fmt", ["json", "msgpack"])
