@@ -144,11 +144,8 @@ class RoomService:
                 return known
         try:
             return await self._start(room, kind, body, key, client_key, digest, on_done)
-        except BackendUnavailable as exc:
-            self.metrics.backend_errors.inc()
-            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
-        except KeyConflict as exc:
-            raise _key_conflict(client_key, exc) from None
+        except (BackendUnavailable, KeyConflict) as exc:
+            raise self._refused(exc, client_key) from None
 
     async def _start(
         self,
@@ -192,10 +189,7 @@ class RoomService:
         # without a task (backends/memory.py, MemoryLog.publish_now).
         publish_now = getattr(self.backend.log, "publish_now", None)
         if publish_now is not None:
-            try:
-                now: int | None = publish_now(name, kind, body, key)
-            except KeyConflict as exc:
-                raise _key_conflict(client_key, exc) from None
+            now: int | None = publish_now(name, kind, body, key)  # KeyConflict: start_publish
             if now is not None:
                 self._published(room, key, now, digest)
                 return now
@@ -225,15 +219,21 @@ class RoomService:
         seq: int | None = None
         try:
             seq = await self.backend.log.publish(room.name, kind, body, key)
-        except BackendUnavailable as exc:
-            self.metrics.backend_errors.inc()
-            raise BadRequest("unavailable", str(exc) or "backend unavailable") from None
-        except KeyConflict as exc:
-            raise _key_conflict(client_key, exc) from None
+        except (BackendUnavailable, KeyConflict) as exc:
+            raise self._refused(exc, client_key) from None
         finally:
             room.end_publish(ticket, seq)
         self._published(room, key, seq, digest)
         return seq
+
+    def _refused(self, exc: BackendUnavailable | KeyConflict, client_key: str | None) -> BadRequest:
+        """What the client is told of a publish the backend refused (docs/protocol.md)."""
+        if isinstance(exc, KeyConflict):
+            return BadRequest(
+                KEY_CONFLICT, f"key {client_key!r} was used for another delta (seq {exc.seq})"
+            )
+        self.metrics.backend_errors.inc()
+        return BadRequest("unavailable", str(exc) or "backend unavailable")
 
     def _published(self, room: Room, key: str | None, seq: int, digest: str) -> None:
         room.note_acked(seq)
@@ -379,9 +379,3 @@ class RoomService:
             shown = key.rpartition(KEY_SCOPE_SEPARATOR)[2]
             raise BadRequest(KEY_CONFLICT, f"key {shown!r} was used for another delta (seq {seq})")
         return seq
-
-
-def _key_conflict(client_key: str | None, exc: KeyConflict) -> BadRequest:
-    return BadRequest(
-        KEY_CONFLICT, f"key {client_key!r} was used for another delta (seq {exc.seq})"
-    )
