@@ -133,6 +133,28 @@ class RoomService:
         order, so they get seqs in that order. `on_done(future)` runs when the future is
         done, before the publish stops counting in `inflight` (a graceful shutdown sends
         the ack before it closes the connection)."""
+        started = self.start_publish_now(room, kind, body, key, who, on_done)
+        if started is not None:
+            return started
+        digest = delta_digest(kind, body) if key is not None else ""
+        try:
+            return await self._start(room, kind, body, scoped_key(key, who), key, digest, on_done)
+        except (BackendUnavailable, KeyConflict) as exc:
+            raise self._refused(exc, key) from None
+
+    def start_publish_now(
+        self,
+        room: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        who: Identity = ANONYMOUS,
+        on_done: Callable[[asyncio.Future[int]], None] | None = None,
+    ) -> int | asyncio.Future[int] | None:
+        """`start_publish` without a coroutine, when nothing has to wait (the room is
+        loaded, its check is small and passes or fails for good): the session serves most
+        deltas this way straight from the socket's callback. None: nothing was done, await
+        `start_publish`. Raises BadRequest as it does."""
         self._check_open()
         self.authorize("publish", room, who)
         digest = delta_digest(kind, body) if key is not None else ""
@@ -142,8 +164,20 @@ class RoomService:
             known = self._known_key(room, key, digest)
             if known is not None:
                 return known
+        r = self.registry.get(room)
+        if r is None or r.state is None:
+            return None  # loaded by `_start`
+        r.last_active = time.monotonic()
+        doc = delta_doc(kind, body)
         try:
-            return await self._start(room, kind, body, key, client_key, digest, on_done)
+            if not r.check_now(doc):
+                return None  # checked by `_start`, off the loop or after a wait
+        except delta.DeltaError as exc:
+            if key is not None:
+                return None  # a retry's first answer is looked up by `_start`
+            raise self._bad_delta(exc) from None
+        try:
+            return self._hand_over(r, kind, body, key, client_key, digest, on_done)
         except (BackendUnavailable, KeyConflict) as exc:
             raise self._refused(exc, client_key) from None
 
@@ -176,26 +210,44 @@ class RoomService:
                 # start_publish): the digest is compared, not only the key.
                 seq = await self.backend.log.seen_key(name, key, kind, body)
             if seq is None:
-                if isinstance(exc, delta.TooLarge):
-                    # The rooms hold the limit (the engine enforces it exactly).
-                    reason = f"the room's state would pass {self.registry.max_state_bytes} bytes"
-                    if "memory" in str(exc):  # --max-state-memory (the engine's estimate)
-                        memory = self.registry.max_state_memory
-                        reason = f"the room's state would pass {memory} bytes of memory"
-                    raise BadRequest("too_large", reason) from None
-                raise BadRequest("bad_patch", str(exc)) from None
+                raise self._bad_delta(exc) from None
             return seq
+        return self._hand_over(room, kind, body, key, client_key, digest, on_done)
+
+    def _bad_delta(self, exc: delta.DeltaError) -> BadRequest:
+        """What the client is told of a delta that does not apply to the room's state."""
+        if isinstance(exc, delta.TooLarge):
+            # The rooms hold the limit (the engine enforces it exactly).
+            reason = f"the room's state would pass {self.registry.max_state_bytes} bytes"
+            if "memory" in str(exc):  # --max-state-memory (the engine's estimate)
+                reason = (
+                    f"the room's state would pass {self.registry.max_state_memory} bytes of memory"
+                )
+            return BadRequest("too_large", reason)
+        return BadRequest("bad_patch", str(exc))
+
+    def _hand_over(
+        self,
+        room: Room,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        client_key: str | None,
+        digest: str,
+        on_done: Callable[[asyncio.Future[int]], None] | None,
+    ) -> int | asyncio.Future[int]:
+        """Give the checked delta to the backend, without awaiting anything."""
         # A backend whose publish never waits (the memory one) sequences a delta inline,
         # without a task (backends/memory.py, MemoryLog.publish_now).
         publish_now = getattr(self.backend.log, "publish_now", None)
         if publish_now is not None:
-            now: int | None = publish_now(name, kind, body, key)  # KeyConflict: start_publish
+            now: int | None = publish_now(room.name, kind, body, key)  # KeyConflict: caller
             if now is not None:
                 self._published(room, key, now, digest)
                 return now
-        # From here on nothing awaits: the backend's call starts in a task created now, and
-        # tasks start in the order they were created, so deltas handed over one after the
-        # other join the backend's queue (the Redis link's batch) in that order.
+        # The backend's call starts in a task created now, and tasks start in the order
+        # they were created, so deltas handed over one after the other join the backend's
+        # queue (the Redis link's batch) in that order.
         self.inflight += 1
         ticket = room.begin_publish()
         task = asyncio.get_running_loop().create_task(
