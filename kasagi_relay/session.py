@@ -697,17 +697,10 @@ class Session:
         try:
             self._check_reply_fields(request)
             await self._dispatch(request, received)
-        except BadRequest as exc:
-            if exc.code not in _NOT_INPUT:
-                self.input_refused(exc.code)
-            exc.id = request.id
-            exc.room = request.room
-            self._reply_error(exc)
         except (ConnectionClosed, asyncio.CancelledError):
             raise
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                self._reply_error(self._internal(request, exc))
+            self._failed(request, exc)
 
     def serve_now(self, message: str | bytes) -> bool:
         """Serve `message` at once, from the connection's callback, when that needs no
@@ -746,16 +739,21 @@ class Session:
                 self._admitted += 1
                 return False
             self._started(request, started, received)
-        except BadRequest as exc:
-            if exc.code not in _NOT_INPUT:
-                self.input_refused(exc.code)
-            exc.id = request.id
-            exc.room = request.room
-            self._reply_error(exc)
         except Exception as exc:
+            self._failed(request, exc)
+        return True
+
+    def _failed(self, request: protocol.Request, exc: Exception) -> None:
+        """Answer `request`, whose serving raised `exc`, in its turn."""
+        if not isinstance(exc, BadRequest):
             with contextlib.suppress(Exception):
                 self._reply_error(self._internal(request, exc))
-        return True
+            return
+        if exc.code not in _NOT_INPUT:
+            self.input_refused(exc.code)
+        exc.id = request.id
+        exc.room = request.room
+        self._reply_error(exc)
 
     def _admit(self, message: str | bytes) -> bool:
         """The rate limit's verdict on `message`, answered when refused."""
