@@ -256,6 +256,38 @@ class Replay:
         self._bytes = 0
 
 
+class _Waits:
+    """Tasks waiting for a number (a seq, a ticket) to be reached."""
+
+    __slots__ = ("_waiting",)
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    async def wait(self, target: int) -> None:
+        """Until `release` of `target` or more (cancelled: no longer waiting)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((target, fut))
+        try:
+            await fut
+        finally:
+            self._waiting = [(t, f) for t, f in self._waiting if f is not fut]
+
+    def release(self, reached: int) -> None:
+        """Wake those waiting for `reached` or less."""
+        still = []
+        for target, fut in self._waiting:
+            if target <= reached:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._waiting = still
+
+
 class _Flushes:
     """The rooms due for a flush at the end of this loop turn, flushed by one callback: with
     many small rooms a handle per room per turn was part of the per-room overhead
@@ -364,15 +396,15 @@ class Room:
         self._encoded_seq = -1
         # Highest seq this relay acknowledged in this room, and checks waiting to see it.
         self.acked_seq = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters = _Waits()
         # Publishes this relay handed to the backend and has no answer for yet, by ticket
         # (in the order handed over: a connection pipelines its deltas, service.py), and
         # checks waiting for every publish up to a ticket to be answered.
         self._tickets = 0
         self._publishing: dict[int, None] = {}
-        self._ticket_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._ticket_waiters = _Waits()
         # Reads (the HTTP API) waiting for the state to reach a seq this relay acknowledged.
-        self._readers: list[tuple[int, asyncio.Future[None]]] = []
+        self._readers = _Waits()
 
     def __repr__(self) -> str:
         return f"<Room {self.name} seq={self.seq} last={self.last_seq} members={len(self.members)}>"
@@ -414,7 +446,7 @@ class Room:
                 # A reload under members (after a failure): they may have missed anything.
                 await self._send_reset(state)
             self._drain_held()
-            self._wake()
+            self._waiters.release(self.last_seq)
 
     def _install(self, state: delta.RoomState, judged: list[Op]) -> None:
         """Take `state` as the room's, and `judged` (its last ops, as `_judge` gave them)
@@ -429,7 +461,7 @@ class Room:
         self.state = state
         self.seq = self.last_seq = state.seq
         self._remember(judged)
-        self._wake_readers()
+        self._readers.release(self.seq)
 
     # ------------------------------------------------------------------ ordering
 
@@ -452,18 +484,7 @@ class Room:
         self.last_seq = op.seq
         self._schedule_flush()
         if self._waiters:
-            self._wake()
-
-    def _wake(self) -> None:
-        """Release the checks waiting for a seq this room has now reached."""
-        still = []
-        for target, fut in self._waiters:
-            if target <= self.last_seq:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                still.append((target, fut))
-        self._waiters = still
+            self._waiters.release(self.last_seq)
 
     # ------------------------------------------------------------------ checks
 
@@ -479,27 +500,14 @@ class Room:
         except delta.DeltaError:
             if self._settled():
                 raise
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(wait_s):
                 if self._publishing:
                     # Every publish handed over before this check: answered (acked_seq then
                     # counts the ones stored), not necessarily arrived.
-                    fut = loop.create_future()
-                    self._ticket_waiters.append((self._tickets, fut))
-                    try:
-                        await fut
-                    finally:
-                        self._ticket_waiters = [
-                            (t, f) for t, f in self._ticket_waiters if f is not fut
-                        ]
+                    await self._ticket_waiters.wait(self._tickets)
                 if self.last_seq < self.acked_seq:
-                    fut = loop.create_future()
-                    self._waiters.append((self.acked_seq, fut))
-                    try:
-                        await fut
-                    finally:
-                        self._waiters = [(t, f) for t, f in self._waiters if f is not fut]
+                    await self._waiters.wait(self.acked_seq)
         except TimeoutError:
             pass
         await self._check(doc)
@@ -521,15 +529,9 @@ class Room:
             self.note_acked(seq)
         self._publishing.pop(ticket, None)
         if self._ticket_waiters:
+            # Those waiting for every ticket up to one before the oldest still out.
             oldest = next(iter(self._publishing), None)
-            still = []
-            for limit, fut in self._ticket_waiters:
-                if oldest is None or oldest > limit:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    still.append((limit, fut))
-            self._ticket_waiters = still
+            self._ticket_waiters.release(self._tickets if oldest is None else oldest - 1)
 
     def check_now(self, doc: bytes) -> bool:
         """`check` on the loop, without a task switch, when that is allowed: the state is
@@ -649,7 +651,7 @@ class Room:
                 return
             self._install(state, judged)
             await self._send_reset(state)
-            self._wake()
+            self._waiters.release(self.last_seq)
 
     async def _send_reset(self, state: delta.RoomState) -> None:
         """Send every member a `reset` to `state` (the caller holds `_engine`): the state is
@@ -809,7 +811,7 @@ class Room:
             self._size = self.state.json_size()  # O(1): the engine keeps it
         self.seq = ops[-1].seq
         if self._readers:
-            self._wake_readers()
+            self._readers.release(self.seq)
         if self._encoded:
             self._encoded = {}  # members still reading the previous version hold it
         self._remember(ops)
@@ -929,15 +931,11 @@ class Room:
             await self.ensure_loaded()
             target = self.acked_seq
             if self.seq < target:
-                fut = asyncio.get_running_loop().create_future()
-                self._readers.append((target, fut))
                 try:
                     async with asyncio.timeout(wait_s):
-                        await fut
+                        await self._readers.wait(target)
                 except TimeoutError:
                     pass  # served as it is
-                finally:
-                    self._readers = [(t, f) for t, f in self._readers if f is not fut]
             while True:
                 await self.ensure_loaded()
                 async with self._engine:
@@ -947,16 +945,6 @@ class Room:
                     return self.seq, await self._encoding(state, JSON)
         finally:
             self._joining -= 1
-
-    def _wake_readers(self) -> None:
-        still = []
-        for target, fut in self._readers:
-            if target <= self.seq:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                still.append((target, fut))
-        self._readers = still
 
     async def _missed(self, since: int) -> list[Op] | None:
         """The ops since+1 .. seq, or None when history cannot serve them. The last op
