@@ -81,6 +81,7 @@ logger = logging.getLogger("kasagi_relay.session")
 
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
+CLOSE_INTERNAL_ERROR: Final = 1011
 # v1.1: the token expired without a refresh; reconnect with a fresh one.
 CLOSE_TOKEN_EXPIRED: Final = 4001
 # `auth` messages per connection: a burst, then one per this many seconds (rate_limited).
@@ -337,12 +338,18 @@ class RelayConnection(ServerConnection):
                     message = data.decode()
                 except UnicodeDecodeError:
                     message = ""  # `recv()` closes with 1007, as websockets does
-            if (
-                not message
-                or i == YIELD_MESSAGES
-                or self.protocol.state is not State.OPEN
-                or not session.serve_now(message)
-            ):
+            if not message or i == YIELD_MESSAGES or self.protocol.state is not State.OPEN:
+                served = False
+            else:
+                try:
+                    served = session.serve_now(message)
+                except Exception:
+                    # A bug, in a callback of the transport: end this connection as
+                    # websockets ends one whose handler raised, not the transport abruptly.
+                    logger.exception("connection %s: serving a message failed", session.remote)
+                    self.close_now(CLOSE_INTERNAL_ERROR, "internal error", fail=True)
+                    return
+            if not served:
                 for rest in frames[i:]:
                     put(rest)
                 break

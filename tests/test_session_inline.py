@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from kasagi_relay import protocol
 from kasagi_relay.config import Config
 from kasagi_relay.server import Relay
 from kasagi_relay.session import Session
-from testkit.relay import parse_frames, raw_connect, start_relay, text_frame
+from testkit.relay import parse_frames, raw_connect, read_frames, start_relay, text_frame
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,3 +156,30 @@ async def test_served_at_once_or_by_the_task_the_replies_are_the_same(
         ("ack", None),
         ("error", "bad_message"),
     ]
+
+
+async def test_a_bug_while_serving_at_once_closes_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception out of serve_now (a bug: made here by a parser that raises, since no
+    real message makes one) closes that connection with 1011, as websockets does when a
+    handler raises, and the relay serves the others."""
+    real = protocol.parse
+
+    def parse(data: str | bytes, codec: protocol.Codec) -> protocol.Request:
+        if "boom" in str(data):
+            raise RuntimeError("boom")
+        return real(data, codec)
+
+    monkeypatch.setattr(protocol, "parse", parse)
+    async with start_relay(rate_limit=0, rate_bytes=0) as relay, raw_client(relay) as c:
+        await c.send(delta("a", 0))
+        assert (await c.replies(1))[0]["t"] == "ack"
+        await c.send({"t": "delta", "room": "a", "merge": {"boom": 1}, "id": 1})
+        frames = await read_frames(c.sock)  # until the relay ends the connection
+        closes = [payload for opcode, payload in frames if opcode == 0x8]
+        assert closes and int.from_bytes(closes[0][:2], "big") == 1011
+        assert "serving a message failed" in caplog.text
+        async with raw_client(relay) as other:
+            await other.send(delta("a", 2))
+            assert (await other.replies(1))[0] == {"t": "ack", "room": "a", "seq": 2, "id": 2}
