@@ -311,10 +311,12 @@ async def test_frozen_server_detected(tmp_path: Path) -> None:
             await b.close()
 
 
-async def test_lost_delta_detected_after_resubscribe(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pad", [0, 3000])
+async def test_lost_delta_detected_after_resubscribe(tmp_path: Path, pad: int) -> None:
     """A delta delivered on the channel but not stored (a master that died between PUBLISH
     and replication), whose seq the store then reuses: after the next re-subscription,
-    read_ops makes the relay reset instead of keeping the phantom."""
+    read_ops makes the relay reset instead of keeping the phantom. (The feed remembers
+    small deltas as they are and large ones, `pad`, by a digest.)"""
     with running_topology(tmp_path / "d", sentinels=False) as topo:
         rec = Recorder()
         b = RedisBackend(url(topo), probe_interval_s=0.2, probe_timeout_s=0.5)
@@ -323,9 +325,10 @@ async def test_lost_delta_detected_after_resubscribe(tmp_path: Path) -> None:
         r = await raw(topo)
         try:
             await b.subscribe("x")
-            assert await b.publish("x", "merge", b'{"a":1}') == 1
-            await r.publish("room:{x}:channel", b'{"seq":2,"merge":{"phantom":1}}')
-            assert await b.publish("x", "merge", b'{"b":2}') == 2  # seq 2 reused
+            fill = b"x" * pad
+            assert await b.publish("x", "merge", b'{"a":"%b"}' % fill) == 1
+            await r.publish("room:{x}:channel", b'{"seq":2,"merge":{"phantom":"%b"}}' % fill)
+            assert await b.publish("x", "merge", b'{"b":"%b"}' % fill) == 2  # seq 2 reused
             await until(lambda: len(rec.ops.get("x", [])) == 3)
             assert await b.read_ops("x", 2) == []  # nothing to see before the resync
             await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
