@@ -92,6 +92,10 @@ class RoomService:
         # The loop of the publishes under way (asked once: each get_running_loop is a
         # getpid system call on Python 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The backend log's inline entry points (looked up once per log, see `_start`).
+        self._log: object = None
+        self._publish_now: Callable[..., int | None] | None = None
+        self._publish_soon: Callable[..., None] | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -241,9 +245,14 @@ class RoomService:
         on_done: Callable[[asyncio.Future[int]], None] | None,
     ) -> int | asyncio.Future[int]:
         """Give the checked delta to the backend, without awaiting anything."""
+        log = self.backend.log
+        if log is not self._log:
+            self._log = log
+            self._publish_now = getattr(log, "publish_now", None)
+            self._publish_soon = getattr(log, "publish_soon", None)
         # A backend whose publish never waits (the memory one) sequences a delta inline,
         # without a task (backends/memory.py, MemoryLog.publish_now).
-        publish_now = getattr(self.backend.log, "publish_now", None)
+        publish_now = self._publish_now
         if publish_now is not None:
             now: int | None = publish_now(room.name, kind, body, key)  # KeyConflict: caller
             if now is not None:
@@ -258,7 +267,7 @@ class RoomService:
         loop = self._loop
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.get_running_loop()
-        publish_soon = getattr(self.backend.log, "publish_soon", None)
+        publish_soon = self._publish_soon
         if publish_soon is not None:
             fut: asyncio.Future[int] = loop.create_future()
             settle = functools.partial(

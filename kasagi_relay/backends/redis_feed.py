@@ -464,7 +464,7 @@ class ChannelFeed:
         recent = self._recent.get(room)
         if recent is None:
             recent = self._recent[room] = deque(maxlen=_RECENT)
-        recent.append((seq, _fingerprint(data)))
+        recent.append((seq, data if len(data) <= _KEEP_BYTES else _fingerprint(data)))
         try:
             self.listener.on_op(room, Op(seq, data))
         except Exception:

@@ -12,6 +12,7 @@ one room only (one hash tag), so a Cluster router can route it by the room alone
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,14 +59,34 @@ def _key_conflict(exc: ResponseError, key: str) -> KeyConflict | None:
     return None
 
 
-# The relay passes the keys library version 2 took (the `sizes` key is derived inside,
-# in the same hash slot): during a rolling upgrade a relay of either version may have
-# loaded its library last, and each must keep publishing through the other's.
+def _published(
+    key: str | None,
+    done: Callable[[int | None, BaseException | None], None],
+    reply: Any,
+    exc: BaseException | None,
+) -> None:
+    """The link's answer to a `publish_soon` as `publish` would give it."""
+    if exc is None:
+        try:
+            seq = int(reply)
+        except (TypeError, ValueError) as bad:  # not kasagi_publish's answer
+            done(None, bad)
+        else:
+            done(seq, None)
+        return
+    if key is not None and isinstance(exc, ResponseError):
+        exc = _key_conflict(exc, key) or exc
+    done(None, exc)
 
 
 # Rooms whose kasagi_publish head (the function and the room's four keys, as RESP) is kept.
 _HEADS_MAX = 65536
 _KINDS: dict[str, bytes] = {"patch": b"$5\r\npatch\r\n", "merge": b"$5\r\nmerge\r\n"}
+
+
+# The relay passes the keys library version 2 took (the `sizes` key is derived inside,
+# in the same hash slot): during a rolling upgrade a relay of either version may have
+# loaded its library last, and each must keep publishing through the other's.
 
 
 class RedisLog:
@@ -120,21 +141,8 @@ class RedisLog:
         `done(None, error)` is called once, with what `publish` would return or raise
         (KeyConflict, BackendUnavailable, ...). The room service calls it inline: no task,
         no coroutine frames and no loop turn per delta (MasterLink.submit)."""
-
-        def answered(reply: Any, exc: BaseException | None) -> None:
-            if exc is None:
-                try:
-                    seq = int(reply)
-                except (TypeError, ValueError) as bad:  # not kasagi_publish's answer
-                    done(None, bad)
-                else:
-                    done(seq, None)
-                return
-            if key is not None and isinstance(exc, ResponseError):
-                exc = _key_conflict(exc, key) or exc
-            done(None, exc)
-
         fcall = self._publish_fcall(room, kind, body, key)
+        answered = functools.partial(_published, key, done)
         self.link.submit(fcall, idempotent=key is not None, done=answered)
 
     async def seen_key(self, room: str, key: str, kind: DeltaKind, body: bytes) -> int | None:
