@@ -320,10 +320,10 @@ class RoomService:
             if exc is None:
                 assert seq is not None
                 self._published(room, key, seq, digest)
-            if fut.done():
-                pass  # cancelled by its awaiter (`publish` under a cancelled task)
-            elif exc is None:
-                fut.set_result(cast(int, seq))
+                if not fut.done():  # else cancelled by its awaiter (`publish`'s task was)
+                    fut.set_result(seq)
+            elif fut.done():
+                pass
             elif isinstance(exc, asyncio.CancelledError):
                 fut.cancel()
             elif isinstance(exc, (BackendUnavailable, KeyConflict)):

@@ -585,7 +585,7 @@ class MasterLink:
         `durable_fcall` (and every call takes that path until none is on it, so that the
         order holds). A publish costs no task, no coroutine and no loop turn of its own."""
         pool = self._pool
-        needed = self._needed_now()
+        needed = 0 if self.ack == "leader" else self._needed_now()
         if self._slow or self.fenced_since is not None or pool is None or needed is None:
             self._go_slow(fcall, idempotent, done, None)
             return

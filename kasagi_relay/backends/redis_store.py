@@ -142,8 +142,12 @@ class RedisLog:
         (KeyConflict, BackendUnavailable, ...). The room service calls it inline: no task,
         no coroutine frames and no loop turn per delta (MasterLink.submit)."""
         fcall = self._publish_fcall(room, kind, body, key)
-        answered = functools.partial(_published, key, done)
-        self.link.submit(fcall, idempotent=key is not None, done=answered)
+        if key is None:
+            # Nothing to translate: kasagi_publish answers an integer (hiredis and redis-py
+            # give it as an int) and a key conflict needs a key.
+            self.link.submit(fcall, idempotent=False, done=done)
+            return
+        self.link.submit(fcall, idempotent=True, done=functools.partial(_published, key, done))
 
     async def seen_key(self, room: str, key: str, kind: DeltaKind, body: bytes) -> int | None:
         return await self._seen(room, key, delta_digest(kind, body))
