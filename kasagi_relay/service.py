@@ -92,7 +92,7 @@ class RoomService:
         # The loop of the publishes under way (asked once: each get_running_loop is a
         # getpid system call on Python 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The backend log's inline entry points (looked up once per log, see `_start`).
+        # The backend log's inline entry points (looked up once per log, see `_hand_over`).
         self._log: object = None
         self._publish_now: Callable[..., int | None] | None = None
         self._publish_soon: Callable[..., None] | None = None
@@ -323,7 +323,7 @@ class RoomService:
                 if not fut.done():  # else cancelled by its awaiter (`publish`'s task was)
                     fut.set_result(seq)
             elif fut.done():
-                pass
+                pass  # cancelled by its awaiter
             elif isinstance(exc, asyncio.CancelledError):
                 fut.cancel()
             elif isinstance(exc, (BackendUnavailable, KeyConflict)):

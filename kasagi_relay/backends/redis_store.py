@@ -60,12 +60,12 @@ def _key_conflict(exc: ResponseError, key: str) -> KeyConflict | None:
 
 
 def _published(
-    key: str | None,
+    key: str,
     done: Callable[[int | None, BaseException | None], None],
     reply: Any,
     exc: BaseException | None,
 ) -> None:
-    """The link's answer to a `publish_soon` as `publish` would give it."""
+    """The link's answer to a keyed `publish_soon` as `publish` would give it."""
     if exc is None:
         try:
             seq = int(reply)
@@ -74,7 +74,7 @@ def _published(
         else:
             done(seq, None)
         return
-    if key is not None and isinstance(exc, ResponseError):
+    if isinstance(exc, ResponseError):
         exc = _key_conflict(exc, key) or exc
     done(None, exc)
 
