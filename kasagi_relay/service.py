@@ -18,6 +18,7 @@ Where a delta goes (docs/design.md):
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -88,6 +89,13 @@ class RoomService:
         self._inflight_done = asyncio.Event()
         # (room, key) -> (seq, digest of the delta, expiry on the monotonic clock)
         self._keys: OrderedDict[tuple[str, str], tuple[int, str, float]] = OrderedDict()
+        # The loop of the publishes under way (asked once: each get_running_loop is a
+        # getpid system call on Python 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The backend log's inline entry points (looked up once per log, see `_hand_over`).
+        self._log: object = None
+        self._publish_now: Callable[..., int | None] | None = None
+        self._publish_soon: Callable[..., None] | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -237,22 +245,37 @@ class RoomService:
         on_done: Callable[[asyncio.Future[int]], None] | None,
     ) -> int | asyncio.Future[int]:
         """Give the checked delta to the backend, without awaiting anything."""
+        log = self.backend.log
+        if log is not self._log:
+            self._log = log
+            self._publish_now = getattr(log, "publish_now", None)
+            self._publish_soon = getattr(log, "publish_soon", None)
         # A backend whose publish never waits (the memory one) sequences a delta inline,
         # without a task (backends/memory.py, MemoryLog.publish_now).
-        publish_now = getattr(self.backend.log, "publish_now", None)
+        publish_now = self._publish_now
         if publish_now is not None:
             now: int | None = publish_now(room.name, kind, body, key)  # KeyConflict: caller
             if now is not None:
                 self._published(room, key, now, digest)
                 return now
-        # The backend's call starts in a task created now, and tasks start in the order
-        # they were created, so deltas handed over one after the other join the backend's
-        # queue (the Redis link's batch) in that order.
+        # Deltas handed over one after the other join the backend's queue (the Redis
+        # link's batch) in that order: at once when the backend takes a delta without a
+        # coroutine (RedisLog.publish_soon, which answers through `_settle`), else in a
+        # task created now (tasks start in the order they were created).
         self.inflight += 1
         ticket = room.begin_publish()
-        task = asyncio.get_running_loop().create_task(
-            self._send(room, kind, body, key, client_key, digest, ticket)
-        )
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        publish_soon = self._publish_soon
+        if publish_soon is not None:
+            fut: asyncio.Future[int] = loop.create_future()
+            settle = functools.partial(
+                self._settle, fut, room, ticket, key, client_key, digest, on_done
+            )
+            publish_soon(room.name, kind, body, key, settle)
+            return fut
+        task = loop.create_task(self._send(room, kind, body, key, client_key, digest, ticket))
         if on_done is not None:
             task.add_done_callback(on_done)
         task.add_done_callback(self._sent)  # after on_done: callbacks run in this order
@@ -277,6 +300,40 @@ class RoomService:
             room.end_publish(ticket, seq)
         self._published(room, key, seq, digest)
         return seq
+
+    def _settle(
+        self,
+        fut: asyncio.Future[int],
+        room: Room,
+        ticket: int,
+        key: str | None,
+        client_key: str | None,
+        digest: str,
+        on_done: Callable[[asyncio.Future[int]], None] | None,
+        seq: int | None,
+        exc: BaseException | None,
+    ) -> None:
+        """The backend's answer to a delta handed over by `publish_soon`: what `_send` and
+        the task's done callbacks do, called at once rather than one loop turn later."""
+        room.end_publish(ticket, seq)
+        try:
+            if exc is None:
+                assert seq is not None
+                self._published(room, key, seq, digest)
+                if not fut.done():  # else cancelled by its awaiter (`publish`'s task was)
+                    fut.set_result(seq)
+            elif fut.done():
+                pass  # cancelled by its awaiter
+            elif isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            elif isinstance(exc, (BackendUnavailable, KeyConflict)):
+                fut.set_exception(self._refused(exc, client_key))
+            else:
+                fut.set_exception(exc)
+            if on_done is not None:
+                on_done(fut)
+        finally:
+            self._sent(fut)
 
     def _refused(self, exc: BackendUnavailable | KeyConflict, client_key: str | None) -> BadRequest:
         """What the client is told of a publish the backend refused (docs/protocol.md)."""

@@ -489,9 +489,61 @@ class ClusterLog:
 
     def __init__(self, router: ClusterRouter) -> None:
         self.router = router
+        self._routing: set[asyncio.Future[None]] = set()
 
     async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
         return await self.router.routed(room, lambda s: s.log.publish(room, kind, body, key))
+
+    def publish_soon(
+        self,
+        room: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        done: Callable[[int | None, BaseException | None], None],
+    ) -> None:
+        """`publish` without a coroutine (RedisLog.publish_soon on the shard of the room's
+        slot): in the shard's batch now. A delta the shard did not take because the slot
+        is elsewhere (MOVED, ASK: it did not run) and one whose slot has no shard yet go
+        the `routed` way in a task, which follows the slot."""
+        shard = self.router.shard_for(room)
+        if shard is None:
+            self._route(room, kind, body, key, done)
+            return
+
+        def answered(seq: int | None, exc: BaseException | None) -> None:
+            if isinstance(exc, MovedError):
+                self.router._follow(exc)
+            if isinstance(exc, _REDIRECTS):  # MovedError is an AskError
+                self.router.refresh_soon()
+                self._route(room, kind, body, key, done)
+            else:
+                done(seq, exc)
+
+        shard.log.publish_soon(room, kind, body, key, answered)
+
+    def _route(
+        self,
+        room: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        done: Callable[[int | None, BaseException | None], None],
+    ) -> None:
+        async def publish() -> None:
+            try:
+                seq = await self.publish(room, kind, body, key)
+            except asyncio.CancelledError as exc:
+                done(None, exc)
+                raise
+            except Exception as exc:
+                done(None, exc)
+            else:
+                done(seq, None)
+
+        task = asyncio.ensure_future(publish())
+        self._routing.add(task)
+        task.add_done_callback(self._routing.discard)
 
     async def seen_key(self, room: str, key: str, kind: DeltaKind, body: bytes) -> int | None:
         return await self.router.routed(room, lambda s: s.log.seen_key(room, key, kind, body))

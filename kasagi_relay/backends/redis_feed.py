@@ -68,8 +68,17 @@ class _Doubt(Exception):
     """The subscription may have missed messages (or the master moved)."""
 
 
-def _digest(data: bytes) -> bytes:
-    # Deltas can be large: remember a digest of each recent one, not its bytes.
+# Delivered deltas up to this size are remembered as they are (the room holds the same
+# bytes among its recent ops), larger ones by a digest: hashing each delta cost as much as
+# the rest of its delivery.
+_KEEP_BYTES = 1024
+
+
+def _fingerprint(data: bytes) -> bytes:
+    """What is remembered of a delivered message: equal for equal messages only (the same
+    bytes have the same length, hence the same form)."""
+    if len(data) <= _KEEP_BYTES:
+        return data
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
@@ -347,7 +356,7 @@ class ChannelFeed:
             for entry_id, fields in entries:
                 seq = int(entry_id.split(b"-", 1)[0])
                 kind, d = fields.get(b"k", b""), fields.get(b"d", b"")
-                stored[seq] = _digest(b'{"seq":%d,"%s":%s}' % (seq, kind, d))
+                stored[seq] = _fingerprint(b'{"seq":%d,"%s":%s}' % (seq, kind, d))
             for seq, data in recent:
                 have = stored.get(seq)
                 # Missing below `last` is trimming, not loss; only beyond it is loss.
@@ -422,10 +431,7 @@ class ChannelFeed:
             self._slot_moved(f"the slot of room {m.group(1).decode()} moved")
 
     def _room_of(self, channel: bytes) -> str | None:
-        try:
-            return self._names[channel]
-        except KeyError:
-            pass
+        """The room of a channel not seen yet (or forgotten)."""
         m = self._channel_re.fullmatch(channel)
         room = None if m is None else m.group(1).decode()
         if len(self._names) >= _NAMES_MAX:
@@ -434,7 +440,10 @@ class ChannelFeed:
         return room
 
     def _deliver(self, channel: bytes, data: bytes) -> None:
-        room = self._room_of(channel)
+        try:
+            room = self._names[channel]
+        except KeyError:
+            room = self._room_of(channel)
         if room is None or room not in self.rooms:
             return
         if self._on_message is not None:
@@ -455,8 +464,8 @@ class ChannelFeed:
         recent = self._recent.get(room)
         if recent is None:
             recent = self._recent[room] = deque(maxlen=_RECENT)
-        recent.append((seq, _digest(data)))
+        recent.append((seq, data if len(data) <= _KEEP_BYTES else _fingerprint(data)))
         try:
-            self.listener.on_op(room, Op(seq, bytes(data)))
+            self.listener.on_op(room, Op(seq, data))
         except Exception:
             logger.exception("listener failed on %s seq %d", room, seq)

@@ -13,11 +13,14 @@ command reaches it (docs/design.md, storage).
   connected replica (`all`). WAIT counts replicas that acknowledged this connection's own
   last write, which is why it must share the FCALL's connection (and why the library writes
   something even when it finds an idempotency key: see kasagi.lua). The durable FCALLs of
-  one loop turn share the pipeline and its one WAIT (`_batched`): one round trip, not one per
+  one loop turn share the pipeline and its one WAIT (`_join`): one round trip, not one per
   publish. A call whose outcome is unknown (connection lost after sending) is retried only
-  when it is idempotent (keyed). The batch is packed once (`pack`), written straight to its
-  connection and its replies read from the connection's hiredis reader: a publisher waits
-  for this round trip, and every loop turn or Python object it costs shows per delta.
+  when it is idempotent (keyed). Each FCALL comes packed as RESP (the store packs its
+  publishes itself), a batch is written straight to its connection as one buffer and its
+  replies read from the connection's hiredis reader: a publisher waits for this round trip,
+  and every loop turn or Python object it costs shows per delta. A publish joins the batch
+  synchronously (`submit`: no task, no coroutine) and hears back from a callback; a task
+  exists only for what must wait or retry (a failover, an unknown replica count).
 
 A Cluster router would hold one link per shard and pick it by the room's hash slot; the
 store and the feed only ask a link for commands.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -185,21 +189,37 @@ class _Fenced(Exception):
 # one starts (bounds one round trip's bytes and its reply time).
 MAX_BATCH = 256
 
+# What a durable FCALL's caller is told, once: (its reply, None) or (None, the error).
+Done = Callable[[Any, BaseException | None], None]
+
 
 class _Batch:
-    """Durable FCALLs that go out together (MasterLink._batched)."""
+    """Durable FCALLs that go out together (MasterLink._join), each packed as RESP, with
+    its `done` and whether it may be retried on its own (`idempotent`; None: an attempt of
+    `durable_fcall`, which decides itself)."""
 
-    __slots__ = ("fcalls", "futures", "needed", "pool")
+    __slots__ = ("dones", "fence_gen", "idempotent", "needed", "packed", "pool")
 
-    def __init__(self, pool: ConnectionPool, needed: int) -> None:
+    def __init__(self, pool: ConnectionPool, needed: int, fence_gen: int) -> None:
         self.pool = pool
         self.needed = needed
-        self.fcalls: list[Sequence[Any]] = []
-        self.futures: list[asyncio.Future[tuple[Any, Any]]] = []
+        # Replies to a batch sent across the start of a failover are not trusted.
+        self.fence_gen = fence_gen
+        self.packed: list[bytes] = []
+        self.dones: list[Done] = []
+        self.idempotent: list[bool | None] = []
 
-    def add(self, fcall: Sequence[Any], fut: asyncio.Future[tuple[Any, Any]]) -> None:
-        self.fcalls.append(fcall)
-        self.futures.append(fut)
+
+def _resolve(fut: asyncio.Future[Any], reply: Any, exc: BaseException | None) -> None:
+    """`done` of an attempt that a coroutine awaits (durable_fcall)."""
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(reply)
+    elif isinstance(exc, asyncio.CancelledError):
+        fut.cancel()
+    else:
+        fut.set_exception(exc)
 
 
 class Locator(Protocol):
@@ -262,6 +282,10 @@ class MasterLink:
         self._batch_order = asyncio.Lock()
         # The durable FCALLs of this loop turn, per (pool, replicas to wait for).
         self._batches: dict[tuple[int, int], _Batch] = {}
+        # Durable FCALLs on the slow path (`submit`): while any is, every one takes it, so
+        # that calls submitted one after the other still join batches in that order.
+        self._slow = 0
+        self._slow_tasks: set[asyncio.Future[None]] = set()
         self.switches = 0  # master changes seen (tests and /healthz)
 
     # ------------------------------------------------------------------ connections
@@ -374,6 +398,9 @@ class MasterLink:
             logger.warning("redis link: fenced (%s)", reason)
             self.fenced_since = asyncio.get_running_loop().time()
         self._fence_gen += 1
+        # Batches still open keep the generation they started with: a call that joins
+        # after this (once unfenced) starts a batch of the new one.
+        self._batches.clear()
 
     def unfence(self) -> None:
         if self.fenced_since is not None:
@@ -474,15 +501,6 @@ class MasterLink:
         if not task.cancelled():
             task.exception()  # retrieved: each publish that awaited it got it
 
-    async def _roundtrip(
-        self,
-        pool: ConnectionPool,
-        commands: Sequence[Sequence[Any]],
-        order: asyncio.Lock | None = None,
-    ) -> list[Any]:
-        """Pipelined commands on ONE connection; error replies come back as exceptions."""
-        return await self._roundtrip_packed(pool, pack(commands), len(commands), commands, order)
-
     async def _roundtrip_packed(
         self,
         pool: ConnectionPool,
@@ -491,8 +509,9 @@ class MasterLink:
         commands: Sequence[Sequence[Any]] = (),
         order: asyncio.Lock | None = None,
     ) -> list[Any]:
-        """`_roundtrip` for `count` commands already packed as RESP (presence packs its
-        own), or for `commands` redis-py must pack (`packed` None). With `order`, the
+        """`count` commands pipelined on ONE connection, already packed as RESP (a batch,
+        presence's writes), or `commands` redis-py must pack (`packed` None); their replies
+        in order, error replies as the exceptions they are. With `order`, the
         connection is taken holding that lock, and the lean path writes without an await
         after it: round trips started in some order are written in that order."""
         try:
@@ -556,19 +575,68 @@ class MasterLink:
             replies.append(reply)
         return replies
 
-    async def _batched(
-        self, pool: ConnectionPool, fcall: Sequence[Any], needed: int
-    ) -> tuple[Any, Any]:
+    def submit(self, fcall: bytes, *, idempotent: bool, done: Done) -> None:
+        """`durable_fcall` without a coroutine: `fcall` (one FCALL packed as RESP, see
+        `pack`) joins this loop turn's batch now, and `done(reply, None)` or
+        `done(None, error)` is called once, with what `durable_fcall` would return or raise
+        (a CancelledError when the loop goes away). Calls submitted one after the other go
+        out in that order. The fast path is the common case: the master known, no failover
+        under way, the replicas to wait for known; otherwise, and for a retry, a task runs
+        `durable_fcall` (and every call takes that path until none is on it, so that the
+        order holds). A publish costs no task, no coroutine and no loop turn of its own."""
+        pool = self._pool
+        needed = 0 if self.ack == "leader" else self._needed_now()
+        if self._slow or self.fenced_since is not None or pool is None or needed is None:
+            self._go_slow(fcall, idempotent, done, None)
+            return
+        self._join(pool, needed, fcall, idempotent, done)
+
+    def _needed_now(self) -> int | None:
+        """The replicas a write waits for, when known without asking (None: ask)."""
+        if self.ack == "leader":
+            return 0
+        if self.ack == "replica":
+            return 1
+        at, count = self._replicas_cache
+        if asyncio.get_running_loop().time() - at > 1.0:
+            return None
+        return max(1, count)
+
+    def _go_slow(
+        self, fcall: bytes, idempotent: bool, done: Done, first: BaseException | None
+    ) -> None:
+        self._slow += 1
+        task = asyncio.ensure_future(self._slow_path(fcall, idempotent, done, first))
+        self._slow_tasks.add(task)
+        task.add_done_callback(self._slow_tasks.discard)
+
+    async def _slow_path(
+        self, fcall: bytes, idempotent: bool, done: Done, first: BaseException | None
+    ) -> None:
+        try:
+            reply = await self.durable_fcall(fcall, idempotent=idempotent, first=first)
+        except asyncio.CancelledError as exc:
+            _call(done, None, exc)
+            raise
+        except Exception as exc:
+            _call(done, None, exc)
+        else:
+            _call(done, reply, None)
+        finally:
+            self._slow -= 1
+
+    def _join(
+        self, pool: ConnectionPool, needed: int, fcall: bytes, idempotent: bool | None, done: Done
+    ) -> None:
         """`fcall` in this loop turn's batch for (`pool`, `needed`): every durable FCALL
         issued in one turn of the loop goes out as ONE pipeline on one connection, followed
         by one `WAIT needed` that covers them all (WAIT waits for the replication offset
-        of the connection's last write). (its reply, the WAIT's reply or None); a failure
-        of the round trip is raised to every call of the batch, each of which then decides
-        alone whether it may retry (durable_fcall)."""
+        of the connection's last write). A failure of the round trip is each call's own to
+        retry or not (`_settle`, durable_fcall)."""
         key = (id(pool), needed)
         batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[key] = _Batch(pool, needed)
+            batch = self._batches[key] = _Batch(pool, needed, self._fence_gen)
             # The task's first step runs in the next loop turn, after every FCALL of this
             # one joined the batch: it closes the batch and sends it at once (a callback
             # that then started the task cost one more turn per round trip, and with it
@@ -576,11 +644,11 @@ class MasterLink:
             task = asyncio.ensure_future(self._run_batch(key, batch))
             self._cleanup.add(task)
             task.add_done_callback(self._cleanup.discard)
-        fut: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
-        batch.add(fcall, fut)
-        if len(batch.fcalls) >= MAX_BATCH:
+        batch.packed.append(fcall)
+        batch.dones.append(done)
+        batch.idempotent.append(idempotent)
+        if len(batch.packed) >= MAX_BATCH:
             self._close(key, batch)
-        return await fut
 
     def _close(self, key: tuple[int, int], batch: _Batch) -> None:
         """No more FCALLs join `batch`: the next ones start another."""
@@ -589,83 +657,139 @@ class MasterLink:
 
     async def _run_batch(self, key: tuple[int, int], batch: _Batch) -> None:
         self._close(key, batch)
-        commands: list[Sequence[Any]] = list(batch.fcalls)
-        if batch.needed:
-            commands.append(("WAIT", batch.needed, self.wait_timeout_ms))
+        needed = batch.needed
+        count = len(batch.packed)
+        if needed:
+            wait = pack((("WAIT", needed, self.wait_timeout_ms),))
+            assert wait is not None
+            batch.packed.append(wait)
         try:
             # In order: FCALLs of one connection's pipelined deltas may sit in consecutive
             # batches, and Redis runs what reaches it first first. Without the lock a batch
             # that opens a new connection was overtaken by the next one, which found a free
             # connection at once.
-            replies = await self._roundtrip(batch.pool, commands, self._batch_order)
+            replies = await self._roundtrip_packed(
+                batch.pool, b"".join(batch.packed), len(batch.packed), (), self._batch_order
+            )
         except BaseException as exc:
-            for fut in batch.futures:
-                if not fut.done():
-                    if isinstance(exc, asyncio.CancelledError):
-                        fut.cancel()
-                    else:
-                        fut.set_exception(exc)
+            for i in range(count):
+                self._settle(batch, i, None, exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        confirmed = replies[-1] if batch.needed else None
-        for fut, reply in zip(batch.futures, replies, strict=False):
-            if not fut.done():
-                fut.set_result((reply, confirmed))
+        error: BaseException | None = None
+        if batch.fence_gen != self._fence_gen:
+            # A failover started while these writes were in flight: the replica that
+            # confirmed them may not be the one being promoted. Not acknowledged.
+            error = _Fenced("a failover started during the write")
+        confirmed: Any = replies[-1] if needed else None
+        short = bool(needed) and (isinstance(confirmed, Exception) or int(confirmed) < needed)
+        dones = batch.dones
+        for i in range(count):
+            reply = replies[i]
+            failed = error
+            if failed is None:
+                if isinstance(reply, ResponseError):
+                    failed = reply
+                elif short and reply is not None:  # None: nothing stored, nothing to wait for
+                    failed = BackendUnavailable(
+                        f"seq {reply} reached {confirmed} of {needed} replica(s) within "
+                        f"{self.wait_timeout_ms} ms: not acknowledged, retry with the key"
+                    )
+            if failed is not None:
+                self._settle(batch, i, None, failed)
+                continue
+            # The common case, inline (`_call`): one call per FCALL.
+            try:
+                dones[i](reply, None)
+            except Exception:
+                logger.exception("redis link: a durable FCALL's caller failed on its answer")
 
-    async def durable_fcall(self, fcall: Sequence[Any], *, idempotent: bool) -> Any:
-        """`fcall` on the master followed by WAIT for the ack level, retried against the
-        current master until op_timeout_s; its reply once durable. A call whose outcome is
-        unknown (connection lost after sending) is retried only when `idempotent`. An error
-        reply that is not a refusal is raised as the ResponseError it is."""
+    def _settle(self, batch: _Batch, i: int, reply: Any, exc: BaseException | None) -> None:
+        """Hand FCALL `i` of `batch` its outcome: a submitted call that failed in a way it
+        may retry goes on on the slow path (an attempt of durable_fcall decides itself)."""
+        done = batch.dones[i]
+        idempotent = batch.idempotent[i]
+        if exc is None or idempotent is None or isinstance(exc, asyncio.CancelledError):
+            _call(done, reply, exc)
+            return
+        final = self._final(exc, idempotent)
+        if final is None:
+            self._go_slow(batch.packed[i], idempotent, done, exc)
+        else:
+            _call(done, None, final)
+
+    def _final(self, exc: BaseException, idempotent: bool) -> BaseException | None:
+        """What a durable FCALL whose attempt failed with `exc` raises; None: retry it."""
+        if isinstance(exc, ResponseError):
+            return None if function_missing(exc) or _refused(exc) else exc
+        if isinstance(exc, NotSent):
+            return None
+        if isinstance(exc, (_Fenced, *NETWORK_ERRORS)):
+            # Sent, outcome unknown: only an idempotency key makes a retry safe.
+            if idempotent:
+                return None
+            self.locator.check_master()
+            return BackendUnavailable(
+                f"connection lost during publish ({exc}); it may or may not be "
+                "stored: resend with an idempotency key"
+            )
+        return exc
+
+    async def _attempt(self, fcall: bytes) -> Any:
+        """One try of a durable FCALL in this turn's batch; its reply, or what failed."""
+        if self.fenced_since is not None:
+            raise NotSent("the master is being replaced (failover in progress)")
+        pool, client = self._pool, self.client()
+        assert pool is not None
+        needed = await self._needed_replicas(client)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._join(pool, needed, fcall, None, functools.partial(_resolve, fut))
+        return await fut
+
+    async def durable_fcall(
+        self,
+        fcall: Sequence[Any] | bytes,
+        *,
+        idempotent: bool,
+        first: BaseException | None = None,
+    ) -> Any:
+        """`fcall` (its arguments, or packed as RESP) on the master followed by WAIT for
+        the ack level, retried against the current master until op_timeout_s; its reply
+        once durable. A call whose outcome is unknown (connection lost after sending) is
+        retried only when `idempotent`. An error reply that is not a refusal is raised as
+        the ResponseError it is. `first`: how a first attempt (`submit`'s) failed."""
+        packed = fcall if isinstance(fcall, bytes) else pack((fcall,))
+        if packed is None:
+            raise TypeError(f"cannot pack {fcall!r}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.op_timeout_s
         delay = 0.02
+        last = first
         while True:
-            try:
-                if self.fenced_since is not None:
-                    raise NotSent("the master is being replaced (failover in progress)")
-                pool, client = self._pool, self.client()
-                assert pool is not None
-                needed = await self._needed_replicas(client)
-                fence_gen = self._fence_gen
-                result, confirmed = await self._batched(pool, fcall, needed)
-                if fence_gen != self._fence_gen:
-                    # A failover started while this write was in flight: the replica that
-                    # confirmed it may not be the one being promoted. Not acknowledged.
-                    raise _Fenced("a failover started during the write")
-                if isinstance(result, ResponseError):
-                    raise result
-                # result None: nothing stored, nothing to wait for.
-                if (
-                    needed
-                    and result is not None
-                    and (isinstance(confirmed, Exception) or int(confirmed) < needed)
-                ):
-                    raise BackendUnavailable(
-                        f"seq {result} reached {confirmed} of {needed} replica(s) within "
-                        f"{self.wait_timeout_ms} ms: not acknowledged, retry with the key"
-                    )
-                return result
-            except ResponseError as exc:
-                if function_missing(exc):
-                    await self._reload_library()
-                elif not _refused(exc):
-                    raise
-                last: BaseException = exc
-            except NotSent as exc:
-                last = exc
-            except (_Fenced, *NETWORK_ERRORS) as exc:
-                # Sent, outcome unknown: only an idempotency key makes a retry safe.
-                if not idempotent:
-                    self.locator.check_master()
-                    raise BackendUnavailable(
-                        f"connection lost during publish ({exc}); it may or may not be "
-                        "stored: resend with an idempotency key"
-                    ) from None
-                last = exc
+            if last is None:
+                try:
+                    return await self._attempt(packed)
+                except Exception as exc:
+                    last = exc
+            final = self._final(last, idempotent)
+            if final is last:
+                raise last
+            if final is not None:
+                raise final from None
+            if isinstance(last, ResponseError) and function_missing(last):
+                await self._reload_library()
             self.locator.check_master()
             if loop.time() + delay > deadline:
                 raise BackendUnavailable(f"no writable master ({last})") from None
             await self.nap(delay)
             delay = min(delay * 2, 0.25)
+            last = None
+
+
+def _call(done: Done, reply: Any, exc: BaseException | None) -> None:
+    # One caller's bug must not keep the other calls of a batch from their answers.
+    try:
+        done(reply, exc)
+    except Exception:
+        logger.exception("redis link: a durable FCALL's caller failed on its answer")

@@ -12,6 +12,7 @@ one room only (one hash tag), so a Cluster router can route it by the room alone
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from kasagi_relay.backends.redis_link import MasterLink
+from kasagi_relay.backends.redis_link import MasterLink, pack
 from kasagi_relay.domain import DeltaKind, KeyConflict, Op, Snapshot, delta_digest
 
 __all__ = ["RedisLog", "RedisSnapshots", "channel_key", "room_keys"]
@@ -58,6 +59,31 @@ def _key_conflict(exc: ResponseError, key: str) -> KeyConflict | None:
     return None
 
 
+def _published(
+    key: str,
+    done: Callable[[int | None, BaseException | None], None],
+    reply: Any,
+    exc: BaseException | None,
+) -> None:
+    """The link's answer to a keyed `publish_soon` as `publish` would give it."""
+    if exc is None:
+        try:
+            seq = int(reply)
+        except (TypeError, ValueError) as bad:  # not kasagi_publish's answer
+            done(None, bad)
+        else:
+            done(seq, None)
+        return
+    if isinstance(exc, ResponseError):
+        exc = _key_conflict(exc, key) or exc
+    done(None, exc)
+
+
+# Rooms whose kasagi_publish head (the function and the room's four keys, as RESP) is kept.
+_HEADS_MAX = 65536
+_KINDS: dict[str, bytes] = {"patch": b"$5\r\npatch\r\n", "merge": b"$5\r\nmerge\r\n"}
+
+
 # The relay passes the keys library version 2 took (the `sizes` key is derived inside,
 # in the same hash slot): during a rolling upgrade a relay of either version may have
 # loaded its library last, and each must keep publishing through the other's.
@@ -69,14 +95,31 @@ class RedisLog:
         the master lost (read_ops then answers None once, so the reader resets)."""
         self.link = link
         self._diverged = diverged
+        self._heads: dict[str, bytes] = {}
+
+    def _publish_fcall(self, room: str, kind: DeltaKind, body: bytes, key: str | None) -> bytes:
+        """`FCALL kasagi_publish 4 <the room's keys> kind body [key]` as RESP: the part
+        that names the room is packed once per room, the rest is one format per delta."""
+        head = self._heads.get(room)
+        if head is None:
+            k = room_keys(room)
+            args = ("FCALL", "kasagi_publish", 4, k["seq"], k["ops"], k["channel"], k["keys"])
+            packed = pack((args,))
+            assert packed is not None
+            head = packed[packed.index(b"\n") + 1 :]  # without the array's header
+            if len(self._heads) >= _HEADS_MAX:
+                self._heads.clear()
+            self._heads[room] = head
+        kind_arg = _KINDS.get(kind) or b"$%d\r\n%b\r\n" % (len(kind), kind.encode())
+        if key is None:
+            return b"*9\r\n%b%b$%d\r\n%b\r\n" % (head, kind_arg, len(body), body)
+        k_bytes = key.encode()
+        return b"*10\r\n%b%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+            head, kind_arg, len(body), body, len(k_bytes), k_bytes,
+        )  # fmt: skip
 
     async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
-        k = room_keys(room)
-        fcall: list[Any] = [
-            "FCALL", "kasagi_publish", 4, k["seq"], k["ops"], k["channel"], k["keys"], kind, body,
-        ]  # fmt: skip
-        if key is not None:
-            fcall.append(key)
+        fcall = self._publish_fcall(room, kind, body, key)
         try:
             return int(await self.link.durable_fcall(fcall, idempotent=key is not None))
         except ResponseError as exc:
@@ -84,6 +127,27 @@ class RedisLog:
             if conflict is not None:
                 raise conflict from None
             raise
+
+    def publish_soon(
+        self,
+        room: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None,
+        done: Callable[[int | None, BaseException | None], None],
+    ) -> None:
+        """`publish` without a coroutine: the delta joins the link's batch now (so deltas
+        handed over one after the other get seqs in that order) and `done(seq, None)` or
+        `done(None, error)` is called once, with what `publish` would return or raise
+        (KeyConflict, BackendUnavailable, ...). The room service calls it inline: no task,
+        no coroutine frames and no loop turn per delta (MasterLink.submit)."""
+        fcall = self._publish_fcall(room, kind, body, key)
+        if key is None:
+            # Nothing to translate: kasagi_publish answers an integer (hiredis and redis-py
+            # give it as an int) and a key conflict needs a key.
+            self.link.submit(fcall, idempotent=False, done=done)
+            return
+        self.link.submit(fcall, idempotent=True, done=functools.partial(_published, key, done))
 
     async def seen_key(self, room: str, key: str, kind: DeltaKind, body: bytes) -> int | None:
         return await self._seen(room, key, delta_digest(kind, body))

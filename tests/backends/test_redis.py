@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -311,10 +311,12 @@ async def test_frozen_server_detected(tmp_path: Path) -> None:
             await b.close()
 
 
-async def test_lost_delta_detected_after_resubscribe(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pad", [0, 3000])
+async def test_lost_delta_detected_after_resubscribe(tmp_path: Path, pad: int) -> None:
     """A delta delivered on the channel but not stored (a master that died between PUBLISH
     and replication), whose seq the store then reuses: after the next re-subscription,
-    read_ops makes the relay reset instead of keeping the phantom."""
+    read_ops makes the relay reset instead of keeping the phantom. (The feed remembers
+    small deltas as they are and large ones, `pad`, by a digest.)"""
     with running_topology(tmp_path / "d", sentinels=False) as topo:
         rec = Recorder()
         b = RedisBackend(url(topo), probe_interval_s=0.2, probe_timeout_s=0.5)
@@ -323,9 +325,10 @@ async def test_lost_delta_detected_after_resubscribe(tmp_path: Path) -> None:
         r = await raw(topo)
         try:
             await b.subscribe("x")
-            assert await b.publish("x", "merge", b'{"a":1}') == 1
-            await r.publish("room:{x}:channel", b'{"seq":2,"merge":{"phantom":1}}')
-            assert await b.publish("x", "merge", b'{"b":2}') == 2  # seq 2 reused
+            fill = b"x" * pad
+            assert await b.publish("x", "merge", b'{"a":"%b"}' % fill) == 1
+            await r.publish("room:{x}:channel", b'{"seq":2,"merge":{"phantom":"%b"}}' % fill)
+            assert await b.publish("x", "merge", b'{"b":"%b"}' % fill) == 2  # seq 2 reused
             await until(lambda: len(rec.ops.get("x", [])) == 3)
             assert await b.read_ops("x", 2) == []  # nothing to see before the resync
             await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
@@ -565,3 +568,130 @@ async def test_a_burst_reaches_the_feed_whole_and_in_order(backend: RedisBackend
             json.loads(b)["n"] for b in sent[room]
         )
         assert {json.dumps(json.loads(op.delta)["merge"]).encode() for op in got} == set(sent[room])
+
+
+class Answers:
+    """What `RedisLog.publish_soon` answered, per delta, in the order deltas were handed over."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, tuple[int | None, BaseException | None]] = {}
+        self.calls = 0
+
+    def done(self, n: int) -> Callable[[int | None, BaseException | None], None]:
+        def answered(seq: int | None, exc: BaseException | None) -> None:
+            assert n not in self.got, f"delta {n} answered twice"
+            self.calls += 1
+            self.got[n] = (seq, exc)
+
+        return answered
+
+
+async def test_deltas_handed_over_inline_get_seqs_in_that_order(tmp_path: Path) -> None:
+    """`publish_soon` joins the link's batch at once (no task), or, while the link must first
+    ask something (here `--ack all`: how many replicas are connected, asked again every
+    second), waits on the slow path; the deltas after it wait too, so one room's deltas
+    handed over one after another, some in the same loop turn, get seqs in that order
+    across both paths, each answered once and durable on the replica."""
+    with running_topology(tmp_path / "r", sentinels=False) as topo:
+        replica = topo.add_server("replica", topo.servers[0].addr)
+        poll(lambda: topo.replicas_online(topo.servers[0]) == 1, 10, "replica online")
+        b = RedisBackend(url(topo), ack="all", wait_timeout_ms=1000, op_timeout_s=3.0)
+        await b.start()
+        try:
+            log = b.store_log
+            answers = Answers()
+            n = 0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.5  # past one expiry of the replica count
+            while loop.time() < end:
+                for _ in range(1 + n % 3):
+                    log.publish_soon("o", "merge", b'{"n":%d}' % n, None, answers.done(n))
+                    n += 1
+                await asyncio.sleep(0.002 if n % 7 else 0)
+            await until(lambda: answers.calls == n, what=f"{n} answers")
+            assert all(exc is None for _, exc in answers.got.values()), answers.got
+            assert [answers.got[i][0] for i in range(n)] == list(range(1, n + 1))
+            r = aioredis.Redis(port=replica.port)
+            entries = await r.xrange("room:{o}:ops") or []
+            assert [json.loads((e[1] or {})[b"d"])["n"] for e in entries] == list(range(n))
+            await r.aclose()
+            # White-box, the race above made certain: the replica count becomes known
+            # between two deltas (as when another publish's INFO is answered in that turn);
+            # the second must not overtake the first, which is still on the slow path.
+            b.link._replicas_cache = (0.0, 0)  # expired
+            log.publish_soon("o", "merge", b'{"n":%d}' % n, None, answers.done(n))
+            b.link._replicas_cache = (loop.time(), 1)
+            log.publish_soon("o", "merge", b'{"n":%d}' % (n + 1), None, answers.done(n + 1))
+            await until(lambda: answers.calls == n + 2, what="2 more answers")
+            assert [answers.got[n], answers.got[n + 1]] == [(n + 1, None), (n + 2, None)]
+        finally:
+            await b.close()
+
+
+async def test_deltas_handed_over_inline_are_retried_or_refused_alone(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """A batch of `publish_soon` deltas that the server refused (its function library was
+    flushed) is retried on the slow path: each is stored once and answered once. A key
+    reused with another delta is refused alone (KeyConflict), and later deltas take the
+    inline path again, in order."""
+    r = await raw(redis_server)
+    log = backend.store_log
+    answers = Answers()
+    await r.execute_command("FUNCTION", "FLUSH")  # type: ignore[no-untyped-call]
+    for n in range(20):
+        key = f"k{n}" if n % 2 else None
+        log.publish_soon("f", "merge", b'{"n":%d}' % n, key, answers.done(n))
+    await until(lambda: answers.calls == 20, what="20 answers")
+    assert all(exc is None for _, exc in answers.got.values()), answers.got
+    assert sorted(seq or 0 for seq, _ in answers.got.values()) == list(range(1, 21))
+    stored = await backend.read_ops("f", 0) or []
+    by_seq = {op.seq: json.loads(op.delta)["merge"]["n"] for op in stored}
+    assert by_seq == {seq: n for n, (seq, _) in answers.got.items()}
+    log.publish_soon("f", "merge", b'{"n":0}', "k1", answers.done(20))  # k1 holds {"n":1}
+    log.publish_soon("f", "merge", b'{"n":1}', "k1", answers.done(21))  # a retry of k1
+    for n in range(22, 30):
+        log.publish_soon("f", "merge", b'{"n":%d}' % n, None, answers.done(n))
+    await until(lambda: answers.calls == 30, what="30 answers")
+    seq, exc = answers.got[20]
+    assert seq is None and isinstance(exc, KeyConflict) and exc.seq == answers.got[1][0]
+    assert answers.got[21] == (answers.got[1][0], None)
+    assert [answers.got[n] for n in range(22, 30)] == [(s, None) for s in range(21, 29)]
+    await r.aclose()
+
+
+async def test_a_connection_lost_under_inline_deltas_fails_unkeyed_ones_only(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """The link's connection dies with a batch of `publish_soon` deltas sent and held by the
+    server (CLIENT PAUSE ... WRITE): whether they ran is unknown, so a delta without an
+    idempotency key is answered `BackendUnavailable` (resend with a key), and a keyed one
+    is retried and stored once."""
+    r = await raw(redis_server)
+    log = backend.store_log
+    answers = Answers()
+    await r.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # type: ignore[no-untyped-call]
+    try:
+        for n in range(10):
+            key = f"k{n}" if n % 2 else None
+            log.publish_soon("lost", "merge", b'{"n":%d}' % n, key, answers.done(n))
+        await asyncio.sleep(0.3)  # sent, held by the pause
+        assert answers.calls == 0
+        killed = await r.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+        )
+        assert killed >= 1
+    finally:
+        await r.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+    await until(lambda: answers.calls == 10, what="10 answers")
+    for n in range(0, 10, 2):
+        seq, exc = answers.got[n]
+        assert seq is None and isinstance(exc, BackendUnavailable), (n, answers.got[n])
+        assert "resend with an idempotency key" in str(exc)
+    keyed = sorted(answers.got[n][0] or 0 for n in range(1, 10, 2))
+    assert keyed == list(range(1, 6))
+    entries = await r.xrange("room:{lost}:ops") or []
+    assert sorted(json.loads((e[1] or {})[b"d"])["n"] for e in entries) == [1, 3, 5, 7, 9]
+    await r.aclose()

@@ -227,6 +227,63 @@ async def test_backend_follows_a_failover_and_a_slot_move(cluster: ClusterTopolo
         await b.close()
 
 
+async def test_deltas_handed_over_inline_follow_their_slot(cluster: ClusterTopology) -> None:
+    """`publish_soon` (the room service's inline hand-over) on a cluster: deltas of rooms on
+    every shard join their shard's batch and get seqs in the order handed over; after a
+    room's slot moved to another shard, the deltas the old shard refuses (MOVED: they did
+    not run) follow the slot, each stored once and answered once, and the ones after them
+    go to the new shard directly."""
+    b = ClusterBackend([n.addr for n in cluster.servers], op_timeout_s=15.0)
+    b.set_listener(_Rec())
+    await b.start()
+    got: dict[tuple[str, int], tuple[int | None, BaseException | None]] = {}
+
+    def hand_over(room: str, n: int) -> None:
+        def answered(seq: int | None, exc: BaseException | None) -> None:
+            assert (room, n) not in got, f"{room} {n} answered twice"
+            got[(room, n)] = (seq, exc)
+
+        b.cluster_log.publish_soon(room, "merge", b'{"n":%d}' % n, None, answered)
+
+    try:
+        rooms = [f"inline{i}" for i in range(12)]
+        assert len({s.name for r in rooms if (s := b.router.shard_for(r)) is not None}) == 3
+        for n in range(30):
+            for room in rooms:
+                hand_over(room, n)
+            if n % 4 == 0:
+                await asyncio.sleep(0)
+        async with asyncio.timeout(10):
+            while len(got) < 30 * len(rooms):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        for room in rooms:
+            assert [got[(room, n)] for n in range(30)] == [(n + 1, None) for n in range(30)]
+        room = rooms[0]
+        slot = room_slot(room)
+        source = cluster.primary_of_slot(slot)
+        target = next(p for p in cluster.primaries() if p.addr != source.addr)
+        await asyncio.to_thread(cluster.migrate_slot, slot, target)
+        for n in range(30, 60):
+            hand_over(room, n)
+        async with asyncio.timeout(20):
+            while len([k for k in got if k[0] == room]) < 60:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        answers = [got[(room, n)] for n in range(30, 60)]
+        assert all(exc is None for _, exc in answers), answers
+        assert sorted(seq or 0 for seq, _ in answers) == list(range(31, 61))
+        shard = b.router.shard_for(room)
+        assert shard is not None and shard.link.addr == target.addr
+        hand_over(room, 60)
+        async with asyncio.timeout(10):
+            while (room, 60) not in got:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert got[(room, 60)] == (61, None)
+        ops = await b.read_ops(room, 0)
+        assert ops is not None and [o.seq for o in ops] == list(range(1, 62))
+    finally:
+        await b.close()
+
+
 # --------------------------------------------------------------------------- relay level
 
 
