@@ -713,10 +713,10 @@ class Session:
         """Serve `message` at once, from the connection's callback, when that needs no
         wait: a small delta to a loaded room (most messages). It skips the frame queue,
         the task's wake-up and the coroutines of `handle`: memory ingest CPU per ack
-        0.88-0.95x on a quiet machine, 0.67-0.74x on a busy one (docs/benchmarks.md). False: queue the message for
-        `run` (and everything after it), which serves it as usual (admitted already, if it
-        got that far). `run` must be waiting with nothing queued (`reading`), so that
-        messages are served in order."""
+        0.88-0.95x on a quiet machine, 0.67-0.74x on a busy one (docs/benchmarks.md).
+        False: queue the message for `run` (and everything after it), which serves it as
+        usual (admitted already, if it got that far). `run` must be waiting with nothing
+        queued (`reading`), so that messages are served in order."""
         if len(self._replies) >= PIPELINE_DEPTH or len(message) > PARSE_IN_THREAD_BYTES:
             return False
         received = time.perf_counter()
