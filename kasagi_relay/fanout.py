@@ -58,6 +58,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from kasagi_relay import delta
+from kasagi_relay.loops import running_loop
 from kasagi_relay.protocol import JSON, Codec, DeltaFrame
 
 __all__ = [
@@ -492,7 +493,7 @@ class _Turn:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, member: Member) -> None:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self.handle is None or self.loop is not loop:
             # A handle of another (closed) loop never runs: its members are dropped here.
             self.members = []

@@ -35,6 +35,7 @@ from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, Op
 from kasagi_relay.domain import op_digest
 from kasagi_relay.fanout import Member, Payload, broadcast, frame
+from kasagi_relay.loops import running_loop
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import (
     JSON,
@@ -305,7 +306,7 @@ class _Flushes:
         self.tally: dict[Metrics, list[int]] | None = None
 
     def add(self, room: Room) -> None:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self.handle is None or self.loop is not loop:
             # A handle of another (closed) loop never runs: its rooms are dropped here.
             self.rooms = []
@@ -728,7 +729,7 @@ class Room:
             return
         if self.tick_s > 0:
             # At most one frame per tick: the first delta after a quiet tick goes at once.
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
             at = max(loop.time(), self._last_flush + self.tick_s)
             self._flush_handle = loop.call_at(at, self.flush)
         else:
@@ -752,7 +753,7 @@ class Room:
             return
         if not self._engine.locked() and self._inline_flush():
             ops, self.queue = self.queue, []
-            self._last_flush = asyncio.get_running_loop().time()
+            self._last_flush = running_loop().time()
             state = self.state
             try:
                 doc = _apply(state, ops)

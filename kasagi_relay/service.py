@@ -37,6 +37,7 @@ from kasagi_relay.domain import (
     delta_digest,
 )
 from kasagi_relay.fanout import Member, Payload
+from kasagi_relay.loops import running_loop
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.presence import PresenceHub, PresenceView
 from kasagi_relay.protocol import BadRequest, ErrorCode, RequestId, delta_doc
@@ -89,9 +90,6 @@ class RoomService:
         self._inflight_done = asyncio.Event()
         # (room, key) -> (seq, digest of the delta, expiry on the monotonic clock)
         self._keys: OrderedDict[tuple[str, str], tuple[int, str, float]] = OrderedDict()
-        # The loop of the publishes under way (asked once: each get_running_loop is a
-        # getpid system call on Python 3.11).
-        self._loop: asyncio.AbstractEventLoop | None = None
         # The backend log's inline entry points (looked up once per log, see `_hand_over`).
         self._log: object = None
         self._publish_now: Callable[..., int | None] | None = None
@@ -264,9 +262,7 @@ class RoomService:
         # task created now (tasks start in the order they were created).
         self.inflight += 1
         ticket = room.begin_publish()
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
+        loop = running_loop()
         publish_soon = self._publish_soon
         if publish_soon is not None:
             fut: asyncio.Future[int] = loop.create_future()
