@@ -27,7 +27,11 @@ is told from it). The hub (one per relay):
   with `"presence": true`) and sends each `presence_join` / `presence_leave` to those
   members, except the one it is about. Each event is sent at most once: a join already
   seen, or of a member whose leave was seen, is dropped (the backend may repeat one after
-  a failover); a member's leave is never followed by its join;
+  a failover); a member's leave is never followed by its join. A room's events are held
+  to the end of the loop turn (a batch of writes comes back as a burst) and each listener
+  gets them in one write, not one per event: on a busy relay most of the cost of an
+  event was its `send`. A listener's join or leave sends what its room holds first, so
+  each event goes to the listeners there were when it came;
 - answers `presence` with one backend read, corrected by the events that arrived while
   the read was in flight (they may come in before its reply).
 
@@ -97,6 +101,10 @@ class _Watch:
     ready: asyncio.Future[None] | None = None
     # Since when no member of this relay watches the room (None: some do).
     idle_since: float | None = None
+    # The events of this loop turn not sent yet, in the order they came, and where in
+    # them each listener that came meanwhile starts (the others start at 0).
+    pending: list[_EventFrame] = field(default_factory=list)
+    starts: dict[Member, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +140,7 @@ class _EventFrame:
     subprotocol. With `member_json` (the member as compact ASCII JSON, cut from its stored
     entry) the JSON payload is put together from bytes, not encoded from `member`."""
 
-    __slots__ = ("conn", "encoded", "kind", "member", "member_json", "room")
+    __slots__ = ("bad", "conn", "encoded", "kind", "member", "member_json", "room")
 
     def __init__(
         self, kind: str, room: str, conn: str, member: dict[str, Any], member_json: bytes | None
@@ -143,6 +151,18 @@ class _EventFrame:
         self.member = member
         self.member_json = member_json
         self.encoded: dict[Codec, bytes] = {}
+        # Whether a subprotocol could not encode it (None: not tried yet).
+        self.bad: bool | None = None
+
+    def check(self, codecs: set[Codec]) -> None:
+        """Encode it for `codecs`; `bad` says whether one of them failed."""
+        try:
+            for codec in codecs:
+                self.payload(codec)
+        except (ValueError, TypeError, OverflowError):
+            self.bad = True
+        else:
+            self.bad = False
 
     def payload(self, codec: Codec) -> bytes:
         data = self.encoded.get(codec)
@@ -267,9 +287,9 @@ class PresenceHub:
         self._heads: dict[str, tuple[Identity, bytes]] = {}
         # Join events' entries, parsed, until their leave comes (or PARSED_MAX is passed).
         self._parsed: dict[bytes, _Parsed] = {}
-        # The events of this loop turn not sent yet, per room in arrival order, and the
+        # The rooms with events of this loop turn not sent yet (`_Watch.pending`), and the
         # callback that sends them at the end of the turn (None: none pending).
-        self._outbox: dict[str, list[_EventFrame]] = {}
+        self._outbox: dict[str, _Watch] = {}
         self._flusher: asyncio.Handle | None = None
         presence.set_listener(self)
 
@@ -353,9 +373,9 @@ class PresenceHub:
         local = self.local.get(room, {}).get(member)
         watch = self.watches.get(room)
         if local is not None and local.events and watch is not None:
-            if room in self._outbox:
-                # The events already in are sent to the listeners they came to (not this one).
-                self._flush_room(room)
+            if watch.pending:
+                # It gets the events that come from now on, not those already in.
+                watch.starts[member] = len(watch.pending)
             watch.listeners[member] = local.conn
             watch.idle_since = None
 
@@ -367,9 +387,10 @@ class PresenceHub:
             del self.local[room]
         watch = self.watches.get(room)
         if watch is not None and member in watch.listeners:
-            if room in self._outbox:
-                # The events already in are sent to this member too, before its `left`.
-                self._flush_room(room)
+            if watch.pending:
+                # The events already in go to it now, before its `left`; nothing after.
+                self._send(room, watch, {member: watch.listeners[member]})
+                watch.starts.pop(member, None)
             del watch.listeners[member]
         if watch is not None and not watch.listeners and watch.idle_since is None:
             # Kept subscribed for a while (rejoins are common): the refresh loop
@@ -581,75 +602,73 @@ class PresenceHub:
         # Sent at the end of this loop turn with the room's other events of the turn (a
         # batch of writes comes back from the backend as a burst of events, read in one
         # go): one write per listener for all of them, not one per event.
-        pending = self._outbox.get(room)
-        if pending is None:
-            pending = self._outbox[room] = []
+        if not watch.pending:
+            self._outbox[room] = watch
             if self._flusher is None:
                 self._flusher = asyncio.get_running_loop().call_soon(self._flush)
-        pending.append(_EventFrame(kind, room, conn, member, member_json))
+        watch.pending.append(_EventFrame(kind, room, conn, member, member_json))
 
     def _flush(self) -> None:
         """Send the events of this loop turn, room by room, in the order they came."""
         self._flusher = None
         outbox, self._outbox = self._outbox, {}
-        for room, events in outbox.items():
-            self._send(room, events)
+        for room, watch in outbox.items():
+            if watch.pending:
+                self._send(room, watch, watch.listeners)
+            watch.pending = []
+            watch.starts.clear()
 
-    def _flush_room(self, room: str) -> None:
-        """Send `room`'s pending events now: its listeners are about to change, and each
-        event goes to the listeners there were when it came (as if sent at once)."""
-        events = self._outbox.pop(room, None)
-        if events is not None:
-            self._send(room, events)
-
-    def _send(self, room: str, events: list[_EventFrame]) -> None:
-        watch = self.watches.get(room)
-        if watch is None or not watch.listeners:
-            return
+    def _send(self, room: str, watch: _Watch, listeners: dict[Member, str]) -> None:
+        """The room's pending events to `listeners` (writer -> its conn), each from where
+        it started and except the events about itself: one write per listener (one event
+        alone: by `fanout.broadcast`, the native loop the deltas use)."""
         try:
-            self._send_to(room, watch, events)
+            events = watch.pending
+            # An event is sent to all or to none: encoded once per subprotocol before it
+            # is first sent, and dropped for good if one of them cannot encode it.
+            codecs = {writer.codec for writer in watch.listeners}
+            for event in events:
+                if event.bad is None:
+                    event.check(codecs)
+                    if event.bad:
+                        logger.warning("room %s: presence entry cannot be encoded", room)
+            starts = watch.starts
+            if len(events) == 1 and not starts:
+                event = events[0]
+                if event.bad:
+                    return
+                chosen = [w for w, own in listeners.items() if own != event.conn]
+                sent, _ = broadcast(chosen, event)
+            else:
+                sent = self._send_many(listeners, events, starts)
+            if sent:
+                self.metrics.presence_events.inc(sent)
         except Exception:
             # One room's failure must not hold up the others' events, nor a leave.
             logger.exception("room %s: sending presence events failed", room)
 
-    def _send_to(self, room: str, watch: _Watch, events: list[_EventFrame]) -> None:
-        """`events` to the room's listeners, each except the events about itself."""
-        listeners = watch.listeners
-        codecs = {writer.codec for writer in listeners}
-        good = []
-        for event in events:
-            try:
-                # Encoded once per subprotocol before anything is sent (all or nothing).
-                for codec in codecs:
-                    event.payload(codec)
-            except (ValueError, TypeError, OverflowError):
-                logger.warning("room %s: presence entry cannot be encoded", room)
-                continue
-            good.append(event)
-        if len(good) == 1:
-            # Written like a delta (the native loop: one frame, many sockets, one call).
-            event = good[0]
-            sent, _ = broadcast([w for w, own in listeners.items() if own != event.conn], event)
-        else:
-            sent = self._send_many(listeners, good)
-        if sent:
-            self.metrics.presence_events.inc(sent)
-
     @staticmethod
-    def _send_many(listeners: dict[Member, str], events: list[_EventFrame]) -> int:
-        """Several events as one write per listener (their frames back to back); the
-        frames sent. The bytes are built once per subprotocol and per listener that some
-        of the events are about (it is not sent those)."""
+    def _send_many(
+        listeners: dict[Member, str], events: list[_EventFrame], starts: dict[Member, int]
+    ) -> int:
+        """`_send` of several events: their frames back to back, built once per
+        subprotocol, start, and listener that some of the events are about; the frames
+        sent."""
         about = {event.conn for event in events}
-        built: dict[tuple[Codec, str | None], tuple[bytes, int]] = {}
+        built: dict[tuple[Codec, str | None, int], tuple[bytes, int]] = {}
         sent = 0
         # A copy: a write that drops a member may take it out of the listeners.
         for writer, own in list(listeners.items()):
-            key = (writer.codec, own if own in about else None)
+            start = starts.get(writer, 0)
+            key = (writer.codec, own if own in about else None, start)
             held = built.get(key)
             if held is None:
                 codec, opcode = writer.codec, writer.opcode
-                frames = [frame(opcode, e.payload(codec)) for e in events if e.conn != own]
+                frames = [
+                    frame(opcode, e.payload(codec))
+                    for e in events[start:]
+                    if e.conn != own and not e.bad
+                ]
                 held = built[key] = (b"".join(frames), len(frames))
             data, n = held
             if n and writer.write(data):
