@@ -151,9 +151,9 @@ async def test_a_burst_of_events_reaches_the_listeners_there_were_in_order() -> 
         await event(b, "presence_join", cc)
         hub = relay.presence
         member_b = next(m for m, own in hub.watches["r"].listeners.items() if own == cb)
-        x = {"conn": "x", "sub": "ux", "info": {"name": "X", "n": [1, None]}}
-        y = {"conn": "y", "sub": "\u00fc", "info": {"name": "Zo\u00eb"}}
-        a2 = {"conn": ca, "sub": None, "info": {}}  # a new membership of a's connection
+        x: dict[str, Any] = {"conn": "x", "sub": "ux", "info": {"name": "X", "n": [1, None]}}
+        y: dict[str, Any] = {"conn": "y", "sub": "\u00fc", "info": {"name": "Zo\u00eb"}}
+        a2: dict[str, Any] = {"conn": ca, "sub": None, "info": {}}  # a's connection, again
         ex, ey, ea2 = (_entry(m["conn"], Identity(m["sub"], m["info"])) for m in (x, y, a2))
         sent = relay.metrics.presence_events._value.get()
         # One turn: three events, b stops listening, one more event.
@@ -180,7 +180,7 @@ async def test_a_burst_of_events_reaches_the_listeners_there_were_in_order() -> 
         await event(c, "presence_leave", cb)
 
         # One turn: an event, b listens again, another event: b gets only the second.
-        z = {"conn": "z", "sub": None, "info": {}}
+        z: dict[str, Any] = {"conn": "z", "sub": None, "info": {}}
         ez = _entry("z", ANONYMOUS)
         hub.on_presence("r", "join", ez)
         hub.join("r", member_b, cb, ANONYMOUS, True)
@@ -213,8 +213,8 @@ async def test_odd_entries_from_the_store_in_a_burst() -> None:
         hub.on_presence("r", "join", b'{"conn":"big","sub":null,"info":{"n":%d},"j":"2"}' % 2**70)
         hub.on_presence("r", "join", b'{"conn":"q","sub":"s","info":{"k":"v"},"j":"a-b"}')
         hub.on_presence("r", "leave", b'{"conn":"w","sub":null,"info":{},"x":1,"j":"1"}')
-        w = {"conn": "w", "sub": None, "info": {}}
-        q = {"conn": "q", "sub": "s", "info": {"k": "v"}}
+        w: dict[str, Any] = {"conn": "w", "sub": None, "info": {}}
+        q: dict[str, Any] = {"conn": "q", "sub": "s", "info": {"k": "v"}}
         want = [("presence_join", w), ("presence_join", q), ("presence_leave", w)]
         for client in (a, c):
             got = [await client.recv() for _ in range(3)]
