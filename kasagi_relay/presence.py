@@ -27,7 +27,11 @@ is told from it). The hub (one per relay):
   with `"presence": true`) and sends each `presence_join` / `presence_leave` to those
   members, except the one it is about. Each event is sent at most once: a join already
   seen, or of a member whose leave was seen, is dropped (the backend may repeat one after
-  a failover); a member's leave is never followed by its join;
+  a failover); a member's leave is never followed by its join. A room's events are held
+  to the end of the loop turn (a batch of writes comes back as a burst) and each listener
+  gets them in one write, not one per event: on a busy relay most of the cost of an
+  event was its `send`. A listener's join or leave sends what its room holds first, so
+  each event goes to the listeners there were when it came;
 - answers `presence` with one backend read, corrected by the events that arrived while
   the read was in flight (they may come in before its reply).
 
@@ -51,9 +55,9 @@ from typing import Any, Final
 
 from kasagi_relay.backends.base import Presence, PresenceOp
 from kasagi_relay.domain import BackendUnavailable, Identity
-from kasagi_relay.fanout import Member, broadcast
+from kasagi_relay.fanout import Member, broadcast, frame
 from kasagi_relay.metrics import Metrics
-from kasagi_relay.protocol import Codec, encode_presence_event
+from kasagi_relay.protocol import JSON, Codec, encode_presence_event
 
 __all__ = ["PresenceHub", "PresenceView"]
 
@@ -97,6 +101,10 @@ class _Watch:
     ready: asyncio.Future[None] | None = None
     # Since when no member of this relay watches the room (None: some do).
     idle_since: float | None = None
+    # The events of this loop turn not sent yet, in the order they came, and where in
+    # them each listener that came meanwhile starts (the others start at 0).
+    pending: list[_EventFrame] = field(default_factory=list)
+    starts: dict[Member, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,26 +130,58 @@ _J_SEQ = itertools.count()
 # Entry heads cached per connection (the identity they were made of): a member joining
 # and leaving rooms re-encodes nothing. Cleared whole past this size.
 HEADS_MAX: Final = 65_536
+# Parsed entries kept from a member's join event for its leave event; cleared whole past
+# this size (a leave that never comes, a member dropped by a failover, is not kept long).
+PARSED_MAX: Final = 65_536
 
 
 class _EventFrame:
-    """One `presence_join` / `presence_leave`, encoded at most once per subprotocol."""
+    """One `presence_join` / `presence_leave` about member `conn`, encoded at most once per
+    subprotocol. With `member_json` (the member as compact ASCII JSON, cut from its stored
+    entry) the JSON payload is put together from bytes, not encoded from `member`."""
 
-    __slots__ = ("encoded", "kind", "member", "room")
+    __slots__ = ("bad", "conn", "encoded", "kind", "member", "member_json", "room")
 
-    def __init__(self, kind: str, room: str, member: dict[str, Any]) -> None:
+    def __init__(
+        self, kind: str, room: str, conn: str, member: dict[str, Any], member_json: bytes | None
+    ) -> None:
         self.kind = kind
         self.room = room
+        self.conn = conn
         self.member = member
+        self.member_json = member_json
         self.encoded: dict[Codec, bytes] = {}
+        # Whether a subprotocol could not encode it (None: not tried yet).
+        self.bad: bool | None = None
+
+    def check(self, codecs: set[Codec]) -> None:
+        """Encode it for `codecs`; `bad` says whether one of them failed."""
+        try:
+            for codec in codecs:
+                self.payload(codec)
+        except (ValueError, TypeError, OverflowError):
+            self.bad = True
+        else:
+            self.bad = False
 
     def payload(self, codec: Codec) -> bytes:
         data = self.encoded.get(codec)
         if data is None:
-            data = self.encoded[codec] = encode_presence_event(
-                codec, self.kind, self.room, self.member
-            )
+            if codec == JSON and self.member_json is not None:
+                data = b'{"t":"presence_%s","room":%s,"member":%s}' % (
+                    self.kind.encode(),
+                    _json_string(self.room),
+                    self.member_json,
+                )
+            else:
+                data = encode_presence_event(codec, self.kind, self.room, self.member)
+            self.encoded[codec] = data
         return data
+
+
+def _json_string(text: str) -> bytes:
+    """`text` as a JSON string, ASCII only (as protocol.py encodes)."""
+    return json.dumps(text).encode()
 
 
 def _head(conn: str, who: Identity) -> bytes:
@@ -167,8 +207,12 @@ def _with_head(entry: bytes, head: bytes) -> bytes:
     return head + entry[entry.rindex(b',"j":"') + 6 :]
 
 
-def _parse(entry: bytes) -> tuple[str, str, dict[str, Any]] | None:
-    """(conn, j, wire member) of one stored entry; None when malformed."""
+# (conn, j, the member as sent on the wire, that member as compact ASCII JSON or None)
+_Parsed = tuple[str, str, dict[str, Any], bytes | None]
+
+
+def _parse(entry: bytes) -> _Parsed | None:
+    """One stored entry, parsed; None when malformed."""
     try:
         doc = json.loads(entry)
         conn, j = doc["conn"], str(doc.get("j", ""))
@@ -176,7 +220,17 @@ def _parse(entry: bytes) -> tuple[str, str, dict[str, Any]] | None:
         return None
     if not isinstance(conn, str):
         return None
-    return conn, j, {"conn": conn, "sub": doc.get("sub"), "info": doc.get("info", {})}
+    member = {"conn": conn, "sub": doc.get("sub"), "info": doc.get("info", {})}
+    # An entry as relays write it (`_entry`: conn, sub, info, then `j` last, written
+    # exactly) is the member's JSON once its `j` is cut off: a JSON event is then made
+    # of bytes. Non-ASCII entries are encoded again (as every payload, ASCII-only on
+    # the wire), as is anything else.
+    member_json = None
+    if len(doc) == 4 and "info" in doc and "sub" in doc and j.isalnum() and entry.isascii():
+        suffix = b',"j":"%s"}' % j.encode()
+        if entry.endswith(suffix):
+            member_json = entry[: -len(suffix)] + b"}"
+    return conn, j, member, member_json
 
 
 def _decode(entries: list[bytes]) -> dict[str, dict[str, Any]]:
@@ -231,6 +285,12 @@ class PresenceHub:
         self._refreshing: tuple[str, dict[str, bytes], asyncio.Future[None]] | None = None
         # conn -> (the identity, its entry head)
         self._heads: dict[str, tuple[Identity, bytes]] = {}
+        # Join events' entries, parsed, until their leave comes (or PARSED_MAX is passed).
+        self._parsed: dict[bytes, _Parsed] = {}
+        # The rooms with events of this loop turn not sent yet (`_Watch.pending`), and the
+        # callback that sends them at the end of the turn (None: none pending).
+        self._outbox: dict[str, _Watch] = {}
+        self._flusher: asyncio.Handle | None = None
         presence.set_listener(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -313,6 +373,9 @@ class PresenceHub:
         local = self.local.get(room, {}).get(member)
         watch = self.watches.get(room)
         if local is not None and local.events and watch is not None:
+            if watch.pending:
+                # It gets the events that come from now on, not those already in.
+                watch.starts[member] = len(watch.pending)
             watch.listeners[member] = local.conn
             watch.idle_since = None
 
@@ -324,6 +387,10 @@ class PresenceHub:
             del self.local[room]
         watch = self.watches.get(room)
         if watch is not None and member in watch.listeners:
+            if watch.pending:
+                # The events already in go to it now, before its `left`; nothing after.
+                self._send(room, watch, {member: watch.listeners[member]})
+                watch.starts.pop(member, None)
             del watch.listeners[member]
         if watch is not None and not watch.listeners and watch.idle_since is None:
             # Kept subscribed for a while (rejoins are common): the refresh loop
@@ -491,12 +558,19 @@ class PresenceHub:
         watch = self.watches.get(room)
         if watch is None or kind not in ("join", "leave"):
             return
-        parsed = _parse(entry)
+        # A member's leave carries the entry of its join: parsed once for both.
+        parsed = self._parsed.pop(entry, None) if kind == "leave" else None
         if parsed is None:
-            logger.warning("room %s: malformed presence entry ignored", room)
-            return
-        conn, j, member = parsed
-        self._event(room, watch, kind, conn, j, member, deliver=True)
+            parsed = _parse(entry)
+            if parsed is None:
+                logger.warning("room %s: malformed presence entry ignored", room)
+                return
+            if kind == "join":
+                if len(self._parsed) >= PARSED_MAX:
+                    self._parsed.clear()
+                self._parsed[entry] = parsed
+        conn, j, member, member_json = parsed
+        self._event(room, watch, kind, conn, j, member, deliver=True, member_json=member_json)
 
     def _event(
         self,
@@ -508,6 +582,7 @@ class PresenceHub:
         member: dict[str, Any],
         *,
         deliver: bool,
+        member_json: bytes | None = None,
     ) -> None:
         if (conn, j) in watch.gone:
             return
@@ -522,23 +597,83 @@ class PresenceHub:
             self._bury(watch, conn, j)
         for log in watch.reads:
             log.append((kind, conn, j, member))
-        if not deliver:
+        if not deliver or not watch.listeners:
             return
-        listeners = [writer for writer, own in watch.listeners.items() if own != conn]
-        if not listeners:
-            return
-        message = _EventFrame(kind, room, member)
+        # Sent at the end of this loop turn with the room's other events of the turn (a
+        # batch of writes comes back from the backend as a burst of events, read in one
+        # go): one write per listener for all of them, not one per event.
+        if not watch.pending:
+            self._outbox[room] = watch
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().call_soon(self._flush)
+        watch.pending.append(_EventFrame(kind, room, conn, member, member_json))
+
+    def _flush(self) -> None:
+        """Send the events of this loop turn, room by room, in the order they came."""
+        self._flusher = None
+        outbox, self._outbox = self._outbox, {}
+        for room, watch in outbox.items():
+            if watch.pending:
+                self._send(room, watch, watch.listeners)
+            watch.pending = []
+            watch.starts.clear()
+
+    def _send(self, room: str, watch: _Watch, listeners: dict[Member, str]) -> None:
+        """The room's pending events to `listeners` (writer -> its conn), each from where
+        it started and except the events about itself: one write per listener (one event
+        alone: by `fanout.broadcast`, the native loop the deltas use)."""
         try:
-            # Encoded once per subprotocol before anything is sent (all or nothing)...
-            for codec in {writer.codec for writer in listeners}:
-                message.payload(codec)
-        except (ValueError, TypeError, OverflowError):
-            logger.warning("room %s: presence entry cannot be encoded", room)
-            return
-        # ... and written like a delta (the native loop: one frame, many sockets, one call).
-        sent, _ = broadcast(listeners, message)
-        if sent:
-            self.metrics.presence_events.inc(sent)
+            events = watch.pending
+            # An event is sent to all or to none: encoded once per subprotocol before it
+            # is first sent, and dropped for good if one of them cannot encode it.
+            codecs = {writer.codec for writer in watch.listeners}
+            for event in events:
+                if event.bad is None:
+                    event.check(codecs)
+                    if event.bad:
+                        logger.warning("room %s: presence entry cannot be encoded", room)
+            starts = watch.starts
+            if len(events) == 1 and not starts:
+                event = events[0]
+                if event.bad:
+                    return
+                chosen = [w for w, own in listeners.items() if own != event.conn]
+                sent, _ = broadcast(chosen, event)
+            else:
+                sent = self._send_many(listeners, events, starts)
+            if sent:
+                self.metrics.presence_events.inc(sent)
+        except Exception:
+            # One room's failure must not hold up the others' events, nor a leave.
+            logger.exception("room %s: sending presence events failed", room)
+
+    @staticmethod
+    def _send_many(
+        listeners: dict[Member, str], events: list[_EventFrame], starts: dict[Member, int]
+    ) -> int:
+        """`_send` of several events: their frames back to back, built once per
+        subprotocol, start, and listener that some of the events are about; the frames
+        sent."""
+        about = {event.conn for event in events}
+        built: dict[tuple[Codec, str | None, int], tuple[bytes, int]] = {}
+        sent = 0
+        # A copy: a write that drops a member may take it out of the listeners.
+        for writer, own in list(listeners.items()):
+            start = starts.get(writer, 0)
+            key = (writer.codec, own if own in about else None, start)
+            held = built.get(key)
+            if held is None:
+                codec, opcode = writer.codec, writer.opcode
+                frames = [
+                    frame(opcode, e.payload(codec))
+                    for e in events[start:]
+                    if e.conn != own and not e.bad
+                ]
+                held = built[key] = (b"".join(frames), len(frames))
+            data, n = held
+            if n and writer.write(data):
+                sent += n
+        return sent
 
     def _bury(self, watch: _Watch, conn: str, j: str) -> None:
         now = time.monotonic()

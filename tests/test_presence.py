@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from kasagi_relay.domain import ANONYMOUS, Identity
+from kasagi_relay.presence import _entry
 from kit.topology import call
 from testkit.redis import Topology, redis_server, sentinel_topology  # noqa: F401
 from testkit.relay import (
@@ -127,6 +129,97 @@ async def test_members_events_and_conn_in_joined() -> None:
         assert conns(await presence(watcher, "r")) == {mine["conn"]}
         assert relay.metrics.presence_events._value.get() == 4
         assert relay.metrics.presence_entries._value.get() == 1
+
+
+async def test_a_burst_of_events_reaches_the_listeners_there_were_in_order() -> None:
+    """Events the backend hands over together (a batch of writes comes back as a burst)
+    go out at the end of the loop turn, one write per listener: each listener gets each
+    event once and in order, except those about itself; one that stops listening in the
+    turn is sent the events that came before at once, one that starts gets only those
+    after (as if each had been sent as it came). JSON events cut from an entry's bytes read like the
+    encoded ones (MessagePack and non-ASCII entries are encoded)."""
+    async with (
+        start_relay() as relay,
+        connect_client(relay.url) as a,
+        connect_client(relay.url) as b,
+        connect_client(relay.url, MSGPACK) as c,
+    ):
+        ca = (await a.join("r", presence=True))["conn"]
+        cb = (await b.join("r", presence=True))["conn"]
+        cc = (await c.join("r", presence=True))["conn"]
+        await event(a, "presence_join", cc)
+        await event(b, "presence_join", cc)
+        hub = relay.presence
+        member_b = next(m for m, own in hub.watches["r"].listeners.items() if own == cb)
+        x: dict[str, Any] = {"conn": "x", "sub": "ux", "info": {"name": "X", "n": [1, None]}}
+        y: dict[str, Any] = {"conn": "y", "sub": "\u00fc", "info": {"name": "Zo\u00eb"}}
+        a2: dict[str, Any] = {"conn": ca, "sub": None, "info": {}}  # a's connection, again
+        ex, ey, ea2 = (_entry(m["conn"], Identity(m["sub"], m["info"])) for m in (x, y, a2))
+        sent = relay.metrics.presence_events._value.get()
+        # One turn: three events, b stops listening, one more event.
+        hub.on_presence("r", "join", ex)
+        hub.on_presence("r", "join", ea2)
+        hub.on_presence("r", "join", ey)
+        assert relay.metrics.presence_events._value.get() == sent  # held to the turn's end
+        hub.leave("r", member_b)
+        # b's three went out to it before it stopped; a's and c's wait for the turn's end.
+        assert relay.metrics.presence_events._value.get() == sent + 3
+        hub.on_presence("r", "leave", ex)
+
+        def got(messages: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+            return [(m["t"], m["member"]) for m in messages]
+
+        want_a = [("presence_join", x), ("presence_join", y), ("presence_leave", x)]
+        assert got([await a.recv() for _ in range(3)]) == want_a
+        want_b = [("presence_join", x), ("presence_join", a2), ("presence_join", y)]
+        assert got([await b.recv() for _ in range(3)]) == want_b
+        want_c = [*want_b, ("presence_leave", x)]
+        assert got([await c.recv() for _ in range(4)]) == want_c
+        await b.nothing()  # b's own leave and x's leave are not sent to it
+        await event(a, "presence_leave", cb)
+        await event(c, "presence_leave", cb)
+
+        # One turn: an event, b listens again, another event: b gets only the second.
+        z: dict[str, Any] = {"conn": "z", "sub": None, "info": {}}
+        ez = _entry("z", ANONYMOUS)
+        hub.on_presence("r", "join", ez)
+        hub.join("r", member_b, cb, ANONYMOUS, True)
+        hub.listen("r", member_b)
+        hub.on_presence("r", "leave", ez)
+        assert got([await b.recv()]) == [("presence_leave", z)]
+        await b.nothing()
+        for other in (a, c):
+            before = await event(other, "presence_leave", "z")
+            assert ("presence_join", z) in got(before)
+            await event(other, "presence_join", cb)
+
+
+async def test_odd_entries_from_the_store_in_a_burst() -> None:
+    """What another relay or a hand-edited store may hold, in one turn's events: a
+    malformed entry is ignored; an entry with other fields or another `j` is sent as its
+    member (conn, sub, info) only; an entry one subprotocol cannot encode is sent to
+    nobody, and the events around it still go out, in order."""
+    async with (
+        start_relay() as relay,
+        connect_client(relay.url) as a,
+        connect_client(relay.url, MSGPACK) as c,
+    ):
+        await a.join("r", presence=True)
+        cc = (await c.join("r", presence=True))["conn"]
+        await event(a, "presence_join", cc)
+        hub = relay.presence
+        hub.on_presence("r", "join", b'{"conn":"v","j":')
+        hub.on_presence("r", "join", b'{"conn":"w","sub":null,"info":{},"x":1,"j":"1"}')
+        hub.on_presence("r", "join", b'{"conn":"big","sub":null,"info":{"n":%d},"j":"2"}' % 2**70)
+        hub.on_presence("r", "join", b'{"conn":"q","sub":"s","info":{"k":"v"},"j":"a-b"}')
+        hub.on_presence("r", "leave", b'{"conn":"w","sub":null,"info":{},"x":1,"j":"1"}')
+        w: dict[str, Any] = {"conn": "w", "sub": None, "info": {}}
+        q: dict[str, Any] = {"conn": "q", "sub": "s", "info": {"k": "v"}}
+        want = [("presence_join", w), ("presence_join", q), ("presence_leave", w)]
+        for client in (a, c):
+            got = [await client.recv() for _ in range(3)]
+            assert [(m["t"], m["member"]) for m in got] == want
+            await client.nothing()
 
 
 async def test_bad_presence_requests_get_their_error_codes() -> None:

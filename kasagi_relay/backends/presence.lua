@@ -19,7 +19,7 @@ In a Redis Cluster (cluster_enabled:1) events go out with SPUBLISH, as in `kasag
 Bump VERSION whenever a function changes.
 ]]
 
-local VERSION = '2'
+local VERSION = '3'
 -- Expired entries taken out per call: bounds one call's work (the rest go next call).
 local REAP_MAX = 1000
 
@@ -116,18 +116,20 @@ local function write(keys, args)
   local now = nil
   for i = 2, #args, 3 do
     local kind, conn, entry = args[i], args[i + 1], args[i + 2]
-    local old = redis.call('HGET', keys[1], conn)
     if kind == 'a' then
       if now == nil then
         now = now_ms()
       end
-      redis.call('HSET', keys[1], conn, entry)
-      redis.call('ZADD', keys[2], now + ttl, conn)
-      if old ~= entry then
+      -- Nearly every add is of a connection not in the room: one command stores it.
+      if redis.call('HSETNX', keys[1], conn, entry) == 1 then
+        announce(keys[3], 'join', entry)
+      elseif redis.call('HGET', keys[1], conn) ~= entry then
+        redis.call('HSET', keys[1], conn, entry)
         announce(keys[3], 'join', entry)
       end
+      redis.call('ZADD', keys[2], now + ttl, conn)
     elseif kind == 'r' then
-      if old == entry then
+      if redis.call('HGET', keys[1], conn) == entry then
         redis.call('HDEL', keys[1], conn)
         redis.call('ZREM', keys[2], conn)
         announce(keys[3], 'leave', entry)

@@ -114,6 +114,26 @@ async def test_one_batch_applies_its_writes_in_order_across_rooms(backend: Backe
     await p.write([], 60)  # nothing to send: no round trip, no error
 
 
+async def test_a_batch_that_replaces_an_entry_announces_each_new_one_once(
+    backend: Backend,
+) -> None:
+    """An add of a connection already in the room with another entry (a new membership)
+    replaces it and announces it; an add of the stored entry announces nothing."""
+    p = backend.presence
+    events = Events()
+    p.set_listener(events)
+    await p.subscribe("r")
+    batch = [("r", "c2", E2, True), ("r", "c2", E2_AGAIN, True), ("r", "c2", E2_AGAIN, True)]
+    await p.write(batch, 60)
+    assert await p.members("r") == [E2_AGAIN]
+    await p.write([("r", "c2", E2_AGAIN, True)], 60)
+    await p.write([("r", "c2", E2, False)], 60)  # not the stored entry: nothing
+    assert await p.members("r") == [E2_AGAIN]
+    await until(lambda: len(events.got) >= 2)
+    await asyncio.sleep(0.1)
+    assert events.got == [("r", "join", E2), ("r", "join", E2_AGAIN)]
+
+
 async def test_entries_not_refreshed_expire_with_their_leave(backend: Backend) -> None:
     p = backend.presence
     events = Events()
