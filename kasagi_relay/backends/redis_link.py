@@ -21,6 +21,12 @@ command reaches it (docs/design.md, storage).
   and every loop turn or Python object it costs shows per delta. A publish joins the batch
   synchronously (`submit`: no task, no coroutine) and hears back from a callback; a task
   exists only for what must wait or retry (a failover, an unknown replica count).
+- Order: every batch goes out on one connection (`_Pipe`), written while the earlier ones
+  still wait for their replies. Redis runs one connection's commands in the order they
+  arrive, but not those of several: batches written one after the other on two connections
+  were run in the other order (a connection's later delta got the lower seq). With WAIT in
+  the batches (`replica`, `all`), a batch waits for the one in flight and takes every FCALL
+  meanwhile (group commit), since WAIT holds the connection's later commands in Redis.
 
 A Cluster router would hold one link per shard and pick it by the room's hash slot; the
 store and the feed only ask a link for commands.
@@ -54,6 +60,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kasagi_relay.domain import AckLevel, BackendUnavailable
+from kasagi_relay.loops import running_loop
 
 __all__ = [
     "FUNCTION_VERSION",
@@ -210,6 +217,20 @@ class _Batch:
         self.idempotent: list[bool | None] = []
 
 
+class _Pipe:
+    """The connection every batch of one pool goes out on (see Order above): `tail` is done
+    once the last batch written on it has its replies, with False if that failed (then the
+    connection is dropped and the batches written after it fail as well)."""
+
+    __slots__ = ("broken", "conn", "pool", "tail")
+
+    def __init__(self, pool: ConnectionPool, conn: AbstractConnection) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.tail: asyncio.Future[bool] | None = None
+        self.broken = False
+
+
 def _resolve(fut: asyncio.Future[Any], reply: Any, exc: BaseException | None) -> None:
     """`done` of an attempt that a coroutine awaits (durable_fcall)."""
     if fut.done():
@@ -277,9 +298,10 @@ class MasterLink:
         # The INFO under way that refreshes `_replicas_cache`, shared by every publish that
         # needs it (they go on in the order they asked: see `_needed_replicas`).
         self._replicas_info: asyncio.Future[Any] | None = None
-        # Held while a batch takes its connection: batches are written in the order they
-        # were closed, even when one of them waits for a new connection (see `_run_batch`).
+        # Held while a batch is written: batches are written in the order they were
+        # closed, even when one of them waits for the pipe's connection (`_pipelined`).
         self._batch_order = asyncio.Lock()
+        self._pipe: _Pipe | None = None
         # The durable FCALLs of this loop turn, per (pool, replicas to wait for).
         self._batches: dict[tuple[int, int], _Batch] = {}
         # Durable FCALLs on the slow path (`submit`): while any is, every one takes it, so
@@ -297,8 +319,9 @@ class MasterLink:
             # No hidden retries: a retried FCALL without a key could publish twice, and
             # every retry here must go to the master the locator names now.
             "retry": Retry(NoBackoff(), 0),
-            # Every publish holds a connection through its WAIT: past this many in
-            # flight, publishes queue for a connection (bounded by the op timeout).
+            # Publishes share one connection (`_Pipe`); reads, presence and the feed's
+            # commands take their own: past this many in flight they queue for one
+            # (bounded by the op timeout).
             "max_connections": 128,
             "timeout": self.op_timeout_s,
         }
@@ -507,34 +530,21 @@ class MasterLink:
         packed: bytes | None,
         count: int,
         commands: Sequence[Sequence[Any]] = (),
-        order: asyncio.Lock | None = None,
     ) -> list[Any]:
-        """`count` commands pipelined on ONE connection, already packed as RESP (a batch,
-        presence's writes), or `commands` redis-py must pack (`packed` None); their replies
-        in order, error replies as the exceptions they are. With `order`, the
-        connection is taken holding that lock, and the lean path writes without an await
-        after it: round trips started in some order are written in that order."""
+        """`count` commands pipelined on ONE connection, already packed as RESP (presence's
+        writes), or `commands` redis-py must pack (`packed` None); their replies in order,
+        error replies as the exceptions they are."""
         try:
-            if order is None:
-                conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            else:
-                async with order:
-                    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise NotSent(str(exc) or type(exc).__name__) from exc
         try:
-            parser = getattr(conn, "_parser", None)
-            writer = getattr(conn, "_writer", None)
-            if (
-                packed is not None
-                and writer is not None
-                and conn.is_connected
-                and isinstance(parser, _AsyncHiredisParser)
-                and parser._reader is not None
-            ):
+            lean = _lean(conn) if packed is not None else None
+            if lean is not None and packed is not None:
                 # The lean path: one write and the replies straight from hiredis, within
                 # one socket timeout. redis-py's send wraps every write in wait_for (a
                 # task, and a loop turn, per round trip) and its reads cost per reply.
+                writer, parser = lean
                 async with asyncio.timeout(self.socket_timeout_s):
                     writer.write(packed)
                     await writer.drain()
@@ -542,13 +552,7 @@ class MasterLink:
             await conn.send_packed_command(
                 conn.pack_commands(commands) if packed is None else packed, check_health=False
             )
-            replies: list[Any] = []
-            for _ in range(count):
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            return await _read_responses(conn, count)
         except BaseException:
             # Unknown state (timeout, cancel): never hand this connection to anyone else.
             # nowait: closing a socket to a frozen server must not wait for its FIN.
@@ -557,6 +561,92 @@ class MasterLink:
             raise
         finally:
             await pool.release(conn)
+
+    async def _pipelined(self, pool: ConnectionPool, packed: bytes, count: int) -> list[Any]:
+        """`count` commands packed as RESP (a batch) on the pool's pipe, written after
+        every batch written before and without waiting for their replies; their replies
+        in order, error replies as the exceptions they are. A failure (timeout, lost
+        connection, cancel) drops the connection: the batches written after this one on
+        it fail too, outcome unknown, as with any lost connection."""
+        async with self._batch_order:
+            pipe = self._pipe
+            if pipe is None or pipe.pool is not pool or pipe.broken or not pipe.conn.is_connected:
+                if pipe is not None:
+                    self._drop(pipe)  # its batches in flight fail on their own
+                pipe = await self._open_pipe(pool)
+            elif (pipe.tail is None or pipe.tail.done()) and _stale(pipe.conn):
+                # Idle and closed by the server (a restart): connect again rather than
+                # fail the batch. redis-py 8.1's own check (ensure_connection) skips this
+                # while its maintenance notifications are "auto", the default.
+                try:
+                    await pipe.conn.disconnect()
+                    await pipe.conn.connect()  # type: ignore[no-untyped-call]
+                except Exception as exc:
+                    self._drop(pipe)
+                    raise NotSent(str(exc) or type(exc).__name__) from exc
+            conn = pipe.conn
+            prev = pipe.tail
+            mine: asyncio.Future[bool] = running_loop().create_future()
+            pipe.tail = mine
+            lean = _lean(conn)
+            try:
+                if lean is not None:
+                    lean[0].write(packed)  # no await from the lock to here: written in order
+                else:
+                    await conn.send_packed_command(packed, check_health=False)
+            except BaseException:
+                mine.set_result(False)
+                self._drop(pipe)
+                raise
+        try:
+            if prev is not None and not prev.done():
+                # Bounded by that batch's own timeout; not cancelled with this task.
+                await asyncio.wait((prev,))
+            if prev is not None and not prev.result():
+                raise RedisConnectionError("an earlier batch on this connection failed")
+            async with asyncio.timeout(self.socket_timeout_s):
+                if lean is not None:
+                    writer, parser = lean
+                    await writer.drain()
+                    replies = await self._read_replies(parser, count)
+                else:
+                    replies = await _read_responses(conn, count)
+        except BaseException:
+            # Replies to this batch may still come: nobody may read this connection again.
+            mine.set_result(False)
+            self._drop(pipe)
+            raise
+        mine.set_result(True)
+        return replies
+
+    async def _open_pipe(self, pool: ConnectionPool) -> _Pipe:
+        """The pool's pipe: a connection of its own (the caller holds `_batch_order`)."""
+        try:
+            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise NotSent(str(exc) or type(exc).__name__) from exc
+        pipe = self._pipe = _Pipe(pool, conn)
+        return pipe
+
+    def _drop(self, pipe: _Pipe) -> None:
+        """`pipe` failed: the next batch opens another; its connection is closed."""
+        if pipe.broken:
+            return
+        pipe.broken = True
+        if self._pipe is pipe:
+            self._pipe = None
+
+        async def close() -> None:
+            # nowait: closing a socket to a frozen server must not wait for its FIN.
+            with contextlib.suppress(Exception):
+                await pipe.conn.disconnect(nowait=True)
+            # Back to the pool (which may connect it again) once no batch reads it.
+            if pipe.tail is not None:
+                await asyncio.wait((pipe.tail,))
+            with contextlib.suppress(Exception):
+                await pipe.pool.release(pipe.conn)
+
+        self.background(close())
 
     async def _read_replies(self, parser: _AsyncHiredisParser, n: int) -> list[Any]:
         """`n` replies straight from the connection's hiredis reader (the caller bounds
@@ -656,23 +746,26 @@ class MasterLink:
             del self._batches[key]
 
     async def _run_batch(self, key: tuple[int, int], batch: _Batch) -> None:
-        self._close(key, batch)
         needed = batch.needed
-        count = len(batch.packed)
-        if needed:
-            wait = pack((("WAIT", needed, self.wait_timeout_ms),))
-            assert wait is not None
-            batch.packed.append(wait)
+        count = 0
         try:
-            # In order: FCALLs of one connection's pipelined deltas may sit in consecutive
-            # batches, and Redis runs what reaches it first first. Without the lock a batch
-            # that opens a new connection was overtaken by the next one, which found a free
-            # connection at once.
-            replies = await self._roundtrip_packed(
-                batch.pool, b"".join(batch.packed), len(batch.packed), (), self._batch_order
-            )
+            pipe = self._pipe
+            if needed and pipe is not None and pipe.pool is batch.pool:
+                tail = pipe.tail
+                if tail is not None and not tail.done():
+                    # Group commit: the WAIT in flight holds the pipe's later commands in
+                    # Redis anyway; meanwhile this batch stays open and takes every FCALL.
+                    await asyncio.wait((tail,))
+            self._close(key, batch)
+            count = len(batch.packed)
+            if needed:
+                wait = pack((("WAIT", needed, self.wait_timeout_ms),))
+                assert wait is not None
+                batch.packed.append(wait)
+            replies = await self._pipelined(batch.pool, b"".join(batch.packed), len(batch.packed))
         except BaseException as exc:
-            for i in range(count):
+            self._close(key, batch)
+            for i in range(count or len(batch.packed)):
                 self._settle(batch, i, None, exc)
             if not isinstance(exc, Exception):
                 raise
@@ -785,6 +878,42 @@ class MasterLink:
             await self.nap(delay)
             delay = min(delay * 2, 0.25)
             last = None
+
+
+def _lean(conn: AbstractConnection) -> tuple[asyncio.StreamWriter, _AsyncHiredisParser] | None:
+    """The connection's writer and hiredis parser, when a batch can be written and its
+    replies read without redis-py's per-command path (None: use it)."""
+    parser = getattr(conn, "_parser", None)
+    writer = getattr(conn, "_writer", None)
+    if (
+        writer is not None
+        and conn.is_connected
+        and isinstance(parser, _AsyncHiredisParser)
+        and parser._reader is not None
+    ):
+        return writer, parser
+    return None
+
+
+def _stale(conn: AbstractConnection) -> bool:
+    """An idle connection the server closed, or that holds bytes nobody asked for."""
+    reader = getattr(conn, "_reader", None)
+    if not conn.is_connected or not isinstance(reader, asyncio.StreamReader):
+        return False  # connected again by its next command
+    parser = getattr(conn, "_parser", None)
+    hiredis = getattr(parser, "_reader", None)
+    return reader.at_eof() or bool(hiredis is not None and hiredis.has_data())
+
+
+async def _read_responses(conn: AbstractConnection, count: int) -> list[Any]:
+    """`count` replies through redis-py, error replies as the exceptions they are."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 def _call(done: Done, reply: Any, exc: BaseException | None) -> None:

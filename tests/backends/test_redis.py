@@ -628,6 +628,29 @@ async def test_deltas_handed_over_inline_get_seqs_in_that_order(tmp_path: Path) 
             await b.close()
 
 
+async def test_batches_in_flight_together_keep_their_order(backend: RedisBackend) -> None:
+    """Batches of one room's deltas written while earlier ones still wait for their replies
+    run in the order they were written: a large batch (Redis reads 16 KiB of a connection
+    at a time) and small ones after it, each in a loop turn of its own. Written on
+    connections of their own, a small batch ran between two parts of the large one."""
+    log = backend.store_log
+    answers = Answers()
+    pad = "x" * 2000
+    n = 0
+    for turn in range(20):
+        for _ in range(100 if turn % 5 == 0 else 1):
+            log.publish_soon(
+                "in-order", "merge", b'{"n":%d,"p":"%s"}' % (n, pad.encode()), None, answers.done(n)
+            )
+            n += 1
+        await asyncio.sleep(0)
+    await until(lambda: answers.calls == n, what=f"{n} answers")
+    assert all(exc is None for _, exc in answers.got.values()), answers.got
+    assert [answers.got[i][0] for i in range(n)] == list(range(1, n + 1))
+    stored = await backend.read_ops("in-order", 0) or []
+    assert [json.loads(op.delta)["merge"]["n"] for op in stored] == list(range(n))
+
+
 async def test_deltas_handed_over_inline_are_retried_or_refused_alone(
     backend: RedisBackend,
     redis_server: Topology,  # noqa: F811
