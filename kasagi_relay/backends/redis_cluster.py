@@ -35,6 +35,7 @@ the keys) is in docs/operations.md.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections import Counter
@@ -484,64 +485,114 @@ class ClusterRouter:
         self._known.add(addr)
 
 
+Done = Callable[[int | None, BaseException | None], None]
+
+
+class _Detour:
+    """A room's deltas on their way to a shard (ClusterLog.publish_soon): `inline` handed to
+    a shard's batch and not answered yet; while `on` (a shard refused one of them, or the
+    slot had no shard), `waiting` holds the room's deltas for the routed way by hand-over
+    number, sent one at a time once none is inline any more."""
+
+    __slots__ = ("inline", "next", "on", "running", "waiting")
+
+    def __init__(self) -> None:
+        self.inline = 0
+        self.next = 0
+        self.on = False
+        self.running = False
+        self.waiting: list[tuple[int, DeltaKind, bytes, str | None, Done]] = []
+
+    def number(self) -> int:
+        n = self.next
+        self.next += 1
+        return n
+
+    def hold(self, n: int, kind: DeltaKind, body: bytes, key: str | None, done: Done) -> None:
+        self.on = True
+        bisect.insort(self.waiting, (n, kind, body, key, done), key=lambda w: w[0])
+
+
 class ClusterLog:
     """The `Log` role: each call on the store of the room's shard."""
 
     def __init__(self, router: ClusterRouter) -> None:
         self.router = router
         self._routing: set[asyncio.Future[None]] = set()
+        # Rooms with deltas on their way (`publish_soon`); forgotten once none is.
+        self._detours: dict[str, _Detour] = {}
 
     async def publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None = None) -> int:
         return await self.router.routed(room, lambda s: s.log.publish(room, kind, body, key))
 
     def publish_soon(
-        self,
-        room: str,
-        kind: DeltaKind,
-        body: bytes,
-        key: str | None,
-        done: Callable[[int | None, BaseException | None], None],
+        self, room: str, kind: DeltaKind, body: bytes, key: str | None, done: Done
     ) -> None:
         """`publish` without a coroutine (RedisLog.publish_soon on the shard of the room's
         slot): in the shard's batch now. A delta the shard did not take because the slot
         is elsewhere (MOVED, ASK: it did not run) and one whose slot has no shard yet go
-        the `routed` way in a task, which follows the slot."""
-        shard = self.router.shard_for(room)
+        the `routed` way, which follows the slot; from then on the room's deltas, those
+        still in a batch that the old shard refuses later included, go that way one at a
+        time in the order they were handed over, until none is left (handed over in the
+        turn the MOVED came back, one went to the new shard ahead of the refused ones)."""
+        detour = self._detours.get(room)
+        if detour is None:
+            detour = self._detours[room] = _Detour()
+        n = detour.number()
+        shard = None if detour.on else self.router.shard_for(room)
         if shard is None:
-            self._route(room, kind, body, key, done)
+            detour.hold(n, kind, body, key, done)
+            self._pump(room, detour)
             return
+        detour.inline += 1
 
         def answered(seq: int | None, exc: BaseException | None) -> None:
+            detour.inline -= 1
             if isinstance(exc, MovedError):
                 self.router._follow(exc)
             if isinstance(exc, _REDIRECTS):  # MovedError is an AskError
                 self.router.refresh_soon()
-                self._route(room, kind, body, key, done)
+                detour.hold(n, kind, body, key, done)
             else:
                 done(seq, exc)
+            self._pump(room, detour)
 
         shard.log.publish_soon(room, kind, body, key, answered)
 
-    def _route(
-        self,
-        room: str,
-        kind: DeltaKind,
-        body: bytes,
-        key: str | None,
-        done: Callable[[int | None, BaseException | None], None],
-    ) -> None:
-        async def publish() -> None:
-            try:
-                seq = await self.publish(room, kind, body, key)
-            except asyncio.CancelledError as exc:
-                done(None, exc)
-                raise
-            except Exception as exc:
-                done(None, exc)
-            else:
-                done(seq, None)
+    def _pump(self, room: str, detour: _Detour) -> None:
+        """Send the room's held deltas the routed way once none is inline; forget the room
+        once nothing of it is on its way."""
+        if detour.running or detour.inline:
+            return
+        if not detour.waiting:
+            detour.on = False
+            if self._detours.get(room) is detour:
+                del self._detours[room]
+            return
+        detour.running = True
 
-        task = asyncio.ensure_future(publish())
+        async def send() -> None:
+            try:
+                while detour.waiting:
+                    _, kind, body, key, done = detour.waiting.pop(0)
+                    try:
+                        seq = await self.publish(room, kind, body, key)
+                    except asyncio.CancelledError as exc:
+                        done(None, exc)
+                        for *_, rest in detour.waiting:  # the loop is going away
+                            rest(None, exc)
+                        detour.waiting.clear()
+                        raise
+                    except Exception as exc:
+                        done(None, exc)
+                    else:
+                        done(seq, None)
+            finally:
+                detour.running = False
+                if not detour.waiting:
+                    self._pump(room, detour)
+
+        task = asyncio.ensure_future(send())
         self._routing.add(task)
         task.add_done_callback(self._routing.discard)
 
