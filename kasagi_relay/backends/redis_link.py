@@ -194,7 +194,8 @@ class _Fenced(Exception):
 
 
 # The most FCALLs one pipeline carries: past it a batch goes out at once and the next
-# one starts (bounds one round trip's bytes and its reply time).
+# one starts (bounds one round trip's bytes and its reply time), except while the batch
+# waits behind a WAIT in flight (see `_Batch.held`).
 MAX_BATCH = 256
 
 # What a durable FCALL's caller is told, once: (its reply, None) or (None, the error).
@@ -206,11 +207,13 @@ class _Batch:
     its `done` and whether it may be retried on its own (`idempotent`; None: an attempt of
     `durable_fcall`, which decides itself)."""
 
-    __slots__ = ("dones", "fence_gen", "idempotent", "needed", "packed", "pool")
+    __slots__ = ("dones", "fence_gen", "held", "idempotent", "needed", "packed", "pool")
 
     def __init__(self, pool: ConnectionPool, needed: int, fence_gen: int) -> None:
         self.pool = pool
         self.needed = needed
+        # Waiting behind the WAIT in flight (group commit): it takes every FCALL meanwhile.
+        self.held = False
         # Replies to a batch sent across the start of a failover are not trusted.
         self.fence_gen = fence_gen
         self.packed: list[bytes] = []
@@ -768,7 +771,10 @@ class MasterLink:
         batch.packed.append(fcall)
         batch.dones.append(done)
         batch.idempotent.append(idempotent)
-        if len(batch.packed) >= MAX_BATCH:
+        if len(batch.packed) >= MAX_BATCH and not batch.held:
+            # Not while held: Redis holds what follows the WAIT in flight anyway, and
+            # capped batches behind it would each wait for a WAIT of their own in turn
+            # (one WAIT timeout each when a replica is missing).
             self._close(key, batch)
 
     def _close(self, key: tuple[int, int], batch: _Batch) -> None:
@@ -784,7 +790,9 @@ class MasterLink:
             if needed and pipe is not None and pipe.pool is batch.pool and pipe.waiting:
                 # Group commit: the WAIT in flight holds the pipe's later commands in Redis
                 # anyway; meanwhile this batch stays open and takes every FCALL.
+                batch.held = True
                 await asyncio.wait((pipe.waiting[-1][1],))
+                batch.held = False
             self._close(key, batch)
             count = len(batch.packed)
             if needed:

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from kasagi_relay.backends.base import BackendUnavailable, KeyConflict, Op, Snapshot
 from kasagi_relay.backends.redis import FUNCTION_VERSION, RedisBackend
+from kasagi_relay.backends.redis_link import MAX_BATCH
 from kasagi_relay.domain import delta_digest
 from testkit.redis import Topology, poll, redis_server, running_topology  # noqa: F401
 from testkit.wait import until
@@ -649,6 +650,38 @@ async def test_batches_in_flight_together_keep_their_order(backend: RedisBackend
     assert [answers.got[i][0] for i in range(n)] == list(range(1, n + 1))
     stored = await backend.read_ops("in-order", 0) or []
     assert [json.loads(op.delta)["merge"]["n"] for op in stored] == list(range(n))
+
+
+async def test_deltas_behind_a_wait_that_times_out_share_the_next_one(tmp_path: Path) -> None:
+    """`--ack replica` with no replica: every WAIT runs to its timeout. The link's batches
+    share one connection, where Redis holds what follows a WAIT until it returns, so the
+    deltas handed over meanwhile (here 8x a batch's size) go out together behind one WAIT,
+    rather than as capped batches each waiting its own timeout in turn (their answers
+    would come one timeout apart). Each is answered once, not acknowledged."""
+    with running_topology(tmp_path / "r", sentinels=False) as topo:
+        b = RedisBackend(url(topo), ack="replica", wait_timeout_ms=300, op_timeout_s=3.0)
+        await b.start()
+        r = await raw(topo)
+        try:
+            log = b.store_log
+            answers = Answers()
+            log.publish_soon("w", "merge", b'{"n":0}', None, answers.done(0))
+            await asyncio.sleep(0.05)  # its WAIT is under way
+            n = 1
+            while n <= 8 * MAX_BATCH:
+                for _ in range(100):
+                    log.publish_soon("w", "merge", b'{"n":%d}' % n, None, answers.done(n))
+                    n += 1
+                await asyncio.sleep(0)
+            await until(lambda: answers.calls == n, 10, f"{n} answers")
+            for seq, exc in answers.got.values():
+                assert seq is None and isinstance(exc, BackendUnavailable), (seq, exc)
+                assert "0 of 1 replica" in str(exc)
+            waits = (await r.info("commandstats"))["cmdstat_wait"]["calls"]
+            assert waits == 2, waits
+        finally:
+            await r.aclose()
+            await b.close()
 
 
 async def test_deltas_handed_over_inline_are_retried_or_refused_alone(
