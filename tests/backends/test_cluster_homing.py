@@ -8,22 +8,14 @@ does not tell the move's apart.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from kasagi_relay.backends.base import Op
 from kasagi_relay.backends.redis_cluster import ClusterBackend, room_slot
-from testkit.redis import ClusterTopology, running_cluster
+from testkit.redis import ClusterTopology
 
 pytestmark = pytest.mark.timeout(150)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ClusterTopology]:
-    with running_cluster(tmp_path / "cluster") as topo:
-        yield topo
 
 
 class Rec:

@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from kasagi_relay.backends.redis_cluster import ClusterBackend, room_slot
-from testkit.redis import ClusterTopology, running_cluster
+from testkit.redis import ClusterTopology
 from testkit.relay import connect_client, relay_process
 
 pytestmark = pytest.mark.timeout(150)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ClusterTopology]:
-    with running_cluster(tmp_path / "cluster") as topo:
-        yield topo
 
 
 class Events:

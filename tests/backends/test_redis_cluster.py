@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
@@ -48,12 +48,6 @@ from testkit.relay import RelayProcess, relay_process
 pytestmark = pytest.mark.timeout(150)
 
 RESUME_WITHIN_S = 10.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ClusterTopology]:
-    with running_cluster(tmp_path / "cluster") as topo:
-        yield topo
 
 
 class RoomShard:
