@@ -628,6 +628,8 @@ class MasterLink:
                         replies = await self._read_replies(lean[1], count)
                     else:
                         replies = await _read_responses(conn, count)
+                if pipe.broken:
+                    return  # dropped meanwhile (a failed write): its batches were answered
                 waiting.popleft()
                 if not answer.done():
                     answer.set_result(replies)
