@@ -490,16 +490,15 @@ Done = Callable[[int | None, BaseException | None], None]
 
 class _Detour:
     """A room's deltas on their way to a shard (ClusterLog.publish_soon): `inline` handed to
-    a shard's batch and not answered yet; while `on` (a shard refused one of them, or the
+    a shard's batch and not answered yet; while `held` (a shard refused one of them, or the
     slot had no shard), `waiting` holds the room's deltas for the routed way by hand-over
-    number, sent one at a time once none is inline any more."""
+    number, sent one at a time (`running`) once none is inline any more."""
 
-    __slots__ = ("inline", "next", "on", "running", "waiting")
+    __slots__ = ("inline", "next", "running", "waiting")
 
     def __init__(self) -> None:
         self.inline = 0
         self.next = 0
-        self.on = False
         self.running = False
         self.waiting: list[tuple[int, DeltaKind, bytes, str | None, Done]] = []
 
@@ -508,8 +507,11 @@ class _Detour:
         self.next += 1
         return n
 
+    @property
+    def held(self) -> bool:
+        return self.running or bool(self.waiting)
+
     def hold(self, n: int, kind: DeltaKind, body: bytes, key: str | None, done: Done) -> None:
-        self.on = True
         bisect.insort(self.waiting, (n, kind, body, key, done), key=lambda w: w[0])
 
 
@@ -539,7 +541,7 @@ class ClusterLog:
         if detour is None:
             detour = self._detours[room] = _Detour()
         n = detour.number()
-        shard = None if detour.on else self.router.shard_for(room)
+        shard = None if detour.held else self.router.shard_for(room)
         if shard is None:
             detour.hold(n, kind, body, key, done)
             self._pump(room, detour)
@@ -565,7 +567,6 @@ class ClusterLog:
         if detour.running or detour.inline:
             return
         if not detour.waiting:
-            detour.on = False
             if self._detours.get(room) is detour:
                 del self._detours[room]
             return

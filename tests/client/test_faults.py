@@ -66,6 +66,13 @@ class Recorder:
         return out
 
     async def stop(self) -> None:
+        """Once every change the room applied so far has come out of `async for` (the room's
+        seq moves first: stopping at once lost the last changes, one CI run in a few)."""
+        await until(
+            lambda: bool(self.changes) and self.changes[-1].seq >= self.room.seq,
+            10,
+            f"the changes up to seq {self.room.seq} out of the room's iterator",
+        )
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
