@@ -590,8 +590,7 @@ class ClusterLog:
                         done(seq, None)
             finally:
                 detour.running = False
-                if not detour.waiting:
-                    self._pump(room, detour)
+                self._pump(room, detour)
 
         task = asyncio.ensure_future(send())
         self._routing.add(task)

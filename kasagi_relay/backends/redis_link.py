@@ -578,7 +578,11 @@ class MasterLink:
         async with self._batch_order:
             pipe = self._pipe
             if pipe is None or pipe.pool is not pool or pipe.broken or not pipe.conn.is_connected:
-                if pipe is not None:
+                if pipe is not None and not pipe.broken and pipe.conn.is_connected:
+                    # Another master's pool: its batches in flight still get their replies
+                    # (their reader goes on); the old pool's disconnect closes it.
+                    self._pipe = None
+                elif pipe is not None:
                     self._drop(pipe, RedisConnectionError("connection closed"))
                 pipe = await self._open_pipe(pool)
             elif not pipe.waiting and _stale(pipe.conn):
@@ -786,7 +790,6 @@ class MasterLink:
 
     async def _run_batch(self, key: tuple[int, int], batch: _Batch) -> None:
         needed = batch.needed
-        count = 0
         try:
             pipe = self._pipe
             if needed and pipe is not None and pipe.pool is batch.pool and pipe.waiting:
@@ -796,7 +799,6 @@ class MasterLink:
                 await asyncio.wait((pipe.waiting[-1][1],))
                 batch.held = False
             self._close(key, batch)
-            count = len(batch.packed)
             if needed:
                 wait = pack((("WAIT", needed, self.wait_timeout_ms),))
                 assert wait is not None
@@ -804,7 +806,7 @@ class MasterLink:
             replies = await self._pipelined(batch.pool, b"".join(batch.packed), len(batch.packed))
         except BaseException as exc:
             self._close(key, batch)
-            for i in range(count or len(batch.packed)):
+            for i in range(len(batch.dones)):  # the FCALLs (`packed` may end with WAIT)
                 self._settle(batch, i, None, exc)
             if not isinstance(exc, Exception):
                 raise
@@ -817,7 +819,7 @@ class MasterLink:
         confirmed: Any = replies[-1] if needed else None
         short = bool(needed) and (isinstance(confirmed, Exception) or int(confirmed) < needed)
         dones = batch.dones
-        for i in range(count):
+        for i in range(len(dones)):
             reply = replies[i]
             failed = error
             if failed is None:
