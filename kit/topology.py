@@ -618,8 +618,21 @@ class Topology:
     master_name: str = MASTER_NAME
     down_after_ms: int = 1000
     failover_timeout_ms: int = 3000
+    # Every port this topology picked. The OS may hand a port out again once the probe
+    # socket closed, and a picked port stays unbound until its server starts: a cluster
+    # node's bus port was once given to the next node as its client port (one failed to
+    # bind, a CI run's setup error).
+    picked: set[int] = field(default_factory=set)
 
     # ------------------------------------------------------------------ processes
+
+    def free_port(self) -> int:
+        """A free loopback port no other node of this topology was given."""
+        while True:
+            port = free_port()
+            if port not in self.picked:
+                self.picked.add(port)
+                return port
 
     def _spawn(self, node: Node) -> None:
         argv = [REDIS_SERVER, str(node.conf), *(["--sentinel"] if node.sentinel else [])]
@@ -627,7 +640,7 @@ class Topology:
         node.stopped = False
 
     def _node(self, name: str, sentinel: bool = False) -> Node:
-        node = Node(name, free_port(), self.root / f"{name}.conf", self.root / f"{name}.log")
+        node = Node(name, self.free_port(), self.root / f"{name}.conf", self.root / f"{name}.log")
         node.sentinel = sentinel
         self.nodes.append(node)
         return node
@@ -956,11 +969,11 @@ class ClusterTopology(Topology):
     def add_cluster_node(self, name: str) -> Node:
         node = self._node(name)
         text = cluster_conf(
-            node.port, free_port(), self.root, name, self.password, self.node_timeout_ms
+            node.port, self.free_port(), self.root, name, self.password, self.node_timeout_ms
         )
         if self.tls is not None:
             cert, key, ca = self.tls
-            self.tls_ports[name] = free_port()
+            self.tls_ports[name] = self.free_port()
             text += (
                 "\n".join(
                     [
