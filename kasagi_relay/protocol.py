@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 import msgpack
 
@@ -96,8 +96,11 @@ class Leave:
     id: RequestId | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Delta:
+class Delta(NamedTuple):
+    """A NamedTuple, not a frozen dataclass like the other requests: one is made per delta,
+    and a frozen dataclass's `__init__` (an `object.__setattr__` per field) cost 1.1 us
+    against 0.4 us."""
+
     room: str
     kind: DeltaKind
     body: bytes  # compact JSON of the patch array / merge object, as the engine validated it

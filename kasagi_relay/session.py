@@ -318,7 +318,7 @@ class RelayConnection(ServerConnection):
                 data = data[used:]
         super().data_received(data)
 
-    def _take(self, frames: list[Frame]) -> None:
+    def _take(self, frames: list[tuple[Opcode, bytes]]) -> None:
         """Serve the first of `frames` here while the session can (`Session.serve_now`),
         up to YIELD_MESSAGES; queue the rest, in order, as websockets does with such
         frames (recv_frame records nothing for a final data frame outside a fragmented
@@ -326,14 +326,12 @@ class RelayConnection(ServerConnection):
         put = self.recv_messages.put
         session = self.guard.session
         if session is None or not session.reading or self.recv_messages.frames:
-            for frame in frames:
-                put(frame)
+            for opcode, data in frames:
+                put(Frame(opcode, data))
             return
-        for i, frame in enumerate(frames):
-            # _data_frames made `data` bytes (apply_mask's result).
-            data = bytes(frame.data)
+        for i, (opcode, data) in enumerate(frames):
             message: str | bytes = data
-            if frame.opcode is Opcode.TEXT:
+            if opcode is Opcode.TEXT:
                 try:
                     message = data.decode()
                 except UnicodeDecodeError:
@@ -350,8 +348,8 @@ class RelayConnection(ServerConnection):
                     self.close_now(CLOSE_INTERNAL_ERROR, "internal error", fail=True)
                     return
             if not served:
-                for rest in frames[i:]:
-                    put(rest)
+                for opcode, data in frames[i:]:
+                    put(Frame(opcode, data))
                 break
         if session.member._pending is not None:
             session.member.flush_pending()  # the acks of what was served, in one write
@@ -1045,13 +1043,15 @@ def _nothing() -> None:
     pass
 
 
-def _data_frames(data: bytes, max_size: int | None) -> tuple[list[Frame], int]:
+def _data_frames(data: bytes, max_size: int | None) -> tuple[list[tuple[Opcode, bytes]], int]:
     """The complete final masked text and binary frames (no RSV bits, payload within
-    `max_size`) at the start of `data`, unmasked as websockets' parser does, and how many
-    bytes they take. It stops at the first byte that starts anything else, which websockets
-    then parses (and refuses with the close code it always gave: 1002 unmasked, 1009 too
-    big; invalid UTF-8 is found by `recv()`, 1007, as before)."""
-    frames: list[Frame] = []
+    `max_size`) at the start of `data`, as (opcode, payload unmasked as websockets' parser
+    does), and how many bytes they take. Pairs, not websockets' Frame: most are served
+    at once, and a Frame (a dataclass of six fields) is made only for those queued. It
+    stops at the first byte that starts anything else, which websockets then parses (and
+    refuses with the close code it always gave: 1002 unmasked, 1009 too big; invalid UTF-8
+    is found by `recv()`, 1007, as before)."""
+    frames: list[tuple[Opcode, bytes]] = []
     pos, end = 0, len(data)
     while end - pos >= 6:  # a masked frame's shortest header
         head1 = data[pos]
@@ -1080,7 +1080,7 @@ def _data_frames(data: bytes, max_size: int | None) -> tuple[list[Frame], int]:
         if stop > end:
             break
         payload = apply_mask(data[start + 4 : stop], data[start : start + 4])
-        frames.append(Frame(opcode, payload))
+        frames.append((opcode, payload))
         pos = stop
     return frames, pos
 

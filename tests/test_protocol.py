@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
-from kasagi_relay import delta, protocol
+from kasagi_relay import delta, domain, protocol
 from kasagi_relay.fanout import frame
 from kasagi_relay.protocol import (
     INLINE_JSON_CHARS,
@@ -679,3 +679,19 @@ def test_the_ack_is_what_json_dumps_writes() -> None:
             fields["seq"] = 2**63
             want = json.dumps(fields, separators=(",", ":")).encode()
             assert encode_ack(JSON, room, 2**63, rid) == want
+
+
+def test_room_names_are_judged_the_same_from_the_cache() -> None:
+    """valid_room caches its verdicts (domain._valid_name): a name seen before gets the same
+    answer, and names too long to be valid never reach the cache, so a client sending huge
+    ones costs no memory there."""
+    names = ["a", "a" * 128, "room-1.x_y", "-a", "a b", "a\n", "é"]
+    first = [domain.valid_room(n) for n in names]
+    assert first == [True, True, True, False, False, False, False]
+    assert [domain.valid_room(n) for n in names] == first
+    before = domain._valid_name.cache_info().currsize
+    for i in range(50):
+        assert not domain.valid_room("a" * (129 + i))
+    assert domain._valid_name.cache_info().currsize == before
+    assert not domain.valid_room("a" * 1_000_000)
+    assert domain._valid_name.cache_info().currsize == before
