@@ -138,7 +138,8 @@ class RoomState:
     def check(self, d: bytes | str) -> None:
         """Raise DeltaError when `d` is malformed, would fail on the current state or needs
         too much work, TooLarge when it would take the state past max_bytes. Changes
-        nothing."""
+        nothing. Releases the GIL unless `d` is small (<= 4 KiB) and the state too
+        (<= 64 KiB), when the work is bounded by their sizes."""
     def apply(self, d: bytes | str, seq: int) -> bool:
         """Apply `d` as the room's delta number `seq` (> self.seq, else ValueError).
         Returns False when it failed at its position and was a no-op (the seq still

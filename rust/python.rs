@@ -45,6 +45,9 @@ create_exception!(
 /// `RoomState.apply` may handle a delta of at most this many bytes with the GIL held (see
 /// `RoomState::apply`): a 4 KiB delta of 76 replace ops is parsed and applied in ~17 us.
 const SMALL_DELTA: usize = 4096;
+/// A state up to this many JSON bytes is small: a check of a small delta against it runs
+/// with the GIL held (room.py's SMALL_STATE, the bound on its inline work).
+const SMALL_STATE: u64 = 64 * 1024;
 
 /// Results this large are copied into their `bytes` object with the GIL released: copying tens
 /// of megabytes into fresh pages otherwise holds every other Python thread (the relay's event
@@ -499,6 +502,20 @@ impl RoomState {
 
     fn check(&self, py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<()> {
         let d = input(d, "delta")?;
+        // A small delta against a small state, the relay's common case, is checked with
+        // the GIL held, as `apply` applies one: its work is bounded by their sizes, and
+        // handing the GIL to a waiting thread could keep the caller (the event loop) off
+        // it for up to the switch interval (5 ms). The mutex is only tried, as there.
+        if d.len() <= SMALL_DELTA && self.json_size() <= SMALL_STATE {
+            let guard = match self.inner.try_lock() {
+                Ok(g) => Some(g),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut g) = guard {
+                return g.room.check(&d).map_err(to_py);
+            }
+        }
         py.detach(|| self.lock().room.check(&d)).map_err(to_py)
     }
 
