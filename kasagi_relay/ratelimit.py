@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-__all__ = ["QUIET_S", "RateLimiter", "TokenBucket", "Verdict"]
+__all__ = ["ALLOW", "CLOSE", "QUIET_S", "REFUSE", "RateLimiter", "TokenBucket", "Verdict"]
 
 # A pause this long without a refused message ends a run of refusals.
 QUIET_S: Final = 1.0
@@ -71,6 +71,13 @@ class Verdict(enum.Enum):
     CLOSE = "close"  # refused for --rate-close-after without pause: close with 1008
 
 
+# As module constants: Python 3.11's EnumType defines `__getattr__`, which puts every
+# `Verdict.ALLOW` on the slow attribute path (0.13 us against 0.03 us for a global).
+ALLOW: Final = Verdict.ALLOW
+REFUSE: Final = Verdict.REFUSE
+CLOSE: Final = Verdict.CLOSE
+
+
 class RateLimiter:
     """The limits of one connection."""
 
@@ -103,12 +110,12 @@ class RateLimiter:
         allowed = not self._bytes.in_debt(now) and self._messages.take(1.0, now)
         self._bytes.charge(nbytes, now)
         if allowed:
-            return Verdict.ALLOW
+            return ALLOW
         # A flood gets a message through now and then as the buckets refill: the run of
         # refusals ends only after a pause without any.
         if self.refused_since is None or now - self._last_refused > QUIET_S:
             self.refused_since = now
         self._last_refused = now
         if self.close_after_s > 0 and now - self.refused_since >= self.close_after_s:
-            return Verdict.CLOSE
-        return Verdict.REFUSE
+            return CLOSE
+        return REFUSE

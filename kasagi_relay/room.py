@@ -71,6 +71,9 @@ SMALL_STATE = 64 * 1024
 # The most JSON bytes one delta byte can become in the state: a number is written back in
 # the engine's form (`1e15` is `1000000000000000.0`).
 GROWTH = 8
+# Deltas are searched with `bytes.find`, not `in`: `bytes.__contains__` first tries its
+# operand as an integer and makes (and drops) a formatted TypeError each time, twice the
+# cost of `find` (~1 % of the memory ingest path, perf).
 
 
 async def load_state(
@@ -120,7 +123,7 @@ def _effective(doc: bytes) -> bytes:
     judged and no client should judge again (docs/protocol.md). `merge` of one delta
     drops them (and writes a later op of it overwrites): bounded by the delta's size. The
     engine writes documents compactly, so an op `test` always reads `"test"`."""
-    if b'"test"' not in doc:
+    if doc.find(b'"test"') < 0:
         return doc
     return delta.merge([doc])
 
@@ -134,7 +137,7 @@ def _small(docs: list[bytes], size: int | None) -> bool:
     total = 0
     for doc in docs:
         total += len(doc)
-        if total > SMALL_DELTA or b'"copy"' in doc:
+        if total > SMALL_DELTA or doc.find(b'"copy"') >= 0:
             return False
     return size + GROWTH * total <= SMALL_STATE
 
@@ -547,12 +550,12 @@ class Room:
             return False
         ops = self.queue
         size = self._size
-        if size is None or b'"copy"' in doc:
+        if size is None or doc.find(b'"copy"') >= 0:
             return False
         total = len(doc)
         for op in ops:  # _small, without building its list
             total += len(op.delta)
-            if b'"copy"' in op.delta:
+            if op.delta.find(b'"copy"') >= 0:
                 return False
         if total > SMALL_DELTA or size + GROWTH * total > SMALL_STATE:
             return False
