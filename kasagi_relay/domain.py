@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal
 
 __all__ = [
     "ANONYMOUS",
@@ -110,14 +110,16 @@ class Identity:
 ANONYMOUS: Final = Identity()
 
 
-class Op(NamedTuple):
+@dataclass(slots=True, unsafe_hash=True)
+class Op:
     """One sequenced delta of a room.
 
     `delta` is JSON bytes of an object holding `patch` or `merge` (other keys, such as the
     `seq` of a channel message, may be present and are ignored by the engine).
 
-    A NamedTuple, not a frozen dataclass: one is made per delta, and a frozen dataclass's
-    `__init__` (an `object.__setattr__` per field) cost 0.5 us against 0.37 us."""
+    Read-only by convention, not frozen: one is made per delta, and a frozen dataclass's
+    `__init__` (an `object.__setattr__` per field) took 0.46 us against 0.17 us (a
+    NamedTuple's, 0.50 us)."""
 
     seq: int
     delta: bytes

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal, NamedTuple
+from typing import Final, Literal
 
 import msgpack
 
@@ -96,10 +96,11 @@ class Leave:
     id: RequestId | None = None
 
 
-class Delta(NamedTuple):
-    """A NamedTuple, not a frozen dataclass like the other requests: one is made per delta,
-    and a frozen dataclass's `__init__` (an `object.__setattr__` per field) cost 1.1 us
-    against 0.4 us."""
+@dataclass(slots=True, unsafe_hash=True)
+class Delta:
+    """Read-only by convention, not frozen like the other requests: one is made per delta,
+    and a frozen dataclass's `__init__` (an `object.__setattr__` per field) took 1.1 us
+    against 0.21 us (a NamedTuple's, 0.5 us)."""
 
     room: str
     kind: DeltaKind
