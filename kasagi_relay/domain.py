@@ -28,6 +28,7 @@ __all__ = [
     "Right",
     "Snapshot",
     "delta_digest",
+    "delta_doc",
     "op_digest",
     "valid_room",
 ]
@@ -56,6 +57,18 @@ def valid_room(name: object) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _valid_name(name: str) -> bool:
     return ROOM_NAME.fullmatch(name) is not None
+
+
+def delta_doc(kind: str, body: bytes) -> bytes:
+    """The engine's delta document `{"patch": body}` / `{"merge": body}`."""
+    head = _DOC_HEADS.get(kind)
+    if head is None:
+        head = b'{"' + kind.encode() + b'":'
+    return head + body + b"}"
+
+
+# Made per delta (more than once): the two heads kept rather than encoded each time.
+_DOC_HEADS: Final = {"patch": b'{"patch":', "merge": b'{"merge":'}
 
 
 def delta_digest(kind: DeltaKind, body: bytes) -> str:

@@ -20,6 +20,7 @@ import msgpack
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import DeltaKind, valid_room
+from kasagi_relay.domain import delta_doc
 
 __all__ = [
     "JSON",
@@ -558,11 +559,6 @@ def _short(value: object, limit: int = 40) -> str:
 
 
 # --------------------------------------------------------------------------- encoding
-
-
-def delta_doc(kind: str, body: bytes) -> bytes:
-    """The engine's delta document `{"patch": body}` / `{"merge": body}`."""
-    return b'{"' + kind.encode() + b'":' + body + b"}"
 
 
 def split_delta_doc(doc: bytes) -> tuple[DeltaKind, bytes]:

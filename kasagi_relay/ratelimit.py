@@ -32,10 +32,6 @@ class TokenBucket:
         self.tokens = self.burst
         self.stamp = now
 
-    @property
-    def unlimited(self) -> bool:
-        return self.rate <= 0
-
     def _refill(self, now: float) -> None:
         if now > self.stamp:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -43,14 +39,14 @@ class TokenBucket:
 
     def charge(self, amount: float, now: float) -> None:
         """Spend `amount` whatever is left (the bucket may go into debt)."""
-        if self.unlimited:
+        if self.rate <= 0:  # unlimited
             return
         self._refill(now)
         self.tokens -= amount
 
     def take(self, amount: float, now: float) -> bool:
         """Spend `amount` if the bucket holds it; False (nothing spent) otherwise."""
-        if self.unlimited:
+        if self.rate <= 0:  # unlimited
             return True
         self._refill(now)
         if self.tokens < amount:
@@ -59,7 +55,7 @@ class TokenBucket:
         return True
 
     def in_debt(self, now: float) -> bool:
-        if self.unlimited:
+        if self.rate <= 0:  # unlimited
             return False
         self._refill(now)
         return self.tokens < 0

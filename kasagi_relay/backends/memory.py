@@ -41,7 +41,7 @@ from kasagi_relay.backends.base import (
     PresenceOp,
     Snapshot,
 )
-from kasagi_relay.domain import LIVE_DIGESTS, delta_digest, op_digest
+from kasagi_relay.domain import LIVE_DIGESTS, delta_digest, delta_doc, op_digest
 
 __all__ = [
     "MemoryBackend",
@@ -188,7 +188,7 @@ class MemoryLog:
             return first
         r = t.create(room)
         r.seq += 1
-        op = Op(r.seq, b'{"' + kind.encode() + b'":' + body + b"}")
+        op = Op(r.seq, delta_doc(kind, body))
         r.ops.append((op, len(body)))
         r.history_bytes += len(body)
         if t.history_bytes > 0:
