@@ -166,9 +166,16 @@ class RoomState:
         state: no parse, so about the state's memory once, not the parser's peak; costs
         time in the size of the state, GIL released)."""
 
-# Not part of the engine API: the relay's broadcast loop (kasagi_relay/fanout.py), Unix only.
+# Not part of the engine API: the relay's broadcast loop (kasagi_relay/fanout.py, Unix only)
+# and its reading of client frames (kasagi_relay/session.py).
 
 def send_frame(fds: Sequence[int], frame: bytes, /) -> list[tuple[int, int]]:
     """Send `frame` to each socket without blocking (GIL released); returns (position in
     `fds`, bytes taken) for each socket that took less than all of it (would block, or an
     error). The caller passes only sockets whose transport has nothing buffered."""
+
+def read_frames(data: bytes, max_size: int | None, /) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete final masked text (opcode 1) and binary (2) frames without RSV bits at
+    the start of `data`, each with a payload of at most `max_size` bytes, as (opcode,
+    unmasked payload), and how many bytes they take; it stops at the first byte that
+    starts anything else (session._data_frames, which it replaces, is the reference)."""

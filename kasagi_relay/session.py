@@ -51,7 +51,7 @@ from websockets.protocol import Event, State
 from websockets.protocol import Protocol as WsProtocol
 from websockets.streams import StreamReader
 
-from kasagi_relay import protocol
+from kasagi_relay import delta, protocol
 
 try:
     from websockets.speedups import apply_mask
@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover - a websockets built without its C speed
 from kasagi_relay.auth import AuthError
 from kasagi_relay.config import Config
 from kasagi_relay.domain import ANONYMOUS, Identity
-from kasagi_relay.fanout import CLOSE_TOO_SLOW, Member
+from kasagi_relay.fanout import CLOSE_TOO_SLOW, OP_BINARY, OP_TEXT, Member
 from kasagi_relay.jwks import Authenticator
 from kasagi_relay.metrics import Metrics, ThrottledLog
 from kasagi_relay.protocol import BadRequest, Codec
@@ -118,7 +118,8 @@ _CONTROL: Final = (Opcode.PING, Opcode.PONG)
 _OPEN: Final = State.OPEN
 _CLOSED: Final = State.CLOSED
 _TEXT: Final = Opcode.TEXT
-_BINARY: Final = Opcode.BINARY
+# websockets' Frame of a queued data frame, by the opcode `_data_frames` gives.
+_OPCODES: Final = {OP_TEXT: Opcode.TEXT, OP_BINARY: Opcode.BINARY}
 # Deltas of one connection handed to the backend and not answered yet: past this many the
 # session waits for the oldest before it reads on. One backend round trip per delta was the
 # limit of a publisher that keeps several deltas unacknowledged (the peers benchmark keeps
@@ -325,7 +326,7 @@ class RelayConnection(ServerConnection):
                 data = data[used:]
         super().data_received(data)
 
-    def _take(self, frames: list[tuple[Opcode, bytes]]) -> None:
+    def _take(self, frames: list[tuple[int, bytes]]) -> None:
         """Serve the first of `frames` here while the session can (`Session.serve_now`),
         up to YIELD_MESSAGES; queue the rest, in order, as websockets does with such
         frames (recv_frame records nothing for a final data frame outside a fragmented
@@ -334,11 +335,11 @@ class RelayConnection(ServerConnection):
         session = self.guard.session
         if session is None or not session.reading or self.recv_messages.frames:
             for opcode, data in frames:
-                put(Frame(opcode, data))
+                put(Frame(_OPCODES[opcode], data))
             return
         for i, (opcode, data) in enumerate(frames):
             message: str | bytes = data
-            if opcode is _TEXT:
+            if opcode == OP_TEXT:
                 try:
                     message = data.decode()
                 except UnicodeDecodeError:
@@ -356,7 +357,7 @@ class RelayConnection(ServerConnection):
                     return
             if not served:
                 for opcode, data in frames[i:]:
-                    put(Frame(opcode, data))
+                    put(Frame(_OPCODES[opcode], data))
                 break
         if session.member._pending is not None:
             session.member.flush_pending()  # the acks of what was served, in one write
@@ -1050,22 +1051,23 @@ def _nothing() -> None:
     pass
 
 
-def _data_frames(data: bytes, max_size: int | None) -> tuple[list[tuple[Opcode, bytes]], int]:
+def _py_data_frames(data: bytes, max_size: int | None) -> tuple[list[tuple[int, bytes]], int]:
     """The complete final masked text and binary frames (no RSV bits, payload within
     `max_size`) at the start of `data`, as (opcode, payload unmasked as websockets' parser
     does), and how many bytes they take. Pairs, not websockets' Frame: most are served
     at once, and a Frame (a dataclass of six fields) is made only for those queued. It
     stops at the first byte that starts anything else, which websockets then parses (and
     refuses with the close code it always gave: 1002 unmasked, 1009 too big; invalid UTF-8
-    is found by `recv()`, 1007, as before)."""
-    frames: list[tuple[Opcode, bytes]] = []
+    is found by `recv()`, 1007, as before). The relay runs the native twin of this loop
+    (`_native.read_frames`, rust/frames.rs) when it has one; this is the reference."""
+    frames: list[tuple[int, bytes]] = []
     pos, end = 0, len(data)
     while end - pos >= 6:  # a masked frame's shortest header
         head1 = data[pos]
         if head1 == 0x81:
-            opcode = _TEXT
+            opcode = OP_TEXT
         elif head1 == 0x82:
-            opcode = _BINARY
+            opcode = OP_BINARY
         else:
             break
         head2 = data[pos + 1]
@@ -1090,6 +1092,28 @@ def _data_frames(data: bytes, max_size: int | None) -> tuple[list[tuple[Opcode, 
         frames.append((opcode, payload))
         pos = stop
     return frames, pos
+
+
+class _ReadFrames(Protocol):
+    """`_py_data_frames`, or `_native.read_frames`: the same reading."""
+
+    def __call__(
+        self, data: bytes, max_size: int | None, /
+    ) -> tuple[list[tuple[int, bytes]], int]: ...
+
+
+def _frame_reader() -> _ReadFrames:
+    """The native reading of data frames, else (the pure-Python engine) `_py_data_frames`."""
+    if delta.IMPLEMENTATION != "native":
+        return _py_data_frames
+    from kasagi_relay import _native
+
+    native: _ReadFrames | None = getattr(_native, "read_frames", None)
+    return native if native is not None else _py_data_frames
+
+
+# Replaced in tests (tests/test_frames_fast.py counts the frames the relay read).
+_data_frames: _ReadFrames = _frame_reader()
 
 
 def _at_frame_start(proto: WsProtocol) -> bool:

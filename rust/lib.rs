@@ -14,8 +14,8 @@
 //!   size accounting and the member order rule (`swap_remove`);
 //! - [`merge`] (collapsing and composing deltas), [`diff`], [`compact`], [`codec`]
 //!   (MessagePack), [`room`] (one room's state);
-//! - [`fanout`] is the relay's broadcast loop (one frame, many sockets), apart from the
-//!   engine.
+//! - [`fanout`] is the relay's broadcast loop (one frame, many sockets) and [`frames`] its
+//!   reading of client frames, apart from the engine.
 //!
 //! The pure-Python twin (`kasagi_relay/_pydelta.py`) implements exactly the same semantics
 //! (same results, same failures, same work counting, same key order, same bytes). It is NOT
@@ -37,6 +37,7 @@ pub mod diff;
 pub mod error;
 #[cfg(unix)]
 pub mod fanout;
+pub mod frames;
 pub mod json;
 pub mod merge;
 pub mod pointer;

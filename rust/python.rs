@@ -23,7 +23,7 @@ use crate::room::Room;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyList, PyMemoryView, PyString};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
@@ -649,6 +649,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_msgpack_to_json_counted, m)?)?;
     #[cfg(unix)]
     m.add_function(wrap_pyfunction!(py_send_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(py_read_frames, m)?)?;
     Ok(())
 }
 
@@ -656,3 +657,27 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 // faster than the system allocator for that. Only in the extension module.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `read_frames(data, max_size)`: the data frames at the start of `data` (rust/frames.rs) as
+/// (opcode, payload) pairs, and how many bytes they take. With the GIL held, as the payloads
+/// are made into `bytes` as they are unmasked: the relay passes one read of at most a few
+/// KiB (session.FEED_SLICE), and the work is linear in it.
+#[pyfunction(name = "read_frames")]
+#[pyo3(signature = (data, max_size, /))]
+fn py_read_frames<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyBytes>,
+    max_size: Option<u64>,
+) -> PyResult<(Bound<'py, PyList>, usize)> {
+    let input = data.as_bytes();
+    let (refs, used) = crate::frames::scan(input, max_size);
+    let out = PyList::empty(py);
+    for f in refs {
+        let payload = PyBytes::new_with(py, f.len, |buf| {
+            crate::frames::unmask(&input[f.start..f.start + f.len], f.mask, buf);
+            Ok(())
+        })?;
+        out.append((f.opcode, payload))?;
+    }
+    Ok((out, used))
+}

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
@@ -71,16 +73,26 @@ def join(rid: int, size: int) -> bytes:
 SIZES = (40, 125, 126, 1000, 65535, 65536, 200_000)
 
 
-@pytest.fixture(params=[True, False], ids=["fast", "websockets"])
+# The relay's two readers: the native one it runs (rust/frames.rs) and the Python one that
+# is its reference (and the fallback with the pure-Python engine).
+READERS: dict[str, Callable[[bytes, int | None], tuple[list[tuple[int, bytes]], int]]] = {
+    "python": session._py_data_frames
+}
+if session._frame_reader() is not session._py_data_frames:
+    READERS["native"] = session._frame_reader()
+
+
+@pytest.fixture(params=[*READERS, "websockets"])
 def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The relay's reading on or off; the list counts the frames it read."""
+    """The relay's reading on (with each reader) or off; the list counts the frames it
+    read."""
     taken: list[int] = []
-    if not request.param:
+    if request.param == "websockets":
         monkeypatch.setattr(session, "_FAST_FRAMES", False)
         return taken
-    real = session._data_frames
+    real = READERS[request.param]
 
-    def counting(data: bytes, max_size: int | None) -> tuple[list[tuple[Opcode, bytes]], int]:
+    def counting(data: bytes, max_size: int | None) -> tuple[list[tuple[int, bytes]], int]:
         frames, used = real(data, max_size)
         taken.append(len(frames))
         return frames, used
@@ -307,17 +319,18 @@ async def test_a_close_frame_is_answered_and_what_follows_is_not_read(fast: list
 # --------------------------------------------------------------------------- the reader
 
 
+@pytest.mark.parametrize("reader", list(READERS))
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 100_000])
-def test_data_frames_reads_as_websockets_parses(size: int) -> None:
-    """`_data_frames` gives the frames websockets' own parser gives for the same bytes."""
+def test_data_frames_reads_as_websockets_parses(reader: str, size: int) -> None:
+    """Each reader gives the frames websockets' own parser gives for the same bytes."""
     payload = os.urandom(size)
     wire = frame(OP_BINARY, payload) + frame(OP_TEXT, b"x" * (size % 7)) + frame(OP_PING, b"p")
-    frames, used = session._data_frames(wire, None)
-    reader = StreamReader()
-    reader.feed_data(wire)
+    frames, used = READERS[reader](wire, None)
+    stream = StreamReader()
+    stream.feed_data(wire)
     theirs = []
     for _ in range(2):
-        parser = Frame.parse(reader.read_exact, mask=True, max_size=None)
+        parser = Frame.parse(stream.read_exact, mask=True, max_size=None)
         try:
             next(parser)
         except StopIteration as stop:  # a generator's return: the frame was complete
@@ -328,11 +341,12 @@ def test_data_frames_reads_as_websockets_parses(size: int) -> None:
     assert [(opcode, data, True) for opcode, data in frames] == [
         (f.opcode, bytes(f.data), f.fin) for f in theirs
     ]
-    assert frames[0][0] is Opcode.BINARY
+    assert frames[0][0] == Opcode.BINARY
     assert used == len(wire) - len(frame(OP_PING, b"p"))
 
 
-def test_data_frames_stops_at_what_it_does_not_read() -> None:
+@pytest.mark.parametrize("reader", list(READERS))
+def test_data_frames_stops_at_what_it_does_not_read(reader: str) -> None:
     whole = frame(OP_TEXT, b"abc")
     for rest in (
         whole[:5],  # incomplete
@@ -342,10 +356,43 @@ def test_data_frames_stops_at_what_it_does_not_read() -> None:
         frame(OP_TEXT, b"x" * 11),  # over max_size below
         frame(OP_TEXT, b"x" * 300)[:8],  # 16-bit length, payload missing
         frame(OP_TEXT, b"x", wide=True)[:9],  # 64-bit length cut short
+        struct.pack("!BBQ", 0x82, 0x80 | 127, 2**64 - 1) + b"mask",  # a length past any input
+        frame(OP_TEXT, b"abc")[:1] + bytes([0xC1]),  # RSV1 set (in the first byte's place)
     ):
-        frames, used = session._data_frames(whole + rest, 10)
+        frames, used = READERS[reader](whole + rest, 10)
         assert [data for _, data in frames] == [b"abc"]
         assert used == len(whole)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0x81, 0x82, 0x01, 0x88, 0x89, 0xC1]),
+            st.binary(max_size=300),
+            st.booleans(),  # masked
+            st.booleans(),  # wide
+        ),
+        max_size=6,
+    ),
+    st.integers(min_value=0, max_value=40),
+    st.sampled_from([None, 0, 100, 200]),
+)
+def test_the_native_reader_reads_as_the_python_one(
+    parts: list[tuple[int, bytes, bool, bool]], cut: int, max_size: int | None
+) -> None:
+    """The same frames, payloads and byte count from both readers, on runs of frames of
+    every kind (data, continuation, control, RSV, unmasked, 64-bit lengths) cut short."""
+    if "native" not in READERS:
+        pytest.skip("no native engine")
+    wire = b"".join(
+        frame(first & 0x0F, payload, fin=bool(first & 0x80), masked=masked, wide=wide)
+        if first != 0xC1
+        else bytes([0xC1]) + frame(OP_TEXT, payload, masked=masked, wide=wide)[1:]
+        for first, payload, masked, wide in parts
+    )
+    wire = wire[: max(0, len(wire) - cut)]
+    assert READERS["native"](wire, max_size) == READERS["python"](wire, max_size)
 
 
 def test_fast_reading_is_on_with_this_websockets() -> None:
