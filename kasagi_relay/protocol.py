@@ -165,6 +165,7 @@ PEEK_MAX_BYTES: Final = 16 * 1024
 # of JSON, ~1 ms at most); a bigger one is read by the engine with the GIL released, so that
 # parse() holds the GIL only for a walk of the top level (see parse's docstring).
 INLINE_JSON_CHARS: Final = 16 * 1024
+assert INLINE_JSON_CHARS <= MAX_CONTAINERS  # _parse_json skips counting them for such messages
 
 _TOO_MANY_MEMBERS: Final = f"a message may have at most {MAX_MEMBERS} members"
 _STRINGS_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -283,16 +284,48 @@ def _parse_json(text: str, codec: Codec) -> Request:
         # parse (json.loads and then the engine's validate read each message twice: ~7 %
         # of the publish path). Whatever it leaves (joins, anything malformed) goes the
         # long way below, which gives each error as before.
-        _check_containers(text)
+        # No _check_containers: a message this short cannot hold MAX_CONTAINERS of them
+        # (the long way counts them again anyway).
         read = delta.validate_request(text)
         if read is not None and len(read[0]) < MAX_MEMBERS:
             fields, kind, body = read
+            simple = _simple_delta(fields, kind, body, codec)
+            if simple is not None:
+                return simple
             obj: dict[str, object] = dict(fields)
             obj[kind] = _CONTAINER  # present; its value is `body`
             return _parse_object(obj, lambda kind: text, codec, (kind, body))
     # The engine reads the delta from the message itself (other members are ignored), by its
     # own rules (depth, numbers), rather than from a re-serialization of ours.
     return _parse_object(_json_top(text), lambda kind: text, codec)
+
+
+def _simple_delta(
+    fields: dict[str, str | int | bool | None], kind: str, body: bytes, codec: Codec
+) -> Delta | None:
+    """The Delta of a JSON delta message whose members are all as they should be (nearly
+    every one), read straight from the engine's fields; None for anything else, which
+    `_parse_object` then reads (and refuses with its errors). The same result as
+    `_parse_object`, without its generic walk (~5 % of the memory ingest path)."""
+    if fields.get("t") != "delta" or codec != JSON:
+        return None
+    room = fields.get("room")
+    if type(room) is not str or not valid_room(room):
+        return None
+    rid = fields.get("id")
+    # The engine gives integers within -2**63 .. 2**64-1 only (MIN_INT .. MAX_INT).
+    if (
+        rid is not None
+        and type(rid) is not int
+        and (type(rid) is not str or len(rid) > MAX_ID_CHARS)
+    ):
+        return None
+    key = fields.get("key")
+    if key is not None and (
+        type(key) is not str or not 0 < len(key) <= MAX_KEY_CHARS or not _encodable(key)
+    ):
+        return None
+    return Delta(room, "patch" if kind == "patch" else "merge", body, key, rid)
 
 
 def _json_top(text: str) -> Mapping[str, object]:

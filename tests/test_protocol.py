@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -695,3 +696,22 @@ def test_room_names_are_judged_the_same_from_the_cache() -> None:
     assert domain._valid_name.cache_info().currsize == before
     assert not domain.valid_room("a" * 1_000_000)
     assert domain._valid_name.cache_info().currsize == before
+
+
+def test_a_delta_near_every_limit_reads_the_same_either_way() -> None:
+    """The short way of well-formed deltas (protocol._simple_delta) gives what the generic
+    reading gives, request or error, for members on both sides of each limit (room name,
+    id type, length and range, key type and length), in every combination."""
+    ts = ["delta", "join", 7, None]
+    rooms = ["r1", "a" * 128, "a" * 129, "-x", "", 5, None]
+    rids = [None, 7, -(2**63), 2**64 - 1, 2**64, True, 1.5, "i" * 256, "i" * 257, "é" * 256, ""]
+    keys = [None, "k", "k" * 64, "k" * 65, "", 3, False]
+    bodies = {"merge": {"a": 1}, "patch": [{"op": "add", "path": "/a", "value": 1}]}
+    for t, room, rid, key, kind in itertools.product(ts, rooms, rids, keys, bodies):
+        message: dict[str, object] = {"t": t, "room": room, kind: bodies[kind]}
+        if rid is not None:
+            message["id"] = rid
+        if key is not None:
+            message["key"] = key
+        text = json.dumps(message)
+        assert _parsed(text) == _long_way(text), text
