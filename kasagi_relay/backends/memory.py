@@ -98,6 +98,7 @@ class RoomTable:
         # Least recently used first: the front is the next to expire.
         self.rooms: OrderedDict[str, _Room] = OrderedDict()
         self._used: dict[str, float] = {}
+        self._next_expiry = 0.0  # nothing expires before this (see expire)
         # (room, key) -> (seq, expiry, digest, room gen). One TTL for all, so insertion
         # order is expiry order and expired keys are always at the front.
         self.keys: OrderedDict[tuple[str, str], tuple[int, float, str, int]] = OrderedDict()
@@ -110,6 +111,11 @@ class RoomTable:
         return time.monotonic()
 
     def expire(self, now: float) -> None:
+        # Called per publish: nothing to look at before the earliest expiry, kept as keys
+        # and rooms come and go (`add_key`, `_touch`); taking one out leaves it early,
+        # which only costs a look.
+        if now < self._next_expiry:
+            return
         while self.keys:
             expiry = next(iter(self.keys.values()))[1]
             if expiry > now:
@@ -126,10 +132,26 @@ class RoomTable:
                 self._touch(name, now)
                 continue
             del self.rooms[name], self._used[name]
+        nxt = float("inf")
+        if self.keys:
+            nxt = next(iter(self.keys.values()))[1]
+        if self.rooms:
+            nxt = min(nxt, self._used[next(iter(self.rooms))] + self.room_ttl_s)
+        self._next_expiry = nxt
 
     def _touch(self, name: str, now: float) -> None:
         self._used[name] = now
         self.rooms.move_to_end(name)
+        if now + self.room_ttl_s < self._next_expiry:
+            self._next_expiry = now + self.room_ttl_s
+
+    def add_key(self, name: str, key: str, seq: int, digest: str, gen: int) -> None:
+        """Store `key`'s answer until the key TTL from now."""
+        self.keys.pop((name, key), None)  # re-inserted at the back: expiry order holds
+        expiry = self.now() + self.key_ttl_s
+        self.keys[(name, key)] = (seq, expiry, digest, gen)
+        if expiry < self._next_expiry:
+            self._next_expiry = expiry
 
     def get(self, name: str) -> _Room | None:
         """The room if it exists; reading it counts as a use."""
@@ -194,8 +216,7 @@ class MemoryLog:
         if t.history_bytes > 0:
             r.drop_bytes(t.history_bytes)
         if key is not None:
-            t.keys.pop((room, key), None)  # re-inserted at the back: expiry order holds
-            t.keys[(room, key)] = (r.seq, t.now() + t.key_ttl_s, digest, r.gen)
+            t.add_key(room, key, r.seq, digest, r.gen)
         if room in t.subscribed and t.listener is not None:
             # Synchronous delivery keeps publish order; a listener bug must not undo the
             # publish, which is already stored.
