@@ -183,7 +183,7 @@ class RoomService:
                 return None  # a retry's first answer is looked up by `_start`
             raise self._bad_delta(exc) from None
         try:
-            return self._hand_over(r, kind, body, key, client_key, digest, on_done)
+            return self._hand_over(r, kind, body, key, client_key, digest, on_done, doc)
         except (BackendUnavailable, KeyConflict) as exc:
             raise self._refused(exc, client_key) from None
 
@@ -218,7 +218,7 @@ class RoomService:
             if seq is None:
                 raise self._bad_delta(exc) from None
             return seq
-        return self._hand_over(room, kind, body, key, client_key, digest, on_done)
+        return self._hand_over(room, kind, body, key, client_key, digest, on_done, doc)
 
     def _bad_delta(self, exc: delta.DeltaError) -> BadRequest:
         """What the client is told of a delta that does not apply to the room's state."""
@@ -241,8 +241,10 @@ class RoomService:
         client_key: str | None,
         digest: str,
         on_done: Callable[[asyncio.Future[int]], None] | None,
+        doc: bytes,
     ) -> int | asyncio.Future[int]:
-        """Give the checked delta to the backend, without awaiting anything."""
+        """Give the checked delta (`doc`: its delta document) to the backend, without
+        awaiting anything."""
         log = self.backend.log
         if log is not self._log:
             self._log = log
@@ -252,7 +254,7 @@ class RoomService:
         # without a task (backends/memory.py, MemoryLog.publish_now).
         publish_now = self._publish_now
         if publish_now is not None:
-            now: int | None = publish_now(room.name, kind, body, key)  # KeyConflict: caller
+            now: int | None = publish_now(room.name, kind, body, key, doc)  # KeyConflict: caller
             if now is not None:
                 self._published(room, key, now, digest)
                 return now

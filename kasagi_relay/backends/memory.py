@@ -193,24 +193,32 @@ class MemoryLog:
         return self._publish(room, kind, body, key)
 
     def publish_now(
-        self, room: str, kind: DeltaKind, body: bytes, key: str | None = None
+        self,
+        room: str,
+        kind: DeltaKind,
+        body: bytes,
+        key: str | None = None,
+        doc: bytes | None = None,
     ) -> int | None:
         """`publish` without a coroutine or a task (it never waits): the room service
         calls it inline, so a delta is sequenced, delivered and answered in the turn it
-        was handed over, as before connections pipelined their deltas. None when a
-        subclass serves `publish` itself (the tests' faulty logs): call `publish`."""
+        was handed over, as before connections pipelined their deltas; `doc`, the delta
+        document (`delta_doc(kind, body)`) if the caller has it. None when a subclass
+        serves `publish` itself (the tests' faulty logs): call `publish`."""
         if type(self).publish is not MemoryLog.publish:
             return None
-        return self._publish(room, kind, body, key)
+        return self._publish(room, kind, body, key, doc)
 
-    def _publish(self, room: str, kind: DeltaKind, body: bytes, key: str | None) -> int:
+    def _publish(
+        self, room: str, kind: DeltaKind, body: bytes, key: str | None, doc: bytes | None = None
+    ) -> int:
         t = self._t
         digest = delta_digest(kind, body) if key is not None else ""
         if key is not None and (first := t.seen(room, key, digest)) is not None:
             return first
         r = t.create(room)
         r.seq += 1
-        op = Op(r.seq, delta_doc(kind, body))
+        op = Op(r.seq, delta_doc(kind, body) if doc is None else doc)
         r.ops.append((op, len(body)))
         r.history_bytes += len(body)
         if t.history_bytes > 0:
