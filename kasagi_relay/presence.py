@@ -719,11 +719,21 @@ class PresenceHub:
     # ------------------------------------------------------------------ refresh
 
     async def _refresh_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.refresh_s
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.refresh_s):
+                async with asyncio.timeout_at(due):
                     await self._refresh_now.wait()
             self._refresh_now.clear()
+            # The next refresh is due one period after this one starts, not after it ends:
+            # a slow turn (a reconcile after a failover, a backend retrying) does not push
+            # every later refresh back by its length, so a master that lost the entries has
+            # them again within about one period (a CI run on a slower machine found one
+            # relay's entries still missing 2 s after they were deleted, refresh 1 s). At
+            # least a quarter period apart all the same: a slow backend is not refreshed
+            # back to back.
+            due = loop.time() + self.refresh_s
             resynced, self._resynced = self._resynced, False
             await self.refresh()
             await self._drop_idle_watches()
@@ -735,6 +745,7 @@ class PresenceHub:
                         raise
                     except Exception as exc:
                         logger.warning("presence resync of %s: %s", room, exc)
+            due = max(due, loop.time() + self.refresh_s / 4)
 
     async def refresh(self) -> None:
         """Re-write every entry this relay holds (one call per room and batch)."""
