@@ -38,8 +38,8 @@ AckLevel = Literal["leader", "replica", "all"]
 # Rights on a room (docs/protocol.md, identity): `r` join, resume, presence; `w` deltas.
 Right = Literal["r", "w"]
 
-ROOM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 MAX_ROOM_CHARS: Final = 128
+ROOM_NAME: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{MAX_ROOM_CHARS - 1}}}")
 # How long an idempotency key answers a retry with its first seq.
 IDEMPOTENCY_TTL_S: Final = 300
 # The most ops a live snapshot's store checks (kasagi.lua's MAX_DIGESTS in kasagi_snapshot_live).

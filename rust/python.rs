@@ -396,6 +396,16 @@ impl RoomState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The lock if nobody holds it: for work done with the GIL held, which must not wait
+    /// for another thread (it may hold the mutex for long, GIL released).
+    fn try_lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        match self.inner.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Run `f` on the room under the mutex and publish its new size.
     fn locked_apply<T>(&self, f: impl FnOnce(&mut Room) -> T) -> T {
         let mut g = self.lock();
@@ -507,12 +517,7 @@ impl RoomState {
         // handing the GIL to a waiting thread could keep the caller (the event loop) off
         // it for up to the switch interval (5 ms). The mutex is only tried, as there.
         if d.len() <= SMALL_DELTA && self.json_size() <= SMALL_STATE {
-            let guard = match self.inner.try_lock() {
-                Ok(g) => Some(g),
-                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
-            };
-            if let Some(mut g) = guard {
+            if let Some(mut g) = self.try_lock() {
                 return g.room.check(&d).map_err(to_py);
             }
         }
@@ -542,13 +547,8 @@ impl RoomState {
         // the GIL held would stall every Python thread; that case takes the released path.
         // Parsing with the GIL held is bounded by SMALL_DELTA.
         let delta = apply::parse_delta(&d).ok();
-        let guard = match self.inner.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
         let len = d.len();
-        if let Some(r) = guard.and_then(|mut g| {
+        if let Some(r) = self.try_lock().and_then(|mut g| {
             let r = g.room.apply_bounded(delta.as_ref(), len, seq);
             self.publish(&g.room);
             r
