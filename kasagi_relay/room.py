@@ -71,6 +71,12 @@ SMALL_STATE = 64 * 1024
 # The most JSON bytes one delta byte can become in the state: a number is written back in
 # the engine's form (`1e15` is `1000000000000000.0`).
 GROWTH = 8
+# A merge patch applies to any document (RFC 7396): only the size it would give the state
+# can refuse it. What a delta of n bytes can add to the state's memory estimate: its JSON
+# (GROWTH * n) and its structure (every node of it takes a byte of it at least, a member
+# more, so NODE_BYTES per byte bounds what its nodes and members weigh).
+_MERGE_HEAD = b'{"merge":'
+MEMORY_GROWTH = GROWTH + delta.NODE_BYTES
 # Deltas are searched with `bytes.find`, not `in`: `bytes.__contains__` first tries its
 # operand as an integer and makes (and drops) a formatted TypeError each time, twice the
 # cost of `find` (3 % of the relay's CPU at memory ingest went to making them, perf).
@@ -140,6 +146,17 @@ def _small(docs: list[bytes], size: int | None) -> bool:
         if total > SMALL_DELTA or doc.find(b'"copy"') >= 0:
             return False
     return size + GROWTH * total <= SMALL_STATE
+
+
+def _merge_fits(state: delta.RoomState, size: int, total: int) -> bool:
+    """Can no merge patch of `total` bytes (with the queued ops it is counted with, none of
+    them a `copy`) take `state`, of `size` JSON bytes, past either of its limits? Then its
+    check would pass, whatever the state holds: no check is needed."""
+    max_bytes = state.max_bytes
+    if max_bytes and size + GROWTH * total > max_bytes:
+        return False
+    max_memory = state.max_memory
+    return not max_memory or state.memory_size() + MEMORY_GROWTH * total <= max_memory
 
 
 def _op_doc(op: Op) -> bytes:
@@ -550,13 +567,19 @@ class Room:
             return False
         ops = self.queue
         size = self._size
-        if size is None or doc.find(b'"copy"') >= 0:
+        if size is None:
             return False
         total = len(doc)
         for op in ops:  # _small, without building its list
             total += len(op.delta)
             if op.delta.find(b'"copy"') >= 0:
                 return False
+        if doc.startswith(_MERGE_HEAD) and _merge_fits(state, size, total):
+            # Most merge patches: no parse, and no copy of the state with the queued ops
+            # applied (`_head`, ~8 % of the relay's CPU at memory ingest, py-spy).
+            return True
+        if doc.find(b'"copy"') >= 0:
+            return False
         if total > SMALL_DELTA or size + GROWTH * total > SMALL_STATE:
             return False
         if ops:

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import ModuleType
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Op
 from kasagi_relay.backends.memory import MemoryBackend
 from kasagi_relay.compaction import compact_room
+from kasagi_relay.domain import delta_doc
 from kasagi_relay.metrics import Metrics
-from kasagi_relay.room import Room
+from kasagi_relay.room import GROWTH, MEMORY_GROWTH, Room, _merge_fits
+from tests.test_delta_properties import MERGE_PATCHES, SETTINGS, dumps, histories
 
 
 def add(i: int) -> bytes:
@@ -176,3 +183,73 @@ async def test_recent_ops_are_bounded_by_bytes_and_resumes_read_the_rest() -> No
     assert sum(len(op.delta) for op in room.recent) <= 256 * 1024
     assert 0 < len(room.recent) < 10
     assert room.recent[-1].seq == 40
+
+
+async def test_merge_patches_far_from_the_limits_are_not_checked_near_them_they_are() -> None:
+    """A merge patch can only be refused for the state's size: far from --max-state-bytes
+    and --max-state-memory it is taken without a check and without the copy of the state
+    that checks behind queued ops use (`_head`); near them it is checked against that copy
+    and refused as it would be after the queued ops."""
+    b = MemoryBackend()
+    fwd = Forward()
+    b.set_listener(fwd)
+    room = Room("r", b, Metrics(), tick_s=0.5, max_bytes=2_000, max_memory=1_000_000)
+    fwd.room = room
+    await room.ensure_loaded()
+    await b.publish("r", "patch", add(0))  # the first after a quiet tick goes at once
+    await settle()
+    for i in range(1, 4):
+        await b.publish("r", "patch", add(i))
+    assert len(room.queue) == 3
+    assert room.check_now(delta_doc("merge", b'{"m":1}'))
+    assert room._head is None
+    # 1,975 bytes fit in 2,000 with the state, not with the queued ops: refused on the copy.
+    big = delta_doc("merge", b'{"big":"' + b"x" * 1_975 + b'"}')
+    with pytest.raises(delta.TooLarge):
+        room.check_now(big)
+    assert room._head is not None and room._head.seq == 4
+    # A patch is always checked: its paths must exist.
+    with pytest.raises(delta.DeltaError):
+        room.check_now(delta_doc("patch", b'[{"op":"remove","path":"/k9"}]'))
+    assert room.check_now(delta_doc("patch", b'[{"op":"remove","path":"/k3"}]'))
+
+
+# Merge patches near the bounds' worst cases: many nodes per byte (NODE_BYTES each), and
+# numbers the engine writes back longer (`1e15` is `1000000000000000.0`).
+DENSE_MERGES = st.sampled_from(
+    [
+        b"[" + b",".join([b"0"] * 1_000) + b"]",
+        b"[" + b",".join([b"[]"] * 500) + b"]",
+        b'{"a":[' + b",".join([b"{}"] * 500) + b"]}",
+        b"[" + b",".join([b"1e15"] * 500) + b"]",
+        b'{"a":1e15,"b":-1E15,"c":[1e9,1e-7]}',
+    ]
+)
+
+
+@SETTINGS
+@given(
+    history=histories(),
+    body=st.one_of(MERGE_PATCHES.map(dumps), DENSE_MERGES),
+    limits=st.sampled_from(["bytes", "memory", "both"]),
+)
+def test_a_merge_patch_said_to_fit_passes_its_check(
+    engines: ModuleType, history: tuple[bytes, list[bytes]], body: bytes, limits: str
+) -> None:
+    """`_merge_fits`'s bounds hold for any state, queued ops (no `copy`, as check_now
+    requires) and merge patch, with the limits set at the least values they allow: the
+    check on the state with the queued ops applied passes."""
+    state_doc, queued = history
+    queued = [d for d in queued if d.find(b'"copy"') < 0]
+    doc = delta_doc("merge", body)
+    total = len(doc) + sum(len(d) for d in queued)
+    probe = engines.RoomState(state_doc, 0)
+    size, memory = probe.json_size(), probe.memory_size()
+    max_bytes = size + GROWTH * total if limits != "memory" else 0
+    max_memory = memory + MEMORY_GROWTH * total if limits != "bytes" else 0
+    state = engines.RoomState(state_doc, 0, max_bytes, max_memory)
+    assert _merge_fits(state, size, total)
+    head = state.copy()
+    for seq, d in enumerate(queued, 1):
+        head.apply(d, seq)
+    head.check(doc)
