@@ -148,14 +148,15 @@ def _small(docs: list[bytes], size: int | None) -> bool:
     return size + GROWTH * total <= SMALL_STATE
 
 
-def _merge_fits(state: delta.RoomState, size: int, total: int) -> bool:
+def _merge_fits(
+    state: delta.RoomState, size: int, total: int, max_bytes: int, max_memory: int
+) -> bool:
     """Can no merge patch of `total` bytes (with the queued ops it is counted with, none of
-    them a `copy`) take `state`, of `size` JSON bytes, past either of its limits? Then its
-    check would pass, whatever the state holds: no check is needed."""
-    max_bytes = state.max_bytes
+    them a `copy`) take `state`, of `size` JSON bytes, past `max_bytes` or `max_memory`
+    (the state's limits; 0: none)? Then its check would pass, whatever the state holds: no
+    check is needed."""
     if max_bytes and size + GROWTH * total > max_bytes:
         return False
-    max_memory = state.max_memory
     return not max_memory or state.memory_size() + MEMORY_GROWTH * total <= max_memory
 
 
@@ -574,7 +575,9 @@ class Room:
             total += len(op.delta)
             if op.delta.find(b'"copy"') >= 0:
                 return False
-        if doc.startswith(_MERGE_HEAD) and _merge_fits(state, size, total):
+        if doc.startswith(_MERGE_HEAD) and _merge_fits(
+            state, size, total, self.max_bytes, self.max_memory
+        ):
             # Most merge patches: no parse, and no copy of the state with the queued ops
             # applied (`_head`, ~8 % of the relay's CPU at memory ingest, py-spy).
             return True
@@ -619,7 +622,8 @@ class Room:
                 return
 
     def note_acked(self, seq: int) -> None:
-        self.acked_seq = max(self.acked_seq, seq)
+        if seq > self.acked_seq:
+            self.acked_seq = seq
 
     def _drain_held(self) -> bool:
         """Move held ops that now follow last_seq into the queue; True when none is left."""

@@ -248,7 +248,7 @@ def test_a_merge_patch_said_to_fit_passes_its_check(
     max_bytes = size + GROWTH * total if limits != "memory" else 0
     max_memory = memory + MEMORY_GROWTH * total if limits != "bytes" else 0
     state = engines.RoomState(state_doc, 0, max_bytes, max_memory)
-    assert _merge_fits(state, size, total)
+    assert _merge_fits(state, size, total, max_bytes, max_memory)
     head = state.copy()
     for seq, d in enumerate(queued, 1):
         head.apply(d, seq)
