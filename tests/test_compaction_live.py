@@ -160,6 +160,44 @@ async def test_live_compaction_writes_what_replaying_the_history_gives(
     assert (comp.stats.live, comp.stats.replayed, comp.stats.refused) == (1, 1, 0)
 
 
+async def test_a_pass_over_many_live_rooms_lets_the_loop_run_between_rooms() -> None:
+    """On the memory backend nothing in a pass from live state has to suspend: without a
+    yield the whole pass ran as one step of the loop (here: no turn at all), holding every
+    member's frames back for the pass. A task that counts the loop's turns runs between
+    rooms."""
+    backend = MemoryBackend()
+    rooms = Rooms()
+    backend.set_listener(rooms)
+    await backend.start()
+    names = [f"r{i}" for i in range(50)]
+    seqs: dict[str, int] = {}
+    try:
+        for name in names:
+            room = await loaded(backend, rooms, name)
+            seqs[name] = await backend.log.publish(name, "merge", b'{"a":1}')
+            await until(lambda room=room, name=name: room.seq == seqs[name])
+        comp = compactor(backend, seqs, rooms.rooms.get, history=5)
+        turns = 0
+
+        async def count() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+
+        counter = asyncio.create_task(count())
+        await asyncio.sleep(0)  # the counter is waiting for its first turn
+        turns = 0
+        assert await comp.run_once() == len(names)
+        counter.cancel()
+        assert comp.stats.live == len(names)
+        assert turns >= len(names) - 1, turns
+    finally:
+        for room in rooms.rooms.values():
+            await room.close()
+        await backend.close()
+
+
 async def test_a_room_not_loaded_is_compacted_from_the_history(
     storage: tuple[Backend, Rooms],
 ) -> None:
