@@ -558,7 +558,8 @@ class Room:
     def check_now(self, doc: bytes) -> bool:
         """`check` on the loop, without a task switch, when that is allowed: the state is
         loaded, nobody holds `_engine` and the work is small (`_small`). True: `doc` applies
-        to the latest state. False: not decided here, call `check` (also when the check
+        to the latest state (a merge patch far from the state's limits is not checked at
+        all: `_merge_fits`). False: not decided here, call `check` (also when the check
         failed while a delta this relay acknowledged or handed to the backend has yet to
         arrive: `check` waits for it). Raises DeltaError as `check` does. Most small deltas
         are checked here: the lock, the coroutines and the partial of `_check` were ~6 % of
@@ -579,7 +580,7 @@ class Room:
             state, size, total, self.max_bytes, self.max_memory
         ):
             # Most merge patches: no parse, and no copy of the state with the queued ops
-            # applied (`_head`, ~8 % of the relay's CPU at memory ingest, py-spy).
+            # applied (`_head`: ~8 % of the loop thread's samples at memory ingest, py-spy).
             return True
         if doc.find(b'"copy"') >= 0:
             return False
