@@ -10,10 +10,12 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kasagi_relay.backends.base import KeyConflict, Op, Snapshot
 from kasagi_relay.backends.factory import build_backend
-from kasagi_relay.backends.memory import MemoryBackend
+from kasagi_relay.backends.memory import MemoryBackend, _Room
 from kasagi_relay.config import Config
 
 
@@ -138,3 +140,28 @@ async def test_factory_passes_the_limits() -> None:
     b = build_backend(Config(room_ttl_s=12.5, history_bytes=4096))
     assert isinstance(b, MemoryBackend)
     assert (b.table.room_ttl_s, b.table.history_bytes) == (12.5, 4096)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.integers(1, 50),
+    sizes=st.lists(st.integers(0, 100), max_size=60),
+    covered=st.integers(0, 120),
+    cut=st.integers(-5, 130),
+)
+def test_trimming_keeps_exactly_the_ops_from_the_cut_and_their_bytes(
+    first: int, sizes: list[int], covered: int, cut: int
+) -> None:
+    """`drop_before` drops the ops before `cut` but none the snapshot does not cover,
+    whether it drops them one by one or, for many, by copying what stays."""
+    room = _Room(seq=first + len(sizes) - 1)
+    for i, size in enumerate(sizes):
+        room.ops.append((Op(first + i, b"{}"), size))
+    room.history_bytes = sum(sizes)
+    if covered:
+        room.snapshot = Snapshot(covered, b"{}")
+    room.drop_before(cut)
+    keep_from = min(cut, covered + 1)
+    want = [(first + i, size) for i, size in enumerate(sizes) if first + i >= keep_from]
+    assert [(op.seq, size) for op, size in room.ops] == want
+    assert room.history_bytes == sum(size for _, size in want)
