@@ -18,6 +18,7 @@ __all__ = [
     "ANONYMOUS",
     "IDEMPOTENCY_TTL_S",
     "LIVE_DIGESTS",
+    "MERGE_DOC_HEAD",
     "ROOM_NAME",
     "AckLevel",
     "BackendUnavailable",
@@ -68,7 +69,8 @@ def delta_doc(kind: str, body: bytes) -> bytes:
 
 
 # Made per delta (more than once): the two heads kept rather than encoded each time.
-_DOC_HEADS: Final = {"patch": b'{"patch":', "merge": b'{"merge":'}
+MERGE_DOC_HEAD: Final = b'{"merge":'
+_DOC_HEADS: Final = {"patch": b'{"patch":', "merge": MERGE_DOC_HEAD}
 
 
 def delta_digest(kind: DeltaKind, body: bytes) -> str:

@@ -33,7 +33,7 @@ import msgpack
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, Op
-from kasagi_relay.domain import op_digest
+from kasagi_relay.domain import MERGE_DOC_HEAD, op_digest
 from kasagi_relay.fanout import Member, Payload, broadcast, frame
 from kasagi_relay.loops import running_loop
 from kasagi_relay.metrics import Metrics
@@ -75,7 +75,6 @@ GROWTH = 8
 # can refuse it. What a delta of n bytes can add to the state's memory estimate: its JSON
 # (GROWTH * n) and its structure (every node of it takes a byte of it at least, a member
 # more, so NODE_BYTES per byte bounds what its nodes and members weigh).
-_MERGE_HEAD = b'{"merge":'
 MEMORY_GROWTH = GROWTH + delta.NODE_BYTES
 # Deltas are searched with `bytes.find`, not `in`: `bytes.__contains__` first tries its
 # operand as an integer and makes (and drops) a formatted TypeError each time, twice the
@@ -576,7 +575,7 @@ class Room:
             total += len(op.delta)
             if op.delta.find(b'"copy"') >= 0:
                 return False
-        if doc.startswith(_MERGE_HEAD) and _merge_fits(
+        if doc.startswith(MERGE_DOC_HEAD) and _merge_fits(
             state, size, total, self.max_bytes, self.max_memory
         ):
             # Most merge patches: no parse, and no copy of the state with the queued ops
