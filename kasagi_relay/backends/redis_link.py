@@ -19,8 +19,9 @@ command reaches it (docs/design.md, storage).
   publishes itself), a batch is written straight to its connection as one buffer and its
   replies read from the connection's hiredis reader: a publisher waits for this round trip,
   and every loop turn or Python object it costs shows per delta. A publish joins the batch
-  synchronously (`submit`: no task, no coroutine) and hears back from a callback; a task
-  exists only for what must wait or retry (a failover, an unknown replica count).
+  synchronously (`submit`: no task, no coroutine) and hears back from a callback. What must
+  wait (a failover, an unknown replica count) or retry waits in its place on the slow path,
+  and one task joins the waiting calls to a batch in order (`_drain`).
 - Order: every batch goes out on one connection (`_Pipe`), written while the earlier ones
   still wait for their replies. Redis runs one connection's commands in the order they
   arrive, but not those of several: batches written one after the other on two connections
@@ -35,6 +36,7 @@ store and the feed only ask a link for commands.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import logging
@@ -204,10 +206,10 @@ Done = Callable[[Any, BaseException | None], None]
 
 class _Batch:
     """Durable FCALLs that go out together (MasterLink._join), each packed as RESP, with
-    its `done` and whether it may be retried on its own (`idempotent`; None: an attempt of
-    `durable_fcall`, which decides itself)."""
+    its `done`, whether it may be retried on its own (`idempotent`) and its place among
+    every call submitted (`orders`: a call that must try again waits in that place)."""
 
-    __slots__ = ("dones", "fence_gen", "held", "idempotent", "needed", "packed", "pool")
+    __slots__ = ("dones", "fence_gen", "held", "idempotent", "needed", "orders", "packed", "pool")
 
     def __init__(self, pool: ConnectionPool, needed: int, fence_gen: int) -> None:
         self.pool = pool
@@ -218,7 +220,41 @@ class _Batch:
         self.fence_gen = fence_gen
         self.packed: list[bytes] = []
         self.dones: list[Done] = []
-        self.idempotent: list[bool | None] = []
+        self.idempotent: list[bool] = []
+        self.orders: list[int] = []
+
+
+class _Waiting:
+    """A durable FCALL on the slow path (MasterLink._wait): `order` is its place among every
+    call submitted, `last` how its latest attempt failed (None: it waits for the link, not
+    for a retry), `delay` its next backoff nap, `deadline` when it gives up. Joined to a
+    batch, it is that call's `done`, so that a failed attempt keeps its deadline."""
+
+    __slots__ = ("deadline", "delay", "done", "fcall", "idempotent", "last", "order")
+
+    def __init__(
+        self,
+        order: int,
+        fcall: bytes,
+        idempotent: bool,
+        done: Done,
+        last: BaseException | None,
+        deadline: float,
+    ) -> None:
+        self.order = order
+        self.fcall = fcall
+        self.idempotent = idempotent
+        self.done = done
+        self.last = last
+        self.deadline = deadline
+        self.delay = 0.02
+
+    def __call__(self, reply: Any, exc: BaseException | None) -> None:
+        self.done(reply, exc)
+
+
+def _order_of(waiting: _Waiting) -> int:
+    return waiting.order
 
 
 class _Pipe:
@@ -301,20 +337,21 @@ class MasterLink:
         self.fenced_since: float | None = None
         self._fence_gen = 0
         self._cleanup: set[asyncio.Future[None]] = set()
+        # When the replicas were last counted, and how many there were (`ack="all"`).
         self._replicas_cache: tuple[float, int] = (0.0, 0)
-        # The INFO under way that refreshes `_replicas_cache`, shared by every publish that
-        # needs it (they go on in the order they asked: see `_needed_replicas`).
-        self._replicas_info: asyncio.Future[Any] | None = None
         # Held while a batch is written: batches are written in the order they were
         # closed, even when one of them waits for the pipe's connection (`_pipelined`).
         self._batch_order = asyncio.Lock()
         self._pipe: _Pipe | None = None
         # The durable FCALLs of this loop turn, per (pool, replicas to wait for).
         self._batches: dict[tuple[int, int], _Batch] = {}
-        # Durable FCALLs on the slow path (`submit`): while any is, every one takes it, so
-        # that calls submitted one after the other still join batches in that order.
-        self._slow = 0
-        self._slow_tasks: set[asyncio.Future[None]] = set()
+        # Durable FCALLs submitted so far: each call's place in the order they go out.
+        self._order = 0
+        # The slow path (`_wait`): calls waiting for the link or for a retry, sorted by
+        # their place. While any waits, every new call waits behind it, and one task
+        # (`_drain`) joins them to a batch in that order.
+        self._waiting: list[_Waiting] = []
+        self._drainer: asyncio.Future[None] | None = None
         self.switches = 0  # master changes seen (tests and /healthz)
 
     # ------------------------------------------------------------------ connections
@@ -504,32 +541,15 @@ class MasterLink:
 
         return await self.retrying(what, one)
 
-    async def _needed_replicas(self, client: Redis) -> int:
-        if self.ack == "leader":
-            return 0
-        if self.ack == "replica":
-            return 1
-        now = asyncio.get_running_loop().time()
-        at, count = self._replicas_cache
-        if now - at > 1.0:
-            # One INFO for all the publishes of the moment, which wake in the order they
-            # asked and join the batch in that order: one INFO each, on connections of
-            # their own, would let their answers reorder a connection's pipelined deltas.
-            info_task = self._replicas_info
-            if info_task is None:
-                info_task = self._replicas_info = asyncio.ensure_future(client.info("replication"))
-                info_task.add_done_callback(self._replicas_counted)
-            info = await asyncio.shield(info_task)
-            count = int(info.get("connected_slaves", 0))
-            self._replicas_cache = (now, count)
+    async def _count_replicas(self, client: Redis) -> int:
+        """The replicas an `ack="all"` write waits for, asked of the master (one INFO)."""
+        asked = running_loop().time()
+        info = await client.info("replication")
+        count = int(info.get("connected_slaves", 0))
+        self._replicas_cache = (asked, count)
         # "all" never means "none": with no replica connected, nothing is durable beyond
         # the master, so the write must not be acknowledged as if it were.
         return max(1, count)
-
-    def _replicas_counted(self, task: asyncio.Future[Any]) -> None:
-        self._replicas_info = None
-        if not task.cancelled():
-            task.exception()  # retrieved: each publish that awaited it got it
 
     async def _roundtrip_packed(
         self,
@@ -706,20 +726,22 @@ class MasterLink:
         return replies
 
     def submit(self, fcall: bytes, *, idempotent: bool, done: Done) -> None:
-        """`durable_fcall` without a coroutine: `fcall` (one FCALL packed as RESP, see
-        `pack`) joins this loop turn's batch now, and `done(reply, None)` or
-        `done(None, error)` is called once, with what `durable_fcall` would return or raise
-        (a CancelledError when the loop goes away). Calls submitted one after the other go
-        out in that order. The fast path is the common case: the master known, no failover
-        under way, the replicas to wait for known; otherwise, and for a retry, a task runs
-        `durable_fcall` (and every call takes that path until none is on it, so that the
-        order holds). A publish costs no task, no coroutine and no loop turn of its own."""
+        """`fcall` (one FCALL packed as RESP, see `pack`) on the master followed by WAIT for
+        the ack level: `done(reply, None)` or `done(None, error)` is called once (an error
+        reply that is not a refusal as the ResponseError it is; a CancelledError when the
+        loop goes away). Calls submitted one after the other go out in that order, retries
+        included. The fast path is the common case: the master known, no failover under
+        way, the replicas to wait for known, no call waiting; the call joins this loop
+        turn's batch at once (no task, no coroutine, no loop turn of its own). Otherwise it
+        waits on the slow path (`_wait`)."""
+        self._order += 1
         pool = self._pool
         needed = 0 if self.ack == "leader" else self._needed_now()
-        if self._slow or self.fenced_since is not None or pool is None or needed is None:
-            self._go_slow(fcall, idempotent, done, None)
+        if self._waiting or self.fenced_since is not None or pool is None or needed is None:
+            deadline = running_loop().time() + self.op_timeout_s
+            self._wait(_Waiting(self._order, fcall, idempotent, done, None, deadline))
             return
-        self._join(pool, needed, fcall, idempotent, done)
+        self._join(pool, needed, self._order, fcall, idempotent, done)
 
     def _needed_now(self) -> int | None:
         """The replicas a write waits for, when known without asking (None: ask)."""
@@ -728,35 +750,97 @@ class MasterLink:
         if self.ack == "replica":
             return 1
         at, count = self._replicas_cache
-        if asyncio.get_running_loop().time() - at > 1.0:
+        if running_loop().time() - at > 1.0:
             return None
         return max(1, count)
 
-    def _go_slow(
-        self, fcall: bytes, idempotent: bool, done: Done, first: BaseException | None
-    ) -> None:
-        self._slow += 1
-        task = asyncio.ensure_future(self._slow_path(fcall, idempotent, done, first))
-        self._slow_tasks.add(task)
-        task.add_done_callback(self._slow_tasks.discard)
-
-    async def _slow_path(
-        self, fcall: bytes, idempotent: bool, done: Done, first: BaseException | None
-    ) -> None:
-        try:
-            reply = await self.durable_fcall(fcall, idempotent=idempotent, first=first)
-        except asyncio.CancelledError as exc:
-            _call(done, None, exc)
-            raise
-        except Exception as exc:
-            _call(done, None, exc)
+    def _wait(self, waiting: _Waiting) -> None:
+        """`waiting` on the slow path, in its place: a retry goes back before the calls
+        submitted after it (a delta that depends on an earlier one of its room must not
+        get the lower seq)."""
+        queue = self._waiting
+        if not queue or queue[-1].order < waiting.order:
+            queue.append(waiting)
         else:
-            _call(done, reply, None)
+            bisect.insort(queue, waiting, key=_order_of)
+        if self._drainer is None:
+            self._drainer = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        """The slow path's one task: joins every waiting call to a batch, in order, once
+        the link can take them (a master known and not fenced, the replicas to wait for
+        counted); before a retry, naps the calls' backoff; answers what failed for good or
+        ran out of time. One task for all: a task per call, each asking on its own, let a
+        later call that found the count known join before an earlier one still asking."""
+        queue = self._waiting
+        try:
+            while queue:
+                if any(w.last is not None for w in queue):
+                    await self._back_off(queue)
+                    continue
+                try:
+                    if self.fenced_since is not None:
+                        raise NotSent("the master is being replaced (failover in progress)")
+                    pool, client = self._pool, self.client()
+                    assert pool is not None
+                    needed = self._needed_now()
+                    if needed is None:
+                        needed = await self._count_replicas(client)
+                except Exception as exc:
+                    # Nothing was sent: a failed INFO must not read as "outcome unknown".
+                    unsent = isinstance(exc, (NotSent, *NETWORK_ERRORS, ResponseError))
+                    last = NotSent(str(exc) or type(exc).__name__) if unsent else exc
+                    for w in queue:
+                        w.last = last
+                    continue
+                if self.fenced_since is not None or pool is not self._pool:
+                    continue  # it changed while the replicas were counted: look again
+                joining = queue[:]
+                queue.clear()
+                for w in joining:
+                    self._join(pool, needed, w.order, w.fcall, w.idempotent, w)
+        except BaseException as exc:
+            joining, queue[:] = queue[:], []
+            for w in joining:
+                _call(w.done, None, exc)
+            raise
         finally:
-            self._slow -= 1
+            self._drainer = None
+
+    async def _back_off(self, queue: list[_Waiting]) -> None:
+        """Before the failed calls in `queue` try again: answer those that must not (their
+        error is final, or the backoff would end past their deadline), then nap the
+        longest backoff among the others (cut short by a master change)."""
+        failed = [w for w in queue if w.last is not None]
+        if any(isinstance(w.last, ResponseError) and function_missing(w.last) for w in failed):
+            await self._reload_library()
+        self.locator.check_master()
+        now = running_loop().time()
+        delay = 0.0
+        for w in failed:
+            assert w.last is not None
+            final = self._final(w.last, w.idempotent)
+            if final is None and now + w.delay > w.deadline:
+                final = BackendUnavailable(f"no writable master ({w.last})")
+            if final is not None:
+                queue.remove(w)
+                _call(w.done, None, final)
+            else:
+                delay = max(delay, w.delay)
+        if delay:
+            await self.nap(delay)
+        for w in failed:
+            w.delay = min(w.delay * 2, 0.25)
+            w.last = None
 
     def _join(
-        self, pool: ConnectionPool, needed: int, fcall: bytes, idempotent: bool | None, done: Done
+        self,
+        pool: ConnectionPool,
+        needed: int,
+        order: int,
+        fcall: bytes,
+        idempotent: bool,
+        done: Done,
     ) -> None:
         """`fcall` in this loop turn's batch for (`pool`, `needed`): every durable FCALL
         issued in one turn of the loop goes out as ONE pipeline on one connection, followed
@@ -777,6 +861,7 @@ class MasterLink:
         batch.packed.append(fcall)
         batch.dones.append(done)
         batch.idempotent.append(idempotent)
+        batch.orders.append(order)
         if len(batch.packed) >= MAX_BATCH and not batch.held:
             # Not while held: Redis holds what follows the WAIT in flight anyway, and
             # capped batches behind it would each wait for a WAIT of their own in turn
@@ -840,18 +925,22 @@ class MasterLink:
                 logger.exception("redis link: a durable FCALL's caller failed on its answer")
 
     def _settle(self, batch: _Batch, i: int, reply: Any, exc: BaseException | None) -> None:
-        """Hand FCALL `i` of `batch` its outcome: a submitted call that failed in a way it
-        may retry goes on on the slow path (an attempt of durable_fcall decides itself)."""
+        """Hand FCALL `i` of `batch` its outcome: a call that failed in a way it may retry
+        goes back to the slow path, in its place."""
         done = batch.dones[i]
-        idempotent = batch.idempotent[i]
-        if exc is None or idempotent is None or isinstance(exc, asyncio.CancelledError):
+        if exc is None or isinstance(exc, asyncio.CancelledError):
             _call(done, reply, exc)
             return
+        idempotent = batch.idempotent[i]
         final = self._final(exc, idempotent)
-        if final is None:
-            self._go_slow(batch.packed[i], idempotent, done, exc)
-        else:
+        if final is not None:
             _call(done, None, final)
+        elif isinstance(done, _Waiting):  # retried before: it keeps its deadline
+            done.last = exc
+            self._wait(done)
+        else:
+            deadline = running_loop().time() + self.op_timeout_s
+            self._wait(_Waiting(batch.orders[i], batch.packed[i], idempotent, done, exc, deadline))
 
     def _final(self, exc: BaseException, idempotent: bool) -> BaseException | None:
         """What a durable FCALL whose attempt failed with `exc` raises; None: retry it."""
@@ -870,55 +959,17 @@ class MasterLink:
             )
         return exc
 
-    async def _attempt(self, fcall: bytes) -> Any:
-        """One try of a durable FCALL in this turn's batch; its reply, or what failed."""
-        if self.fenced_since is not None:
-            raise NotSent("the master is being replaced (failover in progress)")
-        pool, client = self._pool, self.client()
-        assert pool is not None
-        needed = await self._needed_replicas(client)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._join(pool, needed, fcall, None, functools.partial(_resolve, fut))
-        return await fut
-
-    async def durable_fcall(
-        self,
-        fcall: Sequence[Any] | bytes,
-        *,
-        idempotent: bool,
-        first: BaseException | None = None,
-    ) -> Any:
-        """`fcall` (its arguments, or packed as RESP) on the master followed by WAIT for
-        the ack level, retried against the current master until op_timeout_s; its reply
-        once durable. A call whose outcome is unknown (connection lost after sending) is
-        retried only when `idempotent`. An error reply that is not a refusal is raised as
-        the ResponseError it is. `first`: how a first attempt (`submit`'s) failed."""
+    async def durable_fcall(self, fcall: Sequence[Any] | bytes, *, idempotent: bool) -> Any:
+        """`submit` for a coroutine: `fcall` (its arguments, or packed as RESP) on the master
+        followed by WAIT for the ack level, retried against the current master until
+        op_timeout_s; its reply once durable. A call whose outcome is unknown (connection
+        lost after sending) is retried only when `idempotent`."""
         packed = fcall if isinstance(fcall, bytes) else pack((fcall,))
         if packed is None:
             raise TypeError(f"cannot pack {fcall!r}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.op_timeout_s
-        delay = 0.02
-        last = first
-        while True:
-            if last is None:
-                try:
-                    return await self._attempt(packed)
-                except Exception as exc:
-                    last = exc
-            final = self._final(last, idempotent)
-            if final is last:
-                raise last
-            if final is not None:
-                raise final from None
-            if isinstance(last, ResponseError) and function_missing(last):
-                await self._reload_library()
-            self.locator.check_master()
-            if loop.time() + delay > deadline:
-                raise BackendUnavailable(f"no writable master ({last})") from None
-            await self.nap(delay)
-            delay = min(delay * 2, 0.25)
-            last = None
+        fut: asyncio.Future[Any] = running_loop().create_future()
+        self.submit(packed, idempotent=idempotent, done=functools.partial(_resolve, fut))
+        return await fut
 
 
 def _lean(conn: AbstractConnection) -> tuple[asyncio.StreamWriter, _AsyncHiredisParser] | None:

@@ -717,6 +717,34 @@ async def test_deltas_handed_over_inline_are_retried_or_refused_alone(
     await r.aclose()
 
 
+async def test_deltas_handed_over_while_earlier_ones_wait_to_retry_get_seqs_after_them(
+    backend: RedisBackend,
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """The server refuses two batches of `publish_soon` deltas (its function library was
+    flushed): they wait to retry, in order, and the deltas handed over meanwhile (during
+    the library's reload and the backoff nap) wait behind them rather than overtake. A
+    room's deltas handed over one after another get seqs in that order, however many
+    tries it took (a delta may depend on the one before it)."""
+    r = await raw(redis_server)
+    log = backend.store_log
+    answers = Answers()
+    await r.execute_command("FUNCTION", "FLUSH")  # type: ignore[no-untyped-call]
+    n = 0
+    for turn in range(12):
+        for _ in range(10 if turn < 2 else 3):
+            key = f"k{n}" if n % 2 else None
+            log.publish_soon("retry-order", "merge", b'{"n":%d}' % n, key, answers.done(n))
+            n += 1
+        await asyncio.sleep(0 if turn < 2 else 0.005)
+    await until(lambda: answers.calls == n, what=f"{n} answers")
+    assert all(exc is None for _, exc in answers.got.values()), answers.got
+    assert [answers.got[i][0] for i in range(n)] == list(range(1, n + 1))
+    stored = await backend.read_ops("retry-order", 0) or []
+    assert [json.loads(op.delta)["merge"]["n"] for op in stored] == list(range(n))
+    await r.aclose()
+
+
 async def test_a_connection_lost_under_inline_deltas_fails_unkeyed_ones_only(
     backend: RedisBackend,
     redis_server: Topology,  # noqa: F811
