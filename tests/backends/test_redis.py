@@ -745,6 +745,56 @@ async def test_deltas_handed_over_while_earlier_ones_wait_to_retry_get_seqs_afte
     await r.aclose()
 
 
+async def test_deltas_handed_over_while_the_master_is_down_wait_in_order_or_time_out(
+    tmp_path: Path,
+) -> None:
+    """The master is killed: the deltas handed over meanwhile, keyed or not, are never sent,
+    so they wait on the slow path in hand-over order. When a master is back within
+    op_timeout_s (here the same one restarted, empty: it has no persistence and needs the
+    function library again) they are stored in that order; when none comes back they are
+    answered BackendUnavailable once op_timeout_s has run out (keyed ones: an unkeyed one
+    already written is answered at once, as it may be stored), each once."""
+    with running_topology(tmp_path / "r", sentinels=False) as topo:
+        b = RedisBackend(url(topo), op_timeout_s=3.0)
+        await b.start()
+        node = topo.servers[0]
+        try:
+            log = b.store_log
+            answers = Answers()
+            topo.signal(node, signal.SIGKILL)
+            n = 0
+            for _ in range(10):
+                for _ in range(3):
+                    key = f"k{n}" if n % 2 else None
+                    log.publish_soon("down", "merge", b'{"n":%d}' % n, key, answers.done(n))
+                    n += 1
+                await asyncio.sleep(0.05)
+            assert answers.calls == 0
+            await asyncio.to_thread(topo.restart, node)
+            await until(lambda: answers.calls == n, 5, f"{n} answers")
+            assert [answers.got[i] for i in range(n)] == [(i + 1, None) for i in range(n)]
+            stored = await b.read_ops("down", 0) or []
+            assert [json.loads(op.delta)["merge"]["n"] for op in stored] == list(range(n))
+
+            topo.signal(node, signal.SIGKILL)
+            loop = asyncio.get_running_loop()
+            handed = loop.time()
+            # Keyed: a delta written to the dead connection before its EOF was read is
+            # retried too (unkeyed, it would be answered at once: maybe stored).
+            log.publish_soon("down", "merge", b'{"n":-1}', "late-1", answers.done(n))
+            log.publish_soon("down", "merge", b'{"n":-2}', "late-2", answers.done(n + 1))
+            await until(lambda: answers.calls == n + 2, 8, "2 more answers")
+            waited = loop.time() - handed
+            for i in (n, n + 1):
+                seq, exc = answers.got[i]
+                assert seq is None and isinstance(exc, BackendUnavailable), (seq, exc)
+                assert "no writable master" in str(exc)
+            # Retried until the op timeout (less one backoff step, at most 0.25 s), not less.
+            assert waited >= 2.5, waited
+        finally:
+            await b.close()
+
+
 async def test_a_connection_lost_under_inline_deltas_fails_unkeyed_ones_only(
     backend: RedisBackend,
     redis_server: Topology,  # noqa: F811
