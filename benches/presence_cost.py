@@ -5,7 +5,7 @@ room of 5,000 members.
 
     .venv/bin/python -m benches.presence_cost [--clients 400] [--room-size 10]
         [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000] [--requests 50]
-        [--json out.json]
+        [--redis-core 0] [--json out.json]
 
 Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI). Measured per
 mode:
@@ -18,7 +18,9 @@ mode:
   also writes the entry in Redis and sends a presence event to every other member of the
   room (they all asked for events). The relay and its Redis are pinned to core 0, the load
   generator to core 1 (`taskset`), so the client does not take the relay's CPU; its own CPU
-  share is reported (near 1.0: the client bounded the rate);
+  share is reported (near 1.0: the client bounded the rate). `--redis-core 1` puts Redis on
+  the load generator's core instead, as a deployment has it on a host of its own: then
+  the rate ratio is the relay's own cost ratio;
 - delta throughput: one room of `--delta-members` members (all asking for presence events
   when on), one writer with 32 deltas in flight for `--seconds`: deltas acknowledged per
   second, and delta frames received by the members per second (websockets clients in this
@@ -242,17 +244,22 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=50)
     ap.add_argument("--delta-members", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--redis-core", type=int, choices=(0, 1), default=0,
+        help="the core of Redis: 0, the relay's (default), or 1, the load generator's",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "redis_core": a.redis_core,
     }
     with tempfile.TemporaryDirectory() as tmp:
         # This process (the delta clients) on core 1; the relays and Redis on core 0.
         if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(0, {1})
         topo = start_topology(Path(tmp) / "redis", sentinels=False)
-        pin(topo.servers[0].pid, 0)
+        pin(topo.servers[0].pid, a.redis_core)
         try:
             redis_url = f"redis://127.0.0.1:{topo.servers[0].port}/0"
             base = [
