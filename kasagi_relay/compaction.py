@@ -25,7 +25,6 @@ than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -204,18 +203,19 @@ class Compactor:
 
     async def stop(self) -> None:
         """End the periodic passes: at once, or at the pass's next room. The flag is not
-        redundant with the cancellation: in one CI run a relay's graceful shutdown waited
-        here for good, its compaction task "cancelling" (one cancellation requested, none
-        delivered or all swallowed below the pass, in the Redis calls) and still running
-        a pass every 0.2 s (`--compaction-interval 0.2`). Where the cancellation was lost
-        was not found; the relay must stop anyway."""
+        redundant with the cancellation: redis-py sends each command through
+        `asyncio.wait_for`, and Python 3.11's `wait_for` swallows a cancellation that
+        comes in the loop turn the send finished (CPython gh-86296, fixed in 3.12). In one
+        CI run a relay's graceful shutdown waited here for good, its compaction task
+        "cancelling" and still running a pass every 0.2 s."""
         task, self._task = self._task, None
         if task is None:
             return
         self._stopping = True
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # wait(), not `await task` in suppress(CancelledError): that would also swallow a
+        # cancellation of the caller (a shutdown that is itself being cut short).
+        await asyncio.wait((task,))
 
     async def _run(self) -> None:
         while not self._stopping:
