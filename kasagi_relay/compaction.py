@@ -33,6 +33,7 @@ from typing import Protocol
 
 from kasagi_relay import delta
 from kasagi_relay.backends.base import Backend, Snapshot
+from kasagi_relay.loops import cancel_and_wait
 from kasagi_relay.metrics import Metrics
 
 __all__ = ["Compactor", "LiveRoom", "RoomLocked", "compact_room"]
@@ -202,20 +203,16 @@ class Compactor:
             self._task = asyncio.create_task(self._run(), name="kasagi-compaction")
 
     async def stop(self) -> None:
-        """End the periodic passes: at once, or at the pass's next room. The flag is not
-        redundant with the cancellation: redis-py sends each command through
-        `asyncio.wait_for`, and Python 3.11's `wait_for` swallows a cancellation that
-        comes in the loop turn the send finished (CPython gh-86296, fixed in 3.12). In one
-        CI run a relay's graceful shutdown waited here for good, its compaction task
-        "cancelling" and still running a pass every 0.2 s."""
+        """End the periodic passes: at once, or at the pass's next room. A cancellation
+        can be lost in a pass's Redis calls (loops.cancel_and_wait): `cancel_and_wait`
+        cancels again, and the flag ends the pass at its next room meanwhile. In one CI run
+        a relay's graceful shutdown waited here for good, its compaction task "cancelling"
+        and still running a pass every 0.2 s."""
         task, self._task = self._task, None
         if task is None:
             return
         self._stopping = True
-        task.cancel()
-        # wait(), not `await task` in suppress(CancelledError): that would also swallow a
-        # cancellation of the caller (a shutdown that is itself being cut short).
-        await asyncio.wait((task,))
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while not self._stopping:

@@ -56,6 +56,7 @@ from typing import Any, Final
 from kasagi_relay.backends.base import Presence, PresenceOp
 from kasagi_relay.domain import BackendUnavailable, Identity
 from kasagi_relay.fanout import Member, broadcast, frame
+from kasagi_relay.loops import cancel_and_wait
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import JSON, Codec, encode_presence_event
 
@@ -309,9 +310,7 @@ class PresenceHub:
                     await asyncio.shield(writer)
         task, self._refresher = self._refresher, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
 
     # ------------------------------------------------------------------ members
 

@@ -61,6 +61,7 @@ from kasagi_relay.backends.redis_link import Addr, MasterLink, addr_pool, comman
 from kasagi_relay.backends.redis_presence import RedisPresence
 from kasagi_relay.backends.redis_store import RedisLog, RedisSnapshots, room_keys
 from kasagi_relay.domain import AckLevel, BackendUnavailable, DeltaKind, Op, Snapshot
+from kasagi_relay.loops import cancel_and_wait
 
 __all__ = [
     "ClusterBackend",
@@ -432,9 +433,7 @@ class ClusterRouter:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         for starting in list(self._starting):
             starting.cancel()
         for shard in self.shards:

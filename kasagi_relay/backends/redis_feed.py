@@ -51,6 +51,7 @@ from kasagi_relay.backends.base import Listener
 from kasagi_relay.backends.redis_link import MasterLink
 from kasagi_relay.backends.redis_store import channel_key, room_keys
 from kasagi_relay.domain import BackendUnavailable, Op
+from kasagi_relay.loops import cancel_and_wait
 
 __all__ = ["ChannelFeed"]
 
@@ -201,9 +202,7 @@ class ChannelFeed:
         self._closing = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         self.rooms.clear()
 
     def doubt(self, reason: str) -> None:

@@ -33,6 +33,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError
 from kasagi_relay.backends.base import AckLevel, BackendUnavailable
 from kasagi_relay.backends.redis import RedisBase
 from kasagi_relay.backends.redis_link import Addr, MasterLink, addr_pool, command, quick_client
+from kasagi_relay.loops import cancel_and_wait
 
 __all__ = ["SentinelBackend", "SentinelLocator"]
 
@@ -229,8 +230,7 @@ class SentinelLocator:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         clients, self._sentinel_clients = self._sentinel_clients, {}
         for client in clients.values():
             with contextlib.suppress(Exception):
