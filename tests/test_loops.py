@@ -61,7 +61,8 @@ async def test_cancel_and_wait_leaves_a_cancellation_of_its_caller_alone() -> No
     assert seen == ["lost"] and not stuck.done()
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await caller
+        async with asyncio.timeout(5):  # a swallowed cancellation: TimeoutError here
+            await caller
     assert caller.cancelled()
     async with asyncio.timeout(5):
         await cancel_and_wait(stuck, retry_s=0.01)
