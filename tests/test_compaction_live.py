@@ -9,6 +9,7 @@ a late joiner of a real relay is served the compacted state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -66,26 +67,37 @@ async def raw(topo: Topology) -> aioredis.Redis:
     return aioredis.Redis(port=topo.servers[0].port)
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def storage(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Backend, Rooms]]:
+async def emptied(topo: Topology) -> RedisBackend:
+    """A backend on `topo`'s master, emptied first (the function library is kept)."""
+    r = await raw(topo)
+    await r.flushall()
+    await r.aclose()
+    return RedisBackend(redis_url(topo), op_timeout_s=5.0)
+
+
+@contextlib.asynccontextmanager
+async def serving(backend: Backend) -> AsyncIterator[Rooms]:
+    """`backend` started with its rooms as the listener; closed, rooms first, at the end."""
     rooms = Rooms()
-    backend: Backend
-    if request.param == "memory":
-        backend = MemoryBackend()
-    else:
-        t: Topology = request.getfixturevalue("topo")
-        r = await raw(t)
-        await r.flushall()  # keeps the function library
-        await r.aclose()
-        backend = RedisBackend(redis_url(t), op_timeout_s=5.0)
     backend.set_listener(rooms)
     await backend.start()
     try:
-        yield backend, rooms
+        yield rooms
     finally:
         for room in rooms.rooms.values():
             await room.close()
         await backend.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Backend, Rooms]]:
+    backend: Backend
+    if request.param == "memory":
+        backend = MemoryBackend()
+    else:
+        backend = await emptied(request.getfixturevalue("topo"))
+    async with serving(backend) as rooms:
+        yield backend, rooms
 
 
 async def loaded(backend: Backend, rooms: Rooms, name: str) -> Room:
@@ -258,14 +270,8 @@ async def test_stop_ends_the_passes_when_redis_py_loses_the_cancellation(topo: T
     (CPython gh-86296, fixed in 3.12's `wait_for`): the cancellation is gone. A relay's
     compaction task cancelled at random moments of its passes against a real redis-server
     lost it about once in ten tries here; `stop` must end it every time."""
-    r = await raw(topo)
-    await r.flushall()  # keeps the function library
-    await r.aclose()
-    rooms = Rooms()
-    backend = RedisBackend(redis_url(topo), op_timeout_s=5.0)
-    backend.set_listener(rooms)
-    await backend.start()
-    try:
+    backend = await emptied(topo)
+    async with serving(backend) as rooms:
         await loaded(backend, rooms, "cancelled")
         seqs = {"cancelled": 0}
         for _ in range(100):
@@ -289,10 +295,6 @@ async def test_stop_ends_the_passes_when_redis_py_loses_the_cancellation(topo: T
             # cancellation ended the task by cancelling it a second time, 5 s later).
             assert not limit.expired()
             assert task is not None and task.done()
-    finally:
-        for held in rooms.rooms.values():
-            await held.close()
-        await backend.close()
 
 
 async def test_a_room_not_loaded_is_compacted_from_the_history(
