@@ -5,7 +5,7 @@ room of 5,000 members.
 
     .venv/bin/python -m benches.presence_cost [--clients 400] [--room-size 10]
         [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000] [--requests 50]
-        [--redis-core 0] [--json out.json]
+        [--redis-core 0] [--modes off,on,entries] [--json out.json]
 
 Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI). Measured per
 mode:
@@ -248,8 +248,13 @@ async def main() -> None:
         "--redis-core", type=int, choices=(0, 1), default=0,
         help="the core of Redis: 0, the relay's (default), or 1, the load generator's",
     )  # fmt: skip
+    ap.add_argument(
+        "--modes", default="off,on,entries",
+        help="modes to run, comma-separated (ratios need off; the cost per event on and entries)",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    modes = tuple(a.modes.split(","))
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "redis_core": a.redis_core,
@@ -269,7 +274,7 @@ async def main() -> None:
             runs: dict[str, dict[str, list[float]]] = {}
             # The modes alternate, `--rounds` times each, and the median of each is kept,
             # so a noisy moment on a shared machine does not favour one.
-            for mode in ("off", "on", "entries") * a.rounds:
+            for mode in modes * a.rounds:
                 on = mode == "on"
                 flag = "off" if mode == "off" else "on"
                 async with relay_process(*base, "--presence", flag, env={}) as proc:
@@ -302,23 +307,20 @@ async def main() -> None:
                 m: {k: [round(x, 2) for x in v] for k, v in r.items()} for m, r in runs.items()
             }
             out["modes"] = {m: {k: round(v, 2) for k, v in r.items()} for m, r in results.items()}
-            out["ratio_on_off"] = {
-                k: round(results["on"][k] / results["off"][k], 3)
-                for k in results["on"]
-                if results["off"][k]
-            }
-            # What one presence event costs the relay: the CPU per cycle that events add
-            # over entries alone, per event frame sent; beside a delta frame's cost.
-            extra = (
-                results["on"]["relay_cpu_us_per_join"] - results["entries"]["relay_cpu_us_per_join"]
-            )
-            per_event = extra / max(results["on"]["events_per_join"], 1e-9)
-            out["relay_cpu_us_per_event_frame"] = round(per_event, 2)
-            out["ratio_entries_off"] = {
-                k: round(results["entries"][k] / results["off"][k], 3)
-                for k in results["on"]
-                if results["off"][k]
-            }
+            for mode in ("on", "entries"):
+                if mode in results and "off" in results:
+                    out[f"ratio_{mode}_off"] = {
+                        k: round(results[mode][k] / results["off"][k], 3)
+                        for k in results[mode]
+                        if results["off"][k]
+                    }
+            if "on" in results and "entries" in results:
+                # What one presence event costs the relay: the CPU per cycle that events
+                # add over entries alone, per event frame sent; beside a delta frame's cost.
+                on, entries = results["on"], results["entries"]
+                extra = on["relay_cpu_us_per_join"] - entries["relay_cpu_us_per_join"]
+                per_event = extra / max(on["events_per_join"], 1e-9)
+                out["relay_cpu_us_per_event_frame"] = round(per_event, 2)
             async with relay_process(*base, env={}) as proc:
                 out["presence_request"] = await presence_time(
                     proc.url, redis_url, a.members, a.requests

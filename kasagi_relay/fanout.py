@@ -33,9 +33,10 @@ is written directly only while its transport is open and not closing (a closing 
 may already have closed the descriptor, whose number could then be reused) and is plain
 TCP (no TLS layer in the transport).
 
-Replies to a connection's own requests (acks) are written once per loop turn
-(`Member.send_soon`): every `transport.write` of uvloop is a `send` system call, and a
-publisher with several deltas in flight gets several acks in the same turn. On the memory
+Replies to a connection's own requests (acks, `left`) are written once per loop turn
+(`Member.send_soon`; `write_soon` for frames built already, such as the presence events
+a member gets with its `left`): every `transport.write` of uvloop is a `send` system call,
+and a publisher with several deltas in flight gets several acks in the same turn. On the memory
 backend the ack's `send` was the biggest single item of the publish path (py-spy, 14 % of
 the loop thread; docs/benchmarks.md "Publish path"). What a member holds this way is written
 before anything else is written to it (every other write flushes it first), so order is
@@ -389,9 +390,12 @@ class Member:
     def send_soon(self, payload: bytes) -> bool:
         """Frame `payload` and write it at the end of this loop turn, with whatever else is
         sent this way in the turn: one `send` for all of them. False when the member is gone."""
+        return self.write_soon(frame(self.opcode, payload))
+
+    def write_soon(self, data: bytes) -> bool:
+        """`send_soon` of complete frames (`data`, built by the caller)."""
         if self.dropped or self.protocol.state is not OPEN:
             return False
-        data = frame(self.opcode, payload)
         if self.backlog is not None:
             return self.write(data)  # behind the stream, in order
         pending = self._pending

@@ -30,8 +30,9 @@ is told from it). The hub (one per relay):
   a failover); a member's leave is never followed by its join. A room's events are held
   to the end of the loop turn (a batch of writes comes back as a burst) and each listener
   gets them in one write, not one per event: on a busy relay most of the cost of an
-  event was its `send`. A listener's join or leave sends what its room holds first, so
-  each event goes to the listeners there were when it came;
+  event was its `send`. A listener's join or leave sends what its room holds first (to
+  a leaver together with its `left`, in one write), so each event goes to the listeners
+  there were when it came;
 - answers `presence` with one backend read, corrected by the events that arrived while
   the read was in flight (they may come in before its reply).
 
@@ -141,7 +142,7 @@ class _EventFrame:
     subprotocol. With `member_json` (the member as compact ASCII JSON, cut from its stored
     entry) the JSON payload is put together from bytes, not encoded from `member`."""
 
-    __slots__ = ("bad", "conn", "encoded", "kind", "member", "member_json", "room")
+    __slots__ = ("bad", "conn", "encoded", "framed", "kind", "member", "member_json", "room")
 
     def __init__(
         self, kind: str, room: str, conn: str, member: dict[str, Any], member_json: bytes | None
@@ -152,6 +153,7 @@ class _EventFrame:
         self.member = member
         self.member_json = member_json
         self.encoded: dict[Codec, bytes] = {}
+        self.framed: dict[Codec, bytes] = {}  # the payloads as WebSocket frames
         # Whether a subprotocol could not encode it (None: not tried yet).
         self.bad: bool | None = None
 
@@ -164,6 +166,13 @@ class _EventFrame:
             self.bad = True
         else:
             self.bad = False
+
+    def frame(self, codec: Codec, opcode: int) -> bytes:
+        """The event as one frame of `codec` (whose opcode is `opcode`), built once."""
+        data = self.framed.get(codec)
+        if data is None:
+            data = self.framed[codec] = frame(opcode, self.payload(codec))
+        return data
 
     def payload(self, codec: Codec) -> bytes:
         data = self.encoded.get(codec)
@@ -388,7 +397,8 @@ class PresenceHub:
         if watch is not None and member in watch.listeners:
             if watch.pending:
                 # The events already in go to it now, before its `left`; nothing after.
-                self._send(room, watch, {member: watch.listeners[member]})
+                # Held with its `left` (session.py sends that with `send_soon`): one write.
+                self._send(room, watch, {member: watch.listeners[member]}, soon=True)
                 watch.starts.pop(member, None)
             del watch.listeners[member]
         if watch is not None and not watch.listeners and watch.idle_since is None:
@@ -617,7 +627,9 @@ class PresenceHub:
             watch.pending = []
             watch.starts.clear()
 
-    def _send(self, room: str, watch: _Watch, listeners: dict[Member, str]) -> None:
+    def _send(
+        self, room: str, watch: _Watch, listeners: dict[Member, str], *, soon: bool = False
+    ) -> None:
         """The room's pending events to `listeners` (writer -> its conn), each from where
         it started and except the events about itself: one write per listener (one event
         alone: by `fanout.broadcast`, the native loop the deltas use)."""
@@ -632,14 +644,14 @@ class PresenceHub:
                     if event.bad:
                         logger.warning("room %s: presence entry cannot be encoded", room)
             starts = watch.starts
-            if len(events) == 1 and not starts:
+            if len(events) == 1 and not starts and not soon:
                 event = events[0]
                 if event.bad:
                     return
                 chosen = [w for w, own in listeners.items() if own != event.conn]
                 sent, _ = broadcast(chosen, event)
             else:
-                sent = self._send_many(listeners, events, starts)
+                sent = self._send_many(listeners, events, starts, soon)
             if sent:
                 self.metrics.presence_events.inc(sent)
         except Exception:
@@ -648,7 +660,10 @@ class PresenceHub:
 
     @staticmethod
     def _send_many(
-        listeners: dict[Member, str], events: list[_EventFrame], starts: dict[Member, int]
+        listeners: dict[Member, str],
+        events: list[_EventFrame],
+        starts: dict[Member, int],
+        soon: bool = False,
     ) -> int:
         """`_send` of several events: their frames back to back, built once per
         subprotocol, start, and listener that some of the events are about; the frames
@@ -664,13 +679,11 @@ class PresenceHub:
             if held is None:
                 codec, opcode = writer.codec, writer.opcode
                 frames = [
-                    frame(opcode, e.payload(codec))
-                    for e in events[start:]
-                    if e.conn != own and not e.bad
+                    e.frame(codec, opcode) for e in events[start:] if e.conn != own and not e.bad
                 ]
                 held = built[key] = (b"".join(frames), len(frames))
             data, n = held
-            if n and writer.write(data):
+            if n and (writer.write_soon(data) if soon else writer.write(data)):
                 sent += n
         return sent
 

@@ -8,18 +8,24 @@ another version), so the two evolve apart.
 Keys of one room, under its hash tag (one Cluster shard):
   KEYS[1] room:{R}:presence         hash  conn -> entry JSON {"conn","sub","info","j"}
   KEYS[2] room:{R}:presence-exp     zset  conn -> expiry (ms, the server's clock)
-  KEYS[3] room:{R}:presence-events  channel: {"e":"join"|"leave","m":<entry JSON>}
+  KEYS[3] room:{R}:presence-events  channel: one message per function call that changed
+                                    something, its events in order, one per line:
+                                    {"e":"join"|"leave","m":<entry JSON>} joined by "\n"
 Each relay re-writes its own entries every refresh (about every 20 s) with a time to live
 (60 s by default); an entry not refreshed in time belongs to a relay that died, and the
 next refresh or read of the room by any relay takes it out and announces its leave. Both
 keys expire with the time to live too, so a room every relay left holds nothing.
 
 In a Redis Cluster (cluster_enabled:1) events go out with SPUBLISH, as in `kasagi`.
+One message per call, not one per event: a relay's batch of joins and leaves comes back to
+every relay as one message (each message costs the server a PUBLISH and every subscribed
+relay a read; per event that was most of what an event cost). An entry is one line of
+compact JSON, so an entry holding a newline is refused (relays never write one).
 
 Bump VERSION whenever a function changes.
 ]]
 
-local VERSION = '3'
+local VERSION = '4'
 -- Expired entries taken out per call: bounds one call's work (the rest go next call).
 local REAP_MAX = 1000
 
@@ -30,15 +36,33 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function announce(channel, kind, entry)
-  local message = '{"e":"' .. kind .. '","m":' .. entry .. '}'
+-- The events of one call, published together by `publish` (one message, one per line).
+local function announce(events, kind, entry)
+  events[#events + 1] = '{"e":"' .. kind .. '","m":' .. entry .. '}'
+end
+
+local function publish(channel, events)
+  if #events == 0 then
+    return
+  end
   if cluster_mode == nil then
     cluster_mode = string.find(redis.call('INFO', 'cluster'), 'cluster_enabled:1', 1, true) ~= nil
   end
+  local message = table.concat(events, '\n')
   if cluster_mode then
     redis.call('SPUBLISH', channel, message)
   else
     redis.call('PUBLISH', channel, message)
+  end
+end
+
+-- Every entry of a call is checked before anything is written (an error part-way would
+-- leave writes unannounced).
+local function check_entries(args, first, step, name)
+  for i = first, #args, step do
+    if string.find(args[i], '\n', 1, true) then
+      error('ERR ' .. name .. ': an entry may not contain a newline')
+    end
   end
 end
 
@@ -56,15 +80,15 @@ local function ttl_of(arg, name)
   return math.floor(ttl)
 end
 
--- Take out up to REAP_MAX entries past their expiry, announcing each leave.
-local function reap(keys, now)
+-- Take out up to REAP_MAX entries past their expiry, their leaves added to `events`.
+local function reap(keys, now, events)
   local gone = redis.call('ZRANGEBYSCORE', keys[2], '-inf', now, 'LIMIT', 0, REAP_MAX)
   for _, conn in ipairs(gone) do
     local entry = redis.call('HGET', keys[1], conn)
     redis.call('ZREM', keys[2], conn)
     if entry then
       redis.call('HDEL', keys[1], conn)
-      announce(keys[3], 'leave', entry)
+      announce(events, 'leave', entry)
     end
   end
 end
@@ -78,6 +102,7 @@ end
 local function add(keys, args)
   check(keys, 'kasagi_presence_add')
   local ttl = ttl_of(args[1], 'kasagi_presence_add')
+  check_entries(args, 3, 1, 'kasagi_presence_add')
   local conn, entry = args[2], args[3]
   local now = now_ms()
   local old = redis.call('HGET', keys[1], conn)
@@ -85,7 +110,7 @@ local function add(keys, args)
   redis.call('ZADD', keys[2], now + ttl, conn)
   keep(keys, ttl)
   if old ~= entry then
-    announce(keys[3], 'join', entry)
+    publish(keys[3], {'{"e":"join","m":' .. entry .. '}'})
   end
   return 1
 end
@@ -100,7 +125,7 @@ local function remove(keys, args)
   end
   redis.call('HDEL', keys[1], conn)
   redis.call('ZREM', keys[2], conn)
-  announce(keys[3], 'leave', entry)
+  publish(keys[3], {'{"e":"leave","m":' .. entry .. '}'})
   return 1
 end
 
@@ -113,6 +138,8 @@ local function write(keys, args)
   if (#args - 1) % 3 ~= 0 then
     error('ERR kasagi_presence_write: expected ttl_ms then (kind, conn, entry) triples')
   end
+  check_entries(args, 4, 3, 'kasagi_presence_write')
+  local events = {}
   local now = nil
   for i = 2, #args, 3 do
     local kind, conn, entry = args[i], args[i + 1], args[i + 2]
@@ -122,17 +149,17 @@ local function write(keys, args)
       end
       -- Nearly every add is of a connection not in the room: one command stores it.
       if redis.call('HSETNX', keys[1], conn, entry) == 1 then
-        announce(keys[3], 'join', entry)
+        announce(events, 'join', entry)
       elseif redis.call('HGET', keys[1], conn) ~= entry then
         redis.call('HSET', keys[1], conn, entry)
-        announce(keys[3], 'join', entry)
+        announce(events, 'join', entry)
       end
       redis.call('ZADD', keys[2], now + ttl, conn)
     elseif kind == 'r' then
       if redis.call('HGET', keys[1], conn) == entry then
         redis.call('HDEL', keys[1], conn)
         redis.call('ZREM', keys[2], conn)
-        announce(keys[3], 'leave', entry)
+        announce(events, 'leave', entry)
       end
     else
       error('ERR kasagi_presence_write: kind must be a or r')
@@ -141,6 +168,7 @@ local function write(keys, args)
   if now ~= nil then
     keep(keys, ttl)
   end
+  publish(keys[3], events)
   return 1
 end
 
@@ -148,25 +176,30 @@ end
 local function refresh(keys, args)
   check(keys, 'kasagi_presence_refresh')
   local ttl = ttl_of(args[1], 'kasagi_presence_refresh')
+  check_entries(args, 3, 2, 'kasagi_presence_refresh')
+  local events = {}
   local now = now_ms()
-  reap(keys, now)
+  reap(keys, now, events)
   for i = 2, #args - 1, 2 do
     local conn, entry = args[i], args[i + 1]
     local old = redis.call('HGET', keys[1], conn)
     if old ~= entry then
       redis.call('HSET', keys[1], conn, entry)
-      announce(keys[3], 'join', entry)
+      announce(events, 'join', entry)
     end
     redis.call('ZADD', keys[2], now + ttl, conn)
   end
   keep(keys, ttl)
+  publish(keys[3], events)
   return 1
 end
 
 -- KEYS: the 3 keys. Every entry of the room, expired ones taken out first.
 local function members(keys, args)
   check(keys, 'kasagi_presence_members')
-  reap(keys, now_ms())
+  local events = {}
+  reap(keys, now_ms(), events)
+  publish(keys[3], events)
   return redis.call('HVALS', keys[1])
 end
 

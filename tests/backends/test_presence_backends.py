@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from kasagi_relay.backends.base import Backend
 from kasagi_relay.backends.memory import MemoryBackend
@@ -186,4 +187,90 @@ async def test_redis_keys_share_the_rooms_hash_tag_and_expire(
         await deltas.aclose()  # type: ignore[no-untyped-call]
     finally:
         await r.aclose()
+        await b.close()
+
+
+async def test_redis_sends_a_calls_events_as_one_message_one_event_per_line(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """A batch costs one PUBLISH, not one per event: a relay's writes of one room come back
+    as one message, the events in order, one per line; a refresh that re-writes lost
+    entries and takes out expired ones announces all of it in one message too."""
+    b = RedisBackend(redis_url(redis_server), op_timeout_s=3.0)
+    await b.start()
+    r = aioredis.Redis(port=redis_server.servers[0].port)
+    watcher = r.pubsub()
+    try:
+        await watcher.subscribe("room:{r}:presence-events")
+        assert await watcher.get_message(timeout=1.0) is not None  # the confirmation
+
+        async def messages() -> list[bytes]:
+            got = []
+            while (m := await watcher.get_message(timeout=0.3)) is not None:
+                got.append(m["data"])
+            return got
+
+        await b.presence.write(
+            [("r", "c1", E1, True), ("r", "c2", E2, True), ("r", "c1", E1, False)], 60
+        )
+        assert await messages() == [
+            b'{"e":"join","m":%s}\n{"e":"join","m":%s}\n{"e":"leave","m":%s}' % (E1, E2, E1)
+        ]
+        await b.presence.add("r", "c1", E1, 0.5)
+        # Nothing new (c2 is stored): nothing published; the keys live 60 s again.
+        await b.presence.refresh("r", {"c2": E2}, 60)
+        assert await messages() == [b'{"e":"join","m":%s}' % E1]
+        await asyncio.sleep(0.5)  # c1 expires
+        await r.hdel("room:{r}:presence", "c2")  # c2 lost (a failover)
+        await b.presence.refresh("r", {"c2": E2}, 60)
+        assert await messages() == [b'{"e":"leave","m":%s}\n{"e":"join","m":%s}' % (E1, E2)]
+        # A write that changes nothing publishes nothing.
+        await b.presence.write([("r", "c2", E2, True), ("r", "c1", E1, False)], 60)
+        assert await messages() == []
+    finally:
+        await watcher.aclose()  # type: ignore[no-untyped-call]
+        await r.aclose()
+        await b.close()
+
+
+async def test_redis_a_malformed_line_does_not_hide_the_rest_of_its_message(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """An event message published by something else than the library (a bad line, a
+    version 3 message of one event) is read line by line: what is well-formed arrives."""
+    b = RedisBackend(redis_url(redis_server), op_timeout_s=3.0)
+    await b.start()
+    r = aioredis.Redis(port=redis_server.servers[0].port)
+    try:
+        events = Events()
+        b.presence.set_listener(events)
+        await b.presence.subscribe("r")
+        channel = "room:{r}:presence-events"
+        await r.publish(channel, b'not an event\n{"e":"join","m":%s}\n{"e":"dance"}' % E1)
+        await r.publish(channel, b'{"e":"leave","m":%s}' % E1)
+        await until(lambda: len(events.got) >= 2)
+        await asyncio.sleep(0.1)
+        assert events.got == [("r", "join", E1), ("r", "leave", E1)]
+    finally:
+        await r.aclose()
+        await b.close()
+
+
+async def test_redis_refuses_an_entry_holding_a_newline_before_writing_anything(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """Events travel one per line, so the library refuses an entry with a newline (valid
+    JSON, never written by a relay): the whole call, nothing of it stored."""
+    b = RedisBackend(redis_url(redis_server), op_timeout_s=3.0)
+    await b.start()
+    bad = b'{"conn":"c3",\n"sub":null,"info":{},"j":"d"}'
+    try:
+        await b.presence.write([("r", "c1", E1, True), ("r", "c3", bad, True)], 60)
+        assert await b.presence.members("r") == []
+        with pytest.raises(ResponseError, match="newline"):
+            await b.presence.refresh("r", {"c1": E1, "c3": bad}, 60)
+        assert await b.presence.members("r") == []
+        await b.presence.write([("r", "c1", E1, True)], 60)
+        assert await b.presence.members("r") == [E1]
+    finally:
         await b.close()
