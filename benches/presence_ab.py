@@ -1,0 +1,187 @@
+"""Presence events, this tree against a baseline commit, in one run on one real redis-server.
+
+    PYTHONPATH=. .venv/bin/python -m benches.presence_ab [--baseline 6ab83db] [--rounds 4]
+        [--calls 4000] [--per-call 20] [--joins-rounds 6] [--seconds 4] [--json out.json]
+
+Two parts, the two trees alternating round by round (drift on a shared machine hits both):
+- the `kasagi_presence` library of each tree (`git show <baseline>:.../presence.lua`)
+  loaded in turn: `--calls` calls of `kasagi_presence_write`, each adding then removing
+  `--per-call` / 2 members of one room (so `--per-call` events each), sent in pipelines of
+  50 while this process listens to the room's events through this tree's `RedisPresence`
+  (as a relay does). Per event: Redis's CPU (INFO cpu) and this process's (the sender,
+  the same for both, plus the receiving feed and listener);
+- the join loop of benches/presence_cost.py with every member asking for events (rooms
+  of 10, 400 connections, the compiled load generator on core 1, the relay and Redis on
+  core 0), a relay of each tree in turn: join+leave cycles/s, the relay's CPU per cycle
+  and the events each cycle delivered. The events per cycle vary from run to run (a
+  member that leaves while its join's write is still queued is never announced, and how
+  often that happens depends on how long the writes wait): compare the CPU per cycle at
+  similar events per cycle.
+The baseline is `git archive`d with this tree's built engine (benches/ingest.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+from benches.ingest import REPO, baseline_tree, free_port, stop, wait_port
+from benches.presence_cost import join_rate, pin
+from kasagi_relay.backends.redis import RedisBackend
+from kit.topology import start_topology
+from testkit.wait import until
+
+LIBRARY = "kasagi_relay/backends/presence.lua"
+PIPELINE = 50
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_presence(self, room: str, kind: str, entry: bytes) -> None:
+        self.n += 1
+
+    def on_presence_resync(self) -> None:
+        pass
+
+
+def _redis_cpu(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def library_cost(port: int, library: str, calls: int, per_call: int) -> dict[str, float]:
+    """Redis's and this process's CPU per event with `library` loaded."""
+    r = redis.Redis(port=port)
+    backend = RedisBackend(f"redis://127.0.0.1:{port}/0", op_timeout_s=5.0)
+    await backend.start()
+    # The backend loaded this tree's library as it started: the one measured goes back.
+    r.function_load(library, replace=True)
+    count = _Count()
+    backend.presence.set_listener(count)
+    await backend.presence.subscribe("bench")
+    keys = ["room:{bench}:presence", "room:{bench}:presence-exp", "room:{bench}:presence-events"]
+    entries = [b'{"conn":"c%d","sub":null,"info":{},"j":"x"}' % i for i in range(per_call // 2)]
+    args: list[str | bytes] = []
+    for kind in ("a", "r"):
+        for i, entry in enumerate(entries):
+            args += (kind, f"c{i}", entry)
+
+    def send() -> None:
+        pipe = r.pipeline(transaction=False)
+        for _ in range(PIPELINE):
+            pipe.fcall("kasagi_presence_write", 3, *keys, 60_000, *args)
+        pipe.execute()
+
+    loop = asyncio.get_running_loop()
+    redis0, own0 = _redis_cpu(r), time.process_time()
+    sent = 0
+    while sent < calls:
+        await loop.run_in_executor(None, send)
+        sent += PIPELINE
+    want = sent * len(args) // 3
+    await until(lambda: count.n >= want, 60.0, f"{want} events received")
+    redis_us = (_redis_cpu(r) - redis0) / want * 1e6
+    own_us = (time.process_time() - own0) / want * 1e6
+    await backend.close()
+    r.close()
+    return {"redis_cpu_us_per_event": redis_us, "this_process_cpu_us_per_event": own_us}
+
+
+@contextlib.contextmanager
+def relay(tree: Path, redis_url: str, presence: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KASAGI_")}
+    env["PYTHONPATH"] = str(tree)
+    argv = [
+        sys.executable, "-m", "kasagi_relay", "--port", str(port), "--redis", redis_url,
+        "--rate-limit", "0", "--rate-bytes", "0", "--max-connections-per-address", "0",
+        "--presence", presence,
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        pin(proc.pid, 0)
+        yield f"ws://127.0.0.1:{port}/ws", proc.pid
+    finally:
+        stop(proc)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", default="main", help="git ref to compare with")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--calls", type=int, default=4000)
+    ap.add_argument("--per-call", type=int, default=20)
+    ap.add_argument("--joins-rounds", type=int, default=6)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})
+    native = REPO / "kasagi_relay" / "_native.abi3.so"
+    out: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "baseline": a.baseline,
+    }
+    with tempfile.TemporaryDirectory(prefix="kasagi-baseline-") as tmp:
+        (Path(tmp) / "tree").mkdir()
+        trees = {"baseline": baseline_tree(a.baseline, Path(tmp) / "tree", native), "this": REPO}
+        topo = start_topology(Path(tmp) / "redis", sentinels=False)
+        pin(topo.servers[0].pid, 0)
+        port = topo.servers[0].port
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        try:
+            libs = {name: (tree / LIBRARY).read_text() for name, tree in trees.items()}
+            lib_runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+            for i in range(a.rounds):
+                for name in list(trees) if i % 2 == 0 else list(reversed(trees)):
+                    got = await library_cost(port, libs[name], a.calls, a.per_call)
+                    lib_runs[name].append(got)
+                    print("library", name, {k: round(v, 2) for k, v in got.items()}, flush=True)
+            out["library_runs"] = lib_runs
+            out["library"] = {
+                name: {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+                for name, runs in lib_runs.items()
+            }
+            join_runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+            for i in range(a.joins_rounds):
+                for name in list(trees) if i % 2 == 0 else list(reversed(trees)):
+                    # The library of the relay under test: it loads its own as it starts.
+                    redis.Redis(port=port).function_delete("kasagi_presence")
+                    with relay(trees[name], redis_url, "on") as (url, pid):
+                        got = await join_rate(
+                            url, pid, topo.servers[0].pid, port, 400, 10, a.seconds, True
+                        )
+                    join_runs[name].append(got)
+                    keep = ("joins_per_s", "relay_cpu_us_per_join", "events_per_join")
+                    print("joins", name, {k: round(got[k], 2) for k in keep}, flush=True)
+            out["join_runs"] = join_runs
+            out["joins"] = {
+                name: {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+                for name, runs in join_runs.items()
+            }
+        finally:
+            topo.stop()
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.json is not None:
+        a.json.write_text(text)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
