@@ -59,6 +59,14 @@ class _Count:
         pass
 
 
+def medians(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per tree, the median of each measure over its rounds."""
+    return {
+        name: {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
+        for name, rows in runs.items()
+    }
+
+
 def _redis_cpu(r: redis.Redis) -> float:
     info = r.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -154,10 +162,7 @@ async def main() -> None:
                     lib_runs[name].append(got)
                     print("library", name, {k: round(v, 2) for k, v in got.items()}, flush=True)
             out["library_runs"] = lib_runs
-            out["library"] = {
-                name: {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
-                for name, runs in lib_runs.items()
-            }
+            out["library"] = medians(lib_runs)
             join_runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
             for i in range(a.joins_rounds):
                 for name in list(trees) if i % 2 == 0 else list(reversed(trees)):
@@ -171,10 +176,7 @@ async def main() -> None:
                     keep = ("joins_per_s", "relay_cpu_us_per_join", "events_per_join")
                     print("joins", name, {k: round(got[k], 2) for k in keep}, flush=True)
             out["join_runs"] = join_runs
-            out["joins"] = {
-                name: {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
-                for name, runs in join_runs.items()
-            }
+            out["joins"] = medians(join_runs)
         finally:
             topo.stop()
     text = json.dumps(out, indent=2)
