@@ -632,7 +632,8 @@ class PresenceHub:
     ) -> None:
         """The room's pending events to `listeners` (writer -> its conn), each from where
         it started and except the events about itself: one write per listener (one event
-        alone: by `fanout.broadcast`, the native loop the deltas use)."""
+        alone: by `fanout.broadcast`, the native loop the deltas use); with `soon`, held
+        to the end of the turn with what else the listener is sent (`Member.write_soon`)."""
         try:
             events = watch.pending
             # An event is sent to all or to none: encoded once per subprotocol before it

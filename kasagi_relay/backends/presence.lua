@@ -110,7 +110,9 @@ local function add(keys, args)
   redis.call('ZADD', keys[2], now + ttl, conn)
   keep(keys, ttl)
   if old ~= entry then
-    publish(keys[3], {'{"e":"join","m":' .. entry .. '}'})
+    local events = {}
+    announce(events, 'join', entry)
+    publish(keys[3], events)
   end
   return 1
 end
@@ -125,7 +127,9 @@ local function remove(keys, args)
   end
   redis.call('HDEL', keys[1], conn)
   redis.call('ZREM', keys[2], conn)
-  publish(keys[3], {'{"e":"leave","m":' .. entry .. '}'})
+  local events = {}
+  announce(events, 'leave', entry)
+  publish(keys[3], events)
   return 1
 end
 
