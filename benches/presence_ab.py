@@ -24,21 +24,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
-from benches.ingest import REPO, baseline_tree, free_port, stop, wait_port
+from benches.ingest import REPO, baseline_tree, relay
 from benches.presence_cost import join_rate, pin
 from kasagi_relay.backends.redis import RedisBackend
 from kit.topology import start_topology
@@ -110,25 +106,6 @@ async def library_cost(port: int, library: str, calls: int, per_call: int) -> di
     return {"redis_cpu_us_per_event": redis_us, "this_process_cpu_us_per_event": own_us}
 
 
-@contextlib.contextmanager
-def relay(tree: Path, redis_url: str, presence: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KASAGI_")}
-    env["PYTHONPATH"] = str(tree)
-    argv = [
-        sys.executable, "-m", "kasagi_relay", "--port", str(port), "--redis", redis_url,
-        "--rate-limit", "0", "--rate-bytes", "0", "--max-connections-per-address", "0",
-        "--presence", presence,
-    ]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL)
-    try:
-        wait_port(port, proc)
-        pin(proc.pid, 0)
-        yield f"ws://127.0.0.1:{port}/ws", proc.pid
-    finally:
-        stop(proc)
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", default="main", help="git ref to compare with")
@@ -168,7 +145,9 @@ async def main() -> None:
                 for name in list(trees) if i % 2 == 0 else list(reversed(trees)):
                     # The library of the relay under test: it loads its own as it starts.
                     redis.Redis(port=port).function_delete("kasagi_presence")
-                    with relay(trees[name], redis_url, "on") as (url, pid):
+                    extra = ["--redis", redis_url, "--presence", "on"]
+                    with relay(trees[name], extra) as (ws_port, pid):
+                        url = f"ws://127.0.0.1:{ws_port}/ws"
                         got = await join_rate(
                             url, pid, topo.servers[0].pid, port, 400, 10, a.seconds, True
                         )
