@@ -51,12 +51,13 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from kasagi_relay.backends.base import Presence, PresenceOp
 from kasagi_relay.domain import BackendUnavailable, Identity
-from kasagi_relay.fanout import Member, broadcast, frame
+from kasagi_relay.fanout import OP_BINARY, OP_TEXT, Member, frame
 from kasagi_relay.loops import cancel_and_wait
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.protocol import JSON, Codec, encode_presence_event
@@ -87,6 +88,9 @@ class _Local:
 
 
 _Event = tuple[str, str, str, dict[str, Any]]
+# A queued write and whether it is a join or leave to announce (a re-identification's
+# re-write is not: the member stays the same).
+_Queued = tuple[PresenceOp, bool]
 
 
 @dataclass(slots=True)
@@ -107,6 +111,32 @@ class _Watch:
     # them each listener that came meanwhile starts (the others start at 0).
     pending: list[_EventFrame] = field(default_factory=list)
     starts: dict[Member, int] = field(default_factory=dict)
+    # For the pending events: the members they are about, how many of them are encoded
+    # for the listeners' subprotocols, and the writes made of them so far (by subprotocol,
+    # the listener if they are about it, its start, and how many events they cover: a
+    # leaver's share is made once for every listener that gets the same).
+    about: set[str] = field(default_factory=set)
+    checked: int = 0
+    built: dict[tuple[Codec, str | None, int, int], tuple[bytes, int]] = field(default_factory=dict)
+    codecs: dict[Codec, int] = field(default_factory=dict)  # listeners per subprotocol
+    room_json: bytes = b""  # the room as a JSON string, for its events
+
+    def add_listener(self, member: Member, conn: str) -> None:
+        if member not in self.listeners:
+            self.codecs[member.codec] = self.codecs.get(member.codec, 0) + 1
+        self.listeners[member] = conn
+
+    def remove_listener(self, member: Member) -> None:
+        del self.listeners[member]
+        self.codecs[member.codec] -= 1
+
+    def sent(self) -> None:
+        """The pending events are all sent."""
+        self.pending = []
+        self.starts.clear()
+        self.about.clear()
+        self.built.clear()
+        self.checked = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +155,13 @@ class PresenceView:
         return out
 
 
-# `j`: this process's random prefix and a counter, unique per join without a call to
-# the system's random source per join.
-_J_BASE: Final = secrets.token_hex(4)
+# `j`: a random prefix and a counter, unique per join without a call to the system's
+# random source per join. Each hub has its own prefix (its entries are told from every
+# other relay's by it: `PresenceHub.on_presence`); this one is for entries made outside a
+# hub (tools, tests standing in for another relay).
+_J_BASE: Final = secrets.token_hex(8).encode()
 _J_SEQ = itertools.count()
+_J_KEY: Final = b',"j":"'
 # Entry heads cached per connection (the identity they were made of): a member joining
 # and leaving rooms re-encodes nothing. Cleared whole past this size.
 HEADS_MAX: Final = 65_536
@@ -140,53 +173,82 @@ PARSED_MAX: Final = 65_536
 class _EventFrame:
     """One `presence_join` / `presence_leave` about member `conn`, encoded at most once per
     subprotocol. With `member_json` (the member as compact ASCII JSON, cut from its stored
-    entry) the JSON payload is put together from bytes, not encoded from `member`."""
+    entry) the JSON payload is put together from bytes, and `member` (None then) is decoded
+    from it only for another subprotocol. `room_json` is the room as a JSON string (made
+    once per watched room, not per event)."""
 
-    __slots__ = ("bad", "conn", "encoded", "framed", "kind", "member", "member_json", "room")
+    __slots__ = (
+        "_member",
+        "bad",
+        "conn",
+        "json_frame",
+        "kind",
+        "member_json",
+        "others",
+        "room",
+        "room_json",
+    )
 
     def __init__(
-        self, kind: str, room: str, conn: str, member: dict[str, Any], member_json: bytes | None
+        self,
+        kind: str,
+        room: str,
+        room_json: bytes,
+        conn: str,
+        member: dict[str, Any] | None,
+        member_json: bytes | None,
     ) -> None:
         self.kind = kind
         self.room = room
+        self.room_json = room_json
         self.conn = conn
-        self.member = member
+        self._member = member
         self.member_json = member_json
-        self.encoded: dict[Codec, bytes] = {}
-        self.framed: dict[Codec, bytes] = {}  # the payloads as WebSocket frames
+        # The event as a frame: of JSON (nearly every listener), of other subprotocols.
+        self.json_frame: bytes | None = None
+        self.others: dict[Codec, bytes] | None = None
         # Whether a subprotocol could not encode it (None: not tried yet).
         self.bad: bool | None = None
 
-    def check(self, codecs: set[Codec]) -> None:
+    def check(self, codecs: Iterable[Codec]) -> None:
         """Encode it for `codecs`; `bad` says whether one of them failed."""
         try:
             for codec in codecs:
-                self.payload(codec)
+                self.frame(codec)
         except (ValueError, TypeError, OverflowError):
             self.bad = True
         else:
             self.bad = False
 
-    def frame(self, codec: Codec, opcode: int) -> bytes:
-        """The event as one frame of `codec` (whose opcode is `opcode`), built once."""
-        data = self.framed.get(codec)
+    def frame(self, codec: Codec) -> bytes:
+        """The event as one frame of `codec`, built once."""
+        if codec == JSON:
+            data = self.json_frame
+            if data is None:
+                data = self.json_frame = frame(OP_TEXT, self.payload(codec))
+            return data
+        others = self.others
+        if others is None:
+            others = self.others = {}
+        data = others.get(codec)
         if data is None:
-            data = self.framed[codec] = frame(opcode, self.payload(codec))
+            data = others[codec] = frame(OP_BINARY, self.payload(codec))
         return data
 
     def payload(self, codec: Codec) -> bytes:
-        data = self.encoded.get(codec)
-        if data is None:
-            if codec == JSON and self.member_json is not None:
-                data = b'{"t":"presence_%s","room":%s,"member":%s}' % (
-                    self.kind.encode(),
-                    _json_string(self.room),
-                    self.member_json,
-                )
-            else:
-                data = encode_presence_event(codec, self.kind, self.room, self.member)
-            self.encoded[codec] = data
-        return data
+        if codec == JSON and self.member_json is not None:
+            return b'{"t":"presence_%s","room":%s,"member":%s}' % (
+                self.kind.encode(),
+                self.room_json,
+                self.member_json,
+            )
+        return encode_presence_event(codec, self.kind, self.room, self.member())
+
+    def member(self) -> dict[str, Any]:
+        if self._member is None:
+            assert self.member_json is not None
+            self._member = json.loads(self.member_json)
+        return self._member
 
 
 def _json_string(text: str) -> bytes:
@@ -206,15 +268,29 @@ def _head(conn: str, who: Identity) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-def _entry(conn: str, who: Identity, head: bytes | None = None) -> bytes:
+def _entry(
+    conn: str, who: Identity, head: bytes | None = None, j_base: bytes = _J_BASE, seq: int = -1
+) -> bytes:
     if head is None:
         head = _head(conn, who)
-    return b'%s%s%x"}' % (head, _J_BASE.encode(), next(_J_SEQ))
+    return b'%s%s%x"}' % (head, j_base, next(_J_SEQ) if seq < 0 else seq)
 
 
 def _with_head(entry: bytes, head: bytes) -> bytes:
     """`entry` (same conn and `j`) with another head: the same member, new info."""
-    return head + entry[entry.rindex(b',"j":"') + 6 :]
+    return head + entry[entry.rindex(_J_KEY) + len(_J_KEY) :]
+
+
+def _own(entry: bytes) -> tuple[str, dict[str, Any] | None, bytes | None]:
+    """An entry this relay wrote (`_entry`): its `j`, and the member as it goes on the
+    wire: compact ASCII JSON when the entry is ASCII (then the dict is decoded only when
+    needed), else the dict. No parse: this relay made the bytes."""
+    cut = entry.rindex(_J_KEY)
+    j = entry[cut + len(_J_KEY) : -2].decode()
+    member_json = entry[:cut] + b"}"
+    if member_json.isascii():
+        return j, None, member_json
+    return j, json.loads(member_json), None
 
 
 # (conn, j, the member as sent on the wire, that member as compact ASCII JSON or None)
@@ -283,7 +359,7 @@ class PresenceHub:
         self._resynced = False
         # The writes not sent yet, in order, and the writer sending them (None: idle).
         # A slot is None when its add was cancelled by the member's leave (`leave`).
-        self._queue: list[PresenceOp | None] = []
+        self._queue: list[_Queued | None] = []
         # The absolute position of _queue[0] (positions count every write ever queued).
         self._queue_base = 0
         self._writer: asyncio.Task[None] | None = None
@@ -295,6 +371,10 @@ class PresenceHub:
         self._refreshing: tuple[str, dict[str, bytes], asyncio.Future[None]] | None = None
         # conn -> (the identity, its entry head)
         self._heads: dict[str, tuple[Identity, bytes]] = {}
+        # This hub's `j` prefix: an entry ending in `,"j":"<it>...` is one of its members.
+        self._j_base = secrets.token_hex(8).encode()
+        self._j_seq = itertools.count()
+        self._own_mark = _J_KEY + self._j_base
         # Join events' entries, parsed, until their leave comes (or PARSED_MAX is passed).
         self._parsed: dict[bytes, _Parsed] = {}
         # The rooms with events of this loop turn not sent yet (`_Watch.pending`), and the
@@ -343,9 +423,10 @@ class PresenceHub:
         if held is not None:
             held.events = events
             return
-        local = entries[member] = _Local(conn, _entry(conn, who, self._head(conn, who)), events)
+        entry = _entry(conn, who, self._head(conn, who), self._j_base, next(self._j_seq))
+        local = entries[member] = _Local(conn, entry, events)
         self.metrics.presence_entries.inc()
-        local.slot = self._write((room, conn, local.entry, True))
+        local.slot = self._write((room, conn, entry, True), announce=True)
 
     def _head(self, conn: str, who: Identity) -> bytes:
         held = self._heads.get(conn)
@@ -372,9 +453,9 @@ class PresenceHub:
             local.entry = entry
             if local.slot >= self._queue_base:
                 # Its join's add is not sent yet: it takes the new entry instead.
-                self._queue[local.slot - self._queue_base] = (room, conn, entry, True)
+                self._queue[local.slot - self._queue_base] = ((room, conn, entry, True), True)
             else:
-                self._write((room, conn, entry, True))
+                self._write((room, conn, entry, True), announce=False)
 
     def listen(self, room: str, member: Member) -> None:
         """From now on `member` gets the room's events (after its `joined`)."""
@@ -384,7 +465,7 @@ class PresenceHub:
             if watch.pending:
                 # It gets the events that come from now on, not those already in.
                 watch.starts[member] = len(watch.pending)
-            watch.listeners[member] = local.conn
+            watch.add_listener(member, local.conn)
             watch.idle_since = None
 
     def leave(self, room: str, member: Member) -> None:
@@ -400,7 +481,7 @@ class PresenceHub:
                 # Held with its `left` (session.py sends that with `send_soon`): one write.
                 self._send(room, watch, {member: watch.listeners[member]}, soon=True)
                 watch.starts.pop(member, None)
-            del watch.listeners[member]
+            watch.remove_listener(member)
         if watch is not None and not watch.listeners and watch.idle_since is None:
             # Kept subscribed for a while (rejoins are common): the refresh loop
             # unsubscribes rooms nobody has watched for a refresh period.
@@ -414,13 +495,14 @@ class PresenceHub:
             # Under load batches grow, and so does what this saves.
             self._queue[local.slot - self._queue_base] = None
             return
-        self._write((room, local.conn, local.entry, False))
+        self._write((room, local.conn, local.entry, False), announce=True)
 
     # ------------------------------------------------------------------ writes
 
-    def _write(self, op: PresenceOp) -> int:
-        """Queue `op`; its absolute position in the queue."""
-        self._queue.append(op)
+    def _write(self, op: PresenceOp, *, announce: bool) -> int:
+        """Queue `op` (with `announce`, a join or leave this relay's listeners are told of
+        when it is sent); its absolute position in the queue."""
+        self._queue.append((op, announce))
         if self._writer is None:
             # Starts on the next turn of the loop: this turn's writes are one batch.
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -432,7 +514,8 @@ class PresenceHub:
                 taken, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
                 # From here on these adds are sent: a leave no longer cancels them.
                 self._queue_base += len(taken)
-                ops = [op for op in taken if op is not None]
+                ops = [queued[0] for queued in taken if queued is not None]
+                self._announce(taken)
                 done = None
                 if not self._queue:  # the reads waiting for the queue wait for this batch
                     done, self._next_done = self._next_done, None
@@ -497,7 +580,9 @@ class PresenceHub:
                 # Subscribing for another joiner: ready when it is.
                 await asyncio.shield(held.ready)
             return
-        watch = self.watches[room] = _Watch(idle_since=time.monotonic())
+        watch = self.watches[room] = _Watch(
+            idle_since=time.monotonic(), room_json=_json_string(room)
+        )
         ready = watch.ready = asyncio.get_running_loop().create_future()
         try:
             await self.presence.subscribe(room)
@@ -567,6 +652,13 @@ class PresenceHub:
         watch = self.watches.get(room)
         if watch is None or kind not in ("join", "leave"):
             return
+        cut = entry.rfind(_J_KEY)
+        if cut >= 0 and entry.startswith(self._own_mark, cut):
+            # One of this relay's members: its listeners were told when the write was
+            # sent (`_announce`), and what the backend says of it later (a refresh that
+            # re-wrote it on a new master, another relay that took it for dead) does not
+            # change that it is here.
+            return
         # A member's leave carries the entry of its join: parsed once for both.
         parsed = self._parsed.pop(entry, None) if kind == "leave" else None
         if parsed is None:
@@ -606,16 +698,45 @@ class PresenceHub:
             self._bury(watch, conn, j)
         for log in watch.reads:
             log.append((kind, conn, j, member))
-        if not deliver or not watch.listeners:
-            return
-        # Sent at the end of this loop turn with the room's other events of the turn (a
-        # batch of writes comes back from the backend as a burst of events, read in one
-        # go): one write per listener for all of them, not one per event.
+        if deliver and watch.listeners:
+            self._pend(
+                room, watch, _EventFrame(kind, room, watch.room_json, conn, member, member_json)
+            )
+
+    def _announce(self, taken: list[_Queued | None]) -> None:
+        """The joins and leaves of this relay's members in a batch being sent, to its
+        listeners (not through the backend: its copy of them is dropped, `on_presence`),
+        in queue order. At sending, not at queueing: a leave that cancels its join's
+        queued add leaves nothing to tell."""
+        watches = self.watches
+        for queued in taken:
+            if queued is None or not queued[1]:
+                continue
+            (room, conn, entry, add), _ = queued
+            watch = watches.get(room)
+            if watch is None or (not watch.listeners and not watch.reads):
+                continue
+            kind = "join" if add else "leave"
+            j, member, member_json = _own(entry)
+            if watch.reads:
+                if member is None:
+                    member = json.loads(member_json)  # type: ignore[arg-type]
+                for log in watch.reads:
+                    log.append((kind, conn, j, member))
+            if watch.listeners:
+                event = _EventFrame(kind, room, watch.room_json, conn, member, member_json)
+                self._pend(room, watch, event)
+
+    def _pend(self, room: str, watch: _Watch, event: _EventFrame) -> None:
+        """Send `event` at the end of this loop turn with the room's other events of the
+        turn (a batch of writes comes back from the backend as a burst of events, read in
+        one go): one write per listener for all of them, not one per event."""
         if not watch.pending:
             self._outbox[room] = watch
             if self._flusher is None:
                 self._flusher = asyncio.get_running_loop().call_soon(self._flush)
-        watch.pending.append(_EventFrame(kind, room, conn, member, member_json))
+        watch.pending.append(event)
+        watch.about.add(event.conn)
 
     def _flush(self) -> None:
         """Send the events of this loop turn, room by room, in the order they came."""
@@ -624,69 +745,47 @@ class PresenceHub:
         for room, watch in outbox.items():
             if watch.pending:
                 self._send(room, watch, watch.listeners)
-            watch.pending = []
-            watch.starts.clear()
+            watch.sent()
 
     def _send(
         self, room: str, watch: _Watch, listeners: dict[Member, str], *, soon: bool = False
     ) -> None:
         """The room's pending events to `listeners` (writer -> its conn), each from where
-        it started and except the events about itself: one write per listener (one event
-        alone: by `fanout.broadcast`, the native loop the deltas use); with `soon`, held
-        to the end of the turn with what else the listener is sent (`Member.write_soon`)."""
+        it started and except the events about itself: one write per listener, the frames
+        back to back, joined once per subprotocol, start, and listener that some of the
+        events are about; with `soon`, held to the end of the turn with what else the
+        listener is sent (`Member.write_soon`)."""
         try:
             events = watch.pending
-            # An event is sent to all or to none: encoded once per subprotocol before it
-            # is first sent, and dropped for good if one of them cannot encode it.
-            codecs = {writer.codec for writer in watch.listeners}
-            for event in events:
-                if event.bad is None:
+            n = len(events)
+            if watch.checked < n:
+                # An event is sent to all or to none: encoded once per subprotocol before it
+                # is first sent, and dropped for good if one of them cannot encode it.
+                codecs = [codec for codec, count in watch.codecs.items() if count]
+                for event in events[watch.checked :]:
                     event.check(codecs)
                     if event.bad:
                         logger.warning("room %s: presence entry cannot be encoded", room)
-            starts = watch.starts
-            if len(events) == 1 and not starts and not soon:
-                event = events[0]
-                if event.bad:
-                    return
-                chosen = [w for w, own in listeners.items() if own != event.conn]
-                sent, _ = broadcast(chosen, event)
-            else:
-                sent = self._send_many(listeners, events, starts, soon)
+                watch.checked = n
+            starts, about, built = watch.starts, watch.about, watch.built
+            sent = 0
+            # A copy: a write that drops a member may take it out of the listeners.
+            for writer, own in list(listeners.items()):
+                start = starts.get(writer, 0)
+                key = (writer.codec, own if own in about else None, start, n)
+                held = built.get(key)
+                if held is None:
+                    codec = writer.codec
+                    frames = [e.frame(codec) for e in events[start:] if e.conn != own and not e.bad]
+                    held = built[key] = (b"".join(frames), len(frames))
+                data, count = held
+                if count and (writer.write_soon(data) if soon else writer.write(data)):
+                    sent += count
             if sent:
                 self.metrics.presence_events.inc(sent)
         except Exception:
             # One room's failure must not hold up the others' events, nor a leave.
             logger.exception("room %s: sending presence events failed", room)
-
-    @staticmethod
-    def _send_many(
-        listeners: dict[Member, str],
-        events: list[_EventFrame],
-        starts: dict[Member, int],
-        soon: bool = False,
-    ) -> int:
-        """`_send` of several events: their frames back to back, built once per
-        subprotocol, start, and listener that some of the events are about; the frames
-        sent."""
-        about = {event.conn for event in events}
-        built: dict[tuple[Codec, str | None, int], tuple[bytes, int]] = {}
-        sent = 0
-        # A copy: a write that drops a member may take it out of the listeners.
-        for writer, own in list(listeners.items()):
-            start = starts.get(writer, 0)
-            key = (writer.codec, own if own in about else None, start)
-            held = built.get(key)
-            if held is None:
-                codec, opcode = writer.codec, writer.opcode
-                frames = [
-                    e.frame(codec, opcode) for e in events[start:] if e.conn != own and not e.bad
-                ]
-                held = built[key] = (b"".join(frames), len(frames))
-            data, n = held
-            if n and (writer.write_soon(data) if soon else writer.write(data)):
-                sent += n
-        return sent
 
     def _bury(self, watch: _Watch, conn: str, j: str) -> None:
         now = time.monotonic()
@@ -704,7 +803,8 @@ class PresenceHub:
 
     async def _reconcile(self, room: str, watch: _Watch, *, deliver: bool) -> None:
         """Read the room's members and send the joins and leaves this relay has not seen
-        (events lost while the subscription was being re-made)."""
+        (events lost while the subscription was being re-made). This relay's own members
+        are not the backend's to tell (`_announce`)."""
         log: list[_Event] = []
         watch.reads.append(log)
         try:
@@ -712,12 +812,15 @@ class PresenceHub:
         finally:
             with contextlib.suppress(ValueError):
                 watch.reads.remove(log)
+        own = self._j_base.decode()
         current: dict[str, tuple[str, dict[str, Any]]] = {}
         for entry in raw:
             parsed = _parse(entry)
-            if parsed is not None:
+            if parsed is not None and not parsed[1].startswith(own):
                 current[parsed[0]] = (parsed[1], parsed[2])
         for kind, conn, j, member in log:
+            if j.startswith(own):
+                continue
             if kind == "leave":
                 if current.get(conn, ("",))[0] == j:
                     del current[conn]

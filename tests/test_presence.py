@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from kasagi_relay.domain import ANONYMOUS, Identity
 from kasagi_relay.presence import _entry
+from kasagi_relay.server import Relay
 from kit.topology import call
 from testkit.redis import Topology, redis_server, sentinel_topology  # noqa: F401
 from testkit.relay import (
@@ -47,6 +49,13 @@ async def presence(client: Client, room: str, rid: int | str = 1) -> dict[str, A
     _seen.setdefault(id(client), []).extend(before)
     assert reply["t"] == "presence", reply
     return reply
+
+
+def sample(relay: Relay, name: str) -> float:
+    """A metric as /metrics shows it (read through the registry: the tallies are added)."""
+    value = relay.metrics.registry.get_sample_value(name)
+    assert value is not None, name
+    return value
 
 
 def conns(reply: dict[str, Any]) -> set[str]:
@@ -113,7 +122,7 @@ async def test_members_events_and_conn_in_joined() -> None:
         reply = await presence(other, "r", rid="p")
         assert reply["id"] == "p" and reply["count"] == 2 and reply["users"] == 0
         assert conns(reply) == {mine["conn"], theirs["conn"]}
-        assert relay.metrics.presence_entries._value.get() == 2
+        assert sample(relay, "kasagi_presence_entries") == 2
         # Leave, join again (a new member: its join is sent again), then close.
         await other.send({"t": "leave", "room": "r"})
         await other.expect("left")
@@ -127,8 +136,8 @@ async def test_members_events_and_conn_in_joined() -> None:
         assert leave["member"]["conn"] == theirs["conn"]
         await watcher.nothing()
         assert conns(await presence(watcher, "r")) == {mine["conn"]}
-        assert relay.metrics.presence_events._value.get() == 4
-        assert relay.metrics.presence_entries._value.get() == 1
+        assert sample(relay, "kasagi_presence_events_total") == 4
+        assert sample(relay, "kasagi_presence_entries") == 1
 
 
 async def test_a_burst_of_events_reaches_the_listeners_there_were_in_order() -> None:
@@ -155,15 +164,15 @@ async def test_a_burst_of_events_reaches_the_listeners_there_were_in_order() -> 
         y: dict[str, Any] = {"conn": "y", "sub": "\u00fc", "info": {"name": "Zo\u00eb"}}
         a2: dict[str, Any] = {"conn": ca, "sub": None, "info": {}}  # a's connection, again
         ex, ey, ea2 = (_entry(m["conn"], Identity(m["sub"], m["info"])) for m in (x, y, a2))
-        sent = relay.metrics.presence_events._value.get()
+        sent = sample(relay, "kasagi_presence_events_total")
         # One turn: three events, b stops listening, one more event.
         hub.on_presence("r", "join", ex)
         hub.on_presence("r", "join", ea2)
         hub.on_presence("r", "join", ey)
-        assert relay.metrics.presence_events._value.get() == sent  # held to the turn's end
+        assert sample(relay, "kasagi_presence_events_total") == sent  # held to the turn's end
         hub.leave("r", member_b)
         # b's three went out to it before it stopped; a's and c's wait for the turn's end.
-        assert relay.metrics.presence_events._value.get() == sent + 3
+        assert sample(relay, "kasagi_presence_events_total") == sent + 3
         hub.on_presence("r", "leave", ex)
 
         def got(messages: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -359,6 +368,60 @@ async def test_a_member_gone_before_its_entry_was_sent_is_never_announced(
         assert about_y == []
 
 
+@pytest.mark.timeout(60)
+async def test_a_relays_own_members_are_announced_once_and_stay_while_connected(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """A relay tells its own listeners of its own members' joins and leaves itself, as it
+    sends them to Redis: once each (Redis's copy of them, which the other relays read, is
+    not delivered a second time). And what another relay says of them does not undo it: a
+    relay stalled past the time to live (SIGSTOP) has its entries taken out by a live
+    relay, whose members hear their leaves; the stalled relay's own listener, sharing the
+    room with them all along, does not, and their entries come back with its next refresh."""
+    port = redis_server.servers[0].port
+    args = redis_args(redis_server)
+    async with (
+        relay_process(*args) as one,
+        relay_process(*args) as two,
+        clients(one.url, one.url, two.url) as (a, c, b),
+    ):
+        ia = (await a.join("room", presence=True))["conn"]
+        ib = (await b.join("room", presence=True))["conn"]
+        # What Redis publishes to every relay, read here as another relay would.
+        sub = redis.asyncio.Redis(port=port)
+        pubsub = sub.pubsub()
+        await pubsub.subscribe("room:{room}:presence-events")
+        try:
+            ic = (await c.join("room"))["conn"]
+            await event(a, "presence_join", ic)
+            await event(b, "presence_join", ic)
+            lines: list[bytes] = []
+            async with asyncio.timeout(5):
+                while not any(ic.encode() in line for line in lines):
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                    if message is not None:
+                        lines += message["data"].split(b"\n")
+            assert any(line.startswith(b'{"e":"join"') and ic.encode() in line for line in lines)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await sub.aclose()
+        await asyncio.sleep(0.5)  # Redis's copy of c's join has come back to relay one
+        assert [m for m in _seen.get(id(a), []) if m.get("member", {}).get("conn") == ic] == []
+        await a.nothing(0.5)
+        # Relay one stalls past the TTL (3 s): relay two takes its entries for dead.
+        one.proc.send_signal(signal.SIGSTOP)
+        try:
+            await event(b, "presence_leave", ic, within=10)
+            await event(b, "presence_leave", ia, within=10)
+        finally:
+            one.proc.send_signal(signal.SIGCONT)
+        # Relay one's next refresh (1 s) writes them back; a heard nothing of c leaving.
+        await agree([a, b], "room", {ia, ib, ic}, within=5)
+        seen = _seen.get(id(a), [])
+        assert [m for m in seen if m["t"] == "presence_leave"] == []
+        await a.nothing(0.5)
+
+
 @pytest.mark.timeout(120)
 async def test_a_burst_of_1000_members_on_two_relays_ends_with_lists_that_agree(
     redis_server: Topology,  # noqa: F811
@@ -440,7 +503,7 @@ async def test_presence_off_writes_nothing_and_answers_unavailable() -> None:
         await a.nothing()  # no events
         await a.send({"t": "presence", "room": "r", "id": 1})
         assert (await a.expect("error"))["code"] == "unavailable"
-        assert relay.metrics.presence_entries._value.get() == 0
+        assert sample(relay, "kasagi_presence_entries") == 0
 
 
 async def test_the_http_api_lists_the_same_members() -> None:
