@@ -142,6 +142,13 @@ _REFUSED_TYPES = (ReadOnlyError, BusyLoadingError, MasterDownError, TryAgainErro
 NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+def transport_closed(exc: BaseException) -> bool:
+    """uvloop's error for a write on a transport closed under it: redis-py connecting on a
+    connection that the link's pool disconnected meanwhile (a master change during a
+    failover; MagicStack/uvloop#506). A lost connection, not a bug."""
+    return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
+
+
 async def command(client: Redis, *args: Any) -> Any:
     """One command (redis-py leaves execute_command untyped)."""
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
@@ -509,6 +516,10 @@ class MasterLink:
                     raise
                 last: BaseException = exc
             except (NotSent, *NETWORK_ERRORS) as exc:
+                last = exc
+            except RuntimeError as exc:
+                if not transport_closed(exc):
+                    raise
                 last = exc
             self.locator.check_master()
             if loop.time() + delay > deadline:

@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from kasagi_relay.backends.base import BackendUnavailable, KeyConflict, Op, Snapshot
 from kasagi_relay.backends.redis import FUNCTION_VERSION, RedisBackend
-from kasagi_relay.backends.redis_link import MAX_BATCH
+from kasagi_relay.backends.redis_link import MAX_BATCH, command
 from kasagi_relay.domain import delta_digest
 from testkit.redis import Topology, poll, redis_server, running_topology  # noqa: F401
 from testkit.wait import until
@@ -213,6 +213,38 @@ async def test_subscription_churn_leaves_nothing(backend: RedisBackend) -> None:
     assert feed.rooms == {"kept"}
     assert set(feed._recent) == {"kept"}
     assert (await backend.health())["rooms"] == 1
+
+
+async def test_a_connection_closed_under_a_command_is_retried(backend: RedisBackend) -> None:
+    """uvloop raises RuntimeError ("the handler is closed") for a write on a transport
+    closed under it, as when the link's pool is disconnected at a master change while a
+    command connects (a failover test met it: the relay answered a `presence` request
+    `internal`). The link retries it as the lost connection it is; any other RuntimeError
+    is a bug and goes up at once. The fault is raised by the test's command: its timing
+    (inside redis-py's connect) cannot be brought about on purpose."""
+    calls = 0
+
+    async def flaky(client: aioredis.Redis) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError(
+                "unable to perform operation on <TCPTransport closed=True reading=False "
+                "0x5574e70077e0>; the handler is closed"
+            )
+        return await command(client, "PING")
+
+    assert await backend.link.retrying("ping", flaky) is True
+    assert calls == 2
+
+    async def buggy(client: aioredis.Redis) -> object:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        await backend.link.retrying("bug", buggy)
+    assert calls == 3
 
 
 async def test_function_reloaded_when_missing(
