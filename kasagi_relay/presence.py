@@ -51,7 +51,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -406,10 +406,15 @@ class PresenceHub:
     def holds(self, room: str, member: Member) -> bool:
         return member in self.local.get(room, {})
 
-    async def watch(self, room: str) -> None:
+    def watch(self, room: str) -> Awaitable[None] | None:
         """Subscribe to the room's events (before a joiner that asked for them gets its
-        `joined`, so that it misses none after it)."""
-        await self._watch(room)
+        `joined`, so that it misses none after it): what to await, or None when the room
+        is subscribed already (most joins: no coroutine made)."""
+        held = self.watches.get(room)
+        if held is not None and held.ready is None:
+            held.idle_since = None  # not unsubscribed under this joiner
+            return None
+        return self._watch(room)
 
     def join(self, room: str, member: Member, conn: str, who: Identity, events: bool) -> None:
         """Make `member` present in `room`: its entry is queued for the writer (a
@@ -779,7 +784,10 @@ class PresenceHub:
                     frames = [e.frame(codec) for e in events[start:] if e.conn != own and not e.bad]
                     held = built[key] = (b"".join(frames), len(frames))
                 data, count = held
-                if count and (writer.write_soon(data) if soon else writer.write(data)):
+                # A listener holding frames for the end of the turn (acks, a `left`) gets
+                # these with them: one write, not two.
+                later = soon or writer._pending is not None
+                if count and (writer.write_soon(data) if later else writer.write(data)):
                     sent += count
             if sent:
                 self.metrics.presence_events.inc(sent)

@@ -380,7 +380,9 @@ class RoomService:
             if hub is not None and presence:
                 # Before the room is loaded: nothing may await between the load and the
                 # room's join (a loaded room without a member or a join can be unloaded).
-                await hub.watch(room)
+                subscribing = hub.watch(room)
+                if subscribing is not None:
+                    await subscribing
             r = await self.registry.load(room)
             if member in r.members:
                 r.leave(member)
