@@ -25,9 +25,14 @@ is told from it). The hub (one per relay):
   take out the entries of relays that stopped refreshing (dead) and announce their leave;
 - subscribes to the events of the rooms where one of its members asked for them (`join`
   with `"presence": true`) and sends each `presence_join` / `presence_leave` to those
-  members, except the one it is about. Each event is sent at most once: a join already
-  seen, or of a member whose leave was seen, is dropped (the backend may repeat one after
-  a failover); a member's leave is never followed by its join. A room's events are held
+  members, except the one it is about. The events about its own members it makes itself
+  as their writes are sent (`_announce`: in queue order, after cancellations); the
+  backend's copy of them is dropped unread (their `j` carries this hub's prefix), so
+  what the backend says of them later (a re-write on a new master, another relay taking
+  a stalled relay for dead) does not reach the members here, who share the room with
+  them. Each event is sent at most once: a join already seen, or of a member whose
+  leave was seen, is dropped (the backend may repeat one after a failover); a member's
+  leave is never followed by its join. A room's events are held
   to the end of the loop turn (a batch of writes comes back as a burst) and each listener
   gets them in one write, not one per event: on a busy relay most of the cost of an
   event was its `send`. A listener's join or leave sends what its room holds first (to
@@ -520,7 +525,11 @@ class PresenceHub:
                 # From here on these adds are sent: a leave no longer cancels them.
                 self._queue_base += len(taken)
                 ops = [queued[0] for queued in taken if queued is not None]
-                self._announce(taken)
+                try:
+                    self._announce(taken)
+                except Exception:
+                    # The writes must still go (and the reads waiting for them be told).
+                    logger.exception("presence: announcing %d write(s) failed", len(ops))
                 done = None
                 if not self._queue:  # the reads waiting for the queue wait for this batch
                     done, self._next_done = self._next_done, None
