@@ -35,7 +35,8 @@ TCP (no TLS layer in the transport).
 
 Replies to a connection's own requests (acks, `left`) are written once per loop turn
 (`Member.send_soon`; `write_soon` for frames built already, such as the presence events
-a member gets with its `left`): every `transport.write` of uvloop is a `send` system call,
+a member gets with its `left` or with its acks): every `transport.write` of uvloop is a
+`send` system call,
 and a publisher with several deltas in flight gets several acks in the same turn. On the memory
 backend the ack's `send` was the biggest single item of the publish path (py-spy, 14 % of
 the loop thread; docs/benchmarks.md "Publish path"). What a member holds this way is written
@@ -530,13 +531,7 @@ def direct_fd(conn: ServerConnection) -> int:
     return fd
 
 
-class Encoded(Protocol):
-    """A message encoded at most once per subprotocol (DeltaFrame, a presence event)."""
-
-    def payload(self, codec: Codec) -> bytes: ...
-
-
-def broadcast(members: Iterable[Member], message: DeltaFrame | Encoded) -> tuple[int, int]:
+def broadcast(members: Iterable[Member], message: DeltaFrame) -> tuple[int, int]:
     """Write `message` to every member, encoding it at most once per subprotocol.
 
     Returns (frames written, bytes written)."""
