@@ -35,9 +35,9 @@ is told from it). The hub (one per relay):
   leave is never followed by its join. A room's events are held
   to the end of the loop turn (a batch of writes comes back as a burst) and each listener
   gets them in one write, not one per event: on a busy relay most of the cost of an
-  event was its `send`. A listener's join or leave sends what its room holds first (to
-  a leaver together with its `left`, in one write), so each event goes to the listeners
-  there were when it came;
+  event was its `send`. They go to the listeners there are at the turn's end: one that
+  started listening in the turn gets only the events after it started, one that left
+  gets none of them (it asked to go before they were sent);
 - answers `presence` with one backend read, corrected by the events that arrived while
   the read was in flight (they may come in before its reply).
 
@@ -116,13 +116,9 @@ class _Watch:
     # them each listener that came meanwhile starts (the others start at 0).
     pending: list[_EventFrame] = field(default_factory=list)
     starts: dict[Member, int] = field(default_factory=dict)
-    # For the pending events: the members they are about, how many of them are encoded
-    # for the listeners' subprotocols, and the writes made of them so far (by subprotocol,
-    # the listener if they are about it, its start, and how many events they cover: a
-    # leaver's share is made once for every listener that gets the same).
+    # The members the pending events are about (a listener among them gets a write of
+    # its own: the events less its own).
     about: set[str] = field(default_factory=set)
-    checked: int = 0
-    built: dict[tuple[Codec, str | None, int, int], tuple[bytes, int]] = field(default_factory=dict)
     codecs: dict[Codec, int] = field(default_factory=dict)  # listeners per subprotocol
     room_json: bytes = b""  # the room as a JSON string, for its events
 
@@ -140,8 +136,6 @@ class _Watch:
         self.pending = []
         self.starts.clear()
         self.about.clear()
-        self.built.clear()
-        self.checked = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,11 +480,11 @@ class PresenceHub:
             del self.local[room]
         watch = self.watches.get(room)
         if watch is not None and member in watch.listeners:
-            if watch.pending:
-                # The events already in go to it now, before its `left`; nothing after.
-                # Held with its `left` (session.py sends that with `send_soon`): one write.
-                self._send(room, watch, {member: watch.listeners[member]}, soon=True)
-                watch.starts.pop(member, None)
+            # Nothing more goes to it, not even the events of this turn not sent yet:
+            # they go out at the turn's end, after its leave (the leaver asked to go
+            # before they were sent). Sending each leaver its share at once cost a write
+            # joined per leaver, a burst's events times the burst's leavers.
+            watch.starts.pop(member, None)
             watch.remove_listener(member)
         if watch is not None and not watch.listeners and watch.idle_since is None:
             # Kept subscribed for a while (rejoins are common): the refresh loop
@@ -757,36 +751,31 @@ class PresenceHub:
         self._flusher = None
         outbox, self._outbox = self._outbox, {}
         for room, watch in outbox.items():
-            if watch.pending:
-                self._send(room, watch, watch.listeners)
+            if watch.pending and watch.listeners:
+                self._send(room, watch)
             watch.sent()
 
-    def _send(
-        self, room: str, watch: _Watch, listeners: dict[Member, str], *, soon: bool = False
-    ) -> None:
-        """The room's pending events to `listeners` (writer -> its conn), each from where
-        it started and except the events about itself: one write per listener, the frames
-        back to back, joined once per subprotocol, start, and listener that some of the
-        events are about; with `soon`, held to the end of the turn with what else the
-        listener is sent (`Member.write_soon`)."""
+    def _send(self, room: str, watch: _Watch) -> None:
+        """The room's pending events to its listeners, each from where it started and
+        except the events about itself: one write per listener, the frames back to back,
+        joined once per subprotocol, start, and listener that some of the events are
+        about."""
         try:
             events = watch.pending
-            n = len(events)
-            if watch.checked < n:
-                # An event is sent to all or to none: encoded once per subprotocol before it
-                # is first sent, and dropped for good if one of them cannot encode it.
-                codecs = [codec for codec, count in watch.codecs.items() if count]
-                for event in events[watch.checked :]:
-                    event.check(codecs)
-                    if event.bad:
-                        logger.warning("room %s: presence entry cannot be encoded", room)
-                watch.checked = n
-            starts, about, built = watch.starts, watch.about, watch.built
+            # An event is sent to all or to none: encoded once per subprotocol before it
+            # is sent, and dropped if one of them cannot encode it.
+            codecs = [codec for codec, count in watch.codecs.items() if count]
+            for event in events:
+                event.check(codecs)
+                if event.bad:
+                    logger.warning("room %s: presence entry cannot be encoded", room)
+            starts, about = watch.starts, watch.about
+            built: dict[tuple[Codec, str | None, int], tuple[bytes, int]] = {}
             sent = 0
             # A copy: a write that drops a member may take it out of the listeners.
-            for writer, own in list(listeners.items()):
+            for writer, own in list(watch.listeners.items()):
                 start = starts.get(writer, 0)
-                key = (writer.codec, own if own in about else None, start, n)
+                key = (writer.codec, own if own in about else None, start)
                 held = built.get(key)
                 if held is None:
                     codec = writer.codec
@@ -795,7 +784,7 @@ class PresenceHub:
                 data, count = held
                 # A listener holding frames for the end of the turn (acks, a `left`) gets
                 # these with them: one write, not two.
-                later = soon or writer._pending is not None
+                later = writer._pending is not None
                 if count and (writer.write_soon(data) if later else writer.write(data)):
                     sent += count
             if sent:
