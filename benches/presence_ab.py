@@ -5,8 +5,8 @@
 
 Two parts, the two trees alternating round by round (drift on a shared machine hits both):
 - the `kasagi_presence` library of each tree (`git show <baseline>:.../presence.lua`)
-  loaded in turn: `--calls` calls of `kasagi_presence_write`, each adding then removing
-  `--per-call` / 2 members of one room (so `--per-call` events each), sent in pipelines of
+  loaded in turn: `--calls` calls of `kasagi_presence_write`, in pairs adding then
+  removing `--per-call` members of one room (so `--per-call` events each), sent in pipelines of
   50 while this process listens to the room's events through this tree's `RedisPresence`
   (as a relay does). Per event: Redis's CPU (INFO cpu) and this process's (the sender,
   the same for both, plus the receiving feed and listener);
@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -42,6 +43,12 @@ from testkit.wait import until
 
 LIBRARY = "kasagi_relay/backends/presence.lua"
 PIPELINE = 50
+
+
+def _version(library: str) -> int:
+    found = re.search(r"^local VERSION = '([0-9]+)'", library, re.MULTILINE)
+    assert found is not None, "presence.lua must define VERSION"
+    return int(found.group(1))
 
 
 class _Count:
@@ -79,16 +86,26 @@ async def library_cost(port: int, library: str, calls: int, per_call: int) -> di
     backend.presence.set_listener(count)
     await backend.presence.subscribe("bench")
     keys = ["room:{bench}:presence", "room:{bench}:presence-exp", "room:{bench}:presence-events"]
-    entries = [b'{"conn":"c%d","sub":null,"info":{},"j":"x"}' % i for i in range(per_call // 2)]
-    args: list[str | bytes] = []
-    for kind in ("a", "r"):
-        for i, entry in enumerate(entries):
-            args += (kind, f"c{i}", entry)
+    entries = {f"c{i}": b'{"conn":"c%d","sub":null,"info":{},"j":"x"}' % i for i in range(per_call)}
+    # Calls in pairs: one adds `per_call` members, the next removes them, in the calling
+    # convention of the library's version (5: the relay nets the writes and makes the
+    # message; before: (kind, conn, entry) triples).
+    calls_args: list[list[str | bytes]] = []
+    if _version(library) >= 5:
+        for kind in ("join", "leave"):
+            lines = (b'{"e":"%s","m":%s}' % (kind.encode(), e) for e in entries.values())
+            message = b"\n".join(lines)
+            pairs = [x for c, e in entries.items() for x in (c, e)] if kind == "join" else []
+            drops = list(entries) if kind == "leave" else []
+            calls_args.append([str(len(pairs) // 2), *pairs, *drops, message])
+    else:
+        for kind in ("a", "r"):
+            calls_args.append([x for c, e in entries.items() for x in (kind, c, e)])
 
     def send() -> None:
         pipe = r.pipeline(transaction=False)
-        for _ in range(PIPELINE):
-            pipe.fcall("kasagi_presence_write", 3, *keys, 60_000, *args)
+        for i in range(PIPELINE):
+            pipe.fcall("kasagi_presence_write", 3, *keys, 60_000, *calls_args[i % 2])
         pipe.execute()
 
     loop = asyncio.get_running_loop()
@@ -97,7 +114,7 @@ async def library_cost(port: int, library: str, calls: int, per_call: int) -> di
     while sent < calls:
         await loop.run_in_executor(None, send)
         sent += PIPELINE
-    want = sent * len(args) // 3
+    want = sent * per_call
     await until(lambda: count.n >= want, 60.0, f"{want} events received")
     redis_us = (_redis_cpu(r) - redis0) / want * 1e6
     own_us = (time.process_time() - own0) / want * 1e6

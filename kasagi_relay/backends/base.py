@@ -183,16 +183,18 @@ class Presence(Protocol):
     async def write(self, ops: Sequence[PresenceOp], ttl_s: float) -> None:
         """`add` / `remove` each op, in order, as one batch (one round trip on Redis;
         per shard in a Cluster). Every op is safe to repeat: a failed batch may have
-        been applied in part, and is retried whole."""
+        been applied in part, and is retried whole (its events announced again: the
+        relays drop what they saw)."""
         ...
 
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
-        """Store `conn`'s entry for `ttl_s` and announce its join."""
+        """Store `conn`'s entry for `ttl_s` and announce its join (each time: an add of
+        the stored entry too; the relays drop a join they know)."""
         ...
 
     async def remove(self, room: str, conn: str, entry: bytes) -> None:
-        """Drop `conn`'s entry and announce its leave, only if the stored entry is still
-        `entry` (a newer join of the same connection is left alone)."""
+        """Drop `conn`'s entry and announce the leave of `entry`, its last one (the hub
+        orders a connection's writes, so a remove never meets a newer entry)."""
         ...
 
     async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:

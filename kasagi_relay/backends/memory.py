@@ -369,30 +369,23 @@ class MemoryPresence:
             self.listener.on_presence(room, kind, entry)
 
     async def write(self, ops: Sequence[PresenceOp], ttl_s: float) -> None:
+        expiry = time.monotonic() + ttl_s
         for room, conn, entry, add in ops:
             if add:
-                await self.add(room, conn, entry, ttl_s)
+                self.rooms.setdefault(room, {})[conn] = (entry, expiry)
             else:
-                await self.remove(room, conn, entry)
+                entries = self.rooms.get(room)
+                if entries is not None:
+                    entries.pop(conn, None)
+                    if not entries:
+                        del self.rooms[room]
+            self._announce(room, "join" if add else "leave", entry)
 
     async def add(self, room: str, conn: str, entry: bytes, ttl_s: float) -> None:
-        entries = self.rooms.setdefault(room, {})
-        old = entries.get(conn)
-        entries[conn] = (entry, time.monotonic() + ttl_s)
-        if old is None or old[0] != entry:
-            self._announce(room, "join", entry)
+        await self.write([(room, conn, entry, True)], ttl_s)
 
     async def remove(self, room: str, conn: str, entry: bytes) -> None:
-        entries = self.rooms.get(room)
-        if entries is None:
-            return
-        held = entries.get(conn)
-        if held is None or held[0] != entry:
-            return
-        del entries[conn]
-        if not entries:
-            del self.rooms[room]
-        self._announce(room, "leave", entry)
+        await self.write([(room, conn, entry, False)], 0.0)
 
     async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:
         expiry = time.monotonic() + ttl_s

@@ -8,8 +8,8 @@ another version), so the two evolve apart.
 Keys of one room, under its hash tag (one Cluster shard):
   KEYS[1] room:{R}:presence         hash  conn -> entry JSON {"conn","sub","info","j"}
   KEYS[2] room:{R}:presence-exp     zset  conn -> expiry (ms, the server's clock)
-  KEYS[3] room:{R}:presence-events  channel: one message per function call that changed
-                                    something, its events in order, one per line:
+  KEYS[3] room:{R}:presence-events  channel: one message per function call with events,
+                                    its events in order, one per line:
                                     {"e":"join"|"leave","m":<entry JSON>} joined by "\n"
 Each relay re-writes its own entries every refresh (about every 20 s) with a time to live
 (60 s by default); an entry not refreshed in time belongs to a relay that died, and the
@@ -20,12 +20,13 @@ In a Redis Cluster (cluster_enabled:1) events go out with SPUBLISH, as in `kasag
 One message per call, not one per event: a relay's batch of joins and leaves comes back to
 every relay as one message (each message costs the server a PUBLISH and every subscribed
 relay a read; per event that was most of what an event cost). An entry is one line of
-compact JSON, so an entry holding a newline is refused (relays never write one).
+compact JSON, so an entry holding a newline is refused (relays never write one); the
+message of `kasagi_presence_write` is made by the relay, of the entries it writes.
 
 Bump VERSION whenever a function changes.
 ]]
 
-local VERSION = '4'
+local VERSION = '5'
 -- Expired entries taken out per call: bounds one call's work (the rest go next call).
 local REAP_MAX = 1000
 
@@ -133,46 +134,41 @@ local function remove(keys, args)
   return 1
 end
 
--- KEYS: the 3 keys; ARGV: ttl_ms, then triples kind ('a' add, 'r' remove), conn, entry:
--- what `add` and `remove` do, in order, in one call (a relay's queued writes of one room:
--- one function call, one TIME and one PEXPIRE of the keys for all of them).
+-- KEYS: the 3 keys; ARGV: ttl_ms, n, then n (conn, entry) pairs to store, then the
+-- conns to drop, then the message to publish ('' for none): a relay's queued writes of
+-- one room, in one call whose cost hardly grows with them (one HSET, ZADD, HDEL and ZREM
+-- for all; per write, redis.call cost more than the command it ran). The relay nets its
+-- writes first (a conn is stored or dropped, not both) and makes the message itself, of
+-- the joins and leaves it announces, in order: so an add of an entry already stored (a
+-- repeated call) is announced again, and the relays drop the repeat (they remember the
+-- members they know and the leaves they saw).
 local function write(keys, args)
   check(keys, 'kasagi_presence_write')
   local ttl = ttl_of(args[1], 'kasagi_presence_write')
-  if (#args - 1) % 3 ~= 0 then
-    error('ERR kasagi_presence_write: expected ttl_ms then (kind, conn, entry) triples')
+  local n = tonumber(args[2])
+  if n == nil or n < 0 or n ~= math.floor(n) or 2 + 2 * n > #args - 1 then
+    error('ERR kasagi_presence_write: expected ttl_ms, n, n (conn, entry) pairs, conns, message')
   end
-  check_entries(args, 4, 3, 'kasagi_presence_write')
-  local events = {}
-  local now = nil
-  for i = 2, #args, 3 do
-    local kind, conn, entry = args[i], args[i + 1], args[i + 2]
-    if kind == 'a' then
-      if now == nil then
-        now = now_ms()
-      end
-      -- Nearly every add is of a connection not in the room: one command stores it.
-      if redis.call('HSETNX', keys[1], conn, entry) == 1 then
-        announce(events, 'join', entry)
-      elseif redis.call('HGET', keys[1], conn) ~= entry then
-        redis.call('HSET', keys[1], conn, entry)
-        announce(events, 'join', entry)
-      end
-      redis.call('ZADD', keys[2], now + ttl, conn)
-    elseif kind == 'r' then
-      if redis.call('HGET', keys[1], conn) == entry then
-        redis.call('HDEL', keys[1], conn)
-        redis.call('ZREM', keys[2], conn)
-        announce(events, 'leave', entry)
-      end
-    else
-      error('ERR kasagi_presence_write: kind must be a or r')
+  local last_set = 2 + 2 * n
+  if n > 0 then
+    redis.call('HSET', keys[1], unpack(args, 3, last_set))
+    local expiry = now_ms() + ttl
+    local scored = {}
+    for i = 3, last_set, 2 do
+      scored[#scored + 1] = expiry
+      scored[#scored + 1] = args[i]
     end
-  end
-  if now ~= nil then
+    redis.call('ZADD', keys[2], unpack(scored))
     keep(keys, ttl)
   end
-  publish(keys[3], events)
+  if #args - 1 > last_set then
+    redis.call('HDEL', keys[1], unpack(args, last_set + 1, #args - 1))
+    redis.call('ZREM', keys[2], unpack(args, last_set + 1, #args - 1))
+  end
+  local message = args[#args]
+  if message ~= '' then
+    publish(keys[3], {message})
+  end
   return 1
 end
 

@@ -3,14 +3,14 @@
 Commands are the functions of the `kasagi_presence` library (presence.lua) on the room's
 keys, through the master link: the adds and removes the relay queued while a write was
 under way go as ONE pipeline (`write`, packed here as RESP: no per-command packing by
-redis-py) of one `kasagi_presence_write` per room, each with that room's adds and
-removes in the order they were queued (one function call, not one per write), without
-WAIT (presence is
+redis-py) of one `kasagi_presence_write` per room, each with that room's writes netted
+(the last of each conn) and the message of their events, made here in the order they
+were queued (one function call, not one per write), without WAIT (presence is
 refreshed, not acknowledged: what a failover loses comes back with the next refresh,
 which a re-subscription triggers at once). A refused pipeline or a lost connection sends
-the whole pipeline again until the link's op timeout: every call is safe to repeat (an
-add of the stored entry announces nothing; a remove of an absent one neither, and a
-repeated event is dropped by the relays, which remember leaves).
+the whole pipeline again until the link's op timeout: every call is safe to repeat (it
+stores and drops the same entries, and the relays drop the events it repeats: they
+remember the members they know and the leaves they saw).
 Events come on `room:{R}:presence-events` through a second `ChannelFeed`, never on the
 rooms' delta channel (other KasagiEngine subscribers read that one as deltas only): one
 message per function call, its events one per line, so a batch costs the server one
@@ -49,7 +49,6 @@ def _bulk(data: bytes) -> bytes:
 
 
 _WRITE: Final = b"".join(map(_bulk, (b"FCALL", b"kasagi_presence_write", b"3")))
-_KIND: Final = {True: _bulk(b"a"), False: _bulk(b"r")}
 
 
 def presence_keys(room: str) -> tuple[str, str, str]:
@@ -141,9 +140,30 @@ class RedisPresence:
         ttl = _bulk(b"%d" % _ms(ttl_s))
         parts: list[bytes] = []
         for room, room_ops in rooms.items():
-            parts += (b"*%d\r\n" % (7 + 3 * len(room_ops)), _WRITE, self._packed_keys(room), ttl)
+            # The writes netted (the last one of a conn wins: a leave and a join again
+            # store the new entry), and every one of them announced, in order.
+            last: dict[str, tuple[bytes, bool]] = {}
+            lines: list[bytes] = []
             for _, conn, entry, add in room_ops:
-                parts += (_KIND[add], _bulk(conn.encode()), _bulk(entry))
+                if b"\n" in entry:
+                    # Events travel one per line (relays never write one: `_entry`).
+                    logger.warning("room %s: presence entry with a newline not written", room)
+                    continue
+                last[conn] = (entry, add)
+                lines.append(b"%s%s}" % (_JOIN if add else _LEAVE, entry))
+            stored = [(conn, entry) for conn, (entry, add) in last.items() if add]
+            dropped = [conn for conn, (_, add) in last.items() if not add]
+            parts += (
+                b"*%d\r\n" % (9 + 2 * len(stored) + len(dropped)),
+                _WRITE,
+                self._packed_keys(room),
+                ttl,
+                _bulk(b"%d" % len(stored)),
+            )
+            for conn, entry in stored:
+                parts += (_bulk(conn.encode()), _bulk(entry))
+            parts += (_bulk(conn.encode()) for conn in dropped)
+            parts.append(_bulk(b"\n".join(lines)))
         replies = await self.link.pipeline("presence write", b"".join(parts), len(rooms))
         redirected: list[tuple[PresenceOp, AskError]] = []
         for reply, (room, room_ops) in zip(replies, rooms.items(), strict=True):
