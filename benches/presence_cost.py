@@ -4,8 +4,8 @@ against the same relay with `--presence off`, and the time of a `presence` reque
 room of 5,000 members.
 
     .venv/bin/python -m benches.presence_cost [--clients 400] [--room-size 10]
-        [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000] [--requests 50]
-        [--redis-core 0] [--modes off,on,entries] [--json out.json]
+        [--watchers 0] [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000]
+        [--requests 50] [--redis-core 0] [--modes off,on,entries] [--json out.json]
 
 Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI). Measured per
 mode:
@@ -14,7 +14,11 @@ mode:
   `joined`, leaving, waiting for `left`, in a loop for `--seconds`: join+leave cycles/s, and
   the relay's and Redis's CPU per cycle over the same window (from /proc; the primary
   figures: they are what presence costs the relay and its core, whatever bounds the rate
-  on a shared machine). With presence on, each join and leave
+  on a shared machine). `--watchers` W adds W connections per room that join once and
+  stay (in every mode; asking for events when on): each cycle's join and leave reach
+  them however short the visit (a leaver gets no event its relay had not sent when it
+  left, so with W = 0 how many events a cycle delivers depends on timing).
+  With presence on, each join and leave
   also writes the entry in Redis and sends a presence event to every other member of the
   room (they all asked for events). The relay and its Redis are pinned to core 0, the load
   generator to core 1 (`taskset`), so the client does not take the relay's CPU; its own CPU
@@ -100,6 +104,7 @@ async def join_rate(
     room_size: int,
     seconds: float,
     on: bool,
+    watchers: int = 0,
 ) -> dict[str, float]:
     """The load generator's join+leave loop; cycles/s, the relay's and Redis's CPU per
     cycle (us; both on core 0), Redis function calls and presence events per cycle, and
@@ -108,7 +113,8 @@ async def join_rate(
     argv = [
         str(loadgen()), "-system", "kasagi", "-url", url, "-mode", "joins",
         f"-presence={'true' if on else 'false'}", "-rooms", str(rooms),
-        "-members", str(room_size), "-warmup", "1", "-duration", str(seconds),
+        "-members", str(room_size), "-watchers", str(watchers), "-warmup", "1",
+        "-duration", str(seconds),
     ]  # fmt: skip
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         argv = ["taskset", "-c", "1", *argv]
@@ -139,6 +145,7 @@ async def join_rate(
         "loadgen_cpu_share": res["loadgen_cpu"],
         "events_per_s": res["events_per_s"],
         "events_per_join": res["events_per_s"] / res["cycles_per_s"],
+        "watched_per_join": res.get("watched_per_s", 0) / res["cycles_per_s"],
         "fcalls_per_join": calls / res["cycles"],
     }
 
@@ -239,6 +246,10 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=400)
     ap.add_argument("--room-size", type=int, default=10)
+    ap.add_argument(
+        "--watchers", type=int, default=0,
+        help="connections per room that join once and stay (they get every member's events)",
+    )  # fmt: skip
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--members", type=int, default=5000)
     ap.add_argument("--requests", type=int, default=50)
@@ -258,6 +269,7 @@ async def main() -> None:
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "redis_core": a.redis_core,
+        "watchers": a.watchers,
     }
     with tempfile.TemporaryDirectory() as tmp:
         # This process (the delta clients) on core 1; the relays and Redis on core 0.
@@ -288,6 +300,7 @@ async def main() -> None:
                         a.room_size,
                         a.seconds,
                         on,
+                        a.watchers,
                     )
                     acks, frames, frame_us = await delta_rate(
                         proc.url, proc.proc.pid, a.delta_members, a.seconds, on

@@ -26,7 +26,10 @@
 // -mode joins (kasagi only): -rooms x -members connections, connection i of room i % -rooms;
 // each one joins its room (with "presence": true when -presence), waits for `joined`, leaves,
 // waits for `left`, in a loop. Other messages (presence events) are read and counted, not
-// decoded. One JSON line: join+leave cycles per second in the -duration window after -warmup.
+// decoded. With -watchers W, each room also has W connections that join once (with the same
+// "presence") and stay, counting the events they get (each member's joins and leaves reach
+// them however short its visits). One JSON line: join+leave cycles per second in the
+// -duration window after -warmup.
 package main
 
 import (
@@ -54,6 +57,7 @@ var (
 	pubURL     = flag.String("pub-url", "", "nchan: HTTP base URL for publishers (/pub/ROOM is appended)")
 	mode       = flag.String("mode", "run", "run | idle | joins")
 	presence   = flag.Bool("presence", false, "joins: join with \"presence\": true")
+	watchers   = flag.Int("watchers", 0, "joins: connections per room that join once and stay")
 	rooms      = flag.Int("rooms", 1, "rooms")
 	members    = flag.Int("members", 0, "members per room")
 	publishers = flag.Int("publishers", 1, "publishers")
@@ -952,15 +956,50 @@ func cpuNow() float64 {
 // joinCycles runs -mode joins and returns what was measured in the -duration window.
 func joinCycles(say func(string)) map[string]any {
 	n := *rooms * *members
-	conns, err := connectAll(n, func(int) (*wsConn, error) { return dial(*wsURL, "kasagi.v1.json") })
+	conns, err := connectAll(n+*rooms**watchers, func(int) (*wsConn, error) { return dial(*wsURL, "kasagi.v1.json") })
 	if err != nil {
 		die("connecting: %v", err)
 	}
-	var cycles, events atomic.Int64
+	conns, stayers := conns[:n], conns[n:]
+	var cycles, events, watched atomic.Int64
 	var wg sync.WaitGroup
 	joinedPrefix := []byte(`{"t":"joined"`)
 	leftPrefix := []byte(`{"t":"left"`)
 	errPrefix := []byte(`{"t":"error"`)
+	for i, w := range stayers {
+		room := roomName(i % *rooms)
+		if w.write([]byte(`{"t":"join","room":"`+room+`","presence":`+strconv.FormatBool(*presence)+`}`)) != nil {
+			die("watcher join failed")
+		}
+		for {
+			b, err := w.read()
+			if err != nil {
+				die("watcher join: %v", err)
+			}
+			if bytes.HasPrefix(b, joinedPrefix) {
+				break
+			}
+		}
+		wg.Add(1)
+		go func(w *wsConn) {
+			defer wg.Done()
+			for {
+				b, err := w.read()
+				if err != nil {
+					if !stopping.Load() {
+						fail(err)
+					}
+					return
+				}
+				if bytes.HasPrefix(b, errPrefix) {
+					fail(fmt.Errorf("kasagi: %s", b))
+				} else if measuring.Load() {
+					events.Add(1)
+					watched.Add(1)
+				}
+			}
+		}(w)
+	}
 	for i, w := range conns {
 		wg.Add(1)
 		go func(i int, w *wsConn) {
@@ -1011,19 +1050,21 @@ func joinCycles(say func(string)) map[string]any {
 	say("MEASURE_END")
 	cpuUsed := cpuNow() - cpuStart
 	stopping.Store(true)
-	for _, w := range conns {
+	for _, w := range append(conns, stayers...) {
 		_ = w.c.Close()
 	}
 	wg.Wait()
 	res := map[string]any{
-		"mode":         "joins",
-		"presence":     *presence,
-		"seconds":      elapsed,
-		"cycles":       cycles.Load(),
-		"cycles_per_s": float64(cycles.Load()) / elapsed,
-		"events_per_s": float64(events.Load()) / elapsed,
-		"errors":       errorsSeen.Load(),
-		"loadgen_cpu":  cpuUsed / elapsed,
+		"mode":          "joins",
+		"presence":      *presence,
+		"watchers":      *watchers,
+		"watched_per_s": float64(watched.Load()) / elapsed,
+		"seconds":       elapsed,
+		"cycles":        cycles.Load(),
+		"cycles_per_s":  float64(cycles.Load()) / elapsed,
+		"events_per_s":  float64(events.Load()) / elapsed,
+		"errors":        errorsSeen.Load(),
+		"loadgen_cpu":   cpuUsed / elapsed,
 	}
 	if e := lastError.Load(); e != nil {
 		res["last_error"] = e
