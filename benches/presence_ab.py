@@ -1,7 +1,8 @@
 """Presence events, this tree against a baseline commit, in one run on one real redis-server.
 
     PYTHONPATH=. .venv/bin/python -m benches.presence_ab [--baseline 6ab83db] [--rounds 4]
-        [--calls 4000] [--per-call 20] [--joins-rounds 6] [--seconds 4] [--json out.json]
+        [--calls 4000] [--per-call 20] [--joins-rounds 6] [--seconds 4] [--watchers 0]
+        [--join-mode on|entries] [--json out.json]
 
 Two parts, the two trees alternating round by round (drift on a shared machine hits both):
 - the `kasagi_presence` library of each tree (`git show <baseline>:.../presence.lua`)
@@ -131,6 +132,14 @@ async def main() -> None:
     ap.add_argument("--per-call", type=int, default=20)
     ap.add_argument("--joins-rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument(
+        "--watchers", type=int, default=0,
+        help="join loop: connections per room that join once and stay (benches/presence_cost.py)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--join-mode", choices=("on", "entries"), default="on",
+        help="join loop: members ask for events (on) or not (entries: the entries alone)",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -155,8 +164,9 @@ async def main() -> None:
                     got = await library_cost(port, libs[name], a.calls, a.per_call)
                     lib_runs[name].append(got)
                     print("library", name, {k: round(v, 2) for k, v in got.items()}, flush=True)
-            out["library_runs"] = lib_runs
-            out["library"] = medians(lib_runs)
+            if a.rounds:
+                out["library_runs"] = lib_runs
+                out["library"] = medians(lib_runs)
             join_runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
             for i in range(a.joins_rounds):
                 for name in list(trees) if i % 2 == 0 else list(reversed(trees)):
@@ -166,10 +176,23 @@ async def main() -> None:
                     with relay(trees[name], extra) as (ws_port, pid):
                         url = f"ws://127.0.0.1:{ws_port}/ws"
                         got = await join_rate(
-                            url, pid, topo.servers[0].pid, port, 400, 10, a.seconds, True
+                            url,
+                            pid,
+                            topo.servers[0].pid,
+                            port,
+                            400,
+                            10,
+                            a.seconds,
+                            a.join_mode == "on",
+                            a.watchers,
                         )
                     join_runs[name].append(got)
-                    keep = ("joins_per_s", "relay_cpu_us_per_join", "events_per_join")
+                    keep = (
+                        "joins_per_s",
+                        "relay_cpu_us_per_join",
+                        "events_per_join",
+                        "watched_per_join",
+                    )
                     print("joins", name, {k: round(got[k], 2) for k in keep}, flush=True)
             out["join_runs"] = join_runs
             out["joins"] = medians(join_runs)

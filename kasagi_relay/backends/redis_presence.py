@@ -36,6 +36,7 @@ __all__ = ["RedisPresence", "presence_keys"]
 _EVENTS: Final = re.compile(rb"room:\{(.+)\}:presence-events")
 _JOIN: Final = b'{"e":"join","m":'
 _LEAVE: Final = b'{"e":"leave","m":'
+_HEAD: Final = {True: _JOIN, False: _LEAVE}
 # Entries re-written per FCALL: bounds one call's arguments and time on the server.
 REFRESH_BATCH: Final = 500
 # Rooms whose packed keys are kept (a room's three keys as RESP bulk strings).
@@ -140,30 +141,28 @@ class RedisPresence:
         ttl = _bulk(b"%d" % _ms(ttl_s))
         parts: list[bytes] = []
         for room, room_ops in rooms.items():
-            # The writes netted (the last one of a conn wins: a leave and a join again
-            # store the new entry), and every one of them announced, in order.
-            last: dict[str, tuple[bytes, bool]] = {}
-            lines: list[bytes] = []
-            for _, conn, entry, add in room_ops:
-                if b"\n" in entry:
-                    # Events travel one per line (relays never write one: `_entry`).
-                    logger.warning("room %s: presence entry with a newline not written", room)
-                    continue
-                last[conn] = (entry, add)
-                lines.append(b"%s%s}" % (_JOIN if add else _LEAVE, entry))
-            stored = [(conn, entry) for conn, (entry, add) in last.items() if add]
-            dropped = [conn for conn, (_, add) in last.items() if not add]
+            message = b"}\n".join([_HEAD[op[3]] + op[2] for op in room_ops]) + b"}"
+            if message.count(b"\n") >= len(room_ops):
+                # Events travel one per line (relays never write one: `_entry`).
+                logger.warning("room %s: presence entries with a newline not written", room)
+                room_ops = [op for op in room_ops if b"\n" not in op[2]]
+                message = b"}\n".join([_HEAD[op[3]] + op[2] for op in room_ops]) + b"}"
+            # The writes netted, the last one of a conn standing (a leave and a join
+            # again store the new entry); every one of them announced, in order.
+            last = {op[1]: op for op in room_ops}
+            kept = last.values() if len(last) < len(room_ops) else room_ops
+            stored = [_bulk(op[1].encode()) + _bulk(op[2]) for op in kept if op[3]]
+            dropped = [_bulk(op[1].encode()) for op in kept if not op[3]]
             parts += (
                 b"*%d\r\n" % (9 + 2 * len(stored) + len(dropped)),
                 _WRITE,
                 self._packed_keys(room),
                 ttl,
                 _bulk(b"%d" % len(stored)),
+                *stored,
+                *dropped,
+                _bulk(message if room_ops else b""),
             )
-            for conn, entry in stored:
-                parts += (_bulk(conn.encode()), _bulk(entry))
-            parts += (_bulk(conn.encode()) for conn in dropped)
-            parts.append(_bulk(b"\n".join(lines)))
         replies = await self.link.pipeline("presence write", b"".join(parts), len(rooms))
         redirected: list[tuple[PresenceOp, AskError]] = []
         for reply, (room, room_ops) in zip(replies, rooms.items(), strict=True):
