@@ -35,7 +35,7 @@ TCP (no TLS layer in the transport).
 
 Replies to a connection's own requests (acks, `left`) are written once per loop turn
 (`Member.send_soon`; `write_soon` for frames built already, such as the presence events
-a member gets with its `left` or with its acks): every `transport.write` of uvloop is a
+a member gets with its acks or its `left`): every `transport.write` of uvloop is a
 `send` system call,
 and a publisher with several deltas in flight gets several acks in the same turn. On the memory
 backend the ack's `send` was the biggest single item of the publish path (py-spy, 14 % of

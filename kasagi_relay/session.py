@@ -934,8 +934,8 @@ class Session:
             self.service.leave(self.member, req.room)
             if not self.rooms:
                 self._idle_since = time.monotonic()
-        # Held (`send_soon`) with what else this member is sent in the turn: the room's
-        # presence events that came before its leave go with it in one write.
+        # Held (`send_soon`) with what else this member is sent in the turn (the acks of
+        # its pipelined publishes): one write.
         self.member.send_soon(protocol.encode_left(self.codec, req.room, req.id))
 
     # ------------------------------------------------------------------ identity
