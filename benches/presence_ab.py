@@ -54,6 +54,8 @@ def _version(library: str) -> int:
 
 
 class _Count:
+    own_mark = b""
+
     def __init__(self) -> None:
         self.n = 0
 

@@ -373,7 +373,7 @@ class PresenceHub:
         # This hub's `j` prefix: an entry ending in `,"j":"<it>...` is one of its members.
         self._j_base = secrets.token_hex(8).encode()
         self._j_seq = itertools.count()
-        self._own_mark = _J_KEY + self._j_base
+        self.own_mark = _J_KEY + self._j_base
         # Join events' entries, parsed, until their leave comes (or PARSED_MAX is passed).
         self._parsed: dict[bytes, _Parsed] = {}
         # The rooms with events of this loop turn not sent yet (`_Watch.pending`), and the
@@ -661,7 +661,7 @@ class PresenceHub:
         if watch is None or kind not in ("join", "leave"):
             return
         cut = entry.rfind(_J_KEY)
-        if cut >= 0 and entry.startswith(self._own_mark, cut):
+        if cut >= 0 and entry.startswith(self.own_mark, cut):
             # One of this relay's members: its listeners were told when the write was
             # sent (`_announce`), and what the backend says of it later (a refresh that
             # re-wrote it on a new master, another relay that took it for dead) does not

@@ -160,6 +160,11 @@ class Feed(Protocol):
 
 
 class PresenceListener(Protocol):
+    # Bytes that each entry its relay wrote holds and no other entry does (b"": none): a
+    # backend may drop unread a message of such entries only (the relay tells its members
+    # of its own members' joins and leaves itself).
+    own_mark: bytes
+
     def on_presence(self, room: str, kind: str, entry: bytes) -> None:
         """A member of a subscribed room joined (`kind` "join") or left ("leave", also
         when its entry expired); `entry` is the JSON stored by `add`. Per room in the

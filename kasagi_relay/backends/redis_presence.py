@@ -96,6 +96,12 @@ class RedisPresence:
         listener = self.listener
         if listener is None:
             return
+        mark = listener.own_mark
+        if mark and data.count(mark) > data.count(b"\n"):
+            # Every line is one of this relay's entries (a line holds one `j`; the mark
+            # cannot stand inside a JSON string, where quotes are escaped): its own batch
+            # come back, which it announced itself. Two counts, not a parse per line.
+            return
         for line in data.split(b"\n"):
             # `{"e":"join","m":<entry>}` / `{"e":"leave","m":<entry>}`, told apart by their
             # heads (a regex per event cost as much as the rest of its reading).

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.timeout(150)
 class Rec:
     """The relay's side of both roles: ops, resyncs and presence events."""
 
+    own_mark = b""
+
     def __init__(self) -> None:
         self.seqs: list[int] = []
         self.resyncs: list[frozenset[str] | None] = []

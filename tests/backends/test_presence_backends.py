@@ -21,7 +21,8 @@ from testkit.wait import until
 
 
 class Events:
-    def __init__(self) -> None:
+    def __init__(self, own_mark: bytes = b"") -> None:
+        self.own_mark = own_mark
         self.got: list[tuple[str, str, bytes]] = []
         self.resyncs = 0
 
@@ -258,6 +259,37 @@ async def test_redis_a_malformed_line_does_not_hide_the_rest_of_its_message(
         assert events.got == [("r", "join", E1), ("r", "leave", E1)]
     finally:
         await r.aclose()
+        await b.close()
+
+
+async def test_redis_drops_a_message_of_the_listeners_own_entries_only(
+    redis_server: Topology,  # noqa: F811
+) -> None:
+    """A relay's own batch comes back on the channel; it announced those events itself
+    (presence.py), so a message whose every entry carries its mark is dropped unread. A
+    message mixing its entries with another relay's (a refresh that took out a dead
+    relay's entries) is read line by line, all of it (the hub drops its own lines)."""
+    mine = b',"j":"aaaa'
+    m1 = b'{"conn":"m1","sub":null,"info":{},"j":"aaaa1"}'
+    m2 = b'{"conn":"m2","sub":"x","info":{"j":"aaaa"},"j":"aaaa2"}'  # the mark only as `j`
+    look_alike = b'{"conn":"o1","sub":"\\",\\"j\\":\\"aaaa","info":{},"j":"bbbb1"}'
+    b = RedisBackend(redis_url(redis_server), op_timeout_s=3.0)
+    await b.start()
+    try:
+        events = Events(own_mark=mine)
+        b.presence.set_listener(events)
+        await b.presence.subscribe("r")
+        await b.presence.write([("r", "m1", m1, True), ("r", "m2", m2, True)], 60)
+        await b.presence.write([("r", "m1", m1, False), ("r", "o1", look_alike, True)], 60)
+        await b.presence.write([("r", "o1", look_alike, False)], 60)
+        await until(lambda: len(events.got) >= 3)
+        await asyncio.sleep(0.2)
+        assert events.got == [
+            ("r", "leave", m1),
+            ("r", "join", look_alike),
+            ("r", "leave", look_alike),
+        ]
+    finally:
         await b.close()
 
 

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.timeout(150)
 
 
 class Events:
+    own_mark = b""
+
     def __init__(self) -> None:
         self.got: list[tuple[str, str, bytes]] = []
 
