@@ -971,14 +971,8 @@ func joinCycles(say func(string)) map[string]any {
 		if w.write([]byte(`{"t":"join","room":"`+room+`","presence":`+strconv.FormatBool(*presence)+`}`)) != nil {
 			die("watcher join failed")
 		}
-		for {
-			b, err := w.read()
-			if err != nil {
-				die("watcher join: %v", err)
-			}
-			if bytes.HasPrefix(b, joinedPrefix) {
-				break
-			}
+		if err := w.readUntil(func(b []byte) bool { return bytes.HasPrefix(b, joinedPrefix) }); err != nil {
+			die("watcher join: %v", err)
 		}
 		wg.Add(1)
 		go func(w *wsConn) {
