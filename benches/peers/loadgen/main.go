@@ -273,6 +273,21 @@ func (w *wsConn) write(b []byte) error {
 	return w.c.WriteMessage(websocket.TextMessage, b)
 }
 
+// readEach hands each message to on until the connection fails; a failure is reported
+// unless the run is stopping (then connections are closed on purpose).
+func (w *wsConn) readEach(on func(b []byte)) {
+	for {
+		b, err := w.read()
+		if err != nil {
+			if !stopping.Load() {
+				fail(err)
+			}
+			return
+		}
+		on(b)
+	}
+}
+
 // readUntil reads messages until one satisfies ok (the handshake and join replies).
 func (w *wsConn) readUntil(ok func([]byte) bool) error {
 	_ = w.c.SetReadDeadline(time.Now().Add(time.Duration(*timeout * float64(time.Second))))
@@ -337,26 +352,17 @@ func kasagiMember(room string) (member, error) {
 	if err := w.readUntil(func(b []byte) bool { return bytes.Contains(b, []byte(`"t":"joined"`)) }); err != nil {
 		return nil, fmt.Errorf("kasagi join: %v", err)
 	}
-	go func() {
-		for {
-			b, err := w.read()
-			if err != nil {
-				if !stopping.Load() {
-					fail(err)
-				}
-				return
+	go w.readEach(func(b []byte) {
+		if !bytes.Contains(b, []byte(`"t":"delta"`)) {
+			if bytes.Contains(b, []byte(`"t":"error"`)) {
+				fail(fmt.Errorf("kasagi: %s", b))
 			}
-			if !bytes.Contains(b, []byte(`"t":"delta"`)) {
-				if bytes.Contains(b, []byte(`"t":"error"`)) {
-					fail(fmt.Errorf("kasagi: %s", b))
-				}
-				continue
-			}
-			from, _ := intAfter(b, `"from":`)
-			seq, _ := intAfter(b, `"seq":`)
-			deliver(b, seq-from+1)
+			return
 		}
-	}()
+		from, _ := intAfter(b, `"from":`)
+		seq, _ := intAfter(b, `"seq":`)
+		deliver(b, seq-from+1)
+	})
 	return &kasagiConn{w}, nil
 }
 
@@ -367,23 +373,14 @@ func kasagiPublisher() (publisher, error) {
 	if err != nil {
 		return nil, err
 	}
-	go func() {
-		for {
-			b, err := w.read()
-			if err != nil {
-				if !stopping.Load() {
-					fail(err)
-				}
-				return
+	go w.readEach(func(b []byte) {
+		if id, ok := intAfter(b, `"id":`); ok {
+			if bytes.Contains(b, []byte(`"t":"error"`)) {
+				fail(fmt.Errorf("kasagi: %s", b))
 			}
-			if id, ok := intAfter(b, `"id":`); ok {
-				if bytes.Contains(b, []byte(`"t":"error"`)) {
-					fail(fmt.Errorf("kasagi: %s", b))
-				}
-				acknowledge(id)
-			}
+			acknowledge(id)
 		}
-	}()
+	})
 	return &kasagiConn{w}, nil
 }
 
@@ -442,24 +439,15 @@ func centMember(room string) (member, error) {
 	if err := w.readUntil(func(b []byte) bool { return bytes.Contains(b, []byte(`"id":2`)) }); err != nil {
 		return nil, fmt.Errorf("centrifuge subscribe: %v", err)
 	}
-	go func() {
-		for {
-			b, err := w.read()
-			if err != nil {
-				if !stopping.Load() {
-					fail(err)
-				}
-				return
+	go w.readEach(func(b []byte) {
+		eachLine(b, func(l []byte) {
+			if bytes.HasPrefix(l, []byte(`{"result":{"channel"`)) {
+				deliver(l, 1)
+			} else if bytes.Contains(l, []byte(`"error"`)) {
+				fail(fmt.Errorf("centrifuge: %s", l))
 			}
-			eachLine(b, func(l []byte) {
-				if bytes.HasPrefix(l, []byte(`{"result":{"channel"`)) {
-					deliver(l, 1)
-				} else if bytes.Contains(l, []byte(`"error"`)) {
-					fail(fmt.Errorf("centrifuge: %s", l))
-				}
-			})
-		}
-	}()
+		})
+	})
 	return &centConn{w}, nil
 }
 
@@ -470,25 +458,16 @@ func centPublisher() (publisher, error) {
 	if err != nil {
 		return nil, err
 	}
-	go func() {
-		for {
-			b, err := w.read()
-			if err != nil {
-				if !stopping.Load() {
-					fail(err)
+	go w.readEach(func(b []byte) {
+		eachLine(b, func(l []byte) {
+			if id, ok := intAfter(l, `{"id":`); ok {
+				if bytes.Contains(l, []byte(`"error"`)) {
+					fail(fmt.Errorf("centrifuge: %s", l))
 				}
-				return
+				acknowledge(id)
 			}
-			eachLine(b, func(l []byte) {
-				if id, ok := intAfter(l, `{"id":`); ok {
-					if bytes.Contains(l, []byte(`"error"`)) {
-						fail(fmt.Errorf("centrifuge: %s", l))
-					}
-					acknowledge(id)
-				}
-			})
-		}
-	}()
+		})
+	})
 	return &centConn{w}, nil
 }
 
@@ -511,18 +490,9 @@ func nchanMember(room string) (member, error) {
 	if err != nil {
 		return nil, err
 	}
-	go func() {
-		for {
-			b, err := w.read()
-			if err != nil {
-				if !stopping.Load() {
-					fail(err)
-				}
-				return
-			}
-			deliver(b, 1)
-		}
-	}()
+	go w.readEach(func(b []byte) {
+		deliver(b, 1)
+	})
 	return &centConn{w}, nil
 }
 
@@ -633,23 +603,14 @@ func sioMember(room string) (member, error) {
 	if err := w.readUntil(func(b []byte) bool { return bytes.HasPrefix(b, []byte("431")) }); err != nil {
 		return nil, fmt.Errorf("socket.io join: %v", err)
 	}
-	go func() {
-		for {
-			b, err := w.read()
-			if err != nil {
-				if !stopping.Load() {
-					fail(err)
-				}
-				return
-			}
-			switch {
-			case bytes.HasPrefix(b, []byte(`42["d"`)):
-				deliver(b, 1)
-			case len(b) == 1 && b[0] == '2':
-				_ = w.write([]byte("3"))
-			}
+	go w.readEach(func(b []byte) {
+		switch {
+		case bytes.HasPrefix(b, []byte(`42["d"`)):
+			deliver(b, 1)
+		case len(b) == 1 && b[0] == '2':
+			_ = w.write([]byte("3"))
 		}
-	}()
+	})
 	return &centConn{w}, nil
 }
 
@@ -658,24 +619,15 @@ func sioPublisher() (publisher, error) {
 	if err != nil {
 		return nil, err
 	}
-	go func() {
-		for {
-			b, err := w.read()
-			if err != nil {
-				if !stopping.Load() {
-					fail(err)
-				}
-				return
-			}
-			switch {
-			case bytes.HasPrefix(b, []byte("43")):
-				id, _ := parseInt(b[2:])
-				acknowledge(id)
-			case len(b) == 1 && b[0] == '2':
-				_ = w.write([]byte("3"))
-			}
+	go w.readEach(func(b []byte) {
+		switch {
+		case bytes.HasPrefix(b, []byte("43")):
+			id, _ := parseInt(b[2:])
+			acknowledge(id)
+		case len(b) == 1 && b[0] == '2':
+			_ = w.write([]byte("3"))
 		}
-	}()
+	})
 	return &sioPub{w}, nil
 }
 
@@ -977,21 +929,14 @@ func joinCycles(say func(string)) map[string]any {
 		wg.Add(1)
 		go func(w *wsConn) {
 			defer wg.Done()
-			for {
-				b, err := w.read()
-				if err != nil {
-					if !stopping.Load() {
-						fail(err)
-					}
-					return
-				}
+			w.readEach(func(b []byte) {
 				if bytes.HasPrefix(b, errPrefix) {
 					fail(fmt.Errorf("kasagi: %s", b))
 				} else if measuring.Load() {
 					events.Add(1)
 					watched.Add(1)
 				}
-			}
+			})
 		}(w)
 	}
 	for i, w := range conns {
