@@ -15,9 +15,11 @@ mode:
   the relay's and Redis's CPU per cycle over the same window (from /proc; the primary
   figures: they are what presence costs the relay and its core, whatever bounds the rate
   on a shared machine). `--watchers` W adds W connections per room that join once and
-  stay (in every mode; asking for events when on): each cycle's join and leave reach
+  stay (in every mode; asking for events when on): each announced join and leave reach
   them however short the visit (a leaver gets no event its relay had not sent when it
-  left, so with W = 0 how many events a cycle delivers depends on timing).
+  left, so with W = 0 few events are delivered). A visit whose leave came while its
+  join's write was still queued is announced to nobody, so even with watchers the events
+  per cycle follow how long the writes wait: read them beside the rates.
   With presence on, each join and leave
   also writes the entry in Redis and sends a presence event to every other member of the
   room (they all asked for events). The relay and its Redis are pinned to core 0, the load

@@ -27,8 +27,8 @@
 // each one joins its room (with "presence": true when -presence), waits for `joined`, leaves,
 // waits for `left`, in a loop. Other messages (presence events) are read and counted, not
 // decoded. With -watchers W, each room also has W connections that join once (with the same
-// "presence") and stay, counting the events they get (each member's joins and leaves reach
-// them however short its visits). One JSON line: join+leave cycles per second in the
+// "presence") and stay, counting the events they get (each member's announced joins and
+// leaves reach them however short its visits). One JSON line: join+leave cycles per second in the
 // -duration window after -warmup.
 package main
 
