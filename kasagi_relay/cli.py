@@ -529,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
         "its presence_leave sent; more than --presence-refresh [KASAGI_PRESENCE_TTL]",
     )
     add(
+        "--presence-event-delay",
+        metavar="SECONDS",
+        type=_float_range(0.0, 1.0),
+        default=env("KASAGI_PRESENCE_EVENT_DELAY", _D.presence_event_delay_s),
+        help="presence events go out at most once per this period, each member getting "
+        "those of a period in one write; an event after a quiet period goes out at once. "
+        "0: at the end of each loop turn; at most 1 [KASAGI_PRESENCE_EVENT_DELAY]",
+    )
+    add(
         "--max-presence-members",
         metavar="N",
         type=_int_range(0),
@@ -684,6 +693,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         presence=a.presence == "on",
         presence_refresh_s=a.presence_refresh,
         presence_ttl_s=a.presence_ttl,
+        presence_event_delay_s=a.presence_event_delay,
         max_presence_members=a.max_presence_members,
         api_keys=api_keys,
         api_timeout_s=a.api_timeout,

@@ -81,11 +81,15 @@ class Config:
     # presence_refresh_s; an entry not refreshed within presence_ttl_s is taken out (its
     # relay died) and its presence_leave sent. A presence reply lists at most
     # max_presence_members members (count and users stay exact; 0 = no limit).
+    # Presence events go out at most once per presence_event_delay_s (each member gets
+    # those of one period in one write; the first after a quiet period at once): under
+    # churn most of an event's cost was its own write (docs/benchmarks.md).
     # False: no presence entries nor events (`presence` is `unavailable`), no Redis write
     # per join.
     presence: bool = True
     presence_refresh_s: float = 20.0
     presence_ttl_s: float = 60.0
+    presence_event_delay_s: float = 0.02
     max_presence_members: int = 10_000
 
     # The HTTP API (docs/protocol.md, "HTTP API"): off without a key; several keys let one

@@ -32,12 +32,13 @@ is told from it). The hub (one per relay):
   a stalled relay for dead) does not reach the members here, who share the room with
   them. Each event is sent at most once: a join already seen, or of a member whose
   leave was seen, is dropped (the backend may repeat one after a failover); a member's
-  leave is never followed by its join. A room's events are held
-  to the end of the loop turn (a batch of writes comes back as a burst) and each listener
-  gets them in one write, not one per event: on a busy relay most of the cost of an
-  event was its `send`. They go to the listeners there are at the turn's end: one that
-  started listening in the turn gets only the events after it started, one that left
-  gets none of them (it asked to go before they were sent);
+  leave is never followed by its join. Events go out at most once per `event_delay_s`
+  (the first after a quiet period at the end of its loop turn), and each listener gets
+  those of a room held meanwhile in one write, not one per event: on a busy relay most
+  of the cost of an event was its own write (a turn held about one event per room). They
+  go to the listeners there are then: one that started listening meanwhile gets only the
+  events after it started, one that left gets none of them (it asked to go before they
+  were sent);
 - answers `presence` with one backend read, corrected by the events that arrived while
   the read was in flight (they may come in before its reply).
 
@@ -344,12 +345,14 @@ class PresenceHub:
         refresh_s: float = 20.0,
         ttl_s: float = 60.0,
         max_members: int = 10_000,
+        event_delay_s: float = 0.0,
     ) -> None:
         self.presence = presence
         self.metrics = metrics
         self.refresh_s = refresh_s
         self.ttl_s = ttl_s
         self.max_members = max_members
+        self.event_delay_s = event_delay_s
         # room -> writer -> its entry
         self.local: dict[str, dict[Member, _Local]] = {}
         self.watches: dict[str, _Watch] = {}
@@ -376,10 +379,11 @@ class PresenceHub:
         self.own_mark = _J_KEY + self._j_base
         # Join events' entries, parsed, until their leave comes (or PARSED_MAX is passed).
         self._parsed: dict[bytes, _Parsed] = {}
-        # The rooms with events of this loop turn not sent yet (`_Watch.pending`), and the
-        # callback that sends them at the end of the turn (None: none pending).
+        # The rooms with events not sent yet (`_Watch.pending`), the callback that sends
+        # them (None: none pending), and when it last ran (loop time).
         self._outbox: dict[str, _Watch] = {}
         self._flusher: asyncio.Handle | None = None
+        self._flushed_at = float("-inf")
         presence.set_listener(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -480,10 +484,10 @@ class PresenceHub:
             del self.local[room]
         watch = self.watches.get(room)
         if watch is not None and member in watch.listeners:
-            # Nothing more goes to it, not even the events of this turn not sent yet:
-            # they go out at the turn's end, after its leave (the leaver asked to go
-            # before they were sent). Sending each leaver its share at once cost a write
-            # joined per leaver, a burst's events times the burst's leavers.
+            # Nothing more goes to it, not even the events held (`_pend`): they go out
+            # after its leave (the leaver asked to go before they were sent). Sending
+            # each leaver its share at once cost a write joined per leaver, a burst's
+            # events times the burst's leavers.
             watch.starts.pop(member, None)
             watch.remove_listener(member)
         if watch is not None and not watch.listeners and watch.idle_since is None:
@@ -736,19 +740,27 @@ class PresenceHub:
                 self._pend(room, watch, event)
 
     def _pend(self, room: str, watch: _Watch, event: _EventFrame) -> None:
-        """Send `event` at the end of this loop turn with the room's other events of the
-        turn (a batch of writes comes back from the backend as a burst of events, read in
-        one go): one write per listener for all of them, not one per event."""
+        """Send `event` with the room's other events held meanwhile, one write per
+        listener for all of them: at the end of this loop turn if no events went out
+        within `event_delay_s`, else once that much has passed since they did. A quiet
+        room's event goes at once; a busy relay writes each listener about once per
+        period, not once per event (nor per turn: a turn held about one event per room,
+        and the write was most of its cost)."""
         if not watch.pending:
             self._outbox[room] = watch
             if self._flusher is None:
-                self._flusher = asyncio.get_running_loop().call_soon(self._flush)
+                loop = asyncio.get_running_loop()
+                wait = self._flushed_at + self.event_delay_s - loop.time()
+                self._flusher = (
+                    loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
+                )
         watch.pending.append(event)
         watch.about.add(event.conn)
 
     def _flush(self) -> None:
-        """Send the events of this loop turn, room by room, in the order they came."""
+        """Send the events held, room by room, in the order they came."""
         self._flusher = None
+        self._flushed_at = asyncio.get_running_loop().time()
         outbox, self._outbox = self._outbox, {}
         for room, watch in outbox.items():
             if watch.pending and watch.listeners:

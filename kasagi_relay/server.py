@@ -79,6 +79,7 @@ class Relay:
             refresh_s=config.presence_refresh_s,
             ttl_s=config.presence_ttl_s,
             max_members=config.max_presence_members,
+            event_delay_s=config.presence_event_delay_s,
         )
         self.service = RoomService(
             self.registry,

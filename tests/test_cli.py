@@ -103,6 +103,8 @@ def test_help_explains_every_flag() -> None:
         (["--jwt-leeway", "11"], None, "--jwt-leeway"),
         (["--auth-timeout", "0"], None, "--auth-timeout"),
         (["--auth", "maybe"], None, "--auth"),
+        (["--presence-event-delay", "1.5"], None, "--presence-event-delay"),
+        (["--presence-event-delay", "-0.1"], None, "--presence-event-delay"),
     ],
 )
 def test_bad_flag_or_value_is_one_line_and_exit_2(
@@ -149,6 +151,10 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     c = parse_config(["--cluster", "a:1,b:2"])
     assert c.cluster == (("a", 1), ("b", 2)) and c.ack_level == "replica"
     assert c.backend_name == "cluster"
+    assert parse_config([]).presence_event_delay_s == 0.02
+    monkeypatch.setenv("KASAGI_PRESENCE_EVENT_DELAY", "0")
+    assert parse_config([]).presence_event_delay_s == 0
+    assert parse_config(["--presence-event-delay", "0.25"]).presence_event_delay_s == 0.25
 
 
 def test_identity_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

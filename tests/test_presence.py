@@ -200,6 +200,35 @@ async def test_a_burst_of_events_reaches_the_listeners_there_were_in_order() -> 
             await event(other, "presence_join", cb)
 
 
+async def test_events_go_out_at_most_once_per_event_delay_the_first_at_once() -> None:
+    """--presence-event-delay: after a quiet period an event goes out at once; the events
+    that follow within the period are held until it has passed, then come together."""
+    delay = 1.0  # long, so that a slow machine cannot blur the two cases
+    async with (
+        start_relay(presence_event_delay_s=delay) as relay,
+        connect_client(relay.url) as a,
+        connect_client(relay.url) as b,
+        connect_client(relay.url) as c,
+        connect_client(relay.url) as d,
+    ):
+        await a.join("r", presence=True)
+        await asyncio.sleep(delay + 0.2)  # quiet: a's own join's turn is past the period
+        t0 = time.monotonic()
+        cb = (await b.join("r"))["conn"]
+        assert (await a.expect("presence_join"))["member"]["conn"] == cb
+        first = time.monotonic()
+        assert first - t0 < delay - 0.1  # not held
+        cc = (await c.join("r"))["conn"]
+        cd = (await d.join("r"))["conn"]
+        got = await a.expect("presence_join", within=delay + 5)
+        second = time.monotonic()
+        assert got["member"]["conn"] == cc
+        # Held for the period that started when b's event went out (before `first`).
+        assert second - t0 >= delay - 0.05
+        assert (await a.expect("presence_join", within=0.2))["member"]["conn"] == cd
+        await a.nothing()
+
+
 async def test_odd_entries_from_the_store_in_a_burst() -> None:
     """What another relay or a hand-edited store may hold, in one turn's events: a
     malformed entry is ignored; an entry with other fields or another `j` is sent as its
