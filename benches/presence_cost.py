@@ -5,7 +5,7 @@ room of 5,000 members.
 
     .venv/bin/python -m benches.presence_cost [--clients 400] [--room-size 10]
         [--watchers 0] [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000]
-        [--requests 50] [--redis-core 0] [--modes off,on,entries] [--json out.json]
+        [--requests 50] [--redis-core 0] [--modes off,on,entries,on@0] [--json out.json]
 
 Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI). Measured per
 mode:
@@ -32,7 +32,9 @@ mode:
   second, and delta frames received by the members per second (websockets clients in this
   process, which runs on core 1).
 A third mode, `entries`: presence on but no member asks for events (`"presence": false`):
-what the entries alone cost (written and removed in Redis, no events sent).
+what the entries alone cost (written and removed in Redis, no events sent). `on@S` (and
+`entries@S`) run the relay with `--presence-event-delay S` (e.g. `on@0`: events at the end
+of each loop turn), to compare with the default in the same run.
 The modes alternate `--rounds` times; the medians are reported, with every run.
 Then, with presence on, `--members` entries written into one room (through the relay's
 own backend role, as relays write them) and `--requests` `presence` requests timed from
@@ -263,7 +265,8 @@ async def main() -> None:
     )  # fmt: skip
     ap.add_argument(
         "--modes", default="off,on,entries",
-        help="modes to run, comma-separated (ratios need off; the cost per event on and entries)",
+        help="modes to run, comma-separated (ratios need off; the cost per event on and "
+        "entries); `on@S` is `on` with --presence-event-delay S (the relay's default otherwise)",
     )  # fmt: skip
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -289,9 +292,11 @@ async def main() -> None:
             # The modes alternate, `--rounds` times each, and the median of each is kept,
             # so a noisy moment on a shared machine does not favour one.
             for mode in modes * a.rounds:
-                on = mode == "on"
-                flag = "off" if mode == "off" else "on"
-                async with relay_process(*base, "--presence", flag, env={}) as proc:
+                kind, _, delay = mode.partition("@")
+                on = kind == "on"
+                flag = "off" if kind == "off" else "on"
+                delay_args = ["--presence-event-delay", delay] if delay else []
+                async with relay_process(*base, "--presence", flag, *delay_args, env={}) as proc:
                     pin(proc.proc.pid, 0)
                     joins = await join_rate(
                         proc.url,
@@ -322,8 +327,8 @@ async def main() -> None:
                 m: {k: [round(x, 2) for x in v] for k, v in r.items()} for m, r in runs.items()
             }
             out["modes"] = {m: {k: round(v, 2) for k, v in r.items()} for m, r in results.items()}
-            for mode in ("on", "entries"):
-                if mode in results and "off" in results:
+            for mode in results:
+                if mode != "off" and "off" in results:
                     out[f"ratio_{mode}_off"] = {
                         k: round(results[mode][k] / results["off"][k], 3)
                         for k in results[mode]
