@@ -742,10 +742,11 @@ class PresenceHub:
     def _pend(self, room: str, watch: _Watch, event: _EventFrame) -> None:
         """Send `event` with the room's other events held meanwhile, one write per
         listener for all of them: at the end of this loop turn if no events went out
-        within `event_delay_s`, else once that much has passed since they did. A quiet
-        room's event goes at once; a busy relay writes each listener about once per
-        period, not once per event (nor per turn: a turn held about one event per room,
-        and the write was most of its cost)."""
+        within `event_delay_s`, else once that much has passed since they did. One
+        timer for the whole hub: after a period with no events on this relay an event
+        goes at once; a busy relay writes each listener about once per period, not once
+        per event (nor per turn: a turn held about one event per room, and the write was
+        most of its cost)."""
         if not watch.pending:
             self._outbox[room] = watch
             if self._flusher is None:
