@@ -4,8 +4,9 @@ against the same relay with `--presence off`, and the time of a `presence` reque
 room of 5,000 members.
 
     .venv/bin/python -m benches.presence_cost [--clients 400] [--room-size 10]
-        [--watchers 0] [--seconds 5] [--delta-members 50] [--rounds 3] [--members 5000]
-        [--requests 50] [--redis-core 0] [--modes off,on,entries,on@0] [--json out.json]
+        [--watchers 0] [--hold-ms 0] [--seconds 5] [--delta-members 50] [--rounds 3]
+        [--members 5000] [--requests 50] [--redis-core 0] [--modes off,on,entries,on@0]
+        [--parts joins,deltas] [--json out.json]
 
 Relays are subprocesses (`python -m kasagi_relay --redis ...`, the real CLI). Measured per
 mode:
@@ -19,7 +20,10 @@ mode:
   them however short the visit (a leaver gets no event its relay had not sent when it
   left, so with W = 0 few events are delivered). A visit whose leave came while its
   join's write was still queued is announced to nobody, so even with watchers the events
-  per cycle follow how long the writes wait: read them beside the rates.
+  per cycle follow how long the writes wait: read them beside the rates. `--hold-ms` H
+  keeps each member H ms in its room before it leaves (in every mode): visits that
+  outlast the writes are all announced, so the events per cycle no longer swing with the
+  writes' wait from run to run (with H = 0 they moved by 10x between rounds of one run).
   With presence on, each join and leave
   also writes the entry in Redis and sends a presence event to every other member of the
   room (they all asked for events). The relay and its Redis are pinned to core 0, the load
@@ -35,7 +39,9 @@ A third mode, `entries`: presence on but no member asks for events (`"presence":
 what the entries alone cost (written and removed in Redis, no events sent). `on@S` (and
 `entries@S`) run the relay with `--presence-event-delay S` (e.g. `on@0`: events at the end
 of each loop turn), to compare with the default in the same run.
-The modes alternate `--rounds` times; the medians are reported, with every run.
+The modes alternate `--rounds` times; the medians are reported, with every run. `--parts`
+picks what a round measures (`deltas` alone: more rounds of the delta throughput, whose
+rounds spread widely, in the same time).
 Then, with presence on, `--members` entries written into one room (through the relay's
 own backend role, as relays write them) and `--requests` `presence` requests timed from
 send to reply (p50, p99), with the reply's size.
@@ -65,7 +71,7 @@ from kasagi_relay.backends.redis import RedisBackend
 from kasagi_relay.domain import Identity
 from kasagi_relay.presence import _entry
 from kit.topology import call, start_topology
-from testkit.proc import cpu_seconds
+from testkit.proc import cpu_seconds, write_calls
 from testkit.relay import relay_process
 
 
@@ -109,15 +115,18 @@ async def join_rate(
     seconds: float,
     on: bool,
     watchers: int = 0,
+    hold_ms: float = 0.0,
 ) -> dict[str, float]:
     """The load generator's join+leave loop; cycles/s, the relay's and Redis's CPU per
-    cycle (us; both on core 0), Redis function calls and presence events per cycle, and
-    the load generator's CPU share, over its measured window."""
+    cycle (us; both on core 0), Redis function calls, presence events and the relay's
+    write system calls per cycle, and the load generator's CPU share, over its measured
+    window."""
     rooms = max(1, clients // room_size)
     argv = [
         str(loadgen()), "-system", "kasagi", "-url", url, "-mode", "joins",
         f"-presence={'true' if on else 'false'}", "-rooms", str(rooms),
-        "-members", str(room_size), "-watchers", str(watchers), "-warmup", "1",
+        "-members", str(room_size), "-watchers", str(watchers), "-hold", f"{hold_ms}ms",
+        "-warmup", "1",
         "-duration", str(seconds),
     ]  # fmt: skip
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
@@ -125,16 +134,18 @@ async def join_rate(
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     cpu0 = cpu = redis0 = redis = 0.0
-    calls0 = calls = 0
+    calls0 = calls = writes0 = writes = 0
     res: dict[str, Any] = {}
     async for raw in proc.stdout:
         line = raw.decode().strip()
         if line == "MEASURE_START":
             cpu0, redis0 = cpu_seconds(pid), cpu_seconds(redis_pid)
             calls0 = fcalls(redis_port)
+            writes0 = write_calls(pid)
         elif line == "MEASURE_END":
             cpu, redis = cpu_seconds(pid) - cpu0, cpu_seconds(redis_pid) - redis0
             calls = fcalls(redis_port) - calls0
+            writes = write_calls(pid) - writes0
         elif line.startswith("{"):
             res = json.loads(line)
     if await proc.wait() != 0 or not res.get("cycles"):
@@ -151,6 +162,9 @@ async def join_rate(
         "events_per_join": res["events_per_s"] / res["cycles_per_s"],
         "watched_per_join": res.get("watched_per_s", 0) / res["cycles_per_s"],
         "fcalls_per_join": calls / res["cycles"],
+        # Presence events go out by the transports' writes (uvloop: write/writev), one per
+        # listener and flush: what they cost is mostly these.
+        "relay_writes_per_join": writes / res["cycles"],
     }
 
 
@@ -254,6 +268,10 @@ async def main() -> None:
         "--watchers", type=int, default=0,
         help="connections per room that join once and stay (they get every member's events)",
     )  # fmt: skip
+    ap.add_argument(
+        "--hold-ms", type=float, default=0.0,
+        help="how long each cycling member stays in its room before it leaves",
+    )  # fmt: skip
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--members", type=int, default=5000)
     ap.add_argument("--requests", type=int, default=50)
@@ -268,13 +286,22 @@ async def main() -> None:
         help="modes to run, comma-separated (ratios need off; the cost per event on and "
         "entries); `on@S` is `on` with --presence-event-delay S (the relay's default otherwise)",
     )  # fmt: skip
+    ap.add_argument(
+        "--parts", default="joins,deltas",
+        help="what each round measures, comma-separated: joins, deltas (the presence "
+        "request is measured once, after the rounds)",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     modes = tuple(a.modes.split(","))
+    parts = set(a.parts.split(","))
+    if not parts or not parts <= {"joins", "deltas"}:
+        ap.error("--parts takes joins, deltas or both")
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "redis_core": a.redis_core,
         "watchers": a.watchers,
+        "hold_ms": a.hold_ms,
     }
     with tempfile.TemporaryDirectory() as tmp:
         # This process (the delta clients) on core 1; the relays and Redis on core 0.
@@ -298,27 +325,29 @@ async def main() -> None:
                 delay_args = ["--presence-event-delay", delay] if delay else []
                 async with relay_process(*base, "--presence", flag, *delay_args, env={}) as proc:
                     pin(proc.proc.pid, 0)
-                    joins = await join_rate(
-                        proc.url,
-                        proc.proc.pid,
-                        topo.servers[0].pid,
-                        topo.servers[0].port,
-                        a.clients,
-                        a.room_size,
-                        a.seconds,
-                        on,
-                        a.watchers,
-                    )
-                    acks, frames, frame_us = await delta_rate(
-                        proc.url, proc.proc.pid, a.delta_members, a.seconds, on
-                    )
+                    joins = {}
+                    if "joins" in parts:
+                        joins = await join_rate(
+                            proc.url,
+                            proc.proc.pid,
+                            topo.servers[0].pid,
+                            topo.servers[0].port,
+                            a.clients,
+                            a.room_size,
+                            a.seconds,
+                            on,
+                            a.watchers,
+                            a.hold_ms,
+                        )
+                    measured: dict[str, float] = dict(joins)
+                    if "deltas" in parts:
+                        acks, frames, frame_us = await delta_rate(
+                            proc.url, proc.proc.pid, a.delta_members, a.seconds, on
+                        )
+                        measured["acks_per_s"] = acks
+                        measured["frames_per_s"] = frames
+                        measured["relay_cpu_us_per_delta_frame"] = frame_us
                 r = runs.setdefault(mode, {})
-                measured = {
-                    **joins,
-                    "acks_per_s": acks,
-                    "frames_per_s": frames,
-                    "relay_cpu_us_per_delta_frame": frame_us,
-                }
                 for k, v in measured.items():
                     r.setdefault(k, []).append(v)
                 print(mode, {k: round(v[-1], 2) for k, v in r.items()}, flush=True)
@@ -334,7 +363,7 @@ async def main() -> None:
                         for k in results[mode]
                         if results["off"][k]
                     }
-            if "on" in results and "entries" in results:
+            if "on" in results and "entries" in results and "joins" in parts:
                 # What one presence event costs the relay: the CPU per cycle that events
                 # add over entries alone, per event frame sent; beside a delta frame's cost.
                 on, entries = results["on"], results["entries"]

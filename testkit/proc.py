@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-__all__ = ["cpu_seconds"]
+__all__ = ["cpu_seconds", "write_calls"]
 
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 
@@ -19,3 +19,17 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def write_calls(pid: int) -> int:
+    """The `write`-family system calls a process has made so far (`syscw` of /proc/PID/io:
+    write, writev, not send/sendto; 0 when it is gone or not readable)."""
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "syscw":
+            return int(value)
+    return 0

@@ -4,7 +4,7 @@ In process on the memory backend: the messages, the events and who gets them, a 
 dropped with 1013. As subprocesses on one real redis-server and on a Sentinel topology
 (the real CLI and signals), with short presence periods (`--presence-refresh 1
 --presence-ttl 3`) so that the expiry of a dead relay's entries fits in a test: members on
-both relays see one list, leave / close / SIGTERM / SIGKILL give presence_leave, presence
+both relays see one list, leave / close / 1013 / SIGTERM / SIGKILL give presence_leave, presence
 recovers after a master failover, and 1,000 members joining and leaving in a burst end
 with lists that agree with who is connected.
 """
@@ -312,11 +312,36 @@ def redis_args(topo: Topology) -> list[str]:
     return ["--redis", f"redis://127.0.0.1:{topo.servers[0].port}/0", *FAST]
 
 
-@pytest.mark.timeout(90)
-async def test_two_relays_on_one_redis_leave_close_sigterm_sigkill(
-    redis_server: Topology,  # noqa: F811
+def sentinel_args(topo: Topology) -> list[str]:
+    sentinels = ",".join(f"{h}:{p}" for h, p in topo.sentinel_addrs)
+    return ["--sentinels", sentinels, "--master", topo.master_name, *FAST]
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+async def flood(client: Client, room: str, stop: asyncio.Event) -> None:
+    """32 KB deltas to `room`, each acknowledged before the next, until `stop`."""
+    blob = "x" * 32000
+    n = 0
+    while not stop.is_set():
+        n += 1
+        await client.delta(room, merge={"blob": blob, "n": n})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shape", ["redis", "sentinel"])
+async def test_two_relays_leave_close_1013_sigterm_sigkill(
+    shape: str, request: pytest.FixtureRequest
 ) -> None:
-    args = redis_args(redis_server)
+    """On one Redis and on Sentinel (the default `--ack replica`)."""
+    if shape == "redis":
+        args = redis_args(request.getfixturevalue("redis_server"))
+    else:
+        args = sentinel_args(request.getfixturevalue("sentinel_topology"))
+    # The 1013 below needs a writer that is not rate limited and a small send queue.
+    args += ["--rate-limit", "0", "--rate-bytes", "0", "--send-queue-bytes", "65536"]
     async with (
         relay_process(*args) as one,
         relay_process(*args) as two,
@@ -341,6 +366,25 @@ async def test_two_relays_on_one_redis_leave_close_sigterm_sigkill(
         await c.ws.close()
         await event(a, "presence_leave", ids["c"])
         await event(b, "presence_leave", ids["c"])
+        # A member of relay two that stops reading is dropped with 1013 as deltas pile up
+        # for it: relay one's member hears its leave.
+        stalled = await raw_member(port_of(two.url), "room")
+        joined, skipped = await a.recv_until(
+            lambda m: m["t"] == "presence_join" and m["member"]["conn"] not in ids.values(),
+            within=5,
+        )
+        _seen.setdefault(id(a), []).extend(skipped)
+        dropped = joined["member"]["conn"]
+        stop = asyncio.Event()
+        writer = asyncio.create_task(flood(d, "room", stop))
+        try:
+            await event(a, "presence_leave", dropped, within=30)
+        finally:
+            stop.set()
+            await writer
+        frames = await read_frames(stalled)
+        stalled.close()
+        assert frames[-1][0] == 0x8 and frames[-1][1][:2] == (1013).to_bytes(2, "big")
         # A relay SIGKILLed with a member: its entry expires (TTL 3 s), a live relay
         # takes it out and both relays' members hear the leave.
         assert doomed.proc.returncode is None

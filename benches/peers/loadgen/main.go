@@ -28,7 +28,10 @@
 // waits for `left`, in a loop. Other messages (presence events) are read and counted, not
 // decoded. With -watchers W, each room also has W connections that join once (with the same
 // "presence") and stay, counting the events they get (each member's announced joins and
-// leaves reach them however short its visits). One JSON line: join+leave cycles per second in the
+// leaves reach them however short its visits). With -hold D each connection stays D in the
+// room before it leaves (events that come meanwhile wait in its socket): a visit that
+// outlasts the relay's presence write is announced, so the events per cycle stop depending
+// on how long that write waited. One JSON line: join+leave cycles per second in the
 // -duration window after -warmup.
 package main
 
@@ -58,6 +61,7 @@ var (
 	mode       = flag.String("mode", "run", "run | idle | joins")
 	presence   = flag.Bool("presence", false, "joins: join with \"presence\": true")
 	watchers   = flag.Int("watchers", 0, "joins: connections per room that join once and stay")
+	hold       = flag.Duration("hold", 0, "joins: how long each connection stays in the room before it leaves")
 	rooms      = flag.Int("rooms", 1, "rooms")
 	members    = flag.Int("members", 0, "members per room")
 	publishers = flag.Int("publishers", 1, "publishers")
@@ -969,6 +973,9 @@ func joinCycles(say func(string)) map[string]any {
 				if w.write(join) != nil || !until(joinedPrefix) {
 					return
 				}
+				if *hold > 0 {
+					time.Sleep(*hold)
+				}
 				if w.write(leave) != nil || !until(leftPrefix) {
 					return
 				}
@@ -997,6 +1004,7 @@ func joinCycles(say func(string)) map[string]any {
 		"mode":          "joins",
 		"presence":      *presence,
 		"watchers":      *watchers,
+		"hold_ms":       float64(*hold) / float64(time.Millisecond),
 		"watched_per_s": float64(watched.Load()) / elapsed,
 		"seconds":       elapsed,
 		"cycles":        cycles.Load(),
