@@ -300,6 +300,11 @@ class RelayProcess:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
+    @property
+    def port(self) -> int:
+        """The port it serves on (from `url`), for raw sockets."""
+        return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
+
     async def terminate(self, sig: int = signal.SIGTERM, within: float = 15.0) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(sig)

@@ -568,7 +568,7 @@ async def test_command_line_relay_with_a_key_file_over_tls(tmp_path: Path) -> No
     async with relay_process(
         "--tls-cert", chain, "--tls-key", key, "--api-key-file", str(keys)
     ) as proc:
-        port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
+        port = proc.port
         for api_key in (KEY, OTHER_KEY):
             reply = await publish(port, "r", {"merge": {"n": 1}}, key=api_key, tls=context)
             assert reply.status == 200

@@ -317,10 +317,6 @@ def sentinel_args(topo: Topology) -> list[str]:
     return ["--sentinels", sentinels, "--master", topo.master_name, *FAST]
 
 
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
-
-
 async def flood(client: Client, room: str, stop: asyncio.Event) -> None:
     """32 KB deltas to `room`, each acknowledged before the next, until `stop`."""
     blob = "x" * 32000
@@ -368,7 +364,7 @@ async def test_two_relays_leave_close_1013_sigterm_sigkill(
         await event(b, "presence_leave", ids["c"])
         # A member of relay two that stops reading is dropped with 1013 as deltas pile up
         # for it: relay one's member hears its leave.
-        stalled = await raw_member(port_of(two.url), "room")
+        stalled = await raw_member(two.port, "room")
         joined, skipped = await a.recv_until(
             lambda m: m["t"] == "presence_join" and m["member"]["conn"] not in ids.values(),
             within=5,
@@ -536,8 +532,7 @@ async def test_presence_recovers_after_a_master_failover(
     sentinel_topology: Topology,  # noqa: F811
 ) -> None:
     topo = sentinel_topology
-    sentinels = ",".join(f"{h}:{p}" for h, p in topo.sentinel_addrs)
-    args = ["--sentinels", sentinels, "--master", topo.master_name, "--ack", "leader", *FAST]
+    args = [*sentinel_args(topo), "--ack", "leader"]
     async with (
         relay_process(*args) as one,
         relay_process(*args) as two,

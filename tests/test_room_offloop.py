@@ -151,10 +151,6 @@ class Pinger:
             await self._task
 
 
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
-
-
 async def test_forty_joiners_of_a_big_room_that_never_read_share_one_state_and_get_1013() -> None:
     """#11 item 8: 40 joiners of an 8 MB room that never read used to hold a copy of the
     state each (163 MB, none dropped). Now the state is held once and written as each reads:
@@ -182,7 +178,7 @@ async def test_forty_joiners_of_a_big_room_that_never_read_share_one_state_and_g
             base = rss_bytes(pid)
             peak = base
             async with Pinger(calm, "calm") as pinger:
-                members = [await raw_member(port_of(proc.url), "big") for _ in range(40)]
+                members = [await raw_member(proc.port, "big") for _ in range(40)]
                 async with asyncio.timeout(30):
                     while metric(proc.url, "kasagi_members") < 42:  # 40 + reader + calm
                         peak = max(peak, rss_bytes(pid))

@@ -566,7 +566,7 @@ async def test_ten_thousand_connections_that_never_authenticate() -> None:
     count = 10_000
     args = ("--auth-timeout", "3", "--max-connections", "0", "--max-connections-per-address", "0")
     async with relay_process(*args, env={"KASAGI_JWT_SECRET": SECRET}) as proc:
-        port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
+        port = proc.port
         async with connect_client(proc.url) as member:
             await authed(member, token())
             await member.join("lobby")

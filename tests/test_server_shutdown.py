@@ -64,7 +64,7 @@ async def test_second_signal_exits_at_once_while_a_member_holds_up_the_close() -
     """A member that never answers the close frame holds the graceful stop for close_timeout;
     a second SIGTERM ends the process at once, with status 1."""
     async with relay_process() as proc:
-        port = int(proc.url.rsplit(":", 1)[1].split("/", 1)[0])
+        port = proc.port
         stalled = await raw_member(port, "r")
         try:
             (joined,) = await read_frames(stalled, 1)

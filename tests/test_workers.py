@@ -32,10 +32,6 @@ def redis_url(topo: Topology) -> str:
     return f"redis://127.0.0.1:{topo.servers[0].port}/0"
 
 
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
-
-
 def worker_of(client: Client) -> int:
     assert client.ws.response is not None
     return int(client.ws.response.headers[WORKER_HEADER])
@@ -180,7 +176,7 @@ async def test_a_killed_worker_is_restarted_and_its_members_resume(
     redis_server: Topology,  # noqa: F811
 ) -> None:
     async with workers_relay(redis_server) as proc, contextlib.AsyncExitStack() as stack:
-        port = port_of(proc.url)
+        port = proc.port
         by_pid = await on_both_workers(proc.url, stack, per_worker=2)
         victim, survivor = list(by_pid)
         writer = by_pid[survivor][0]
@@ -244,7 +240,7 @@ async def test_metrics_and_health_count_every_worker(
     redis_server: Topology,  # noqa: F811
 ) -> None:
     async with workers_relay(redis_server) as proc, contextlib.AsyncExitStack() as stack:
-        port = port_of(proc.url)
+        port = proc.port
         by_pid = await on_both_workers(proc.url, stack, per_worker=2)
         clients = [c for cs in by_pid.values() for c in cs]
         for i, client in enumerate(clients):
