@@ -20,6 +20,7 @@ from kasagi_relay.compaction import compact_room
 from kasagi_relay.domain import delta_doc
 from kasagi_relay.metrics import Metrics
 from kasagi_relay.room import GROWTH, MEMORY_GROWTH, Room, _merge_fits
+from testkit.wait import until
 from tests.test_delta_properties import MERGE_PATCHES, SETTINGS, dumps, histories
 
 
@@ -148,7 +149,8 @@ async def test_ops_during_load_are_kept() -> None:
 
 
 async def test_batches_merge_within_tick_and_fail_as_noops() -> None:
-    b, room, _ = await make(tick_s=0.1)
+    # A tick long enough that the check "still inside the tick" holds on a loaded machine.
+    b, room, _ = await make(tick_s=0.5)
     await room.ensure_loaded()
     await b.publish("r", "patch", add(0))  # first after quiet: flushed at once
     await settle()
@@ -160,8 +162,8 @@ async def test_batches_merge_within_tick_and_fail_as_noops() -> None:
     await asyncio.sleep(0.02)
     assert room.state.seq == 1  # still inside the tick
     assert len(room.queue) == 6
-    await asyncio.sleep(0.15)
-    assert room.state.seq == 7
+    await until(lambda: room.state is not None and room.state.seq == 7)
+    assert len(room.queue) == 0
     assert json.loads(room.state.to_json()) == expected(5, 1)
     assert len(room.recent) == 7
     # The same as applying the history one by one.

@@ -6,7 +6,6 @@ within its byte budget as far as the snapshot covers it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -31,23 +30,38 @@ class Recorder:
         self.resyncs.append(rooms)
 
 
+class Clock:
+    """Time the test steps by hand: TTL tests that slept were at the mercy of a loaded
+    machine (300 publishes once took long enough to expire the room about to be read)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def step(self, seconds: float) -> None:
+        self.t += seconds
+
+
 def add(i: int) -> bytes:
     return json.dumps([{"op": "add", "path": f"/k{i}", "value": i}]).encode()
 
 
 async def test_idempotency_keys_expire() -> None:
-    b = MemoryBackend(key_ttl_s=0.2)
+    clock = Clock()
+    b = MemoryBackend(key_ttl_s=0.2, clock=clock)
     assert await b.log.publish("r", "merge", b'{"a":1}', key="k") == 1
     with pytest.raises(KeyConflict):
         await b.log.publish("r", "merge", b'{"a":2}', key="k")
-    await asyncio.sleep(0.25)
+    clock.step(0.25)
     assert await b.log.seen_key("r", "k", "merge", b'{"a":1}') is None  # expired
     assert await b.log.publish("r", "merge", b'{"a":2}', key="k") == 2  # a new delta now
     # Expired keys of every room are dropped, not only those of the room written to.
     for i in range(50):
         await b.log.publish(f"room{i}", "merge", b"{}", key="once")
     assert len(b.table.keys) == 51
-    await asyncio.sleep(0.25)
+    clock.step(0.25)
     await b.log.last_seq("any")
     assert len(b.table.keys) == 0
 
@@ -55,7 +69,8 @@ async def test_idempotency_keys_expire() -> None:
 async def test_rooms_nobody_uses_are_forgotten() -> None:
     """300 rooms written once are gone after room_ttl_s (they stayed forever before);
     a room read meanwhile, or one a relay is subscribed to, stays."""
-    b = MemoryBackend(room_ttl_s=0.3)
+    clock = Clock()
+    b = MemoryBackend(room_ttl_s=0.3, clock=clock)
     rec = Recorder()
     b.set_listener(rec)
     for i in range(300):
@@ -63,9 +78,9 @@ async def test_rooms_nobody_uses_are_forgotten() -> None:
     await b.snapshots.write_snapshot("room0", Snapshot(1, b'{"a":1}'))
     await b.feed.subscribe("room1")
     assert (await b.health())["rooms"] == 300
-    await asyncio.sleep(0.2)
+    clock.step(0.2)
     assert await b.log.last_seq("room2") == 1  # read: used
-    await asyncio.sleep(0.2)
+    clock.step(0.2)
     # Expiry is amortized over calls: a few calls let it catch up with 300 rooms.
     for _ in range(40):
         await b.log.last_seq("nowhere")
@@ -80,7 +95,7 @@ async def test_rooms_nobody_uses_are_forgotten() -> None:
     assert await b.log.read_ops("room0", 0) == [Op(1, b'{"merge":{"b":2}}')]
     # Unsubscribed, room1 becomes idle from then on.
     await b.feed.unsubscribe("room1")
-    await asyncio.sleep(0.35)
+    clock.step(0.35)
     for _ in range(5):
         await b.log.last_seq("nowhere")
     assert await b.log.last_seq("room1") == 0

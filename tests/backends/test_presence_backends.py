@@ -146,11 +146,12 @@ async def test_entries_not_refreshed_expire_with_their_leave(backend: Backend) -
     p.set_listener(events)
     await p.subscribe("r")
     # c1 belongs to a relay that stops refreshing (dead); c2 to one that refreshes.
+    # c2's TTL is long so that a stalled machine cannot expire it between refreshes.
     await p.add("r", "c1", E1, 0.3)
-    await p.add("r", "c2", E2, 0.3)
+    await p.add("r", "c2", E2, 5)
     deadline = time.monotonic() + 0.6
     while time.monotonic() < deadline:
-        await p.refresh("r", {"c2": E2}, 0.3)
+        await p.refresh("r", {"c2": E2}, 5)
         await asyncio.sleep(0.1)
     # The live relay's refresh took the dead one's entry out and announced its leave.
     assert await p.members("r") == [E2]
