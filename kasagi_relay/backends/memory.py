@@ -361,10 +361,11 @@ class MemoryFeed:
 
 
 class MemoryPresence:
-    """The presence role in process: per room, conn -> (entry, expiry on the monotonic
-    clock); events go to the listener at once, for subscribed rooms."""
+    """The presence role in process: per room, conn -> (entry, expiry on `clock`); events
+    go to the listener at once, for subscribed rooms."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self.rooms: dict[str, dict[str, tuple[bytes, float]]] = {}
         self.subscribed: set[str] = set()
         self.listener: PresenceListener | None = None
@@ -377,7 +378,7 @@ class MemoryPresence:
             self.listener.on_presence(room, kind, entry)
 
     async def write(self, ops: Sequence[PresenceOp], ttl_s: float) -> None:
-        expiry = time.monotonic() + ttl_s
+        expiry = self._clock() + ttl_s
         for room, conn, entry, add in ops:
             if add:
                 self.rooms.setdefault(room, {})[conn] = (entry, expiry)
@@ -396,7 +397,7 @@ class MemoryPresence:
         await self.write([(room, conn, entry, False)], 0.0)
 
     async def refresh(self, room: str, entries: dict[str, bytes], ttl_s: float) -> None:
-        expiry = time.monotonic() + ttl_s
+        expiry = self._clock() + ttl_s
         stored = self.rooms.setdefault(room, {})
         for conn, entry in entries.items():
             old = stored.get(conn)
@@ -413,7 +414,7 @@ class MemoryPresence:
         entries = self.rooms.get(room)
         if entries is None:
             return
-        now = time.monotonic()
+        now = self._clock()
         gone = [conn for conn, (_, expiry) in entries.items() if expiry <= now]
         for conn in gone:
             entry, _ = entries.pop(conn)
@@ -439,8 +440,9 @@ class MemoryBackend(Backend):
         history_bytes: int = DEFAULT_HISTORY_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        # `clock` lets a test step time instead of sleeping through TTLs, which a loaded
-        # machine overshoots (a CI run once expired a room the test was about to read).
+        # Every expiry here (rooms, keys, locks, presence entries) reads `clock`, so a test
+        # can step time instead of sleeping through TTLs, which a loaded machine overshoots
+        # (a CI run once expired a room the test was about to read).
         self.table = RoomTable(
             key_ttl_s=key_ttl_s, room_ttl_s=room_ttl_s, history_bytes=history_bytes, clock=clock
         )
@@ -448,7 +450,7 @@ class MemoryBackend(Backend):
             MemoryLog(self.table),
             MemorySnapshots(self.table),
             MemoryFeed(self.table),
-            MemoryPresence(),
+            MemoryPresence(clock),
         )
 
     @property
