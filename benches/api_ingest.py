@@ -136,7 +136,7 @@ async def main() -> None:
             env={"KASAGI_API_KEY": KEY},
         ) as relay,
     ):
-        port = int(relay.url.rsplit(":", 1)[1].split("/")[0])
+        port = relay.port
         pid = relay.proc.pid
         for _ in range(args.rounds):
             for kind in ("api", "ws"):

@@ -187,7 +187,7 @@ async def run_layout(redis_url: str, workers: int, args: argparse.Namespace) -> 
         "--idle-timeout", "0", "--compaction-interval", "1",
     ]  # fmt: skip
     async with relay_process(*flags) as proc:
-        port = int(proc.url.rsplit(":", 1)[1].split("/", 1)[0])
+        port = proc.port
         members: list[MemberProto] = []
         writers: list[WriterProto] = []
         for r in range(args.rooms):
